@@ -1,0 +1,38 @@
+"""Domain errors.
+
+Every failure a user can cause or fix is one of these. Each class maps to exactly one
+gRPC status code (in ``service``) and to a one-line message with a non-zero exit code
+in the CLI. Messages name the problem and say what to do instead.
+"""
+
+
+class CircuitscopeError(Exception):
+    """Base class of all domain errors."""
+
+
+class InvalidArgumentError(CircuitscopeError):
+    """The request itself is wrong: a bad value, shape, name or file layout."""
+
+
+class NotFoundError(CircuitscopeError):
+    """A named thing (file, checkpoint, graph, feature, job) does not exist."""
+
+
+class FailedPreconditionError(CircuitscopeError):
+    """The request is well-formed but the system is not in a state to serve it."""
+
+
+class ResourceExhaustedError(CircuitscopeError):
+    """A size or rate limit was exceeded."""
+
+
+class UnavailableError(CircuitscopeError):
+    """A dependency (the graph store, a device, the hub) cannot be reached right now."""
+
+
+class PermissionDeniedError(CircuitscopeError):
+    """The caller is authenticated but not allowed to do this."""
+
+
+class UnauthenticatedError(CircuitscopeError):
+    """The caller did not present valid credentials."""

@@ -1,0 +1,1 @@
+"""circuitscope service: the gRPC server and the command-line entry point."""

@@ -1,0 +1,60 @@
+"""The ``circuitscope`` console script.
+
+One entry point with subcommands. Each subsystem owns a small command module that
+exposes ``register(subparsers)``; the module must stay cheap to import (heavy imports
+such as torch go inside the function that runs the command). Every command handler
+takes the parsed namespace and returns an exit code.
+
+Domain errors (:class:`ingest.errors.CircuitscopeError`) are printed as one line on
+stderr with exit code 2, never as a traceback.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ingest.errors import CircuitscopeError
+
+# Command modules, in the order their subcommands appear in --help.
+COMMAND_MODULES: tuple[str, ...] = (
+    "service.demo_cli",
+    "ingest.zoo.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="circuitscope",
+        description=(
+            "Circuit analysis for transformers: train task-zoo models and transcoders, "
+            "compute attribution graphs, store them in a graph database, serve them over gRPC."
+        ),
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except CircuitscopeError as exc:
+        print(f"circuitscope: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("circuitscope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
