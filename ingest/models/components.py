@@ -1,0 +1,225 @@
+"""The generic transformer components, written once for every family.
+
+Each component holds its canonical weights (:mod:`ingest.models.weights`) as buffers and
+splits its computation at the points where the local replacement model freezes values
+(Ameisen et al. 2025, "Circuit Tracing"):
+
+- :class:`Norm` computes a denominator (:meth:`Norm.scale`) and, separately, applies the
+  norm with a given denominator (:meth:`Norm.forward`). With the denominator held fixed
+  the norm is affine in its input: mean-centering (LayerNorm only), division by a
+  constant, the elementwise weight and the bias.
+- :class:`Attention` computes a pattern (:meth:`Attention.pattern`: queries, keys, rotary
+  embedding, scaled dot product, causal mask, softmax) and, separately, mixes values with
+  a given pattern (:meth:`Attention.forward`), which is affine in its input.
+- :class:`MLP` is the nonlinear part that transcoders replace.
+
+Tensors of half precision compute norm denominators and softmax in float32, as the HF
+implementations do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ingest.models.weights import AttentionWeights, MLPWeights, NormWeights
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm with the denominator exposed."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __init__(self, w: NormWeights) -> None:
+        super().__init__()
+        self.kind = w.kind
+        self.eps = float(w.eps)
+        self.register_buffer("weight", w.weight.detach())
+        self.register_buffer("bias", _detached(w.bias))
+
+    def scale(self, x: Tensor) -> Tensor:
+        """The denominator for ``x`` (..., d): (..., 1)."""
+        xf = x.float() if x.dtype in _HALF else x
+        if self.kind == "layernorm":
+            second_moment = xf.var(dim=-1, keepdim=True, unbiased=False)
+        else:
+            second_moment = xf.pow(2).mean(dim=-1, keepdim=True)
+        return torch.sqrt(second_moment + self.eps).to(x.dtype)
+
+    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+        """Normalize ``x`` (B, T, d) with denominator ``scale`` (B or 1, T, 1): (B, T, d)."""
+        if self.kind == "layernorm":
+            x = x - x.mean(dim=-1, keepdim=True)
+        y = x / scale * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, d={self.weight.shape[0]}, eps={self.eps}"
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``r`` dims of each head of ``x`` (B, H, T, e) by rotary angles
+    given as ``cos``/``sin`` (1 or B, T, r), in the "rotate half" layout of GPT-NeoX and
+    Llama (Su et al. 2021, "RoFormer"); the remaining ``e - r`` dims pass through."""
+    r = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, r)
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    first, second = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = torch.cat((-second, first), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped key/value heads (Ainslie et al. 2023)."""
+
+    W_Q: Tensor
+    W_K: Tensor
+    W_V: Tensor
+    W_O: Tensor
+    b_Q: Tensor | None
+    b_K: Tensor | None
+    b_V: Tensor | None
+    b_O: Tensor | None
+    kv_index: Tensor
+
+    def __init__(self, w: AttentionWeights) -> None:
+        super().__init__()
+        n_heads, n_kv = w.W_Q.shape[0], w.W_K.shape[0]
+        if n_heads % n_kv:
+            raise ValueError(f"{n_heads} query heads cannot share {n_kv} key/value heads")
+        self.scale = float(w.scale)
+        for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
+            self.register_buffer(name, _detached(getattr(w, name)))
+        # query head h reads key/value head h // (H // K)
+        self.register_buffer(
+            "kv_index", torch.arange(n_heads, device=w.W_Q.device) // (n_heads // n_kv)
+        )
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_Q.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.W_K.shape[0]
+
+    @property
+    def d_head(self) -> int:
+        return self.W_Q.shape[2]
+
+    def _project(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        out = torch.einsum("btd,hde->bhte", x, W)  # (B, heads, T, e)
+        if b is not None:
+            out = out + b[None, :, None, :]
+        return out
+
+    def pattern(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Attention probabilities for the normalized input ``x`` (B, T, d): (B, H, T, T)."""
+        q = self._project(x, self.W_Q, self.b_Q)  # (B, H, T, e)
+        k = self._project(x, self.W_K, self.b_K)  # (B, K, T, e)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        k = k[:, self.kv_index]  # (B, H, T, e)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, H, T, T)
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        if scores.dtype in _HALF:
+            return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        return torch.softmax(scores, dim=-1)
+
+    def forward(self, x: Tensor, pattern: Tensor) -> Tensor:
+        """Mix values of ``x`` (B, T, d) with ``pattern`` (B or 1, H, T, T): (B, T, d)."""
+        v = self._project(x, self.W_V, self.b_V)[:, self.kv_index]  # (B, H, T, e)
+        z = torch.matmul(pattern, v)  # (B, H, T, e)
+        out = torch.einsum("bhte,hed->btd", z, self.W_O)
+        if self.b_O is not None:
+            out = out + self.b_O
+        return out
+
+    def ov(self) -> Tensor:
+        """Per-head map from normalized input to output, ``W_V[kv(h)] @ W_O[h]``: (H, d, d)."""
+        return torch.matmul(self.W_V[self.kv_index], self.W_O)
+
+    def bias_out(self) -> Tensor:
+        """The output's constant part when pattern rows sum to 1:
+        ``sum_h b_V[kv(h)] @ W_O[h] + b_O`` (d,)."""
+        out = torch.zeros(self.W_O.shape[-1], dtype=self.W_O.dtype, device=self.W_O.device)
+        if self.b_V is not None:
+            out = out + torch.einsum("he,hed->d", self.b_V[self.kv_index], self.W_O)
+        if self.b_O is not None:
+            out = out + self.b_O
+        return out
+
+
+class MLP(nn.Module):
+    """``act(x W_in + b_in) W_out + b_out``, or the gated form (Shazeer 2020, "GLU Variants
+    Improve Transformer") ``(act(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out``."""
+
+    W_in: Tensor
+    b_in: Tensor | None
+    W_out: Tensor
+    b_out: Tensor | None
+    W_gate: Tensor | None
+    b_gate: Tensor | None
+
+    def __init__(self, w: MLPWeights) -> None:
+        super().__init__()
+        for name in ("W_in", "b_in", "W_out", "b_out", "W_gate", "b_gate"):
+            self.register_buffer(name, _detached(getattr(w, name)))
+        self.act = w.act
+        self.act_name = w.act_name
+
+    @property
+    def gated(self) -> bool:
+        return self.W_gate is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` (..., d) -> (..., d)."""
+        hidden = x @ self.W_in  # (..., m)
+        if self.b_in is not None:
+            hidden = hidden + self.b_in
+        if self.W_gate is not None:
+            gate = x @ self.W_gate
+            if self.b_gate is not None:
+                gate = gate + self.b_gate
+            hidden = self.act(gate) * hidden
+        else:
+            hidden = self.act(hidden)
+        out = hidden @ self.W_out
+        if self.b_out is not None:
+            out = out + self.b_out
+        return out
+
+
+class Block(nn.Module):
+    """One transformer block's components; the residual wiring lives in the adapter."""
+
+    attn_norm: Norm
+    attn: Attention
+    mlp_norm: Norm
+    mlp: MLP
+
+    def __init__(
+        self,
+        attn_norm: Norm,
+        attn: Attention,
+        mlp_norm: Norm,
+        mlp: MLP,
+        parallel_residual: bool,
+    ) -> None:
+        super().__init__()
+        self.attn_norm = attn_norm
+        self.attn = attn
+        self.mlp_norm = mlp_norm
+        self.mlp = mlp
+        self.parallel_residual = parallel_residual
