@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from service._generated.circuits.v1 import types_pb2 as circuits_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!circuits/v1/feature_service.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/types.proto\"9\n\x11GetFeatureRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.circuits.v1.FeatureKey\";\n\x12GetFeatureResponse\x12%\n\x07\x66\x65\x61ture\x18\x01 \x01(\x0b\x32\x14.circuits.v1.Feature\"\x93\x01\n\x15SearchFeaturesRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\x12\x12\n\x05layer\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0elabel_contains\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\tB\x08\n\x06_layer\"Y\n\x16SearchFeaturesResponse\x12&\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x14.circuits.v1.Feature\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x16SetFeatureLabelRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.circuits.v1.FeatureKey\x12\r\n\x05label\x18\x02 \x01(\t\"@\n\x17SetFeatureLabelResponse\x12%\n\x07\x66\x65\x61ture\x18\x01 \x01(\x0b\x32\x14.circuits.v1.Feature2\x98\x02\n\x0e\x46\x65\x61tureService\x12M\n\nGetFeature\x12\x1e.circuits.v1.GetFeatureRequest\x1a\x1f.circuits.v1.GetFeatureResponse\x12Y\n\x0eSearchFeatures\x12\".circuits.v1.SearchFeaturesRequest\x1a#.circuits.v1.SearchFeaturesResponse\x12\\\n\x0fSetFeatureLabel\x12#.circuits.v1.SetFeatureLabelRequest\x1a$.circuits.v1.SetFeatureLabelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!circuits/v1/feature_service.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/types.proto\"9\n\x11GetFeatureRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.circuits.v1.FeatureKey\";\n\x12GetFeatureResponse\x12%\n\x07\x66\x65\x61ture\x18\x01 \x01(\x0b\x32\x14.circuits.v1.Feature\"\x93\x01\n\x15SearchFeaturesRequest\x12\x0e\n\x06set_id\x18\x01 \x01(\t\x12\x12\n\x05layer\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0elabel_contains\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\tB\x08\n\x06_layer\"Y\n\x16SearchFeaturesResponse\x12&\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x14.circuits.v1.Feature\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x16SetFeatureLabelRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.circuits.v1.FeatureKey\x12\r\n\x05label\x18\x02 \x01(\t\"@\n\x17SetFeatureLabelResponse\x12%\n\x07\x66\x65\x61ture\x18\x01 \x01(\x0b\x32\x14.circuits.v1.Feature\"l\n\x1dListFeatureOccurrencesRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.circuits.v1.FeatureKey\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x96\x01\n\x11\x46\x65\x61tureOccurrence\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x05\x12\x17\n\nactivation\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tinfluence\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\r\n\x0b_activationB\x0c\n\n_influence\"n\n\x1eListFeatureOccurrencesResponse\x12\x33\n\x0boccurrences\x18\x01 \x03(\x0b\x32\x1e.circuits.v1.FeatureOccurrence\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x8b\x03\n\x0e\x46\x65\x61tureService\x12M\n\nGetFeature\x12\x1e.circuits.v1.GetFeatureRequest\x1a\x1f.circuits.v1.GetFeatureResponse\x12Y\n\x0eSearchFeatures\x12\".circuits.v1.SearchFeaturesRequest\x1a#.circuits.v1.SearchFeaturesResponse\x12\\\n\x0fSetFeatureLabel\x12#.circuits.v1.SetFeatureLabelRequest\x1a$.circuits.v1.SetFeatureLabelResponse\x12q\n\x16ListFeatureOccurrences\x12*.circuits.v1.ListFeatureOccurrencesRequest\x1a+.circuits.v1.ListFeatureOccurrencesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETFEATURELABELREQUEST']._serialized_end=513
   _globals['_SETFEATURELABELRESPONSE']._serialized_start=515
   _globals['_SETFEATURELABELRESPONSE']._serialized_end=579
-  _globals['_FEATURESERVICE']._serialized_start=582
-  _globals['_FEATURESERVICE']._serialized_end=862
+  _globals['_LISTFEATUREOCCURRENCESREQUEST']._serialized_start=581
+  _globals['_LISTFEATUREOCCURRENCESREQUEST']._serialized_end=689
+  _globals['_FEATUREOCCURRENCE']._serialized_start=692
+  _globals['_FEATUREOCCURRENCE']._serialized_end=842
+  _globals['_LISTFEATUREOCCURRENCESRESPONSE']._serialized_start=844
+  _globals['_LISTFEATUREOCCURRENCESRESPONSE']._serialized_end=954
+  _globals['_FEATURESERVICE']._serialized_start=957
+  _globals['_FEATURESERVICE']._serialized_end=1352
 # @@protoc_insertion_point(module_scope)

@@ -57,3 +57,35 @@ class SetFeatureLabelResponse(_message.Message):
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     feature: _types_pb2.Feature
     def __init__(self, feature: _Optional[_Union[_types_pb2.Feature, _Mapping]] = ...) -> None: ...
+
+class ListFeatureOccurrencesRequest(_message.Message):
+    __slots__ = ("key", "page_size", "page_token")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    key: _types_pb2.FeatureKey
+    page_size: int
+    page_token: str
+    def __init__(self, key: _Optional[_Union[_types_pb2.FeatureKey, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class FeatureOccurrence(_message.Message):
+    __slots__ = ("graph_id", "node_id", "position", "activation", "influence")
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    INFLUENCE_FIELD_NUMBER: _ClassVar[int]
+    graph_id: str
+    node_id: str
+    position: int
+    activation: float
+    influence: float
+    def __init__(self, graph_id: _Optional[str] = ..., node_id: _Optional[str] = ..., position: _Optional[int] = ..., activation: _Optional[float] = ..., influence: _Optional[float] = ...) -> None: ...
+
+class ListFeatureOccurrencesResponse(_message.Message):
+    __slots__ = ("occurrences", "next_page_token")
+    OCCURRENCES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    occurrences: _containers.RepeatedCompositeFieldContainer[FeatureOccurrence]
+    next_page_token: str
+    def __init__(self, occurrences: _Optional[_Iterable[_Union[FeatureOccurrence, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -51,6 +51,11 @@ class FeatureServiceStub:
                 request_serializer=circuits_dot_v1_dot_feature__service__pb2.SetFeatureLabelRequest.SerializeToString,
                 response_deserializer=circuits_dot_v1_dot_feature__service__pb2.SetFeatureLabelResponse.FromString,
                 _registered_method=True)
+        self.ListFeatureOccurrences = channel.unary_unary(
+                '/circuits.v1.FeatureService/ListFeatureOccurrences',
+                request_serializer=circuits_dot_v1_dot_feature__service__pb2.ListFeatureOccurrencesRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_feature__service__pb2.ListFeatureOccurrencesResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -78,6 +83,13 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFeatureOccurrences(self, request, context):
+        """Lists where a feature is active in stored graphs, one page of graphs at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +107,11 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.SetFeatureLabel,
                     request_deserializer=circuits_dot_v1_dot_feature__service__pb2.SetFeatureLabelRequest.FromString,
                     response_serializer=circuits_dot_v1_dot_feature__service__pb2.SetFeatureLabelResponse.SerializeToString,
+            ),
+            'ListFeatureOccurrences': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeatureOccurrences,
+                    request_deserializer=circuits_dot_v1_dot_feature__service__pb2.ListFeatureOccurrencesRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_feature__service__pb2.ListFeatureOccurrencesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +196,33 @@ class FeatureService:
             '/circuits.v1.FeatureService/SetFeatureLabel',
             circuits_dot_v1_dot_feature__service__pb2.SetFeatureLabelRequest.SerializeToString,
             circuits_dot_v1_dot_feature__service__pb2.SetFeatureLabelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFeatureOccurrences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.FeatureService/ListFeatureOccurrences',
+            circuits_dot_v1_dot_feature__service__pb2.ListFeatureOccurrencesRequest.SerializeToString,
+            circuits_dot_v1_dot_feature__service__pb2.ListFeatureOccurrencesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,33 +26,37 @@ _sym_db = _symbol_database.Default()
 from service._generated.circuits.v1 import types_pb2 as circuits_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ircuits/v1/graph_service.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/types.proto\"s\n\x11ListGraphsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x17\n\x0fprompt_contains\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"X\n\x12ListGraphsResponse\x12)\n\x06graphs\x18\x01 \x03(\x0b\x32\x19.circuits.v1.GraphSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x83\x01\n\x0fGetGraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x1b\n\x0enode_threshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x65\x64ge_threshold\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x11\n\x0f_node_thresholdB\x11\n\x0f_edge_threshold\"5\n\x10GetGraphResponse\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.circuits.v1.Graph\"?\n\x17StreamGraphEdgesRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\"\x8a\x01\n\x18StreamGraphEdgesResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.circuits.v1.GraphSummary\x12 \n\x05nodes\x18\x02 \x03(\x0b\x32\x11.circuits.v1.Node\x12 \n\x05\x65\x64ges\x18\x03 \x03(\x0b\x32\x11.circuits.v1.Edge\"U\n\x12GetSubgraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\r\n\x05top_k\x18\x04 \x01(\x05\"Y\n\x13GetSubgraphResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Node\x12 \n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x11.circuits.v1.Edge\"w\n\x10\x46indPathsRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x16\n\x0esource_node_id\x18\x02 \x01(\t\x12\x16\n\x0etarget_node_id\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\"5\n\x11\x46indPathsResponse\x12 \n\x05paths\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Path2\xa7\x03\n\x0cGraphService\x12M\n\nListGraphs\x12\x1e.circuits.v1.ListGraphsRequest\x1a\x1f.circuits.v1.ListGraphsResponse\x12G\n\x08GetGraph\x12\x1c.circuits.v1.GetGraphRequest\x1a\x1d.circuits.v1.GetGraphResponse\x12\x61\n\x10StreamGraphEdges\x12$.circuits.v1.StreamGraphEdgesRequest\x1a%.circuits.v1.StreamGraphEdgesResponse0\x01\x12P\n\x0bGetSubgraph\x12\x1f.circuits.v1.GetSubgraphRequest\x1a .circuits.v1.GetSubgraphResponse\x12J\n\tFindPaths\x12\x1d.circuits.v1.FindPathsRequest\x1a\x1e.circuits.v1.FindPathsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ircuits/v1/graph_service.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/types.proto\"\x89\x01\n\x11ListGraphsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x17\n\x0fprompt_contains\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x14\n\x0cnewest_first\x18\x06 \x01(\x08\"X\n\x12ListGraphsResponse\x12)\n\x06graphs\x18\x01 \x03(\x0b\x32\x19.circuits.v1.GraphSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x83\x01\n\x0fGetGraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x1b\n\x0enode_threshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x65\x64ge_threshold\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x11\n\x0f_node_thresholdB\x11\n\x0f_edge_threshold\"5\n\x10GetGraphResponse\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.circuits.v1.Graph\"?\n\x17StreamGraphEdgesRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\"\x8a\x01\n\x18StreamGraphEdgesResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.circuits.v1.GraphSummary\x12 \n\x05nodes\x18\x02 \x03(\x0b\x32\x11.circuits.v1.Node\x12 \n\x05\x65\x64ges\x18\x03 \x03(\x0b\x32\x11.circuits.v1.Edge\"\x80\x01\n\x12GetSubgraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12)\n\tdirection\x18\x05 \x01(\x0e\x32\x16.circuits.v1.Direction\"Y\n\x13GetSubgraphResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Node\x12 \n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x11.circuits.v1.Edge\"\x9e\x01\n\x10\x46indPathsRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x16\n\x0esource_node_id\x18\x02 \x01(\t\x12\x16\n\x0etarget_node_id\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12%\n\x05score\x18\x06 \x01(\x0e\x32\x16.circuits.v1.PathScore\"5\n\x11\x46indPathsResponse\x12 \n\x05paths\x18\x01 \x03(\x0b\x32\x11.circuits.v1.Path*_\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x11\n\rDIRECTION_OUT\x10\x01\x12\x10\n\x0c\x44IRECTION_IN\x10\x02\x12\x12\n\x0e\x44IRECTION_BOTH\x10\x03*S\n\tPathScore\x12\x1a\n\x16PATH_SCORE_UNSPECIFIED\x10\x00\x12\x16\n\x12PATH_SCORE_PRODUCT\x10\x01\x12\x12\n\x0ePATH_SCORE_SUM\x10\x02\x32\xa7\x03\n\x0cGraphService\x12M\n\nListGraphs\x12\x1e.circuits.v1.ListGraphsRequest\x1a\x1f.circuits.v1.ListGraphsResponse\x12G\n\x08GetGraph\x12\x1c.circuits.v1.GetGraphRequest\x1a\x1d.circuits.v1.GetGraphResponse\x12\x61\n\x10StreamGraphEdges\x12$.circuits.v1.StreamGraphEdgesRequest\x1a%.circuits.v1.StreamGraphEdgesResponse0\x01\x12P\n\x0bGetSubgraph\x12\x1f.circuits.v1.GetSubgraphRequest\x1a .circuits.v1.GetSubgraphResponse\x12J\n\tFindPaths\x12\x1d.circuits.v1.FindPathsRequest\x1a\x1e.circuits.v1.FindPathsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'circuits.v1.graph_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTGRAPHSREQUEST']._serialized_start=73
-  _globals['_LISTGRAPHSREQUEST']._serialized_end=188
-  _globals['_LISTGRAPHSRESPONSE']._serialized_start=190
-  _globals['_LISTGRAPHSRESPONSE']._serialized_end=278
-  _globals['_GETGRAPHREQUEST']._serialized_start=281
-  _globals['_GETGRAPHREQUEST']._serialized_end=412
-  _globals['_GETGRAPHRESPONSE']._serialized_start=414
-  _globals['_GETGRAPHRESPONSE']._serialized_end=467
-  _globals['_STREAMGRAPHEDGESREQUEST']._serialized_start=469
-  _globals['_STREAMGRAPHEDGESREQUEST']._serialized_end=532
-  _globals['_STREAMGRAPHEDGESRESPONSE']._serialized_start=535
-  _globals['_STREAMGRAPHEDGESRESPONSE']._serialized_end=673
-  _globals['_GETSUBGRAPHREQUEST']._serialized_start=675
-  _globals['_GETSUBGRAPHREQUEST']._serialized_end=760
-  _globals['_GETSUBGRAPHRESPONSE']._serialized_start=762
-  _globals['_GETSUBGRAPHRESPONSE']._serialized_end=851
-  _globals['_FINDPATHSREQUEST']._serialized_start=853
-  _globals['_FINDPATHSREQUEST']._serialized_end=972
-  _globals['_FINDPATHSRESPONSE']._serialized_start=974
-  _globals['_FINDPATHSRESPONSE']._serialized_end=1027
-  _globals['_GRAPHSERVICE']._serialized_start=1030
-  _globals['_GRAPHSERVICE']._serialized_end=1453
+  _globals['_DIRECTION']._serialized_start=1136
+  _globals['_DIRECTION']._serialized_end=1231
+  _globals['_PATHSCORE']._serialized_start=1233
+  _globals['_PATHSCORE']._serialized_end=1316
+  _globals['_LISTGRAPHSREQUEST']._serialized_start=74
+  _globals['_LISTGRAPHSREQUEST']._serialized_end=211
+  _globals['_LISTGRAPHSRESPONSE']._serialized_start=213
+  _globals['_LISTGRAPHSRESPONSE']._serialized_end=301
+  _globals['_GETGRAPHREQUEST']._serialized_start=304
+  _globals['_GETGRAPHREQUEST']._serialized_end=435
+  _globals['_GETGRAPHRESPONSE']._serialized_start=437
+  _globals['_GETGRAPHRESPONSE']._serialized_end=490
+  _globals['_STREAMGRAPHEDGESREQUEST']._serialized_start=492
+  _globals['_STREAMGRAPHEDGESREQUEST']._serialized_end=555
+  _globals['_STREAMGRAPHEDGESRESPONSE']._serialized_start=558
+  _globals['_STREAMGRAPHEDGESRESPONSE']._serialized_end=696
+  _globals['_GETSUBGRAPHREQUEST']._serialized_start=699
+  _globals['_GETSUBGRAPHREQUEST']._serialized_end=827
+  _globals['_GETSUBGRAPHRESPONSE']._serialized_start=829
+  _globals['_GETSUBGRAPHRESPONSE']._serialized_end=918
+  _globals['_FINDPATHSREQUEST']._serialized_start=921
+  _globals['_FINDPATHSREQUEST']._serialized_end=1079
+  _globals['_FINDPATHSRESPONSE']._serialized_start=1081
+  _globals['_FINDPATHSRESPONSE']._serialized_end=1134
+  _globals['_GRAPHSERVICE']._serialized_start=1319
+  _globals['_GRAPHSERVICE']._serialized_end=1742
 # @@protoc_insertion_point(module_scope)

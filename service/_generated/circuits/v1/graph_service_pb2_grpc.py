@@ -68,7 +68,7 @@ class GraphServiceServicer:
     """
 
     def ListGraphs(self, request, context):
-        """Lists stored graphs matching the filters, newest first, one page at a time.
+        """Lists stored graphs matching the filters, one page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,365 @@
+"""A typed Python client of the circuits.v1 API.
+
+Returns domain types (:class:`ingest.graph.AttributionGraph`, :class:`FeatureRecord`,
+:class:`ingest.store.base.Page`, ...), so callers never touch generated code, and
+raises domain errors (``ingest.errors``) for failed calls: the status code maps back to
+the class the server mapped from, with the server's message; any other status
+(DEADLINE_EXCEEDED, INTERNAL, ...) raises :class:`UnavailableError` naming the code.
+
+Retries: calls answered UNAVAILABLE are retried with bounded exponential backoff
+with full jitter (:class:`RetryPolicy`); a stream is retried only if it failed before
+its first message. Every read is idempotent and SetFeatureLabel sets a value, so
+retrying is safe for every method.
+
+Example::
+
+    with CircuitsClient("localhost:50051", token=os.environ["CIRCUITSCOPE_TOKEN"]) as c:
+        page = c.list_graphs(model_id="gpt2-ioi", page_size=10)
+        sub = c.get_subgraph(page.items[0].graph_id, "E_464_0", depth=2, top_k=5)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ingest.errors import CircuitscopeError, InvalidArgumentError, UnavailableError
+from ingest.graph import AttributionGraph, FeatureRecord
+from ingest.store.base import Direction, FeatureOccurrence, GraphSummary, Page, Path, PathScore
+from service import convert
+from service._generated.circuits.v1 import (
+    feature_service_pb2,
+    feature_service_pb2_grpc,
+    graph_service_pb2,
+    graph_service_pb2_grpc,
+    types_pb2,
+)
+from service.auth import bearer_metadata
+from service.config import DEFAULT_MAX_MESSAGE_BYTES
+from service.errors import STATUS_BY_ERROR
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_ERROR_BY_STATUS = {code: cls for cls, code in STATUS_BY_ERROR.items()}
+_DIRECTIONS = {
+    "both": graph_service_pb2.DIRECTION_BOTH,
+    "out": graph_service_pb2.DIRECTION_OUT,
+    "in": graph_service_pb2.DIRECTION_IN,
+}
+_SCORES = {"product": graph_service_pb2.PATH_SCORE_PRODUCT, "sum": graph_service_pb2.PATH_SCORE_SUM}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff for UNAVAILABLE: ``max_attempts`` tries in all."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        """Sleep before retry number ``attempt`` (1-based): full jitter on the cap."""
+        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return random.uniform(0, cap)
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS for the client: the CA to trust (None: system roots) and an optional client
+    certificate for mutual TLS."""
+
+    root_ca: bytes | None = None
+    client_cert: bytes | None = None
+    client_key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        root_ca: FsPath | None = None,
+        client_cert: FsPath | None = None,
+        client_key: FsPath | None = None,
+        server_name: str | None = None,
+    ) -> ClientTls:
+        def read(p: FsPath | None) -> bytes | None:
+            return p.read_bytes() if p is not None else None
+
+        return cls(read(root_ca), read(client_cert), read(client_key), server_name)
+
+
+def error_from_rpc(exc: grpc.RpcError) -> CircuitscopeError:
+    """The domain error a failed call stands for."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(code)
+    cls = _ERROR_BY_STATUS.get(code)
+    if cls is not None:
+        return cls(details)
+    return UnavailableError(f"call failed with {code.name}: {details}")
+
+
+class CircuitsClient:
+    """Synchronous client of GraphService, FeatureService and health (see module doc)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: ClientTls | None = None,
+        timeout_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            creds = grpc.ssl_channel_credentials(tls.root_ca, tls.client_key, tls.client_cert)
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        self._metadata = bearer_metadata(token) if token else ()
+        self._timeout_s = timeout_s
+        self._retry = retry or RetryPolicy()
+        self._graphs = graph_service_pb2_grpc.GraphServiceStub(self._channel)
+        self._features = feature_service_pb2_grpc.FeatureServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CircuitsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    def _call(self, method: Callable[..., T], request: Any) -> T:
+        attempt = 1
+        while True:
+            try:
+                return method(request, timeout=self._timeout_s, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code is grpc.StatusCode.UNAVAILABLE and attempt < self._retry.max_attempts:
+                    delay = self._retry.backoff(attempt)
+                    logger.info("UNAVAILABLE, retry %d in %.2f s", attempt, delay)
+                    time.sleep(delay)
+                    attempt += 1
+                    continue
+                raise error_from_rpc(exc) from None
+
+    def _stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
+        attempt = 1
+        while True:
+            received = False
+            try:
+                for response in method(request, timeout=self._timeout_s, metadata=self._metadata):
+                    received = True
+                    yield response
+                return
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                retryable = code is grpc.StatusCode.UNAVAILABLE and not received
+                if retryable and attempt < self._retry.max_attempts:
+                    time.sleep(self._retry.backoff(attempt))
+                    attempt += 1
+                    continue
+                raise error_from_rpc(exc) from None
+
+    # ------------------------------------------------------------------ health
+    def health(self, service: str = "") -> str:
+        """The health status name of ``service`` ("" for the server): SERVING, NOT_SERVING, ..."""
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    # ------------------------------------------------------------------ graphs
+    def list_graphs(
+        self,
+        *,
+        model_id: str = "",
+        task: str = "",
+        prompt_contains: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        newest_first: bool = False,
+    ) -> Page[GraphSummary]:
+        """One page of stored graphs; ``next_cursor`` is the next page's token (None at the end)."""
+        request = graph_service_pb2.ListGraphsRequest(
+            model_id=model_id,
+            task=task,
+            prompt_contains=prompt_contains,
+            page_size=page_size,
+            page_token=page_token,
+            newest_first=newest_first,
+        )
+        response = self._call(self._graphs.ListGraphs, request)
+        return Page(
+            [convert.summary_from_proto(g) for g in response.graphs],
+            response.next_page_token or None,
+        )
+
+    def iter_graphs(self, **filters: Any) -> Iterator[GraphSummary]:
+        """Every stored graph matching ``filters`` (as for :meth:`list_graphs`), page by page."""
+        token = ""
+        while True:
+            page = self.list_graphs(page_token=token, **filters)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            token = page.next_cursor
+
+    def get_graph(
+        self,
+        graph_id: str,
+        *,
+        node_threshold: float | None = None,
+        edge_threshold: float | None = None,
+    ) -> AttributionGraph:
+        """The stored pruned graph (or the artifact re-pruned at the given thresholds)."""
+        request = graph_service_pb2.GetGraphRequest(graph_id=graph_id)
+        if node_threshold is not None:
+            request.node_threshold = node_threshold
+        if edge_threshold is not None:
+            request.edge_threshold = edge_threshold
+        response = self._call(self._graphs.GetGraph, request)
+        return convert.graph_from_proto(response.graph)
+
+    def stream_graph(self, graph_id: str, *, chunk_size: int = 0) -> AttributionGraph:
+        """The stored graph, received as a stream of edge chunks and reassembled."""
+        request = graph_service_pb2.StreamGraphEdgesRequest(
+            graph_id=graph_id, chunk_size=chunk_size
+        )
+        summary: types_pb2.GraphSummary | None = None
+        nodes: list[types_pb2.Node] = []
+        edges: list[types_pb2.Edge] = []
+        for chunk in self._stream(self._graphs.StreamGraphEdges, request):
+            if chunk.HasField("summary"):
+                summary = chunk.summary
+                nodes.extend(chunk.nodes)
+            edges.extend(chunk.edges)
+        if summary is None:
+            raise UnavailableError(f"the stream of graph {graph_id!r} ended before its first chunk")
+        return convert.graph_from_parts(convert.metadata_from_proto(summary), nodes, edges)
+
+    def get_subgraph(
+        self,
+        graph_id: str,
+        node_id: str,
+        *,
+        depth: int = 0,
+        top_k: int = 0,
+        direction: Direction = "both",
+    ) -> AttributionGraph:
+        """The neighbourhood of ``node_id`` (0 for the server's defaults: depth 1, top_k 10)."""
+        if direction not in _DIRECTIONS:
+            raise InvalidArgumentError(
+                f"direction must be one of {sorted(_DIRECTIONS)}, got {direction!r}"
+            )
+        request = graph_service_pb2.GetSubgraphRequest(
+            graph_id=graph_id,
+            node_id=node_id,
+            depth=depth,
+            top_k=top_k,
+            direction=_DIRECTIONS[direction],
+        )
+        response = self._call(self._graphs.GetSubgraph, request)
+        summary = types_pb2.GraphSummary(graph_id=graph_id)
+        return convert.graph_from_parts(
+            convert.metadata_from_proto(summary), response.nodes, response.edges
+        )
+
+    def find_paths(
+        self,
+        graph_id: str,
+        source_node_id: str,
+        target_node_id: str,
+        *,
+        top_k: int = 0,
+        max_length: int = 0,
+        score: PathScore = "product",
+    ) -> list[Path]:
+        """The strongest paths from source to target, strongest first."""
+        if score not in _SCORES:
+            raise InvalidArgumentError(f"score must be one of {sorted(_SCORES)}, got {score!r}")
+        request = graph_service_pb2.FindPathsRequest(
+            graph_id=graph_id,
+            source_node_id=source_node_id,
+            target_node_id=target_node_id,
+            top_k=top_k,
+            max_length=max_length,
+            score=_SCORES[score],
+        )
+        response = self._call(self._graphs.FindPaths, request)
+        return [convert.path_from_proto(p) for p in response.paths]
+
+    # ------------------------------------------------------------------ features
+    def get_feature(self, set_id: str, layer: int, index: int) -> FeatureRecord:
+        key = types_pb2.FeatureKey(set_id=set_id, layer=layer, index=index)
+        response = self._call(
+            self._features.GetFeature, feature_service_pb2.GetFeatureRequest(key=key)
+        )
+        return convert.feature_from_proto(response.feature)
+
+    def search_features(
+        self,
+        set_id: str,
+        *,
+        layer: int | None = None,
+        label_contains: str = "",
+        token: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[FeatureRecord]:
+        request = feature_service_pb2.SearchFeaturesRequest(
+            set_id=set_id,
+            label_contains=label_contains,
+            token=token,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        if layer is not None:
+            request.layer = layer
+        response = self._call(self._features.SearchFeatures, request)
+        return Page(
+            [convert.feature_from_proto(f) for f in response.features],
+            response.next_page_token or None,
+        )
+
+    def set_feature_label(self, set_id: str, layer: int, index: int, label: str) -> FeatureRecord:
+        key = types_pb2.FeatureKey(set_id=set_id, layer=layer, index=index)
+        request = feature_service_pb2.SetFeatureLabelRequest(key=key, label=label)
+        return convert.feature_from_proto(
+            self._call(self._features.SetFeatureLabel, request).feature
+        )
+
+    def feature_occurrences(
+        self, set_id: str, layer: int, index: int, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[FeatureOccurrence]:
+        key = types_pb2.FeatureKey(set_id=set_id, layer=layer, index=index)
+        request = feature_service_pb2.ListFeatureOccurrencesRequest(
+            key=key, page_size=page_size, page_token=page_token
+        )
+        response = self._call(self._features.ListFeatureOccurrences, request)
+        return Page(
+            [convert.occurrence_from_proto(o) for o in response.occurrences],
+            response.next_page_token or None,
+        )

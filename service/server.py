@@ -1,0 +1,184 @@
+"""The gRPC server bootstrap: one function wires everything.
+
+:func:`start_server` builds a ``grpc.aio`` server from a :class:`ServerConfig` and a
+:class:`GraphStore`:
+
+- interceptors: :class:`ErrorMappingInterceptor` (outermost: the one place domain
+  errors become status codes) then :class:`BearerTokenInterceptor` (when tokens are
+  configured; health and reflection are exempt);
+- servicers: circuits.v1 GraphService and FeatureService, each with the store and a
+  :class:`BlockingRunner` over a thread pool (store I/O never blocks the loop);
+- the standard health service, whose status follows the store's reachability
+  (:class:`StoreHealthMonitor`), and server reflection for generic tools;
+- message-size limits on send and receive; TLS, or mutual TLS with a client CA.
+
+:func:`serve` runs a server until SIGTERM/SIGINT, then drains it (health NOT_SERVING,
+in-flight calls get ``grace_s`` seconds). :func:`serve_in_background` runs one on a
+private event loop in a thread, for tests, benchmarks and embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ingest.errors import UnavailableError
+from ingest.store.base import GraphStore
+from service._generated.circuits.v1 import (
+    feature_service_pb2,
+    feature_service_pb2_grpc,
+    graph_service_pb2,
+    graph_service_pb2_grpc,
+)
+from service.auth import BearerTokenInterceptor
+from service.config import ServerConfig
+from service.errors import ErrorMappingInterceptor
+from service.health import StoreHealthMonitor
+from service.runner import BlockingRunner
+from service.servicers.features import FeatureServicer
+from service.servicers.graphs import GraphServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES: tuple[str, ...] = (
+    graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name,
+    feature_service_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name,
+)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message-size limits, the same on both ends of a channel."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def probe_store(store: GraphStore, timeout_s: float = 2.0) -> None:
+    """Raise when the store does not answer a trivial query."""
+    store.query("RETURN 1 AS ok", timeout=timeout_s)
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port and what to release when it stops."""
+
+    server: aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    monitor: StoreHealthMonitor
+    executors: tuple[ThreadPoolExecutor, ...]
+    grace_s: float
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish."""
+        await self.monitor.stop()
+        await self.server.stop(self.grace_s if grace_s is None else grace_s)
+        for executor in self.executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _add_port(server: aio.Server, config: ServerConfig) -> int:
+    if config.tls is None:
+        return server.add_insecure_port(config.address)
+    credentials = grpc.ssl_server_credentials(
+        [(config.tls.private_key, config.tls.cert_chain)],
+        root_certificates=config.tls.client_ca,
+        require_client_auth=config.tls.client_ca is not None,
+    )
+    return server.add_secure_port(config.address, credentials)
+
+
+async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer:
+    """Build, bind and start the server (see module doc); the store stays the caller's."""
+    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+    if config.auth_enabled:
+        interceptors.append(BearerTokenInterceptor(config.tokens))
+    else:
+        logger.warning("no bearer tokens configured: every caller is accepted")
+    store_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="store")
+    probe_pool = ThreadPoolExecutor(1, thread_name_prefix="health")
+    runner = BlockingRunner(store_pool, config.default_timeout_s)
+
+    server = aio.server(
+        interceptors=interceptors, options=channel_options(config.max_message_bytes)
+    )
+    graph_service_pb2_grpc.add_GraphServiceServicer_to_server(GraphServicer(store, runner), server)
+    feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(
+        FeatureServicer(store, runner), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_name, reflection.SERVICE_NAME), server
+    )
+
+    try:
+        port = _add_port(server, config)
+    except RuntimeError as exc:
+        raise UnavailableError(
+            f"cannot listen on {config.address}: {exc}; choose another port"
+        ) from None
+    monitor = StoreHealthMonitor(
+        health_servicer,
+        lambda: probe_store(store, min(2.0, config.health_interval_s)),
+        SERVICE_NAMES,
+        config.health_interval_s,
+        probe_pool,
+    )
+    await monitor.check_once()
+    await server.start()
+    monitor.start()
+    logger.info(
+        "serving circuits.v1 on port %d (%s, auth %s)",
+        port,
+        "TLS" if config.tls else "plaintext",
+        "on" if config.auth_enabled else "off",
+    )
+    return RunningServer(
+        server, port, health_servicer, monitor, (store_pool, probe_pool), config.grace_s
+    )
+
+
+async def serve(config: ServerConfig, store: GraphStore) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await start_server(config, store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("shutting down: draining in-flight calls for up to %.1f s", running.grace_s)
+    finally:
+        await running.stop()
+
+
+@contextlib.contextmanager
+def serve_in_background(config: ServerConfig, store: GraphStore) -> Iterator[RunningServer]:
+    """Run a server on its own event loop in a daemon thread; stop it on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="grpc-server", daemon=True)
+    thread.start()
+    try:
+        running = asyncio.run_coroutine_threadsafe(start_server(config, store), loop).result()
+        try:
+            yield running
+        finally:
+            asyncio.run_coroutine_threadsafe(running.stop(0.5), loop).result()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

@@ -1,0 +1,132 @@
+"""``circuits.v1.GraphService`` over a :class:`ingest.store.GraphStore`.
+
+Translates each request into one store call (run off the event loop with the call's
+deadline as the store timeout) and the result into a response. Limits and defaults of
+the contract (``proto/circuits/v1/graph_service.proto``) are applied here; everything
+else is the store's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from ingest.errors import InvalidArgumentError
+from ingest.store.base import GraphStore
+from service import convert
+from service._generated.circuits.v1 import graph_service_pb2 as pb
+from service._generated.circuits.v1 import graph_service_pb2_grpc
+from service.pagination import decode_page_token, encode_page_token, page_size
+from service.runner import BlockingRunner
+
+DEFAULT_CHUNK = 5000
+MAX_CHUNK = 50_000
+
+
+def bounded(name: str, value: int, default: int, low: int, high: int) -> int:
+    """``value`` (``default`` when 0) checked against [low, high]."""
+    if value == 0:
+        return default
+    if not low <= value <= high:
+        raise InvalidArgumentError(
+            f"{name} must be in {low}..{high} (0 for {default}), got {value}"
+        )
+    return value
+
+
+def _required(name: str, value: str) -> str:
+    if not value:
+        raise InvalidArgumentError(f"{name} is required")
+    return value
+
+
+class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
+    """Reads of stored attribution graphs."""
+
+    def __init__(self, store: GraphStore, runner: BlockingRunner) -> None:
+        self._store = store
+        self._run = runner
+
+    async def ListGraphs(
+        self, request: pb.ListGraphsRequest, context: aio.ServicerContext
+    ) -> pb.ListGraphsResponse:
+        filters = {
+            "model_id": request.model_id or None,
+            "task": request.task or None,
+            "prompt_contains": request.prompt_contains or None,
+            "newest_first": request.newest_first,
+        }
+        cursor = decode_page_token(request.page_token, filters)
+        page = await self._run.call(
+            context,
+            self._store.list_graphs,
+            model_id=request.model_id or None,
+            task=request.task or None,
+            prompt_contains=request.prompt_contains or None,
+            newest_first=request.newest_first,
+            limit=page_size(request.page_size),
+            cursor=cursor,
+        )
+        return pb.ListGraphsResponse(
+            graphs=[convert.stored_summary_to_proto(s) for s in page.items],
+            next_page_token=encode_page_token(page.next_cursor, filters),
+        )
+
+    async def GetGraph(
+        self, request: pb.GetGraphRequest, context: aio.ServicerContext
+    ) -> pb.GetGraphResponse:
+        graph_id = _required("graph_id", request.graph_id)
+        summary = await self._run.call(context, self._store.get_graph_summary, graph_id)
+        graph = await self._run.call(context, self._store.get_graph, graph_id)
+        return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
+
+    async def StreamGraphEdges(
+        self, request: pb.StreamGraphEdgesRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGraphEdgesResponse]:
+        graph_id = _required("graph_id", request.graph_id)
+        chunk = bounded("chunk_size", request.chunk_size, DEFAULT_CHUNK, 1, MAX_CHUNK)
+        summary = await self._run.call(context, self._store.get_graph_summary, graph_id)
+        graph = await self._run.call(context, self._store.get_graph, graph_id)
+        yield pb.StreamGraphEdgesResponse(
+            summary=convert.summary_to_proto(
+                graph.metadata, graph.n_nodes, graph.n_edges, summary.created_at
+            ),
+            nodes=[convert.node_to_proto(n) for n in graph.nodes],
+            edges=convert.edges_to_proto(graph, 0, chunk),
+        )
+        for start in range(chunk, graph.n_edges, chunk):
+            yield pb.StreamGraphEdgesResponse(
+                edges=convert.edges_to_proto(graph, start, start + chunk)
+            )
+
+    async def GetSubgraph(
+        self, request: pb.GetSubgraphRequest, context: aio.ServicerContext
+    ) -> pb.GetSubgraphResponse:
+        sub = await self._run.call(
+            context,
+            self._store.subgraph,
+            _required("graph_id", request.graph_id),
+            _required("node_id", request.node_id),
+            depth=bounded("depth", request.depth, 1, 1, 5),
+            top_k=bounded("top_k", request.top_k, 10, 1, 1000),
+            direction=convert.direction_from_proto(request.direction),
+        )
+        return pb.GetSubgraphResponse(
+            nodes=[convert.node_to_proto(n) for n in sub.nodes], edges=convert.edges_to_proto(sub)
+        )
+
+    async def FindPaths(
+        self, request: pb.FindPathsRequest, context: aio.ServicerContext
+    ) -> pb.FindPathsResponse:
+        paths = await self._run.call(
+            context,
+            self._store.strongest_paths,
+            _required("graph_id", request.graph_id),
+            _required("source_node_id", request.source_node_id),
+            _required("target_node_id", request.target_node_id),
+            top_k=bounded("top_k", request.top_k, 5, 1, 100),
+            max_length=bounded("max_length", request.max_length, 6, 1, 10),
+            score=convert.path_score_from_proto(request.score),
+        )
+        return pb.FindPathsResponse(paths=[convert.path_to_proto(p) for p in paths])
