@@ -1,0 +1,46 @@
+"""The graph store: attribution graphs and the feature catalog in a Bolt graph database.
+
+One entry point, :func:`open_store`, returns a :class:`~ingest.store.base.GraphStore`:
+
+- ``NEO4J_URI`` set (or ``config.uri``): that server, Neo4j 5 in production;
+- otherwise the embedded ArcadeDB Bolt server, started (or reused) in a separate
+  process with its data in ``ingest.paths.home()/db`` (:mod:`ingest.store.embedded`).
+
+Importing this package is cheap: the driver is imported when a store is opened.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ingest.store.config import StoreConfig
+
+if TYPE_CHECKING:
+    from ingest.store.base import GraphStore
+
+__all__ = ["StoreConfig", "open_store"]
+
+
+def open_store(config: StoreConfig | None = None, *, ensure_schema: bool = True) -> GraphStore:
+    """Connect to the configured graph store, checking it answers.
+
+    ``config`` defaults to :meth:`StoreConfig.from_env`. With no uri, the embedded
+    server in ``config.data_dir`` is started or reused. Raises UnavailableError, saying
+    what to do, when the server cannot be reached. Close the store (or use it as a
+    context manager) when done.
+    """
+    from ingest.store.bolt import BoltGraphStore
+    from ingest.store.embedded import with_server
+
+    config = config or StoreConfig.from_env()
+    if config.uri is None:
+        config = with_server(config)
+    store = BoltGraphStore(config)
+    try:
+        store.verify()
+        if ensure_schema:
+            store.ensure_schema()
+    except BaseException:
+        store.close()
+        raise
+    return store

@@ -1,0 +1,82 @@
+"""Configuration of the graph store connection.
+
+One typed config per process (STYLE habit 7), built from the environment in entry
+points with :meth:`StoreConfig.from_env`:
+
+- ``NEO4J_URI`` (e.g. ``bolt://db:7687``, ``neo4j+s://x.databases.neo4j.io``): use that
+  server. Unset: start or reuse the embedded ArcadeDB Bolt server whose data lives in
+  ``data_dir`` (default ``ingest.paths.home()/db``).
+- ``NEO4J_USER`` (default ``neo4j``), ``NEO4J_PASSWORD``, ``NEO4J_DATABASE`` (default
+  ``neo4j``; the embedded server's database is ``circuitscope``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingest.errors import InvalidArgumentError
+
+EMBEDDED_DATABASE = "circuitscope"
+DEFAULT_BATCH_SIZE = 5000
+
+
+def default_data_dir() -> Path:
+    """Where the embedded server keeps its data unless told otherwise."""
+    from ingest.paths import home
+
+    return home() / "db"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How to reach the graph store.
+
+    ``uri`` None means the embedded server in ``data_dir``. ``query_timeout_s`` is the
+    default per-transaction time limit (each call may pass its own, e.g. a gRPC
+    deadline); ``connect_timeout_s`` bounds connecting and the readiness check.
+    """
+
+    uri: str | None = None
+    user: str = "neo4j"
+    password: str | None = None
+    database: str = "neo4j"
+    data_dir: Path | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    query_timeout_s: float | None = 60.0
+    connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.query_timeout_s is not None and self.query_timeout_s <= 0:
+            raise InvalidArgumentError(
+                f"query_timeout_s must be > 0 or None, got {self.query_timeout_s}"
+            )
+        if not self.database:
+            raise InvalidArgumentError("the database name must not be empty")
+
+    @property
+    def embedded(self) -> bool:
+        return self.uri is None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> StoreConfig:
+        """Build the config from ``NEO4J_*`` variables; keyword overrides win."""
+        env = os.environ if environ is None else environ
+        uri = env.get("NEO4J_URI") or None
+        values: dict[str, object] = {
+            "uri": uri,
+            "user": env.get("NEO4J_USER") or "neo4j",
+            "password": env.get("NEO4J_PASSWORD") or None,
+            "database": env.get("NEO4J_DATABASE") or ("neo4j" if uri else EMBEDDED_DATABASE),
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def redacted(self) -> str:
+        """A description safe to log (no password)."""
+        where = self.uri or f"embedded server in {self.data_dir or default_data_dir()}"
+        return f"{where} (database {self.database!r}, user {self.user!r})"

@@ -1,0 +1,200 @@
+"""Every Cypher statement the store runs, as constants.
+
+Values always travel as parameters; labels, relationship types and property names
+are constants of this module, never built from user input. The one exception is the
+upper bound of a variable-length pattern, which Cypher does not accept as a
+parameter: :func:`paths_query` formats an int the caller validated into a range.
+
+The statements keep to the Cypher that Neo4j 5 and ArcadeDB's OpenCypher engine both
+run (docs/store.md lists what was checked and the divergences): no ``CALL {}``
+subqueries, no ``IN TRANSACTIONS``, no APOC, per-node top-k through ``collect()[..k]``.
+
+Graph model (DESIGN.md section 4):
+
+- ``(:Graph {graph_id, status, write_id, model_id, set_id, task, prompt, tokens,
+  token_ids, node_threshold, edge_threshold, replacement_score, completeness_score,
+  artifact_uri, extra_json, n_nodes, n_edges, created_at})``, ``created_at`` in epoch ms;
+- ``(:GNode {graph_id, node_id, idx, kind, layer, pos, feature, set_id, token_id, token,
+  activation, influence, token_prob, label})``, ``idx`` the position in the graph's
+  node list; feature nodes link to the catalog by (set_id, layer, feature), not by a
+  relationship;
+- ``(:GNode)-[:ATTR {weight, idx}]->(:GNode)``, ``idx`` the edge's position;
+- ``(:Feature {set_id, layer, index, density, max_activation, label, top_tokens,
+  top_examples_json, de_embedding_tokens, output_tokens})``;
+- ``(:Model {model_id, ...})``, ``(:TranscoderSet {set_id, model_id, kind, ...})``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ------------------------------------------------------------------------------ schema
+
+SCHEMA: Final[tuple[str, ...]] = (
+    "CREATE CONSTRAINT graph_id_unique IF NOT EXISTS FOR (g:Graph) REQUIRE g.graph_id IS UNIQUE",
+    "CREATE CONSTRAINT gnode_key_unique IF NOT EXISTS "
+    "FOR (n:GNode) REQUIRE (n.graph_id, n.node_id) IS UNIQUE",
+    "CREATE CONSTRAINT feature_key_unique IF NOT EXISTS "
+    "FOR (f:Feature) REQUIRE (f.set_id, f.layer, f.index) IS UNIQUE",
+    "CREATE CONSTRAINT model_id_unique IF NOT EXISTS FOR (m:Model) REQUIRE m.model_id IS UNIQUE",
+    "CREATE CONSTRAINT transcoder_set_id_unique IF NOT EXISTS "
+    "FOR (t:TranscoderSet) REQUIRE t.set_id IS UNIQUE",
+    "CREATE INDEX gnode_graph IF NOT EXISTS FOR (n:GNode) ON (n.graph_id)",
+    "CREATE INDEX gnode_feature IF NOT EXISTS FOR (n:GNode) ON (n.set_id, n.layer, n.feature)",
+    "CREATE INDEX graph_model IF NOT EXISTS FOR (g:Graph) ON (g.model_id)",
+    "CREATE INDEX graph_task IF NOT EXISTS FOR (g:Graph) ON (g.task)",
+    "CREATE INDEX graph_created IF NOT EXISTS FOR (g:Graph) ON (g.created_at)",
+    "CREATE INDEX feature_layer IF NOT EXISTS FOR (f:Feature) ON (f.set_id, f.layer)",
+)
+
+# ------------------------------------------------------------------------------ catalog
+
+UPSERT_MODEL: Final = "MERGE (m:Model {model_id: $model_id}) SET m += $props"
+
+UPSERT_TRANSCODER_SET: Final = "MERGE (t:TranscoderSet {set_id: $set_id}) SET t += $props"
+
+UPSERT_FEATURES: Final = (
+    "UNWIND $rows AS r "
+    "MERGE (f:Feature {set_id: r.set_id, layer: r.layer, index: r.index}) "
+    "SET f += r.props"
+)
+
+SET_FEATURE_LABEL: Final = (
+    "MERGE (f:Feature {set_id: $set_id, layer: $layer, index: $index}) "
+    "SET f.label = $label RETURN properties(f) AS p"
+)
+
+GET_FEATURE: Final = (
+    "MATCH (f:Feature {set_id: $set_id, layer: $layer, index: $index}) RETURN properties(f) AS p"
+)
+
+SEARCH_FEATURES: Final = (
+    "MATCH (f:Feature {set_id: $set_id}) "
+    "WHERE ($layer IS NULL OR f.layer = $layer) "
+    "AND ($label IS NULL OR toLower(coalesce(f.label, '')) CONTAINS $label) "
+    "AND ($token IS NULL OR $token IN coalesce(f.top_tokens, [])) "
+    "AND (f.layer > $after_layer OR (f.layer = $after_layer AND f.index > $after_index)) "
+    "RETURN properties(f) AS p ORDER BY f.layer, f.index LIMIT $limit"
+)
+
+# ------------------------------------------------------------------------------ graph writes
+
+GRAPH_STATUS: Final = (
+    "MATCH (g:Graph {graph_id: $graph_id}) RETURN g.status AS status, g.write_id AS write_id"
+)
+
+# Claims a graph id for one write: readers stop seeing it from here on.
+CLAIM_GRAPH: Final = "MERGE (g:Graph {graph_id: $graph_id}) SET g = $props"
+
+DELETE_GNODES_BATCH: Final = (
+    "MATCH (n:GNode {graph_id: $graph_id}) WITH n LIMIT $limit "
+    "DETACH DELETE n RETURN count(*) AS deleted"
+)
+
+CREATE_GNODES: Final = "UNWIND $rows AS r CREATE (n:GNode) SET n = r"
+
+CREATE_ATTR_EDGES: Final = (
+    "UNWIND $rows AS r "
+    "MATCH (a:GNode {graph_id: $graph_id, node_id: r.s}) "
+    "MATCH (b:GNode {graph_id: $graph_id, node_id: r.t}) "
+    "CREATE (a)-[:ATTR {weight: r.w, idx: r.i}]->(b)"
+)
+
+COMPLETE_GRAPH: Final = (
+    "MATCH (g:Graph {graph_id: $graph_id}) WHERE g.write_id = $write_id "
+    "SET g.status = 'complete', g.n_nodes = $n_nodes, g.n_edges = $n_edges "
+    "RETURN count(g) AS updated"
+)
+
+MARK_DELETING: Final = (
+    "MATCH (g:Graph {graph_id: $graph_id}) SET g.status = 'deleting', g.write_id = $write_id "
+    "RETURN count(g) AS marked"
+)
+
+DELETE_GRAPH_NODE: Final = (
+    "MATCH (g:Graph {graph_id: $graph_id}) WHERE g.write_id = $write_id DELETE g"
+)
+
+# ------------------------------------------------------------------------------ graph reads
+
+GRAPH_SUMMARY: Final = (
+    "MATCH (g:Graph {graph_id: $graph_id}) WHERE g.status = 'complete' RETURN properties(g) AS p"
+)
+
+GRAPH_NODES: Final = (
+    "MATCH (n:GNode {graph_id: $graph_id}) RETURN properties(n) AS p ORDER BY n.idx"
+)
+
+GRAPH_EDGES: Final = (
+    "MATCH (a:GNode {graph_id: $graph_id})-[r:ATTR]->(b:GNode) "
+    "RETURN a.idx AS s, b.idx AS t, r.weight AS w ORDER BY r.idx"
+)
+
+NODES_BY_ID: Final = (
+    "MATCH (n:GNode {graph_id: $graph_id}) WHERE n.node_id IN $node_ids "
+    "RETURN properties(n) AS p ORDER BY n.idx"
+)
+
+# Per frontier node, its top-k edges by |weight|; ties by the other end's id.
+TOP_OUT_EDGES: Final = (
+    "UNWIND $frontier AS fid "
+    "MATCH (a:GNode {graph_id: $graph_id, node_id: fid})-[r:ATTR]->(b:GNode) "
+    "WITH a, b, r ORDER BY abs(r.weight) DESC, b.node_id "
+    "WITH a, collect({s: a.node_id, t: b.node_id, w: r.weight})[..$k] AS top "
+    "UNWIND top AS e RETURN e.s AS s, e.t AS t, e.w AS w"
+)
+
+TOP_IN_EDGES: Final = (
+    "UNWIND $frontier AS fid "
+    "MATCH (b:GNode {graph_id: $graph_id, node_id: fid})<-[r:ATTR]-(a:GNode) "
+    "WITH a, b, r ORDER BY abs(r.weight) DESC, a.node_id "
+    "WITH b, collect({s: a.node_id, t: b.node_id, w: r.weight})[..$k] AS top "
+    "UNWIND top AS e RETURN e.s AS s, e.t AS t, e.w AS w"
+)
+
+_PATHS_TEMPLATE: Final = (
+    "MATCH (a:GNode {{graph_id: $graph_id, node_id: $source_id}}) "
+    "MATCH (b:GNode {{graph_id: $graph_id, node_id: $target_id}}) "
+    "MATCH p = (a)-[:ATTR*1..{max_length}]->(b) "
+    "WITH p, reduce(acc = {init}, r IN relationships(p) | acc {op} abs(r.weight)) AS score "
+    "RETURN [n IN nodes(p) | n.node_id] AS ids, [r IN relationships(p) | r.weight] AS ws, score "
+    "ORDER BY score DESC LIMIT $k"
+)
+
+MAX_PATH_LENGTH: Final = 10
+
+
+def paths_query(max_length: int, score: str) -> str:
+    """The strongest-paths query for a validated bound and a score of the code's choosing."""
+    if not (isinstance(max_length, int) and 1 <= max_length <= MAX_PATH_LENGTH):
+        raise ValueError(f"max_length must be an int in [1, {MAX_PATH_LENGTH}]")
+    init, op = {"product": ("1.0", "*"), "sum": ("0.0", "+")}[score]
+    return _PATHS_TEMPLATE.format(max_length=max_length, init=init, op=op)
+
+
+FEATURE_OCCURRENCES: Final = (
+    "MATCH (n:GNode {set_id: $set_id, layer: $layer, feature: $index}) "
+    "WHERE n.graph_id > $after "
+    "MATCH (g:Graph {graph_id: n.graph_id}) WHERE g.status = 'complete' "
+    "WITH n.graph_id AS graph_id, collect({node_id: n.node_id, pos: n.pos, "
+    "activation: n.activation, influence: n.influence}) AS occ "
+    "RETURN graph_id, occ ORDER BY graph_id LIMIT $limit"
+)
+
+_LIST_GRAPHS_FILTER: Final = (
+    "MATCH (g:Graph) WHERE g.status = 'complete' "
+    "AND ($model_id IS NULL OR g.model_id = $model_id) "
+    "AND ($task IS NULL OR g.task = $task) "
+    "AND ($prompt IS NULL OR toLower(g.prompt) CONTAINS $prompt) "
+)
+
+LIST_GRAPHS_BY_ID: Final = (
+    _LIST_GRAPHS_FILTER + "AND g.graph_id > $after_id "
+    "RETURN properties(g) AS p ORDER BY g.graph_id LIMIT $limit"
+)
+
+LIST_GRAPHS_NEWEST: Final = (
+    _LIST_GRAPHS_FILTER + "AND (g.created_at < $after_created "
+    "OR (g.created_at = $after_created AND g.graph_id < $after_id)) "
+    "RETURN properties(g) AS p ORDER BY g.created_at DESC, g.graph_id DESC LIMIT $limit"
+)

@@ -1,0 +1,309 @@
+"""Start, reuse, inspect and stop the embedded ArcadeDB Bolt server.
+
+With no ``NEO4J_URI``, circuitscope runs its own graph server (DESIGN.md section 3):
+the program :mod:`ingest.store.embedded_server`, started detached in a separate
+process (the JVM never shares a process with torch). Its data directory (default
+``ingest.paths.home()/db``) holds:
+
+- ``server.json`` (mode 0600): Bolt, HTTP and HTTPS ports, chosen free on loopback at
+  each start, the generated root password and the database name;
+- ``server.pid``: the server's pid while it runs; ``server.log``: its output;
+- ``arcadedb/``: the databases themselves, kept across restarts.
+
+:func:`start` reuses a server that is alive and answers Bolt; otherwise it starts one
+and waits until Bolt answers (the JVM takes 5-10 s). A lock file serialises starters.
+:func:`stop` sends SIGTERM and waits for a clean shutdown. :func:`embedded_server` is
+a context manager for tests and tools: it yields a :class:`StoreConfig` for the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ingest.errors import FailedPreconditionError, UnavailableError
+from ingest.store.config import EMBEDDED_DATABASE, StoreConfig, default_data_dir
+
+logger = logging.getLogger(__name__)
+
+SERVER_MODULE = "ingest.store.embedded_server"
+STATE_FILE = "server.json"
+PID_FILE = "server.pid"
+LOG_FILE = "server.log"
+DEFAULT_HEAP = os.environ.get("CIRCUITSCOPE_DB_HEAP", "2g")
+USER = "root"
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What :func:`status` found in a data directory."""
+
+    data_dir: Path
+    running: bool
+    pid: int | None
+    uri: str | None
+    answers: bool
+
+    def describe(self) -> str:
+        if not self.running:
+            return f"embedded graph server: stopped (data in {self.data_dir})"
+        health = "answers Bolt" if self.answers else "does NOT answer Bolt yet"
+        return (
+            f"embedded graph server: running, pid {self.pid}, {self.uri} ({health}), "
+            f"data in {self.data_dir}"
+        )
+
+
+def _resolve(data_dir: Path | str | None) -> Path:
+    return Path(data_dir).expanduser().resolve() if data_dir else default_data_dir().resolve()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _read_state(data_dir: Path) -> dict[str, Any] | None:
+    path = data_dir / STATE_FILE
+    if not path.exists():
+        return None
+    return dict(json.loads(path.read_text()))
+
+
+def _write_state(data_dir: Path, state: dict[str, Any]) -> None:
+    path = data_dir / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    """True when ``pid`` is a live (not zombie) embedded server process."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X") and SERVER_MODULE.encode() in cmdline
+
+
+def _pid(data_dir: Path) -> int | None:
+    try:
+        pid = int((data_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def config_for(data_dir: Path | str | None = None, **overrides: Any) -> StoreConfig:
+    """The StoreConfig of the embedded server in ``data_dir`` (which must have been started)."""
+    root = _resolve(data_dir)
+    state = _read_state(root)
+    if state is None:
+        raise FailedPreconditionError(
+            f"no embedded graph server was ever started in {root}; run `circuitscope db start`"
+        )
+    return StoreConfig(
+        uri=f"bolt://127.0.0.1:{state['bolt_port']}",
+        user=USER,
+        password=state["password"],
+        database=state["database"],
+        data_dir=root,
+        **overrides,
+    )
+
+
+def _answers(config: StoreConfig, timeout: float) -> bool:
+    from neo4j import GraphDatabase
+    from neo4j.exceptions import DriverError, Neo4jError
+
+    try:
+        with GraphDatabase.driver(
+            config.uri or "",
+            auth=(config.user, config.password or ""),
+            connection_timeout=timeout,
+            connection_acquisition_timeout=timeout,
+        ) as driver:
+            driver.verify_connectivity()
+            records, _, _ = driver.execute_query("RETURN 1 AS ok", database_=config.database)
+            return bool(records and records[0]["ok"] == 1)
+    except (DriverError, Neo4jError, OSError):
+        return False
+
+
+def status(data_dir: Path | str | None = None) -> ServerStatus:
+    root = _resolve(data_dir)
+    pid = _pid(root)
+    if pid is None or _read_state(root) is None:
+        return ServerStatus(root, False, None, None, False)
+    config = config_for(root)
+    return ServerStatus(root, True, pid, config.uri, _answers(config, 5.0))
+
+
+@contextlib.contextmanager
+def _lock(data_dir: Path) -> Iterator[None]:
+    with open(data_dir / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _log_tail(data_dir: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join((data_dir / LOG_FILE).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def start(
+    data_dir: Path | str | None = None,
+    *,
+    heap: str = DEFAULT_HEAP,
+    timeout_s: float = 180.0,
+    **overrides: Any,
+) -> StoreConfig:
+    """Start the embedded server in ``data_dir``, or reuse the one running there.
+
+    Returns the StoreConfig to reach it (``overrides`` go into it, e.g. batch_size).
+    Raises UnavailableError, with the end of the server log, when it does not answer
+    within ``timeout_s``.
+    """
+    root = _resolve(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    with _lock(root):
+        pid = _pid(root)
+        if pid is not None:
+            config = config_for(root, **overrides)
+            if _answers(config, 10.0):
+                logger.info("reusing embedded graph server pid %d at %s", pid, config.uri)
+                return config
+            logger.warning("embedded server pid %d does not answer; restarting it", pid)
+            _terminate(root, pid, 60.0)
+        state = _read_state(root) or {
+            "password": secrets.token_urlsafe(24),
+            "database": EMBEDDED_DATABASE,
+        }
+        state.update(bolt_port=_free_port(), http_port=_free_port(), https_port=_free_port())
+        _write_state(root, state)
+        env = dict(os.environ)
+        # The program must import this package whatever the child's working directory.
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        with open(root / LOG_FILE, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", SERVER_MODULE, "--data-dir", str(root), "--heap", heap],
+                cwd=root,  # ArcadeDB writes ./log relative to its working directory
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # detached: survives its starter, no terminal signals
+            )
+        (root / PID_FILE).write_text(str(proc.pid))
+        config = config_for(root, **overrides)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise UnavailableError(
+                    f"the embedded graph server exited with status {proc.returncode} while "
+                    f"starting; its log ({root / LOG_FILE}) ends with:\n{_log_tail(root)}"
+                )
+            if _answers(config, 5.0):
+                logger.info("embedded graph server pid %d ready at %s", proc.pid, config.uri)
+                return config
+            time.sleep(0.5)
+        _terminate(root, proc.pid, 30.0)
+        raise UnavailableError(
+            f"the embedded graph server did not answer within {timeout_s:.0f} s; "
+            f"see {root / LOG_FILE}, or set NEO4J_URI to use another server. Log ends with:\n"
+            f"{_log_tail(root)}"
+        )
+
+
+def _terminate(root: Path, pid: int, timeout_s: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        logger.warning(
+            "embedded server pid %d ignored SIGTERM for %.0f s; killing it", pid, timeout_s
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.1)
+    (root / PID_FILE).unlink(missing_ok=True)
+
+
+def stop(data_dir: Path | str | None = None, *, timeout_s: float = 60.0) -> bool:
+    """Stop the embedded server in ``data_dir``; False when none was running."""
+    root = _resolve(data_dir)
+    if not root.exists():
+        return False
+    with _lock(root):
+        pid = _pid(root)
+        if pid is None:
+            (root / PID_FILE).unlink(missing_ok=True)
+            return False
+        _terminate(root, pid, timeout_s)
+        return True
+
+
+@contextlib.contextmanager
+def embedded_server(
+    data_dir: Path | str | None = None,
+    *,
+    heap: str = DEFAULT_HEAP,
+    stop_on_exit: bool = True,
+    **overrides: Any,
+) -> Iterator[StoreConfig]:
+    """Run (or reuse) the embedded server for the duration of a ``with`` block.
+
+    Yields the StoreConfig to pass to :func:`ingest.store.open_store`; stops the server
+    on exit when ``stop_on_exit``.
+    """
+    config = start(data_dir, heap=heap, **overrides)
+    try:
+        yield config
+    finally:
+        if stop_on_exit:
+            stop(config.data_dir)
+
+
+def with_server(config: StoreConfig, *, heap: str = DEFAULT_HEAP) -> StoreConfig:
+    """``config`` pointed at a running embedded server (started if needed), keeping its
+    batch size and timeouts."""
+    server = start(config.data_dir, heap=heap)
+    return replace(
+        config,
+        uri=server.uri,
+        user=server.user,
+        password=server.password,
+        database=server.database,
+        data_dir=server.data_dir,
+    )

@@ -1,0 +1,80 @@
+"""The embedded graph server program: ArcadeDB with its Bolt plugin, in its own process.
+
+Run by :mod:`ingest.store.embedded` as ``python -m ingest.store.embedded_server
+--data-dir DIR``, detached from its parent. It reads the ports and the root password
+from ``DIR/server.json`` (written by the starter, mode 0600; never on the command
+line, where other users could read it), starts an ArcadeDB server
+(``arcadedb_embedded``: a JVM through JPype, which is why it never shares a process
+with torch) listening on loopback only, creates the database if missing, writes its
+pid to ``DIR/server.pid`` and serves until SIGTERM or SIGINT, then stops the server
+cleanly (flushing the database) and removes the pid file the starter wrote.
+
+Readiness is not signalled here: the starter connects over Bolt until it answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+logger = logging.getLogger("ingest.store.embedded_server")
+
+BOLT_PLUGIN = "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"
+
+
+def serve(data_dir: Path, heap: str) -> int:
+    state = json.loads((data_dir / "server.json").read_text())
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        logger.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    import arcadedb_embedded
+
+    server = arcadedb_embedded.ArcadeDBServer(
+        str((data_dir / "arcadedb").resolve()),
+        root_password=state["password"],
+        config={
+            "host": "127.0.0.1",
+            "http_port": state["http_port"],
+            "server_httpsIncomingPort": state["https_port"],
+            "server_plugins": BOLT_PLUGIN,
+            "bolt_port": state["bolt_port"],
+        },
+        # -Xrs: the JVM leaves SIGTERM/SIGINT to Python, so they stop the server cleanly.
+        jvm_kwargs={"heap_size": heap, "jvm_args": "-Xrs"},
+    )
+    pid_file = data_dir / "server.pid"
+    server.start()
+    try:
+        server.create_database(state["database"])
+        logger.info("serving Bolt on 127.0.0.1:%d", state["bolt_port"])
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        pid_file.unlink(missing_ok=True)
+        logger.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--heap", default="1g", help="JVM heap size, e.g. 1g, 4g")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return serve(args.data_dir, args.heap)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
