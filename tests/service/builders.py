@@ -1,0 +1,127 @@
+"""Small synthetic attribution graphs and features for the service tests and benchmark.
+
+:func:`layered_graph` builds a graph with ``n_tokens`` token nodes, ``width`` feature
+nodes per layer for ``n_layers`` layers, one error node per layer and ``n_logits``
+logit nodes, with every node of one layer connected to every node of the next layer
+(tokens -> layer 0 -> ... -> last layer -> logits). Weights are deterministic
+functions of the endpoints, distinct in absolute value, so top-k and path rankings
+have one right answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ingest.graph import (
+    AttributionGraph,
+    FeatureRecord,
+    GraphMetadata,
+    Node,
+    NodeKind,
+    error_node_id,
+    feature_node_id,
+    logit_node_id,
+    token_node_id,
+)
+
+SET_ID = "test-set"
+MODEL_ID = "test-model"
+
+
+def layered_graph(
+    graph_id: str,
+    *,
+    n_layers: int = 2,
+    width: int = 3,
+    n_tokens: int = 2,
+    n_logits: int = 1,
+    model_id: str = MODEL_ID,
+    task: str | None = "toy",
+    prompt: str = "a b",
+) -> AttributionGraph:
+    pos = n_tokens - 1
+    token_ids = list(range(100, 100 + n_tokens))
+    layers: list[list[Node]] = [
+        [
+            Node(token_node_id(t, p), NodeKind.TOKEN, None, p, token_id=t, token=f"t{p}")
+            for p, t in enumerate(token_ids)
+        ]
+    ]
+    for layer in range(n_layers):
+        row = [
+            Node(
+                feature_node_id(layer, i, pos),
+                NodeKind.FEATURE,
+                layer,
+                pos,
+                feature=i,
+                activation=1.0 + i,
+                influence=0.5 / (1 + i),
+            )
+            for i in range(width)
+        ]
+        row.append(Node(error_node_id(layer, pos), NodeKind.ERROR, layer, pos, influence=0.01))
+        layers.append(row)
+    layers.append(
+        [
+            Node(
+                logit_node_id(n_layers, 500 + j, pos),
+                NodeKind.LOGIT,
+                n_layers,
+                pos,
+                token_id=500 + j,
+                token=f"out{j}",
+                token_prob=0.9 / (1 + j),
+            )
+            for j in range(n_logits)
+        ]
+    )
+    nodes = [n for row in layers for n in row]
+    index = {n.node_id: i for i, n in enumerate(nodes)}
+    sources, targets, weights = [], [], []
+    for lower, upper in itertools.pairwise(layers):
+        for a, src in enumerate(lower):
+            for b, dst in enumerate(upper):
+                sources.append(index[src.node_id])
+                targets.append(index[dst.node_id])
+                sign = 1.0 if (a + b) % 2 == 0 else -1.0
+                weights.append(sign * (1.0 + a + 0.01 * b) / (1 + len(sources) * 1e-4))
+    metadata = GraphMetadata(
+        graph_id=graph_id,
+        model_id=model_id,
+        set_id=SET_ID,
+        prompt=prompt,
+        tokens=[f"t{p}" for p in range(n_tokens)],
+        token_ids=token_ids,
+        node_threshold=0.8,
+        edge_threshold=0.98,
+        replacement_score=0.6,
+        completeness_score=0.75,
+        task=task,
+    )
+    return AttributionGraph(
+        metadata,
+        nodes,
+        np.array(sources, dtype=np.int64),
+        np.array(targets, dtype=np.int64),
+        np.array(weights, dtype=np.float32),
+    )
+
+
+def features(n_layers: int = 2, width: int = 3) -> list[FeatureRecord]:
+    return [
+        FeatureRecord(
+            set_id=SET_ID,
+            layer=layer,
+            index=i,
+            density=0.01 * (i + 1),
+            max_activation=2.0 + i,
+            label=f"layer {layer} feature {i}" if i % 2 == 0 else None,
+            top_tokens=[f"tok{i}", "common"],
+            top_examples=[{"text": f"example {i}", "activation": 1.5}],
+        )
+        for layer in range(n_layers)
+        for i in range(width)
+    ]

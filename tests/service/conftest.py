@@ -1,0 +1,65 @@
+"""Fixtures: one embedded graph server per session, synthetic graphs, a live gRPC server.
+
+The embedded ArcadeDB server (a real Bolt server in a child process) starts once per
+test session; the graphs of :mod:`tests.service.builders` are written through the
+store API; the gRPC server runs on a loopback port chosen by the OS.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from ingest.graph import ModelRecord, TranscoderSetRecord
+from ingest.store import open_store
+from ingest.store.base import GraphStore
+from ingest.store.embedded import embedded_server
+from service.client import CircuitsClient
+from service.config import ServerConfig
+from service.server import RunningServer, serve_in_background
+from tests.service import builders
+
+TOKEN = secrets.token_urlsafe(24)
+# graph id -> builder kwargs; g-big is the ~1k-edge neighbourhood graph of the benchmark.
+GRAPHS: dict[str, dict[str, object]] = {
+    "g-alpha": {"prompt": "alpha beta", "task": "toy"},
+    "g-beta": {"prompt": "gamma delta", "task": "toy", "n_layers": 3},
+    "g-gamma": {"prompt": "alpha omega", "task": "other", "model_id": "other-model"},
+    "g-delta": {"prompt": "delta", "task": "toy", "width": 4},
+    "g-epsilon": {"prompt": "epsilon", "task": "toy"},
+}
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GraphStore]:
+    data_dir = tmp_path_factory.mktemp("service-db")
+    with embedded_server(data_dir, heap="512m") as config, open_store(config) as graph_store:
+        graph_store.upsert_model(ModelRecord(builders.MODEL_ID, "gpt2", 3, 16))
+        graph_store.upsert_model(ModelRecord("other-model", "gpt2", 2, 16))
+        graph_store.upsert_transcoder_set(TranscoderSetRecord(builders.SET_ID, builders.MODEL_ID))
+        graph_store.upsert_features(builders.features(n_layers=3, width=4))
+        for graph_id, kwargs in GRAPHS.items():
+            graph_store.write_graph(builders.layered_graph(graph_id, **kwargs))  # type: ignore[arg-type]
+        yield graph_store
+
+
+@pytest.fixture(scope="session")
+def server(store: GraphStore) -> Iterator[RunningServer]:
+    config = ServerConfig(
+        host="127.0.0.1", port=0, tokens=frozenset({TOKEN}), health_interval_s=0.5
+    )
+    with serve_in_background(config, store) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def target(server: RunningServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def client(target: str) -> Iterator[CircuitsClient]:
+    with CircuitsClient(target, token=TOKEN, timeout_s=20.0) as c:
+        yield c

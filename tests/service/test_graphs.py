@@ -1,0 +1,122 @@
+"""GraphService end to end: a real gRPC server over the real embedded store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ingest.errors import InvalidArgumentError, NotFoundError
+from ingest.graph import AttributionGraph
+from ingest.store.base import GraphStore
+from service.client import CircuitsClient
+from tests.service import builders
+from tests.service.conftest import GRAPHS
+
+pytestmark = pytest.mark.integration
+
+
+def _edge_set(graph: AttributionGraph) -> dict[tuple[str, str], float]:
+    return {(s, t): w for s, t, w in graph.edge_list()}
+
+
+def test_get_graph_round_trips_the_stored_graph(client: CircuitsClient, store: GraphStore) -> None:
+    served = client.get_graph("g-beta")
+    stored = store.get_graph("g-beta")
+    assert served.metadata.prompt == "gamma delta"
+    assert served.metadata.tokens == stored.metadata.tokens
+    assert served.metadata.completeness_score == pytest.approx(0.75)
+    assert [n for n in served.nodes] == [n for n in stored.nodes]
+    assert _edge_set(served) == _edge_set(stored)
+    assert served.n_edges == builders.layered_graph("x", n_layers=3).n_edges
+
+
+def test_stream_graph_edges_reassembles_the_graph_in_chunks(client: CircuitsClient) -> None:
+    whole = client.get_graph("g-delta")
+    streamed = client.stream_graph("g-delta", chunk_size=7)
+    assert streamed.nodes == whole.nodes
+    assert _edge_set(streamed) == _edge_set(whole)
+    np.testing.assert_array_equal(streamed.weights, whole.weights)
+
+
+def test_list_graphs_pages_through_every_graph_once(client: CircuitsClient) -> None:
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = client.list_graphs(page_size=2, page_token=token)
+        assert len(page.items) <= 2
+        seen.extend(g.graph_id for g in page.items)
+        if page.next_cursor is None:
+            break
+        token = page.next_cursor
+    assert sorted(seen) == sorted(GRAPHS) and len(seen) == len(set(seen))
+
+
+def test_list_graphs_filters(client: CircuitsClient) -> None:
+    other = [g.graph_id for g in client.iter_graphs(model_id="other-model")]
+    assert other == ["g-gamma"]
+    toy = {g.graph_id for g in client.iter_graphs(task="toy")}
+    assert toy == {gid for gid, kw in GRAPHS.items() if kw["task"] == "toy"}
+    alpha = {g.graph_id for g in client.iter_graphs(prompt_contains="alpha")}
+    assert alpha == {"g-alpha", "g-gamma"}
+    summary = next(iter(client.iter_graphs(model_id="other-model")))
+    assert summary.n_edges == builders.layered_graph("x").n_edges
+
+
+def test_get_subgraph_keeps_top_k_edges(client: CircuitsClient, store: GraphStore) -> None:
+    graph = store.get_graph("g-alpha")
+    center = "0_0_1"
+    sub = client.get_subgraph("g-alpha", center, depth=1, top_k=2, direction="out")
+    out = sorted(((t, w) for t, w in graph.out_edges(center)), key=lambda e: -abs(e[1]))[:2]
+    expected = {(center, graph.nodes[t].node_id) for t, _ in out}
+    assert set(_edge_set(sub)) == expected
+    assert center in {n.node_id for n in sub.nodes}
+
+
+def test_find_paths_are_strongest_first(client: CircuitsClient) -> None:
+    paths = client.find_paths("g-alpha", "E_100_0", "3_500_1", top_k=3, max_length=4)
+    assert paths, "a token reaches the logit through every layer"
+    assert all(p.node_ids[0] == "E_100_0" and p.node_ids[-1] == "3_500_1" for p in paths)
+    scores = [p.score for p in paths]
+    assert scores == sorted(scores, reverse=True)
+    assert scores[0] == pytest.approx(float(np.prod([abs(w) for w in paths[0].weights])), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda c: c.get_graph("no-such-graph"), NotFoundError),
+        (lambda c: c.stream_graph("no-such-graph"), NotFoundError),
+        (lambda c: c.get_subgraph("g-alpha", "no-such-node"), NotFoundError),
+        (lambda c: c.get_subgraph("no-such-graph", "E_100_0"), NotFoundError),
+        (lambda c: c.find_paths("no-such-graph", "E_100_0", "3_500_1"), NotFoundError),
+        (lambda c: c.get_graph(""), InvalidArgumentError),
+        (lambda c: c.get_subgraph("g-alpha", "E_100_0", depth=9), InvalidArgumentError),
+        (lambda c: c.get_subgraph("g-alpha", "E_100_0", top_k=-1), InvalidArgumentError),
+        (
+            lambda c: c.find_paths("g-alpha", "E_100_0", "3_5_1", max_length=11),
+            InvalidArgumentError,
+        ),
+        (lambda c: c.stream_graph("g-alpha", chunk_size=-5), InvalidArgumentError),
+        (lambda c: c.list_graphs(page_size=-1), InvalidArgumentError),
+        (lambda c: c.list_graphs(page_token="not-a-token"), InvalidArgumentError),
+    ],
+)
+def test_bad_requests_get_their_status(client: CircuitsClient, call, error) -> None:
+    with pytest.raises(error):
+        call(client)
+
+
+def test_find_paths_between_unknown_nodes_is_empty(client: CircuitsClient) -> None:
+    assert client.find_paths("g-alpha", "E_100_0", "no-such-node") == []
+
+
+def test_page_token_is_bound_to_its_filters(client: CircuitsClient) -> None:
+    page = client.list_graphs(task="toy", page_size=1)
+    assert page.next_cursor
+    with pytest.raises(InvalidArgumentError, match="page_token"):
+        client.list_graphs(task="other", page_size=1, page_token=page.next_cursor)
+
+
+def test_oversized_page_is_clamped(client: CircuitsClient) -> None:
+    page = client.list_graphs(page_size=10**6)
+    assert len(page.items) == len(GRAPHS) and page.next_cursor is None
