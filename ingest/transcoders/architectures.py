@@ -1,0 +1,157 @@
+"""Activation functions and sparsity penalties of the transcoder architectures.
+
+Every architecture is a small ``nn.Module`` that maps pre-activations to activations
+(``forward``) and returns its sparsity penalty given the pre-activations, the activations
+and the decoder-row norms. They are looked up through
+:data:`ingest.transcoders.config.ARCHITECTURES`.
+
+Penalties are dimensionless because the trainer scales inputs and targets so that
+``E|x|^2 = d`` (the convention of SAELens and Gemma Scope) and normalizes the squared
+error by the target variance.
+
+- ReLU (Dunefsky et al. 2024; decoder-norm weighting from Anthropic's April 2024 update):
+  ``penalty = lambda * sum_i z_i |d_i| / sqrt(d_out)``.
+- TopK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): keep the k
+  largest ReLU'd pre-activations; no penalty (sparsity is fixed), dead latents are
+  revived by the AuxK loss computed by the module.
+- JumpReLU (Rajamanoharan et al. 2024, "Jumping Ahead"): ``z = pre * H(pre - theta)``,
+  ``theta = exp(log_theta)``; the Heaviside step gets a straight-through gradient with
+  a rectangle kernel of width ``bandwidth`` so theta learns;
+  ``penalty = lambda * sum_i H(pre_i - theta_i)`` (L0).
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ingest.transcoders.config import TranscoderConfig
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLUFunction(torch.autograd.Function):
+    """``pre * H(pre - theta)``; d/dtheta = -(theta / eps) K((pre - theta) / eps)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > theta).to(pre.dtype)
+        grad_theta = -(theta / eps) * _rectangle((pre - theta) / eps) * grad
+        return grad_pre, _sum_to(grad_theta, theta.shape), None
+
+
+class _StepFunction(torch.autograd.Function):
+    """``H(pre - theta)``; d/dtheta = -(1 / eps) K((pre - theta) / eps), no grad to pre."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * _rectangle((pre - theta) / eps) * grad
+        return torch.zeros_like(pre), _sum_to(grad_theta, theta.shape), None
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    return grad
+
+
+class Activation(nn.Module):
+    """Base of the architectures: ``forward(pre) -> acts`` and ``penalty``."""
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def penalty(
+        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor
+    ) -> torch.Tensor:
+        """pre, acts: (N, d_transcoder); dec_norms: (d_transcoder,) -> scalar."""
+        raise NotImplementedError
+
+
+class ReLUActivation(Activation):
+    """``z = relu(pre)`` with a decoder-norm-weighted L1 penalty."""
+
+    def __init__(self, cfg: TranscoderConfig) -> None:
+        super().__init__()
+        self.l1_coefficient = float(cfg.sparsity)
+        self.d_out = cfg.d_out
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
+    def penalty(
+        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor
+    ) -> torch.Tensor:
+        """pre, acts: (N, d_transcoder); dec_norms: (d_transcoder,) -> scalar."""
+        weighted = (acts * dec_norms).sum(-1).mean()
+        return self.l1_coefficient * weighted / self.d_out**0.5
+
+
+class TopKActivation(Activation):
+    """Keep the k largest of ``relu(pre)`` per token, zero the rest."""
+
+    def __init__(self, cfg: TranscoderConfig) -> None:
+        super().__init__()
+        self.k = cfg.k
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        values, indices = torch.relu(pre).topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, indices, values)
+
+    def penalty(
+        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor
+    ) -> torch.Tensor:
+        return pre.new_zeros(())
+
+
+class JumpReLUActivation(Activation):
+    """``z = pre * H(pre - theta)`` with a learned per-latent threshold and an L0 penalty."""
+
+    def __init__(self, cfg: TranscoderConfig) -> None:
+        super().__init__()
+        self.l0_coefficient = float(cfg.sparsity)
+        self.bandwidth = float(cfg.jumprelu_bandwidth)
+        # Stored directly (not as a log) so files round-trip bit-exactly.
+        self.threshold = nn.Parameter(
+            torch.full((cfg.d_transcoder,), float(cfg.jumprelu_init_threshold))
+        )
+
+    @torch.no_grad()
+    def clamp_(self, floor: float = 1e-6) -> None:
+        """Keep theta positive after an optimizer step."""
+        self.threshold.clamp_(min=floor)
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        return _JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
+
+    def penalty(
+        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor
+    ) -> torch.Tensor:
+        l0 = _StepFunction.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
+        return self.l0_coefficient * l0
+
+
+def build_activation(cfg: TranscoderConfig) -> Activation:
+    """The activation module the config's architecture names."""
+    activation = cfg.spec.implementation()(cfg)
+    if not isinstance(activation, Activation):
+        raise TypeError(f"{cfg.spec.impl} does not build an Activation")
+    return activation

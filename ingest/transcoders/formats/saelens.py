@@ -1,0 +1,181 @@
+"""SAELens directories: ``cfg.json`` + ``sae_weights.safetensors`` per hook.
+
+SAELens stores one dictionary per directory with ``W_enc (d_in, d_sae)``, ``W_dec
+(d_sae, d_out)``, ``b_enc (d_sae,)``, ``b_dec (d_out,)`` and optional ``threshold
+(d_sae,)`` and ``W_skip (d_out, d_in)``; ``cfg.json`` names the ``architecture``,
+``d_in``, ``d_sae``, ``d_out``, ``k`` for TopK, ``apply_b_dec_to_input``,
+``normalize_activations`` and ``metadata`` (``model_name``, ``hook_name``,
+``hook_name_out``, ``hook_layer``).
+
+A set is written as ``layer_{i}/`` subdirectories; our full metadata travels in
+``metadata.circuitscope`` so a round trip is exact. Reading accepts one SAELens
+directory or a directory of them; ``apply_b_dec_to_input`` is folded into ``b_enc``.
+Cross-layer sets have no SAELens layout.
+"""
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ingest.errors import InvalidArgumentError, NotFoundError
+from ingest.transcoders.config import TranscoderConfig
+from ingest.transcoders.formats.common import (
+    infer_arch,
+    per_layer_module,
+    read_json,
+    read_tensors,
+    take,
+    write_json,
+    write_tensors,
+)
+from ingest.transcoders.transcoder import Transcoder
+from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+_ARCH_NAMES = {
+    ("sae", "relu"): "standard",
+    ("sae", "topk"): "topk",
+    ("sae", "jumprelu"): "jumprelu",
+    ("transcoder", "relu"): "transcoder",
+    ("transcoder", "topk"): "topk_transcoder",
+    ("transcoder", "jumprelu"): "jumprelu_transcoder",
+}
+
+
+def save_saelens(tset: TranscoderSet, directory: str | Path) -> Path:
+    if tset.clt is not None:
+        raise InvalidArgumentError(
+            "SAELens has no cross-layer transcoder layout: save a CLT in the "
+            "circuit-tracer format instead"
+        )
+    out = Path(directory)
+    meta = tset.metadata
+    for layer in tset.layers:
+        module = tset.module(layer)
+        arch = _ARCH_NAMES[(meta.kind, meta.config.arch)]
+        if meta.config.skip:
+            arch = arch.replace("transcoder", "skip_transcoder")
+        cfg: dict[str, Any] = {
+            "architecture": arch,
+            "d_in": meta.config.d_in,
+            "d_sae": meta.config.d_transcoder,
+            "d_out": meta.config.d_out,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+            "metadata": {
+                "model_name": meta.model_id,
+                "hook_name": f"blocks.{layer}.{meta.feature_input_hook}",
+                "hook_name_out": f"blocks.{layer}.{meta.feature_output_hook}",
+                "hook_layer": layer,
+                "hook_head_index": None,
+                "circuitscope": meta.to_dict(),
+            },
+        }
+        if meta.config.arch == "topk":
+            cfg["k"] = meta.config.k
+        tensors = {
+            "W_enc": module.W_enc.T,
+            "W_dec": module.W_dec,
+            "b_enc": module.b_enc,
+            "b_dec": module.b_dec,
+        }
+        if module.threshold is not None:
+            tensors["threshold"] = module.threshold
+        if module.W_skip is not None:
+            tensors["W_skip"] = module.W_skip
+        write_json(out / f"layer_{layer}" / CFG_FILE, cfg)
+        write_tensors(out / f"layer_{layer}" / WEIGHTS_FILE, tensors)
+    return out
+
+
+def is_saelens_dir(path: Path) -> bool:
+    return (path / WEIGHTS_FILE).is_file() or any(path.glob(f"*/{WEIGHTS_FILE}"))
+
+
+def load_saelens(
+    directory: str | Path, device: str | torch.device = "cpu", n_layers: int | None = None
+) -> TranscoderSet:
+    root = Path(directory)
+    dirs = (
+        [root]
+        if (root / WEIGHTS_FILE).is_file()
+        else sorted(p.parent for p in root.glob(f"*/{WEIGHTS_FILE}"))
+    )
+    if not dirs:
+        raise NotFoundError(f"{root} holds no SAELens {WEIGHTS_FILE} (nor subdirectories with one)")
+    modules: dict[int, Transcoder] = {}
+    meta: SetMetadata | None = None
+    model_name, hooks, kind = "unknown", ("", ""), "sae"
+    config: TranscoderConfig | None = None
+    for sub in dirs:
+        cfg = read_json(sub / CFG_FILE)
+        cfg_meta = cfg.get("metadata") or {}
+        if "circuitscope" in cfg_meta:
+            meta = SetMetadata.from_dict(cfg_meta["circuitscope"])
+            config = meta.config
+        layer = _layer_of(sub, cfg, cfg_meta)
+        path = sub / WEIGHTS_FILE
+        tensors = read_tensors(path)
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+        d_out = int(cfg.get("d_out") or d_in)
+        if cfg.get("normalize_activations") not in (None, "none"):
+            raise InvalidArgumentError(
+                f"{sub / CFG_FILE}: normalize_activations={cfg['normalize_activations']!r} is "
+                f"not supported: fold the scaling into the weights and set it to 'none'"
+            )
+        if config is None:
+            k = int(cfg["k"]) if cfg.get("k") is not None else None
+            arch, sparsity = infer_arch("threshold" in tensors, k)
+            config = TranscoderConfig(
+                arch=arch, d_in=d_in, d_out=d_out, d_transcoder=d_sae,
+                sparsity=sparsity, skip="W_skip" in tensors,
+            )  # fmt: skip
+            arch_name = str(cfg.get("architecture", ""))
+            kind = "transcoder" if "transcoder" in arch_name or d_in != d_out else "sae"
+            model_name = str(cfg_meta.get("model_name", "unknown"))
+            hooks = (
+                _hook_suffix(cfg_meta.get("hook_name")),
+                _hook_suffix(cfg_meta.get("hook_name_out") or cfg_meta.get("hook_name")),
+            )
+        W_enc = take(tensors, "W_enc", (d_in, d_sae), path).T
+        b_enc = take(tensors, "b_enc", (d_sae,), path)
+        b_dec = take(tensors, "b_dec", (d_out,), path)
+        if cfg.get("apply_b_dec_to_input"):
+            b_enc = b_enc - W_enc @ b_dec
+        modules[layer] = per_layer_module(
+            config, W_enc, b_enc,
+            take(tensors, "W_dec", (d_sae, d_out), path), b_dec,
+            take(tensors, "W_skip", (d_out, d_in), path) if config.skip else None,
+            take(tensors, "threshold", (d_sae,), path) if config.spec.has_threshold else None,
+        )  # fmt: skip
+    assert config is not None
+    if meta is None:
+        layers = sorted(modules)
+        meta = SetMetadata(
+            kind=kind, model_id=model_name, model_fingerprint="",
+            n_layers=n_layers or layers[-1] + 1, d_model=config.d_in, layers=layers,
+            config=config, feature_input_hook=hooks[0], feature_output_hook=hooks[1],
+        )  # fmt: skip
+    return TranscoderSet(meta, modules).to(device)
+
+
+def _layer_of(sub: Path, cfg: dict, cfg_meta: dict) -> int:
+    if cfg_meta.get("hook_layer") is not None:
+        return int(cfg_meta["hook_layer"])
+    for text in (str(cfg_meta.get("hook_name") or cfg.get("hook_name") or ""), sub.name):
+        match = re.search(r"(\d+)", text)
+        if match:
+            return int(match.group(1))
+    raise InvalidArgumentError(
+        f"{sub / CFG_FILE}: cannot tell which layer this SAE belongs to: set metadata.hook_layer"
+    )
+
+
+def _hook_suffix(hook: object) -> str:
+    text = str(hook or "")
+    return re.sub(r"^blocks\.\d+\.", "", text)

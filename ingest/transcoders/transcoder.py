@@ -1,0 +1,147 @@
+"""The per-layer transcoder module (and, trained output = input, the SAE baseline).
+
+``pre = W_enc (x - b_pre) + b_enc``, ``z = act(pre)``, ``y_hat = W_dec^T z + b_dec
+(+ W_skip x)`` (Dunefsky et al. 2024; skip transcoders: Paulo et al. 2025). ``b_pre`` is
+folded into ``b_enc`` (``b_enc <- b_enc - W_enc b_pre``), as in circuit-tracer, so it is
+always zero here and files carry no separate input bias.
+
+Shapes: ``W_enc (d_transcoder, d_in)``, ``b_enc (d_transcoder,)``, ``W_dec (d_transcoder,
+d_out)`` (row i is latent i's write direction), ``b_dec (d_out,)``, ``W_skip (d_out,
+d_in)`` (used as ``x @ W_skip.T``), ``threshold (d_transcoder,)`` for JumpReLU.
+
+Initialization follows the literature: decoder rows random with norm ``dec_init_norm``
+(unit norm for architectures that keep unit-norm decoders), the encoder is the decoder
+transposed when ``d_in == d_out`` (sparsify, Anthropic), ``b_dec`` is set to the target
+mean by :meth:`init_from_data`, ``W_skip`` starts at zero.
+"""
+
+import torch
+from torch import nn
+
+from ingest.transcoders.architectures import Activation, build_activation
+from ingest.transcoders.config import TranscoderConfig
+from ingest.transcoders.losses import LossParts, aux_k_loss, normalized_mse
+
+
+class Transcoder(nn.Module):
+    """One sparse replacement of one MLP (or, as an SAE, of its output)."""
+
+    def __init__(self, cfg: TranscoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_transcoder, cfg.d_in))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_transcoder))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_transcoder, cfg.d_out))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
+        self.W_skip: nn.Parameter | None = (
+            nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in)) if cfg.skip else None
+        )
+        self.activation: Activation = build_activation(cfg)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        cfg = self.cfg
+        dec = torch.randn(cfg.d_transcoder, cfg.d_out, generator=generator)
+        dec_norm = 1.0 if cfg.spec.unit_norm_decoder else cfg.dec_init_norm
+        dec = dec / dec.norm(dim=-1, keepdim=True) * dec_norm
+        self.W_dec.copy_(dec)
+        if cfg.d_in == cfg.d_out:
+            enc = dec / dec.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
+        else:
+            enc = torch.randn(cfg.d_transcoder, cfg.d_in, generator=generator)
+            enc = enc / enc.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
+        self.W_enc.copy_(enc)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x: (N, d_in), y: (N, d_out). Sets ``b_dec`` to the target mean."""
+        self.b_dec.copy_(y.mean(0))
+
+    @property
+    def threshold(self) -> torch.Tensor | None:
+        """(d_transcoder,) JumpReLU thresholds, or None for other architectures."""
+        return getattr(self.activation, "threshold", None)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_in) -> (..., d_transcoder)."""
+        return x @ self.W_enc.T + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_in) -> activations (..., d_transcoder)."""
+        return self.activation(self.pre_activations(x))
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_in) -> (..., d_out); zero when there is no skip connection."""
+        if self.W_skip is None:
+            return x.new_zeros(*x.shape[:-1], self.cfg.d_out)
+        return x @ self.W_skip.T
+
+    def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """acts: (..., d_transcoder), x: (..., d_in) needed with a skip -> (..., d_out)."""
+        out = acts @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("this transcoder has a skip connection: pass its input x")
+            out = out + self.skip(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_in) -> y_hat (..., d_out)."""
+        return self.decode(self.encode(x), x)
+
+    def decoder_norms(self) -> torch.Tensor:
+        """(d_transcoder,) norm of each latent's decoder row."""
+        return self.W_dec.norm(dim=-1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm (architectures that keep unit norm)."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the gradient component along each unit decoder row (sparsify)."""
+        if self.W_dec.grad is None:
+            return
+        dec = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        parallel = (self.W_dec.grad * dec).sum(-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * dec)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
+        """x: (N, d_in), y: (N, d_out), dead: (d_transcoder,) bool or None."""
+        pre = self.pre_activations(x)
+        acts = self.activation(pre)
+        y_hat = self.decode(acts, x)
+        mse = normalized_mse(y_hat, y)
+        sparsity = self.activation.penalty(pre, acts, self.decoder_norms())
+        aux = pre.new_zeros(())
+        if dead is not None and self.cfg.aux_k_coefficient > 0 and bool(dead.any()):
+            aux = self.cfg.aux_k_coefficient * aux_k_loss(
+                pre, dead, y - y_hat.detach(), self.W_dec, self._aux_k()
+            )
+        return LossParts(mse=mse, sparsity=sparsity, aux=aux, acts=acts.detach())
+
+    def _aux_k(self) -> int:
+        return self.cfg.aux_k or max(1, self.cfg.d_in // 2)
+
+    @torch.no_grad()
+    def fold_scales_(self, in_scale: float, out_scale: float) -> None:
+        """Make a module trained on ``x * in_scale -> y * out_scale`` act on raw x, y."""
+        self.W_enc.mul_(in_scale)
+        self.W_dec.div_(out_scale)
+        self.b_dec.div_(out_scale)
+        if self.W_skip is not None:
+            self.W_skip.mul_(in_scale / out_scale)
+
+    def after_step_(self) -> None:
+        """Constraints restored after every optimizer step."""
+        if self.cfg.spec.unit_norm_decoder:
+            self.normalize_decoder_()
+        clamp = getattr(self.activation, "clamp_", None)
+        if clamp is not None:
+            clamp()

@@ -1,0 +1,326 @@
+"""The set of transcoders over a model's layers: the object attribution consumes.
+
+A :class:`TranscoderSet` wraps either one :class:`~ingest.transcoders.transcoder.Transcoder`
+per covered layer (kinds ``transcoder`` and ``sae``) or one
+:class:`~ingest.transcoders.clt.CrossLayerTranscoder` (kind ``clt``), and addresses
+everything by *model* layer index. It carries the metadata that ties it to one model
+(model id, weight fingerprint, layer count, width, hook names) and checks it against an
+adapter with :meth:`check_fits`.
+
+Contract used by the replacement model and attribution (DESIGN 5.2), for a covered
+layer ``l`` and its MLP input ``x (..., d_model)``:
+
+- ``pre_activations(l, x) = x @ W_enc(l).T + b_enc(l)`` and ``encode(l, x) = act(pre)``;
+- the estimate of layer t's MLP output is ``sum_{s <= t} encode(s, x_s) @ W_dec(s, t) +
+  b_dec(t) + skip(t, x_t)`` where per-layer sets only have ``W_dec(t, t)``;
+- ``decoder_vectors(s, idx)`` is ``{t: W_dec(s, t)[idx]}`` over the targets of s.
+"""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ingest.errors import InvalidArgumentError
+from ingest.transcoders.clt import CrossLayerTranscoder
+from ingest.transcoders.config import KINDS, TranscoderConfig
+from ingest.transcoders.transcoder import Transcoder
+
+logger = logging.getLogger(__name__)
+
+# Hook names in TransformerLens spelling, as circuit-tracer configs use them.
+MLP_IN_HOOK = "ln2.hook_normalized"
+MLP_OUT_HOOK = "hook_mlp_out"
+KIND_HOOKS: dict[str, tuple[str, str]] = {
+    "transcoder": (MLP_IN_HOOK, MLP_OUT_HOOK),
+    "clt": (MLP_IN_HOOK, MLP_OUT_HOOK),
+    "sae": (MLP_OUT_HOOK, MLP_OUT_HOOK),
+}
+
+
+class AdapterLike(Protocol):
+    n_layers: int
+    d_model: int
+
+    def fingerprint(self) -> str: ...
+
+
+@dataclass
+class SetMetadata:
+    """What ties a set to one model; written to ``circuitscope.json``."""
+
+    kind: str
+    model_id: str
+    model_fingerprint: str
+    n_layers: int
+    d_model: int
+    layers: list[int]
+    config: TranscoderConfig
+    set_id: str = ""
+    feature_input_hook: str = ""
+    feature_output_hook: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidArgumentError(f"unknown kind {self.kind!r}: choose one of {KINDS}")
+        if not self.layers or sorted(set(self.layers)) != list(self.layers):
+            raise InvalidArgumentError(
+                f"layers must be a non-empty increasing list, got {self.layers}"
+            )
+        if self.layers[0] < 0 or self.layers[-1] >= self.n_layers:
+            raise InvalidArgumentError(
+                f"layers {self.layers} out of range for a model with {self.n_layers} layers: "
+                f"use 0..{self.n_layers - 1}"
+            )
+        hooks = KIND_HOOKS[self.kind]
+        self.feature_input_hook = self.feature_input_hook or hooks[0]
+        self.feature_output_hook = self.feature_output_hook or hooks[1]
+        if not self.set_id:
+            self.set_id = (
+                f"{self.model_id}/{self.kind}-{self.config.arch}-{self.config.d_transcoder}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["config"] = self.config.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SetMetadata":
+        data = dict(data)
+        data["config"] = TranscoderConfig.from_dict(data["config"])
+        data["layers"] = [int(x) for x in data["layers"]]
+        return cls(**data)
+
+
+class TranscoderSet(nn.Module):
+    """Per-layer transcoders, SAEs, or one cross-layer transcoder, by model layer."""
+
+    def __init__(
+        self,
+        metadata: SetMetadata,
+        modules: dict[int, Transcoder] | CrossLayerTranscoder,
+    ) -> None:
+        super().__init__()
+        self.metadata = metadata
+        cfg = metadata.config
+        self.clt: CrossLayerTranscoder | None = None
+        self.per_layer = nn.ModuleDict()
+        if isinstance(modules, CrossLayerTranscoder):
+            if metadata.kind != "clt":
+                raise InvalidArgumentError(
+                    f"a cross-layer module needs kind 'clt', got {metadata.kind!r}"
+                )
+            if modules.n_layers != len(metadata.layers):
+                raise InvalidArgumentError(
+                    f"the CLT spans {modules.n_layers} layers but metadata lists {metadata.layers}"
+                )
+            self.clt = modules
+        else:
+            if metadata.kind == "clt":
+                raise InvalidArgumentError("kind 'clt' needs a CrossLayerTranscoder module")
+            if sorted(modules) != metadata.layers:
+                raise InvalidArgumentError(
+                    f"modules cover layers {sorted(modules)} but metadata lists {metadata.layers}"
+                )
+            for layer, module in modules.items():
+                self.per_layer[str(layer)] = module
+        if cfg.d_in != metadata.d_model or cfg.d_out != metadata.d_model:
+            raise InvalidArgumentError(
+                f"transcoder widths d_in={cfg.d_in}, d_out={cfg.d_out} differ from the "
+                f"model's d_model={metadata.d_model}"
+            )
+
+    # -- shape and identity ------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.metadata.kind
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.metadata.layers)
+
+    @property
+    def n_layers(self) -> int:
+        return self.metadata.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.metadata.d_model
+
+    @property
+    def d_transcoder(self) -> int:
+        return self.metadata.config.d_transcoder
+
+    @property
+    def config(self) -> TranscoderConfig:
+        return self.metadata.config
+
+    @property
+    def is_cross_layer(self) -> bool:
+        return self.clt is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _pos(self, layer: int) -> int:
+        if not 0 <= layer < self.n_layers:
+            raise InvalidArgumentError(
+                f"layer {layer} is out of range for a {self.n_layers}-layer model: "
+                f"use 0..{self.n_layers - 1}"
+            )
+        if layer not in self.metadata.layers:
+            raise InvalidArgumentError(
+                f"layer {layer} has no transcoder in this set: it covers layers "
+                f"{self.metadata.layers}"
+            )
+        return self.metadata.layers.index(layer)
+
+    def module(self, layer: int) -> Transcoder:
+        """The per-layer module of ``layer`` (not for cross-layer sets)."""
+        self._pos(layer)
+        if self.clt is not None:
+            raise InvalidArgumentError("a cross-layer set has no per-layer modules")
+        return self.per_layer[str(layer)]  # type: ignore[return-value]
+
+    def targets(self, source_layer: int) -> list[int]:
+        """Model layers that latents of ``source_layer`` write to."""
+        pos = self._pos(source_layer)
+        return self.layers[pos:] if self.clt is not None else [source_layer]
+
+    # -- weights -----------------------------------------------------------------------
+    def W_enc(self, layer: int) -> torch.Tensor:
+        """(d_transcoder, d_model) encoder rows."""
+        pos = self._pos(layer)
+        return self.clt.W_enc[pos] if self.clt is not None else self.module(layer).W_enc
+
+    def b_enc(self, layer: int) -> torch.Tensor:
+        """(d_transcoder,)."""
+        pos = self._pos(layer)
+        return self.clt.b_enc[pos] if self.clt is not None else self.module(layer).b_enc
+
+    def W_dec(self, source_layer: int, target_layer: int | None = None) -> torch.Tensor:
+        """(d_transcoder, d_model) decoder rows of ``source_layer``'s latents into target."""
+        target = source_layer if target_layer is None else target_layer
+        if target not in self.targets(source_layer):
+            raise InvalidArgumentError(
+                f"latents of layer {source_layer} write to layers {self.targets(source_layer)}, "
+                f"not {target}"
+            )
+        if self.clt is not None:
+            s, t = self._pos(source_layer), self._pos(target)
+            return self.clt.W_dec[s][:, t - s, :]
+        return self.module(source_layer).W_dec
+
+    def b_dec(self, layer: int) -> torch.Tensor:
+        """(d_model,) output bias of ``layer``'s estimate."""
+        pos = self._pos(layer)
+        return self.clt.b_dec[pos] if self.clt is not None else self.module(layer).b_dec
+
+    def W_skip(self, layer: int) -> torch.Tensor | None:
+        """(d_model, d_model) skip weights used as ``x @ W_skip.T``, or None."""
+        pos = self._pos(layer)
+        if self.clt is not None:
+            return None if self.clt.W_skip is None else self.clt.W_skip[pos]
+        return self.module(layer).W_skip
+
+    def threshold(self, layer: int) -> torch.Tensor | None:
+        """(d_transcoder,) JumpReLU thresholds, or None."""
+        pos = self._pos(layer)
+        return self.clt.threshold(pos) if self.clt is not None else self.module(layer).threshold
+
+    # -- computation -------------------------------------------------------------------
+    def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_model) -> (..., d_transcoder)."""
+        pos = self._pos(layer)
+        if self.clt is not None:
+            return self.clt.pre_activations(pos, x)
+        return self.module(layer).pre_activations(x)
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_model) -> activations (..., d_transcoder)."""
+        pos = self._pos(layer)
+        if self.clt is not None:
+            return self.clt.encode(pos, x)
+        return self.module(layer).encode(x)
+
+    def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_model) -> (..., d_model), zero without a skip connection."""
+        pos = self._pos(layer)
+        if self.clt is not None:
+            return self.clt.skip(pos, x)
+        return self.module(layer).skip(x)
+
+    def reconstruct(self, inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """inputs[l]: (..., d_model) input of model layer l (None where not covered).
+
+        Returns a list of length ``n_layers`` with the estimate (..., d_model) of every
+        covered layer's output and None elsewhere.
+        """
+        if len(inputs) != self.n_layers:
+            raise InvalidArgumentError(
+                f"reconstruct needs one entry per model layer ({self.n_layers}), got {len(inputs)}"
+            )
+        out: list[torch.Tensor | None] = [None] * self.n_layers
+        missing = [layer for layer in self.layers if inputs[layer] is None]
+        if missing:
+            raise InvalidArgumentError(f"reconstruct is missing inputs for layers {missing}")
+        xs: list[torch.Tensor] = [inputs[layer] for layer in self.layers]  # type: ignore[misc]
+        if self.clt is not None:
+            for layer, y in zip(self.layers, self.clt(xs), strict=True):
+                out[layer] = y
+        else:
+            for layer, x in zip(self.layers, xs, strict=True):
+                out[layer] = self.module(layer)(x)
+        return out
+
+    def decoder_vectors(
+        self, source_layer: int, feature_indices: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """feature_indices: (k,) -> {target model layer: (k, d_model)}."""
+        idx = self._check_indices(feature_indices)
+        return {t: self.W_dec(source_layer, t)[idx] for t in self.targets(source_layer)}
+
+    def encoder_vectors(self, layer: int, feature_indices: torch.Tensor) -> torch.Tensor:
+        """feature_indices: (k,) -> (k, d_model)."""
+        idx = self._check_indices(feature_indices)
+        return self.W_enc(layer)[idx]
+
+    def _check_indices(self, feature_indices: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(feature_indices, dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.d_transcoder):
+            raise InvalidArgumentError(
+                f"feature indices must lie in [0, {self.d_transcoder}), got "
+                f"min {int(idx.min())}, max {int(idx.max())}"
+            )
+        return idx.to(self.device)
+
+    def check_fits(self, adapter: AdapterLike) -> None:
+        """Raise InvalidArgumentError when this set was not trained for ``adapter``'s model."""
+        meta = self.metadata
+        if adapter.n_layers != meta.n_layers or adapter.d_model != meta.d_model:
+            raise InvalidArgumentError(
+                f"transcoder set {meta.set_id!r} was trained for a model with "
+                f"{meta.n_layers} layers and d_model {meta.d_model}, but this model has "
+                f"{adapter.n_layers} layers and d_model {adapter.d_model}: load the set "
+                f"trained for this model or train one with 'circuitscope transcoders train'"
+            )
+        if meta.model_fingerprint:
+            fingerprint = adapter.fingerprint()
+            if fingerprint != meta.model_fingerprint:
+                raise InvalidArgumentError(
+                    f"transcoder set {meta.set_id!r} was trained on model {meta.model_id!r} "
+                    f"(fingerprint {meta.model_fingerprint[:12]}), but the loaded model's "
+                    f"weights differ (fingerprint {fingerprint[:12]}): use the set trained "
+                    f"for this model or retrain"
+                )
+        else:
+            logger.warning(
+                "transcoder set %s carries no model fingerprint; only its shape was checked",
+                meta.set_id,
+            )

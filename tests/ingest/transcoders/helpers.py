@@ -1,0 +1,68 @@
+"""Small builders for transcoder tests: random sets of every kind and architecture."""
+
+import torch
+
+from ingest.transcoders.clt import CrossLayerTranscoder
+from ingest.transcoders.config import TranscoderConfig
+from ingest.transcoders.transcoder import Transcoder
+from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
+
+D_MODEL = 8
+D_T = 16
+N_LAYERS = 3
+
+
+def config(arch: str = "relu", skip: bool = False, d_t: int = D_T, d: int = D_MODEL):
+    sparsity = {"relu": 0.1, "topk": 4, "jumprelu": 0.01}[arch]
+    return TranscoderConfig(
+        arch=arch, d_in=d, d_out=d, d_transcoder=d_t, sparsity=sparsity, skip=skip
+    )
+
+
+@torch.no_grad()
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Fill every parameter with distinct random values (thresholds kept positive)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in module.named_parameters():
+        values = torch.randn(param.shape, generator=gen)
+        param.copy_(values.abs() * 0.1 + 0.01 if "threshold" in name else values)
+
+
+def make_set(
+    kind: str = "transcoder",
+    arch: str = "relu",
+    skip: bool = False,
+    layers: list[int] | None = None,
+    n_layers: int = N_LAYERS,
+    seed: int = 0,
+    fingerprint: str = "abc123",
+) -> TranscoderSet:
+    cfg = config(arch, skip)
+    layers = list(range(n_layers)) if layers is None else layers
+    meta = SetMetadata(
+        kind=kind,
+        model_id="tiny-model",
+        model_fingerprint=fingerprint,
+        n_layers=n_layers,
+        d_model=D_MODEL,
+        layers=layers,
+        config=cfg,
+    )
+    if kind == "clt":
+        clt = CrossLayerTranscoder(cfg, len(layers))
+        randomize(clt, seed)
+        return TranscoderSet(meta, clt)
+    modules = {}
+    for i, layer in enumerate(layers):
+        module = Transcoder(cfg)
+        randomize(module, seed + i)
+        modules[layer] = module
+    return TranscoderSet(meta, modules)
+
+
+def assert_sets_equal(a: TranscoderSet, b: TranscoderSet) -> None:
+    assert a.metadata.to_dict() == b.metadata.to_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key

@@ -1,0 +1,127 @@
+"""Round trips of every architecture through every format, and layout errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ingest.errors import InvalidArgumentError, NotFoundError
+from ingest.transcoders.formats import detect_format, load_any, save
+from tests.ingest.transcoders.helpers import D_MODEL, D_T, assert_sets_equal, make_set
+
+pytestmark = pytest.mark.unit
+
+ARCHS = ["relu", "topk", "jumprelu"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("kind", ["transcoder", "sae", "clt"])
+def test_circuit_tracer_round_trip_is_exact(tmp_path, arch, skip, kind):
+    tset = make_set(kind, arch, skip)
+    save(tset, tmp_path / "set")
+    back = load_any(tmp_path / "set")
+    assert detect_format(tmp_path / "set") == "circuit_tracer"
+    assert_sets_equal(tset, back)
+    x = torch.randn(5, D_MODEL)
+    for layer in tset.layers:
+        assert torch.equal(tset.encode(layer, x), back.encode(layer, x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("kind", ["transcoder", "sae"])
+def test_saelens_round_trip_is_exact(tmp_path, arch, skip, kind):
+    tset = make_set(kind, arch, skip, layers=[0, 2])
+    save(tset, tmp_path / "sl", "saelens")
+    assert detect_format(tmp_path / "sl") == "saelens"
+    assert_sets_equal(tset, load_any(tmp_path / "sl"))
+    weights = load_file(str(tmp_path / "sl" / "layer_2" / "sae_weights.safetensors"))
+    assert weights["W_enc"].shape == (D_MODEL, D_T)
+    assert torch.equal(weights["W_enc"], tset.W_enc(2).T)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparsify_round_trip_is_exact(tmp_path, skip):
+    tset = make_set("transcoder", "topk", skip)
+    save(tset, tmp_path / "sp", "sparsify")
+    assert detect_format(tmp_path / "sp") == "sparsify"
+    assert_sets_equal(tset, load_any(tmp_path / "sp"))
+
+
+def test_foreign_circuit_tracer_set_without_native_metadata_infers_architecture(tmp_path):
+    tset = make_set("transcoder", "jumprelu", skip=True)
+    save(tset, tmp_path / "ct")
+    (tmp_path / "ct" / "circuitscope.json").unlink()
+    back = load_any(tmp_path / "ct")
+    assert back.config.arch == "jumprelu" and back.config.skip
+    assert back.metadata.model_fingerprint == ""
+    x = torch.randn(4, D_MODEL)
+    for layer in tset.layers:
+        assert torch.equal(tset.reconstruct([x] * 3)[layer], back.reconstruct([x] * 3)[layer])
+
+
+def test_foreign_clt_infers_topk(tmp_path):
+    tset = make_set("clt", "topk")
+    save(tset, tmp_path / "clt")
+    (tmp_path / "clt" / "circuitscope.json").unlink()
+    back = load_any(tmp_path / "clt")
+    assert back.config.arch == "topk" and back.config.k == tset.config.k
+    x = [torch.randn(4, D_MODEL) for _ in range(3)]
+    for a, b in zip(tset.reconstruct(x), back.reconstruct(x), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_saelens_apply_b_dec_to_input_is_folded(tmp_path):
+    tset = make_set("sae", "relu", layers=[1])
+    save(tset, tmp_path / "sl", "saelens")
+    cfg_path = tmp_path / "sl" / "layer_1" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["apply_b_dec_to_input"] = True
+    del cfg["metadata"]["circuitscope"]
+    cfg_path.write_text(json.dumps(cfg))
+    back = load_any(tmp_path / "sl")
+    x = torch.randn(6, D_MODEL)
+    module = tset.module(1)
+    expected = torch.relu((x - module.b_dec) @ module.W_enc.T + module.b_enc)
+    torch.testing.assert_close(back.encode(1, x), expected)
+
+
+def test_wrong_shape_names_file_and_tensor(tmp_path):
+    tset = make_set("transcoder", "relu")
+    save(tset, tmp_path / "ct")
+    path = tmp_path / "ct" / "layer_1.safetensors"
+    tensors = load_file(str(path))
+    tensors["W_dec"] = torch.zeros(D_T, D_MODEL + 1)
+    save_file(tensors, str(path))
+    with pytest.raises(InvalidArgumentError, match=r"layer_1\.safetensors.*'W_dec'.*shape"):
+        load_any(tmp_path / "ct")
+
+
+def test_missing_tensor_and_missing_file(tmp_path):
+    tset = make_set("clt", "relu")
+    save(tset, tmp_path / "clt")
+    path = tmp_path / "clt" / "W_enc_1.safetensors"
+    tensors = load_file(str(path))
+    del tensors["b_enc_1"]
+    save_file(tensors, str(path))
+    with pytest.raises(InvalidArgumentError, match=r"W_enc_1\.safetensors has no tensor 'b_enc_1'"):
+        load_any(tmp_path / "clt")
+    save(tset, tmp_path / "clt2")
+    (tmp_path / "clt2" / "W_dec_2.safetensors").unlink()
+    with pytest.raises(NotFoundError, match=r"W_dec_2\.safetensors"):
+        load_any(tmp_path / "clt2", fmt="circuit_tracer")
+
+
+def test_not_a_set_and_unsupported_layouts(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="not a transcoder set"):
+        load_any(tmp_path)
+    with pytest.raises(InvalidArgumentError, match="cross-layer"):
+        save(make_set("clt", "relu"), tmp_path / "x", "saelens")
+    with pytest.raises(InvalidArgumentError, match="TopK"):
+        save(make_set("transcoder", "relu"), tmp_path / "y", "sparsify")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.yaml").write_text("model_kind: something\n")
+    with pytest.raises(InvalidArgumentError, match="model_kind"):
+        load_any(tmp_path / "bad")

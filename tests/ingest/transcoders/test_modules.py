@@ -1,0 +1,177 @@
+"""Meaning of the modules: sparsity of each architecture, gradients, CLT wiring, set API."""
+
+import pytest
+import torch
+
+from ingest.errors import InvalidArgumentError
+from ingest.transcoders.clt import CrossLayerTranscoder
+from ingest.transcoders.config import ARCHITECTURES, TranscoderConfig
+from ingest.transcoders.registry import Registry
+from ingest.transcoders.transcoder import Transcoder
+from tests.ingest.transcoders.helpers import D_MODEL, D_T, config, make_set, randomize
+
+pytestmark = pytest.mark.unit
+
+
+def test_registry_rejects_duplicates_and_names_choices():
+    reg: Registry[int] = Registry("thing")
+    reg.add("a", 1)
+    with pytest.raises(InvalidArgumentError, match="already registered"):
+        reg.add("a", 2)
+    with pytest.raises(InvalidArgumentError, match="choose one of a"):
+        reg.get("b")
+    assert ARCHITECTURES.names() == ["jumprelu", "relu", "topk"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"arch": "gelu"}, "unknown architecture"),
+        ({"d_transcoder": 0}, "d_transcoder must be a positive integer"),
+        ({"arch": "topk", "sparsity": 2.5}, "must be an integer"),
+        ({"arch": "topk", "sparsity": 100}, "must be an integer"),
+        ({"sparsity": -1.0}, "sparsity"),
+    ],
+)
+def test_config_is_validated_on_construction(kwargs, message):
+    base = {"arch": "relu", "d_in": 4, "d_out": 4, "d_transcoder": 8, "sparsity": 1.0}
+    with pytest.raises(InvalidArgumentError, match=message):
+        TranscoderConfig(**{**base, **kwargs})
+
+
+def test_topk_l0_equals_k():
+    module = Transcoder(config("topk"))
+    randomize(module)
+    with torch.no_grad():
+        module.b_enc.add_(10.0)  # every pre-activation positive: exactly k survive
+    x = torch.randn(64, D_MODEL, generator=torch.Generator().manual_seed(0))
+    acts = module.encode(x)
+    assert ((acts > 0).sum(-1) == module.cfg.k).all()
+    top = module.pre_activations(x).topk(module.cfg.k, dim=-1).values
+    torch.testing.assert_close(acts.topk(module.cfg.k, dim=-1).values, top)
+
+
+def test_jumprelu_threshold_gets_a_gradient_from_both_terms():
+    module = Transcoder(config("jumprelu"))
+    with torch.no_grad():
+        module.W_enc.copy_(torch.randn(D_T, D_MODEL) * 0.05)
+        module.b_enc.fill_(module.threshold.mean().item())
+    x, y = torch.randn(256, D_MODEL), torch.randn(256, D_MODEL)
+    parts = module.loss(x, y, dead=None)
+    parts.sparsity.backward(retain_graph=True)
+    grad_sparsity = module.threshold.grad.clone()
+    assert grad_sparsity.abs().sum() > 0 and (grad_sparsity <= 0).all()
+    module.zero_grad()
+    parts.mse.backward()
+    assert module.threshold.grad.abs().sum() > 0
+    assert (parts.acts[parts.acts != 0].abs() > module.threshold.min().item()).all()
+
+
+def test_relu_penalty_weights_by_decoder_norm():
+    module = Transcoder(config("relu"))
+    randomize(module)
+    x = torch.randn(32, D_MODEL)
+    pre = module.pre_activations(x)
+    acts = module.activation(pre)
+    base = module.activation.penalty(pre, acts, module.decoder_norms())
+    doubled = module.activation.penalty(pre, acts, 2 * module.decoder_norms())
+    torch.testing.assert_close(doubled, 2 * base)
+    assert base > 0
+
+
+def test_aux_k_loss_gives_dead_latents_a_gradient():
+    module = Transcoder(config("topk"))
+    randomize(module)
+    dead = torch.zeros(D_T, dtype=torch.bool)
+    dead[:5] = True
+    parts = module.loss(torch.randn(32, D_MODEL), torch.randn(32, D_MODEL), dead)
+    assert parts.aux > 0
+    parts.aux.backward()
+    assert module.W_enc.grad[:5].abs().sum() > 0
+    assert module.W_enc.grad[5:].abs().sum() == 0
+
+
+def test_clt_writes_to_every_later_layer_and_only_those():
+    cfg = config("relu", skip=True)
+    clt = CrossLayerTranscoder(cfg, 3)
+    randomize(clt)
+    xs = [torch.randn(5, D_MODEL) for _ in range(3)]
+    acts = [clt.encode(s, x) for s, x in enumerate(xs)]
+    out = clt(xs)
+    for t in range(3):
+        expected = clt.b_dec[t] + xs[t] @ clt.W_skip[t].T
+        for s in range(t + 1):
+            expected = expected + acts[s] @ clt.W_dec[s][:, t - s]
+        torch.testing.assert_close(out[t], expected)
+    # Changing layer 2's input does not change the estimates of layers 0 and 1.
+    xs2 = [xs[0], xs[1], xs[2] + 1.0]
+    out2 = clt(xs2)
+    assert torch.equal(out[0], out2[0]) and torch.equal(out[1], out2[1])
+    assert not torch.equal(out[2], out2[2])
+
+
+def test_clt_reconstructs_a_cross_layer_target_that_per_layer_cannot():
+    torch.manual_seed(0)
+    cfg = TranscoderConfig(arch="relu", d_in=4, d_out=4, d_transcoder=16, sparsity=0.0)
+    clt = CrossLayerTranscoder(cfg, 2)
+    # Layer 1's output depends only on layer 0's input: only a CLT decoder can carry it.
+    x0, x1 = torch.randn(256, 4), torch.randn(256, 4)
+    y0, y1 = torch.relu(x0), torch.relu(-x0)
+    opt = torch.optim.Adam(clt.parameters(), lr=3e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        clt.loss([x0, x1], [y0, y1], None).total.backward()
+        opt.step()
+    with torch.no_grad():
+        fvu1 = (clt([x0, x1])[1] - y1).pow(2).sum() / (y1 - y1.mean(0)).pow(2).sum()
+    assert fvu1 < 0.1
+
+
+def test_set_api_per_layer_and_cross_layer():
+    per_layer = make_set("transcoder", "relu", layers=[0, 2])
+    assert per_layer.targets(2) == [2]
+    idx = torch.tensor([1, 3])
+    assert torch.equal(per_layer.decoder_vectors(2, idx)[2], per_layer.module(2).W_dec[idx])
+    assert per_layer.encoder_vectors(0, idx).shape == (2, D_MODEL)
+    out = per_layer.reconstruct([torch.randn(3, D_MODEL), None, torch.randn(3, D_MODEL)])
+    assert out[1] is None and out[0].shape == (3, D_MODEL)
+
+    clt = make_set("clt", "jumprelu")
+    vectors = clt.decoder_vectors(1, idx)
+    assert sorted(vectors) == [1, 2]
+    assert torch.equal(vectors[2], clt.clt.W_dec[1][idx, 1])
+    x = torch.randn(3, D_MODEL)
+    pre = clt.pre_activations(1, x)
+    torch.testing.assert_close(pre, x @ clt.W_enc(1).T + clt.b_enc(1))
+    assert torch.equal(clt.encode(1, x), pre * (pre > clt.threshold(1)))
+
+
+def test_set_layer_errors():
+    tset = make_set("transcoder", "relu", layers=[0, 2])
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        tset.encode(3, torch.randn(1, D_MODEL))
+    with pytest.raises(InvalidArgumentError, match="no transcoder"):
+        tset.encode(1, torch.randn(1, D_MODEL))
+    with pytest.raises(InvalidArgumentError, match="feature indices"):
+        tset.encoder_vectors(0, torch.tensor([D_T]))
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        make_set("transcoder", "relu", layers=[0, 5])
+
+
+class _FakeShape:
+    """Stands in for an adapter's identity (shape and fingerprint only)."""
+
+    def __init__(self, n_layers: int, d_model: int, fingerprint: str) -> None:
+        self.n_layers, self.d_model, self._fp = n_layers, d_model, fingerprint
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+
+def test_check_fits_names_the_mismatch():
+    tset = make_set("transcoder", "relu")
+    tset.check_fits(_FakeShape(3, D_MODEL, "abc123"))
+    with pytest.raises(InvalidArgumentError, match=r"d_model 8.*d_model 16"):
+        tset.check_fits(_FakeShape(3, 16, "abc123"))
+    with pytest.raises(InvalidArgumentError, match="weights differ"):
+        tset.check_fits(_FakeShape(3, D_MODEL, "zzz"))
