@@ -41,6 +41,7 @@ def make_graph(
     task: str | None = "synthetic",
     prompt: str | None = None,
     model_id: str = MODEL_ID,
+    set_id: str = SET_ID,
 ) -> AttributionGraph:
     rng = np.random.default_rng(seed)
     token_ids = [int(t) for t in rng.integers(100, 200, size=n_pos)]
@@ -102,7 +103,7 @@ def make_graph(
     meta = GraphMetadata(
         graph_id=graph_id,
         model_id=model_id,
-        set_id=SET_ID,
+        set_id=set_id,
         prompt=prompt if prompt is not None else f"prompt of {graph_id}",
         tokens=tokens,
         token_ids=token_ids,
@@ -126,11 +127,11 @@ def to_networkx(graph: AttributionGraph) -> nx.DiGraph:
     return g
 
 
-def catalog(n_layers: int = 3) -> list[FeatureRecord]:
+def catalog(n_layers: int = 3, set_id: str = SET_ID) -> list[FeatureRecord]:
     """One catalog entry per (layer, index) of the synthetic vocabulary."""
     return [
         FeatureRecord(
-            SET_ID,
+            set_id,
             layer,
             index,
             density=0.01 * (index + 1),
