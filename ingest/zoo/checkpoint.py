@@ -1,0 +1,217 @@
+"""Zoo checkpoints on disk: the ``zoo.json`` manifest, loading and discovery.
+
+A zoo checkpoint is an ordinary Hugging Face directory (``config.json``,
+``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``) plus ``zoo.json``,
+written last, which records what was trained and how::
+
+    {"format": "circuitscope-zoo", "format_version": 1,
+     "spec": {"task", "task_config", "arch", "shape", "training", "seed"},
+     "model_config": {...}, "n_parameters", "metrics", "history", "train_seconds",
+     "device", "created_at", "versions": {"python", "torch", "transformers", ...}}
+
+``spec`` is everything that determines the weights (on one device type); two runs with
+equal specs are interchangeable, which is how ``circuitscope demo`` reuses a model.
+"""
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ingest.errors import InvalidArgumentError, NotFoundError
+from ingest.zoo.task import ModelShape, Task, TrainingConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "zoo.json"
+FORMAT = "circuitscope-zoo"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What determines a zoo model's weights: task (and its parameters), family, sizes, seed."""
+
+    task: str
+    task_config: dict[str, Any]
+    arch: str
+    shape: ModelShape
+    training: TrainingConfig
+    seed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainSpec":
+        training = dict(data["training"])
+        training["betas"] = tuple(training["betas"])
+        return cls(
+            task=data["task"],
+            task_config=dict(data["task_config"]),
+            arch=data["arch"],
+            shape=ModelShape(**data["shape"]),
+            training=TrainingConfig(**training),
+            seed=int(data["seed"]),
+        )
+
+
+@dataclass
+class ZooManifest:
+    """The parsed ``zoo.json`` of a checkpoint directory."""
+
+    spec: TrainSpec
+    metrics: dict[str, float]
+    train_seconds: float
+    n_parameters: int
+    device: str
+    created_at: str
+    versions: dict[str, str]
+    model_config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "spec": self.spec.to_json(),
+            "model_config": self.model_config,
+            "n_parameters": self.n_parameters,
+            "metrics": self.metrics,
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "device": self.device,
+            "created_at": self.created_at,
+            "versions": self.versions,
+        }
+
+    def write(self, directory: Path) -> None:
+        path = directory / MANIFEST
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
+
+
+def read_manifest(directory: str | Path) -> ZooManifest:
+    """Parse ``directory/zoo.json``; errors say why the directory is not a zoo checkpoint."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NotFoundError(
+            f"checkpoint directory {str(directory)!r} does not exist: pass a directory made by "
+            "'circuitscope zoo train' (see 'circuitscope zoo list')"
+        )
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise InvalidArgumentError(
+            f"{str(directory)!r} is not a zoo checkpoint (no {MANIFEST}): pass a directory made "
+            "by 'circuitscope zoo train' (see 'circuitscope zoo list')"
+        )
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version {data.get('format_version')!r} is not supported")
+        return ZooManifest(
+            spec=TrainSpec.from_json(data["spec"]),
+            metrics={k: float(v) for k, v in data["metrics"].items()},
+            train_seconds=float(data["train_seconds"]),
+            n_parameters=int(data["n_parameters"]),
+            device=str(data["device"]),
+            created_at=str(data["created_at"]),
+            versions=dict(data["versions"]),
+            model_config=dict(data.get("model_config", {})),
+            history=list(data.get("history", [])),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgumentError(
+            f"{str(path)!r} is not a valid zoo manifest ({exc}): retrain the model with "
+            "'circuitscope zoo train'"
+        ) from exc
+
+
+def task_for_spec(spec: TrainSpec) -> Task:
+    """The task instance a spec was trained on (registered task, recorded parameters)."""
+    from ingest.zoo.tasks import get_task
+
+    registered = get_task(spec.task)
+    if spec.task_config == registered.config():
+        return registered
+    try:
+        return type(registered)(**spec.task_config)  # type: ignore[call-arg]
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"task parameters {spec.task_config} are not valid for {spec.task!r} ({exc}): "
+            "retrain the model with 'circuitscope zoo train'"
+        ) from exc
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[Path, ZooManifest]]:
+    """Every readable zoo checkpoint directly under ``root``, sorted by directory name."""
+    root = Path(root)
+    found: list[tuple[Path, ZooManifest]] = []
+    if not root.is_dir():
+        return found
+    for directory in sorted(p for p in root.iterdir() if (p / MANIFEST).is_file()):
+        try:
+            found.append((directory, read_manifest(directory)))
+        except (InvalidArgumentError, NotFoundError) as exc:
+            log.warning("skipping %s: %s", directory, exc)
+    return found
+
+
+def default_root() -> Path:
+    """Where trained zoo models live: ``ingest.paths.home() / "zoo"``."""
+    from ingest.paths import home
+
+    return home() / "zoo"
+
+
+@dataclass
+class LoadedZooModel:
+    """A zoo checkpoint loaded the way any hub model is (``AutoModelForCausalLM``)."""
+
+    model: Any
+    tokenizer: Any
+    task: Task
+    manifest: ZooManifest
+    directory: Path
+
+
+def load_zoo_model(directory: str | Path, device: str | None = "cpu") -> LoadedZooModel:
+    """Load a zoo checkpoint with ``AutoTokenizer`` / ``AutoModelForCausalLM`` (eager attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ingest.devices import resolve_device
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    task = task_for_spec(manifest.spec)
+    target = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
+            directory, attn_implementation="eager", dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"{str(directory)!r} has a zoo.json but its model or tokenizer cannot be loaded "
+            f"({exc}): retrain it with 'circuitscope zoo train'"
+        ) from exc
+    model.to(target).eval()
+    return LoadedZooModel(model, tokenizer, task, manifest, directory)
+
+
+def evaluate_checkpoint(
+    directory: str | Path, device: str | None = "cpu", max_examples: int | None = None
+) -> dict[str, float]:
+    """Held-out task metrics of the checkpoint in ``directory``."""
+    from ingest.zoo.evaluation import evaluate
+
+    loaded = load_zoo_model(directory, device)
+    examples = loaded.task.examples("heldout")
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    return evaluate(loaded.model, loaded.tokenizer, loaded.task, examples)

@@ -1,0 +1,32 @@
+"""Plain-text and markdown tables for the zoo's command-line output and benchmark."""
+
+from collections.abc import Sequence
+
+
+def format_value(value: object) -> str:
+    """Floats to 4 significant digits; everything else as ``str``."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns aligned with spaces, a dashed rule under the header."""
+    cells = [[format_value(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(format_value(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metrics_summary(metrics: dict[str, float]) -> str:
+    """``name=value`` pairs on one line."""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in metrics.items())

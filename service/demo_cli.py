@@ -1,0 +1,113 @@
+"""``circuitscope demo``: the project's end-to-end demonstration, as named stages.
+
+Each stage is a small function that reads and extends a shared :class:`DemoContext`
+and returns the lines it reports; stages run in order and are timed. Today the demo
+has one stage:
+
+1. ``zoo-model``: train the demo model (greater-than on GPT-2, the task's default
+   configuration, seed 0) into ``ingest.paths.home()/zoo/greater_than-gpt2``, or reuse
+   the checkpoint there when it was trained with the same configuration and seed, and
+   report its held-out task metrics.
+
+Later stages (transcoders, attribution, ingest into the graph store, serving) append to
+:data:`STAGES`. Torch is imported only when the command runs.
+"""
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEMO_TASK = "greater_than"
+DEMO_ARCH = "gpt2"
+DEMO_SEED = 0
+
+
+@dataclass
+class DemoContext:
+    """What the stages share: settings from the command line and each stage's results."""
+
+    device: str
+    retrain: bool = False
+    progress: bool = True
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named step of the demo."""
+
+    name: str
+    description: str
+    run: Callable[[DemoContext], list[str]]
+
+
+def _zoo_model(ctx: DemoContext) -> list[str]:
+    from ingest.zoo.report import text_table
+    from ingest.zoo.tasks import get_task
+    from ingest.zoo.trainer import default_out_dir, train_zoo_model
+
+    out_dir = default_out_dir(DEMO_TASK, DEMO_ARCH)
+    result = train_zoo_model(
+        DEMO_TASK,
+        DEMO_ARCH,
+        seed=DEMO_SEED,
+        device=ctx.device,
+        out_dir=out_dir,
+        reuse=not ctx.retrain,
+        progress=ctx.progress,
+    )
+    ctx.results["zoo_model"] = result
+    how = "reused" if result.reused else f"trained in {result.train_seconds:.1f} s"
+    bars = {b.metric: b for b in get_task(DEMO_TASK).quality_bars()}
+    rows: list[list[object]] = []
+    for name, value in result.metrics.items():
+        bar = bars.get(name)
+        verdict = ("pass" if bar.passes(result.metrics) else "FAIL") if bar else ""
+        rows.append([name, value, bar.describe() if bar else "", verdict])
+    table = text_table(["held-out metric", "value", "bar", ""], rows)
+    return [
+        f"model: {DEMO_TASK} on {DEMO_ARCH}, {result.n_parameters} parameters, {how}",
+        f"checkpoint: {Path(result.out_dir)}",
+        *table.splitlines(),
+    ]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("zoo-model", "train or reuse the greater-than GPT-2 model", _zoo_model),
+)
+
+
+def run_demo(ctx: DemoContext, write: Callable[[str], object] = sys.stdout.write) -> DemoContext:
+    """Run every stage in order, writing a header, the stage's lines and its time."""
+    for i, stage in enumerate(STAGES, start=1):
+        write(f"[{i}/{len(STAGES)}] {stage.name}: {stage.description}\n")
+        started = time.perf_counter()
+        for line in stage.run(ctx):
+            write(f"    {line}\n")
+        write(f"    ({stage.name} took {time.perf_counter() - started:.1f} s)\n")
+    return ctx
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="run the end-to-end demo",
+        description="Train (or reuse) the demo model and report its task metrics.",
+    )
+    demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    demo.add_argument(
+        "--retrain", action="store_true", help="train again even if a matching model exists"
+    )
+    demo.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    from ingest.devices import resolve_device
+
+    resolve_device(args.device)
+    run_demo(DemoContext(device=args.device, retrain=args.retrain))
+    return 0
