@@ -90,8 +90,10 @@ class ModelAdapter(nn.Module):
         self.rotary = copy.deepcopy(weights.rotary) if weights.rotary is not None else None
         self.extra_config = dict(weights.extra_config)
 
-        first = self.block(0).attn
         self.n_layers = len(self.blocks)
+        if self.n_layers == 0:
+            raise InvalidArgumentError("the model has no transformer layers")
+        first = self.block(0).attn
         self.vocab_size, self.d_model = self.W_E.shape
         self.d_mlp = int(self.block(0).mlp.W_in.shape[1])
         self.n_heads = first.n_heads
@@ -122,7 +124,7 @@ class ModelAdapter(nn.Module):
 
     def block(self, layer: int) -> Block:
         """Layer ``layer``'s components."""
-        return cast(Block, self.block(layer))
+        return cast(Block, self.blocks[self._layer(layer)])
 
     def iter_blocks(self) -> list[Block]:
         return [cast(Block, b) for b in self.blocks]

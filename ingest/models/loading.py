@@ -105,6 +105,13 @@ def _is_missing_repo(exc: BaseException) -> bool:
     return False
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES)
+
+
 def _resolve_source(name_or_path: str) -> tuple[str, bool, PretrainedConfig]:
     """(what to pass to from_pretrained, local_files_only, the config)."""
     path = Path(name_or_path).expanduser()
@@ -180,16 +187,31 @@ def load_model(
             f"cannot load the weights of {name_or_path!r}: {exc}; check that the checkpoint "
             "is complete (config.json plus *.safetensors)"
         ) from exc
+    no_tokenizer = (
+        f"no usable tokenizer with {name_or_path!r}: save the tokenizer next to the model "
+        "with tokenizer.save_pretrained(<same directory>)"
+    )
+    if local_only and Path(source).is_dir() and not _has_tokenizer_files(Path(source)):
+        raise InvalidArgumentError(no_tokenizer)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
-        raise InvalidArgumentError(
-            f"no usable tokenizer with {name_or_path!r} ({exc}): save the tokenizer next to "
-            "the model with tokenizer.save_pretrained(<same directory>)"
-        ) from exc
+        raise InvalidArgumentError(f"{no_tokenizer} ({exc})") from exc
+    # transformers may build an empty tokenizer from the model type alone
+    if tokenizer.vocab_size == 0:
+        raise InvalidArgumentError(no_tokenizer)
     model.eval()
     cast(Any, model).to(target)
     adapter = adapter_from_hf(model)
+    if len(tokenizer) > adapter.vocab_size:
+        logger.warning(
+            "tokenizer of %s has %d tokens but the model embeds only %d; ids past %d will be "
+            "rejected",
+            name_or_path,
+            len(tokenizer),
+            adapter.vocab_size,
+            adapter.vocab_size - 1,
+        )
     return LoadedModel(
         adapter=adapter,
         tokenizer=tokenizer,
