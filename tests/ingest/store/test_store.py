@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import networkx as nx
@@ -10,7 +11,6 @@ import pytest
 
 from ingest.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from ingest.graph import AttributionGraph, FeatureRecord, ModelRecord, TranscoderSetRecord
-from ingest.store import cypher
 from ingest.store.base import GraphStore
 from tests.ingest.store.helpers import catalog, make_graph, to_networkx
 
@@ -189,7 +189,7 @@ def test_strongest_paths_match_networkx(store: GraphStore, uid: str, score: str)
     max_length = 4
 
     def value(path: list[str]) -> float:
-        ws = [abs(g.edges[a, b]["weight"]) for a, b in zip(path, path[1:], strict=False)]
+        ws = [abs(g.edges[a, b]["weight"]) for a, b in itertools.pairwise(path)]
         return float(np.prod(ws)) if score == "product" else float(np.sum(ws))
 
     paths = list(nx.all_simple_paths(g, source, target, cutoff=max_length))
@@ -206,9 +206,7 @@ def test_strongest_paths_match_networkx(store: GraphStore, uid: str, score: str)
     assert [p.node_ids for p in got] == want
     for p in got:
         assert p.score == pytest.approx(value(p.node_ids), rel=1e-9)
-        assert p.weights == [
-            g.edges[a, b]["weight"] for a, b in zip(p.node_ids, p.node_ids[1:], strict=False)
-        ]
+        assert p.weights == [g.edges[a, b]["weight"] for a, b in itertools.pairwise(p.node_ids)]
 
 
 def test_graphs_with_feature(store: GraphStore, uid: str) -> None:
@@ -339,10 +337,3 @@ def test_delete_graph(store: GraphStore, uid: str) -> None:
     rows = store.query("MATCH (n:GNode {graph_id: $g}) RETURN count(n) AS c", {"g": graph.graph_id})
     assert rows == [{"c": 0}]
     assert not store.delete_graph(graph.graph_id)
-
-
-def test_paths_query_bound_is_validated() -> None:
-    with pytest.raises(ValueError):
-        cypher.paths_query(0, "product")
-    with pytest.raises(ValueError):
-        cypher.paths_query("3; MATCH (n) DELETE n", "product")  # type: ignore[arg-type]

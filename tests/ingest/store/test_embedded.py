@@ -1,0 +1,74 @@
+"""The embedded server's life cycle and the ``circuitscope db`` commands, for real."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from ingest.errors import UnavailableError
+from ingest.store import StoreConfig, embedded, open_store
+from service.cli import main
+from tests.ingest.store.helpers import make_graph
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_server_raises_unavailable() -> None:
+    config = StoreConfig(uri=f"bolt://127.0.0.1:{_free_port()}", password="x", connect_timeout_s=2)
+    with pytest.raises(UnavailableError, match="unreachable"):
+        open_store(config)
+
+
+def test_wrong_password_raises_unavailable(arcadedb_config: StoreConfig) -> None:
+    from dataclasses import replace
+
+    with pytest.raises(UnavailableError, match="credentials"):
+        open_store(replace(arcadedb_config, password="wrong"))
+
+
+def test_state_file_is_private_and_server_is_reused(arcadedb_config: StoreConfig) -> None:
+    data_dir = arcadedb_config.data_dir
+    assert data_dir is not None
+    state = data_dir / embedded.STATE_FILE
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    before = embedded.status(data_dir)
+    assert before.running and before.answers and before.uri == arcadedb_config.uri
+    again = embedded.start(data_dir, heap="1g")  # reuse, not a second JVM
+    assert again.uri == arcadedb_config.uri
+    assert embedded.status(data_dir).pid == before.pid
+
+
+def test_db_cli_start_status_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data_dir = tmp_path / "db"
+    try:
+        assert main(["db", "start", "--data-dir", str(data_dir), "--heap", "512m"]) == 0
+        out = capsys.readouterr().out
+        assert "running" in out and "NEO4J_URI=bolt://127.0.0.1:" in out
+        assert main(["db", "status", "--data-dir", str(data_dir)]) == 0
+        pid = embedded.status(data_dir).pid
+        assert pid is not None and os.path.exists(f"/proc/{pid}")
+        graph = make_graph("persisted", seed=1, n_layers=1, n_pos=2)
+        with open_store(embedded.config_for(data_dir)) as store:
+            store.write_graph(graph)
+        assert main(["db", "stop", "--data-dir", str(data_dir)]) == 0
+        assert "stopped" in capsys.readouterr().out
+        assert main(["db", "status", "--data-dir", str(data_dir)]) == 3
+        assert "stopped" in capsys.readouterr().out
+        assert not (data_dir / embedded.PID_FILE).exists()
+        assert not embedded.stop(data_dir)
+        # The data directory persists: a restarted server serves the same graph.
+        with embedded.embedded_server(data_dir, heap="512m") as config, open_store(config) as store:
+            assert store.get_graph("persisted").nodes == graph.nodes
+        assert not embedded.status(data_dir).running
+    finally:
+        embedded.stop(data_dir)
