@@ -1,0 +1,177 @@
+"""Server-wide behaviour on a live server: auth, health, reflection, robustness, TLS."""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from ingest.errors import UnauthenticatedError, UnavailableError
+from ingest.store.base import GraphStore
+from ingest.store.bolt import BoltGraphStore
+from ingest.store.config import StoreConfig
+from service._generated.circuits.v1 import graph_service_pb2, graph_service_pb2_grpc
+from service.client import CircuitsClient, RetryPolicy
+from service.config import ServerConfig
+from service.server import SERVICE_NAMES, serve_in_background
+from tests.service.conftest import TOKEN
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def channel(target: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(target) as ch:
+        yield ch
+
+
+def test_calls_without_or_with_a_wrong_token_are_unauthenticated(
+    target: str, channel: grpc.Channel
+) -> None:
+    stub = graph_service_pb2_grpc.GraphServiceStub(channel)
+    request = graph_service_pb2.ListGraphsRequest()
+    for metadata in ((), (("authorization", "Bearer " + "x" * 32),), (("authorization", TOKEN),)):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListGraphs(request, metadata=metadata, timeout=10)
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert TOKEN not in (info.value.details() or "")
+    stream = stub.StreamGraphEdges(graph_service_pb2.StreamGraphEdgesRequest(graph_id="g-alpha"))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream)
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    with CircuitsClient(target, token="y" * 32) as bad, pytest.raises(UnauthenticatedError):
+        bad.list_graphs()
+
+
+def test_health_is_serving_without_credentials_while_the_store_answers(
+    channel: grpc.Channel,
+) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", *SERVICE_NAMES):
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_store_means_not_serving_and_unavailable() -> None:
+    # A real Bolt store object whose server is not there: connections are refused.
+    from neo4j import GraphDatabase
+
+    config = StoreConfig(uri=f"bolt://127.0.0.1:{_free_port()}", password="x")
+    # The driver's own retries would outlast the test; give up after half a second.
+    driver = GraphDatabase.driver(
+        config.uri or "", auth=("neo4j", "x"), max_transaction_retry_time=0.5
+    )
+    store = BoltGraphStore(config, driver=driver)
+    server_config = ServerConfig(port=0, health_interval_s=0.5, default_timeout_s=5.0)
+    try:
+        with serve_in_background(server_config, store) as running:
+            target = f"127.0.0.1:{running.port}"
+            retry = RetryPolicy(max_attempts=2, initial_backoff_s=0.01)
+            with CircuitsClient(target, retry=retry, timeout_s=20) as client:
+                assert client.health() == "NOT_SERVING"
+                assert client.health(SERVICE_NAMES[0]) == "NOT_SERVING"
+                with pytest.raises(UnavailableError, match="unreachable"):
+                    client.get_graph("g-alpha")
+    finally:
+        store.close()
+
+
+def test_client_retries_then_reports_an_unreachable_server() -> None:
+    retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+    client = CircuitsClient(f"127.0.0.1:{_free_port()}", retry=retry, timeout_s=5)
+    with client, pytest.raises(UnavailableError):
+        client.list_graphs()
+
+
+def test_reflection_lists_and_describes_the_services(channel: grpc.Channel) -> None:
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = set(database.get_services())
+    assert set(SERVICE_NAMES) <= services
+    assert "grpc.health.v1.Health" in services
+    pool = __import__("google.protobuf.descriptor_pool", fromlist=["x"]).DescriptorPool(database)
+    method = pool.FindServiceByName("circuits.v1.GraphService").FindMethodByName("GetSubgraph")
+    assert method.input_type.full_name == "circuits.v1.GetSubgraphRequest"
+    assert method.input_type.fields_by_name["top_k"].number == 4
+
+
+def _all_methods() -> list[tuple[str, bool]]:
+    from service._generated.circuits.v1 import feature_service_pb2
+
+    methods = []
+    for file in (graph_service_pb2.DESCRIPTOR, feature_service_pb2.DESCRIPTOR):
+        for service in file.services_by_name.values():
+            for m in service.methods:
+                methods.append((f"/{service.full_name}/{m.name}", m.server_streaming))
+    methods.append(("/grpc.health.v1.Health/Check", False))
+    return methods
+
+
+def _payloads(rng: random.Random, n: int) -> list[bytes]:
+    valid = [
+        graph_service_pb2.GetSubgraphRequest(graph_id="g-alpha", node_id="0_0_1", depth=2, top_k=3),
+        graph_service_pb2.FindPathsRequest(
+            graph_id="g-alpha", source_node_id="E_100_0", target_node_id="3_500_1"
+        ),
+        graph_service_pb2.ListGraphsRequest(task="toy", page_size=2, page_token="abc"),
+    ]
+    out = [b"", b"\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x02\xc3\x28"]  # bad varint, bad utf-8
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.4:
+            out.append(rng.randbytes(rng.randint(1, 64)))
+        else:
+            data = rng.choice(valid).SerializeToString()
+            cut = data[: rng.randint(0, len(data))]
+            if kind > 0.7 and cut:
+                cut = bytes(b ^ rng.choice((0, 0, 1, 0x80)) for b in cut)
+            out.append(cut)
+    return out
+
+
+@pytest.mark.parametrize(("method", "streaming"), _all_methods())
+def test_fuzzed_requests_never_get_internal(
+    channel: grpc.Channel, method: str, streaming: bool
+) -> None:
+    rng = random.Random(hash(method) % 1000)
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    seen: set[grpc.StatusCode] = set()
+    for payload in _payloads(rng, 25):
+        if streaming:
+            call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+            responses = call(payload, metadata=metadata, timeout=20)
+            try:
+                for _ in responses:
+                    pass
+                seen.add(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                seen.add(exc.code())
+        else:
+            unary = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            try:
+                unary(payload, metadata=metadata, timeout=20)
+                seen.add(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                seen.add(exc.code())
+    assert grpc.StatusCode.INTERNAL not in seen and grpc.StatusCode.UNKNOWN not in seen, seen
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_store_is_still_consistent_after_fuzzing(store: GraphStore) -> None:
+    assert store.get_graph_summary("g-alpha").n_edges > 0

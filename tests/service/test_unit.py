@@ -1,0 +1,126 @@
+"""Unit tests of the service's pure parts: error mapping, page tokens, config, converters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from ingest import errors
+from ingest.store.base import FeatureOccurrence, GraphStatus, GraphSummary
+from service import convert
+from service.config import ServerConfig, is_loopback, load_tokens
+from service.errors import INTERNAL_MESSAGE, STATUS_BY_ERROR, status_for
+from service.pagination import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+)
+from tests.service import builders
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+        (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+        (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+        (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    ],
+)
+def test_each_domain_error_maps_to_one_status(
+    error: type[Exception], code: grpc.StatusCode
+) -> None:
+    assert status_for(error("what to do")) == (code, "what to do")
+
+
+def test_every_domain_error_class_is_mapped() -> None:
+    classes = {
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.CircuitscopeError)
+    }
+    assert classes - {errors.CircuitscopeError} == set(STATUS_BY_ERROR)
+
+
+def test_unexpected_errors_hide_their_details() -> None:
+    code, message = status_for(KeyError("/secret/path in module _internal"))
+    assert code is grpc.StatusCode.INTERNAL and message == INTERNAL_MESSAGE
+    assert status_for(errors.CircuitscopeError("base"))[0] is grpc.StatusCode.INTERNAL
+
+
+def test_page_size_default_clamp_and_negative() -> None:
+    assert page_size(0) == DEFAULT_PAGE_SIZE
+    assert page_size(7) == 7
+    assert page_size(MAX_PAGE_SIZE + 1) == MAX_PAGE_SIZE
+    with pytest.raises(errors.InvalidArgumentError):
+        page_size(-1)
+
+
+def test_page_token_round_trip_and_rejections() -> None:
+    filters = {"task": "ioi", "model_id": None}
+    token = encode_page_token("cursor|42", filters)
+    assert decode_page_token(token, filters) == "cursor|42"
+    assert encode_page_token(None, filters) == "" and decode_page_token("", filters) is None
+    for bad in ("@@", "Zm9v", token[:-3], "x" * 5000):
+        with pytest.raises(errors.InvalidArgumentError):
+            decode_page_token(bad, filters)
+    with pytest.raises(errors.InvalidArgumentError, match="other filters"):
+        decode_page_token(token, {"task": "other", "model_id": None})
+
+
+def test_server_config_validation(tmp_path: Path) -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
+    with pytest.raises(errors.InvalidArgumentError, match="without bearer tokens"):
+        ServerConfig(host="0.0.0.0")
+    ServerConfig(host="0.0.0.0", tokens=frozenset({"t" * 20}))
+    with pytest.raises(errors.InvalidArgumentError):
+        ServerConfig(port=70000)
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("# ops\n" + "a" * 20 + "\n\n" + "b" * 20 + "  # ci\n")
+    assert load_tokens("c" * 20 + ", ", tokens_file) == {"a" * 20, "b" * 20, "c" * 20}
+    with pytest.raises(errors.InvalidArgumentError, match="shorter than 16"):
+        load_tokens("short", None)
+    with pytest.raises(errors.NotFoundError):
+        load_tokens(None, tmp_path / "missing")
+
+
+def test_graph_round_trips_through_proto() -> None:
+    graph = builders.layered_graph("g", n_layers=2, width=3)
+    created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    message = convert.graph_to_proto(graph, created)
+    back = convert.graph_from_proto(type(message).FromString(message.SerializeToString()))
+    assert back.nodes == graph.nodes
+    assert back.metadata == graph.metadata
+    np.testing.assert_array_equal(back.sources, graph.sources)
+    np.testing.assert_array_equal(back.targets, graph.targets)
+    np.testing.assert_array_equal(back.weights, graph.weights)
+    summary = GraphSummary(
+        graph.metadata, GraphStatus.COMPLETE, graph.n_nodes, graph.n_edges, created
+    )
+    assert convert.summary_from_proto(convert.stored_summary_to_proto(summary)) == summary
+
+
+def test_feature_and_occurrence_round_trip() -> None:
+    for feature in builders.features(2, 3):
+        assert convert.feature_from_proto(convert.feature_to_proto(feature)) == feature
+    occ = FeatureOccurrence("g", "0_1_2", 2, 0.5, None)
+    assert convert.occurrence_from_proto(convert.occurrence_to_proto(occ)) == occ
+
+
+def test_unknown_enum_values_are_invalid_arguments() -> None:
+    with pytest.raises(errors.InvalidArgumentError):
+        convert.direction_from_proto(99)
+    with pytest.raises(errors.InvalidArgumentError):
+        convert.path_score_from_proto(-4)
