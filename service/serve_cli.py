@@ -1,0 +1,103 @@
+"""``circuitscope serve``: run the gRPC server (and register ``circuitscope query``).
+
+The entry point is the only place configuration is read from flags and environment:
+``ServerConfig`` from the flags below and ``CIRCUITSCOPE_TOKENS``; ``StoreConfig`` from
+``NEO4J_*`` (:meth:`StoreConfig.from_env`) and the ``--store-*`` flags. With no
+``NEO4J_URI`` the embedded graph server is started or reused. Cheap to import: grpc
+and the store are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service import query_cli
+
+if TYPE_CHECKING:
+    from service.config import ServerConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the circuits.v1 gRPC server",
+        description=(
+            "Serve stored attribution graphs and the feature catalog over gRPC, with "
+            "health, reflection, bearer-token auth (CIRCUITSCOPE_TOKENS or --tokens-file) "
+            "and optional TLS / mutual TLS. Stops gracefully on SIGTERM."
+        ),
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
+    parser.add_argument("--tokens-file", type=Path, help="bearer tokens, one per line")
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="allow listening on a non-loopback address without tokens",
+    )
+    parser.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    parser.add_argument("--client-ca", type=Path, help="require client certs from this CA (mTLS)")
+    parser.add_argument("--workers", type=int, default=16, help="threads for store calls")
+    parser.add_argument(
+        "--max-message-mb", type=int, default=64, help="message size limit, both directions"
+    )
+    parser.add_argument(
+        "--health-interval", type=float, default=5.0, help="seconds between store health probes"
+    )
+    parser.add_argument("--store-uri", help="Bolt URI of the graph store (default: NEO4J_URI)")
+    parser.add_argument(
+        "--store-data-dir", type=Path, help="data directory of the embedded graph server"
+    )
+    parser.add_argument(
+        "--store-timeout", type=float, default=30.0, help="store query timeout (seconds)"
+    )
+    parser.set_defaults(handler=_serve)
+    query_cli.register(subparsers)
+
+
+def build_server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerConfig:
+    """The :class:`ServerConfig` for parsed ``serve`` flags and the environment."""
+    from ingest.errors import InvalidArgumentError
+    from service.config import TOKENS_ENV, ServerConfig, TlsConfig, load_tokens
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise InvalidArgumentError("pass both --tls-cert and --tls-key, or neither")
+    if args.client_ca is not None and args.tls_cert is None:
+        raise InvalidArgumentError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    tls = (
+        TlsConfig.from_files(args.tls_cert, args.tls_key, args.client_ca)
+        if args.tls_cert is not None
+        else None
+    )
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        tokens=load_tokens(environ.get(TOKENS_ENV), args.tokens_file),
+        tls=tls,
+        allow_unauthenticated=args.allow_unauthenticated,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        health_interval_s=args.health_interval,
+        default_timeout_s=args.store_timeout,
+        workers=args.workers,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ingest.store import StoreConfig, open_store
+    from service.server import serve
+
+    config = build_server_config(args, dict(os.environ))
+    overrides: dict[str, object] = {"query_timeout_s": args.store_timeout}
+    if args.store_uri:
+        overrides["uri"] = args.store_uri
+    if args.store_data_dir:
+        overrides["data_dir"] = args.store_data_dir
+    with open_store(StoreConfig.from_env(None, **overrides)) as store:
+        asyncio.run(serve(config, store))
+    return 0
