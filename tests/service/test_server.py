@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -104,7 +105,7 @@ def test_reflection_lists_and_describes_the_services(channel: grpc.Channel) -> N
     services = set(database.get_services())
     assert set(SERVICE_NAMES) <= services
     assert "grpc.health.v1.Health" in services
-    pool = __import__("google.protobuf.descriptor_pool", fromlist=["x"]).DescriptorPool(database)
+    pool = descriptor_pool.DescriptorPool(database)
     method = pool.FindServiceByName("circuits.v1.GraphService").FindMethodByName("GetSubgraph")
     assert method.input_type.full_name == "circuits.v1.GetSubgraphRequest"
     assert method.input_type.fields_by_name["top_k"].number == 4
