@@ -66,3 +66,29 @@ def assert_sets_equal(a: TranscoderSet, b: TranscoderSet) -> None:
     assert sorted(sa) == sorted(sb)
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
+
+
+def tiny_adapter(seed: int = 0, vocab: int = 40, d_model: int = D_MODEL, n_layers: int = 2):
+    """A real (randomly initialised) GPT-2 through the model adapter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ingest.models import adapter_from_hf
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab, n_positions=32, n_embd=d_model, n_layer=n_layers, n_head=2,
+        n_inner=4 * d_model, initializer_range=0.2,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(cfg).eval()
+    model.config._attn_implementation = "eager"
+    return adapter_from_hf(model)
+
+
+def random_stream_source(
+    n_tokens: int = 4096, vocab: int = 40, context_len: int = 16, seed: int = 0
+):
+    from ingest.transcoders.sources import StreamSource
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (n_tokens,), generator=gen).tolist()
+    return StreamSource("random", tokens, context_len, eval_fraction=0.1)

@@ -1,0 +1,181 @@
+"""A bounded, shuffled buffer of MLP activations, refilled as it drains.
+
+The buffer holds at most ``capacity_rows`` token rows per covered layer of (input,
+target) pairs: (MLP input, MLP output) for transcoders, (MLP output, MLP output) for
+SAEs. Refill r runs the model over source windows ``r * W .. (r + 1) * W - 1`` (W =
+``capacity_rows // window width``), keeps the real (unpadded) token positions, and draws
+a permutation from a generator seeded by ``(seed, r)``. Batches are consecutive slices of
+that permutation; when fewer than a batch remain, refill r + 1 replaces the contents.
+
+Memory is two preallocated ``(n_layers, capacity_rows, d_model)`` float32 tensors (one for
+SAEs) and never grows. The state is two integers (refill index and cursor): resuming
+re-collects refill r, which gives the same rows in the same order, so a resumed run sees
+the same batches as an uninterrupted one. Non-finite activations raise an error that
+names the layer.
+"""
+
+import logging
+from typing import Any
+
+import torch
+
+from ingest.errors import InvalidArgumentError
+from ingest.transcoders.sources import Source, Split
+
+logger = logging.getLogger(__name__)
+
+_SEED_STRIDE = 1_000_003
+
+
+def record_sites(
+    adapter: Any, ids: torch.Tensor, layers: list[int], input_site: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """ids: (B, T) -> per layer inputs and targets (B, T, d_model), float32, no grad."""
+    with torch.no_grad():
+        rec = adapter(ids, record=True)
+    targets = [rec.mlp_out[layer].float() for layer in layers]
+    inputs = targets if input_site == "mlp_out" else [rec.mlp_in[layer].float() for layer in layers]
+    return inputs, targets
+
+
+def check_finite(tensor: torch.Tensor, layer: int, site: str, where: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidArgumentError(
+            f"non-finite (NaN or inf) {site} activations at layer {layer} ({where}): the model "
+            f"produces NaN/inf on these prompts; check the checkpoint's weights, load it in "
+            f"float32, or use other prompts"
+        )
+
+
+class ActivationBuffer:
+    """Shuffled (input, target) rows for the covered layers, bounded by ``capacity_rows``."""
+
+    def __init__(
+        self,
+        adapter: Any,
+        source: Source,
+        layers: list[int],
+        *,
+        capacity_rows: int,
+        batch_size: int,
+        seed: int,
+        input_site: str = "mlp_in",
+        model_batch_size: int = 32,
+        split: Split = "train",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if input_site not in ("mlp_in", "mlp_out"):
+            raise InvalidArgumentError(f"input_site must be mlp_in or mlp_out, got {input_site!r}")
+        if capacity_rows < source.width:
+            raise InvalidArgumentError(
+                f"buffer of {capacity_rows} rows cannot hold one window of {source.width} "
+                f"tokens: raise --buffer-rows to at least {source.width}"
+            )
+        if batch_size > capacity_rows // 2:
+            raise InvalidArgumentError(
+                f"batch size {batch_size} needs a buffer of at least {2 * batch_size} rows, "
+                f"got {capacity_rows}: raise --buffer-rows"
+            )
+        self.adapter = adapter
+        self.source = source
+        self.layers = list(layers)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.input_site = input_site
+        self.model_batch_size = max(1, model_batch_size)
+        self.split: Split = split
+        self.device = torch.device(device)
+        self.windows_per_refill = capacity_rows // source.width
+        rows = self.windows_per_refill * source.width
+        d = adapter.d_model
+        self._y = torch.empty(len(layers), rows, d, device=self.device)
+        self._x = self._y if input_site == "mlp_out" else torch.empty_like(self._y)
+        self.refill_index = -1
+        self.cursor = 0
+        self.n_rows = 0
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    @property
+    def capacity_rows(self) -> int:
+        return self._y.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the activation storage (constant for the buffer's life)."""
+        total = self._y.numel() * self._y.element_size()
+        if self._x is not self._y:
+            total += self._x.numel() * self._x.element_size()
+        return total
+
+    def _fill(self, refill: int) -> None:
+        start = refill * self.windows_per_refill
+        windows = self.source.get(self.split, start, self.windows_per_refill)
+        offset = 0
+        for lo in range(0, self.windows_per_refill, self.model_batch_size):
+            ids = windows.ids[lo : lo + self.model_batch_size].to(self.adapter.device)
+            mask = windows.mask[lo : lo + self.model_batch_size].to(self.adapter.device)
+            inputs, targets = record_sites(self.adapter, ids, self.layers, self.input_site)
+            n = int(mask.sum())
+            for i, layer in enumerate(self.layers):
+                y = targets[i][mask]  # (n, d)
+                check_finite(y, layer, "MLP output", f"refill {refill}")
+                self._y[i, offset : offset + n] = y.to(self.device)
+                if self._x is not self._y:
+                    x = inputs[i][mask]
+                    check_finite(x, layer, "MLP input", f"refill {refill}")
+                    self._x[i, offset : offset + n] = x.to(self.device)
+            offset += n
+        if offset < self.batch_size:
+            raise InvalidArgumentError(
+                f"refill {refill} yielded {offset} token rows, fewer than the batch size "
+                f"{self.batch_size}: raise --buffer-rows or lower --batch-size"
+            )
+        gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + refill)
+        self._perm = torch.randperm(offset, generator=gen).to(self.device)
+        self.n_rows = offset
+        self.refill_index = refill
+        self.cursor = 0
+        logger.debug("buffer refill %d: %d rows", refill, offset)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y): each (n_layers, batch_size, d_model)."""
+        if self.refill_index < 0 or self.cursor + self.batch_size > self.n_rows:
+            self._fill(self.refill_index + 1)
+        idx = self._perm[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return self._x[:, idx], self._y[:, idx]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"refill_index": self.refill_index, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        refill = int(state["refill_index"])
+        if refill >= 0:
+            self._fill(refill)
+        self.cursor = int(state["cursor"])
+
+
+def collect(
+    adapter: Any,
+    source: Source,
+    layers: list[int],
+    *,
+    n_windows: int,
+    input_site: str = "mlp_in",
+    split: Split = "eval",
+    model_batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed activation set: (x, y) each (n_layers, N, d_model) on the adapter's device."""
+    windows = source.get(split, 0, min(n_windows, source.n_windows(split)))
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    for lo in range(0, windows.ids.shape[0], model_batch_size):
+        ids = windows.ids[lo : lo + model_batch_size].to(adapter.device)
+        mask = windows.mask[lo : lo + model_batch_size].to(adapter.device)
+        inputs, targets = record_sites(adapter, ids, layers, input_site)
+        for i, layer in enumerate(layers):
+            check_finite(inputs[i], layer, "MLP input", f"{split} split")
+            check_finite(targets[i], layer, "MLP output", f"{split} split")
+        xs.append(torch.stack([t[mask] for t in inputs]))
+        ys.append(torch.stack([t[mask] for t in targets]))
+    return torch.cat(xs, 1), torch.cat(ys, 1)

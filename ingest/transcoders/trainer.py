@@ -1,0 +1,399 @@
+"""Deterministic, resumable transcoder training.
+
+Algorithm (per step): take a shuffled batch of (input, target) rows for every covered
+layer from the :class:`~ingest.transcoders.buffer.ActivationBuffer`; scale inputs and
+targets by per-layer constants so that ``E|x|^2 = d_model`` (measured on the first refill,
+SAELens/Gemma Scope convention); minimize ``normalized MSE + sparsity penalty + AuxK``
+(per-layer modules trained side by side with one Adam optimizer, or one CLT trained
+jointly); for architectures with unit-norm decoders, remove the gradient component along
+each decoder row before the step and renormalize after it (sparsify). The learning rate
+warms up linearly, stays flat, and decays linearly to zero over the last 20% of steps;
+the ReLU L1 coefficient ramps up over the first 10% of steps (Anthropic 2024 update).
+A latent is dead for AuxK when it has not fired for ``dead_after_tokens`` tokens.
+
+Every ``checkpoint_every`` steps the full state is written atomically
+(:mod:`ingest.transcoders.checkpoint`); ``resume=True`` continues from it, and because the
+buffer re-collects its current refill by index, a resumed run ends bit-identical to an
+uninterrupted one on the same device. At the end the scales are folded into the weights
+and the set is written in the native layout (``circuit-tracer`` + ``circuitscope.json``).
+"""
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ingest.errors import FailedPreconditionError, InvalidArgumentError
+from ingest.transcoders.buffer import ActivationBuffer, collect
+from ingest.transcoders.checkpoint import (
+    has_checkpoint,
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+)
+from ingest.transcoders.clt import CrossLayerTranscoder
+from ingest.transcoders.config import ARCHITECTURES, KINDS, TranscoderConfig
+from ingest.transcoders.formats.circuit_tracer import save_set
+from ingest.transcoders.losses import LossParts
+from ingest.transcoders.sources import Source
+from ingest.transcoders.transcoder import Transcoder
+from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run's result. Validated on construction."""
+
+    kind: str = "transcoder"
+    arch: str = "topk"
+    width: int = 512
+    sparsity: float | None = None  # None: the architecture's default
+    skip: bool = False
+    layers: tuple[int, ...] | None = None  # None: every layer
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    buffer_rows: int = 16384
+    model_batch_size: int = 32
+    seed: int = 0
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    eval_windows: int = 64
+    dead_after_tokens: int = 50_000
+    aux_k_coefficient: float = 1.0 / 32.0
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidArgumentError(f"unknown kind {self.kind!r}: choose one of {KINDS}")
+        ARCHITECTURES.get(self.arch)
+        for name in ("width", "steps", "batch_size", "buffer_rows", "eval_windows"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgumentError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise InvalidArgumentError("lr must be > 0 and warmup_steps >= 0")
+        if self.eval_every <= 0 or self.checkpoint_every <= 0:
+            raise InvalidArgumentError("eval_every and checkpoint_every must be positive")
+
+    def module_config(self, d_model: int) -> TranscoderConfig:
+        spec = ARCHITECTURES.get(self.arch)
+        sparsity = spec.default_sparsity if self.sparsity is None else self.sparsity
+        return TranscoderConfig(
+            arch=self.arch,
+            d_in=d_model,
+            d_out=d_model,
+            d_transcoder=self.width,
+            sparsity=float(sparsity),
+            skip=self.skip,
+            jumprelu_bandwidth=self.jumprelu_bandwidth,
+            jumprelu_init_threshold=self.jumprelu_init_threshold,
+            aux_k_coefficient=self.aux_k_coefficient,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = None if self.layers is None else list(self.layers)
+        return data
+
+
+@dataclass
+class TrainResult:
+    tset: TranscoderSet
+    out_dir: Path
+    steps_done: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+class _Trainable(nn.Module):
+    """The modules being trained: per-layer transcoders/SAEs, or one CLT."""
+
+    def __init__(self, cfg: TranscoderConfig, n_layers: int, cross_layer: bool) -> None:
+        super().__init__()
+        self.clt = CrossLayerTranscoder(cfg, n_layers) if cross_layer else None
+        self.per_layer = nn.ModuleList(
+            [] if cross_layer else [Transcoder(cfg) for _ in range(n_layers)]
+        )
+
+    def reset(self, generator: torch.Generator) -> None:
+        if self.clt is not None:
+            self.clt.reset_parameters(generator)
+        for module in self.per_layer:
+            module.reset_parameters(generator)  # type: ignore[operator]
+
+    def init_from_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.clt is not None:
+            self.clt.init_from_data(list(x), list(y))
+        for i, module in enumerate(self.per_layer):
+            module.init_from_data(x[i], y[i])  # type: ignore[operator]
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
+        """x, y: (n_layers, B, d); dead: (n_layers, d_t) bool or None."""
+        if self.clt is not None:
+            return self.clt.loss(list(x), list(y), None if dead is None else list(dead))
+        parts = [
+            m.loss(x[i], y[i], None if dead is None else dead[i])  # type: ignore[operator]
+            for i, m in enumerate(self.per_layer)
+        ]
+        return LossParts(
+            mse=torch.stack([p.mse for p in parts]).sum(),
+            sparsity=torch.stack([p.sparsity for p in parts]).sum(),
+            aux=torch.stack([p.aux for p in parts]).sum(),
+            acts=torch.stack([p.acts for p in parts]),
+        )
+
+    def modules_list(self) -> list[Any]:
+        return [self.clt] if self.clt is not None else list(self.per_layer)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_start = int(cfg.steps * 0.8)
+    if step >= decay_start:
+        return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+    return cfg.lr
+
+
+def _sparsity_ramp(cfg: TrainConfig, step: int) -> float:
+    if cfg.arch != "relu":
+        return 1.0
+    ramp = max(1, cfg.steps // 10)
+    return min(1.0, (step + 1) / ramp)
+
+
+@torch.no_grad()
+def _scales(x: torch.Tensor) -> list[float]:
+    """x: (n_layers, N, d) -> per layer sqrt(d / E|x|^2)."""
+    d = x.shape[-1]
+    return [float((d / row.pow(2).sum(-1).mean().clamp_min(1e-12)).sqrt()) for row in x]
+
+
+def build_set(
+    trainable: _Trainable,
+    cfg: TrainConfig,
+    module_cfg: TranscoderConfig,
+    layers: list[int],
+    in_scales: list[float],
+    out_scales: list[float],
+    adapter: Any,
+    model_id: str,
+    fingerprint: str,
+) -> TranscoderSet:
+    """A copy of the trained modules with the scales folded in, as a TranscoderSet."""
+    meta = SetMetadata(
+        kind=cfg.kind,
+        model_id=model_id,
+        model_fingerprint=fingerprint,
+        n_layers=adapter.n_layers,
+        d_model=adapter.d_model,
+        layers=layers,
+        config=module_cfg,
+        extra={"train_config": cfg.to_dict()},
+    )
+    trained = copy.deepcopy(trainable)
+    if trained.clt is not None:
+        trained.clt.fold_scales_(in_scales, out_scales)
+        return TranscoderSet(meta, trained.clt)
+    modules: dict[int, Transcoder] = {}
+    for i, layer in enumerate(layers):
+        module: Transcoder = trained.per_layer[i]  # type: ignore[assignment]
+        module.fold_scales_(in_scales[i], out_scales[i])
+        modules[layer] = module
+    return TranscoderSet(meta, modules)
+
+
+def resolve_layers(cfg: TrainConfig, n_layers: int) -> list[int]:
+    layers = list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad or not layers:
+        raise InvalidArgumentError(
+            f"layers {bad or layers} are out of range for a model with {n_layers} layers: "
+            f"use 0..{n_layers - 1}"
+        )
+    return layers
+
+
+def train_transcoders(
+    adapter: Any,
+    source: Source,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    model_id: str,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train per ``cfg`` on ``adapter``'s activations over ``source``; write to ``out_dir``.
+
+    ``stop_after`` ends the loop after that many steps without a final checkpoint or
+    export, as a killed process would (used to test resumption).
+    """
+    out = Path(out_dir)
+    device = adapter.device
+    layers = resolve_layers(cfg, adapter.n_layers)
+    module_cfg = cfg.module_config(adapter.d_model)
+    fingerprint = adapter.fingerprint()
+    trainable = _Trainable(module_cfg, len(layers), cfg.kind == "clt").to(device)
+    buffer = ActivationBuffer(
+        adapter,
+        source,
+        layers,
+        capacity_rows=cfg.buffer_rows,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        input_site="mlp_out" if cfg.kind == "sae" else "mlp_in",
+        model_batch_size=cfg.model_batch_size,
+        device=device,
+    )
+    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    d_t = module_cfg.d_transcoder
+    since_fired = torch.zeros(len(layers), d_t, dtype=torch.long, device=device)
+    history: list[dict[str, Any]] = []
+    run_state = {"config": cfg.to_dict(), "model_fingerprint": fingerprint, "layers": layers}
+
+    if has_checkpoint(out):
+        if not resume:
+            raise FailedPreconditionError(
+                f"{out} already holds a training checkpoint: pass --resume to continue it, "
+                f"or choose another --out"
+            )
+        ckpt = load_checkpoint(out)
+        saved = ckpt.state
+        if saved["run"] != run_state:
+            raise FailedPreconditionError(
+                f"the checkpoint in {out} was made with another configuration or model: "
+                f"resume with the same flags and model, or choose another --out"
+            )
+        trainable.load_state_dict({k: v.to(device) for k, v in ckpt.module.items()})
+        restore_optimizer(optimizer, trainable, ckpt.optimizer)
+        since_fired.copy_(ckpt.counters["all"].to(device))
+        torch.set_rng_state(ckpt.rng)
+        in_scales, out_scales = saved["in_scales"], saved["out_scales"]
+        buffer.load_state_dict(saved["buffer"])
+        start = int(saved["step"])
+        history = list(saved["history"])
+        logger.info("resumed from step %d in %s", start, out)
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        trainable.reset(gen)
+        trainable.to(device)
+        buffer._fill(0)
+        x0 = buffer._x[:, : buffer.n_rows]
+        y0 = buffer._y[:, : buffer.n_rows]
+        in_scales, out_scales = _scales(x0), _scales(y0)
+        s_in = torch.tensor(in_scales, device=device)[:, None, None]
+        s_out = torch.tensor(out_scales, device=device)[:, None, None]
+        trainable.init_from_data(x0 * s_in, y0 * s_out)
+        start = 0
+    s_in = torch.tensor(in_scales, device=device)[:, None, None]
+    s_out = torch.tensor(out_scales, device=device)[:, None, None]
+
+    eval_x, eval_y = collect(
+        adapter,
+        source,
+        layers,
+        n_windows=cfg.eval_windows,
+        input_site=buffer.input_site,
+        model_batch_size=cfg.model_batch_size,
+    )
+
+    def checkpoint(step: int) -> None:
+        state = {
+            "run": run_state,
+            "step": step,
+            "buffer": buffer.state_dict(),
+            "in_scales": in_scales,
+            "out_scales": out_scales,
+            "history": history,
+        }
+        save_checkpoint(out, state, trainable, optimizer, {"all": since_fired})
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="transcoders")
+    began = time.perf_counter()
+    trained_tokens = 0
+    step = start
+    try:
+        for step in range(start, end):
+            x, y = buffer.next_batch()
+            dead = since_fired >= cfg.dead_after_tokens
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(cfg, step)
+            optimizer.zero_grad(set_to_none=True)
+            parts = trainable.loss(x * s_in, y * s_out, dead)
+            total = parts.mse + _sparsity_ramp(cfg, step) * parts.sparsity + parts.aux
+            total.backward()
+            if module_cfg.spec.unit_norm_decoder:
+                for module in trainable.modules_list():
+                    module.remove_parallel_grad_()
+            optimizer.step()
+            for module in trainable.modules_list():
+                module.after_step_()
+            with torch.no_grad():
+                fired = (parts.acts > 0).any(1)  # (n_layers, d_t)
+                since_fired.add_(cfg.batch_size).masked_fill_(fired, 0)
+            trained_tokens += cfg.batch_size
+            done = step + 1
+            bar.update(1)
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                metrics = _quick_eval(trainable, eval_x * s_in, eval_y * s_out, since_fired, cfg)
+                metrics["step"] = done
+                history.append(metrics)
+                bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
+                logger.info("step %d: %s", done, metrics)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                checkpoint(done)
+            step = done
+    finally:
+        bar.close()
+    elapsed = max(time.perf_counter() - began, 1e-9)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    tset = build_set(
+        trainable, cfg, module_cfg, layers, in_scales, out_scales, adapter, model_id, fingerprint
+    )
+    if step >= cfg.steps:
+        save_set(tset, out)
+    return TrainResult(
+        tset=tset,
+        out_dir=out,
+        steps_done=step,
+        history=history,
+        tokens_per_second=trained_tokens / elapsed,
+        peak_memory_bytes=int(peak),
+    )
+
+
+@torch.no_grad()
+def _quick_eval(
+    trainable: _Trainable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    since_fired: torch.Tensor,
+    cfg: TrainConfig,
+) -> dict[str, float]:
+    """FVU, L0 and dead fraction on the fixed eval activations (scaled units)."""
+    parts = trainable.loss(x, y, None)
+    n_layers = x.shape[0]
+    l0 = float((parts.acts > 0).float().sum(-1).mean())
+    never_fired = (parts.acts > 0).any(1).logical_not().float().mean()
+    return {
+        "fvu": float(parts.mse) / n_layers,
+        "l0": l0,
+        "dead_fraction_eval": float(never_fired),
+        "dead_fraction_train": float((since_fired >= cfg.dead_after_tokens).float().mean()),
+    }

@@ -1,0 +1,78 @@
+"""Training: FVU falls, runs are deterministic, a killed run resumes bit-identically."""
+
+import pytest
+import torch
+
+from ingest.errors import FailedPreconditionError, InvalidArgumentError
+from ingest.transcoders.formats import load_any
+from ingest.transcoders.trainer import TrainConfig, train_transcoders
+from tests.ingest.transcoders.helpers import random_stream_source, tiny_adapter
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(**kw):
+    base = dict(
+        kind="transcoder", arch="topk", width=32, sparsity=4, steps=12, batch_size=32,
+        lr=5e-3, warmup_steps=2, buffer_rows=256, model_batch_size=8, seed=3,
+        eval_every=6, checkpoint_every=4, eval_windows=8, dead_after_tokens=64,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _train(tmp_path, name, cfg, **kw):
+    return train_transcoders(
+        tiny_adapter(), random_stream_source(), cfg, tmp_path / name, model_id="tiny",
+        progress=False, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "arch"), [("transcoder", "topk"), ("transcoder", "relu"), ("clt", "jumprelu")]
+)
+def test_training_reduces_fvu(tmp_path, kind, arch):
+    sparsity = {"topk": 4, "relu": 0.05, "jumprelu": 0.001}[arch]
+    result = _train(tmp_path, "run", _cfg(kind=kind, arch=arch, sparsity=sparsity, steps=40,
+                                          eval_every=5))  # fmt: skip
+    fvus = [h["fvu"] for h in result.history]
+    assert fvus[-1] < 0.8 * fvus[0], fvus
+    assert load_any(tmp_path / "run").kind == kind
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    a = _train(tmp_path, "a", _cfg()).tset.state_dict()
+    b = _train(tmp_path, "b", _cfg()).tset.state_dict()
+    c = _train(tmp_path, "c", _cfg(seed=4)).tset.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize(("kind", "arch"), [("transcoder", "topk"), ("clt", "jumprelu")])
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch):
+    cfg = _cfg(kind=kind, arch=arch, sparsity=4 if arch == "topk" else 0.01, skip=True,
+               buffer_rows=128)  # fmt: skip
+    full = _train(tmp_path, "full", cfg)
+    # Killed after step 10: its last checkpoint is at step 8, and it exported nothing.
+    killed = _train(tmp_path, "killed", cfg, stop_after=10)
+    assert killed.steps_done == 10
+    assert not (tmp_path / "killed" / "config.yaml").exists()
+    with pytest.raises(FailedPreconditionError, match="--resume"):
+        _train(tmp_path, "killed", cfg)
+    resumed = _train(tmp_path, "killed", cfg, resume=True)
+    a, b = full.tset.state_dict(), resumed.tset.state_dict()
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert full.history == resumed.history
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    _train(tmp_path, "run", _cfg(), stop_after=5)
+    with pytest.raises(FailedPreconditionError, match="another configuration"):
+        _train(tmp_path, "run", _cfg(lr=1e-3), resume=True)
+
+
+def test_layer_out_of_range(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        _train(tmp_path, "run", _cfg(layers=(0, 7)))
