@@ -9,6 +9,8 @@ from ingest.models import FrozenState, ModelAdapter, adapter_from_hf
 from tests.ingest.models.helpers import ARCHS, cached, random_ids, tolerance
 
 pytestmark = pytest.mark.unit
+# torch.func.jvp loads decompositions that torch itself scripts with a deprecated API
+JIT_WARNING = "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -41,6 +43,7 @@ def test_frozen_forward_reproduces_the_normal_forward(arch: str, dtype: torch.dt
     assert torch.equal(spliced, rec.logits)
 
 
+@pytest.mark.filterwarnings(JIT_WARNING)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_frozen_map_from_resid0_is_affine(arch: str, dtype: torch.dtype) -> None:
