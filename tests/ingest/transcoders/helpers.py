@@ -68,20 +68,26 @@ def assert_sets_equal(a: TranscoderSet, b: TranscoderSet) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-def tiny_adapter(seed: int = 0, vocab: int = 40, d_model: int = D_MODEL, n_layers: int = 2):
-    """A real (randomly initialised) GPT-2 through the model adapter."""
+def tiny_gpt2(seed: int = 0, vocab: int = 40, n_layers: int = 2, act: str = "gelu_new"):
+    """A real, randomly initialised GPT-2 (d_model = D_MODEL, d_mlp = 4 * D_MODEL)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from ingest.models import adapter_from_hf
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=vocab, n_positions=32, n_embd=d_model, n_layer=n_layers, n_head=2,
-        n_inner=4 * d_model, initializer_range=0.2,
+        vocab_size=vocab, n_positions=32, n_embd=D_MODEL, n_layer=n_layers, n_head=2,
+        n_inner=4 * D_MODEL, initializer_range=0.2, activation_function=act,
+        bos_token_id=0, eos_token_id=1,
     )  # fmt: skip
     model = GPT2LMHeadModel(cfg).eval()
     model.config._attn_implementation = "eager"
-    return adapter_from_hf(model)
+    return model
+
+
+def tiny_adapter(seed: int = 0, vocab: int = 40, n_layers: int = 2):
+    """The model adapter over :func:`tiny_gpt2`."""
+    from ingest.models import adapter_from_hf
+
+    return adapter_from_hf(tiny_gpt2(seed, vocab, n_layers))
 
 
 def random_stream_source(

@@ -1,0 +1,243 @@
+"""Evaluation of a transcoder set against its model (DESIGN 5.1 metrics).
+
+On the eval split of a prompt source, at real (unpadded) token positions:
+
+- ``l0``: mean number of active latents per token, per layer;
+- ``fvu``: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2`` per layer (clean inputs);
+- ``dead_fraction``: latents that never fire on the eval tokens;
+- CE loss recovered ``(CE_ablate - CE_splice) / (CE_ablate - CE_clean)`` and delta loss
+  ``CE_splice - CE_clean``, with each layer's MLP output replaced by the set's estimate
+  (splice) or by zero (ablate), for each layer alone and for all covered layers together;
+  splicing alone uses clean upstream activations, splicing all feeds each estimate the
+  spliced model's own activations (for SAEs, the true MLP's output on them);
+- ``kl``: mean KL(clean || spliced) of the next-token distributions;
+- for zoo models (``zoo.json`` in the model directory): the task metric with every
+  covered MLP replaced, next to the clean model's.
+
+Next-token cross-entropy counts position t when tokens t and t + 1 are both real.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ingest.transcoders.sources import Source
+from ingest.transcoders.transcoder_set import TranscoderSet
+
+logger = logging.getLogger(__name__)
+
+Replacements = dict[int, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _pred_mask(mask: torch.Tensor) -> torch.Tensor:
+    """mask: (B, T) -> (B, T - 1): positions whose next token is real."""
+    return mask[:, :-1] & mask[:, 1:]
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), ids (B, T), mask (B, T) -> summed CE over counted positions."""
+    keep = _pred_mask(mask)
+    logp = F.log_softmax(logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return nll[keep].sum()
+
+
+def kl_divergence(clean: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed KL(clean || other) over counted positions; logits (B, T, V)."""
+    keep = _pred_mask(mask)
+    p = F.log_softmax(clean[:, :-1].float(), -1)
+    q = F.log_softmax(other[:, :-1].float(), -1)
+    return (p.exp() * (p - q)).sum(-1)[keep].sum()
+
+
+def all_layer_replacements(adapter: Any, tset: TranscoderSet) -> Replacements:
+    """Replacements that run every covered MLP through the set on the live activations."""
+    layers = tset.layers
+    if tset.kind == "sae":
+
+        def sae(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda mlp_in: tset.module(layer)(adapter.mlp(layer, mlp_in))
+
+        return {layer: sae(layer) for layer in layers}
+    if tset.clt is None:
+        return {layer: tset.module(layer) for layer in layers}
+    clt = tset.clt
+    acts: dict[int, torch.Tensor] = {}
+
+    def cross(pos: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def replace(mlp_in: torch.Tensor) -> torch.Tensor:
+            acts[pos] = clt.encode(pos, mlp_in)
+            return clt.decode_layer(pos, [acts[s] for s in range(pos + 1)], mlp_in)
+
+        return replace
+
+    return {layer: cross(pos) for pos, layer in enumerate(layers)}
+
+
+@dataclass
+class _LayerSums:
+    """Running sums of one layer's metrics over eval batches."""
+
+    y_sum: torch.Tensor  # (d_model,) float64
+    fired: torch.Tensor  # (d_transcoder,) bool
+    ce_splice: float = 0.0
+    ce_ablate: float = 0.0
+    kl: float = 0.0
+    l0: float = 0.0
+    err: float = 0.0
+    y_sq: float = 0.0
+
+    @classmethod
+    def zeros(cls, d_model: int, d_transcoder: int) -> "_LayerSums":
+        return cls(
+            torch.zeros(d_model, dtype=torch.float64), torch.zeros(d_transcoder, dtype=torch.bool)
+        )
+
+
+def _const(value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda _mlp_in: value
+
+
+@torch.no_grad()
+def evaluate_set(
+    adapter: Any,
+    tset: TranscoderSet,
+    source: Source,
+    *,
+    n_windows: int = 64,
+    batch_size: int = 16,
+    zoo_dir: str | Path | None = None,
+    tokenizer: Any = None,
+    max_task_examples: int = 512,
+) -> dict[str, Any]:
+    """All metrics of the module docstring as a JSON-ready dict."""
+    tset.check_fits(adapter)
+    layers = tset.layers
+    n = min(n_windows, source.n_windows("eval"))
+    windows = source.get("eval", 0, n)
+    d_t = tset.d_transcoder
+    sums: dict[str, Any] = {
+        "tokens": 0.0,
+        "pred_tokens": 0.0,
+        "ce_clean": 0.0,
+        "ce_splice_all": 0.0,
+        "ce_ablate_all": 0.0,
+        "kl_all": 0.0,
+    }
+    per = {layer: _LayerSums.zeros(tset.d_model, d_t) for layer in layers}
+    for lo in range(0, n, batch_size):
+        ids = windows.ids[lo : lo + batch_size].to(adapter.device)
+        mask = windows.mask[lo : lo + batch_size].to(adapter.device)
+        rec = adapter(ids, record=True)
+        clean = rec.logits
+        inputs: list[torch.Tensor | None] = [None] * adapter.n_layers
+        for layer in layers:
+            inputs[layer] = rec.mlp_out[layer] if tset.kind == "sae" else rec.mlp_in[layer]
+        estimates = tset.reconstruct(inputs)
+        sums["tokens"] += float(mask.sum())
+        sums["pred_tokens"] += float(_pred_mask(mask).sum())
+        sums["ce_clean"] += float(next_token_ce(clean, ids, mask))
+        for layer in layers:
+            stats = per[layer]
+            x = inputs[layer]
+            assert x is not None
+            acts = tset.encode(layer, x)[mask]  # (n, d_t)
+            stats.l0 += float((acts > 0).sum())
+            stats.fired |= (acts > 0).any(0).cpu()
+            y = rec.mlp_out[layer][mask].double()
+            y_hat = estimates[layer]
+            assert y_hat is not None
+            stats.err += float((y - y_hat[mask].double()).pow(2).sum())
+            stats.y_sum += y.sum(0).cpu()
+            stats.y_sq += float(y.pow(2).sum())
+            spliced = adapter(ids, mlp_replacements={layer: _const(y_hat)})
+            ablated = adapter(ids, mlp_replacements={layer: _const(torch.zeros_like(y_hat))})
+            stats.ce_splice += float(next_token_ce(spliced, ids, mask))
+            stats.ce_ablate += float(next_token_ce(ablated, ids, mask))
+            stats.kl += float(kl_divergence(clean, spliced, mask))
+        spliced_all = adapter(ids, mlp_replacements=all_layer_replacements(adapter, tset))
+        zeros = {layer: _const(torch.zeros_like(rec.mlp_out[layer])) for layer in layers}
+        ablated_all = adapter(ids, mlp_replacements=zeros)
+        sums["ce_splice_all"] += float(next_token_ce(spliced_all, ids, mask))
+        sums["ce_ablate_all"] += float(next_token_ce(ablated_all, ids, mask))
+        sums["kl_all"] += float(kl_divergence(clean, spliced_all, mask))
+
+    n_tok, n_pred = max(sums["tokens"], 1.0), max(sums["pred_tokens"], 1.0)
+    ce_clean = sums["ce_clean"] / n_pred
+    report: dict[str, Any] = {"set_id": tset.metadata.set_id, "tokens": int(n_tok)}
+    layer_reports = {}
+    for layer in layers:
+        stats = per[layer]
+        ce_splice, ce_ablate = stats.ce_splice / n_pred, stats.ce_ablate / n_pred
+        variance = stats.y_sq - float(stats.y_sum.pow(2).sum()) / n_tok
+        layer_reports[str(layer)] = {
+            "l0": stats.l0 / n_tok,
+            "fvu": stats.err / max(variance, 1e-12),
+            "dead_fraction": float((~stats.fired).float().mean()),
+            "ce_clean": ce_clean,
+            "ce_splice": ce_splice,
+            "ce_ablate": ce_ablate,
+            "ce_loss_recovered": recovered(ce_clean, ce_splice, ce_ablate),
+            "delta_loss": ce_splice - ce_clean,
+            "kl": stats.kl / n_pred,
+        }
+    ce_all, ce_abl_all = sums["ce_splice_all"] / n_pred, sums["ce_ablate_all"] / n_pred
+    report["layers"] = layer_reports
+    report["all_layers"] = {
+        "ce_clean": ce_clean,
+        "ce_splice": ce_all,
+        "ce_ablate": ce_abl_all,
+        "ce_loss_recovered": recovered(ce_clean, ce_all, ce_abl_all),
+        "delta_loss": ce_all - ce_clean,
+        "kl": sums["kl_all"] / n_pred,
+    }
+    values = list(layer_reports.values())
+    report["mean"] = {
+        key: sum(v[key] for v in values) / len(values)
+        for key in ("l0", "fvu", "dead_fraction", "ce_loss_recovered", "delta_loss", "kl")
+    }
+    if zoo_dir is not None and (Path(zoo_dir) / "zoo.json").is_file():
+        report["task"] = task_metric(adapter, tset, Path(zoo_dir), tokenizer, max_task_examples)
+    return report
+
+
+def recovered(ce_clean: float, ce_splice: float, ce_ablate: float) -> float:
+    """(CE_ablate - CE_splice) / (CE_ablate - CE_clean); nan when ablation changes nothing."""
+    denom = ce_ablate - ce_clean
+    return (ce_ablate - ce_splice) / denom if abs(denom) > 1e-12 else float("nan")
+
+
+@torch.no_grad()
+def task_metric(
+    adapter: Any, tset: TranscoderSet, zoo_dir: Path, tokenizer: Any, max_examples: int = 512
+) -> dict[str, Any]:
+    """The zoo task's held-out metrics, clean and with every covered MLP replaced."""
+    from ingest.zoo.checkpoint import read_manifest, task_for_spec
+    from ingest.zoo.evaluation import encode_examples
+
+    task = task_for_spec(read_manifest(zoo_dir).spec)
+    examples = task.examples("heldout")[:max_examples]
+    totals: dict[str, dict[str, float]] = {"clean": {}, "spliced": {}}
+    for lo in range(0, len(examples), 128):
+        batch = encode_examples(task, tokenizer, examples[lo : lo + 128])
+        ids = batch.input_ids.to(adapter.device)
+        runs = {
+            "clean": adapter(ids),
+            "spliced": adapter(ids, mlp_replacements=all_layer_replacements(adapter, tset)),
+        }
+        for name, logits in runs.items():
+            for metric, values in task.metrics(logits.float().cpu(), batch).items():
+                totals[name][metric] = totals[name].get(metric, 0.0) + float(values.sum())
+    out: dict[str, Any] = {"task": task.name, "examples": len(examples)}
+    for name, metric_sums in totals.items():
+        out[name] = task.summarize({k: v / len(examples) for k, v in metric_sums.items()})
+    main = task.quality_bars()[0].metric if task.quality_bars() else next(iter(out["clean"]))
+    clean, spliced = out["clean"].get(main, float("nan")), out["spliced"].get(main, float("nan"))
+    out["metric"] = main
+    out["fraction_kept"] = spliced / clean if clean else float("nan")
+    return out
