@@ -109,12 +109,16 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         logger.warning("no bearer tokens configured: every caller is accepted")
     store_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="store")
     probe_pool = ThreadPoolExecutor(1, thread_name_prefix="health")
+    model_pool = ThreadPoolExecutor(config.model_workers, thread_name_prefix="model")
     runner = BlockingRunner(store_pool, config.default_timeout_s)
+    model_runner = BlockingRunner(model_pool, config.default_timeout_s)
 
     server = aio.server(
         interceptors=interceptors, options=channel_options(config.max_message_bytes)
     )
-    graph_service_pb2_grpc.add_GraphServiceServicer_to_server(GraphServicer(store, runner), server)
+    graph_service_pb2_grpc.add_GraphServiceServicer_to_server(
+        GraphServicer(store, runner, model_runner), server
+    )
     feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(
         FeatureServicer(store, runner), server
     )
@@ -148,7 +152,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         "on" if config.auth_enabled else "off",
     )
     return RunningServer(
-        server, port, health_servicer, monitor, (store_pool, probe_pool), config.grace_s
+        server, port, health_servicer, monitor, (store_pool, probe_pool, model_pool), config.grace_s
     )
 
 

@@ -17,10 +17,14 @@ from ingest.store.base import GraphStore
 from service import convert
 from service._generated.circuits.v1 import graph_service_pb2 as pb
 from service._generated.circuits.v1 import graph_service_pb2_grpc
+from service.artifacts import check_threshold, reprune
 from service.pagination import decode_page_token, encode_page_token, page_size
 from service.runner import BlockingRunner
 
 DEFAULT_CHUNK = 5000
+# DESIGN.md section 5.3 defaults, used when a graph does not record its own.
+DEFAULT_NODE_THRESHOLD = 0.8
+DEFAULT_EDGE_THRESHOLD = 0.98
 MAX_CHUNK = 50_000
 
 
@@ -44,9 +48,12 @@ def _required(name: str, value: str) -> str:
 class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
     """Reads of stored attribution graphs."""
 
-    def __init__(self, store: GraphStore, runner: BlockingRunner) -> None:
+    def __init__(
+        self, store: GraphStore, runner: BlockingRunner, model_runner: BlockingRunner
+    ) -> None:
         self._store = store
         self._run = runner
+        self._model = model_runner
 
     async def ListGraphs(
         self, request: pb.ListGraphsRequest, context: aio.ServicerContext
@@ -78,6 +85,32 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
     ) -> pb.GetGraphResponse:
         graph_id = _required("graph_id", request.graph_id)
         summary = await self._run.call(context, self._store.get_graph_summary, graph_id)
+        if request.HasField("node_threshold") or request.HasField("edge_threshold"):
+            stored = summary.metadata
+            node_threshold = check_threshold(
+                "node_threshold",
+                request.node_threshold
+                if request.HasField("node_threshold")
+                else stored.node_threshold or DEFAULT_NODE_THRESHOLD,
+            )
+            edge_threshold = check_threshold(
+                "edge_threshold",
+                request.edge_threshold
+                if request.HasField("edge_threshold")
+                else stored.edge_threshold or DEFAULT_EDGE_THRESHOLD,
+            )
+            graph = await self._model.call(
+                context,
+                reprune,
+                graph_id,
+                stored.artifact_uri,
+                node_threshold,
+                edge_threshold,
+                pass_timeout=False,
+            )
+            # The artifact's metadata predates storing; keep the stored identity fields.
+            graph.metadata.artifact_uri = stored.artifact_uri
+            return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
         graph = await self._run.call(context, self._store.get_graph, graph_id)
         return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
 

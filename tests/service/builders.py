@@ -10,7 +10,9 @@ have one right answer.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +27,9 @@ from ingest.graph import (
     logit_node_id,
     token_node_id,
 )
+
+if TYPE_CHECKING:
+    from ingest.attribution.result import AttributionResult
 
 SET_ID = "test-set"
 MODEL_ID = "test-model"
@@ -125,3 +130,25 @@ def features(n_layers: int = 2, width: int = 3) -> list[FeatureRecord]:
         for layer in range(n_layers)
         for i in range(width)
     ]
+
+
+def layered_result(graph_id: str, **kwargs: object) -> AttributionResult:
+    """The full (dense) form of :func:`layered_graph`, as attribution would return it."""
+    import torch
+
+    from ingest.attribution.layout import NodeLayout
+    from ingest.attribution.result import AttributionResult
+
+    graph = layered_graph(graph_id, **kwargs)  # type: ignore[arg-type]
+    order = (NodeKind.FEATURE, NodeKind.ERROR, NodeKind.TOKEN, NodeKind.LOGIT)
+    nodes = sorted(graph.nodes, key=lambda n: order.index(n.kind))
+    nodes = [dataclasses.replace(n, influence=None) for n in nodes]
+    index = {n.node_id: i for i, n in enumerate(nodes)}
+    adjacency = torch.zeros(len(nodes), len(nodes), dtype=torch.float32)  # (n, n) rows targets
+    for source, target, weight in graph.edge_list():
+        adjacency[index[target], index[source]] = weight
+    counts = {k: sum(n.kind is k for n in nodes) for k in order}
+    layout = NodeLayout(*(counts[k] for k in order))
+    logit_probs = torch.tensor([n.token_prob for n in nodes if n.kind is NodeKind.LOGIT])
+    n_layers = max(n.layer for n in nodes if n.kind is NodeKind.ERROR) + 1
+    return AttributionResult(graph.metadata, layout, nodes, adjacency, logit_probs, n_layers)

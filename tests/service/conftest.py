@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ingest.attribution.artifact import save_artifact
 from ingest.graph import ModelRecord, TranscoderSetRecord
 from ingest.store import open_store
 from ingest.store.base import GraphStore
@@ -32,6 +33,17 @@ GRAPHS: dict[str, dict[str, object]] = {
 }
 
 
+ARTIFACT_GRAPH = "g-artifact"
+ARTIFACT_GRAPH_KWARGS: dict[str, object] = {
+    "n_layers": 3,
+    "width": 3,
+    "n_logits": 2,
+    "task": "artifact",
+    "prompt": "with artifact",
+}
+ALL_GRAPH_IDS = sorted([*GRAPHS, ARTIFACT_GRAPH])
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GraphStore]:
     data_dir = tmp_path_factory.mktemp("service-db")
@@ -42,6 +54,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GraphStore]:
         graph_store.upsert_features(builders.features(n_layers=3, width=4))
         for graph_id, kwargs in GRAPHS.items():
             graph_store.write_graph(builders.layered_graph(graph_id, **kwargs))  # type: ignore[arg-type]
+        # A graph stored pruned, with its full artifact on disk (as the worker leaves it).
+        result = builders.layered_result(ARTIFACT_GRAPH, **ARTIFACT_GRAPH_KWARGS)
+        artifact = save_artifact(result, data_dir / "artifacts" / ARTIFACT_GRAPH)
+        pruned = result.to_graph(pruned=True)
+        pruned.metadata.artifact_uri = artifact.resolve().as_uri()
+        graph_store.write_graph(pruned)
         yield graph_store
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ingest.errors import InvalidArgumentError, NotFoundError
+from ingest.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from ingest.graph import AttributionGraph
 from ingest.store.base import GraphStore
 from service.client import CircuitsClient
 from tests.service import builders
-from tests.service.conftest import GRAPHS
+from tests.service.conftest import (
+    ALL_GRAPH_IDS,
+    ARTIFACT_GRAPH,
+    ARTIFACT_GRAPH_KWARGS,
+    GRAPHS,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +53,7 @@ def test_list_graphs_pages_through_every_graph_once(client: CircuitsClient) -> N
         if page.next_cursor is None:
             break
         token = page.next_cursor
-    assert sorted(seen) == sorted(GRAPHS) and len(seen) == len(set(seen))
+    assert sorted(seen) == ALL_GRAPH_IDS and len(seen) == len(set(seen))
 
 
 def test_list_graphs_filters(client: CircuitsClient) -> None:
@@ -119,4 +124,39 @@ def test_page_token_is_bound_to_its_filters(client: CircuitsClient) -> None:
 
 def test_oversized_page_is_clamped(client: CircuitsClient) -> None:
     page = client.list_graphs(page_size=10**6)
-    assert len(page.items) == len(GRAPHS) and page.next_cursor is None
+    assert len(page.items) == len(ALL_GRAPH_IDS) and page.next_cursor is None
+
+
+def test_get_graph_reprunes_the_artifact_at_requested_thresholds(client: CircuitsClient) -> None:
+    result = builders.layered_result(ARTIFACT_GRAPH, **ARTIFACT_GRAPH_KWARGS)
+    stored = client.get_graph(ARTIFACT_GRAPH)
+    assert _edge_set(stored) == _edge_set(result.to_graph(pruned=True))
+    for node_threshold, edge_threshold in ((1.0, 1.0), (0.5, 0.6)):
+        served = client.get_graph(
+            ARTIFACT_GRAPH, node_threshold=node_threshold, edge_threshold=edge_threshold
+        )
+        expected = result.to_graph(
+            pruned=True, node_threshold=node_threshold, edge_threshold=edge_threshold
+        )
+        assert [n.node_id for n in served.nodes] == [n.node_id for n in expected.nodes]
+        assert _edge_set(served) == pytest.approx(_edge_set(expected))
+        assert served.metadata.node_threshold == node_threshold
+        assert served.metadata.completeness_score == pytest.approx(
+            expected.metadata.completeness_score
+        )
+    loose = client.get_graph(ARTIFACT_GRAPH, node_threshold=1.0, edge_threshold=1.0)
+    tight = client.get_graph(ARTIFACT_GRAPH, node_threshold=0.5, edge_threshold=0.6)
+    assert tight.n_edges < loose.n_edges
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.1, 1.5, float("nan"), float("inf")])
+def test_invalid_thresholds_are_invalid_arguments(client: CircuitsClient, threshold: float) -> None:
+    with pytest.raises(InvalidArgumentError, match="node_threshold"):
+        client.get_graph(ARTIFACT_GRAPH, node_threshold=threshold)
+
+
+def test_repruning_a_graph_without_artifact_is_a_failed_precondition(
+    client: CircuitsClient,
+) -> None:
+    with pytest.raises(FailedPreconditionError, match="no full-graph artifact"):
+        client.get_graph("g-alpha", edge_threshold=0.9)

@@ -1,0 +1,58 @@
+"""Re-pruning a stored graph's full artifact at thresholds chosen on read.
+
+The store keeps the graph pruned at ingest time; the worker keeps the full graph as a
+compact artifact (:mod:`ingest.attribution.artifact`) whose ``file://`` URI is in the
+graph's metadata. GetGraph with thresholds loads that artifact and prunes it again
+(DESIGN.md section 5.3, :meth:`AttributionResult.to_graph`). Loading means torch and
+a dense ``(n, n)`` matrix, so callers run this in the model pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from ingest.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from ingest.graph import AttributionGraph
+
+
+def check_threshold(name: str, value: float) -> float:
+    """A cumulative-share threshold must be in (0, 1]."""
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise InvalidArgumentError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+def artifact_path(graph_id: str, uri: str | None) -> Path:
+    """The local directory of a graph's artifact URI (``file://`` only)."""
+    if not uri:
+        raise FailedPreconditionError(
+            f"graph {graph_id!r} has no full-graph artifact, so it cannot be re-pruned; "
+            "omit the thresholds to get the stored pruned graph"
+        )
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("file", ""):
+        raise FailedPreconditionError(
+            f"graph {graph_id!r} keeps its artifact at a {parsed.scheme!r} URI, which this "
+            "server cannot read; omit the thresholds to get the stored pruned graph"
+        )
+    path = Path(unquote(parsed.path))
+    if not path.is_dir():
+        raise NotFoundError(
+            f"the artifact of graph {graph_id!r} is missing from this server's disk; "
+            "omit the thresholds, or re-ingest the prompt"
+        )
+    return path
+
+
+def reprune(
+    graph_id: str, uri: str | None, node_threshold: float, edge_threshold: float
+) -> AttributionGraph:
+    """The artifact of ``graph_id`` pruned at the given thresholds."""
+    from ingest.attribution.artifact import load_artifact
+
+    result = load_artifact(artifact_path(graph_id, uri))
+    return result.to_graph(
+        pruned=True, node_threshold=node_threshold, edge_threshold=edge_threshold
+    )
