@@ -369,6 +369,7 @@ class ModelAdapter(nn.Module):
                 "attn_norm": [b.attn_norm.kind, b.attn_norm.eps],
                 "mlp_norm": [b.mlp_norm.kind, b.mlp_norm.eps],
                 "attn_scale": b.attn.scale,
+                "window": b.attn.window,
                 "act": b.mlp.act_name,
                 "gated": b.mlp.gated,
                 "parallel_residual": bool(b.parallel_residual),

@@ -79,7 +79,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped key/value heads (Ainslie et al. 2023)."""
+    """Causal multi-head attention with grouped key/value heads (Ainslie et al. 2023) and
+    an optional sliding window (Beltagy et al. 2020; Jiang et al. 2023, Mistral)."""
 
     W_Q: Tensor
     W_K: Tensor
@@ -97,6 +98,7 @@ class Attention(nn.Module):
         if n_heads % n_kv:
             raise ValueError(f"{n_heads} query heads cannot share {n_kv} key/value heads")
         self.scale = float(w.scale)
+        self.window = None if w.window is None else int(w.window)
         for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
             self.register_buffer(name, _detached(getattr(w, name)))
         # query head h reads key/value head h // (H // K)
@@ -131,8 +133,10 @@ class Attention(nn.Module):
         k = k[:, self.kv_index]  # (B, H, T, e)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, H, T, T)
         T = x.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if self.window is not None:
+            visible = visible.triu(1 - self.window)  # key j visible from i iff j > i - window
+        scores = scores.masked_fill(~visible, float("-inf"))
         if scores.dtype in _HALF:
             return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         return torch.softmax(scores, dim=-1)

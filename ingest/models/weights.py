@@ -53,7 +53,8 @@ class NormWeights:
 
 @dataclass
 class AttentionWeights:
-    """One attention sublayer, per head; ``scale`` multiplies ``q . k`` before softmax."""
+    """One attention sublayer, per head; ``scale`` multiplies ``q . k`` before softmax;
+    ``window`` (sliding-window attention, Mistral) lets query i see keys j > i - window."""
 
     W_Q: Tensor  # (H, d, e)
     W_K: Tensor  # (K, d, e)
@@ -64,6 +65,7 @@ class AttentionWeights:
     b_V: Tensor | None  # (K, e)
     b_O: Tensor | None  # (d,)
     scale: float
+    window: int | None = None
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Llama (Touvron et al. 2023): RMSNorm, rotary embeddings on the full head, SwiGLU MLP,
-grouped-query attention, optionally tied embeddings.
+grouped-query attention, optionally tied embeddings. Mistral (Jiang et al. 2023) and
+Qwen2 share the module layout and add a sliding attention window (Qwen2 also has
+query/key/value biases), so they are read by the same converter.
 
 HF's projections are ``nn.Linear`` (out, in). ``q_proj`` has ``H * e`` outputs and
 ``k_proj``/``v_proj`` ``K * e``; query head h reads key/value head ``h // (H / K)``
@@ -37,7 +39,17 @@ def _heads_in(linear, n: int, e: int) -> tuple:
     return W, b
 
 
-@register_family("llama", "llama")
+def _windows(cfg: Any) -> list[int | None]:
+    """Per layer, the sliding window or None: Qwen2 names each layer's kind in
+    ``layer_types``; Mistral applies ``sliding_window`` to every layer."""
+    window = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds is None:
+        return [window] * cfg.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in kinds]
+
+
+@register_family("llama", "llama", "mistral", "qwen2")
 def convert_llama(model: PreTrainedModel) -> CanonicalWeights:
     m: Any = model  # the HF module tree is untyped
     cfg = m.config
@@ -45,8 +57,9 @@ def convert_llama(model: PreTrainedModel) -> CanonicalWeights:
     d, H = cfg.hidden_size, cfg.num_attention_heads
     K = cfg.num_key_value_heads or H
     e = getattr(cfg, "head_dim", None) or d // H
+    windows = _windows(cfg)
     layers = []
-    for layer in base.layers:
+    for idx, layer in enumerate(base.layers):
         sa = layer.self_attn
         W_Q, b_Q = _heads_in(sa.q_proj, H, e)
         W_K, b_K = _heads_in(sa.k_proj, K, e)
@@ -61,6 +74,7 @@ def convert_llama(model: PreTrainedModel) -> CanonicalWeights:
             b_V=b_V,
             b_O=sa.o_proj.bias,
             scale=float(sa.scaling),
+            window=windows[idx],
         )
         mlp = MLPWeights(
             W_in=layer.mlp.up_proj.weight.T,

@@ -19,8 +19,12 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 VOCAB = 48
@@ -66,11 +70,45 @@ BUILDERS: dict[str, Callable[[], PreTrainedModel]] = {
 ARCHS = list(BUILDERS)
 PARALLEL = {"neox_parallel"}
 
+_SMALL = {"max_position_embeddings": N_CTX, "hidden_size": 32, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "intermediate_size": 48, "initializer_range": 0.3,
+          "vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1}  # fmt: skip
+
+# Less common settings of the same families: attention scaling, biases, rope scaling
+# (rotary angles come from HF's own module), sliding windows.
+VARIANTS: dict[str, Callable[[], PreTrainedModel]] = {
+    "gpt2_scaled_relu": lambda: GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB, n_positions=N_CTX, n_embd=32, n_layer=2, n_head=4,
+        scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True,
+        activation_function="relu", initializer_range=0.3, bos_token_id=0, eos_token_id=1,
+    )),
+    "neox_no_bias_full_rotary": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+        **_SMALL, attention_bias=False, rotary_pct=1.0, hidden_act="gelu_fast",
+    )),
+    "llama_rope_linear": lambda: LlamaForCausalLM(LlamaConfig(
+        **_SMALL, num_key_value_heads=2,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0},
+    )),
+    "llama_rope_yarn": lambda: LlamaForCausalLM(LlamaConfig(
+        **_SMALL, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "rope_theta": 100.0,
+            "original_max_position_embeddings": 4,
+        },
+    )),
+    "mistral_window": lambda: MistralForCausalLM(MistralConfig(
+        **_SMALL, num_key_value_heads=2, sliding_window=4,
+    )),
+    "qwen2_window": lambda: Qwen2ForCausalLM(Qwen2Config(
+        **_SMALL, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+        max_window_layers=1,
+    )),
+}  # fmt: skip
+
 
 def build(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
     """A fresh tiny model of ``arch`` in eval mode with eager attention."""
     torch.manual_seed(seed)
-    model = BUILDERS[arch]()
+    model = (BUILDERS | VARIANTS)[arch]()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or ".ln_" in name or name.endswith("ln_f.weight"):
