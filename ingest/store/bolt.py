@@ -282,10 +282,9 @@ class BoltGraphStore(GraphStore):
 
         set_id = graph.metadata.set_id
         node_rows = [node_props(n, i, gid, set_id) for i, n in enumerate(graph.nodes)]
-        ids = [n.node_id for n in graph.nodes]
         src, dst, w = graph.sources.tolist(), graph.targets.tolist(), graph.weights.tolist()
         edge_rows = [
-            {"s": ids[s], "t": ids[t], "w": wt, "i": i}
+            {"s": s, "t": t, "w": wt, "i": i}
             for i, (s, t, wt) in enumerate(zip(src, dst, w, strict=True))
         ]
         total = len(node_rows) + len(edge_rows)
@@ -299,6 +298,8 @@ class BoltGraphStore(GraphStore):
                 ("nodes", cypher.CREATE_GNODES, node_rows),
                 ("edges", cypher.CREATE_ATTR_EDGES, edge_rows),
             ):
+                if on_batch is not None:
+                    on_batch(phase, 0, len(rows))
                 for start in range(0, len(rows), size):
                     chunk = rows[start : start + size]
                     self._write(
@@ -381,22 +382,25 @@ class BoltGraphStore(GraphStore):
                 f"no complete graph {graph_id!r} in the store; list graphs to find its id"
             )
         nodes = [node_from_props(r["p"]) for r in _rows(tx.run(cypher.GRAPH_NODES, params))]
-        edges = _rows(tx.run(cypher.GRAPH_EDGES, params))
+        cols = _rows(tx.run(cypher.GRAPH_EDGES, params))
         tail = _rows(tx.run(cypher.GRAPH_SUMMARY, params))
         summary = summary_from_props(head[0]["p"])
+        col = cols[0] if cols else {"s": [], "t": [], "w": [], "i": []}
+        order = np.argsort(np.asarray(col["i"], dtype=np.int64), kind="stable")
         if (
             not tail
             or tail[0]["p"].get("write_id") != head[0]["p"].get("write_id")
             or len(nodes) != summary.n_nodes
-            or len(edges) != summary.n_edges
+            or not len(col["s"]) == len(col["t"]) == len(col["w"]) == summary.n_edges
+            or not np.array_equal(np.asarray(col["i"])[order], np.arange(summary.n_edges))
         ):
             return None
         return AttributionGraph(
             metadata=summary.metadata,
             nodes=nodes,
-            sources=np.array([e["s"] for e in edges], dtype=np.int64),
-            targets=np.array([e["t"] for e in edges], dtype=np.int64),
-            weights=np.array([e["w"] for e in edges], dtype=np.float32),
+            sources=np.asarray(col["s"], dtype=np.int64)[order],
+            targets=np.asarray(col["t"], dtype=np.int64)[order],
+            weights=np.asarray(col["w"], dtype=np.float32)[order],
         )
 
     def list_graphs(

@@ -20,7 +20,7 @@ from pathlib import Path
 from ingest.errors import InvalidArgumentError
 
 EMBEDDED_DATABASE = "circuitscope"
-DEFAULT_BATCH_SIZE = 5000
+DEFAULT_BATCH_SIZE = 10_000
 
 
 def default_data_dir() -> Path:

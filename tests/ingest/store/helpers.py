@@ -145,3 +145,9 @@ def catalog(n_layers: int = 3, set_id: str = SET_ID) -> list[FeatureRecord]:
         for layer in range(n_layers)
         for index in range(VOCAB)
     ]
+
+
+def crash_in_edges(phase: str, done: int, total: int) -> None:
+    """A write_graph ``on_batch`` callback that fails after the first batch of edges."""
+    if phase == "edges" and done > 0:
+        raise RuntimeError("simulated crash")

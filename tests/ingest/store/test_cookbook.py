@@ -23,7 +23,7 @@ import pytest
 
 from ingest.graph import AttributionGraph
 from ingest.store.base import GraphStore
-from tests.ingest.store.helpers import catalog, make_graph, to_networkx
+from tests.ingest.store.helpers import catalog, crash_in_edges, make_graph, to_networkx
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def known(store: GraphStore) -> Known:
     for graph in graphs[:3]:
         store.write_graph(graph)
     with pytest.raises(RuntimeError):  # left incomplete on purpose
-        store.write_graph(graphs[3], on_batch=lambda *a: (_ for _ in ()).throw(RuntimeError()))
+        store.write_graph(graphs[3], on_batch=crash_in_edges)
     store.upsert_features(catalog(set_id=set_id))
     return Known(uid, task, set_id, graphs[:3])
 

@@ -12,7 +12,7 @@ import pytest
 from ingest.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from ingest.graph import AttributionGraph, FeatureRecord, ModelRecord, TranscoderSetRecord
 from ingest.store.base import GraphStore
-from tests.ingest.store.helpers import catalog, make_graph, to_networkx
+from tests.ingest.store.helpers import catalog, crash_in_edges, make_graph, to_networkx
 
 pytestmark = pytest.mark.integration
 
@@ -216,7 +216,7 @@ def test_graphs_with_feature(store: GraphStore, uid: str) -> None:
         store.write_graph(graph)
     # The fourth graph is left incomplete: its features must not be reported.
     with pytest.raises(RuntimeError):
-        store.write_graph(graphs[3], on_batch=lambda *a: (_ for _ in ()).throw(RuntimeError()))
+        store.write_graph(graphs[3], on_batch=crash_in_edges)
     for layer, index in ((0, 1), (2, 4)):
         want = sorted(
             (graph.graph_id, n.pos, n.node_id)

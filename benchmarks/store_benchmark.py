@@ -1,0 +1,211 @@
+"""Graph store benchmark: write throughput and query latency on the embedded server.
+
+Writes random layered DAGs (the shape of attribution graphs: feature nodes at
+(layer, position), edges from lower to higher layers) of several sizes with several
+batch sizes, measuring nodes/s and relationships/s per phase; then measures the
+latency of ``subgraph`` (depth 1 and 2, top 10 edges per node), ``strongest_paths``
+and ``get_graph`` on the largest graph. Prints a table and writes
+``benchmarks/results/store.md``.
+
+    python3 benchmarks/store_benchmark.py                  # embedded server, temp dir
+    python3 benchmarks/store_benchmark.py --quick          # smaller sizes
+    NEO4J_URI=bolt://... python3 benchmarks/store_benchmark.py --use-env
+
+Targets: >= 15k relationships/s written, subgraph on a 100k-edge graph < 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from ingest.graph import AttributionGraph, GraphMetadata, Node, NodeKind, feature_node_id
+from ingest.store import StoreConfig, open_store
+from ingest.store.base import GraphStore
+from ingest.store.embedded import embedded_server
+
+RESULTS = Path(__file__).resolve().parent / "results" / "store.md"
+
+
+def random_graph(
+    graph_id: str, n_edges: int, seed: int = 0, n_layers: int = 12
+) -> AttributionGraph:
+    """A layered DAG with about n_edges / 10 nodes and exactly ``n_edges`` edges."""
+    rng = np.random.default_rng(seed)
+    n_nodes = max(n_edges // 10, 2 * n_layers)
+    layers = np.sort(rng.integers(0, n_layers, size=n_nodes))
+    nodes = [
+        Node(
+            feature_node_id(int(layer), i, int(i % 16)),
+            NodeKind.FEATURE,
+            int(layer),
+            i % 16,
+            feature=i,
+            activation=float(rng.uniform(0, 5)),
+            influence=float(rng.uniform()),
+        )
+        for i, layer in enumerate(layers)
+    ]
+    # Sample (source, target) pairs with layer(source) < layer(target), without repeats.
+    pairs: set[tuple[int, int]] = set()
+    while len(pairs) < n_edges:
+        s = rng.integers(0, n_nodes, size=2 * n_edges)
+        t = rng.integers(0, n_nodes, size=2 * n_edges)
+        ok = layers[s] < layers[t]
+        pairs.update(zip(s[ok].tolist(), t[ok].tolist(), strict=True))
+    edges = np.array(sorted(pairs)[:n_edges], dtype=np.int64)
+    rng.shuffle(edges)
+    meta = GraphMetadata(
+        graph_id, "bench-model", "bench-set", f"benchmark {graph_id}", task="benchmark"
+    )
+    return AttributionGraph(
+        meta, nodes, edges[:, 0], edges[:, 1], rng.normal(size=n_edges).astype(np.float32)
+    )
+
+
+def measure_write(store: GraphStore, graph: AttributionGraph, batch: int) -> dict[str, float]:
+    marks: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def on_batch(phase: str, done: int, total: int) -> None:
+        if done == total:
+            marks[phase] = time.perf_counter()
+
+    store.write_graph(graph, batch_size=batch, on_batch=on_batch, replace=True)
+    end = time.perf_counter()
+    nodes_s = marks["nodes"] - start  # includes claiming the graph id
+    edges_s = marks["edges"] - marks["nodes"]
+    return {
+        "nodes": graph.n_nodes,
+        "edges": graph.n_edges,
+        "batch": batch,
+        "nodes_per_s": graph.n_nodes / nodes_s,
+        "rels_per_s": graph.n_edges / edges_s,
+        "total_s": end - start,
+    }
+
+
+def latency_ms(fn, repeats: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    fn()  # warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times), max(times)
+
+
+def run(store: GraphStore, sizes: list[int], batches: list[int], repeats: int) -> str:
+    run_id = uuid.uuid4().hex[:6]
+    writes = []
+    for n_edges in sizes:
+        graph = random_graph(f"bench-{run_id}-{n_edges}", n_edges)
+        for batch in batches:
+            writes.append(measure_write(store, graph, batch))
+            print(
+                f"  wrote {n_edges} edges, batch {batch}: {writes[-1]['rels_per_s']:.0f} rels/s",
+                flush=True,
+            )
+    big = random_graph(f"bench-{run_id}-{sizes[-1]}", sizes[-1])
+    # The graph is already stored by the last write above; pick a well-connected node.
+    degree = np.bincount(np.concatenate([big.sources, big.targets]), minlength=big.n_nodes)
+    hub = big.nodes[int(np.argmax(degree))].node_id
+    mid = big.nodes[int(np.argsort(degree)[big.n_nodes // 2])].node_id
+    src = big.nodes[int(big.sources[np.argmax(np.abs(big.weights))])].node_id
+    dst = big.nodes[int(big.targets[np.argmax(np.abs(big.weights))])].node_id
+    gid = big.graph_id
+    queries = {
+        "subgraph depth 1, top 10, hub node": lambda: store.subgraph(gid, hub, depth=1, top_k=10),
+        "subgraph depth 2, top 10, median node": lambda: store.subgraph(
+            gid, mid, depth=2, top_k=10
+        ),
+        "subgraph depth 2, top 10, hub node": lambda: store.subgraph(gid, hub, depth=2, top_k=10),
+        "strongest paths, max length 3, top 5": lambda: store.strongest_paths(
+            gid, src, dst, top_k=5, max_length=3
+        ),
+        "get_graph (whole graph)": lambda: store.get_graph(gid),
+    }
+    lat = {
+        name: latency_ms(fn, repeats if "get_graph" not in name else 3)
+        for name, fn in queries.items()
+    }
+    store.delete_graph(gid)
+    for n_edges in sizes[:-1]:
+        store.delete_graph(f"bench-{run_id}-{n_edges}")
+
+    lines = [
+        "# Graph store benchmark",
+        "",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
+        f"- server: {store.config.redacted() if hasattr(store, 'config') else 'n/a'}",
+        f"- command: `python3 benchmarks/store_benchmark.py {' '.join(ARGV)}`".rstrip(),
+        "",
+        "## Write throughput",
+        "",
+        "| edges | nodes | batch | nodes/s | relationships/s | total s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {w['edges']:.0f} | {w['nodes']:.0f} | {w['batch']:.0f} | {w['nodes_per_s']:.0f} "
+        f"| {w['rels_per_s']:.0f} | {w['total_s']:.2f} |"
+        for w in writes
+    ]
+    lines += [
+        "",
+        f"## Query latency on a graph of {big.n_edges} edges, {big.n_nodes} nodes",
+        "",
+        "| query | median ms | max ms |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {med:.1f} | {worst:.1f} |" for name, (med, worst) in lat.items()]
+    return "\n".join(lines) + "\n"
+
+
+ARGV: list[str] = []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="sizes 2k and 20k edges")
+    parser.add_argument(
+        "--use-env",
+        action="store_true",
+        help="use NEO4J_URI etc. instead of a fresh embedded server",
+    )
+    parser.add_argument("--heap", default="2g")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-save", action="store_true", help="do not write results/store.md")
+    args = parser.parse_args()
+    ARGV.extend(a for a in ("--quick" if args.quick else "",) if a)
+    sizes = [2_000, 20_000] if args.quick else [10_000, 100_000]
+    batches = [1_000, 5_000, 10_000]
+    if args.use_env:
+        with open_store(StoreConfig.from_env()) as store:
+            report = run(store, sizes, batches, args.repeats)
+    else:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            embedded_server(tmp, heap=args.heap) as config,
+            open_store(config) as store,
+        ):
+            report = run(store, sizes, batches, args.repeats)
+    print(report)
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(report)
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
