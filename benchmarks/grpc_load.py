@@ -1,0 +1,277 @@
+"""Load test of the circuits.v1 gRPC server: N concurrent clients for a fixed time.
+
+Sets up everything it measures, for real: an embedded graph server (ArcadeDB over
+Bolt) in a temporary directory, a benchmark graph written through the store API,
+and ``circuitscope serve`` in its own process (so clients and server do not share a
+GIL). Then ``--clients`` concurrent callers (asyncio tasks over ``--channels`` grpc.aio
+channels) alternate GetSubgraph (a ~1k-edge neighbourhood: depth 2, top_k 32 from a
+token of a 4-layer graph with 40 features per layer) and ListGraphs (page of 50) for
+``--seconds`` seconds, after a warm-up. Reports p50/p99 latency per method,
+throughput, errors, the machine and the date, as Markdown on stdout and in ``--out``.
+
+Usage: ``python3 benchmarks/grpc_load.py [--clients 64] [--seconds 30] [--out FILE]``.
+With ``--target HOST:PORT`` (and ``CIRCUITSCOPE_TOKEN``) it loads an existing server
+instead, which must hold the benchmark graph (``--setup-only`` writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GRAPH_ID = "bench-1k"
+N_GRAPHS = 200  # small graphs so ListGraphs has pages to serve
+CENTER = "E_100_0"
+# The server process: what `circuitscope serve` runs, without the rest of the CLI.
+SERVER_SCRIPT = """
+import asyncio, logging, sys
+from ingest.store import StoreConfig, open_store
+from service.config import ServerConfig, load_tokens
+from service.server import serve
+import os
+logging.basicConfig(level=logging.WARNING)
+config = ServerConfig(port=int(sys.argv[1]), workers=int(sys.argv[2]),
+                      tokens=load_tokens(os.environ["CIRCUITSCOPE_TOKENS"], None))
+with open_store(StoreConfig.from_env()) as store:
+    asyncio.run(serve(config, store))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def setup_store(store) -> int:  # type: ignore[no-untyped-def]
+    """Write the benchmark graphs; return the edge count of the subgraph served."""
+    from tests.service.builders import layered_graph
+
+    if not store.list_graphs(prompt_contains="benchmark big", limit=1).items:
+        big = layered_graph(
+            GRAPH_ID,
+            n_layers=4,
+            width=40,
+            n_tokens=1,
+            n_logits=5,
+            prompt="benchmark big graph",
+            task="bench",
+        )
+        store.write_graph(big, replace=True)
+        for i in range(N_GRAPHS):
+            store.write_graph(
+                layered_graph(f"bench-small-{i:04d}", prompt=f"benchmark small {i}", task="bench"),
+                replace=True,
+            )
+    sub = store.subgraph(GRAPH_ID, CENTER, depth=2, top_k=32, direction="out")
+    return sub.n_edges
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def run_load(
+    target: str, token: str, clients: int, channels: int, seconds: float, warmup: float
+) -> dict[str, object]:
+    import grpc
+    from grpc import aio
+
+    from service._generated.circuits.v1 import graph_service_pb2 as pb
+    from service._generated.circuits.v1 import graph_service_pb2_grpc
+    from service.auth import bearer_metadata
+    from service.server import channel_options
+
+    opts = channel_options(64 * 1024 * 1024)
+    chans = [aio.insecure_channel(target, options=opts) for _ in range(channels)]
+    stubs = [graph_service_pb2_grpc.GraphServiceStub(c) for c in chans]
+    metadata = bearer_metadata(token)
+    sub_req = pb.GetSubgraphRequest(
+        graph_id=GRAPH_ID, node_id=CENTER, depth=2, top_k=32, direction=pb.DIRECTION_OUT
+    )
+    list_req = pb.ListGraphsRequest(task="bench", page_size=50)
+    latencies: dict[str, list[float]] = {"GetSubgraph": [], "ListGraphs": []}
+    errors: Counter[str] = Counter()
+    edges_seen: list[int] = []
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop_at = measure_from + seconds
+
+    async def worker(i: int) -> None:
+        stub = stubs[i % len(stubs)]
+        n = i
+        while time.perf_counter() < stop_at:
+            method = "GetSubgraph" if n % 2 == 0 else "ListGraphs"
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                if method == "GetSubgraph":
+                    resp = await stub.GetSubgraph(sub_req, metadata=metadata, timeout=30)
+                    if not edges_seen:
+                        edges_seen.append(len(resp.edges))
+                else:
+                    await stub.ListGraphs(list_req, metadata=metadata, timeout=30)
+            except grpc.RpcError as exc:
+                if t0 >= measure_from:
+                    errors[f"{method} {exc.code().name}"] += 1
+                continue
+            t1 = time.perf_counter()
+            if t0 >= measure_from and t1 <= stop_at:
+                latencies[method].append(t1 - t0)
+
+    await asyncio.gather(*(worker(i) for i in range(clients)))
+    for c in chans:
+        await c.close()
+    return {"latencies": latencies, "errors": errors, "edges": edges_seen[0] if edges_seen else 0}
+
+
+def report(result: dict[str, object], args: argparse.Namespace) -> str:
+    latencies: dict[str, list[float]] = result["latencies"]  # type: ignore[assignment]
+    errors: Counter[str] = result["errors"]  # type: ignore[assignment]
+    total = sum(len(v) for v in latencies.values())
+    import grpc
+
+    lines = [
+        "# gRPC load benchmark (benchmarks/grpc_load.py)",
+        "",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"grpcio {grpc.__version__}",
+        f"- command: `python3 benchmarks/grpc_load.py --clients {args.clients} "
+        f"--seconds {args.seconds:g} --channels {args.channels}`",
+        f"- {args.clients} concurrent clients over {args.channels} channels, "
+        f"{args.seconds:g} s measured after {args.warmup:g} s warm-up; server and embedded "
+        "graph store on loopback in their own processes",
+        f"- GetSubgraph: depth 2, top_k 32, direction out; {result['edges']} edges per response",
+        "- ListGraphs: task filter, page_size 50",
+        "",
+        "| method | calls | throughput (calls/s) | p50 (ms) | p99 (ms) | max (ms) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, values in latencies.items():
+        ms = [v * 1000 for v in values]
+        lines.append(
+            f"| {method} | {len(ms)} | {len(ms) / args.seconds:.1f} | "
+            f"{percentile(ms, 50):.1f} | {percentile(ms, 99):.1f} | "
+            f"{max(ms) if ms else float('nan'):.1f} |"
+        )
+    all_ms = [v * 1000 for vs in latencies.values() for v in vs]
+    lines.append(
+        f"| all | {total} | {total / args.seconds:.1f} | {percentile(all_ms, 50):.1f} | "
+        f"{percentile(all_ms, 99):.1f} | {max(all_ms) if all_ms else float('nan'):.1f} |"
+    )
+    lines += ["", f"errors: {sum(errors.values())}" + (f" ({dict(errors)})" if errors else "")]
+    if all_ms:
+        lines.append(f"mean latency {statistics.fmean(all_ms):.1f} ms")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--server-workers", type=int, default=16)
+    parser.add_argument("--target", help="load an existing server instead of starting one")
+    parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    args = parser.parse_args()
+
+    if args.target:
+        result = asyncio.run(
+            run_load(
+                args.target,
+                os.environ.get("CIRCUITSCOPE_TOKEN", ""),
+                args.clients,
+                args.channels,
+                args.seconds,
+                args.warmup,
+            )
+        )
+    else:
+        from ingest.store import open_store
+        from ingest.store.embedded import embedded_server
+
+        with (
+            tempfile.TemporaryDirectory(prefix="grpc-load-") as tmp,
+            embedded_server(Path(tmp) / "db", heap="1g") as store_config,
+            open_store(store_config) as store,
+        ):
+            edges = setup_store(store)
+            print(f"benchmark graph written; subgraph has {edges} edges", file=sys.stderr)
+            token = secrets.token_urlsafe(24)
+            port = _free_port()
+            env = dict(
+                os.environ,
+                CIRCUITSCOPE_TOKENS=token,
+                CIRCUITSCOPE_HOME=tmp,
+                NEO4J_URI=store_config.uri or "",
+                NEO4J_USER=store_config.user,
+                NEO4J_PASSWORD=store_config.password or "",
+                NEO4J_DATABASE=store_config.database,
+                PYTHONPATH=str(REPO),
+            )
+            server = subprocess.Popen(
+                [sys.executable, "-c", SERVER_SCRIPT, str(port), str(args.server_workers)], env=env
+            )
+            try:
+                _wait_serving(f"127.0.0.1:{port}", server)
+                result = asyncio.run(
+                    run_load(
+                        f"127.0.0.1:{port}",
+                        token,
+                        args.clients,
+                        args.channels,
+                        args.seconds,
+                        args.warmup,
+                    )
+                )
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+    text = report(result, args)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+def _wait_serving(target: str, proc: subprocess.Popen[bytes]) -> None:
+    from service.client import CircuitsClient
+
+    deadline = time.monotonic() + 120
+    with CircuitsClient(target, timeout_s=5) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited with status {proc.returncode}")
+            try:
+                if client.health() == "SERVING":
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+    raise SystemExit("the server did not become SERVING within 120 s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
