@@ -136,6 +136,13 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 1e-10
 
 
+def assert_logits_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """The float32 reconstruction bar of DESIGN 5.4: max abs diff <= 1e-5 times the logit
+    scale (HF's own float32 forward is that far from float64; see docs/models.md)."""
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=0)
+
+
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer over ``VOCAB`` words ``<unk> <eos> w2 ... w47``."""
     vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, VOCAB)}

@@ -10,6 +10,7 @@ import torch
 from ingest.models import load_model
 from ingest.zoo.tasks import get_task
 from ingest.zoo.trainer import train_zoo_model
+from tests.ingest.models.helpers import assert_logits_close
 from tests.ingest.models.identities import (
     assert_frozen_affine,
     assert_frozen_exact,
@@ -50,7 +51,7 @@ def test_zoo_checkpoint_identities(zoo_checkpoint: Path) -> None:
         ids = loaded.tokenizer(prompts, return_tensors="pt", padding=True).input_ids
         with torch.no_grad():
             rec = adapter(ids, record=True)
-            torch.testing.assert_close(rec.logits, model(ids).logits, atol=1e-5, rtol=0)
+            assert_logits_close(rec.logits, model(ids).logits)
         assert_recording_identities(adapter, rec, atol)
         assert_frozen_exact(adapter, ids, rec)
         assert_frozen_affine(adapter, rec, atol)
