@@ -21,6 +21,7 @@ from ingest.errors import CircuitscopeError
 COMMAND_MODULES: tuple[str, ...] = (
     "service.demo_cli",
     "ingest.zoo.cli",
+    "ingest.transcoders.cli",
     "ingest.store.cli",
     "service.serve_cli",
 )

@@ -68,7 +68,7 @@ class TrainConfig:
     eval_every: int = 500
     checkpoint_every: int = 500
     eval_windows: int = 64
-    dead_after_tokens: int = 50_000
+    dead_after_tokens: int = 20_000
     aux_k_coefficient: float = 1.0 / 32.0
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.05

@@ -80,9 +80,11 @@ class SetMetadata:
         self.feature_input_hook = self.feature_input_hook or hooks[0]
         self.feature_output_hook = self.feature_output_hook or hooks[1]
         if not self.set_id:
-            self.set_id = (
-                f"{self.model_id}/{self.kind}-{self.config.arch}-{self.config.d_transcoder}"
-            )
+            # A local path names the model by its directory; hub ids stay as they are.
+            model = self.model_id
+            if model.startswith(("/", ".", "~")):
+                model = model.rstrip("/").rsplit("/", 1)[-1]
+            self.set_id = f"{model}/{self.kind}-{self.config.arch}-{self.config.d_transcoder}"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

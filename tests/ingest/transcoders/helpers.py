@@ -98,3 +98,14 @@ def random_stream_source(
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (n_tokens,), generator=gen).tolist()
     return StreamSource("random", tokens, context_len, eval_fraction=0.1)
+
+
+def word_tokenizer():
+    """A WordLevel tokenizer over words ``<pad> <eos> w2 ... w39``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, 40)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")

@@ -1,0 +1,247 @@
+"""``circuitscope transcoders``: train, evaluate, sweep, describe and convert transcoders.
+
+    circuitscope transcoders train --model DIR --out DIR [--kind K] [--arch A] [--width N]
+        [--sparsity S] [--layers 0,1|all] [--steps N] [--prompts SPEC] [--device D]
+        [--seed S] [--resume]
+    circuitscope transcoders eval SET --model DIR [--prompts SPEC] [--windows N]
+    circuitscope transcoders pareto --model DIR --out DIR --sparsities 4,8,16 [...]
+    circuitscope transcoders stats SET --model DIR [--prompts SPEC] [--windows N]
+    circuitscope transcoders convert SRC DST --to saelens|sparsify|circuit_tracer
+
+Architecture and kind choices come from :data:`ingest.transcoders.config.ARCHITECTURES`
+and :data:`~ingest.transcoders.config.KINDS`. Prompt sources: ``zoo`` (default for zoo
+models), ``text:PATH``, ``jsonl:PATH[:FIELD]``, ``hf:NAME[:CONFIG]``. Torch is imported
+only when a subcommand runs.
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ingest.errors import InvalidArgumentError
+from ingest.transcoders.config import ARCHITECTURES, KINDS
+
+FORMAT_NAMES = ("circuit_tracer", "saelens", "sparsify")
+
+
+def _layers(text: str) -> tuple[int, ...] | None:
+    if text == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layers must look like 'all', '0,2' or '0-3', got {text!r}"
+        ) from None
+    return tuple(out)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 4,8,16, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (or hub id)")
+    p.add_argument("--prompts", default=None, help="zoo | text:PATH | jsonl:PATH | hf:NAME")
+    p.add_argument("--context-len", type=int, default=64, help="tokens per window (text)")
+    p.add_argument("--max-tokens", type=int, default=None, help="read at most N tokens")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=KINDS, default="transcoder")
+    p.add_argument("--arch", choices=ARCHITECTURES.names(), default="topk")
+    p.add_argument("--width", type=int, default=512, help="latents per layer")
+    p.add_argument("--layers", type=_layers, default=None, help="'all', '0,2' or '0-3'")
+    p.add_argument("--skip", action="store_true", help="add a skip connection W_skip")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--buffer-rows", type=int, default=16384, help="activation rows held")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    tc = subparsers.add_parser(
+        "transcoders",
+        help="train, evaluate and convert transcoders",
+        description="Sparse replacements of MLP layers: per-layer, cross-layer, SAE baseline.",
+    )
+    commands = tc.add_subparsers(dest="tc_command", metavar="TC_COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train a transcoder set on a model")
+    _add_model_args(train)
+    _add_train_args(train)
+    train.add_argument("--sparsity", type=float, default=None, help="k / L1 / L0 coefficient")
+    train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    train.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    train.set_defaults(handler=_train)
+
+    ev = commands.add_parser("eval", help="L0, FVU, CE loss recovered, KL, task metric")
+    ev.add_argument("set", type=Path, help="transcoder set directory")
+    _add_model_args(ev)
+    ev.add_argument("--windows", type=int, default=64, help="eval windows / prompts")
+    ev.add_argument("--json", type=Path, default=None, help="also write the report here")
+    ev.set_defaults(handler=_eval)
+
+    pareto = commands.add_parser("pareto", help="sweep sparsity; transcoders vs SAEs")
+    _add_model_args(pareto)
+    _add_train_args(pareto)
+    pareto.add_argument("--sparsities", type=_floats, required=True, help="e.g. 4,8,16,32")
+    pareto.set_defaults(handler=_pareto)
+
+    stats = commands.add_parser("stats", help="per-latent statistics (feature_stats.json)")
+    stats.add_argument("set", type=Path, help="transcoder set directory")
+    _add_model_args(stats)
+    stats.add_argument("--windows", type=int, default=128)
+    stats.add_argument("--top-k", type=int, default=10, help="top examples per latent")
+    stats.set_defaults(handler=_stats)
+
+    convert = commands.add_parser("convert", help="convert between transcoder file formats")
+    convert.add_argument("src", type=Path)
+    convert.add_argument("dst", type=Path)
+    convert.add_argument("--to", choices=FORMAT_NAMES, required=True)
+    convert.add_argument(
+        "--from", dest="src_format", choices=("auto", *FORMAT_NAMES), default="auto"
+    )
+    convert.set_defaults(handler=_convert)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from ingest.models import load_model
+    from ingest.transcoders.sources import resolve_source
+
+    loaded = load_model(str(args.model), device=args.device)
+    source = resolve_source(
+        args.prompts, args.model, loaded.tokenizer, args.context_len, args.max_tokens
+    )
+    return loaded, source
+
+
+def _train_config(args: argparse.Namespace, sparsity: float | None) -> Any:
+    from ingest.transcoders.trainer import TrainConfig
+
+    return TrainConfig(
+        kind=args.kind,
+        arch=args.arch,
+        width=args.width,
+        sparsity=sparsity,
+        skip=args.skip,
+        layers=args.layers,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        buffer_rows=args.buffer_rows,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+    )
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    print(f"set {report['set_id']} on {report['tokens']} tokens")
+    print("layer      l0      fvu   dead  ce_rec  d_loss      kl")
+    for layer, r in report["layers"].items():
+        print(
+            f"{layer:>5} {r['l0']:7.2f} {r['fvu']:8.4f} {r['dead_fraction']:6.3f} "
+            f"{r['ce_loss_recovered']:7.4f} {r['delta_loss']:7.4f} {r['kl']:7.4f}"
+        )
+    a = report["all_layers"]
+    print(
+        f"  all layers spliced: ce_rec {a['ce_loss_recovered']:.4f}, "
+        f"delta loss {a['delta_loss']:.4f}, kl {a['kl']:.4f}"
+    )
+    if "task" in report:
+        t = report["task"]
+        print(
+            f"  task {t['task']} {t['metric']}: clean {t['clean'][t['metric']]:.4f}, "
+            f"spliced {t['spliced'][t['metric']]:.4f} ({100 * t['fraction_kept']:.1f}% kept)"
+        )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ingest.transcoders.evaluation import evaluate_set
+    from ingest.transcoders.trainer import train_transcoders
+
+    cfg = _train_config(args, args.sparsity)
+    loaded, source = _load(args)
+    result = train_transcoders(
+        loaded.adapter, source, cfg, args.out, model_id=loaded.model_id, resume=args.resume
+    )
+    print(f"trained {result.steps_done} steps, {result.tokens_per_second:.0f} tokens/s")
+    print(f"saved transcoder set to {args.out}")
+    if not args.no_eval:
+        report = evaluate_set(
+            loaded.adapter, result.tset, source, zoo_dir=args.model, tokenizer=loaded.tokenizer
+        )
+        (Path(args.out) / "eval.json").write_text(json.dumps(report, indent=2))
+        _print_report(report)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ingest.transcoders.evaluation import evaluate_set
+    from ingest.transcoders.formats import load_any
+
+    loaded, source = _load(args)
+    tset = load_any(args.set, device=loaded.adapter.device)
+    report = evaluate_set(
+        loaded.adapter, tset, source, n_windows=args.windows, zoo_dir=args.model,
+        tokenizer=loaded.tokenizer,
+    )  # fmt: skip
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+    _print_report(report)
+    return 0
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    from ingest.transcoders.pareto import markdown_table, run_pareto
+
+    if not args.sparsities:
+        raise InvalidArgumentError("--sparsities needs at least one value, e.g. 4,8,16")
+    cfg = _train_config(args, None)
+    loaded, source = _load(args)
+    rows = run_pareto(
+        loaded.adapter, source, cfg, args.sparsities, args.out, model_id=loaded.model_id
+    )
+    print(markdown_table(rows))
+    print(f"wrote {args.out / 'pareto.md'} and {args.out / 'pareto.png'}")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from ingest.transcoders.feature_stats import compute_feature_stats
+    from ingest.transcoders.formats import load_any
+    from ingest.transcoders.formats.common import write_json
+
+    loaded, source = _load(args)
+    tset = load_any(args.set, device=loaded.adapter.device)
+    stats = compute_feature_stats(
+        loaded.adapter, tset, source, loaded.tokenizer, n_windows=args.windows,
+        top_k=args.top_k, progress=True,
+    )  # fmt: skip
+    path = args.set / "feature_stats.json"
+    write_json(path, stats)
+    alive = sum(1 for s in stats if s["density"] > 0)
+    print(f"wrote statistics of {len(stats)} latents ({alive} active) to {path}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ingest.transcoders.formats import load_any, save
+
+    tset = load_any(args.src, fmt=args.src_format)
+    save(tset, args.dst, args.to)
+    print(f"wrote {tset.metadata.set_id} ({args.to}) to {args.dst}")
+    return 0

@@ -1,0 +1,131 @@
+"""Per-latent statistics of a transcoder set, for the feature catalog.
+
+For every latent of every covered layer, over the eval split of a prompt source:
+
+- ``density``: fraction of real tokens where the latent is active (> 0);
+- ``max_activation``;
+- ``top_examples``: the ``top_k`` highest activations with (window, position), the
+  token there and a window of decoded context before it;
+- ``top_tokens``: vocabulary tokens whose embeddings most excite the latent,
+  the "de-embedding" ``W_E W_enc[i]`` (Dunefsky et al. 2024);
+- ``output_tokens``: tokens the latent's decoder most promotes, ``W_dec[i] W_U``
+  (decoder into its own layer for a CLT).
+
+:func:`compute_feature_stats` returns a list of dicts with keys ``set_id, layer, index,
+density, max_activation, top_examples, top_tokens, output_tokens``; the CLI writes it as
+``feature_stats.json`` next to the set.
+"""
+
+import logging
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ingest.transcoders.sources import Source
+from ingest.transcoders.transcoder_set import TranscoderSet
+
+logger = logging.getLogger(__name__)
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    if tokenizer is None:
+        return " ".join(str(i) for i in ids)
+    return str(tokenizer.decode(ids))
+
+
+def _token_list(tokenizer: Any, scores: torch.Tensor, top: int) -> list[list[dict[str, Any]]]:
+    """scores: (n_latents, V) -> per latent the ``top`` tokens with their scores."""
+    values, indices = scores.topk(min(top, scores.shape[-1]), dim=-1)
+    return [
+        [
+            {"id": int(i), "token": _decode(tokenizer, [int(i)]), "score": float(v)}
+            for v, i in zip(vals.tolist(), idx.tolist(), strict=True)
+        ]
+        for vals, idx in zip(values, indices, strict=True)
+    ]
+
+
+@torch.no_grad()
+def compute_feature_stats(
+    adapter: Any,
+    tset: TranscoderSet,
+    source: Source,
+    tokenizer: Any = None,
+    *,
+    n_windows: int = 128,
+    batch_size: int = 16,
+    top_k: int = 10,
+    top_tokens: int = 10,
+    context: int = 8,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    tset.check_fits(adapter)
+    layers = tset.layers
+    d_t = tset.d_transcoder
+    n = min(n_windows, source.n_windows("eval"))
+    windows = source.get("eval", 0, n)
+    device = adapter.device
+    count = {layer: torch.zeros(d_t, device=device) for layer in layers}
+    best_val = {layer: torch.full((d_t, top_k), -torch.inf, device=device) for layer in layers}
+    best_loc = {layer: torch.zeros(d_t, top_k, dtype=torch.long, device=device) for layer in layers}
+    width = windows.ids.shape[1]
+    tokens = 0
+    for lo in tqdm(range(0, n, batch_size), disable=not progress, desc="feature stats"):
+        ids = windows.ids[lo : lo + batch_size].to(device)
+        mask = windows.mask[lo : lo + batch_size].to(device)
+        rec = adapter(ids, record=True)
+        tokens += int(mask.sum())
+        flat_loc = (torch.arange(ids.shape[0], device=device)[:, None] + lo) * width + torch.arange(
+            width, device=device
+        )  # (B, T) global (window * width + position)
+        for layer in layers:
+            x = rec.mlp_out[layer] if tset.kind == "sae" else rec.mlp_in[layer]
+            acts = tset.encode(layer, x) * mask[..., None]  # (B, T, d_t)
+            flat = acts.reshape(-1, d_t).T  # (d_t, B*T)
+            count[layer] += (flat > 0).sum(-1)
+            k = min(top_k, flat.shape[1])
+            vals, idx = flat.topk(k, dim=-1)
+            merged_val = torch.cat([best_val[layer], vals], -1)
+            merged_loc = torch.cat([best_loc[layer], flat_loc.reshape(-1)[idx]], -1)
+            keep_val, keep_idx = merged_val.topk(top_k, dim=-1)
+            best_val[layer] = keep_val
+            best_loc[layer] = merged_loc.gather(-1, keep_idx)
+    all_ids = windows.ids
+    out: list[dict[str, Any]] = []
+    for layer in layers:
+        W_enc = tset.W_enc(layer).float()  # (d_t, d)
+        W_dec = tset.W_dec(layer, layer).float()  # (d_t, d)
+        de_embed = _token_list(tokenizer, W_enc @ adapter.W_E.float().T, top_tokens)
+        promoted = _token_list(tokenizer, W_dec @ adapter.W_U.float(), top_tokens)
+        vals, locs = best_val[layer].cpu(), best_loc[layer].cpu()
+        density = (count[layer] / max(tokens, 1)).cpu()
+        for i in range(d_t):
+            examples: list[dict[str, Any]] = []
+            for v, loc in zip(vals[i].tolist(), locs[i].tolist(), strict=True):
+                if not v > 0:
+                    continue
+                window, pos = divmod(int(loc), width)
+                row = all_ids[window].tolist()
+                examples.append(
+                    {
+                        "window": window,
+                        "position": pos,
+                        "activation": float(v),
+                        "token": _decode(tokenizer, [row[pos]]),
+                        "context": _decode(tokenizer, row[max(0, pos - context) : pos + 1]),
+                    }
+                )
+            out.append(
+                {
+                    "set_id": tset.metadata.set_id,
+                    "layer": layer,
+                    "index": i,
+                    "density": float(density[i]),
+                    "max_activation": float(examples[0]["activation"]) if examples else 0.0,
+                    "top_examples": examples,
+                    "top_tokens": de_embed[i],
+                    "output_tokens": promoted[i],
+                }
+            )
+    return out

@@ -1,0 +1,123 @@
+"""The activation buffer stays bounded, resumes exactly and rejects NaNs; prompt sources."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from ingest.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from ingest.models import adapter_from_hf
+from ingest.transcoders.buffer import ActivationBuffer, collect
+from ingest.transcoders.sources import hf_dataset_source, resolve_source
+from tests.ingest.transcoders.helpers import (
+    D_MODEL,
+    random_stream_source,
+    tiny_adapter,
+    tiny_gpt2,
+    word_tokenizer,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _buffer(adapter, source, **kw):
+    args = dict(capacity_rows=64, batch_size=16, seed=0, model_batch_size=2)
+    args.update(kw)
+    return ActivationBuffer(adapter, source, [0, 1], **args)
+
+
+def test_buffer_memory_is_bounded_over_many_refills():
+    adapter, source = tiny_adapter(), random_stream_source(n_tokens=2048)
+    buffer = _buffer(adapter, source)
+    pointers = (buffer._x.data_ptr(), buffer._y.data_ptr())
+    assert buffer.nbytes == 2 * 2 * 64 * D_MODEL * 4
+    for _ in range(40):
+        x, y = buffer.next_batch()
+        assert x.shape == y.shape == (2, 16, D_MODEL)
+    assert buffer.refill_index >= 9  # 4 batches per refill of 64 rows
+    assert buffer.nbytes == 2 * 2 * 64 * D_MODEL * 4
+    assert (buffer._x.data_ptr(), buffer._y.data_ptr()) == pointers
+
+
+def test_buffer_rows_are_the_model_activations_and_sae_shares_storage():
+    adapter, source = tiny_adapter(), random_stream_source(n_tokens=2048)
+    sae = _buffer(adapter, source, input_site="mlp_out")
+    x, y = sae.next_batch()
+    assert torch.equal(x, y) and sae.nbytes == 2 * 64 * D_MODEL * 4
+    ids = source.get("train", 0, sae.windows_per_refill).ids
+    rec = adapter(ids, record=True)
+    all_rows = rec.mlp_out[1].reshape(-1, D_MODEL)
+    # Every drawn row is one of the refill's rows.
+    gaps = (y[1][:, None, :] - all_rows[None]).abs().amax(-1)  # (16, 64)
+    assert gaps.min(-1).values.max() < 1e-5
+
+
+def test_buffer_state_resumes_the_same_batches():
+    adapter, source = tiny_adapter(), random_stream_source(n_tokens=2048)
+    a = _buffer(adapter, source)
+    for _ in range(6):
+        a.next_batch()
+    state = a.state_dict()
+    expected = [a.next_batch() for _ in range(5)]
+    b = _buffer(adapter, source)
+    b.load_state_dict(state)
+    for ex, got in zip(expected, [b.next_batch() for _ in range(5)], strict=True):
+        assert torch.equal(ex[0], got[0]) and torch.equal(ex[1], got[1])
+
+
+def test_nan_activations_name_the_layer():
+    model = tiny_gpt2()
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.bias[0] = float("nan")
+    adapter = adapter_from_hf(model)
+    buffer = _buffer(adapter, random_stream_source())
+    with pytest.raises(InvalidArgumentError, match=r"non-finite.*layer 1"):
+        buffer.next_batch()
+    with pytest.raises(InvalidArgumentError, match="layer 1"):
+        collect(adapter, random_stream_source(), [0, 1], n_windows=2)
+
+
+def test_buffer_too_small():
+    with pytest.raises(InvalidArgumentError, match="--buffer-rows"):
+        _buffer(tiny_adapter(), random_stream_source(), capacity_rows=8)
+    with pytest.raises(InvalidArgumentError, match="--buffer-rows"):
+        _buffer(tiny_adapter(), random_stream_source(), batch_size=48)
+
+
+def test_text_and_jsonl_sources(tmp_path):
+    tok = word_tokenizer()
+    words = [f"w{i % 30 + 2}" for i in range(400)]
+    (tmp_path / "a.txt").write_text(" ".join(words[:200]) + "\n\n" + " ".join(words[200:]))
+    lines = [json.dumps({"text": " ".join(words[i : i + 50])}) for i in range(0, 400, 50)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))
+    text = resolve_source(f"text:{tmp_path / 'a.txt'}", None, tok, context_len=16)
+    jsonl = resolve_source(str(tmp_path / "a.jsonl"), None, tok, context_len=16)
+    for source in (text, jsonl):
+        first = source.get("train", 0, 3)
+        assert first.ids.shape == (3, 16) and bool(first.mask.all())
+        assert torch.equal(first.ids, source.get("train", 0, 3).ids)
+        n = source.n_windows("train")
+        assert torch.equal(source.get("train", n, 1).ids, first.ids[:1])  # wraps around
+        assert source.n_windows("eval") >= 1
+    assert text.get("train", 0, 1).ids[0, 0] == tok.get_vocab()["w2"]
+
+
+def test_source_errors(tmp_path):
+    tok = word_tokenizer()
+    (tmp_path / "bad.jsonl").write_text('{"text": "w2 w3"}\n{"body": "w4"}\n')
+    with pytest.raises(InvalidArgumentError, match=r"bad\.jsonl:2.*'text'"):
+        resolve_source(f"jsonl:{tmp_path / 'bad.jsonl'}", None, tok, context_len=1)
+    with pytest.raises(NotFoundError):
+        resolve_source(f"text:{tmp_path / 'missing.txt'}", None, tok)
+    with pytest.raises(InvalidArgumentError, match="unknown prompt source"):
+        resolve_source("s3://bucket", None, tok)
+    with pytest.raises(InvalidArgumentError, match="zoo model directory"):
+        resolve_source("zoo", tmp_path, tok)
+
+
+def test_hf_dataset_without_package_or_hub_is_unavailable():
+    # Either the package is missing or the hub is unreachable from the build machines.
+    expected = "not installed" if importlib.util.find_spec("datasets") is None else "hub"
+    with pytest.raises(UnavailableError, match=expected):
+        hf_dataset_source("circuitscope/does-not-exist", word_tokenizer(), 16, max_tokens=100)
