@@ -454,11 +454,15 @@ class BoltGraphStore(GraphStore):
         _check_range("top_k", top_k, 1, 10_000)
         if direction not in ("out", "in", "both"):
             raise InvalidArgumentError(f"direction must be out, in or both, got {direction!r}")
-        summary = self.get_graph_summary(graph_id, timeout=timeout)
 
         def work(
             tx: ManagedTransaction,
-        ) -> tuple[list[dict[str, Any]], list[tuple[str, str, float]]]:
+        ) -> tuple[GraphSummary, list[dict[str, Any]], list[tuple[str, str, float]]]:
+            head = _rows(tx.run(cypher.GRAPH_SUMMARY, {"graph_id": graph_id}))
+            if not head:
+                raise NotFoundError(
+                    f"no complete graph {graph_id!r} in the store; list graphs to find its id"
+                )
             centre = _rows(
                 tx.run(cypher.NODES_BY_ID, {"graph_id": graph_id, "node_ids": [node_id]})
             )
@@ -481,9 +485,10 @@ class BoltGraphStore(GraphStore):
             nodes = _rows(
                 tx.run(cypher.NODES_BY_ID, {"graph_id": graph_id, "node_ids": sorted(visited)})
             )
-            return nodes, [(s, t, w) for (s, t), w in edges.items()]
+            summary = summary_from_props(head[0]["p"])
+            return summary, nodes, [(s, t, w) for (s, t), w in edges.items()]
 
-        node_rows, edge_list = self._tx(
+        summary, node_rows, edge_list = self._tx(
             work, write=False, timeout=timeout, what=f"read a subgraph of {graph_id!r}"
         )
         nodes = [node_from_props(r["p"]) for r in node_rows]
