@@ -262,5 +262,7 @@ class GraphStore(ABC):
     ) -> list[dict[str, Any]]:
         """Run read-only Cypher (e.g. from docs/cypher.md) with parameters; rows as dicts.
 
-        Note that the query sees every ``:Graph``; filter on ``status = 'complete'``.
+        The query sees every ``:Graph``; filter on ``status = 'complete'``. Neo4j rejects
+        writes in the read transaction this runs in; ArcadeDB does not, so never pass
+        Cypher from untrusted callers.
         """
