@@ -13,8 +13,8 @@ splits its computation at the points where the local replacement model freezes v
   a given pattern (:meth:`Attention.forward`), which is affine in its input.
 - :class:`MLP` is the nonlinear part that transcoders replace.
 
-Tensors of half precision compute norm denominators and softmax in float32, as the HF
-implementations do.
+Half-precision inputs get their norm denominators (kept in float32), normalization and
+softmax computed in float32, as the HF implementations do.
 """
 
 from __future__ import annotations
@@ -51,13 +51,17 @@ class Norm(nn.Module):
             second_moment = xf.var(dim=-1, keepdim=True, unbiased=False)
         else:
             second_moment = xf.pow(2).mean(dim=-1, keepdim=True)
-        return torch.sqrt(second_moment + self.eps).to(x.dtype)
+        # kept in float32 for half-precision inputs: the denominator is not rounded
+        return torch.sqrt(second_moment + self.eps)
 
     def forward(self, x: Tensor, scale: Tensor) -> Tensor:
         """Normalize ``x`` (B, T, d) with denominator ``scale`` (B or 1, T, 1): (B, T, d)."""
+        dtype = x.dtype
+        if dtype in _HALF:  # normalize in float32, as HF does
+            x, scale = x.float(), scale.float()
         if self.kind == "layernorm":
             x = x - x.mean(dim=-1, keepdim=True)
-        y = x / scale * self.weight
+        y = (x / scale).to(dtype) * self.weight
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -24,7 +24,8 @@ class FrozenState:
     """The quantities a frozen forward uses instead of computing them.
 
     Every tensor may have batch size 1 and is then broadcast over a larger batch: one
-    prompt's state can drive a batch of injected vectors.
+    prompt's state can drive a batch of injected vectors. Norm scales are in the model's
+    dtype, or float32 for half-precision models.
     """
 
     patterns: list[Tensor]  # n_layers x (B, H, T, T): attention probabilities, rows sum to 1

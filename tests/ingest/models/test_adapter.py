@@ -10,6 +10,7 @@ from tests.ingest.models.helpers import (
     ARCHS,
     PARALLEL,
     assert_logits_close,
+    build,
     cached,
     random_ids,
     tolerance,
@@ -148,3 +149,18 @@ def test_dimensions_and_weight_references() -> None:
     untied = adapter_from_hf(cached("llama_gqa"))
     assert untied.W_U.data_ptr() != untied.W_E.data_ptr()
     assert (untied.n_heads, untied.n_kv_heads) == (4, 2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_is_as_accurate_as_hf(arch: str) -> None:
+    """In bfloat16 the adapter stays within twice HF's own error against float64."""
+    ids = random_ids(tokens=12)
+    model = build(arch).to(torch.bfloat16)
+    adapter = adapter_from_hf(model)
+    with torch.no_grad():
+        truth = adapter_from_hf(build(arch, torch.float64))(ids)
+        hf_error = (model(ids).logits.double() - truth).abs().max()
+        rec = adapter(ids, record=True)
+        assert torch.equal(adapter(ids, frozen=rec.frozen), rec.logits)
+    assert rec.logits.dtype == torch.bfloat16
+    assert (rec.logits.double() - truth).abs().max() <= 2 * hf_error
