@@ -140,6 +140,8 @@ def save_artifact(
         "logit_probs": result.logit_probs.detach().cpu().contiguous(),
         **_node_tensors(result.nodes),
     }
+    if result.node_weights is not None:
+        tensors["node_weights"] = result.node_weights.detach().cpu().contiguous()
     doc = {
         "format": "circuitscope-attribution-graph",
         "format_version": FORMAT_VERSION,
@@ -206,4 +208,5 @@ def load_artifact(directory: str | os.PathLike[str]) -> AttributionResult:
         logit_probs=tensors["logit_probs"],
         n_layers=int(doc["n_layers"]),
         stats=doc["stats"],
+        node_weights=tensors.get("node_weights"),
     )

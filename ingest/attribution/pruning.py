@@ -110,7 +110,13 @@ def compute_influence(normalized: Tensor, weights: Tensor) -> Tensor:
 
 
 def logit_weights(layout: NodeLayout, logit_probs: Tensor) -> Tensor:
-    """(n,) vector with the target logits' probabilities in the logit slots."""
+    """(n,) vector with the target logits' probabilities in the logit slots.
+
+    ``logit_probs`` may already be a full (n,) weight vector (a custom target, such as
+    one feature, weighs its own node); it is then returned as it is.
+    """
+    if logit_probs.shape == (layout.n,):
+        return logit_probs
     if logit_probs.shape != (layout.n_logits,):
         raise InvalidArgumentError(
             f"expected {layout.n_logits} logit probabilities, got {tuple(logit_probs.shape)}"
@@ -162,7 +168,8 @@ def prune(
 ) -> PruneResult:
     """Prune a dense attribution graph (see the module docstring for the algorithm).
 
-    adjacency: (n, n) rows targets; logit_probs: (n_logits,).
+    adjacency: (n, n) rows targets; logit_probs: (n_logits,), or a full (n,) weight
+    vector. Tokens, logits and every node of positive weight are always kept.
     """
     _check_square(adjacency, layout)
     w = logit_weights(layout, logit_probs.to(adjacency.dtype))
@@ -172,6 +179,7 @@ def prune(
     node_mask = influence >= cumulative_threshold(influence, node_threshold)
     node_mask[layout.tokens] = True
     node_mask[layout.logits] = True
+    node_mask |= w > 0
 
     kept = adjacency * (node_mask[:, None] & node_mask[None, :])
     kept_norm = normalize_matrix(kept)
@@ -192,6 +200,7 @@ def prune(
         new_mask = node_mask.clone()
         new_mask[droppable] &= has_out[droppable]
         new_mask[layout.features] &= has_in[layout.features]
+        new_mask |= w > 0
         if bool((new_mask == node_mask).all()):
             break
         node_mask = new_mask

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ingest.attribution.layout import NodeLayout
-from ingest.attribution.pruning import PruneResult, graph_scores, prune
+from ingest.attribution.pruning import PruneResult, graph_scores, logit_weights, prune
 from ingest.errors import InvalidArgumentError
 from ingest.graph import AttributionGraph, GraphMetadata, Node, NodeKind
 
@@ -34,6 +34,8 @@ class AttributionResult:
     adjacency: (n, n) float, rows targets; nodes: n nodes in layout order;
     logit_probs: (n_logits,) probabilities of the target logits (the logit weights).
     ``stats`` records how it was computed (backward passes, seconds, dtype, ...).
+    ``node_weights``: (n,) optional weights of the output nodes for influence and
+    pruning, set for custom targets such as one feature; by default the logit weights.
     """
 
     metadata: GraphMetadata
@@ -43,6 +45,7 @@ class AttributionResult:
     logit_probs: Tensor
     n_layers: int
     stats: dict[str, Any] = field(default_factory=dict)
+    node_weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.layout.n
@@ -59,6 +62,10 @@ class AttributionResult:
                 f"logit_probs must have shape ({self.layout.n_logits},), "
                 f"got {tuple(self.logit_probs.shape)}"
             )
+        if self.node_weights is not None and tuple(self.node_weights.shape) != (n,):
+            raise InvalidArgumentError(
+                f"node_weights must have shape ({n},), got {tuple(self.node_weights.shape)}"
+            )
         slices = (self.layout.features, self.layout.errors, self.layout.tokens, self.layout.logits)
         for kind, sl in zip(_KIND_ORDER, slices, strict=True):
             wrong = [nd.node_id for nd in self.nodes[sl] if nd.kind is not kind]
@@ -72,12 +79,18 @@ class AttributionResult:
     def n_nodes(self) -> int:
         return self.layout.n
 
+    def weights(self) -> Tensor:
+        """(n,) float64 output weights: ``node_weights`` or the logit probabilities."""
+        if self.node_weights is not None:
+            return self.node_weights.double()
+        return logit_weights(self.layout, self.logit_probs.double())
+
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
         """Node and edge masks at the given cumulative-influence thresholds."""
         return prune(
             self.adjacency.double(),
             self.layout,
-            self.logit_probs.double(),
+            self.weights(),
             node_threshold=node_threshold,
             edge_threshold=edge_threshold,
         )
@@ -114,7 +127,7 @@ class AttributionResult:
         nodes = [
             dataclasses.replace(self.nodes[i], influence=float(influence[i])) for i in kept.tolist()
         ]
-        scores = graph_scores(adjacency * edge_mask, self.layout, self.logit_probs.double())
+        scores = graph_scores(adjacency * edge_mask, self.layout, self.weights())
         metadata = dataclasses.replace(
             self.metadata,
             node_threshold=node_threshold if pruned else None,

@@ -1,0 +1,480 @@
+"""Attribution graphs by batched backward passes through the local replacement model.
+
+Algorithm (Ameisen et al. 2025, "Circuit Tracing", section 2.3; DESIGN 5.2), for one
+prompt of T tokens:
+
+1. Build the local replacement model (:mod:`ingest.attribution.replacement`): attention
+   patterns and norm denominators frozen, each MLP replaced by transcoder output plus
+   error. It is affine in the embeddings and in every vector added to an MLP output.
+2. Nodes: active features (layer, pos, index) with activation ``a_s``, errors
+   (layer, pos), token embeddings (pos), targets (:mod:`ingest.attribution.targets`).
+3. The edge from source ``s`` to target ``t`` is ``A[t, s] = (a_s d_s)^T J e_t``:
+   ``a_s d_s`` the vector ``s`` writes (activation times decoder row, summed over the
+   layers a cross-layer feature writes to; the error vector; the embedding), ``e_t``
+   the target's read vector, ``J`` the Jacobian of the frozen model between the write
+   and read points. Edges go to pre-activations: targets' nonlinearities are not
+   differentiated.
+4. One forward pass runs the frozen model on a batch of ``batch_size`` copies of the
+   prompt with leaf tensors at the embedding and at every MLP output. Each backward
+   pass then injects a different target's read vector into each batch element (at its
+   layer and position) and reads ``J e_t`` for all sources of all those targets at
+   once: the number of backward passes is ``ceil(rows / batch_size)``.
+5. With more active features than ``max_feature_nodes``, the target rows come first;
+   then features are expanded in batches in order of their current influence on the
+   targets (recomputed as rows arrive), and only expanded features stay nodes.
+
+The result is an :class:`~ingest.attribution.result.AttributionResult`: the dense
+adjacency in the layout order (features, errors, tokens, targets), ready to prune.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ingest.attribution.layout import NodeLayout
+from ingest.attribution.prompts import tokenize
+from ingest.attribution.pruning import compute_influence, normalize_matrix
+from ingest.attribution.replacement import (
+    ReplacementState,
+    build_replacement,
+    check_compatible,
+    replacement_constants,
+    replacement_mlps,
+)
+from ingest.attribution.result import AttributionResult
+from ingest.attribution.targets import (
+    FeatureTarget,
+    LogitDiffTarget,
+    LogitTargets,
+    Target,
+    check_token,
+    demeaned_unembedding,
+    select_logits,
+)
+from ingest.errors import InvalidArgumentError
+from ingest.graph import (
+    GraphMetadata,
+    Node,
+    NodeKind,
+    error_node_id,
+    feature_node_id,
+    logit_node_id,
+    token_node_id,
+)
+from ingest.models import LoadedModel, ModelAdapter
+from ingest.transcoders.transcoder_set import TranscoderSet
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActiveFeatures:
+    """Active features sorted by (layer, pos, index); every tensor has shape (k,)."""
+
+    layer: Tensor
+    pos: Tensor
+    index: Tensor
+    activation: Tensor
+
+    def __len__(self) -> int:
+        return int(self.layer.numel())
+
+    def subset(self, keep: Tensor) -> ActiveFeatures:
+        return ActiveFeatures(
+            self.layer[keep], self.pos[keep], self.index[keep], self.activation[keep]
+        )
+
+
+@dataclass(frozen=True)
+class Row:
+    """A target row: read ``vector`` (d,) at MLP input of ``layer`` (None: final norm)."""
+
+    layer: int | None
+    pos: int
+    vector: Tensor
+
+
+def active_features(state: ReplacementState, extra: FeatureTarget | None = None) -> ActiveFeatures:
+    """Every non-zero transcoder activation of the prompt (plus ``extra``, even if 0)."""
+    layers, poss, idxs, acts = [], [], [], []
+    for layer in sorted(state.activations):
+        a = state.activations[layer]  # (T, d_transcoder)
+        nz = torch.nonzero(a)
+        if extra is not None and extra.layer == layer:
+            pos = extra.pos if extra.pos is not None else state.n_tokens - 1
+            key = torch.tensor([[pos, extra.index]], device=nz.device)
+            if not bool((nz == key).all(dim=1).any()):
+                nz = torch.cat([nz, key])
+                nz = nz[torch.argsort(nz[:, 0] * a.shape[1] + nz[:, 1])]
+        layers.append(torch.full((nz.shape[0],), layer, dtype=torch.long))
+        poss.append(nz[:, 0].cpu())
+        idxs.append(nz[:, 1].cpu())
+        acts.append(a[nz[:, 0], nz[:, 1]])
+    if not layers:
+        empty = torch.zeros(0, dtype=torch.long)
+        return ActiveFeatures(empty, empty, empty, torch.zeros(0))
+    return ActiveFeatures(torch.cat(layers), torch.cat(poss), torch.cat(idxs), torch.cat(acts))
+
+
+class _RowComputer:
+    """One batched forward of the frozen replacement model; rows by batched backward."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        transcoders: TranscoderSet,
+        state: ReplacementState,
+        features: ActiveFeatures,
+        batch_size: int,
+    ) -> None:
+        self.adapter, self.transcoders, self.state = adapter, transcoders, state
+        self.features = features
+        self.batch_size = batch_size
+        self.n_backward = 0
+        n_layers, (_, T, d) = adapter.n_layers, state.resid0.shape
+        self.resid0 = state.resid0.expand(batch_size, T, d).clone().requires_grad_(True)
+        self.injections = [
+            torch.zeros(
+                batch_size, T, d, dtype=adapter.dtype, device=adapter.device
+            ).requires_grad_(True)
+            for _ in range(n_layers)
+        ]
+        captured: list[Tensor] = []
+        mlps = replacement_mlps(
+            transcoders, replacement_constants(state, transcoders), self.injections, captured
+        )
+        with torch.enable_grad():
+            rec = adapter(
+                resid0=self.resid0, frozen=state.frozen, mlp_replacements=mlps, record=True
+            )
+        self.read_points: list[Tensor] = [*captured, rec.final_normed]  # n_layers + 1
+        # The vector each source writes, by write point: features per (source, target layer).
+        self.token_vectors = state.resid0[0].detach()  # (T, d)
+        self.error_vectors = [e[0].detach() for e in state.errors]  # n_layers x (T, d)
+        self.feature_groups: list[tuple[Tensor, Tensor, dict[int, Tensor]]] = []
+        for layer in transcoders.layers:
+            sel = torch.nonzero(features.layer == layer).flatten()
+            if sel.numel() == 0:
+                continue
+            idx = features.index[sel]
+            decs = transcoders.decoder_vectors(layer, idx)  # {target: (k, d)}
+            scale = features.activation[sel].to(adapter.device)[:, None]
+            weighted = {t: (v.to(adapter.dtype) * scale).detach() for t, v in decs.items()}
+            self.feature_groups.append((sel, features.pos[sel].to(adapter.device), weighted))
+        self.n_features = len(features)
+
+    @property
+    def n_sources(self) -> int:
+        T = self.state.n_tokens
+        return self.n_features + self.adapter.n_layers * T + T
+
+    def rows(self, rows: list[Row]) -> Tensor:
+        """Edges into each of ``rows`` from every source: (len(rows), n_sources)."""
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            out.append(self._batch(rows[start : start + self.batch_size]))
+        if not out:
+            return torch.zeros(0, self.n_sources, dtype=self.adapter.dtype)
+        return torch.cat(out)
+
+    def _batch(self, rows: list[Row]) -> Tensor:
+        B, T, d = self.resid0.shape
+        n_layers = self.adapter.n_layers
+        grads_in: list[Tensor | None] = [None] * (n_layers + 1)
+        for b, row in enumerate(rows):
+            slot = n_layers if row.layer is None else row.layer
+            if grads_in[slot] is None:
+                grads_in[slot] = torch.zeros(B, T, d, dtype=self.adapter.dtype,
+                                             device=self.adapter.device)  # fmt: skip
+            grads_in[slot][b, row.pos] = row.vector.to(self.adapter.dtype)  # type: ignore[index]
+        used = [i for i, g in enumerate(grads_in) if g is not None]
+        leaves = [self.resid0, *self.injections]
+        grads = torch.autograd.grad(
+            [self.read_points[i] for i in used],
+            leaves,
+            [grads_in[i] for i in used],  # type: ignore[misc]
+            retain_graph=True,
+            allow_unused=True,
+        )
+        self.n_backward += 1
+        zero = torch.zeros(B, T, d, dtype=self.adapter.dtype, device=self.adapter.device)
+        g_embed = grads[0] if grads[0] is not None else zero
+        g_mlp = [g if g is not None else zero for g in grads[1:]]
+
+        feature_edges = torch.zeros(B, self.n_features, dtype=self.adapter.dtype,
+                                    device=self.adapter.device)  # fmt: skip
+        for sel, pos, weighted in self.feature_groups:
+            acc = torch.zeros(B, sel.numel(), dtype=self.adapter.dtype, device=self.adapter.device)
+            for target, vectors in weighted.items():
+                acc += (g_mlp[target][:, pos, :] * vectors[None]).sum(-1)  # (B, k)
+            feature_edges[:, sel.to(self.adapter.device)] = acc
+        error_edges = [
+            (g * e[None]).sum(-1) for g, e in zip(g_mlp, self.error_vectors, strict=True)
+        ]
+        token_edges = (g_embed * self.token_vectors[None]).sum(-1)  # (B, T)
+        edges = torch.cat([feature_edges, *error_edges, token_edges], dim=1)
+        return edges[: len(rows)].detach().cpu()
+
+
+@dataclass
+class AttributionConfig:
+    """Options of :func:`attribute`; validated on construction."""
+
+    target: Target = field(default_factory=LogitTargets)
+    max_feature_nodes: int | None = None
+    batch_size: int = 64
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
+            raise InvalidArgumentError(
+                f"max_feature_nodes must be >= 0 or None, got {self.max_feature_nodes}"
+            )
+
+
+def attribute(
+    model: LoadedModel | ModelAdapter,
+    transcoders: TranscoderSet,
+    prompt: str | list[int] | Tensor,
+    *,
+    target: Target | None = None,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 64,
+    tokenizer: Any = None,
+    graph_id: str | None = None,
+    progress: bool = False,
+) -> AttributionResult:
+    """The full attribution graph of ``prompt`` (see the module docstring).
+
+    ``model``: a :class:`LoadedModel` (its tokenizer encodes text prompts) or a bare
+    adapter with ``tokenizer`` given for text. The computation runs on the adapter's
+    device and dtype; ``transcoders`` are moved to them (in place). ``target``: default
+    :class:`LogitTargets()`. Raises InvalidArgumentError for bad prompts, targets, or a
+    transcoder set made for another model.
+    """
+    cfg = AttributionConfig(
+        target=target or LogitTargets(),
+        max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    adapter = model.adapter if isinstance(model, LoadedModel) else model
+    tok = tokenizer or (model.tokenizer if isinstance(model, LoadedModel) else None)
+    model_id = model.model_id if isinstance(model, LoadedModel) else adapter.model_type
+    check_compatible(adapter, transcoders)
+    transcoders.to(device=adapter.device, dtype=adapter.dtype)
+    input_ids = tokenize(tok, prompt, adapter.vocab_size, adapter.n_ctx)
+    T = int(input_ids.shape[1])
+    started = time.perf_counter()
+
+    state = build_replacement(adapter, transcoders, input_ids.to(adapter.device))
+    tgt = cfg.target
+    feature_target = tgt if isinstance(tgt, FeatureTarget) else None
+    if feature_target is not None:
+        transcoders.encoder_vectors(feature_target.layer, torch.tensor([feature_target.index]))
+        if feature_target.pos is not None and not 0 <= feature_target.pos < T:
+            raise InvalidArgumentError(
+                f"feature target position {feature_target.pos} outside the prompt [0, {T})"
+            )
+    features = active_features(state, feature_target)
+    computer = _RowComputer(adapter, transcoders, state, features, cfg.batch_size)
+
+    # Target rows and their weights.
+    last = state.logits[0, -1]
+    W_U = adapter.W_U
+    logit_tokens: list[int] = []
+    logit_probs = torch.zeros(0, dtype=torch.float64)
+    logit_rows: list[Row] = []
+    labels: list[str | None] = []
+    if isinstance(tgt, LogitTargets):
+        ids, probs = select_logits(last, tgt)
+        logit_tokens = ids.tolist()
+        logit_probs = probs.double().cpu()
+        vectors = demeaned_unembedding(W_U, ids)
+        logit_rows = [Row(None, T - 1, v) for v in vectors]
+        labels = [None] * len(logit_rows)
+    elif isinstance(tgt, LogitDiffTarget):
+        a = check_token(tgt.correct, adapter.vocab_size, "correct")
+        b = check_token(tgt.counterfactual, adapter.vocab_size, "counterfactual")
+        logit_tokens = [a]
+        logit_probs = torch.ones(1, dtype=torch.float64)
+        logit_rows = [Row(None, T - 1, W_U[:, a] - W_U[:, b])]
+        labels = [f"logit diff {a} - {b}"]
+
+    encoders = torch.zeros(len(features), adapter.d_model, dtype=adapter.dtype)
+    for layer in transcoders.layers:
+        sel = features.layer == layer
+        if bool(sel.any()):
+            encoders[sel] = transcoders.encoder_vectors(layer, features.index[sel]).detach().cpu()
+    feature_rows = [
+        Row(layer, pos, encoders[i].to(adapter.device))
+        for i, (layer, pos) in enumerate(
+            zip(features.layer.tolist(), features.pos.tolist(), strict=True)
+        )
+    ]
+    n_feat, n_err, n_tok = len(features), adapter.n_layers * T, T
+    bar = tqdm(
+        total=len(logit_rows) + min(n_feat, cfg.max_feature_nodes or n_feat),
+        desc="attribution rows", unit="row", disable=not cfg.progress,
+    )  # fmt: skip
+    try:
+        target_edges = computer.rows(logit_rows)  # (n_logits, n_sources)
+        bar.update(len(logit_rows))
+        feature_edges = torch.zeros(n_feat, computer.n_sources, dtype=adapter.dtype)
+        done = torch.zeros(n_feat, dtype=torch.bool)
+        limit = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
+        if limit == n_feat:
+            order = list(range(n_feat))
+            for start in range(0, n_feat, cfg.batch_size):
+                chunk = order[start : start + cfg.batch_size]
+                feature_edges[chunk] = computer.rows([feature_rows[i] for i in chunk])
+                done[chunk] = True
+                bar.update(len(chunk))
+        else:
+            forced = []
+            if feature_target is not None:
+                forced = [_feature_position(features, feature_target, T)]
+            while int(done.sum()) < limit:
+                ranking = _feature_ranking(
+                    feature_edges, target_edges, logit_probs, n_feat, forced, done
+                )
+                chunk = ranking[: min(cfg.batch_size, limit - int(done.sum()))]
+                feature_edges[chunk] = computer.rows([feature_rows[i] for i in chunk])
+                done[chunk] = True
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+
+    keep = torch.nonzero(done).flatten()
+    cols = torch.cat([keep, torch.arange(n_feat, computer.n_sources)])
+    kept_features = features.subset(keep)
+    layout = NodeLayout(len(keep), n_err, n_tok, len(logit_rows))
+    adjacency = torch.zeros(layout.n, layout.n, dtype=adapter.dtype)
+    adjacency[layout.features, : layout.n_sources] = feature_edges[keep][:, cols]
+    adjacency[layout.logits, : layout.n_sources] = target_edges[:, cols]
+
+    node_weights = None
+    if feature_target is not None:
+        node_weights = torch.zeros(layout.n, dtype=torch.float64)
+        target_index = int(torch.nonzero(keep == _feature_position(features, feature_target, T)))
+        node_weights[target_index] = 1.0
+    token_ids = input_ids[0].tolist()
+    token_strs = _token_strings(tok, token_ids)
+    nodes = _nodes(adapter, kept_features, T, token_ids, token_strs, logit_tokens, logit_probs,
+                   labels, tok)  # fmt: skip
+    elapsed = time.perf_counter() - started
+    stats = {
+        "n_forward_passes": 1,
+        "n_backward_passes": computer.n_backward,
+        "batch_size": cfg.batch_size,
+        "n_active_features": n_feat,
+        "n_feature_nodes": len(keep),
+        "seconds": elapsed,
+        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "device": str(adapter.device),
+        "target": type(tgt).__name__,
+    }
+    logger.info(
+        "attribution of %d tokens: %d active features, %d rows, %d backward passes, %.2fs",
+        T, n_feat, len(keep) + len(logit_rows), computer.n_backward, elapsed,
+    )  # fmt: skip
+    meta = GraphMetadata(
+        graph_id=graph_id or uuid.uuid4().hex,
+        model_id=model_id,
+        set_id=transcoders.metadata.set_id,
+        prompt=prompt if isinstance(prompt, str) else " ".join(token_strs),
+        tokens=token_strs,
+        token_ids=token_ids,
+    )
+    return AttributionResult(
+        metadata=meta, layout=layout, nodes=nodes, adjacency=adjacency,
+        logit_probs=logit_probs.to(adapter.dtype), n_layers=adapter.n_layers, stats=stats,
+        node_weights=node_weights,
+    )  # fmt: skip
+
+
+def _feature_position(features: ActiveFeatures, target: FeatureTarget, T: int) -> int:
+    pos = target.pos if target.pos is not None else T - 1
+    hit = (
+        (features.layer == target.layer) & (features.pos == pos) & (features.index == target.index)
+    )
+    return int(torch.nonzero(hit).flatten()[0])
+
+
+def _feature_ranking(
+    feature_edges: Tensor,
+    target_edges: Tensor,
+    logit_probs: Tensor,
+    n_feat: int,
+    forced: list[int],
+    done: Tensor,
+) -> list[int]:
+    """Features not yet expanded, by descending influence on the targets so far."""
+    n_sources = feature_edges.shape[1]
+    n_targets = target_edges.shape[0]
+    n = n_sources + n_targets
+    a = torch.zeros(n, n, dtype=torch.float64)
+    a[:n_feat, :n_sources] = feature_edges.double()
+    a[n_sources:, :n_sources] = target_edges.double()
+    w = torch.zeros(n, dtype=torch.float64)
+    w[n_sources:] = logit_probs
+    for f in forced:
+        w[f] = 1.0
+    influence = compute_influence(normalize_matrix(a), w)[:n_feat]
+    influence[forced] = float("inf")
+    influence[done] = -1.0
+    return [i for i in torch.argsort(influence, descending=True).tolist() if not bool(done[i])]
+
+
+def _token_strings(tokenizer: Any, token_ids: list[int]) -> list[str]:
+    if tokenizer is None:
+        return [str(t) for t in token_ids]
+    return [str(tokenizer.decode([t])) for t in token_ids]
+
+
+def _nodes(
+    adapter: ModelAdapter,
+    features: ActiveFeatures,
+    T: int,
+    token_ids: list[int],
+    token_strs: list[str],
+    logit_tokens: list[int],
+    logit_probs: Tensor,
+    labels: list[str | None],
+    tokenizer: Any,
+) -> list[Node]:
+    nodes = [
+        Node(feature_node_id(layer, idx, pos), NodeKind.FEATURE, layer, pos, feature=idx,
+             activation=float(act))
+        for layer, pos, idx, act in zip(
+            features.layer.tolist(), features.pos.tolist(), features.index.tolist(),
+            features.activation.tolist(), strict=True,
+        )
+    ]  # fmt: skip
+    nodes += [
+        Node(error_node_id(layer, pos), NodeKind.ERROR, layer, pos)
+        for layer in range(adapter.n_layers)
+        for pos in range(T)
+    ]
+    nodes += [
+        Node(token_node_id(tid, pos), NodeKind.TOKEN, None, pos, token_id=tid, token=s)
+        for pos, (tid, s) in enumerate(zip(token_ids, token_strs, strict=True))
+    ]
+    out_strs = _token_strings(tokenizer, logit_tokens)
+    nodes += [
+        Node(logit_node_id(adapter.n_layers, tid, T - 1), NodeKind.LOGIT, adapter.n_layers,
+             T - 1, token_id=tid, token=s, token_prob=float(p), label=label)
+        for tid, s, p, label in zip(logit_tokens, out_strs, logit_probs.tolist(), labels,
+                                    strict=True)
+    ]  # fmt: skip
+    return nodes

@@ -1,0 +1,55 @@
+"""Turning a user's prompt into token ids, with errors that say what went wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ingest.errors import InvalidArgumentError
+
+
+def tokenize(
+    tokenizer: Any, prompt: str | Sequence[int] | Tensor, vocab_size: int, n_ctx: int
+) -> Tensor:
+    """The prompt as token ids (1, T).
+
+    ``prompt`` is text (encoded by ``tokenizer``) or token ids. Raises
+    InvalidArgumentError for an empty prompt, one longer than the context, ids outside
+    the vocabulary, or text with words the tokenizer maps to its unknown token.
+    """
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InvalidArgumentError("the prompt is empty: give at least one token of text")
+        if tokenizer is None:
+            raise InvalidArgumentError("a text prompt needs the model's tokenizer")
+        ids = list(tokenizer(prompt)["input_ids"])
+        unk = getattr(tokenizer, "unk_token_id", None)
+        unk_text = getattr(tokenizer, "unk_token", None)
+        if unk is not None and unk in ids and not (unk_text and unk_text in prompt):
+            words = [
+                w
+                for w in prompt.split()
+                if unk in tokenizer(w, add_special_tokens=False)["input_ids"]
+            ]
+            raise InvalidArgumentError(
+                f"the tokenizer cannot encode {words or prompt!r} (mapped to its unknown "
+                "token): use words from the model's vocabulary"
+            )
+    else:
+        ids = [int(t) for t in torch.as_tensor(prompt).flatten().tolist()]
+    if not ids:
+        raise InvalidArgumentError("the prompt is empty after tokenization: give more text")
+    if len(ids) > n_ctx:
+        raise InvalidArgumentError(
+            f"the prompt has {len(ids)} tokens but the model's context is {n_ctx}: shorten it"
+        )
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgumentError(
+            f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}): use this "
+            "model's tokenizer"
+        )
+    return torch.tensor([ids], dtype=torch.long)

@@ -1,0 +1,228 @@
+"""Correctness of attribution graphs on random tiny models of the three families (DESIGN 5.4).
+
+1. Reconstruction: the local replacement model reproduces the logits.
+2. Row completeness: a target's incoming edges plus its bias terms equal its value.
+3. Interventions: adding a source's vector in the frozen model moves every target by
+   exactly that source's edge.
+"""
+
+import math
+
+import pytest
+import torch
+
+from ingest.attribution.attribute import attribute
+from ingest.attribution.replacement import (
+    build_replacement,
+    replacement_constants,
+    replacement_logits,
+    replacement_mlps,
+)
+from ingest.attribution.result import AttributionResult
+from ingest.attribution.targets import FeatureTarget, LogitDiffTarget
+from ingest.graph import NodeKind
+
+from . import models as m
+
+pytestmark = pytest.mark.unit
+
+SETS = [("transcoder", False), ("clt", True)]
+# float64 on every family and set; float32 (looser tolerance) on per-layer transcoders.
+GRID = [
+    pytest.param(family, kind, skip, dtype, id=f"{family}-{kind}-{str(dtype)[6:]}")
+    for family in m.FAMILIES
+    for kind, skip in SETS
+    for dtype in (torch.float64, torch.float32)
+    if dtype == torch.float64 or kind == "transcoder"
+]
+PROMPT = [3, 17, 8, 25, 11, 3, 30]
+
+
+def _values(adp, tcs, state, result, resid0, constants, injections) -> torch.Tensor:
+    """Every target row's value in the frozen replacement model: (n_targets,)."""
+    captured: list[torch.Tensor] = []
+    mlps = replacement_mlps(tcs, constants, injections, captured)
+    with torch.no_grad():
+        rec = adp(resid0=resid0, frozen=state.frozen, mlp_replacements=mlps, record=True)
+    lay = result.layout
+    out = []
+    for node in result.nodes[lay.features]:
+        enc = tcs.W_enc(node.layer)[node.feature]
+        out.append(captured[node.layer][0, node.pos] @ enc + tcs.b_enc(node.layer)[node.feature])
+    last = rec.logits[0, -1]
+    for node in result.nodes[lay.logits]:
+        if node.label and node.label.startswith("logit diff"):
+            a, b = (int(x) for x in node.label.removeprefix("logit diff ").split(" - "))
+            out.append(last[a] - last[b])
+        else:
+            out.append(last[node.token_id] - last.mean())
+    return torch.stack(out).detach()
+
+
+def _zero_constants(adp, tcs, state) -> list[torch.Tensor]:
+    """Constants with every source removed: only the transcoders' output biases remain."""
+    out = []
+    for layer in range(adp.n_layers):
+        c = torch.zeros_like(state.mlp_out[layer])
+        if layer in tcs.layers:
+            c = c + tcs.b_dec(layer)
+        out.append(c)
+    return out
+
+
+def _target_rows(result: AttributionResult) -> torch.Tensor:
+    lay = result.layout
+    idx = list(range(lay.features.start, lay.features.stop))
+    idx += list(range(lay.logits.start, lay.logits.stop))
+    return result.adjacency[idx][:, : lay.n_sources]
+
+
+@pytest.mark.parametrize("family", m.FAMILIES)
+@pytest.mark.parametrize(("kind", "skip"), SETS)
+def test_reconstruction(family: str, kind: str, skip: bool) -> None:
+    adp = m.adapter(family, torch.float32)
+    tcs = m.transcoder_set(adp, kind, skip)
+    state = build_replacement(adp, tcs, torch.tensor([PROMPT]))
+    logits = replacement_logits(adp, tcs, state)
+    scale = state.logits.abs().max()
+    assert float((logits - state.logits).abs().max()) <= 1e-5 * float(scale)
+    # The errors are real: the transcoders alone do not reproduce the MLPs.
+    assert float(state.errors[0].abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize(("family", "kind", "skip", "dtype"), GRID)
+def test_row_completeness(family: str, kind: str, skip: bool, dtype: torch.dtype) -> None:
+    adp = m.adapter(family, dtype)
+    tcs = m.transcoder_set(adp, kind, skip)
+    result = attribute(adp, tcs, PROMPT, batch_size=32)
+    state = build_replacement(adp, tcs, torch.tensor([PROMPT]))
+    actual = _values(adp, tcs, state, result, state.resid0,
+                     replacement_constants(state, tcs), None)  # fmt: skip
+    zero = torch.zeros_like(state.resid0)
+    bias = _values(adp, tcs, state, result, zero, _zero_constants(adp, tcs, state), None)
+    rows = _target_rows(result).to(dtype)
+    # Feature rows reproduce the recorded pre-activations too.
+    lay = result.layout
+    for node, value in zip(result.nodes[lay.features], actual, strict=False):
+        assert float(value) == pytest.approx(
+            float(state.pre_activations[node.layer][node.pos, node.feature]), abs=1e-4
+        )
+    tol = 1e-5 if dtype == torch.float64 else 1e-4
+    scale = max(float(actual.abs().max()), 1.0)
+    assert float((rows.sum(dim=1) + bias - actual).abs().max()) <= tol * scale
+
+
+def _inject(adp, tcs, state, result, source: int):
+    """resid0 and per-layer injections (1, T, d) that add source ``source``'s vector once."""
+    resid0 = state.resid0.clone()
+    inj = [torch.zeros_like(state.mlp_out[0]) for _ in range(adp.n_layers)]
+    node = result.nodes[source]
+    if node.kind is NodeKind.FEATURE:
+        for target in tcs.targets(node.layer):
+            inj[target][0, node.pos] += (
+                node.activation * tcs.W_dec(node.layer, target)[node.feature]
+            )
+    elif node.kind is NodeKind.ERROR:
+        inj[node.layer][0, node.pos] += state.errors[node.layer][0, node.pos]
+    else:
+        resid0[0, node.pos] += state.resid0[0, node.pos]
+    return resid0, inj
+
+
+@pytest.mark.parametrize(("family", "kind", "skip", "dtype"), GRID)
+def test_interventions_match_edges(family: str, kind: str, skip: bool, dtype) -> None:
+    adp = m.adapter(family, dtype)
+    tcs = m.transcoder_set(adp, kind, skip)
+    result = attribute(adp, tcs, PROMPT, batch_size=16)
+    state = build_replacement(adp, tcs, torch.tensor([PROMPT]))
+    constants = replacement_constants(state, tcs)
+    base = _values(adp, tcs, state, result, state.resid0, constants, None)
+    rows = _target_rows(result)
+    lay = result.layout
+    gen = torch.Generator().manual_seed(0)
+    live = torch.nonzero(rows[:, : lay.n_features].abs().sum(0)).flatten()
+    assert live.numel() > 0
+    sources = live[torch.randperm(live.numel(), generator=gen)[:6]].tolist()
+    sources += [lay.errors.start, lay.errors.start + 3, lay.errors.stop - 1]
+    sources += [lay.tokens.start, lay.tokens.stop - 1]
+    tol = 1e-5 if dtype == torch.float64 else 1e-4
+    scale = max(float(base.abs().max()), 1.0)
+    for s in sources:
+        resid0, inj = _inject(adp, tcs, state, result, s)
+        moved = _values(adp, tcs, state, result, resid0, constants, inj) - base
+        assert float((moved - rows[:, s].to(dtype)).abs().max()) <= tol * scale, result.nodes[s]
+
+
+def test_batching_counts_passes_and_does_not_change_edges() -> None:
+    adp = m.adapter("gpt2", torch.float64)
+    tcs = m.transcoder_set(adp)
+    one = attribute(adp, tcs, PROMPT, batch_size=1)
+    big = attribute(adp, tcs, PROMPT, batch_size=50)
+    assert torch.allclose(one.adjacency, big.adjacency, atol=1e-12)
+    n_f, n_l = one.layout.n_features, one.layout.n_logits
+    assert one.stats["n_backward_passes"] == n_f + n_l
+    assert big.stats["n_backward_passes"] == math.ceil(n_f / 50) + math.ceil(n_l / 50)
+    assert big.stats["n_forward_passes"] == 1
+    # Causality: no edge from a later position or a same-or-later layer.
+    lay = big.layout
+    for t in list(range(lay.n_features)):
+        tgt = big.nodes[t]
+        for s in torch.nonzero(big.adjacency[t]).flatten().tolist():
+            src = big.nodes[s]
+            assert src.pos <= tgt.pos
+            if src.kind is not NodeKind.TOKEN:
+                assert src.layer < tgt.layer
+
+
+def test_logit_targets_by_cumulative_probability() -> None:
+    adp = m.adapter("llama", torch.float64)
+    tcs = m.transcoder_set(adp)
+    result = attribute(adp, tcs, PROMPT, target=None)
+    probs = result.logit_probs
+    assert 1 <= len(probs) <= 10
+    assert bool((probs[:-1] >= probs[1:]).all())
+    full = torch.softmax(build_replacement(adp, tcs, torch.tensor([PROMPT])).logits[0, -1], -1)
+    if len(probs) < 10:
+        assert float(probs.sum()) >= 0.95 and float(probs[:-1].sum()) < 0.95
+    assert float(probs[0]) == pytest.approx(float(full.max()))
+
+
+def test_max_feature_nodes_keeps_influential_features_with_exact_rows() -> None:
+    adp = m.adapter("gpt2", torch.float64)
+    tcs = m.transcoder_set(adp)
+    full = attribute(adp, tcs, PROMPT, batch_size=8)
+    part = attribute(adp, tcs, PROMPT, batch_size=8, max_feature_nodes=20)
+    assert part.layout.n_features == 20
+    assert part.stats["n_active_features"] == full.layout.n_features
+    full_ids = [n.node_id for n in full.nodes]
+    keep = [full_ids.index(n.node_id) for n in part.nodes]
+    cols = [i for i in keep if i < full.layout.n_sources]
+    expected = full.adjacency[keep][:, cols]
+    assert torch.allclose(part.adjacency[:, : part.layout.n_sources], expected, atol=1e-12)
+    # The most influential feature of the full graph is among those expanded.
+    influence = full.prune().node_influence[: full.layout.n_features]
+    top = full.nodes[int(torch.argmax(influence))].node_id
+    assert top in {n.node_id for n in part.nodes}
+
+
+def test_custom_targets() -> None:
+    adp = m.adapter("neox", torch.float64)
+    tcs = m.transcoder_set(adp)
+    state = build_replacement(adp, tcs, torch.tensor([PROMPT]))
+    diff = attribute(adp, tcs, PROMPT, target=LogitDiffTarget(5, 9))
+    assert diff.layout.n_logits == 1 and diff.nodes[-1].label == "logit diff 5 - 9"
+    zero = torch.zeros_like(state.resid0)
+    bias = _values(adp, tcs, state, diff, zero, _zero_constants(adp, tcs, state), None)
+    last = state.logits[0, -1]
+    row = diff.adjacency[-1, : diff.layout.n_sources]
+    assert float(row.sum() + bias[-1]) == pytest.approx(float(last[5] - last[9]), abs=1e-9)
+
+    node = next(n for n in diff.nodes if n.kind is NodeKind.FEATURE and n.layer == 1)
+    feat = attribute(adp, tcs, PROMPT, target=FeatureTarget(1, node.feature, node.pos),
+                     max_feature_nodes=5)  # fmt: skip
+    assert feat.layout.n_logits == 0 and feat.node_weights is not None
+    target_index = int(torch.nonzero(feat.node_weights).flatten()[0])
+    assert feat.nodes[target_index].node_id == node.node_id
+    graph = feat.to_graph(pruned=True)
+    assert node.node_id in {n.node_id for n in graph.nodes}
+    assert graph.n_edges > 0
