@@ -71,8 +71,19 @@ def _resolve(data_dir: Path | str | None) -> Path:
     return Path(data_dir).expanduser().resolve() if data_dir else default_data_dir().resolve()
 
 
-def _free_port() -> int:
+def _free_port(preferred: int | None = None) -> int:
+    """``preferred`` when it can be bound on loopback, else a fresh free port.
+
+    A restarted server keeps its ports when they are still free, so clients that
+    resolved its address before (a running ingest worker) reconnect to it.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if preferred:
+            try:
+                s.bind(("127.0.0.1", int(preferred)))
+                return int(preferred)
+            except OSError:
+                pass
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -206,7 +217,8 @@ def start(
             "password": secrets.token_urlsafe(24),
             "database": EMBEDDED_DATABASE,
         }
-        state.update(bolt_port=_free_port(), http_port=_free_port(), https_port=_free_port())
+        for key in ("bolt_port", "http_port", "https_port"):
+            state[key] = _free_port(state.get(key))
         _write_state(root, state)
         env = dict(os.environ)
         # The program must import this package whatever the child's working directory.
