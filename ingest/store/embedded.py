@@ -79,6 +79,8 @@ def _free_port(preferred: int | None = None) -> int:
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         if preferred:
+            # Like the server, tolerate the old server's connections in TIME_WAIT.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", int(preferred)))
                 return int(preferred)
