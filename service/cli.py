@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.demo_cli",
     "ingest.zoo.cli",
     "ingest.transcoders.cli",
+    "ingest.attribution.cli",
     "ingest.store.cli",
     "service.serve_cli",
 )
