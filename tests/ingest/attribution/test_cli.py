@@ -1,0 +1,84 @@
+"""``circuitscope attribute`` end to end on a saved tiny checkpoint, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from ingest.attribution.artifact import load_artifact
+from ingest.models import load_model
+from ingest.transcoders.formats import save
+from service.cli import main
+
+from . import models as m
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "w3 w17 w8 w25 w11"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attr-cli")
+    model = m.hf_model("gpt2")
+    model.save_pretrained(root / "model")
+    m.word_tokenizer().save_pretrained(root / "model")
+    adapter = load_model(str(root / "model")).adapter
+    save(m.transcoder_set(adapter), root / "tc")
+    other = m.transcoder_set(m.adapter("gpt2", seed=5))  # same shape, other weights
+    save(other, root / "tc_other")
+    return root
+
+
+def run(saved, *extra: str, prompt: str = PROMPT) -> int:
+    argv = ["attribute", prompt, "--model", str(saved / "model"),
+            "--transcoders", str(saved / "tc"), "--no-progress", *extra]  # fmt: skip
+    return main(argv)
+
+
+def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
+    out, js = tmp_path / "artifact", tmp_path / "graph.json"
+    assert run(saved, "--out", str(out), "--json", str(js), "--batch-size", "8") == 0
+    printed = capsys.readouterr().out
+    assert "pruned:" in printed and "backward passes" in printed
+    result = load_artifact(out)
+    assert result.metadata.tokens == PROMPT.split()
+    assert result.metadata.artifact_uri == out.resolve().as_uri()
+    n_rows = result.layout.n_features + result.layout.n_logits
+    assert result.stats["n_backward_passes"] == -(-result.layout.n_features // 8) + -(
+        -result.layout.n_logits // 8
+    )
+    assert n_rows > 0
+    doc = json.loads(js.read_text())
+    pruned = result.to_graph(pruned=True)
+    assert len(doc["nodes"]) == pruned.n_nodes and len(doc["links"]) == pruned.n_edges
+    assert doc["metadata"]["prompt"] == PROMPT
+    # A second run into the same directory is refused before any work.
+    assert run(saved, "--out", str(out)) == 2
+    assert run(saved, "--out", str(out), "--overwrite", "--logit-diff", "w3", "w4") == 0
+    assert load_artifact(out).layout.n_logits == 1
+
+
+@pytest.mark.parametrize(
+    ("prompt", "extra", "message"),
+    [
+        ("   ", [], "empty"),
+        (" ".join(["w3"] * (m.N_CTX + 1)), [], "context"),
+        ("w3 hello w4", [], "cannot encode"),
+        (PROMPT, ["--logit-diff", "w3", "999"], "outside the vocabulary"),
+        (PROMPT, ["--transcoders-other"], "fingerprint"),
+        (PROMPT, ["--dtype", "float64", "--device", "cuda:7"], "cuda"),
+    ],
+)
+def test_bad_input_fails_cleanly(saved, tmp_path, capsys, prompt, extra, message) -> None:
+    out, js = tmp_path / "artifact", tmp_path / "graph.json"
+    if extra == ["--transcoders-other"]:
+        extra = ["--transcoders", str(saved / "tc_other")]
+    if "cuda:7" in extra and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    code = run(saved, "--out", str(out), "--json", str(js), *extra, prompt=prompt)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err.lower() or message in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
