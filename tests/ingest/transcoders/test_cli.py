@@ -1,0 +1,91 @@
+"""End to end through the console script on a tiny trained zoo model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ingest.transcoders.formats import load_any
+from service.cli import main
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["--width", "32", "--sparsity", "4", "--steps", "16", "--batch-size", "32",
+         "--buffer-rows", "256", "--eval-every", "8", "--checkpoint-every", "8"]  # fmt: skip
+
+
+def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
+    out = tmp_path / "tc"
+    assert (
+        main(["transcoders", "train", "--model", str(tiny_zoo_dir), "--out", str(out), *TRAIN]) == 0
+    )
+    report = json.loads((out / "eval.json").read_text())
+    assert report["task"]["task"] == "greater_than"
+    assert set(report["layers"]) == {"0"}
+    assert 0 < report["layers"]["0"]["l0"] <= 4
+    tset = load_any(out)
+    assert tset.metadata.kind == "transcoder" and tset.config.k == 4
+
+    assert main(["transcoders", "eval", str(out), "--model", str(tiny_zoo_dir), "--windows", "8",
+                 "--json", str(tmp_path / "e.json")]) == 0  # fmt: skip
+    assert "all layers spliced" in capsys.readouterr().out
+
+    assert main(["transcoders", "stats", str(out), "--model", str(tiny_zoo_dir),
+                 "--windows", "16", "--top-k", "3"]) == 0  # fmt: skip
+    stats = json.loads((out / "feature_stats.json").read_text())
+    assert len(stats) == 32
+    keys = {"set_id", "layer", "index", "density", "max_activation", "top_examples",
+            "top_tokens", "output_tokens"}  # fmt: skip
+    assert all(set(s) == keys for s in stats)
+    active = [s for s in stats if s["density"] > 0]
+    assert active and all(len(s["top_examples"]) <= 3 for s in stats)
+    best = max(active, key=lambda s: s["max_activation"])
+    assert best["max_activation"] == best["top_examples"][0]["activation"]
+    assert len(best["top_tokens"]) == 10 and len(best["output_tokens"]) == 10
+
+    assert main(["transcoders", "convert", str(out), str(tmp_path / "sl"), "--to", "saelens"]) == 0
+    back = load_any(tmp_path / "sl")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in tset.state_dict().items())
+
+
+def test_resume_after_a_kill_via_cli(tiny_zoo_dir, tmp_path):
+    out = tmp_path / "tc"
+    args = ["transcoders", "train", "--model", str(tiny_zoo_dir), "--out", str(out), "--no-eval"]
+    assert main([*args, *TRAIN[:-4], "--eval-every", "8", "--checkpoint-every", "8",
+                 "--steps", "8"]) == 0  # fmt: skip
+    # A checkpoint of another length exists: the flags differ, so resuming is refused.
+    assert main([*args, *TRAIN, "--resume"]) == 2
+
+
+def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
+    base = ["transcoders", "train", "--model", str(tiny_zoo_dir), "--no-eval", *TRAIN]
+    assert main([*base, "--out", str(tmp_path / "a"), "--layers", "3"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    # A set trained on one model, evaluated on a model with other weights.
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_zoo_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("mlp.c_fc.weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["transcoders", "eval", str(tmp_path / "b"), "--model", str(other)]) == 2
+    assert "weights differ" in capsys.readouterr().err
+
+
+def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path):
+    out = tmp_path / "pareto"
+    args = ["transcoders", "pareto", "--model", str(tiny_zoo_dir), "--out", str(out),
+            "--sparsities", "2,4", "--width", "16", "--steps", "6", "--batch-size", "32",
+            "--buffer-rows", "256", "--eval-every", "6", "--checkpoint-every", "6"]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((out / "pareto.json").read_text())
+    assert sorted((r["kind"], r["sparsity"]) for r in rows) == [
+        ("sae", 2.0), ("sae", 4.0), ("transcoder", 2.0), ("transcoder", 4.0)
+    ]  # fmt: skip
+    assert all(r["l0"] <= r["sparsity"] for r in rows)
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| kind |" in (out / "pareto.md").read_text()
