@@ -76,6 +76,21 @@ def test_hub_id_offline_says_to_pass_a_directory(monkeypatch: pytest.MonkeyPatch
         load_model("circuitscope-test/no-such-model-xyz")
 
 
+def test_unreachable_hub_falls_back_to_the_cache_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    # a loopback port nothing listens on: the connection is refused at once
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match="hub cannot be reached"):
+        load_model("circuitscope-test/no-such-model-xyz")
+    assert time.monotonic() - started < 10
+
+
 def test_unsupported_model_type_directory(tmp_path: Path) -> None:
     cfg = OPTConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
