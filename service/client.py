@@ -36,6 +36,8 @@ from ingest.graph import AttributionGraph, FeatureRecord
 from ingest.store.base import Direction, FeatureOccurrence, GraphSummary, Page, Path, PathScore
 from service import convert
 from service._generated.circuits.v1 import (
+    analysis_service_pb2,
+    analysis_service_pb2_grpc,
     feature_service_pb2,
     feature_service_pb2_grpc,
     graph_service_pb2,
@@ -71,6 +73,15 @@ class RetryPolicy:
         """Sleep before retry number ``attempt`` (1-based): full jitter on the cap."""
         cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
         return random.uniform(0, cap)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """What Attribute returns: the pruned graph, the full graph's size, server seconds."""
+
+    graph: AttributionGraph
+    full_node_count: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,7 @@ class CircuitsClient:
         self._retry = retry or RetryPolicy()
         self._graphs = graph_service_pb2_grpc.GraphServiceStub(self._channel)
         self._features = feature_service_pb2_grpc.FeatureServiceStub(self._channel)
+        self._analysis = analysis_service_pb2_grpc.AnalysisServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ------------------------------------------------------------------ plumbing
@@ -152,11 +164,12 @@ class CircuitsClient:
     def channel(self) -> grpc.Channel:
         return self._channel
 
-    def _call(self, method: Callable[..., T], request: Any) -> T:
+    def _call(self, method: Callable[..., T], request: Any, timeout_s: float | None = None) -> T:
         attempt = 1
         while True:
             try:
-                return method(request, timeout=self._timeout_s, metadata=self._metadata)
+                timeout = self._timeout_s if timeout_s is None else timeout_s
+                return method(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 if code is grpc.StatusCode.UNAVAILABLE and attempt < self._retry.max_attempts:
@@ -362,4 +375,51 @@ class CircuitsClient:
         return Page(
             [convert.occurrence_from_proto(o) for o in response.occurrences],
             response.next_page_token or None,
+        )
+
+    # ------------------------------------------------------------------ analysis
+    def list_models(self) -> list[str]:
+        """The names of the models the server analyses on request."""
+        response = self._call(self._analysis.ListModels, analysis_service_pb2.ListModelsRequest())
+        return [m.name for m in response.models]
+
+    def attribute(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        logit_diff: tuple[int, int] | None = None,
+        feature: tuple[int, int, int | None] | None = None,
+        max_n_logits: int = 0,
+        max_feature_nodes: int | None = None,
+        node_threshold: float | None = None,
+        edge_threshold: float | None = None,
+        timeout_s: float | None = None,
+    ) -> Attribution:
+        """The pruned attribution graph of ``prompt`` on a served model.
+
+        Target: the top logits (default; ``max_n_logits``), a logit difference
+        ``(correct, counterfactual)`` token ids, or a feature ``(layer, index, pos)``.
+        """
+        request = analysis_service_pb2.AttributeRequest(model=model, prompt=prompt)
+        if logit_diff is not None and feature is not None:
+            raise InvalidArgumentError("give at most one of logit_diff and feature")
+        if logit_diff is not None:
+            request.logit_diff.correct_token_id = logit_diff[0]
+            request.logit_diff.counterfactual_token_id = logit_diff[1]
+        elif feature is not None:
+            request.feature.layer, request.feature.index = feature[0], feature[1]
+            if feature[2] is not None:
+                request.feature.position = feature[2]
+        else:
+            request.logits.max_n_logits = max_n_logits
+        if max_feature_nodes is not None:
+            request.max_feature_nodes = max_feature_nodes
+        if node_threshold is not None:
+            request.node_threshold = node_threshold
+        if edge_threshold is not None:
+            request.edge_threshold = edge_threshold
+        response = self._call(self._analysis.Attribute, request, timeout_s)
+        return Attribution(
+            convert.graph_from_proto(response.graph), response.full_node_count, response.seconds
         )

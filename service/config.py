@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.errors import InvalidArgumentError, NotFoundError
+from service.models import ModelSpec
 
 TOKENS_ENV = "CIRCUITSCOPE_TOKENS"
 DEFAULT_PORT = 50051
@@ -85,7 +86,8 @@ class ServerConfig:
     ``health_interval_s`` is how often the store's reachability is checked;
     ``default_timeout_s`` bounds store queries of calls that carry no deadline;
     ``workers`` is the size of the thread pool blocking store calls run in;
-    ``model_workers`` the size of the pool model (torch) work runs in.
+    ``model_workers`` the size of the pool model (torch) work runs in;
+    ``models`` the models AnalysisService computes on.
     """
 
     host: str = "127.0.0.1"
@@ -99,6 +101,7 @@ class ServerConfig:
     workers: int = 16
     model_workers: int = 1
     grace_s: float = 5.0
+    models: tuple[ModelSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -322,3 +322,34 @@ def occurrence_from_proto(msg: feature_service_pb2.FeatureOccurrence) -> Feature
         activation=_opt(msg, "activation"),
         influence=_opt(msg, "influence"),
     )
+
+
+# ---------------------------------------------------------------------------- analysis
+
+
+def target_from_proto(request: Any) -> Any:
+    """The attribution target of an AttributeRequest (``ingest.attribution.targets``)."""
+    from ingest.attribution.targets import FeatureTarget, LogitDiffTarget, LogitTargets
+
+    which = request.WhichOneof("target")
+    if which is None:
+        return LogitTargets()
+    if which == "logits":
+        spec = request.logits
+        if not 0 <= spec.max_n_logits <= 100:
+            raise InvalidArgumentError(f"max_n_logits must be in 0..100, got {spec.max_n_logits}")
+        return LogitTargets(
+            max_n_logits=spec.max_n_logits or 10,
+            desired_logit_prob=spec.desired_logit_prob or 0.95,
+        )
+    if which == "logit_diff":
+        spec = request.logit_diff
+        return LogitDiffTarget(spec.correct_token_id, spec.counterfactual_token_id)
+    spec = request.feature
+    if spec.layer < 0 or spec.index < 0:
+        raise InvalidArgumentError("feature target layer and index must be >= 0")
+    if spec.HasField("position") and spec.position < 0:
+        raise InvalidArgumentError(f"feature target position must be >= 0, got {spec.position}")
+    return FeatureTarget(
+        spec.layer, spec.index, spec.position if spec.HasField("position") else None
+    )

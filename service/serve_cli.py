@@ -48,6 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument(
         "--health-interval", type=float, default=5.0, help="seconds between store health probes"
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL_DIR,TRANSCODERS_DIR",
+        help="serve attribution on this model and transcoder set (repeatable)",
+    )
+    parser.add_argument("--device", default="cpu", help="device of served models (cpu, cuda)")
     parser.add_argument("--store-uri", help="Bolt URI of the graph store (default: NEO4J_URI)")
     parser.add_argument(
         "--store-data-dir", type=Path, help="data directory of the embedded graph server"
@@ -63,6 +71,7 @@ def build_server_config(args: argparse.Namespace, environ: dict[str, str]) -> Se
     """The :class:`ServerConfig` for parsed ``serve`` flags and the environment."""
     from ingest.errors import InvalidArgumentError
     from service.config import TOKENS_ENV, ServerConfig, TlsConfig, load_tokens
+    from service.models import ModelSpec
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise InvalidArgumentError("pass both --tls-cert and --tls-key, or neither")
@@ -83,6 +92,7 @@ def build_server_config(args: argparse.Namespace, environ: dict[str, str]) -> Se
         health_interval_s=args.health_interval,
         default_timeout_s=args.store_timeout,
         workers=args.workers,
+        models=tuple(ModelSpec.parse(m, args.device) for m in args.model),
     )
 
 

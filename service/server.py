@@ -7,7 +7,8 @@
   errors become status codes) then :class:`BearerTokenInterceptor` (when tokens are
   configured; health and reflection are exempt);
 - servicers: circuits.v1 GraphService and FeatureService, each with the store and a
-  :class:`BlockingRunner` over a thread pool (store I/O never blocks the loop);
+  :class:`BlockingRunner` over a thread pool (store I/O never blocks the loop), and
+  AnalysisService with the served models and a separate model (torch) pool;
 - the standard health service, whose status follows the store's reachability
   (:class:`StoreHealthMonitor`), and server reflection for generic tools;
 - message-size limits on send and receive; TLS, or mutual TLS with a client CA.
@@ -36,6 +37,8 @@ from grpc_reflection.v1alpha import reflection
 from ingest.errors import UnavailableError
 from ingest.store.base import GraphStore
 from service._generated.circuits.v1 import (
+    analysis_service_pb2,
+    analysis_service_pb2_grpc,
     feature_service_pb2,
     feature_service_pb2_grpc,
     graph_service_pb2,
@@ -45,7 +48,9 @@ from service.auth import BearerTokenInterceptor
 from service.config import ServerConfig
 from service.errors import ErrorMappingInterceptor
 from service.health import StoreHealthMonitor
+from service.models import ModelRegistry
 from service.runner import BlockingRunner
+from service.servicers.analysis import AnalysisServicer
 from service.servicers.features import FeatureServicer
 from service.servicers.graphs import GraphServicer
 
@@ -54,6 +59,7 @@ logger = logging.getLogger(__name__)
 SERVICE_NAMES: tuple[str, ...] = (
     graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name,
     feature_service_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name,
+    analysis_service_pb2.DESCRIPTOR.services_by_name["AnalysisService"].full_name,
 )
 
 
@@ -121,6 +127,9 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     )
     feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(
         FeatureServicer(store, runner), server
+    )
+    analysis_service_pb2_grpc.add_AnalysisServiceServicer_to_server(
+        AnalysisServicer(ModelRegistry(config.models), model_runner), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
