@@ -1,0 +1,102 @@
+"""Interventions and ablations in the replacement model agree with the graph and the model."""
+
+import pytest
+import torch
+
+from ingest.attribution.attribute import attribute
+from ingest.attribution.interventions import FeatureIntervention, ablate, intervene
+from ingest.attribution.replacement import build_replacement
+from ingest.errors import InvalidArgumentError
+from ingest.graph import Node, NodeKind
+
+from . import models as m
+
+pytestmark = pytest.mark.unit
+
+PROMPT = torch.tensor([[3, 17, 8, 25, 11, 3, 30]])
+COUNTER = torch.tensor([[5, 17, 9, 25, 12, 4, 30]])
+
+
+@pytest.fixture(scope="module", params=["llama"])
+def setup(request):
+    adp = m.adapter(request.param, torch.float64)
+    tcs = m.transcoder_set(adp, "clt", skip=True)
+    return adp, tcs
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_no_intervention_reproduces_the_model(setup, freeze: bool) -> None:
+    adp, tcs = setup
+    clean = adp(PROMPT)
+    out = intervene(adp, tcs, PROMPT, [], freeze_attention=freeze)
+    assert torch.allclose(out.logits, clean, atol=1e-10)
+    state = build_replacement(adp, tcs, PROMPT)
+    for layer, acts in out.activations.items():
+        assert torch.allclose(acts, state.activations[layer], atol=1e-10)
+
+
+def test_frozen_intervention_on_last_layer_feature_moves_logits_by_its_edges(setup) -> None:
+    adp, tcs = setup
+    result = attribute(adp, tcs, PROMPT)
+    last = adp.n_layers - 1
+    lay = result.layout
+    feats = [(i, n) for i, n in enumerate(result.nodes[lay.features])
+             if n.layer == last and n.pos == PROMPT.shape[1] - 1]  # fmt: skip
+    assert feats
+    clean = adp(PROMPT)[0, -1]
+    for col, node in feats[:3]:
+        for iv, factor in ((FeatureIntervention(last, node.pos, node.feature, value=0.0), -1.0),
+                           (FeatureIntervention(last, node.pos, node.feature, scale=3.0), 2.0)):  # fmt: skip
+            new = intervene(adp, tcs, PROMPT, [iv]).logits[0, -1]
+            for row, logit in enumerate(result.nodes[lay.logits]):
+                v = logit.token_id
+                moved = (new[v] - new.mean()) - (clean[v] - clean.mean())
+                edge = result.adjacency[lay.logits.start + row, col]
+                assert float(moved) == pytest.approx(factor * float(edge), abs=1e-9)
+
+
+def test_patching_every_node_gives_the_counterfactual_run(setup) -> None:
+    adp, tcs = setup
+    result = attribute(adp, tcs, PROMPT)
+    nodes = [n for n in result.nodes if n.kind is not NodeKind.LOGIT]
+    out = ablate(adp, tcs, PROMPT, nodes, mode="patch", counterfactual_ids=COUNTER)
+    assert torch.allclose(out.logits, adp(COUNTER), atol=1e-9)
+    half = ablate(adp, tcs, PROMPT, nodes[: len(nodes) // 2], mode="patch",
+                  counterfactual_ids=COUNTER)  # fmt: skip
+    assert not torch.allclose(half.logits, adp(COUNTER), atol=1e-3)
+
+
+def test_zero_and_mean_ablation(setup) -> None:
+    adp, tcs = setup
+    state = build_replacement(adp, tcs, PROMPT)
+    layer, pos = tcs.layers[0], 2
+    index = int(torch.nonzero(state.activations[layer][pos])[0])
+    node = Node(f"{layer}_{index}_{pos}", NodeKind.FEATURE, layer, pos, feature=index)
+    zero = ablate(adp, tcs, PROMPT, [node], mode="zero")
+    assert float(zero.activations[layer][pos, index]) == 0.0
+    mean = ablate(adp, tcs, PROMPT, [node], mode="mean")
+    expected = state.activations[layer][:, index].mean()
+    assert float(mean.activations[layer][pos, index]) == pytest.approx(float(expected))
+    # Ablating a token embedding at the last position changes the last logits.
+    tok = Node("E_30_6", NodeKind.TOKEN, None, 6, token_id=30)
+    assert not torch.allclose(ablate(adp, tcs, PROMPT, [tok]).logits[0, -1], adp(PROMPT)[0, -1])
+    err = Node("err_0_6", NodeKind.ERROR, 0, 6)
+    assert not torch.allclose(ablate(adp, tcs, PROMPT, [err]).logits[0, -1], adp(PROMPT)[0, -1])
+
+
+def test_bad_interventions(setup) -> None:
+    adp, tcs = setup
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        FeatureIntervention(0, 0, 0, value=1.0, scale=2.0)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        intervene(adp, tcs, PROMPT, [FeatureIntervention(0, 99, 0, value=1.0)])
+    node = Node("err_0_1", NodeKind.ERROR, 0, 1)
+    with pytest.raises(InvalidArgumentError, match="counterfactual"):
+        ablate(adp, tcs, PROMPT, [node], mode="patch")
+    with pytest.raises(InvalidArgumentError, match="same length"):
+        ablate(adp, tcs, PROMPT, [node], mode="patch", counterfactual_ids=COUNTER[:, :4])
+    with pytest.raises(InvalidArgumentError, match="unknown ablation mode"):
+        ablate(adp, tcs, PROMPT, [node], mode="noise")  # type: ignore[arg-type]
+    logit = Node("3_5_6", NodeKind.LOGIT, 2, 6, token_id=5)
+    with pytest.raises(InvalidArgumentError, match="only features"):
+        ablate(adp, tcs, PROMPT, [logit])
