@@ -19,7 +19,7 @@ With no override the run reproduces the clean logits exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,7 +104,7 @@ class ReplacementRunner:
         over = overrides or FeatureOverrides()
         acts: dict[int, Tensor] = {}
 
-        def make(layer: int):  # noqa: ANN202 - a closure over the layer
+        def make(layer: int) -> Callable[[Tensor], Tensor]:
             skip = skip_fn(tcs, layer)
 
             def replace(x: Tensor) -> Tensor:

@@ -45,8 +45,11 @@ def test_frozen_intervention_on_last_layer_feature_moves_logits_by_its_edges(set
     assert feats
     clean = adp(PROMPT)[0, -1]
     for col, node in feats[:3]:
-        for iv, factor in ((FeatureIntervention(last, node.pos, node.feature, value=0.0), -1.0),
-                           (FeatureIntervention(last, node.pos, node.feature, scale=3.0), 2.0)):  # fmt: skip
+        cases = [
+            (FeatureIntervention(last, node.pos, node.feature, value=0.0), -1.0),
+            (FeatureIntervention(last, node.pos, node.feature, scale=3.0), 2.0),
+        ]
+        for iv, factor in cases:
             new = intervene(adp, tcs, PROMPT, [iv]).logits[0, -1]
             for row, logit in enumerate(result.nodes[lay.logits]):
                 v = logit.token_id
