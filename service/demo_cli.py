@@ -7,7 +7,8 @@ has one stage:
 1. ``zoo-model``: train the demo model (greater-than on GPT-2, the task's default
    configuration, seed 0) into ``ingest.paths.home()/zoo/greater_than-gpt2``, or reuse
    the checkpoint there when it was trained with the same configuration and seed, and
-   report its held-out task metrics.
+   report its held-out task metrics. ``--tiny`` uses the task's tiny configuration
+   (``greater_than-gpt2-tiny``), a seconds-long smoke run.
 
 Later stages (transcoders, attribution, ingest into the graph store, serving) append to
 :data:`STAGES`. Torch is imported only when the command runs.
@@ -32,6 +33,7 @@ class DemoContext:
 
     device: str
     retrain: bool = False
+    tiny: bool = False
     progress: bool = True
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -50,11 +52,12 @@ def _zoo_model(ctx: DemoContext) -> list[str]:
     from ingest.zoo.tasks import get_task
     from ingest.zoo.trainer import default_out_dir, train_zoo_model
 
-    out_dir = default_out_dir(DEMO_TASK, DEMO_ARCH)
+    out_dir = default_out_dir(DEMO_TASK, DEMO_ARCH, tiny=ctx.tiny)
     result = train_zoo_model(
         DEMO_TASK,
         DEMO_ARCH,
         seed=DEMO_SEED,
+        tiny=ctx.tiny,
         device=ctx.device,
         out_dir=out_dir,
         reuse=not ctx.retrain,
@@ -81,8 +84,10 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def run_demo(ctx: DemoContext, write: Callable[[str], object] = sys.stdout.write) -> DemoContext:
-    """Run every stage in order, writing a header, the stage's lines and its time."""
+def run_demo(ctx: DemoContext, write: Callable[[str], object] | None = None) -> DemoContext:
+    """Run every stage in order, writing (to stdout by default) a header, the stage's
+    lines and its time."""
+    write = write or sys.stdout.write
     for i, stage in enumerate(STAGES, start=1):
         write(f"[{i}/{len(STAGES)}] {stage.name}: {stage.description}\n")
         started = time.perf_counter()
@@ -102,6 +107,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--retrain", action="store_true", help="train again even if a matching model exists"
     )
+    demo.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use tiny models (seconds; a smoke test, not a meaningful model)",
+    )
     demo.set_defaults(handler=_handle)
 
 
@@ -109,5 +119,5 @@ def _handle(args: argparse.Namespace) -> int:
     from ingest.devices import resolve_device
 
     resolve_device(args.device)
-    run_demo(DemoContext(device=args.device, retrain=args.retrain))
+    run_demo(DemoContext(device=args.device, retrain=args.retrain, tiny=args.tiny))
     return 0

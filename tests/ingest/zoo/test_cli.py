@@ -1,0 +1,79 @@
+"""The ``zoo`` and ``demo`` commands, called through ``service.cli.main``."""
+
+from pathlib import Path
+
+import pytest
+
+from ingest.paths import home
+from ingest.zoo.trainer import ZooTrainResult
+from service.cli import main
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("circuitscope: error: ")
+    for needle in needles:
+        assert needle in err
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["zoo", "train", "sorting", "--tiny"], ["unknown task 'sorting'", "greater_than"]),
+        (["zoo", "train", "ioi", "--arch", "bert", "--tiny"], ["unknown architecture", "llama"]),
+        (["zoo", "train", "ioi", "--device", "cuda:99", "--tiny"], ["cuda:99"]),
+        (["zoo", "train", "ioi", "--device", "tpu", "--tiny"], ["'tpu'"]),
+        (["zoo", "train", "ioi", "--steps", "0"], ["--steps must be positive"]),
+        (["demo", "--device", "cuda:99"], ["cuda:99"]),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(
+    argv: list[str], needles: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    _one_line_error(capsys, *needles)
+
+
+@pytest.mark.unit
+def test_eval_of_a_directory_that_is_not_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["zoo", "eval", str(tmp_path)]) == 2
+    _one_line_error(capsys, "is not a zoo checkpoint", "circuitscope zoo train")
+    assert main(["zoo", "eval", str(tmp_path / "missing")]) == 2
+    _one_line_error(capsys, "does not exist")
+    (tmp_path / "zoo.json").write_text("{not json")
+    assert main(["zoo", "eval", str(tmp_path)]) == 2
+    _one_line_error(capsys, "not a valid zoo manifest")
+
+
+@pytest.mark.slow
+def test_eval_prints_the_heldout_metrics(
+    tiny_greater_than: ZooTrainResult, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["zoo", "eval", str(tiny_greater_than.out_dir), "--max-examples", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "greater_than on gpt2" in out and "prob_diff" in out and "prob_diff >= 0.8" in out
+
+
+@pytest.mark.slow
+def test_train_then_list_then_demo_reuse(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["zoo", "train", "induction", "--arch", "neox", "--tiny", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    target = home() / "zoo" / "induction-neox-tiny"
+    assert str(target) in out and "loss_ratio" in out
+    assert (target / "zoo.json").is_file()
+
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("greater_than", "modular_addition", "ioi", "induction", "gpt2", "neox", "llama"):
+        assert name in out
+    assert "induction-neox-tiny" in out
+
+    assert main(["demo", "--tiny"]) == 0
+    first = capsys.readouterr().out
+    assert "[1/1] zoo-model" in first and "prob_diff" in first and "trained in" in first
+    assert main(["demo", "--tiny"]) == 0
+    assert "reused" in capsys.readouterr().out
