@@ -94,12 +94,14 @@ DELETE_GNODES_BATCH: Final = (
 
 CREATE_GNODES: Final = "UNWIND $rows AS r CREATE (n:GNode) SET n = r"
 
-# Endpoints by (graph_id, idx): integer keys measured faster than node_id strings.
+# Rows are grouped by source: {s, out: [{t, w, i}, ...]}; endpoints are found by
+# (graph_id, idx), integer keys measured faster than node_id strings.
 CREATE_ATTR_EDGES: Final = (
     "UNWIND $rows AS r "
     "MATCH (a:GNode {graph_id: $graph_id, idx: r.s}) "
-    "MATCH (b:GNode {graph_id: $graph_id, idx: r.t}) "
-    "CREATE (a)-[:ATTR {weight: r.w, idx: r.i}]->(b)"
+    "UNWIND r.out AS e "
+    "MATCH (b:GNode {graph_id: $graph_id, idx: e.t}) "
+    "CREATE (a)-[:ATTR {weight: e.w, idx: e.i}]->(b)"
 )
 
 COMPLETE_GRAPH: Final = (
