@@ -38,7 +38,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import cast, overload
+from typing import Literal, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -227,8 +227,8 @@ class ModelAdapter(nn.Module):
         resid0: Tensor | None = ...,
         frozen: FrozenState | None = ...,
         mlp_replacements: Mapping[int, MLPReplacement] | None = ...,
-        record: bool,
-    ) -> Tensor | Recording: ...
+        record: Literal[False] = ...,
+    ) -> Tensor: ...
 
     @overload
     def forward(
@@ -238,7 +238,19 @@ class ModelAdapter(nn.Module):
         resid0: Tensor | None = ...,
         frozen: FrozenState | None = ...,
         mlp_replacements: Mapping[int, MLPReplacement] | None = ...,
-    ) -> Tensor: ...
+        record: Literal[True],
+    ) -> Recording: ...
+
+    @overload
+    def forward(
+        self,
+        input_ids: Tensor | None = ...,
+        *,
+        resid0: Tensor | None = ...,
+        frozen: FrozenState | None = ...,
+        mlp_replacements: Mapping[int, MLPReplacement] | None = ...,
+        record: bool,
+    ) -> Tensor | Recording: ...
 
     def forward(
         self,

@@ -53,13 +53,14 @@ def _llama(tied: bool) -> PreTrainedModel:
         vocab_size=VOCAB, max_position_embeddings=N_CTX, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2 if not tied else 1,
         head_dim=8 if not tied else 12, intermediate_size=48, tie_word_embeddings=tied,
-        attention_bias=tied, initializer_range=0.3, bos_token_id=0, eos_token_id=1,
+        attention_bias=tied, mlp_bias=tied, initializer_range=0.3, bos_token_id=0,
+        eos_token_id=1,
         pad_token_id=None,
     )  # fmt: skip
     return LlamaForCausalLM(cfg)
 
 
-# name -> builder; "llama_tied" also has attention biases and head_dim != d_model / heads.
+# name -> builder; "llama_tied" also has attention and MLP biases and head_dim != d_model / heads.
 BUILDERS: dict[str, Callable[[], PreTrainedModel]] = {
     "gpt2": _gpt2,
     "neox_parallel": lambda: _neox(True),
