@@ -124,7 +124,7 @@ def active_features(state: ReplacementState, extra: FeatureTarget | None = None)
     return ActiveFeatures(torch.cat(layers), torch.cat(poss), torch.cat(idxs), torch.cat(acts))
 
 
-class _RowComputer:
+class RowComputer:
     """One batched forward of the frozen replacement model; rows by batched backward."""
 
     def __init__(
@@ -287,7 +287,7 @@ def attribute(
                 f"feature target position {feature_target.pos} outside the prompt [0, {T})"
             )
     features = active_features(state, feature_target)
-    computer = _RowComputer(adapter, transcoders, state, features, cfg.batch_size)
+    computer = RowComputer(adapter, transcoders, state, features, cfg.batch_size)
 
     # Target rows and their weights.
     last = state.logits[0, -1]
