@@ -298,8 +298,17 @@ def compare_methods(
         else:
             raise InvalidArgumentError(f"unknown method {method!r}: use one of {EDGE_SCORERS}")
         curves.append(
-            faithfulness_curve(adapter, transcoders, result, input_ids, counterfactual_ids,
-                               metric, scores, method=method, fractions=fractions)  # fmt: skip
+            faithfulness_curve(
+                adapter,
+                transcoders,
+                result,
+                input_ids,
+                counterfactual_ids,
+                metric,
+                scores,
+                method=method,
+                fractions=fractions,
+            )
         )
     return curves
 
