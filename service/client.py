@@ -42,6 +42,8 @@ from service._generated.circuits.v1 import (
     feature_service_pb2_grpc,
     graph_service_pb2,
     graph_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
     types_pb2,
 )
 from service.auth import bearer_metadata
@@ -82,6 +84,40 @@ class Attribution:
     graph: AttributionGraph
     full_node_count: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """An ingest job as the server reports it; ``state`` is queued, running, succeeded,
+    failed or cancelled."""
+
+    job_id: str
+    state: str
+    model: str
+    prompt_count: int
+    processed_count: int
+    graph_ids: list[str]
+    already_stored_count: int
+    errors: list[str]
+    message: str
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+    @classmethod
+    def from_proto(cls, msg: job_service_pb2.Job) -> JobStatus:
+        return cls(
+            job_id=msg.job_id,
+            state=convert.JOB_STATE_NAMES.get(msg.state, "unspecified"),
+            model=msg.model,
+            prompt_count=msg.prompt_count,
+            processed_count=msg.processed_count,
+            graph_ids=list(msg.graph_ids),
+            already_stored_count=msg.already_stored_count,
+            errors=list(msg.errors),
+            message=msg.message,
+        )
 
 
 @dataclass(frozen=True)
@@ -148,6 +184,7 @@ class CircuitsClient:
         self._graphs = graph_service_pb2_grpc.GraphServiceStub(self._channel)
         self._features = feature_service_pb2_grpc.FeatureServiceStub(self._channel)
         self._analysis = analysis_service_pb2_grpc.AnalysisServiceStub(self._channel)
+        self._jobs = job_service_pb2_grpc.JobServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ------------------------------------------------------------------ plumbing
@@ -423,3 +460,58 @@ class CircuitsClient:
         return Attribution(
             convert.graph_from_proto(response.graph), response.full_node_count, response.seconds
         )
+
+    # ------------------------------------------------------------------ jobs
+    def submit_ingest(
+        self,
+        model: str,
+        prompts: list[dict[str, str]],
+        *,
+        node_threshold: float | None = None,
+        edge_threshold: float | None = None,
+        max_feature_nodes: int | None = None,
+    ) -> JobStatus:
+        """Queue an ingest job; ``prompts`` are worker records (``prompt``, ``task``,
+        ``id``, ``counterfactual``, ``correct``, ``incorrect``)."""
+        request = job_service_pb2.SubmitIngestRequest(model=model)
+        for record in prompts:
+            unknown = set(record) - {
+                "prompt",
+                "task",
+                "id",
+                "counterfactual",
+                "correct",
+                "incorrect",
+            }
+            if unknown:
+                raise InvalidArgumentError(f"unknown prompt field(s) {sorted(unknown)}")
+            request.prompts.add(
+                prompt=record.get("prompt", ""),
+                task=record.get("task", ""),
+                prompt_id=record.get("id", ""),
+                counterfactual=record.get("counterfactual", ""),
+                correct=record.get("correct", ""),
+                incorrect=record.get("incorrect", ""),
+            )
+        if node_threshold is not None:
+            request.node_threshold = node_threshold
+        if edge_threshold is not None:
+            request.edge_threshold = edge_threshold
+        if max_feature_nodes is not None:
+            request.max_feature_nodes = max_feature_nodes
+        return JobStatus.from_proto(self._call(self._jobs.SubmitIngest, request).job)
+
+    def get_job(self, job_id: str) -> JobStatus:
+        request = job_service_pb2.GetJobRequest(job_id=job_id)
+        return JobStatus.from_proto(self._call(self._jobs.GetJob, request).job)
+
+    def watch_job(self, job_id: str) -> Iterator[JobStatus]:
+        """The job's states as they change, until it finishes (the client's timeout
+        bounds the whole watch)."""
+        request = job_service_pb2.WatchJobRequest(job_id=job_id)
+        for update in self._stream(self._jobs.WatchJob, request):
+            yield JobStatus.from_proto(update.job)
+
+    def cancel_job(self, job_id: str) -> JobStatus:
+        request = job_service_pb2.CancelJobRequest(job_id=job_id)
+        return JobStatus.from_proto(self._call(self._jobs.CancelJob, request).job)

@@ -87,7 +87,9 @@ class ServerConfig:
     ``default_timeout_s`` bounds store queries of calls that carry no deadline;
     ``workers`` is the size of the thread pool blocking store calls run in;
     ``model_workers`` the size of the pool model (torch) work runs in;
-    ``models`` the models AnalysisService computes on.
+    ``models`` the models AnalysisService and JobService compute on;
+    ``artifacts_dir`` where ingest jobs keep graph artifacts (None:
+    ``ingest.paths.home()/artifacts``).
     """
 
     host: str = "127.0.0.1"
@@ -102,6 +104,7 @@ class ServerConfig:
     model_workers: int = 1
     grace_s: float = 5.0
     models: tuple[ModelSpec, ...] = ()
+    artifacts_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -32,6 +32,7 @@ from ingest.store.base import (
 from service._generated.circuits.v1 import (
     feature_service_pb2,
     graph_service_pb2,
+    job_service_pb2,
     types_pb2,
 )
 
@@ -353,3 +354,46 @@ def target_from_proto(request: Any) -> Any:
     return FeatureTarget(
         spec.layer, spec.index, spec.position if spec.HasField("position") else None
     )
+
+
+# ---------------------------------------------------------------------------- jobs
+
+_JOB_STATES = {
+    "queued": job_service_pb2.JOB_STATE_QUEUED,
+    "running": job_service_pb2.JOB_STATE_RUNNING,
+    "succeeded": job_service_pb2.JOB_STATE_SUCCEEDED,
+    "failed": job_service_pb2.JOB_STATE_FAILED,
+    "cancelled": job_service_pb2.JOB_STATE_CANCELLED,
+}
+JOB_STATE_NAMES = {v: k for k, v in _JOB_STATES.items()}
+_PROMPT_FIELDS = (
+    ("prompt", "prompt"),
+    ("task", "task"),
+    ("prompt_id", "id"),
+    ("counterfactual", "counterfactual"),
+    ("correct", "correct"),
+    ("incorrect", "incorrect"),
+)
+
+
+def ingest_prompt_from_proto(msg: job_service_pb2.IngestPrompt) -> dict[str, str]:
+    """The ingest worker's JSON Lines record of a prompt (empty fields left out)."""
+    return {key: getattr(msg, name) for name, key in _PROMPT_FIELDS if getattr(msg, name)}
+
+
+def job_to_proto(job: Any) -> job_service_pb2.Job:
+    """A :class:`service.jobs.Job` as a message."""
+    msg = job_service_pb2.Job(
+        job_id=job.job_id,
+        state=_JOB_STATES[str(job.state)],
+        model=job.model,
+        prompt_count=len(job.prompts),
+        processed_count=job.processed,
+        graph_ids=job.graph_ids,
+        already_stored_count=job.already_stored,
+        errors=job.errors,
+        message=job.message,
+    )
+    msg.create_time.CopyFrom(_timestamp(job.created_at))
+    msg.update_time.CopyFrom(_timestamp(job.updated_at))
+    return msg

@@ -68,15 +68,20 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._specs)
 
+    def spec(self, name: str) -> ModelSpec:
+        """The spec of served model ``name``; NotFoundError when not served."""
+        spec = self._specs.get(name)
+        if spec is None:
+            served = ", ".join(self.names()) or "none; start the server with --model"
+            raise NotFoundError(f"this server serves no model {name!r}; served models: {served}")
+        return spec
+
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
     def get(self, name: str) -> tuple[LoadedModel, TranscoderSet]:
         """The loaded model and transcoder set named ``name``."""
-        spec = self._specs.get(name)
-        if spec is None:
-            served = ", ".join(self.names()) or "none; start the server with --model"
-            raise NotFoundError(f"this server serves no model {name!r}; served models: {served}")
+        spec = self.spec(name)
         with self._lock:
             if name not in self._loaded:
                 from ingest.models import load_model

@@ -56,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="serve attribution on this model and transcoder set (repeatable)",
     )
     parser.add_argument("--device", default="cpu", help="device of served models (cpu, cuda)")
+    parser.add_argument(
+        "--artifacts-dir",
+        type=Path,
+        help="where ingest jobs keep graph artifacts (default $CIRCUITSCOPE_HOME/artifacts)",
+    )
     parser.add_argument("--store-uri", help="Bolt URI of the graph store (default: NEO4J_URI)")
     parser.add_argument(
         "--store-data-dir", type=Path, help="data directory of the embedded graph server"
@@ -70,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def build_server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerConfig:
     """The :class:`ServerConfig` for parsed ``serve`` flags and the environment."""
     from ingest.errors import InvalidArgumentError
+    from ingest.paths import home
     from service.config import TOKENS_ENV, ServerConfig, TlsConfig, load_tokens
     from service.models import ModelSpec
 
@@ -93,6 +99,7 @@ def build_server_config(args: argparse.Namespace, environ: dict[str, str]) -> Se
         default_timeout_s=args.store_timeout,
         workers=args.workers,
         models=tuple(ModelSpec.parse(m, args.device) for m in args.model),
+        artifacts_dir=args.artifacts_dir or home() / "artifacts",
     )
 
 

@@ -8,7 +8,8 @@
   configured; health and reflection are exempt);
 - servicers: circuits.v1 GraphService and FeatureService, each with the store and a
   :class:`BlockingRunner` over a thread pool (store I/O never blocks the loop), and
-  AnalysisService with the served models and a separate model (torch) pool;
+  AnalysisService and JobService (ingest jobs) with the served models and a
+  separate model (torch) pool;
 - the standard health service, whose status follows the store's reachability
   (:class:`StoreHealthMonitor`), and server reflection for generic tools;
 - message-size limits on send and receive; TLS, or mutual TLS with a client CA.
@@ -35,6 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ingest.errors import UnavailableError
+from ingest.paths import home
 from ingest.store.base import GraphStore
 from service._generated.circuits.v1 import (
     analysis_service_pb2,
@@ -43,16 +45,20 @@ from service._generated.circuits.v1 import (
     feature_service_pb2_grpc,
     graph_service_pb2,
     graph_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
 )
 from service.auth import BearerTokenInterceptor
 from service.config import ServerConfig
 from service.errors import ErrorMappingInterceptor
 from service.health import StoreHealthMonitor
+from service.jobs import JobManager
 from service.models import ModelRegistry
 from service.runner import BlockingRunner
 from service.servicers.analysis import AnalysisServicer
 from service.servicers.features import FeatureServicer
 from service.servicers.graphs import GraphServicer
+from service.servicers.jobs import JobServicer
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ SERVICE_NAMES: tuple[str, ...] = (
     graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name,
     feature_service_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name,
     analysis_service_pb2.DESCRIPTOR.services_by_name["AnalysisService"].full_name,
+    job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
 )
 
 
@@ -128,9 +135,13 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(
         FeatureServicer(store, runner), server
     )
+    registry = ModelRegistry(config.models)
     analysis_service_pb2_grpc.add_AnalysisServiceServicer_to_server(
-        AnalysisServicer(ModelRegistry(config.models), model_runner), server
+        AnalysisServicer(registry, model_runner), server
     )
+    artifacts_dir = config.artifacts_dir or home() / "artifacts"
+    jobs = JobManager(store, registry, model_pool, artifacts_dir)
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

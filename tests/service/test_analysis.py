@@ -1,4 +1,4 @@
-"""AnalysisService end to end: attribution on a tiny real GPT-2 served from disk."""
+"""AnalysisService and JobService end to end: a tiny real GPT-2 served from disk."""
 
 from __future__ import annotations
 
@@ -37,7 +37,12 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def analysis_client(store: GraphStore, model_dirs: tuple[Path, Path]) -> Iterator[CircuitsClient]:
     spec = ModelSpec("tiny-gpt2", str(model_dirs[0]), model_dirs[1])
-    config = ServerConfig(port=0, tokens=frozenset({TOKEN}), models=(spec,))
+    config = ServerConfig(
+        port=0,
+        tokens=frozenset({TOKEN}),
+        models=(spec,),
+        artifacts_dir=model_dirs[0].parent / "artifacts",
+    )
     with (
         serve_in_background(config, store) as running,
         CircuitsClient(f"127.0.0.1:{running.port}", token=TOKEN, timeout_s=120) as client,
@@ -98,3 +103,62 @@ def test_bad_attribution_requests(
     args: dict[str, object] = {"model": "tiny-gpt2", "prompt": PROMPT, **kwargs}
     with pytest.raises(error):
         analysis_client.attribute(**args)  # type: ignore[arg-type]
+
+
+def test_ingest_job_stores_graphs_and_reports_progress(
+    analysis_client: CircuitsClient,
+) -> None:
+    prompts = [
+        {"prompt": "w4 w9 w2 w11", "task": "job-test", "id": "p1"},
+        {"prompt": "w4 w9", "correct": "w2 w3", "incorrect": "w5"},  # two-token answer
+    ]
+    job = analysis_client.submit_ingest("tiny-gpt2", prompts, node_threshold=0.9)
+    assert job.prompt_count == 2 and job.state in ("queued", "running")
+    updates = list(analysis_client.watch_job(job.job_id))
+    final = updates[-1]
+    assert final.state == "succeeded" and final.processed_count == 2
+    assert [u.processed_count for u in updates] == sorted(u.processed_count for u in updates)
+    assert len(final.graph_ids) == 1
+    assert len(final.errors) == 1 and final.errors[0].startswith("prompt 2:")
+    assert analysis_client.get_job(job.job_id) == final
+
+    stored = analysis_client.get_graph(final.graph_ids[0])
+    assert stored.metadata.task == "job-test" and stored.metadata.node_threshold == 0.9
+    assert stored.metadata.artifact_uri
+    full = analysis_client.get_graph(final.graph_ids[0], node_threshold=1.0, edge_threshold=1.0)
+    assert full.n_edges >= stored.n_edges
+
+    again = analysis_client.submit_ingest("tiny-gpt2", prompts[:1], node_threshold=0.9)
+    done = list(analysis_client.watch_job(again.job_id))[-1]
+    assert done.state == "succeeded" and done.graph_ids == [] and done.already_stored_count == 1
+
+
+def test_cancelled_job_stops_before_its_last_prompt(analysis_client: CircuitsClient) -> None:
+    blocker = analysis_client.submit_ingest("tiny-gpt2", [{"prompt": "w6 w7 w8"}])
+    many = [{"prompt": f"w{2 + i % 30} w{3 + i % 30} w4"} for i in range(20)]
+    job = analysis_client.submit_ingest("tiny-gpt2", many)
+    cancelled = analysis_client.cancel_job(job.job_id)
+    assert cancelled.job_id == job.job_id
+    final = list(analysis_client.watch_job(job.job_id))[-1]
+    assert final.state == "cancelled" and final.processed_count < 20
+    assert list(analysis_client.watch_job(blocker.job_id))[-1].state == "succeeded"
+    assert analysis_client.cancel_job(job.job_id).state == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda c: c.get_job("no-such-job"), NotFoundError),
+        (lambda c: c.cancel_job(""), InvalidArgumentError),
+        (lambda c: c.submit_ingest("no-such-model", [{"prompt": "w2"}]), NotFoundError),
+        (lambda c: c.submit_ingest("tiny-gpt2", []), InvalidArgumentError),
+        (lambda c: c.submit_ingest("tiny-gpt2", [{"prompt": " "}]), InvalidArgumentError),
+        (
+            lambda c: c.submit_ingest("tiny-gpt2", [{"prompt": "w2"}], edge_threshold=2.0),
+            InvalidArgumentError,
+        ),
+    ],
+)
+def test_bad_job_requests(analysis_client: CircuitsClient, call, error) -> None:
+    with pytest.raises(error):
+        call(analysis_client)

@@ -112,10 +112,14 @@ def test_reflection_lists_and_describes_the_services(channel: grpc.Channel) -> N
 
 
 def _all_methods() -> list[tuple[str, bool]]:
-    from service._generated.circuits.v1 import analysis_service_pb2, feature_service_pb2
+    from service._generated.circuits.v1 import (
+        analysis_service_pb2,
+        feature_service_pb2,
+        job_service_pb2,
+    )
 
     methods = []
-    files = (graph_service_pb2, feature_service_pb2, analysis_service_pb2)
+    files = (graph_service_pb2, feature_service_pb2, analysis_service_pb2, job_service_pb2)
     for file in (f.DESCRIPTOR for f in files):
         for service in file.services_by_name.values():
             for m in service.methods:

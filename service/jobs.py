@@ -1,0 +1,229 @@
+"""Ingest jobs: the ingest worker run on request, tracked in memory.
+
+:class:`JobManager` queues a job per SubmitIngest and runs it in the model pool (the
+pool AnalysisService uses, so one torch computation runs at a time). A job runs
+:class:`ingest.worker.worker.IngestWorker` with an
+:class:`ingest.worker.compute.AttributionComputer` on a served model, one prompt at a
+time, so progress is reported and cancellation takes effect between prompts. The model
+and transcoder set records and the set's feature catalog are written to the store
+first, as ``circuitscope ingest`` does. Artifacts go under ``artifacts_dir``; graph ids
+are the worker's content hashes, so resubmitting a prompt does not recompute it.
+
+Jobs live in memory (at most ``max_jobs``; the oldest finished ones are forgotten
+first). Every read returns a snapshot; a version number counts changes for watchers.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from ingest.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from ingest.store.base import GraphStore
+from service.models import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPTS = 10_000
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class Job:
+    """A job's state; :class:`JobManager` hands out copies."""
+
+    job_id: str
+    model: str
+    prompts: list[dict[str, str]]
+    settings: Any  # ingest.worker.keys.GraphSettings
+    state: JobState = JobState.QUEUED
+    processed: int = 0
+    graph_ids: list[str] = field(default_factory=list)
+    already_stored: int = 0
+    errors: list[str] = field(default_factory=list)
+    message: str = ""
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    updated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    version: int = 0
+    cancel_requested: bool = False
+
+
+class JobManager:
+    """Queues, runs and tracks ingest jobs (see module doc)."""
+
+    def __init__(
+        self,
+        store: GraphStore,
+        registry: ModelRegistry,
+        executor: Executor,
+        artifacts_dir: Path,
+        *,
+        max_jobs: int = 1000,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._executor = executor
+        self._artifacts_dir = artifacts_dir
+        self._max_jobs = max_jobs
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ API
+    def submit(self, model: str, prompts: list[dict[str, str]], settings: Any) -> Job:
+        """Queue a job of ``prompts`` (worker JSONL records) on served ``model``."""
+        self._registry.spec(model)  # NotFoundError naming the served models
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise InvalidArgumentError(f"give 1 to {MAX_PROMPTS} prompts, got {len(prompts)}")
+        for i, record in enumerate(prompts, start=1):
+            if not record.get("prompt", "").strip():
+                raise InvalidArgumentError(f"prompt {i} is empty; every prompt needs text")
+            if ("correct" in record) != ("incorrect" in record):
+                raise InvalidArgumentError(f"prompt {i}: give correct and incorrect together")
+        job = Job(uuid.uuid4().hex, model, prompts, settings)
+        with self._lock:
+            self._evict()
+            self._jobs[job.job_id] = job
+        self._executor.submit(self._run, job.job_id)
+        logger.info("job %s queued: %d prompts on %r", job.job_id, len(prompts), model)
+        return self.get(job.job_id)
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise NotFoundError(
+                    f"no job {job_id!r} on this server; jobs are kept in memory until restart"
+                )
+            return copy.deepcopy(job)
+
+    def cancel(self, job_id: str) -> Job:
+        self._update(job_id, self._request_cancel)
+        return self.get(job_id)
+
+    # ------------------------------------------------------------------ internals
+    def _cancel_requested(self, job_id: str) -> bool:
+        with self._lock:
+            return self._jobs[job_id].cancel_requested
+
+    @staticmethod
+    def _request_cancel(job: Job) -> None:
+        if job.state.finished:
+            return
+        job.cancel_requested = True
+        if job.state is JobState.QUEUED:
+            job.state = JobState.CANCELLED
+
+    def _evict(self) -> None:
+        if len(self._jobs) < self._max_jobs:
+            return
+        finished = [j for j in self._jobs.values() if j.state.finished]
+        if not finished:
+            raise ResourceExhaustedError(
+                f"{self._max_jobs} jobs are queued or running; wait for some to finish"
+            )
+        oldest = min(finished, key=lambda j: j.updated_at)
+        del self._jobs[oldest.job_id]
+
+    def _update(self, job_id: str, change: Callable[[Job], None]) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise NotFoundError(f"no job {job_id!r} on this server")
+            change(job)
+            job.version += 1
+            job.updated_at = datetime.now(UTC)
+            return job
+
+    def _run(self, job_id: str) -> None:
+        job = self._update(job_id, lambda j: None)
+        if job.state is not JobState.QUEUED:
+            return
+        self._update(job_id, lambda j: setattr(j, "state", JobState.RUNNING))
+        try:
+            self._ingest(job)
+        except Exception as exc:
+            logger.exception("job %s failed", job_id)
+            message = (
+                str(exc)
+                if isinstance(exc, InvalidArgumentError | NotFoundError)
+                else (f"{type(exc).__name__}: see the server log")
+            )
+            self._update(job_id, lambda j: _finish(j, JobState.FAILED, message))
+
+    def _ingest(self, job: Job) -> None:
+        from ingest.worker.compute import AttributionComputer, feature_records
+        from ingest.worker.worker import IngestOptions, IngestWorker
+
+        loaded, transcoders = self._registry.get(job.model)
+        computer = AttributionComputer(loaded, transcoders, job.settings)
+        self._store.upsert_model(computer.model_record())
+        self._store.upsert_transcoder_set(computer.set_record())
+        catalog = feature_records(self._registry.spec(job.model).transcoders_path, computer.set_id)
+        if catalog:
+            self._store.upsert_features(catalog)
+        options = IngestOptions(
+            artifacts_dir=self._artifacts_dir, settings=job.settings, progress=False
+        )
+        worker = IngestWorker(self._store, computer, options)
+        work_dir = self._artifacts_dir / "jobs" / job.job_id
+        work_dir.mkdir(parents=True, exist_ok=True)
+        for i, record in enumerate(job.prompts, start=1):
+            if self._cancel_requested(job.job_id):
+                self._update(job.job_id, lambda j: _finish(j, JobState.CANCELLED, "cancelled"))
+                return
+            path = work_dir / f"prompt-{i:05d}.jsonl"
+            path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+            summary = worker.run(path)
+            path.unlink(missing_ok=True)
+
+            def progress(j: Job, s: Any = summary, n: int = i) -> None:
+                j.processed = n
+                j.graph_ids.extend(s.computed)
+                j.already_stored += s.already_done
+                j.errors.extend(f"prompt {n}: {bad.reason}" for bad in s.bad_lines)
+
+            self._update(job.job_id, progress)
+        self._update(job.job_id, lambda j: _finish(j, JobState.SUCCEEDED, ""))
+
+
+def _finish(job: Job, state: JobState, message: str) -> None:
+    job.state = state
+    job.message = message
+
+
+def settings_for(
+    node_threshold: float | None, edge_threshold: float | None, max_feature_nodes: int | None
+) -> Any:
+    """The worker's GraphSettings, defaults where a value is None."""
+    from ingest.worker.keys import GraphSettings
+
+    values: dict[str, Any] = {}
+    if node_threshold is not None:
+        values["node_threshold"] = node_threshold
+    if edge_threshold is not None:
+        values["edge_threshold"] = edge_threshold
+    if max_feature_nodes is not None:
+        values["max_feature_nodes"] = max_feature_nodes
+    return dataclasses.replace(GraphSettings(), **values)
