@@ -21,9 +21,11 @@ from ingest.errors import CircuitscopeError
 COMMAND_MODULES: tuple[str, ...] = (
     "service.demo_cli",
     "ingest.zoo.cli",
+    "ingest.models.cli",
     "ingest.transcoders.cli",
     "ingest.attribution.cli",
     "ingest.store.cli",
+    "ingest.worker.cli",
     "service.serve_cli",
 )
 

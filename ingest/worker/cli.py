@@ -1,0 +1,109 @@
+"""``circuitscope ingest``: compute graphs for a prompt file and store them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "ingest",
+        help="compute attribution graphs for a JSONL prompt file and write them to the store",
+        description=(
+            'Reads prompts from a JSONL file (one {"prompt": ...} object per line, with '
+            "optional counterfactual, task, id, correct/incorrect), computes each full "
+            "attribution graph, saves it as an artifact on disk and writes the pruned graph "
+            "to the graph store (NEO4J_URI, or the embedded server when unset). Rerunning "
+            "skips finished graphs; several workers may share one file."
+        ),
+    )
+    parser.add_argument("--prompts", required=True, type=Path, help="JSONL prompt file")
+    parser.add_argument("--model", required=True, help="model directory or hub id")
+    parser.add_argument("--transcoders", required=True, type=Path, help="transcoder set dir")
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=None,
+        help="where full-graph artifacts go (default: $CIRCUITSCOPE_HOME/artifacts)",
+    )
+    parser.add_argument("--node-threshold", type=float, default=0.8)
+    parser.add_argument("--edge-threshold", type=float, default=0.98)
+    parser.add_argument("--max-feature-nodes", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=64, help="backward batch (rows)")
+    parser.add_argument("--store-batch-size", type=int, default=None, help="rows per UNWIND")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--strict", action="store_true", help="abort on the first bad line instead of skipping"
+    )
+    parser.add_argument(
+        "--max-retry-seconds",
+        type=float,
+        default=300.0,
+        help="how long to keep retrying while the store is unreachable",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ingest.errors import InvalidArgumentError
+    from ingest.paths import home
+    from ingest.store import open_store
+    from ingest.worker.compute import AttributionComputer, feature_records
+    from ingest.worker.keys import GraphSettings
+    from ingest.worker.retry import with_retry
+    from ingest.worker.worker import IngestOptions, IngestWorker
+
+    for name in ("node_threshold", "edge_threshold"):
+        value = getattr(args, name)
+        if not 0.0 < value <= 1.0:
+            flag = "--" + name.replace("_", "-")
+            raise InvalidArgumentError(f"{flag} must lie in (0, 1], got {value}")
+    settings = GraphSettings(
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+        max_feature_nodes=args.max_feature_nodes,
+    )
+    options = IngestOptions(
+        artifacts_dir=args.artifacts or home() / "artifacts",
+        settings=settings,
+        strict=args.strict,
+        store_batch_size=args.store_batch_size,
+        max_retry_s=args.max_retry_seconds,
+        progress=not args.no_progress,
+    )
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    computer = AttributionComputer.from_paths(
+        args.model, args.transcoders, settings, device=args.device, batch_size=args.batch_size
+    )
+    with open_store() as store:
+        with_retry(
+            lambda: store.upsert_model(computer.model_record()),
+            what="registering the model",
+            max_wait_s=options.max_retry_s,
+            on_retry=say,
+        )
+        with_retry(
+            lambda: store.upsert_transcoder_set(computer.set_record()),
+            what="registering the transcoder set",
+            max_wait_s=options.max_retry_s,
+            on_retry=say,
+        )
+        catalog = feature_records(args.transcoders, computer.set_id)
+        if catalog:
+            with_retry(
+                lambda: store.upsert_features(catalog),
+                what="writing the feature catalog",
+                max_wait_s=options.max_retry_s,
+                on_retry=say,
+            )
+        summary = IngestWorker(store, computer, options, on_message=say).run(args.prompts)
+    print("\n".join(summary.lines()))
+    return 0

@@ -1,0 +1,161 @@
+"""The worker's graph computer: a loaded model and transcoder set, attributing prompts.
+
+Kept apart from :mod:`ingest.worker.worker` so that the pipeline there is written
+against the small :class:`~ingest.worker.worker.GraphComputer` protocol and this is
+the only module of the worker that imports torch models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ingest.attribution.attribute import attribute
+from ingest.attribution.result import AttributionResult
+from ingest.attribution.targets import LogitDiffTarget, LogitTargets
+from ingest.errors import InvalidArgumentError
+from ingest.graph import FeatureRecord, ModelRecord, TranscoderSetRecord
+from ingest.models import LoadedModel, load_model
+from ingest.transcoders.formats import load_any
+from ingest.transcoders.transcoder_set import TranscoderSet
+from ingest.worker.keys import GraphSettings
+from ingest.worker.prompts import PromptSpec
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A sha256 over a module's parameter names, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}".encode())
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+class AttributionComputer:
+    """Attributes prompts with one model and one transcoder set."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        transcoders: TranscoderSet,
+        settings: GraphSettings,
+        *,
+        batch_size: int = 64,
+    ) -> None:
+        transcoders.check_fits(loaded.adapter)
+        self.loaded = loaded
+        self.transcoders = transcoders
+        self.settings = settings
+        self.batch_size = batch_size
+        self.model_id = loaded.model_id
+        self.model_fingerprint = loaded.adapter.fingerprint()
+        # The set's name plus its weights: two training runs never share graph ids.
+        self.set_id = f"{transcoders.metadata.set_id}@{weights_fingerprint(transcoders)[:12]}"
+
+    @classmethod
+    def from_paths(
+        cls,
+        model: str,
+        transcoders: str | Path,
+        settings: GraphSettings,
+        *,
+        device: str = "cpu",
+        batch_size: int = 64,
+    ) -> AttributionComputer:
+        loaded = load_model(model, device=device)
+        tset = load_any(transcoders)
+        return cls(loaded, tset, settings, batch_size=batch_size)
+
+    def _token_id(self, text: str, what: str) -> int:
+        ids = self.loaded.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise InvalidArgumentError(
+                f"{what} {text!r} is {len(ids)} tokens; give a single token of the vocabulary"
+            )
+        return int(ids[0])
+
+    def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult:
+        if spec.correct is not None and spec.incorrect is not None:
+            target: LogitTargets | LogitDiffTarget = LogitDiffTarget(
+                correct=self._token_id(spec.correct, "correct token"),
+                counterfactual=self._token_id(spec.incorrect, "incorrect token"),
+            )
+        else:
+            target = LogitTargets(
+                max_n_logits=self.settings.max_n_logits,
+                desired_logit_prob=self.settings.desired_logit_prob,
+            )
+        result = attribute(
+            self.loaded,
+            self.transcoders,
+            spec.prompt,
+            target=target,
+            max_feature_nodes=self.settings.max_feature_nodes,
+            batch_size=self.batch_size,
+            graph_id=graph_id,
+        )
+        result.metadata = dataclasses.replace(result.metadata, set_id=self.set_id)
+        return result
+
+    def model_record(self) -> ModelRecord:
+        adapter = self.loaded.adapter
+        return ModelRecord(
+            model_id=self.model_id,
+            architecture=adapter.family,
+            n_layers=adapter.n_layers,
+            d_model=adapter.d_model,
+            source=self.model_id,
+        )
+
+    def set_record(self) -> TranscoderSetRecord:
+        meta = self.transcoders.metadata
+        return TranscoderSetRecord(
+            set_id=self.set_id,
+            model_id=self.model_id,
+            kind=meta.kind,
+        )
+
+
+FEATURE_STATS_FILE = "feature_stats.json"
+
+
+def _tokens(entries: list[object]) -> list[str]:
+    out: list[str] = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            out.append(str(entry.get("token", "")))
+        else:
+            out.append(str(entry))
+    return out
+
+
+def feature_records(transcoders_dir: str | Path, set_id: str) -> list[FeatureRecord]:
+    """The catalog entries of a set from its ``feature_stats.json`` ([] when absent)."""
+    path = Path(transcoders_dir) / FEATURE_STATS_FILE
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(
+            f"{path} is not valid JSON ({exc}): rerun 'circuitscope transcoders stats'"
+        ) from exc
+    return [
+        FeatureRecord(
+            set_id=set_id,
+            layer=int(row["layer"]),
+            index=int(row["index"]),
+            density=row.get("density"),
+            max_activation=row.get("max_activation"),
+            top_tokens=_tokens(row.get("top_tokens", [])),
+            top_examples=list(row.get("top_examples", [])),
+            de_embedding_tokens=_tokens(row.get("top_tokens", [])),
+            output_tokens=_tokens(row.get("output_tokens", [])),
+        )
+        for row in rows
+    ]
