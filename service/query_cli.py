@@ -1,7 +1,8 @@
 """``circuitscope query ...``: call a running server with :class:`CircuitsClient`.
 
 Subcommands mirror the RPCs (``graphs list|get|subgraph|paths``, ``features
-get|search|label|occurrences``, ``health``) and print JSON on stdout. The target comes
+get|search|label|occurrences``, ``models``, ``attribute``, ``jobs
+submit|get|watch|cancel``, ``health``) and print JSON on stdout. The target comes
 from ``--target`` or ``CIRCUITSCOPE_TARGET`` (default ``localhost:50051``), the bearer
 token from ``--token-file`` or ``CIRCUITSCOPE_TOKEN``; ``--tls-ca`` switches to TLS,
 ``--tls-cert``/``--tls-key`` add a client certificate for mutual TLS. Failed calls
@@ -85,6 +86,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = features.add_parser("occurrences", help="graphs where a feature is active, one page")
     _feature_key(p)
     _paging(p, _features_occurrences)
+
+    p = groups.add_parser("models", help="the models the server analyses on request")
+    p.set_defaults(handler=_models)
+    p = groups.add_parser("attribute", help="compute a prompt's pruned attribution graph")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--logit-diff", nargs=2, type=int, metavar=("CORRECT", "COUNTER"))
+    p.add_argument("--max-feature-nodes", type=int, default=None)
+    p.add_argument("--node-threshold", type=float, default=None)
+    p.add_argument("--edge-threshold", type=float, default=None)
+    p.set_defaults(handler=_attribute)
+
+    jobs = groups.add_parser("jobs", help="ingest jobs").add_subparsers(
+        dest="query_command", metavar="COMMAND", required=True
+    )
+    p = jobs.add_parser("submit", help="queue an ingest job from a JSON Lines prompt file")
+    p.add_argument("model")
+    p.add_argument("prompts", type=Path, help="JSONL: one {prompt, task, id, ...} per line")
+    p.add_argument("--node-threshold", type=float, default=None)
+    p.add_argument("--edge-threshold", type=float, default=None)
+    p.add_argument("--watch", action="store_true", help="follow the job until it finishes")
+    p.set_defaults(handler=_jobs_submit)
+    for name, handler, text in (
+        ("get", _jobs_get, "a job's state"),
+        ("watch", _jobs_watch, "follow a job until it finishes"),
+        ("cancel", _jobs_cancel, "cancel a job"),
+    ):
+        p = jobs.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.set_defaults(handler=handler)
 
     p = groups.add_parser("health", help="the server's health status")
     p.add_argument("service", nargs="?", default="", help="service name ('' for the server)")
@@ -237,3 +268,74 @@ def _health(args: argparse.Namespace) -> int:
         status = c.health(args.service)
         sys.stdout.write(status + "\n")
         return 0 if status == "SERVING" else 3
+
+
+def _models(args: argparse.Namespace) -> int:
+    with make_client(args) as c:
+        return _emit(c.list_models())
+
+
+def _attribute(args: argparse.Namespace) -> int:
+    with make_client(args) as c:
+        result = c.attribute(
+            args.model,
+            args.prompt,
+            logit_diff=tuple(args.logit_diff) if args.logit_diff else None,
+            max_feature_nodes=args.max_feature_nodes,
+            node_threshold=args.node_threshold,
+            edge_threshold=args.edge_threshold,
+        )
+        return _emit(result)
+
+
+def _read_prompt_file(path: Path) -> list[dict[str, str]]:
+    from ingest.errors import InvalidArgumentError, NotFoundError
+
+    if not path.is_file():
+        raise NotFoundError(f"prompt file {path} does not exist; pass a JSON Lines file")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError(f"{path} line {n} is not JSON: {exc.msg}") from None
+        if not isinstance(record, dict):
+            raise InvalidArgumentError(f"{path} line {n}: expected a JSON object")
+        records.append({str(k): str(v) for k, v in record.items()})
+    return records
+
+
+def _watch(client: Any, job_id: str) -> int:
+    last = None
+    for last in client.watch_job(job_id):
+        sys.stderr.write(f"job {job_id}: {last.state} {last.processed_count}/{last.prompt_count}\n")
+    _emit(last)
+    return 0 if last is not None and last.state == "succeeded" else 3
+
+
+def _jobs_submit(args: argparse.Namespace) -> int:
+    with make_client(args) as c:
+        job = c.submit_ingest(
+            args.model,
+            _read_prompt_file(args.prompts),
+            node_threshold=args.node_threshold,
+            edge_threshold=args.edge_threshold,
+        )
+        return _watch(c, job.job_id) if args.watch else _emit(job)
+
+
+def _jobs_get(args: argparse.Namespace) -> int:
+    with make_client(args) as c:
+        return _emit(c.get_job(args.job_id))
+
+
+def _jobs_watch(args: argparse.Namespace) -> int:
+    with make_client(args) as c:
+        return _watch(c, args.job_id)
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    with make_client(args) as c:
+        return _emit(c.cancel_job(args.job_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.models import load_model
 from ingest.store.base import GraphStore
 from ingest.transcoders.formats import load_any, save
+from service.cli import main
 from service.client import CircuitsClient
 from service.config import ServerConfig
 from service.models import ModelSpec
@@ -35,7 +37,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def analysis_client(store: GraphStore, model_dirs: tuple[Path, Path]) -> Iterator[CircuitsClient]:
+def analysis_target(store: GraphStore, model_dirs: tuple[Path, Path]) -> Iterator[str]:
     spec = ModelSpec("tiny-gpt2", str(model_dirs[0]), model_dirs[1])
     config = ServerConfig(
         port=0,
@@ -43,10 +45,13 @@ def analysis_client(store: GraphStore, model_dirs: tuple[Path, Path]) -> Iterato
         models=(spec,),
         artifacts_dir=model_dirs[0].parent / "artifacts",
     )
-    with (
-        serve_in_background(config, store) as running,
-        CircuitsClient(f"127.0.0.1:{running.port}", token=TOKEN, timeout_s=120) as client,
-    ):
+    with serve_in_background(config, store) as running:
+        yield f"127.0.0.1:{running.port}"
+
+
+@pytest.fixture(scope="module")
+def analysis_client(analysis_target: str) -> Iterator[CircuitsClient]:
+    with CircuitsClient(analysis_target, token=TOKEN, timeout_s=120) as client:
         yield client
 
 
@@ -162,3 +167,23 @@ def test_cancelled_job_stops_before_its_last_prompt(analysis_client: CircuitsCli
 def test_bad_job_requests(analysis_client: CircuitsClient, call, error) -> None:
     with pytest.raises(error):
         call(analysis_client)
+
+
+def test_query_commands_for_models_attribution_and_jobs(
+    analysis_target: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CIRCUITSCOPE_TOKEN", TOKEN)
+    base = ["query", "--target", analysis_target, "--timeout", "120"]
+    assert main([*base, "models"]) == 0
+    assert json.loads(capsys.readouterr().out) == ["tiny-gpt2"]
+    assert main([*base, "attribute", "tiny-gpt2", PROMPT, "--node-threshold", "0.9"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["graph"]["metadata"]["prompt"] == PROMPT and result["graph"]["edges"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "w3 w8 w13", "task": "cli-job"}\n# comment\n')
+    assert main([*base, "jobs", "submit", "tiny-gpt2", str(prompts), "--watch"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["state"] == "succeeded" and len(job["graph_ids"]) == 1

@@ -14,10 +14,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from ingest.errors import UnauthenticatedError, UnavailableError
+from ingest.errors import ResourceExhaustedError, UnauthenticatedError, UnavailableError
 from ingest.store.base import GraphStore
 from ingest.store.bolt import BoltGraphStore
 from ingest.store.config import StoreConfig
+from service import convert
 from service._generated.circuits.v1 import graph_service_pb2, graph_service_pb2_grpc
 from service.client import CircuitsClient, RetryPolicy
 from service.config import ServerConfig
@@ -181,3 +182,18 @@ def test_fuzzed_requests_never_get_internal(
 
 def test_store_is_still_consistent_after_fuzzing(store: GraphStore) -> None:
     assert store.get_graph_summary("g-alpha").n_edges > 0
+
+
+def test_message_size_limit_and_streaming_alternative(store: GraphStore) -> None:
+    graph = store.get_graph("g-beta")
+    limit = 1024
+    assert convert.graph_to_proto(graph).ByteSize() > limit
+    config = ServerConfig(port=0, tokens=frozenset({TOKEN}), max_message_bytes=limit)
+    with (
+        serve_in_background(config, store) as running,
+        CircuitsClient(f"127.0.0.1:{running.port}", token=TOKEN) as client,
+    ):
+        with pytest.raises(ResourceExhaustedError):
+            client.get_graph("g-beta")
+        streamed = client.stream_graph("g-beta", chunk_size=10)
+        assert streamed.edge_list() == graph.edge_list()
