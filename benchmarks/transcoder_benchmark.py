@@ -34,6 +34,7 @@ from ingest.paths import home
 from ingest.transcoders.evaluation import evaluate_set
 from ingest.transcoders.sources import zoo_source
 from ingest.transcoders.trainer import TrainConfig, train_transcoders
+from ingest.zoo.checkpoint import read_manifest
 from ingest.zoo.trainer import train_zoo_model
 
 
@@ -66,6 +67,9 @@ def cpu_name() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="greater_than,ioi")
+    parser.add_argument(
+        "--models", default="", help="comma-separated zoo checkpoint dirs to use instead of --tasks"
+    )
     parser.add_argument("--arch", default="gpt2")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--k", type=int, default=16)
@@ -78,11 +82,19 @@ def main() -> int:
     work = home() / "benchmarks" / "transcoders"
     rows = []
     extra = []
-    for task in args.tasks.split(","):
-        zoo = train_zoo_model(task, args.arch, device=args.device, reuse=True, progress=False)
-        loaded = load_model(str(zoo.out_dir), device=args.device)
+    if args.models:
+        model_dirs = [Path(m) for m in args.models.split(",")]
+    else:
+        model_dirs = [
+            train_zoo_model(task, args.arch, device=args.device, reuse=True, progress=False).out_dir
+            for task in args.tasks.split(",")
+        ]
+    for model_dir in model_dirs:
+        manifest = read_manifest(model_dir)
+        task = manifest.spec.task
+        loaded = load_model(str(model_dir), device=args.device)
         adapter = loaded.adapter
-        source = zoo_source(zoo.out_dir, loaded.tokenizer)
+        source = zoo_source(model_dir, loaded.tokenizer)
         width = args.expansion * adapter.d_model
         results = {}
         for kind in ("transcoder", "sae"):
@@ -90,14 +102,14 @@ def main() -> int:
                 kind=kind, arch="topk", width=width, sparsity=args.k, steps=args.steps,
                 eval_every=max(1, args.steps // 4), checkpoint_every=args.steps,
             )  # fmt: skip
-            out = work / f"{task}-{args.arch}-{kind}-k{args.k}-s{args.steps}"
+            out = work / f"{model_dir.name}-{kind}-k{args.k}-s{args.steps}"
             for stale in (out / "checkpoint.safetensors",):
                 stale.unlink(missing_ok=True)
             result = train_transcoders(
-                adapter, source, cfg, out, model_id=str(zoo.out_dir), progress=False
+                adapter, source, cfg, out, model_id=str(model_dir), progress=False
             )
             report = evaluate_set(
-                adapter, result.tset, source, n_windows=256, zoo_dir=zoo.out_dir,
+                adapter, result.tset, source, n_windows=256, zoo_dir=model_dir,
                 tokenizer=loaded.tokenizer,
             )  # fmt: skip
             results[kind] = (result, report)
@@ -109,7 +121,7 @@ def main() -> int:
         layer_rec = [v["ce_loss_recovered"] for v in tc["layers"].values()]
         rows.append(
             {
-                "task": task,
+                "task": f"{task} ({manifest.spec.arch})",
                 "d_model": adapter.d_model,
                 "layers": adapter.n_layers,
                 "width": width,
@@ -125,7 +137,7 @@ def main() -> int:
                 "train/matmul FLOP/s": achieved / peak_matmul,
             }
         )
-        extra.append({"task": task, "transcoder": tc, "sae": sae, "zoo_metrics": zoo.metrics})
+        extra.append({"task": task, "transcoder": tc, "sae": sae, "zoo_metrics": manifest.metrics})
         print(json.dumps(rows[-1], indent=1), flush=True)
 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -137,8 +149,9 @@ def main() -> int:
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- machine: {platform.node()}, {cpu_name()}, {torch.get_num_threads()} torch threads, "
         f"device {device}, torch {torch.__version__}",
-        f"- command: python3 benchmarks/transcoder_benchmark.py --tasks {args.tasks} "
-        f"--steps {args.steps} --k {args.k} --device {args.device}",
+        "- command: python3 benchmarks/transcoder_benchmark.py "
+        + (f"--models {args.models} " if args.models else f"--tasks {args.tasks} ")
+        + f"--steps {args.steps} --k {args.k} --device {args.device}",
         f"- TopK k={args.k}, width {args.expansion} x d_model, {args.steps} steps of 256 tokens",
         f"- peak memory: {peak_rss / 2**20:.0f} MiB resident"
         + (f", {peak_cuda / 2**20:.0f} MiB CUDA" if peak_cuda else ""),

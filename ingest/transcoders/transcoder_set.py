@@ -17,7 +17,7 @@ layer ``l`` and its MLP input ``x (..., d_model)``:
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -258,8 +258,38 @@ class TranscoderSet(nn.Module):
             return self.clt.skip(pos, x)
         return self.module(layer).skip(x)
 
+    def decode(
+        self,
+        target_layer: int,
+        acts: torch.Tensor | Mapping[int, torch.Tensor],
+        mlp_in: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Estimate (..., d_model) of ``target_layer``'s output from latent activations.
+
+        Per-layer sets take the target layer's acts (..., d_transcoder); cross-layer sets
+        take ``{source_layer: acts}`` for sources <= target (missing sources count as
+        zero). ``mlp_in`` (..., d_model) is needed when the set has a skip connection.
+        """
+        pos = self._pos(target_layer)
+        if self.clt is None:
+            if not isinstance(acts, torch.Tensor):
+                raise InvalidArgumentError("a per-layer set decodes one activation tensor")
+            return self.module(target_layer).decode(acts, mlp_in)
+        if isinstance(acts, torch.Tensor):
+            raise InvalidArgumentError("a cross-layer set decodes {source_layer: acts}")
+        out = self.b_dec(target_layer)
+        for source, value in acts.items():
+            if target_layer in self.targets(source):
+                out = out + value @ self.W_dec(source, target_layer)
+        if self.clt.W_skip is not None:
+            if mlp_in is None:
+                raise InvalidArgumentError("this set has a skip connection: pass mlp_in")
+            out = out + self.clt.skip(pos, mlp_in)
+        return out
+
     def reconstruct(self, inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """inputs[l]: (..., d_model) input of model layer l (None where not covered).
+        """inputs[l]: (..., d_model) what layer l's latents read (its MLP input; for SAEs its
+        MLP output), None where not covered.
 
         Returns a list of length ``n_layers`` with the estimate (..., d_model) of every
         covered layer's output and None elsewhere.

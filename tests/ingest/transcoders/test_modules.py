@@ -136,7 +136,15 @@ def test_set_api_per_layer_and_cross_layer():
     out = per_layer.reconstruct([torch.randn(3, D_MODEL), None, torch.randn(3, D_MODEL)])
     assert out[1] is None and out[0].shape == (3, D_MODEL)
 
-    clt = make_set("clt", "jumprelu")
+    x2 = torch.randn(3, D_MODEL)
+    torch.testing.assert_close(
+        per_layer.decode(2, per_layer.encode(2, x2)), per_layer.reconstruct([x2, None, x2])[2]
+    )
+
+    clt = make_set("clt", "jumprelu", skip=True)
+    xs = [torch.randn(3, D_MODEL) for _ in range(3)]
+    acts = {layer: clt.encode(layer, xs[layer]) for layer in range(3)}
+    torch.testing.assert_close(clt.decode(2, acts, xs[2]), clt.reconstruct(xs)[2])
     vectors = clt.decoder_vectors(1, idx)
     assert sorted(vectors) == [1, 2]
     assert torch.equal(vectors[2], clt.clt.W_dec[1][idx, 1])
