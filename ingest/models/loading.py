@@ -177,9 +177,9 @@ def _resolve_source(name_or_path: str) -> tuple[str, bool, PretrainedConfig]:
             ) from online_error
         why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
         raise UnavailableError(
-            f"model {name_or_path!r} is not in the local Hugging Face cache and {why}: "
-            "download it on a machine with internet access (for example `hf download "
-            f"{name_or_path} --local-dir DIR`) and pass the local directory DIR"
+            f"model {name_or_path!r} is not a local directory, not in the local Hugging Face "
+            f"cache, and {why}: download it on a machine with internet access (for example "
+            f"`hf download {name_or_path} --local-dir DIR`) and pass the local directory DIR"
         ) from exc
     return name_or_path, True, config
 
