@@ -14,15 +14,18 @@ import torch
 from ingest.attribution.attribute import attribute
 from ingest.attribution.replacement import (
     build_replacement,
-    replacement_constants,
     replacement_logits,
-    replacement_mlps,
 )
-from ingest.attribution.result import AttributionResult
 from ingest.attribution.targets import FeatureTarget, LogitDiffTarget
 from ingest.graph import NodeKind
 
 from . import models as m
+from .checks import (
+    assert_interventions,
+    assert_row_completeness,
+    values,
+    zero_constants,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -36,45 +39,6 @@ GRID = [
     if dtype == torch.float64 or kind == "transcoder"
 ]
 PROMPT = [3, 17, 8, 25, 11, 3, 30]
-
-
-def _values(adp, tcs, state, result, resid0, constants, injections) -> torch.Tensor:
-    """Every target row's value in the frozen replacement model: (n_targets,)."""
-    captured: list[torch.Tensor] = []
-    mlps = replacement_mlps(tcs, constants, injections, captured)
-    with torch.no_grad():
-        rec = adp(resid0=resid0, frozen=state.frozen, mlp_replacements=mlps, record=True)
-    lay = result.layout
-    out = []
-    for node in result.nodes[lay.features]:
-        enc = tcs.W_enc(node.layer)[node.feature]
-        out.append(captured[node.layer][0, node.pos] @ enc + tcs.b_enc(node.layer)[node.feature])
-    last = rec.logits[0, -1]
-    for node in result.nodes[lay.logits]:
-        if node.label and node.label.startswith("logit diff"):
-            a, b = (int(x) for x in node.label.removeprefix("logit diff ").split(" - "))
-            out.append(last[a] - last[b])
-        else:
-            out.append(last[node.token_id] - last.mean())
-    return torch.stack(out).detach()
-
-
-def _zero_constants(adp, tcs, state) -> list[torch.Tensor]:
-    """Constants with every source removed: only the transcoders' output biases remain."""
-    out = []
-    for layer in range(adp.n_layers):
-        c = torch.zeros_like(state.mlp_out[layer])
-        if layer in tcs.layers:
-            c = c + tcs.b_dec(layer)
-        out.append(c)
-    return out
-
-
-def _target_rows(result: AttributionResult) -> torch.Tensor:
-    lay = result.layout
-    idx = list(range(lay.features.start, lay.features.stop))
-    idx += list(range(lay.logits.start, lay.logits.stop))
-    return result.adjacency[idx][:, : lay.n_sources]
 
 
 @pytest.mark.parametrize("family", m.FAMILIES)
@@ -96,37 +60,7 @@ def test_row_completeness(family: str, kind: str, skip: bool, dtype: torch.dtype
     tcs = m.transcoder_set(adp, kind, skip)
     result = attribute(adp, tcs, PROMPT, batch_size=32)
     state = build_replacement(adp, tcs, torch.tensor([PROMPT]))
-    actual = _values(adp, tcs, state, result, state.resid0,
-                     replacement_constants(state, tcs), None)  # fmt: skip
-    zero = torch.zeros_like(state.resid0)
-    bias = _values(adp, tcs, state, result, zero, _zero_constants(adp, tcs, state), None)
-    rows = _target_rows(result).to(dtype)
-    # Feature rows reproduce the recorded pre-activations too.
-    lay = result.layout
-    for node, value in zip(result.nodes[lay.features], actual, strict=False):
-        assert float(value) == pytest.approx(
-            float(state.pre_activations[node.layer][node.pos, node.feature]), abs=1e-4
-        )
-    tol = 1e-5 if dtype == torch.float64 else 1e-4
-    scale = max(float(actual.abs().max()), 1.0)
-    assert float((rows.sum(dim=1) + bias - actual).abs().max()) <= tol * scale
-
-
-def _inject(adp, tcs, state, result, source: int):
-    """resid0 and per-layer injections (1, T, d) that add source ``source``'s vector once."""
-    resid0 = state.resid0.clone()
-    inj = [torch.zeros_like(state.mlp_out[0]) for _ in range(adp.n_layers)]
-    node = result.nodes[source]
-    if node.kind is NodeKind.FEATURE:
-        for target in tcs.targets(node.layer):
-            inj[target][0, node.pos] += (
-                node.activation * tcs.W_dec(node.layer, target)[node.feature]
-            )
-    elif node.kind is NodeKind.ERROR:
-        inj[node.layer][0, node.pos] += state.errors[node.layer][0, node.pos]
-    else:
-        resid0[0, node.pos] += state.resid0[0, node.pos]
-    return resid0, inj
+    assert_row_completeness(adp, tcs, state, result, 1e-5 if dtype == torch.float64 else 1e-4)
 
 
 @pytest.mark.parametrize(("family", "kind", "skip", "dtype"), GRID)
@@ -135,22 +69,7 @@ def test_interventions_match_edges(family: str, kind: str, skip: bool, dtype) ->
     tcs = m.transcoder_set(adp, kind, skip)
     result = attribute(adp, tcs, PROMPT, batch_size=16)
     state = build_replacement(adp, tcs, torch.tensor([PROMPT]))
-    constants = replacement_constants(state, tcs)
-    base = _values(adp, tcs, state, result, state.resid0, constants, None)
-    rows = _target_rows(result)
-    lay = result.layout
-    gen = torch.Generator().manual_seed(0)
-    live = torch.nonzero(rows[:, : lay.n_features].abs().sum(0)).flatten()
-    assert live.numel() > 0
-    sources = live[torch.randperm(live.numel(), generator=gen)[:6]].tolist()
-    sources += [lay.errors.start, lay.errors.start + 3, lay.errors.stop - 1]
-    sources += [lay.tokens.start, lay.tokens.stop - 1]
-    tol = 1e-5 if dtype == torch.float64 else 1e-4
-    scale = max(float(base.abs().max()), 1.0)
-    for s in sources:
-        resid0, inj = _inject(adp, tcs, state, result, s)
-        moved = _values(adp, tcs, state, result, resid0, constants, inj) - base
-        assert float((moved - rows[:, s].to(dtype)).abs().max()) <= tol * scale, result.nodes[s]
+    assert_interventions(adp, tcs, state, result, 1e-5 if dtype == torch.float64 else 1e-4)
 
 
 def test_batching_counts_passes_and_does_not_change_edges() -> None:
@@ -212,7 +131,7 @@ def test_custom_targets() -> None:
     diff = attribute(adp, tcs, PROMPT, target=LogitDiffTarget(5, 9))
     assert diff.layout.n_logits == 1 and diff.nodes[-1].label == "logit diff 5 - 9"
     zero = torch.zeros_like(state.resid0)
-    bias = _values(adp, tcs, state, diff, zero, _zero_constants(adp, tcs, state), None)
+    bias = values(adp, tcs, state, diff, zero, zero_constants(adp, tcs, state), None)
     last = state.logits[0, -1]
     row = diff.adjacency[-1, : diff.layout.n_sources]
     assert float(row.sum() + bias[-1]) == pytest.approx(float(last[5] - last[9]), abs=1e-9)
