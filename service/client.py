@@ -87,6 +87,39 @@ class Attribution:
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """A next-token prediction at the prompt's last position."""
+
+    token_id: int
+    token: str
+    logit: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class InterventionResult:
+    """Top next tokens without (``clean``) and with (``intervened``) the interventions,
+    and the clean top tokens after them (``clean_after``)."""
+
+    clean: list[Prediction]
+    intervened: list[Prediction]
+    clean_after: list[Prediction]
+
+
+@dataclass(frozen=True)
+class CircuitFaithfulness:
+    """f(k) per fraction k of edges kept, with CPR, CMD and the metric's end points."""
+
+    fractions: list[float]
+    edge_counts: list[int]
+    faithfulness: list[float]
+    cpr: float
+    cmd: float
+    metric_full: float
+    metric_empty: float
+
+
+@dataclass(frozen=True)
 class JobStatus:
     """An ingest job as the server reports it; ``state`` is queued, running, succeeded,
     failed or cancelled."""
@@ -459,6 +492,85 @@ class CircuitsClient:
         response = self._call(self._analysis.Attribute, request, timeout_s)
         return Attribution(
             convert.graph_from_proto(response.graph), response.full_node_count, response.seconds
+        )
+
+    def intervene(
+        self,
+        model: str,
+        prompt: str,
+        interventions: list[tuple[int, int, int, str, float]],
+        *,
+        freeze_attention: bool = False,
+        top_k: int = 0,
+        timeout_s: float | None = None,
+    ) -> InterventionResult:
+        """Next-token predictions with features changed: each intervention is
+        ``(layer, position, index, "value" | "scale", number)``."""
+        request = analysis_service_pb2.InterveneRequest(
+            model=model, prompt=prompt, freeze_attention=freeze_attention, top_k=top_k
+        )
+        for layer, position, index, kind, number in interventions:
+            if kind not in ("value", "scale"):
+                raise InvalidArgumentError(
+                    f"intervention kind must be value or scale, got {kind!r}"
+                )
+            iv = request.interventions.add(layer=layer, position=position, index=index)
+            setattr(iv, kind, number)
+        response = self._call(self._analysis.Intervene, request, timeout_s)
+
+        def predictions(rows: Any) -> list[Prediction]:
+            return [Prediction(r.token_id, r.token, r.logit, r.probability) for r in rows]
+
+        return InterventionResult(
+            predictions(response.clean),
+            predictions(response.intervened),
+            predictions(response.clean_after),
+        )
+
+    def evaluate_circuit(
+        self,
+        model: str,
+        prompt: str,
+        counterfactual: str,
+        correct_token_id: int,
+        counterfactual_token_id: int,
+        *,
+        scoring: str = "attribution",
+        fractions: list[float] | None = None,
+        max_feature_nodes: int | None = None,
+        timeout_s: float | None = None,
+    ) -> CircuitFaithfulness:
+        """Faithfulness f(k) of the prompt's circuits (MIB protocol); ``scoring`` is
+        attribution, random or eap."""
+        scorings = {
+            "attribution": analysis_service_pb2.EDGE_SCORING_ATTRIBUTION,
+            "random": analysis_service_pb2.EDGE_SCORING_RANDOM,
+            "eap": analysis_service_pb2.EDGE_SCORING_EAP,
+        }
+        if scoring not in scorings:
+            raise InvalidArgumentError(
+                f"scoring must be one of {sorted(scorings)}, got {scoring!r}"
+            )
+        request = analysis_service_pb2.EvaluateCircuitRequest(
+            model=model,
+            prompt=prompt,
+            counterfactual=counterfactual,
+            correct_token_id=correct_token_id,
+            counterfactual_token_id=counterfactual_token_id,
+            scoring=scorings[scoring],
+            fractions=fractions or [],
+        )
+        if max_feature_nodes is not None:
+            request.max_feature_nodes = max_feature_nodes
+        response = self._call(self._analysis.EvaluateCircuit, request, timeout_s)
+        return CircuitFaithfulness(
+            fractions=[p.fraction for p in response.points],
+            edge_counts=[p.edge_count for p in response.points],
+            faithfulness=[p.faithfulness for p in response.points],
+            cpr=response.cpr,
+            cmd=response.cmd,
+            metric_full=response.metric_full,
+            metric_empty=response.metric_empty,
         )
 
     # ------------------------------------------------------------------ jobs

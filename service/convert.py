@@ -30,6 +30,7 @@ from ingest.store.base import (
     PathScore,
 )
 from service._generated.circuits.v1 import (
+    analysis_service_pb2,
     feature_service_pb2,
     graph_service_pb2,
     job_service_pb2,
@@ -354,6 +355,16 @@ def target_from_proto(request: Any) -> Any:
     return FeatureTarget(
         spec.layer, spec.index, spec.position if spec.HasField("position") else None
     )
+
+
+def predictions_to_proto(
+    rows: Sequence[tuple[int, str, float, float]],
+) -> list[analysis_service_pb2.TokenPrediction]:
+    """(token id, token, logit, probability) rows as TokenPrediction messages."""
+    return [
+        analysis_service_pb2.TokenPrediction(token_id=t, token=s, logit=lg, probability=pr)
+        for t, s, lg, pr in rows
+    ]
 
 
 # ---------------------------------------------------------------------------- jobs

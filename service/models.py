@@ -90,5 +90,7 @@ class ModelRegistry:
                 logger.info("loading model %r from %s", name, spec.model_path)
                 model = load_model(spec.model_path, device=spec.device)
                 transcoders = load_any(spec.transcoders_path)
+                adapter = model.adapter
+                transcoders.to(device=adapter.device, dtype=adapter.dtype)
                 self._loaded[name] = (model, transcoders)
             return self._loaded[name]

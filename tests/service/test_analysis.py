@@ -187,3 +187,108 @@ def test_query_commands_for_models_attribution_and_jobs(
     assert main([*base, "jobs", "submit", "tiny-gpt2", str(prompts), "--watch"]) == 0
     job = json.loads(capsys.readouterr().out)
     assert job["state"] == "succeeded" and len(job["graph_ids"]) == 1
+
+
+def test_intervene_matches_the_library_and_the_model(
+    analysis_client: CircuitsClient, model_dirs: tuple[Path, Path]
+) -> None:
+    import torch
+
+    from ingest.attribution.interventions import FeatureIntervention, intervene
+    from ingest.attribution.prompts import tokenize
+
+    loaded = load_model(str(model_dirs[0]))
+    transcoders = load_any(model_dirs[1])
+    adapter = loaded.adapter
+    ids = tokenize(loaded.tokenizer, PROMPT, adapter.vocab_size, adapter.n_ctx)
+    base = analysis_client.attribute("tiny-gpt2", PROMPT, node_threshold=1.0)
+    last = ids.shape[1] - 1
+    feature = next(n for n in base.graph.nodes if n.kind == "feature" and n.pos == last)
+    assert feature.layer is not None and feature.feature is not None
+    change = (feature.layer, last, feature.feature, "scale", 0.0)
+
+    served = analysis_client.intervene("tiny-gpt2", PROMPT, [change], top_k=5)
+    with torch.no_grad():
+        model_logits = adapter(ids)[0, -1]  # (V,) the unchanged model
+    clean_ids = [p.token_id for p in served.clean]
+    assert clean_ids == model_logits.topk(5).indices.tolist()
+    assert [p.logit for p in served.clean] == pytest.approx(
+        model_logits[clean_ids].tolist(), abs=1e-4
+    )
+    direct = intervene(
+        adapter,
+        transcoders,
+        ids,
+        [FeatureIntervention(feature.layer, last, feature.feature, scale=0.0)],
+        freeze_attention=False,
+    ).logits[0, -1]
+    assert [p.logit for p in served.clean_after] == pytest.approx(
+        direct[clean_ids].tolist(), abs=1e-4
+    )
+    assert [p.token_id for p in served.intervened] == direct.topk(5).indices.tolist()
+    unchanged = analysis_client.intervene(
+        "tiny-gpt2", PROMPT, [(*change[:3], "scale", 1.0)], top_k=5
+    )
+    assert [p.logit for p in unchanged.clean_after] == pytest.approx(
+        [p.logit for p in unchanged.clean], abs=1e-5
+    )
+
+
+def test_evaluate_circuit_is_fully_faithful_with_every_edge(
+    analysis_client: CircuitsClient,
+) -> None:
+    counterfactual = "w9 w5 w7 w3"
+    for scoring in ("attribution", "random"):
+        curve = analysis_client.evaluate_circuit(
+            "tiny-gpt2", PROMPT, counterfactual, 5, 9, scoring=scoring, fractions=[0.1, 0.5, 1.0]
+        )
+        assert curve.fractions == [0.1, 0.5, 1.0]
+        assert curve.edge_counts == sorted(curve.edge_counts) and curve.edge_counts[0] >= 1
+        assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-4)
+        assert curve.metric_full != curve.metric_empty
+        assert curve.cmd >= 0.0 and curve.cpr == pytest.approx(
+            sum(
+                (b - a) * (fa + fb) / 2
+                for a, b, fa, fb in zip(
+                    curve.fractions,
+                    curve.fractions[1:],
+                    curve.faithfulness,
+                    curve.faithfulness[1:],
+                    strict=False,
+                )
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda c: c.intervene("tiny-gpt2", PROMPT, []), InvalidArgumentError),
+        (
+            lambda c: c.intervene("tiny-gpt2", PROMPT, [(99, 0, 0, "scale", 0.0)]),
+            InvalidArgumentError,
+        ),
+        (
+            lambda c: c.intervene("tiny-gpt2", PROMPT, [(0, 0, 10**6, "value", 1.0)]),
+            InvalidArgumentError,
+        ),
+        (lambda c: c.intervene("nope", PROMPT, [(0, 0, 0, "value", 1.0)]), NotFoundError),
+        (lambda c: c.evaluate_circuit("tiny-gpt2", PROMPT, "w2 w5", 5, 9), InvalidArgumentError),
+        (lambda c: c.evaluate_circuit("tiny-gpt2", PROMPT, "", 5, 9), InvalidArgumentError),
+        (
+            lambda c: c.evaluate_circuit(
+                "tiny-gpt2", PROMPT, "w9 w5 w7 w3", 5, 9, fractions=[0.5, 0.2]
+            ),
+            InvalidArgumentError,
+        ),
+        (
+            lambda c: c.evaluate_circuit("tiny-gpt2", PROMPT, "w9 w5 w7 w3", 10**6, 9),
+            InvalidArgumentError,
+        ),
+    ],
+)
+def test_bad_intervention_and_evaluation_requests(
+    analysis_client: CircuitsClient, call, error
+) -> None:
+    with pytest.raises(error):
+        call(analysis_client)

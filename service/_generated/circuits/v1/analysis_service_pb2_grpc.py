@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class AnalysisServiceStub:
-    """Attribution graphs computed on request.
+    """Attribution graphs, interventions and circuit faithfulness computed on request.
     """
 
     def __init__(self, channel):
@@ -46,10 +46,20 @@ class AnalysisServiceStub:
                 request_serializer=circuits_dot_v1_dot_analysis__service__pb2.AttributeRequest.SerializeToString,
                 response_deserializer=circuits_dot_v1_dot_analysis__service__pb2.AttributeResponse.FromString,
                 _registered_method=True)
+        self.Intervene = channel.unary_unary(
+                '/circuits.v1.AnalysisService/Intervene',
+                request_serializer=circuits_dot_v1_dot_analysis__service__pb2.InterveneRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_analysis__service__pb2.InterveneResponse.FromString,
+                _registered_method=True)
+        self.EvaluateCircuit = channel.unary_unary(
+                '/circuits.v1.AnalysisService/EvaluateCircuit',
+                request_serializer=circuits_dot_v1_dot_analysis__service__pb2.EvaluateCircuitRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_analysis__service__pb2.EvaluateCircuitResponse.FromString,
+                _registered_method=True)
 
 
 class AnalysisServiceServicer:
-    """Attribution graphs computed on request.
+    """Attribution graphs, interventions and circuit faithfulness computed on request.
     """
 
     def ListModels(self, request, context):
@@ -62,6 +72,22 @@ class AnalysisServiceServicer:
     def Attribute(self, request, context):
         """Computes the attribution graph of a prompt (DESIGN.md section 5.2) and returns it
         pruned (section 5.3). The graph is not stored; ingest jobs store graphs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Intervene(self, request, context):
+        """Runs the replacement model on a prompt with features set or scaled and returns the
+        next-token predictions with and without the intervention.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateCircuit(self, request, context):
+        """Measures how faithful the prompt's attribution circuits are (DESIGN.md section 5.5,
+        the MIB protocol): f(k) for circuits of the top k fraction of edges, with CPR and CMD.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +106,16 @@ def add_AnalysisServiceServicer_to_server(servicer, server):
                     request_deserializer=circuits_dot_v1_dot_analysis__service__pb2.AttributeRequest.FromString,
                     response_serializer=circuits_dot_v1_dot_analysis__service__pb2.AttributeResponse.SerializeToString,
             ),
+            'Intervene': grpc.unary_unary_rpc_method_handler(
+                    servicer.Intervene,
+                    request_deserializer=circuits_dot_v1_dot_analysis__service__pb2.InterveneRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_analysis__service__pb2.InterveneResponse.SerializeToString,
+            ),
+            'EvaluateCircuit': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateCircuit,
+                    request_deserializer=circuits_dot_v1_dot_analysis__service__pb2.EvaluateCircuitRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_analysis__service__pb2.EvaluateCircuitResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'circuits.v1.AnalysisService', rpc_method_handlers)
@@ -89,7 +125,7 @@ def add_AnalysisServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AnalysisService:
-    """Attribution graphs computed on request.
+    """Attribution graphs, interventions and circuit faithfulness computed on request.
     """
 
     @staticmethod
@@ -136,6 +172,60 @@ class AnalysisService:
             '/circuits.v1.AnalysisService/Attribute',
             circuits_dot_v1_dot_analysis__service__pb2.AttributeRequest.SerializeToString,
             circuits_dot_v1_dot_analysis__service__pb2.AttributeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Intervene(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.AnalysisService/Intervene',
+            circuits_dot_v1_dot_analysis__service__pb2.InterveneRequest.SerializeToString,
+            circuits_dot_v1_dot_analysis__service__pb2.InterveneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateCircuit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.AnalysisService/EvaluateCircuit',
+            circuits_dot_v1_dot_analysis__service__pb2.EvaluateCircuitRequest.SerializeToString,
+            circuits_dot_v1_dot_analysis__service__pb2.EvaluateCircuitResponse.FromString,
             options,
             channel_credentials,
             insecure,
