@@ -65,6 +65,8 @@ def test_db_cli_start_status_stop(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert main(["db", "status", "--data-dir", str(data_dir)]) == 3
         assert "stopped" in capsys.readouterr().out
         assert not (data_dir / embedded.PID_FILE).exists()
+        # SIGTERM reached the server program, which stopped ArcadeDB itself.
+        assert "INFO stopped" in (data_dir / embedded.LOG_FILE).read_text()
         assert not embedded.stop(data_dir)
         # The data directory persists: a restarted server serves the same graph.
         with embedded.embedded_server(data_dir, heap="512m") as config, open_store(config) as store:
