@@ -1,7 +1,8 @@
 """``circuitscope query ...``: call a running server with :class:`CircuitsClient`.
 
 Subcommands mirror the RPCs (``graphs list|get|subgraph|paths``, ``features
-get|search|label|occurrences``, ``models``, ``attribute``, ``jobs
+get|search|label|occurrences``, ``models``, ``attribute``, ``intervene``,
+``evaluate``, ``jobs
 submit|get|watch|cancel``, ``health``) and print JSON on stdout. The target comes
 from ``--target`` or ``CIRCUITSCOPE_TARGET`` (default ``localhost:50051``), the bearer
 token from ``--token-file`` or ``CIRCUITSCOPE_TOKEN``; ``--tls-ca`` switches to TLS,
@@ -97,6 +98,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--node-threshold", type=float, default=None)
     p.add_argument("--edge-threshold", type=float, default=None)
     p.set_defaults(handler=_attribute)
+
+    p = groups.add_parser("intervene", help="next-token predictions with features changed")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument(
+        "--set",
+        nargs=4,
+        action="append",
+        default=[],
+        metavar=("LAYER", "POS", "INDEX", "VALUE"),
+        help="set a feature's activation (repeatable)",
+    )
+    p.add_argument(
+        "--scale",
+        nargs=4,
+        action="append",
+        default=[],
+        metavar=("LAYER", "POS", "INDEX", "FACTOR"),
+        help="scale a feature's activation; 0 ablates it (repeatable)",
+    )
+    p.add_argument("--freeze-attention", action="store_true")
+    p.add_argument("--top-k", type=int, default=0)
+    p.set_defaults(handler=_intervene)
+    p = groups.add_parser("evaluate", help="circuit faithfulness f(k), CPR and CMD (MIB)")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("counterfactual", help="a prompt of the same token length")
+    p.add_argument("correct_token_id", type=int)
+    p.add_argument("counterfactual_token_id", type=int)
+    p.add_argument("--scoring", choices=("attribution", "random", "eap"), default="attribution")
+    p.add_argument("--fractions", type=float, nargs="+", default=None)
+    p.set_defaults(handler=_evaluate)
 
     jobs = groups.add_parser("jobs", help="ingest jobs").add_subparsers(
         dest="query_command", metavar="COMMAND", required=True
@@ -286,6 +319,45 @@ def _attribute(args: argparse.Namespace) -> int:
             edge_threshold=args.edge_threshold,
         )
         return _emit(result)
+
+
+def _intervene(args: argparse.Namespace) -> int:
+    from ingest.errors import InvalidArgumentError
+
+    changes: list[tuple[int, int, int, str, float]] = []
+    for kind, specs in (("value", args.set), ("scale", args.scale)):
+        for layer, pos, index, number in specs:
+            try:
+                changes.append((int(layer), int(pos), int(index), kind, float(number)))
+            except ValueError:
+                raise InvalidArgumentError(
+                    f"--{'set' if kind == 'value' else 'scale'} takes LAYER POS INDEX NUMBER"
+                ) from None
+    with make_client(args) as c:
+        return _emit(
+            c.intervene(
+                args.model,
+                args.prompt,
+                changes,
+                freeze_attention=args.freeze_attention,
+                top_k=args.top_k,
+            )
+        )
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    with make_client(args) as c:
+        return _emit(
+            c.evaluate_circuit(
+                args.model,
+                args.prompt,
+                args.counterfactual,
+                args.correct_token_id,
+                args.counterfactual_token_id,
+                scoring=args.scoring,
+                fractions=args.fractions,
+            )
+        )
 
 
 def _read_prompt_file(path: Path) -> list[dict[str, str]]:

@@ -182,6 +182,12 @@ def test_query_commands_for_models_attribution_and_jobs(
     assert main([*base, "attribute", "tiny-gpt2", PROMPT, "--node-threshold", "0.9"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["graph"]["metadata"]["prompt"] == PROMPT and result["graph"]["edges"]
+    assert main([*base, "intervene", "tiny-gpt2", PROMPT, "--scale", "0", "3", "1", "0"]) == 0
+    changed = json.loads(capsys.readouterr().out)
+    assert len(changed["clean"]) == 10 and len(changed["clean_after"]) == 10
+    evaluate = [*base, "evaluate", "tiny-gpt2", PROMPT, "w9 w5 w7 w3", "5", "9"]
+    assert main([*evaluate, "--fractions", "0.5", "1.0"]) == 0
+    assert json.loads(capsys.readouterr().out)["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "w3 w8 w13", "task": "cli-job"}\n# comment\n')
     assert main([*base, "jobs", "submit", "tiny-gpt2", str(prompts), "--watch"]) == 0
