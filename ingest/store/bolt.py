@@ -1,12 +1,11 @@
 """The graph store over Bolt: one implementation for Neo4j 5 and embedded ArcadeDB.
 
-Writes follow Neo4j's batching guidance (DESIGN.md section 3): a graph's nodes and
-edges go in ``UNWIND`` batches of ``batch_size`` rows, one transaction each, under a
-``:Graph`` node claimed with status ``writing`` and a fresh ``write_id``; the status
-becomes ``complete`` in a last transaction that also checks the ``write_id`` (so of
-two writers of one graph only the last claimant completes). A crash leaves a graph in
-``writing``, invisible to readers; the next write of that id deletes the leftovers
-first. Edge endpoints are found through the (graph_id, node_id) uniqueness index.
+Connections and transactions are in :mod:`ingest.store.session`, graph writes (atomic
+to readers, repaired on rerun) in :mod:`ingest.store.writes`; this module holds the
+catalog and the reads. ``get_graph`` re-checks the graph's ``write_id`` and counts at
+the end of its read transaction, so a graph rewritten under a reader is never
+returned half. ``subgraph`` expands breadth-first, one query per hop for the whole
+frontier; ``strongest_paths`` is one variable-length match ranked in Cypher.
 
 Every statement comes from :mod:`ingest.store.cypher`; values are parameters; every
 transaction carries the database name and a timeout.
@@ -14,23 +13,17 @@ transaction carries the database name and a timeout.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from neo4j import Driver, GraphDatabase, ManagedTransaction, unit_of_work
-from neo4j import exceptions as neo4j_errors
-from tqdm.auto import tqdm
+from neo4j import ManagedTransaction
 
 from ingest.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
 )
 from ingest.graph import (
     AttributionGraph,
@@ -38,143 +31,39 @@ from ingest.graph import (
     ModelRecord,
     TranscoderSetRecord,
 )
-from ingest.store import cypher
+from ingest.store import cypher, writes
 from ingest.store.base import (
     BatchCallback,
     Direction,
     FeatureOccurrence,
-    GraphStatus,
     GraphStore,
     GraphSummary,
     Page,
     Path,
     PathScore,
 )
-from ingest.store.config import StoreConfig
 from ingest.store.records import (
     feature_from_props,
     feature_props,
-    graph_props,
     node_from_props,
-    node_props,
     summary_from_props,
 )
+from ingest.store.session import BoltConnection, check_range
+from ingest.store.session import rows as record_rows
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 MAX_PAGE = 1000
-_PROGRESS_MIN_ROWS = 50_000
 
 
-def _check_range(name: str, value: int, low: int, high: int) -> int:
-    if not isinstance(value, int) or not low <= value <= high:
-        raise InvalidArgumentError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    return value
-
-
-def _rows(records: Any) -> list[dict[str, Any]]:
-    return [r.data() for r in records]
-
-
-class BoltGraphStore(GraphStore):
-    """:class:`GraphStore` over the official ``neo4j`` driver."""
-
-    def __init__(self, config: StoreConfig, driver: Driver | None = None) -> None:
-        if config.uri is None and driver is None:
-            raise InvalidArgumentError(
-                "BoltGraphStore needs a server uri; use ingest.store.open_store(config), "
-                "which starts the embedded server when no uri is set"
-            )
-        self.config = config
-        self._driver = driver or GraphDatabase.driver(
-            config.uri or "",
-            auth=(config.user, config.password or ""),
-            connection_timeout=config.connect_timeout_s,
-            connection_acquisition_timeout=max(config.connect_timeout_s, 30.0),
-            max_transaction_retry_time=15.0,
-        )
-
-    # ------------------------------------------------------------------ plumbing
-    @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        """Translate driver errors into domain errors that say what to do."""
-        try:
-            yield
-        except (neo4j_errors.ServiceUnavailable, neo4j_errors.SessionExpired) as exc:
-            raise UnavailableError(
-                f"graph store {self.config.redacted()} is unreachable while trying to {what} "
-                f"({exc}); start it (`circuitscope db start`) or fix NEO4J_URI"
-            ) from exc
-        except neo4j_errors.AuthError as exc:
-            raise UnavailableError(
-                f"graph store {self.config.redacted()} rejected the credentials; "
-                "check NEO4J_USER and NEO4J_PASSWORD"
-            ) from exc
-        except neo4j_errors.ConstraintError as exc:
-            raise FailedPreconditionError(
-                f"could not {what}: a uniqueness constraint was violated ({exc.message}); "
-                "is another writer storing the same graph id?"
-            ) from exc
-        except neo4j_errors.CypherSyntaxError as exc:
-            raise InvalidArgumentError(f"could not {what}: {exc.message}") from exc
-        except neo4j_errors.ClientError as exc:
-            if "Timeout" in (exc.code or "") or "TimedOut" in (exc.code or ""):
-                raise ResourceExhaustedError(
-                    f"{what} ran past its time limit; narrow the query or raise the timeout"
-                ) from exc
-            raise
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.config.query_timeout_s if timeout is None else timeout
-
-    def _tx(
-        self,
-        work: Callable[[ManagedTransaction], T],
-        *,
-        write: bool,
-        timeout: float | None,
-        what: str,
-    ) -> T:
-        fn = unit_of_work(timeout=self._timeout(timeout))(work)
-        with self._errors(what), self._driver.session(database=self.config.database) as session:
-            return session.execute_write(fn) if write else session.execute_read(fn)
-
-    def _read(
-        self, query: str, params: Mapping[str, Any], timeout: float | None, what: str
-    ) -> list[dict[str, Any]]:
-        return self._tx(
-            lambda tx: _rows(tx.run(query, dict(params))), write=False, timeout=timeout, what=what
-        )
-
-    def _write(
-        self, query: str, params: Mapping[str, Any], timeout: float | None, what: str
-    ) -> list[dict[str, Any]]:
-        return self._tx(
-            lambda tx: _rows(tx.run(query, dict(params))), write=True, timeout=timeout, what=what
-        )
-
-    def verify(self) -> None:
-        """Check the server answers and the database exists; UnavailableError otherwise."""
-        with self._errors("connect"):
-            self._driver.verify_connectivity()
-        self._read("RETURN 1 AS ok", {}, self.config.connect_timeout_s, "reach the database")
-
-    def close(self) -> None:
-        self._driver.close()
-
-    def ensure_schema(self) -> None:
-        for statement in cypher.SCHEMA:
-            with (
-                self._errors("create the schema"),
-                self._driver.session(database=self.config.database) as session,
-            ):
-                session.run(statement).consume()
+class BoltGraphStore(BoltConnection, GraphStore):
+    """:class:`GraphStore` over the official ``neo4j`` driver (construct it with a
+    StoreConfig, as :class:`BoltConnection`)."""
 
     # ------------------------------------------------------------------ catalog writes
     def upsert_model(self, model: ModelRecord, *, timeout: float | None = None) -> None:
         props = {k: v for k, v in vars(model).items() if v is not None}
-        self._write(
+        self.write_rows(
             cypher.UPSERT_MODEL,
             {"model_id": model.model_id, "props": props},
             timeout,
@@ -185,7 +74,7 @@ class BoltGraphStore(GraphStore):
         self, tset: TranscoderSetRecord, *, timeout: float | None = None
     ) -> None:
         props = {k: v for k, v in vars(tset).items() if v is not None}
-        self._write(
+        self.write_rows(
             cypher.UPSERT_TRANSCODER_SET,
             {"set_id": tset.set_id, "props": props},
             timeout,
@@ -205,7 +94,7 @@ class BoltGraphStore(GraphStore):
             for f in features
         ]
         for start in range(0, len(rows), size):
-            self._write(
+            self.write_rows(
                 cypher.UPSERT_FEATURES,
                 {"rows": rows[start : start + size]},
                 timeout,
@@ -224,7 +113,7 @@ class BoltGraphStore(GraphStore):
     ) -> FeatureRecord:
         if label is not None and len(label) > 1000:
             raise InvalidArgumentError("a feature label holds at most 1000 characters")
-        rows = self._write(
+        rows = self.write_rows(
             cypher.SET_FEATURE_LABEL,
             {"set_id": set_id, "layer": layer, "index": index, "label": label or None},
             timeout,
@@ -233,24 +122,6 @@ class BoltGraphStore(GraphStore):
         return feature_from_props(rows[0]["p"])
 
     # ------------------------------------------------------------------ graph writes
-    def _status(self, graph_id: str, timeout: float | None) -> dict[str, Any] | None:
-        rows = self._read(cypher.GRAPH_STATUS, {"graph_id": graph_id}, timeout, "read graph status")
-        return rows[0] if rows else None
-
-    def _delete_gnodes(self, graph_id: str, batch: int, timeout: float | None) -> int:
-        total = 0
-        while True:
-            rows = self._write(
-                cypher.DELETE_GNODES_BATCH,
-                {"graph_id": graph_id, "limit": batch},
-                timeout,
-                f"delete the nodes of graph {graph_id!r}",
-            )
-            deleted = int(rows[0]["deleted"]) if rows else 0
-            total += deleted
-            if deleted == 0:
-                return total
-
     def write_graph(
         self,
         graph: AttributionGraph,
@@ -260,96 +131,22 @@ class BoltGraphStore(GraphStore):
         on_batch: BatchCallback | None = None,
         timeout: float | None = None,
     ) -> GraphSummary:
-        graph.validate()
-        gid = graph.graph_id
-        size = batch_size or self.config.batch_size
-        _check_range("batch_size", size, 1, 1_000_000)
-        existing = self._status(gid, timeout)
-        if existing and existing["status"] == GraphStatus.COMPLETE and not replace:
-            raise FailedPreconditionError(
-                f"graph {gid!r} is already stored; delete it first or write with replace=True"
-            )
-        if existing and existing["status"] != GraphStatus.COMPLETE:
-            logger.warning("graph %r was left %s; repairing it", gid, existing["status"])
-        write_id = uuid.uuid4().hex
-        props = graph_props(graph.metadata, GraphStatus.WRITING, write_id)
-        self._write(
-            cypher.CLAIM_GRAPH, {"graph_id": gid, "props": props}, timeout, f"claim graph {gid!r}"
+        writes.write_graph(
+            self,
+            graph,
+            replace=replace,
+            batch_size=batch_size,
+            on_batch=on_batch,
+            timeout=timeout,
         )
-        leftovers = self._delete_gnodes(gid, size, timeout)
-        if leftovers:
-            logger.info("deleted %d leftover nodes of graph %r", leftovers, gid)
-
-        set_id = graph.metadata.set_id
-        node_rows = [node_props(n, i, gid, set_id) for i, n in enumerate(graph.nodes)]
-        # Edges in source order, so that a batch groups each source's out-edges and
-        # looks the source node up once (measured 1.5x faster on ArcadeDB).
-        order = np.argsort(graph.sources, kind="stable").tolist()
-        src, dst, w = graph.sources.tolist(), graph.targets.tolist(), graph.weights.tolist()
-        edge_rows = [{"s": src[i], "t": dst[i], "w": w[i], "i": i} for i in order]
-        total = len(node_rows) + len(edge_rows)
-        with tqdm(
-            total=total,
-            desc=f"store {gid}",
-            unit="row",
-            disable=True if total < _PROGRESS_MIN_ROWS else None,
-        ) as bar:
-            for phase, query, rows, shape in (
-                ("nodes", cypher.CREATE_GNODES, node_rows, list),
-                ("edges", cypher.CREATE_ATTR_EDGES, edge_rows, _group_by_source),
-            ):
-                if on_batch is not None:
-                    on_batch(phase, 0, len(rows))
-                for start in range(0, len(rows), size):
-                    chunk = rows[start : start + size]
-                    self._write(
-                        query,
-                        {"graph_id": gid, "rows": shape(chunk)},
-                        timeout,
-                        f"write the {phase} of graph {gid!r}",
-                    )
-                    bar.update(len(chunk))
-                    if on_batch is not None:
-                        on_batch(phase, start + len(chunk), len(rows))
-        done = self._write(
-            cypher.COMPLETE_GRAPH,
-            {
-                "graph_id": gid,
-                "write_id": write_id,
-                "n_nodes": len(node_rows),
-                "n_edges": len(edge_rows),
-            },
-            timeout,
-            f"complete graph {gid!r}",
-        )
-        if not done or int(done[0]["updated"]) != 1:
-            raise FailedPreconditionError(
-                f"graph {gid!r} was claimed by another writer during this write; "
-                "keep one writer per graph id and rerun"
-            )
-        return self.get_graph_summary(gid, timeout=timeout)
+        return self.get_graph_summary(graph.graph_id, timeout=timeout)
 
     def delete_graph(self, graph_id: str, *, timeout: float | None = None) -> bool:
-        write_id = uuid.uuid4().hex
-        rows = self._write(
-            cypher.MARK_DELETING,
-            {"graph_id": graph_id, "write_id": write_id},
-            timeout,
-            f"delete graph {graph_id!r}",
-        )
-        found = bool(rows and int(rows[0]["marked"]))
-        deleted = self._delete_gnodes(graph_id, self.config.batch_size, timeout)
-        self._write(
-            cypher.DELETE_GRAPH_NODE,
-            {"graph_id": graph_id, "write_id": write_id},
-            timeout,
-            f"delete graph {graph_id!r}",
-        )
-        return found or deleted > 0
+        return writes.delete_graph(self, graph_id, timeout=timeout)
 
     # ------------------------------------------------------------------ graph reads
     def get_graph_summary(self, graph_id: str, *, timeout: float | None = None) -> GraphSummary:
-        rows = self._read(
+        rows = self.read_rows(
             cypher.GRAPH_SUMMARY, {"graph_id": graph_id}, timeout, f"read graph {graph_id!r}"
         )
         if not rows:
@@ -360,7 +157,7 @@ class BoltGraphStore(GraphStore):
 
     def get_graph(self, graph_id: str, *, timeout: float | None = None) -> AttributionGraph:
         for _attempt in range(2):
-            graph = self._tx(
+            graph = self.transaction(
                 lambda tx: self._read_graph(tx, graph_id),
                 write=False,
                 timeout=timeout,
@@ -376,14 +173,14 @@ class BoltGraphStore(GraphStore):
     def _read_graph(tx: ManagedTransaction, graph_id: str) -> AttributionGraph | None:
         """The graph, or None when a concurrent rewrite or delete was detected."""
         params = {"graph_id": graph_id}
-        head = _rows(tx.run(cypher.GRAPH_SUMMARY, params))
+        head = record_rows(tx.run(cypher.GRAPH_SUMMARY, params))
         if not head:
             raise NotFoundError(
                 f"no complete graph {graph_id!r} in the store; list graphs to find its id"
             )
-        nodes = [node_from_props(r["p"]) for r in _rows(tx.run(cypher.GRAPH_NODES, params))]
-        cols = _rows(tx.run(cypher.GRAPH_EDGES, params))
-        tail = _rows(tx.run(cypher.GRAPH_SUMMARY, params))
+        nodes = [node_from_props(r["p"]) for r in record_rows(tx.run(cypher.GRAPH_NODES, params))]
+        cols = record_rows(tx.run(cypher.GRAPH_EDGES, params))
+        tail = record_rows(tx.run(cypher.GRAPH_SUMMARY, params))
         summary = summary_from_props(head[0]["p"])
         col = cols[0] if cols else {"s": [], "t": [], "w": [], "i": []}
         order = np.argsort(np.asarray(col["i"], dtype=np.int64), kind="stable")
@@ -414,7 +211,7 @@ class BoltGraphStore(GraphStore):
         newest_first: bool = False,
         timeout: float | None = None,
     ) -> Page[GraphSummary]:
-        _check_range("limit", limit, 1, MAX_PAGE)
+        check_range("limit", limit, 1, MAX_PAGE)
         params: dict[str, Any] = {
             "model_id": model_id or None,
             "task": task or None,
@@ -430,7 +227,7 @@ class BoltGraphStore(GraphStore):
         else:
             params["after_id"] = cursor or ""
             query = cypher.LIST_GRAPHS_BY_ID
-        rows = self._read(query, params, timeout, "list graphs")
+        rows = self.read_rows(query, params, timeout, "list graphs")
         items = [summary_from_props(r["p"]) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
@@ -450,20 +247,20 @@ class BoltGraphStore(GraphStore):
         direction: Direction = "both",
         timeout: float | None = None,
     ) -> AttributionGraph:
-        _check_range("depth", depth, 1, 10)
-        _check_range("top_k", top_k, 1, 10_000)
+        check_range("depth", depth, 1, 10)
+        check_range("top_k", top_k, 1, 10_000)
         if direction not in ("out", "in", "both"):
             raise InvalidArgumentError(f"direction must be out, in or both, got {direction!r}")
 
         def work(
             tx: ManagedTransaction,
         ) -> tuple[GraphSummary, list[dict[str, Any]], list[tuple[str, str, float]]]:
-            head = _rows(tx.run(cypher.GRAPH_SUMMARY, {"graph_id": graph_id}))
+            head = record_rows(tx.run(cypher.GRAPH_SUMMARY, {"graph_id": graph_id}))
             if not head:
                 raise NotFoundError(
                     f"no complete graph {graph_id!r} in the store; list graphs to find its id"
                 )
-            centre = _rows(
+            centre = record_rows(
                 tx.run(cypher.NODES_BY_ID, {"graph_id": graph_id, "node_ids": [node_id]})
             )
             if not centre:
@@ -482,13 +279,13 @@ class BoltGraphStore(GraphStore):
                             visited.add(end)
                             next_frontier.append(end)
                 frontier = next_frontier
-            nodes = _rows(
+            nodes = record_rows(
                 tx.run(cypher.NODES_BY_ID, {"graph_id": graph_id, "node_ids": sorted(visited)})
             )
             summary = summary_from_props(head[0]["p"])
             return summary, nodes, [(s, t, w) for (s, t), w in edges.items()]
 
-        summary, node_rows, edge_list = self._tx(
+        summary, node_rows, edge_list = self.transaction(
             work, write=False, timeout=timeout, what=f"read a subgraph of {graph_id!r}"
         )
         nodes = [node_from_props(r["p"]) for r in node_rows]
@@ -512,12 +309,12 @@ class BoltGraphStore(GraphStore):
         score: PathScore = "product",
         timeout: float | None = None,
     ) -> list[Path]:
-        _check_range("top_k", top_k, 1, 1000)
-        _check_range("max_length", max_length, 1, cypher.MAX_PATH_LENGTH)
+        check_range("top_k", top_k, 1, 1000)
+        check_range("max_length", max_length, 1, cypher.MAX_PATH_LENGTH)
         if score not in ("product", "sum"):
             raise InvalidArgumentError(f"score must be product or sum, got {score!r}")
         self.get_graph_summary(graph_id, timeout=timeout)
-        rows = self._read(
+        rows = self.read_rows(
             cypher.paths_query(max_length, score),
             {"graph_id": graph_id, "source_id": source_id, "target_id": target_id, "k": top_k},
             timeout,
@@ -535,8 +332,8 @@ class BoltGraphStore(GraphStore):
         cursor: str | None = None,
         timeout: float | None = None,
     ) -> Page[FeatureOccurrence]:
-        _check_range("limit", limit, 1, MAX_PAGE)
-        rows = self._read(
+        check_range("limit", limit, 1, MAX_PAGE)
+        rows = self.read_rows(
             cypher.FEATURE_OCCURRENCES,
             {
                 "set_id": set_id,
@@ -560,7 +357,7 @@ class BoltGraphStore(GraphStore):
     def get_feature(
         self, set_id: str, layer: int, index: int, *, timeout: float | None = None
     ) -> FeatureRecord:
-        rows = self._read(
+        rows = self.read_rows(
             cypher.GET_FEATURE,
             {"set_id": set_id, "layer": layer, "index": index},
             timeout,
@@ -584,9 +381,9 @@ class BoltGraphStore(GraphStore):
         cursor: str | None = None,
         timeout: float | None = None,
     ) -> Page[FeatureRecord]:
-        _check_range("limit", limit, 1, MAX_PAGE)
+        check_range("limit", limit, 1, MAX_PAGE)
         after_layer, after_index = _split_cursor(cursor, (-1, -1))
-        rows = self._read(
+        rows = self.read_rows(
             cypher.SEARCH_FEATURES,
             {
                 "set_id": set_id,
@@ -611,7 +408,7 @@ class BoltGraphStore(GraphStore):
         *,
         timeout: float | None = None,
     ) -> list[dict[str, Any]]:
-        return self._read(cypher_text, dict(parameters or {}), timeout, "run a query")
+        return self.read_rows(cypher_text, dict(parameters or {}), timeout, "run a query")
 
 
 def _split_cursor(cursor: str | None, default: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -629,16 +426,6 @@ def _split_cursor(cursor: str | None, default: tuple[Any, Any]) -> tuple[Any, An
         ) from None
 
 
-def _group_by_source(edges: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows ``{s, t, w, i}`` (sorted by s) as ``{s, out: [{t, w, i}, ...]}`` per source."""
-    grouped: list[dict[str, Any]] = []
-    for e in edges:
-        if not grouped or grouped[-1]["s"] != e["s"]:
-            grouped.append({"s": e["s"], "out": []})
-        grouped[-1]["out"].append({"t": e["t"], "w": e["w"], "i": e["i"]})
-    return grouped
-
-
 def _top_edges(
     tx: ManagedTransaction, graph_id: str, frontier: Sequence[str], k: int, direction: Direction
 ) -> list[tuple[str, str, float]]:
@@ -647,11 +434,13 @@ def _top_edges(
     found: list[tuple[str, str, float]] = []
     if direction in ("out", "both"):
         found += [
-            (r["s"], r["t"], float(r["w"])) for r in _rows(tx.run(cypher.TOP_OUT_EDGES, params))
+            (r["s"], r["t"], float(r["w"]))
+            for r in record_rows(tx.run(cypher.TOP_OUT_EDGES, params))
         ]
     if direction in ("in", "both"):
         found += [
-            (r["s"], r["t"], float(r["w"])) for r in _rows(tx.run(cypher.TOP_IN_EDGES, params))
+            (r["s"], r["t"], float(r["w"]))
+            for r in record_rows(tx.run(cypher.TOP_IN_EDGES, params))
         ]
     if direction != "both":
         return found
