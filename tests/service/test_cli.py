@@ -75,23 +75,25 @@ def test_serve_runs_until_sigterm_then_exits_cleanly(store: GraphStore, tmp_path
     )
     argv = [sys.executable, "-m", "service", "serve", "--port", str(port)]
     argv += ["--tokens-file", str(tokens), "--health-interval", "1"]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "serve.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(argv, env=env, stderr=stderr, text=True)
     try:
         with CircuitsClient(f"127.0.0.1:{port}", token=TOKEN, timeout_s=5) as client:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 90
             while True:
                 try:
                     if client.health() == "SERVING":
                         break
-                except Exception:
+                except Exception as exc:
                     if time.monotonic() > deadline or proc.poll() is not None:
-                        raise
+                        raise AssertionError(f"serve did not come up: {log.read_text()}") from exc
                 time.sleep(0.3)
             assert client.get_graph("g-alpha").metadata.prompt == "alpha beta"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) == 0, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+    assert "Traceback" not in log.read_text()
