@@ -178,7 +178,9 @@ class BoltGraphStore(BoltConnection, GraphStore):
             raise NotFoundError(
                 f"no complete graph {graph_id!r} in the store; list graphs to find its id"
             )
-        nodes = [node_from_props(r["p"]) for r in record_rows(tx.run(cypher.GRAPH_NODES, params))]
+        packed = record_rows(tx.run(cypher.GRAPH_NODES, params))
+        node_rows = sorted(packed[0]["nodes"] if packed else [], key=lambda row: row[0])
+        nodes = [node_from_props(dict(zip(cypher.NODE_COLUMNS, r, strict=True))) for r in node_rows]
         cols = record_rows(tx.run(cypher.GRAPH_EDGES, params))
         tail = record_rows(tx.run(cypher.GRAPH_SUMMARY, params))
         summary = summary_from_props(head[0]["p"])
