@@ -14,11 +14,13 @@ prompt of T tokens:
    the target's read vector, ``J`` the Jacobian of the frozen model between the write
    and read points. Edges go to pre-activations: targets' nonlinearities are not
    differentiated.
-4. One forward pass runs the frozen model on a batch of ``batch_size`` copies of the
-   prompt with leaf tensors at the embedding and at every MLP output. Each backward
-   pass then injects a different target's read vector into each batch element (at its
-   layer and position) and reads ``J e_t`` for all sources of all those targets at
-   once: the number of backward passes is ``ceil(rows / batch_size)``.
+4. One forward pass runs the frozen model on the prompt with leaf tensors at the
+   embedding and at every MLP output. Each backward pass then injects up to
+   ``batch_size`` targets' read vectors, one per element of a batch of gradients (at its
+   layer and position; ``torch.autograd.grad(..., is_grads_batched=True)``, which
+   vectorizes the backward over that batch), and reads ``J e_t`` for all sources of all
+   those targets at once: the number of backward passes is ``ceil(rows / batch_size)``.
+   The forward stays at batch 1, so the logits (T, V) are never held batch-size times.
 5. With more active features than ``max_feature_nodes``, the target rows come first;
    then features are expanded in batches in order of their current influence on the
    targets (recomputed as rows arrive), and only expanded features stay nodes.
@@ -140,11 +142,10 @@ class RowComputer:
         self.batch_size = batch_size
         self.n_backward = 0
         n_layers, (_, T, d) = adapter.n_layers, state.resid0.shape
-        self.resid0 = state.resid0.expand(batch_size, T, d).clone().requires_grad_(True)
+        # Batch 1: the batch of targets lives only in the batched backward (vmap).
+        self.resid0 = state.resid0.detach().clone().requires_grad_(True)  # (1, T, d)
         self.injections = [
-            torch.zeros(
-                batch_size, T, d, dtype=adapter.dtype, device=adapter.device
-            ).requires_grad_(True)
+            torch.zeros(1, T, d, dtype=adapter.dtype, device=adapter.device).requires_grad_(True)
             for _ in range(n_layers)
         ]
         captured: list[Tensor] = []
@@ -186,15 +187,16 @@ class RowComputer:
         return torch.cat(out)
 
     def _batch(self, rows: list[Row]) -> Tensor:
-        B, T, d = self.resid0.shape
+        B = len(rows)
+        _, T, d = self.resid0.shape
         n_layers = self.adapter.n_layers
         grads_in: list[Tensor | None] = [None] * (n_layers + 1)
         for b, row in enumerate(rows):
             slot = n_layers if row.layer is None else row.layer
             if grads_in[slot] is None:
-                grads_in[slot] = torch.zeros(B, T, d, dtype=self.adapter.dtype,
+                grads_in[slot] = torch.zeros(B, 1, T, d, dtype=self.adapter.dtype,
                                              device=self.adapter.device)  # fmt: skip
-            grads_in[slot][b, row.pos] = row.vector.to(self.adapter.dtype)  # type: ignore[index]
+            grads_in[slot][b, 0, row.pos] = row.vector.to(self.adapter.dtype)  # type: ignore[index]
         used = [i for i, g in enumerate(grads_in) if g is not None]
         leaves = [self.resid0, *self.injections]
         grads = torch.autograd.grad(
@@ -203,25 +205,26 @@ class RowComputer:
             [grads_in[i] for i in used],  # type: ignore[misc]
             retain_graph=True,
             allow_unused=True,
+            is_grads_batched=True,
         )
         self.n_backward += 1
         zero = torch.zeros(B, T, d, dtype=self.adapter.dtype, device=self.adapter.device)
-        g_embed = grads[0] if grads[0] is not None else zero
-        g_mlp = [g if g is not None else zero for g in grads[1:]]
+        g_embed = grads[0][:, 0] if grads[0] is not None else zero  # (B, T, d)
+        g_mlp = [g[:, 0] if g is not None else zero for g in grads[1:]]
 
         feature_edges = torch.zeros(B, self.n_features, dtype=self.adapter.dtype,
                                     device=self.adapter.device)  # fmt: skip
         for sel, pos, weighted in self.feature_groups:
             acc = torch.zeros(B, sel.numel(), dtype=self.adapter.dtype, device=self.adapter.device)
             for target, vectors in weighted.items():
-                acc += (g_mlp[target][:, pos, :] * vectors[None]).sum(-1)  # (B, k)
+                acc += torch.einsum("bkd,kd->bk", g_mlp[target][:, pos, :], vectors)
             feature_edges[:, sel.to(self.adapter.device)] = acc
         error_edges = [
             (g * e[None]).sum(-1) for g, e in zip(g_mlp, self.error_vectors, strict=True)
         ]
         token_edges = (g_embed * self.token_vectors[None]).sum(-1)  # (B, T)
         edges = torch.cat([feature_edges, *error_edges, token_edges], dim=1)
-        return edges[: len(rows)].detach().cpu()
+        return edges.detach().cpu()
 
 
 @dataclass
