@@ -49,6 +49,12 @@ from service._generated.circuits.v1 import (
 from service.auth import bearer_metadata
 from service.config import DEFAULT_MAX_MESSAGE_BYTES
 from service.errors import STATUS_BY_ERROR
+from service.results import (
+    Attribution,
+    CircuitFaithfulness,
+    InterventionResult,
+    JobStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,82 +81,6 @@ class RetryPolicy:
         """Sleep before retry number ``attempt`` (1-based): full jitter on the cap."""
         cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
         return random.uniform(0, cap)
-
-
-@dataclass(frozen=True)
-class Attribution:
-    """What Attribute returns: the pruned graph, the full graph's size, server seconds."""
-
-    graph: AttributionGraph
-    full_node_count: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """A next-token prediction at the prompt's last position."""
-
-    token_id: int
-    token: str
-    logit: float
-    probability: float
-
-
-@dataclass(frozen=True)
-class InterventionResult:
-    """Top next tokens without (``clean``) and with (``intervened``) the interventions,
-    and the clean top tokens after them (``clean_after``)."""
-
-    clean: list[Prediction]
-    intervened: list[Prediction]
-    clean_after: list[Prediction]
-
-
-@dataclass(frozen=True)
-class CircuitFaithfulness:
-    """f(k) per fraction k of edges kept, with CPR, CMD and the metric's end points."""
-
-    fractions: list[float]
-    edge_counts: list[int]
-    faithfulness: list[float]
-    cpr: float
-    cmd: float
-    metric_full: float
-    metric_empty: float
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    """An ingest job as the server reports it; ``state`` is queued, running, succeeded,
-    failed or cancelled."""
-
-    job_id: str
-    state: str
-    model: str
-    prompt_count: int
-    processed_count: int
-    graph_ids: list[str]
-    already_stored_count: int
-    errors: list[str]
-    message: str
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("succeeded", "failed", "cancelled")
-
-    @classmethod
-    def from_proto(cls, msg: job_service_pb2.Job) -> JobStatus:
-        return cls(
-            job_id=msg.job_id,
-            state=convert.JOB_STATE_NAMES.get(msg.state, "unspecified"),
-            model=msg.model,
-            prompt_count=msg.prompt_count,
-            processed_count=msg.processed_count,
-            graph_ids=list(msg.graph_ids),
-            already_stored_count=msg.already_stored_count,
-            errors=list(msg.errors),
-            message=msg.message,
-        )
 
 
 @dataclass(frozen=True)
@@ -490,9 +420,7 @@ class CircuitsClient:
         if edge_threshold is not None:
             request.edge_threshold = edge_threshold
         response = self._call(self._analysis.Attribute, request, timeout_s)
-        return Attribution(
-            convert.graph_from_proto(response.graph), response.full_node_count, response.seconds
-        )
+        return convert.attribution_from_proto(response)
 
     def intervene(
         self,
@@ -517,15 +445,7 @@ class CircuitsClient:
             iv = request.interventions.add(layer=layer, position=position, index=index)
             setattr(iv, kind, number)
         response = self._call(self._analysis.Intervene, request, timeout_s)
-
-        def predictions(rows: Any) -> list[Prediction]:
-            return [Prediction(r.token_id, r.token, r.logit, r.probability) for r in rows]
-
-        return InterventionResult(
-            predictions(response.clean),
-            predictions(response.intervened),
-            predictions(response.clean_after),
-        )
+        return convert.intervention_from_proto(response)
 
     def evaluate_circuit(
         self,
@@ -563,15 +483,7 @@ class CircuitsClient:
         if max_feature_nodes is not None:
             request.max_feature_nodes = max_feature_nodes
         response = self._call(self._analysis.EvaluateCircuit, request, timeout_s)
-        return CircuitFaithfulness(
-            fractions=[p.fraction for p in response.points],
-            edge_counts=[p.edge_count for p in response.points],
-            faithfulness=[p.faithfulness for p in response.points],
-            cpr=response.cpr,
-            cmd=response.cmd,
-            metric_full=response.metric_full,
-            metric_empty=response.metric_empty,
-        )
+        return convert.faithfulness_from_proto(response)
 
     # ------------------------------------------------------------------ jobs
     def submit_ingest(
@@ -611,19 +523,19 @@ class CircuitsClient:
             request.edge_threshold = edge_threshold
         if max_feature_nodes is not None:
             request.max_feature_nodes = max_feature_nodes
-        return JobStatus.from_proto(self._call(self._jobs.SubmitIngest, request).job)
+        return convert.job_status_from_proto(self._call(self._jobs.SubmitIngest, request).job)
 
     def get_job(self, job_id: str) -> JobStatus:
         request = job_service_pb2.GetJobRequest(job_id=job_id)
-        return JobStatus.from_proto(self._call(self._jobs.GetJob, request).job)
+        return convert.job_status_from_proto(self._call(self._jobs.GetJob, request).job)
 
     def watch_job(self, job_id: str) -> Iterator[JobStatus]:
         """The job's states as they change, until it finishes (the client's timeout
         bounds the whole watch)."""
         request = job_service_pb2.WatchJobRequest(job_id=job_id)
         for update in self._stream(self._jobs.WatchJob, request):
-            yield JobStatus.from_proto(update.job)
+            yield convert.job_status_from_proto(update.job)
 
     def cancel_job(self, job_id: str) -> JobStatus:
         request = job_service_pb2.CancelJobRequest(job_id=job_id)
-        return JobStatus.from_proto(self._call(self._jobs.CancelJob, request).job)
+        return convert.job_status_from_proto(self._call(self._jobs.CancelJob, request).job)

@@ -36,6 +36,13 @@ from service._generated.circuits.v1 import (
     job_service_pb2,
     types_pb2,
 )
+from service.results import (
+    Attribution,
+    CircuitFaithfulness,
+    InterventionResult,
+    JobStatus,
+    Prediction,
+)
 
 _KIND_TO_PROTO = {
     NodeKind.FEATURE: types_pb2.NODE_KIND_FEATURE,
@@ -408,3 +415,62 @@ def job_to_proto(job: Any) -> job_service_pb2.Job:
     msg.create_time.CopyFrom(_timestamp(job.created_at))
     msg.update_time.CopyFrom(_timestamp(job.updated_at))
     return msg
+
+
+def job_status_from_proto(msg: job_service_pb2.Job) -> JobStatus:
+    return JobStatus(
+        job_id=msg.job_id,
+        state=JOB_STATE_NAMES.get(msg.state, "unspecified"),
+        model=msg.model,
+        prompt_count=msg.prompt_count,
+        processed_count=msg.processed_count,
+        graph_ids=list(msg.graph_ids),
+        already_stored_count=msg.already_stored_count,
+        errors=list(msg.errors),
+        message=msg.message,
+    )
+
+
+# ---------------------------------------------------------------------------- analysis results
+
+
+def attribution_from_proto(msg: analysis_service_pb2.AttributeResponse) -> Attribution:
+    return Attribution(graph_from_proto(msg.graph), msg.full_node_count, msg.seconds)
+
+
+def _predictions(rows: Sequence[analysis_service_pb2.TokenPrediction]) -> list[Prediction]:
+    return [Prediction(r.token_id, r.token, r.logit, r.probability) for r in rows]
+
+
+def intervention_from_proto(msg: analysis_service_pb2.InterveneResponse) -> InterventionResult:
+    return InterventionResult(
+        _predictions(msg.clean), _predictions(msg.intervened), _predictions(msg.clean_after)
+    )
+
+
+def faithfulness_to_proto(curve: Any) -> analysis_service_pb2.EvaluateCircuitResponse:
+    """An :class:`ingest.attribution.faithfulness.FaithfulnessCurve` as a response."""
+    return analysis_service_pb2.EvaluateCircuitResponse(
+        points=[
+            analysis_service_pb2.FaithfulnessPoint(fraction=f, edge_count=n, faithfulness=v)
+            for f, n, v in zip(curve.fractions, curve.n_edges, curve.faithfulness, strict=True)
+        ],
+        cpr=curve.cpr,
+        cmd=curve.cmd,
+        metric_full=curve.m_full,
+        metric_empty=curve.m_empty,
+    )
+
+
+def faithfulness_from_proto(
+    msg: analysis_service_pb2.EvaluateCircuitResponse,
+) -> CircuitFaithfulness:
+    return CircuitFaithfulness(
+        fractions=[p.fraction for p in msg.points],
+        edge_counts=[p.edge_count for p in msg.points],
+        faithfulness=[p.faithfulness for p in msg.points],
+        cpr=msg.cpr,
+        cmd=msg.cmd,
+        metric_full=msg.metric_full,
+        metric_empty=msg.metric_empty,
+    )

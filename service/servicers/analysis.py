@@ -313,13 +313,4 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
             _check_max_nodes(request),
             pass_timeout=False,
         )
-        return pb.EvaluateCircuitResponse(
-            points=[
-                pb.FaithfulnessPoint(fraction=f, edge_count=n, faithfulness=v)
-                for f, n, v in zip(curve.fractions, curve.n_edges, curve.faithfulness, strict=True)
-            ],
-            cpr=curve.cpr,
-            cmd=curve.cmd,
-            metric_full=curve.m_full,
-            metric_empty=curve.m_empty,
-        )
+        return convert.faithfulness_to_proto(curve)
