@@ -122,6 +122,14 @@ class JobManager:
         self._update(job_id, self._request_cancel)
         return self.get(job_id)
 
+    def cancel_all(self) -> int:
+        """Cancel every unfinished job (server shutdown); returns how many."""
+        with self._lock:
+            ids = [j.job_id for j in self._jobs.values() if not j.state.finished]
+        for job_id in ids:
+            self._update(job_id, self._request_cancel)
+        return len(ids)
+
     # ------------------------------------------------------------------ internals
     def _cancel_requested(self, job_id: str) -> bool:
         with self._lock:

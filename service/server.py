@@ -91,12 +91,17 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     monitor: StoreHealthMonitor
+    jobs: JobManager
     executors: tuple[ThreadPoolExecutor, ...]
     grace_s: float
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish."""
+        """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish;
+        unfinished ingest jobs are cancelled (they stop after their current prompt)."""
         await self.monitor.stop()
+        cancelled = self.jobs.cancel_all()
+        if cancelled:
+            logger.info("cancelled %d unfinished ingest job(s)", cancelled)
         await self.server.stop(self.grace_s if grace_s is None else grace_s)
         for executor in self.executors:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -172,7 +177,13 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         "on" if config.auth_enabled else "off",
     )
     return RunningServer(
-        server, port, health_servicer, monitor, (store_pool, probe_pool, model_pool), config.grace_s
+        server,
+        port,
+        health_servicer,
+        monitor,
+        jobs,
+        (store_pool, probe_pool, model_pool),
+        config.grace_s,
     )
 
 
