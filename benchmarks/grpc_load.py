@@ -90,7 +90,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run_load(
-    target: str, token: str, clients: int, channels: int, seconds: float, warmup: float
+    target: str,
+    token: str,
+    clients: int,
+    channels: int,
+    seconds: float,
+    warmup: float,
+    baseline_calls: int = 20,
 ) -> dict[str, object]:
     import grpc
     from grpc import aio
@@ -111,9 +117,7 @@ async def run_load(
     latencies: dict[str, list[float]] = {"GetSubgraph": [], "ListGraphs": []}
     errors: Counter[str] = Counter()
     edges_seen: list[int] = []
-    start = time.perf_counter()
-    measure_from = start + warmup
-    stop_at = measure_from + seconds
+    measure_from = stop_at = 0.0
 
     async def worker(i: int) -> None:
         stub = stubs[i % len(stubs)]
@@ -137,10 +141,30 @@ async def run_load(
             if t0 >= measure_from and t1 <= stop_at:
                 latencies[method].append(t1 - t0)
 
+    # Baseline: one caller, sequential calls (what a request costs without queueing).
+    baseline: dict[str, list[float]] = {"GetSubgraph": [], "ListGraphs": []}
+    for _ in range(baseline_calls):
+        for method, call, req in (
+            ("GetSubgraph", stubs[0].GetSubgraph, sub_req),
+            ("ListGraphs", stubs[0].ListGraphs, list_req),
+        ):
+            t0 = time.perf_counter()
+            await call(req, metadata=metadata, timeout=30)
+            baseline[method].append(time.perf_counter() - t0)
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop_at = measure_from + seconds
     await asyncio.gather(*(worker(i) for i in range(clients)))
     for c in chans:
         await c.close()
-    return {"latencies": latencies, "errors": errors, "edges": edges_seen[0] if edges_seen else 0}
+    return {
+        "latencies": latencies,
+        "errors": errors,
+        "edges": edges_seen[0] if edges_seen else 0,
+        "baseline": baseline,
+        "load": (load_before, os.getloadavg()[0]),
+    }
 
 
 def report(result: dict[str, object], args: argparse.Namespace) -> str:
@@ -180,6 +204,18 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
         f"{percentile(all_ms, 99):.1f} | {max(all_ms) if all_ms else float('nan'):.1f} |"
     )
     lines += ["", f"errors: {sum(errors.values())}" + (f" ({dict(errors)})" if errors else "")]
+    baseline: dict[str, list[float]] = result["baseline"]  # type: ignore[assignment]
+    load: tuple[float, float] = result["load"]  # type: ignore[assignment]
+    lines.append(
+        "single caller, sequential (no queueing): "
+        + ", ".join(
+            f"{m} p50 {percentile([v * 1000 for v in vs], 50):.1f} ms" for m, vs in baseline.items()
+        )
+    )
+    lines.append(
+        f"1-minute load average before / after the concurrent phase: {load[0]:.1f} / "
+        f"{load[1]:.1f} on {os.cpu_count()} CPUs (other work shares the machine)"
+    )
     if all_ms:
         lines.append(f"mean latency {statistics.fmean(all_ms):.1f} ms")
     return "\n".join(lines) + "\n"
