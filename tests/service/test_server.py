@@ -180,6 +180,22 @@ def test_fuzzed_requests_never_get_internal(
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_fuzzed_reflection_stream_never_gets_internal(channel: grpc.Channel) -> None:
+    rng = random.Random(7)
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
+    seen: set[grpc.StatusCode] = set()
+    for payload in _payloads(rng, 20):
+        try:
+            for _ in call(iter([payload]), timeout=20):
+                pass
+            seen.add(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            seen.add(exc.code())
+    assert grpc.StatusCode.INTERNAL not in seen and grpc.StatusCode.UNKNOWN not in seen, seen
+    assert grpc.StatusCode.INVALID_ARGUMENT in seen  # the truncated messages
+
+
 def test_store_is_still_consistent_after_fuzzing(store: GraphStore) -> None:
     assert store.get_graph_summary("g-alpha").n_edges > 0
 
