@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ingest.attribution.attribute import ActiveFeatures, Row, RowComputer
 from ingest.attribution.interventions import ReplacementRunner, ablation_inputs
 from ingest.attribution.pruning import compute_influence, normalize_matrix
 from ingest.attribution.replacement import ReplacementState, build_replacement, skip_fn
 from ingest.attribution.result import AttributionResult
+from ingest.attribution.rows import ActiveFeatures, Row, RowComputer
 from ingest.errors import InvalidArgumentError
 from ingest.graph import NodeKind
 from ingest.models import ModelAdapter

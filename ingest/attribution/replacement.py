@@ -70,15 +70,20 @@ def check_compatible(adapter: ModelAdapter, transcoders: TranscoderSet) -> None:
 
 @torch.no_grad()
 def build_replacement(
-    adapter: ModelAdapter, transcoders: TranscoderSet, input_ids: Tensor
+    adapter: ModelAdapter, transcoders: TranscoderSet, input_ids: Tensor, *, check: bool = True
 ) -> ReplacementState:
-    """Record the prompt ``input_ids`` (1, T) and fix the replacement model's constants."""
+    """Record the prompt ``input_ids`` (1, T) and fix the replacement model's constants.
+
+    ``check=False`` skips :func:`check_compatible` (hashing the model's weights) for a
+    caller that has already checked this pair.
+    """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise InvalidArgumentError(
             f"the replacement model is built for one prompt: input_ids must be (1, T), got "
             f"{tuple(input_ids.shape)}"
         )
-    check_compatible(adapter, transcoders)
+    if check:
+        check_compatible(adapter, transcoders)
     rec = adapter(input_ids, record=True)
     inputs: list[Tensor | None] = [
         rec.mlp_in[layer] if layer in transcoders.layers else None
