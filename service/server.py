@@ -157,6 +157,8 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     try:
         port = _add_port(server, config)
     except RuntimeError as exc:
+        for pool in (store_pool, probe_pool, model_pool):
+            pool.shutdown(wait=False)
         raise UnavailableError(
             f"cannot listen on {config.address}: {exc}; choose another port"
         ) from None
