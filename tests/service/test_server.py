@@ -213,3 +213,15 @@ def test_message_size_limit_and_streaming_alternative(store: GraphStore) -> None
             client.get_graph("g-beta")
         streamed = client.stream_graph("g-beta", chunk_size=10)
         assert streamed.edge_list() == graph.edge_list()
+
+
+def test_a_taken_port_is_unavailable_with_advice(store: GraphStore) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = ServerConfig(port=taken.getsockname()[1])
+        with (
+            pytest.raises(UnavailableError, match="choose another port"),
+            serve_in_background(config, store),
+        ):
+            pass
