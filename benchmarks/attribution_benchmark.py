@@ -95,7 +95,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--d-transcoder", type=int, default=512)
     parser.add_argument("--k", type=int, default=4, help="TopK active latents per token")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     args = parser.parse_args()
