@@ -182,9 +182,11 @@ def _attribute(
     return graph, result.n_nodes, float(result.stats.get("seconds", 0.0))
 
 
-def _check_model(name: str) -> str:
+def _check_model(registry: ModelRegistry, name: str) -> str:
+    """Fail fast, before queueing for the model pool, on a missing or unknown model."""
     if not name:
         raise InvalidArgumentError("model is required; ListModels names the served models")
+    registry.spec(name)
     return name
 
 
@@ -208,7 +210,7 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
     async def Attribute(
         self, request: pb.AttributeRequest, context: aio.ServicerContext
     ) -> pb.AttributeResponse:
-        _check_model(request.model)
+        _check_model(self._registry, request.model)
         _check_prompt(request.prompt)
         max_nodes = _check_max_nodes(request)
         node_threshold = check_threshold(
@@ -239,7 +241,7 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
     async def Intervene(
         self, request: pb.InterveneRequest, context: aio.ServicerContext
     ) -> pb.InterveneResponse:
-        _check_model(request.model)
+        _check_model(self._registry, request.model)
         _check_prompt(request.prompt)
         if not 1 <= len(request.interventions) <= MAX_INTERVENTIONS:
             raise InvalidArgumentError(
@@ -284,7 +286,7 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
     async def EvaluateCircuit(
         self, request: pb.EvaluateCircuitRequest, context: aio.ServicerContext
     ) -> pb.EvaluateCircuitResponse:
-        _check_model(request.model)
+        _check_model(self._registry, request.model)
         _check_prompt(request.prompt)
         _check_prompt(request.counterfactual, "counterfactual")
         scoring = _SCORINGS.get(request.scoring)
