@@ -30,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         )
         if name == "start":
             sub.add_argument("--heap", default=None, help="JVM heap size, e.g. 2g")
+            sub.add_argument(
+                "--command-timeout-s",
+                type=float,
+                default=None,
+                help="the longest any one query may run (default 300; 0 for no limit)",
+            )
         sub.set_defaults(handler=handler)
 
 
@@ -37,7 +43,12 @@ def _start(args: argparse.Namespace) -> int:
     from ingest.store import embedded
 
     heap = args.heap or embedded.DEFAULT_HEAP
-    config = embedded.start(args.data_dir, heap=heap)
+    limit = args.command_timeout_s
+    config = embedded.start(
+        args.data_dir,
+        heap=heap,
+        command_timeout_s=embedded.DEFAULT_COMMAND_TIMEOUT_S if limit is None else limit,
+    )
     print(embedded.status(config.data_dir).describe())
     print(f"NEO4J_URI={config.uri} NEO4J_USER={config.user} NEO4J_DATABASE={config.database}")
     print(f"(password in {config.data_dir}/{embedded.STATE_FILE})")

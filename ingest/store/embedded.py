@@ -44,6 +44,7 @@ STATE_FILE = "server.json"
 PID_FILE = "server.pid"
 LOG_FILE = "server.log"
 DEFAULT_HEAP = os.environ.get("CIRCUITSCOPE_DB_HEAP", "2g")
+DEFAULT_COMMAND_TIMEOUT_S = 300.0
 USER = "root"
 
 
@@ -194,10 +195,14 @@ def start(
     data_dir: Path | str | None = None,
     *,
     heap: str = DEFAULT_HEAP,
+    command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
     timeout_s: float = 180.0,
     **overrides: Any,
 ) -> StoreConfig:
     """Start the embedded server in ``data_dir``, or reuse the one running there.
+
+    ``command_timeout_s`` bounds every query on a server this call starts (ArcadeDB
+    ignores per-transaction timeouts); a reused server keeps the bound it started with.
 
     Returns the StoreConfig to reach it (``overrides`` go into it, e.g. batch_size).
     Raises UnavailableError, with the end of the server log, when it does not answer
@@ -228,7 +233,17 @@ def start(
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         with open(root / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", SERVER_MODULE, "--data-dir", str(root), "--heap", heap],
+                [
+                    sys.executable,
+                    "-m",
+                    SERVER_MODULE,
+                    "--data-dir",
+                    str(root),
+                    "--heap",
+                    heap,
+                    "--command-timeout-s",
+                    str(command_timeout_s),
+                ],
                 cwd=root,  # ArcadeDB writes ./log relative to its working directory
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -293,6 +308,7 @@ def embedded_server(
     data_dir: Path | str | None = None,
     *,
     heap: str = DEFAULT_HEAP,
+    command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
     stop_on_exit: bool = True,
     **overrides: Any,
 ) -> Iterator[StoreConfig]:
@@ -301,7 +317,7 @@ def embedded_server(
     Yields the StoreConfig to pass to :func:`ingest.store.open_store`; stops the server
     on exit when ``stop_on_exit``.
     """
-    config = start(data_dir, heap=heap, **overrides)
+    config = start(data_dir, heap=heap, command_timeout_s=command_timeout_s, **overrides)
     try:
         yield config
     finally:

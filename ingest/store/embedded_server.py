@@ -27,7 +27,7 @@ logger = logging.getLogger("ingest.store.embedded_server")
 BOLT_PLUGIN = "Bolt:com.arcadedb.bolt.BoltProtocolPlugin"
 
 
-def serve(data_dir: Path, heap: str) -> int:
+def serve(data_dir: Path, heap: str, command_timeout_s: float) -> int:
     state = json.loads((data_dir / "server.json").read_text())
     stop = threading.Event()
 
@@ -51,7 +51,12 @@ def serve(data_dir: Path, heap: str) -> int:
             "bolt_port": state["bolt_port"],
         },
         # -Xrs: the JVM leaves SIGTERM/SIGINT to Python, so they stop the server cleanly.
-        jvm_kwargs={"heap_size": heap, "jvm_args": "-Xrs"},
+        # ArcadeDB ignores the Bolt transaction timeout: arcadedb.command.timeout bounds
+        # every query server-wide instead (read from the JVM's system properties).
+        jvm_kwargs={
+            "heap_size": heap,
+            "jvm_args": f"-Xrs -Darcadedb.command.timeout={int(command_timeout_s * 1000)}",
+        },
     )
     pid_file = data_dir / "server.pid"
     server.start()
@@ -71,9 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--heap", default="1g", help="JVM heap size, e.g. 1g, 4g")
+    parser.add_argument(
+        "--command-timeout-s",
+        type=float,
+        default=300.0,
+        help="the longest any one query may run (server-wide; 0 for no limit)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return serve(args.data_dir, args.heap)
+    return serve(args.data_dir, args.heap, args.command_timeout_s)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.errors import UnavailableError
+from ingest.errors import ResourceExhaustedError, UnavailableError
 from ingest.store import StoreConfig, embedded, open_store
 from service.cli import main
 from tests.ingest.store.helpers import make_graph
@@ -51,7 +51,8 @@ def test_state_file_is_private_and_server_is_reused(arcadedb_config: StoreConfig
 def test_db_cli_start_status_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data_dir = tmp_path / "db"
     try:
-        assert main(["db", "start", "--data-dir", str(data_dir), "--heap", "512m"]) == 0
+        start = ["db", "start", "--data-dir", str(data_dir), "--heap", "512m"]
+        assert main([*start, "--command-timeout-s", "1"]) == 0
         out = capsys.readouterr().out
         assert "running" in out and "NEO4J_URI=bolt://127.0.0.1:" in out
         assert main(["db", "status", "--data-dir", str(data_dir)]) == 0
@@ -60,6 +61,13 @@ def test_db_cli_start_status_stop(tmp_path: Path, capsys: pytest.CaptureFixture[
         graph = make_graph("persisted", seed=1, n_layers=1, n_pos=2)
         with open_store(embedded.config_for(data_dir)) as store:
             store.write_graph(graph)
+            # The server-wide command timeout stops a runaway query (ArcadeDB ignores
+            # the per-transaction one).
+            with pytest.raises(ResourceExhaustedError, match="time limit"):
+                store.query(
+                    "UNWIND range(1, 4000) AS a UNWIND range(1, 4000) AS b "
+                    "WITH a, b WHERE a + b = -1 RETURN count(*) AS c"
+                )
         assert main(["db", "stop", "--data-dir", str(data_dir)]) == 0
         assert "stopped" in capsys.readouterr().out
         assert main(["db", "status", "--data-dir", str(data_dir)]) == 3
