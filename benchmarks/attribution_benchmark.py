@@ -13,6 +13,12 @@ active features, backward passes and peak memory, and writes
     python3 benchmarks/attribution_benchmark.py --lengths 16 64 --device cuda
 
 Target: a 64-token prompt on the 4-layer model in under 2 s.
+
+With ``--faithfulness-model ZOO_DIR --faithfulness-transcoders DIR`` it runs the MIB
+faithfulness protocol (DESIGN 5.5) instead, on held-out examples of the checkpoint's zoo
+task: one graph per example for its logit difference (correct minus counterfactual
+answer), f(k) of attribution, random and EAP circuits, averaged over examples; writes
+``benchmarks/results/attribution_faithfulness.md`` and ``attribution_faithfulness.png``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "attribution.md"
+FAITH_RESULTS = ROOT / "benchmarks" / "results" / "attribution_faithfulness.md"
+FAITH_PLOT = ROOT / "benchmarks" / "results" / "attribution_faithfulness.png"
 TARGET_SECONDS = 2.0
 
 
@@ -88,6 +96,98 @@ def measure_one(length: int, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def faithfulness_study(args: argparse.Namespace) -> int:
+    import torch
+
+    from ingest.attribution.attribute import attribute
+    from ingest.attribution.faithfulness import (
+        FaithfulnessCurve,
+        compare_methods,
+        logit_diff_metric,
+        plot_curves,
+    )
+    from ingest.attribution.targets import LogitDiffTarget
+    from ingest.errors import InvalidArgumentError
+    from ingest.models import load_model
+    from ingest.transcoders.formats import load_any
+    from ingest.zoo.checkpoint import read_manifest, task_for_spec
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(str(args.faithfulness_model), device=args.device)
+    tcs = load_any(args.faithfulness_transcoders)
+    task = task_for_spec(read_manifest(args.faithfulness_model).spec)
+    tok = loaded.tokenizer
+
+    def ids(text: str) -> torch.Tensor:
+        return torch.tensor([tok(text)["input_ids"]], device=loaded.adapter.device)
+
+    per_method: dict[str, list[FaithfulnessCurve]] = {}
+    used = 0
+    start = time.perf_counter()
+    for example in task.examples("heldout"):
+        if used >= args.examples:
+            break
+        clean, counter = ids(example.prompt), ids(example.counterfactual_prompt)
+        if clean.shape != counter.shape:
+            continue
+        correct = tok(example.answers[0], add_special_tokens=False)["input_ids"][0]
+        wrong = tok(example.counterfactual_answers[0], add_special_tokens=False)["input_ids"][0]
+        result = attribute(loaded, tcs, clean[0], target=LogitDiffTarget(correct, wrong))
+        try:
+            curves = compare_methods(loaded.adapter, tcs, result, clean, counter,
+                                     logit_diff_metric(correct, wrong))  # fmt: skip
+        except InvalidArgumentError:
+            continue  # the metric does not change on this pair
+        for curve in curves:
+            per_method.setdefault(curve.method, []).append(curve)
+        used += 1
+    seconds = time.perf_counter() - start
+    if not per_method:
+        print("no usable example", file=sys.stderr)
+        return 1
+    mean_curves = []
+    for method, curves in per_method.items():
+        mean_f = [sum(c.faithfulness[i] for c in curves) / len(curves)
+                  for i in range(len(curves[0].fractions))]  # fmt: skip
+        mean_curves.append(FaithfulnessCurve(method, curves[0].fractions, mean_f,
+                                             curves[0].n_edges, 0.0, 0.0))  # fmt: skip
+    plot_path = FAITH_PLOT if not args.no_write else Path("/tmp") / FAITH_PLOT.name
+    plot_curves(mean_curves, plot_path,
+                title=f"{task.name}: mean f(k) over {used} held-out examples")  # fmt: skip
+    lines = [
+        "# Attribution faithfulness (MIB protocol)",
+        "",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Model `{args.faithfulness_model}` "
+        f"(task {task.name}), transcoders `{args.faithfulness_transcoders}`, "
+        f"{used} held-out examples, {seconds:.0f} s in all.",
+        "",
+        "Metric: logit difference, correct minus counterfactual answer. Circuits: the top "
+        "k % of graph edges by each method; graph nodes outside the circuit are patched "
+        "with their counterfactual values (node-level patching), attention free.",
+        "",
+        "| method | CPR (mean curve) | CMD (mean curve) | mean CPR | mean CMD | "
+        + " | ".join(f"f({100 * k:g}%)" for k in mean_curves[0].fractions)
+        + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(mean_curves[0].fractions),
+    ]
+    for mc in mean_curves:
+        curves = per_method[mc.method]
+        mean_cpr = sum(c.cpr for c in curves) / len(curves)
+        mean_cmd = sum(c.cmd for c in curves) / len(curves)
+        lines.append(
+            f"| {mc.method} | {mc.cpr:.3f} | {mc.cmd:.3f} | {mean_cpr:.3f} | {mean_cmd:.3f} | "
+            + " | ".join(f"{v:.2f}" for v in mc.faithfulness)
+            + " |"
+        )
+    lines += ["", f"Plot: `{FAITH_PLOT.relative_to(ROOT)}`.", "",
+              "Command: `python3 benchmarks/attribution_benchmark.py "
+              + " ".join(sys.argv[1:]) + "`", ""]  # fmt: skip
+    if not args.no_write:
+        FAITH_RESULTS.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
@@ -98,7 +198,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+    parser.add_argument("--faithfulness-model", type=Path, default=None, help="zoo checkpoint")
+    parser.add_argument("--faithfulness-transcoders", type=Path, default=None)
+    parser.add_argument("--examples", type=int, default=8, help="faithfulness examples")
     args = parser.parse_args()
+    if args.faithfulness_model is not None:
+        if args.faithfulness_transcoders is None:
+            parser.error("--faithfulness-model needs --faithfulness-transcoders")
+        return faithfulness_study(args)
     if args.single is not None:
         print(json.dumps(measure_one(args.single, args)))
         return 0
