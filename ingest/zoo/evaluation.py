@@ -8,7 +8,7 @@ tokenizer knows the task's words (a zoo checkpoint, or a hub model with a matchi
 vocabulary).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,9 +25,14 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-def token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[int]:
-    """Ids of single-token ``words``; a word missing from the vocabulary is an error."""
-    vocab = tokenizer.get_vocab()
+def token_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    words: Sequence[str],
+    vocab: Mapping[str, int] | None = None,
+) -> list[int]:
+    """Ids of single-token ``words``; a word missing from the vocabulary is an error.
+    Pass ``vocab`` (``tokenizer.get_vocab()``) when calling this in a loop."""
+    vocab = vocab if vocab is not None else tokenizer.get_vocab()
     missing = [w for w in words if w not in vocab]
     if missing:
         raise InvalidArgumentError(
@@ -49,12 +54,13 @@ def encode_examples(
         prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
         prompt_lengths = [len(ids) for ids in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    vocab = tokenizer.get_vocab()
     return EncodedBatch(
         input_ids=_pad(encoded, pad_id),
         lengths=torch.tensor([len(ids) for ids in encoded], dtype=torch.long),
         last_index=torch.tensor(prompt_lengths, dtype=torch.long) - 1,
-        answer_ids=_pad([token_ids(tokenizer, e.answers) for e in examples], -1),
-        wrong_ids=_pad([token_ids(tokenizer, e.wrong_answers) for e in examples], -1),
+        answer_ids=_pad([token_ids(tokenizer, e.answers, vocab) for e in examples], -1),
+        wrong_ids=_pad([token_ids(tokenizer, e.wrong_answers, vocab) for e in examples], -1),
     )
 
 

@@ -72,7 +72,8 @@ def _encode_training(examples: list[TaskExample], tokenizer: PreTrainedTokenizer
     prompts = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     for i, row in enumerate(ids):
         prompts[i, : len(row)] = torch.tensor(row)
-    answer_rows = [token_ids(tokenizer, e.answers) for e in examples]
+    vocab = tokenizer.get_vocab()
+    answer_rows = [token_ids(tokenizer, e.answers, vocab) for e in examples]
     n_answers = torch.tensor([len(a) for a in answer_rows], dtype=torch.long)
     if bool((n_answers == 0).any()):
         raise ValueError("every training example needs at least one answer")
@@ -85,8 +86,9 @@ def _encode_training(examples: list[TaskExample], tokenizer: PreTrainedTokenizer
 
 def _sample_batch(
     data: _TrainData, batch_size: int, all_tokens: bool, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ``[B, T]`` and next-token targets ``[B, T]`` (``-100`` = no loss)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs ``[B, T]``, next-token targets ``[B, T]`` (``-100`` = no loss) and the
+    attention mask ``[B, T]`` (1 on the prompt and its answer, 0 on the padding)."""
     idx = torch.randint(len(data.lengths), (batch_size,), generator=generator)
     pick = (torch.rand(batch_size, generator=generator) * data.n_answers[idx]).long()
     rows = torch.arange(batch_size)
@@ -102,7 +104,8 @@ def _sample_batch(
         targets[~valid] = -100
     else:
         targets[rows, lengths - 1] = answer
-    return inputs, targets
+    attention_mask = (torch.arange(width)[None, :] <= lengths[:, None]).long()
+    return inputs, targets, attention_mask
 
 
 def _optimizer(model: PreTrainedModel, cfg: TrainingConfig) -> torch.optim.AdamW:
@@ -251,14 +254,12 @@ def train_zoo_model(
     started = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=f"{task_obj.name}/{arch}", disable=not progress, leave=False)
     for step in bar:
-        inputs, targets = _sample_batch(
-            data, cfg.batch_size, task_obj.loss_on_all_tokens, generator
+        inputs, targets, mask = (
+            t.to(target)
+            for t in _sample_batch(data, cfg.batch_size, task_obj.loss_on_all_tokens, generator)
         )
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
-        inputs, targets = inputs.to(target), targets.to(target)
-        mask = (targets != -100) | (torch.arange(inputs.shape[1], device=target) == 0)
-        mask = mask.flip(1).cummax(1).values.flip(1).long()  # 1 up to the last target
         logits = model(input_ids=inputs, attention_mask=mask).logits  # (B, T, V)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100

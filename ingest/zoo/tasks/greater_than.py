@@ -41,8 +41,7 @@ HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 1729
 
 
-def year_token(year: int) -> str:
-    return f"{year:02d}"
+YEAR_TOKENS = tuple(f"{year:02d}" for year in range(100))
 
 
 class GreaterThan(Task):
@@ -52,7 +51,7 @@ class GreaterThan(Task):
 
     def vocabulary(self) -> list[str]:
         words = ["The", "lasted", "from", "the", "year", "to", *NOUNS]
-        return words + [year_token(y) for y in range(100)]
+        return words + list(YEAR_TOKENS)
 
     def _keys(self) -> list[tuple[int, int, int]]:
         return [
@@ -76,12 +75,10 @@ class GreaterThan(Task):
 
         return TaskExample(
             prompt=prompt(yy),
-            answers=tuple(year_token(z) for z in range(yy + 1, 100)),
-            wrong_answers=tuple(year_token(z) for z in range(yy + 1)),
+            answers=YEAR_TOKENS[yy + 1 :],
+            wrong_answers=YEAR_TOKENS[: yy + 1],
             counterfactual_prompt=prompt(COUNTERFACTUAL_YEAR),
-            counterfactual_answers=tuple(
-                year_token(z) for z in range(COUNTERFACTUAL_YEAR + 1, 100)
-            ),
+            counterfactual_answers=YEAR_TOKENS[COUNTERFACTUAL_YEAR + 1 :],
             key=(noun_i, century_i, year_i),
         )
 

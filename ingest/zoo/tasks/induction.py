@@ -129,7 +129,7 @@ class Induction(Task):
         return ModelShape(d_model=64, n_layers=2, n_heads=4, d_mlp=256, n_ctx=48)
 
     def default_training(self) -> TrainingConfig:
-        return TrainingConfig(steps=2000, batch_size=32, lr=1e-3, weight_decay=0.01)
+        return TrainingConfig(steps=1000, batch_size=32, lr=1e-3, weight_decay=0.01)
 
     def tiny_shape(self) -> ModelShape:
         return ModelShape(d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_ctx=48)

@@ -83,7 +83,7 @@ class ModularAddition(Task):
         return ModelShape(d_model=128, n_layers=1, n_heads=4, d_mlp=512, n_ctx=8)
 
     def default_training(self) -> TrainingConfig:
-        return TrainingConfig(steps=3000, batch_size=512, lr=3e-3, weight_decay=1.0)
+        return TrainingConfig(steps=1500, batch_size=512, lr=3e-3, weight_decay=1.0)
 
     def tiny_shape(self) -> ModelShape:
         return ModelShape(d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_ctx=8)
