@@ -79,6 +79,13 @@ class BoltConnection:
         except neo4j_errors.CypherSyntaxError as exc:
             raise InvalidArgumentError(f"could not {what}: {exc.message}") from exc
         except neo4j_errors.ClientError as exc:
+            if "not expected in state: AUTHENTICATION" in (exc.message or ""):
+                # A server still starting (ArcadeDB's Bolt listener opens before its
+                # security does) answers a fresh connection this way: retry later.
+                raise UnavailableError(
+                    f"graph store {self.config.redacted()} is still starting while trying "
+                    f"to {what}; retry in a few seconds"
+                ) from exc
             if "Timeout" in (exc.code or "") or "TimedOut" in (exc.code or ""):
                 raise ResourceExhaustedError(
                     f"{what} ran past its time limit; narrow the query or raise the timeout"
