@@ -85,6 +85,8 @@ class IngestSummary:
     reused_artifacts: int = 0
     bad_lines: list[BadLine] = field(default_factory=list)
     seconds: float = 0.0
+    attribution_seconds: float = 0.0
+    store_seconds: float = 0.0
 
     @property
     def n_seen(self) -> int:
@@ -98,7 +100,8 @@ class IngestSummary:
             f"claimed by a worker:   {self.claimed_elsewhere}",
             f"artifacts reused:      {self.reused_artifacts}",
             f"bad lines skipped:     {len(self.bad_lines)}",
-            f"seconds:               {self.seconds:.1f} ({rate:.2f} graphs/s)",
+            f"seconds:               {self.seconds:.1f} ({rate:.2f} graphs/s; "
+            f"attribution {self.attribution_seconds:.1f}, store writes {self.store_seconds:.1f})",
         ]
         out += [f"  {bad}" for bad in self.bad_lines]
         return out
@@ -179,6 +182,7 @@ class IngestWorker:
             summary.claimed_elsewhere += 1
             return
         try:
+            started = time.perf_counter()
             result, reused = self._full_result(spec, graph_id)
             summary.reused_artifacts += int(reused)
             graph = result.to_graph(
@@ -199,6 +203,8 @@ class IngestWorker:
                 },
             )
             claim.refresh()
+            summary.attribution_seconds += time.perf_counter() - started
+            started = time.perf_counter()
 
             def write() -> None:
                 # FailedPrecondition: another worker finished the same graph after our
@@ -207,6 +213,7 @@ class IngestWorker:
                     self.store.write_graph(graph, batch_size=self.options.store_batch_size)
 
             self._retry(write, f"writing graph {graph_id}")
+            summary.store_seconds += time.perf_counter() - started
             summary.computed.append(graph_id)
         finally:
             claim.release()
