@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -225,3 +226,29 @@ def test_a_taken_port_is_unavailable_with_advice(store: GraphStore) -> None:
             serve_in_background(config, store),
         ):
             pass
+
+
+def test_health_turns_not_serving_when_the_store_goes_away(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    import os
+    import signal
+
+    from ingest.store import open_store
+    from ingest.store.embedded import PID_FILE, embedded_server
+
+    data_dir = tmp_path_factory.mktemp("vanishing-db")
+    with embedded_server(data_dir, heap="256m") as store_config, open_store(store_config) as db:
+        config = ServerConfig(port=0, health_interval_s=0.3)
+        with (
+            serve_in_background(config, db) as running,
+            CircuitsClient(f"127.0.0.1:{running.port}", timeout_s=5) as client,
+        ):
+            assert client.health() == "SERVING"
+            # The graph server crashes.
+            os.kill(int((data_dir / PID_FILE).read_text()), signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while client.health() == "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.health() == "NOT_SERVING"
+            assert client.health(SERVICE_NAMES[0]) == "NOT_SERVING"
