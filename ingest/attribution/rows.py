@@ -145,13 +145,16 @@ class RowComputer:
         B = len(rows)
         _, T, d = self.resid0.shape
         n_layers = self.adapter.n_layers
+        dev, dtype = self.adapter.device, self.adapter.dtype
+        slots = torch.tensor([n_layers if r.layer is None else r.layer for r in rows])
+        positions = torch.tensor([r.pos for r in rows])
+        vectors = torch.stack([r.vector for r in rows]).to(dev, dtype)  # (B, d)
         grads_in: list[Tensor | None] = [None] * (n_layers + 1)
-        for b, row in enumerate(rows):
-            slot = n_layers if row.layer is None else row.layer
-            if grads_in[slot] is None:
-                grads_in[slot] = torch.zeros(B, 1, T, d, dtype=self.adapter.dtype,
-                                             device=self.adapter.device)  # fmt: skip
-            grads_in[slot][b, 0, row.pos] = row.vector.to(self.adapter.dtype)  # type: ignore[index]
+        for slot in torch.unique(slots).tolist():
+            sel = torch.nonzero(slots == slot).flatten()
+            g = torch.zeros(B, 1, T, d, dtype=dtype, device=dev)
+            g[sel.to(dev), 0, positions[sel].to(dev)] = vectors[sel.to(dev)]
+            grads_in[slot] = g
         used = [i for i, g in enumerate(grads_in) if g is not None]
         leaves = [self.resid0, *self.injections]
         grads = torch.autograd.grad(
