@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service import demo_pipeline
+
 DEMO_TASK = "greater_than"
 DEMO_ARCH = "gpt2"
 DEMO_SEED = 0
@@ -81,6 +83,10 @@ def _zoo_model(ctx: DemoContext) -> list[str]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("zoo-model", "train or reuse the greater-than GPT-2 model", _zoo_model),
+    Stage("transcoders", "train or reuse per-layer transcoders", demo_pipeline.transcoders_stage),
+    Stage("ingest", "attribute held-out prompts into the graph store", demo_pipeline.ingest_stage),
+    Stage("queries", "query the stored circuits", demo_pipeline.queries_stage),
+    Stage("serve", "serve the store over gRPC in the background", demo_pipeline.serve_stage),
 )
 
 
