@@ -3,9 +3,13 @@
 The standard ``grpc.health.v1.Health`` service answers SERVING while the store
 answers and NOT_SERVING while it does not, for the server as a whole (service name
 "") and for each circuits.v1 service. :class:`StoreHealthMonitor` probes the store
-every ``interval_s`` seconds in a worker thread (the probe is blocking I/O) and sets
-the status when it changes. During graceful shutdown every status turns NOT_SERVING
-so load balancers drain the server first.
+every ``interval_s`` seconds and sets the status when it changes. The probe is
+blocking I/O and a driver may retry a dead server for many seconds, so it runs in a
+daemon thread, at most one at a time: a probe that has not answered within
+``2 * interval_s`` counts as unreachable, and the next check waits on the same probe
+instead of starting another (threads never pile up, and a stuck probe never delays
+process exit). During graceful shutdown every status turns NOT_SERVING so load
+balancers drain the server first.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 
 from grpc_health.v1 import health, health_pb2
 
@@ -33,28 +37,48 @@ class StoreHealthMonitor:
         probe: Callable[[], object],
         service_names: Sequence[str],
         interval_s: float,
-        executor: Executor | None = None,
     ) -> None:
         self._servicer = servicer
         self._probe = probe
         self._names = ("", *service_names)
         self._interval_s = interval_s
-        self._executor = executor
         self._task: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Future[BaseException | None] | None = None
         self.serving: bool | None = None
+
+    def _start_probe(self) -> asyncio.Future[BaseException | None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def deliver(error: BaseException | None) -> None:
+            if not future.done():
+                future.set_result(error)
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                self._probe()
+            except Exception as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(deliver, error)
+
+        threading.Thread(target=run, name="store-health-probe", daemon=True).start()
+        return future
 
     async def check_once(self) -> bool:
         """Probe the store once and publish the result; return whether it answered."""
-        loop = asyncio.get_running_loop()
+        if self._inflight is None or self._inflight.done():
+            self._inflight = self._start_probe()
         try:
-            await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._probe), timeout=self._interval_s * 2
+            error = await asyncio.wait_for(
+                asyncio.shield(self._inflight), timeout=self._interval_s * 2
             )
-            ok = True
-        except Exception as exc:
-            ok = False
-            if self.serving is not False:
-                logger.warning("graph store unreachable, health NOT_SERVING: %s", exc)
+        except TimeoutError:
+            error = TimeoutError(f"no answer within {self._interval_s * 2:.1f} s")
+        ok = error is None
+        if not ok and self.serving is not False:
+            logger.warning("graph store unreachable, health NOT_SERVING: %s", error)
         if ok and self.serving is False:
             logger.info("graph store reachable again, health SERVING")
         if ok != self.serving:

@@ -126,7 +126,6 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     else:
         logger.warning("no bearer tokens configured: every caller is accepted")
     store_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="store")
-    probe_pool = ThreadPoolExecutor(1, thread_name_prefix="health")
     model_pool = ThreadPoolExecutor(config.model_workers, thread_name_prefix="model")
     runner = BlockingRunner(store_pool, config.default_timeout_s)
     model_runner = BlockingRunner(model_pool, config.default_timeout_s)
@@ -157,7 +156,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     try:
         port = _add_port(server, config)
     except RuntimeError as exc:
-        for pool in (store_pool, probe_pool, model_pool):
+        for pool in (store_pool, model_pool):
             pool.shutdown(wait=False)
         raise UnavailableError(
             f"cannot listen on {config.address}: {exc}; choose another port"
@@ -167,7 +166,6 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         lambda: probe_store(store, min(2.0, config.health_interval_s)),
         SERVICE_NAMES,
         config.health_interval_s,
-        probe_pool,
     )
     await monitor.check_once()
     await server.start()
@@ -184,7 +182,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         health_servicer,
         monitor,
         jobs,
-        (store_pool, probe_pool, model_pool),
+        (store_pool, model_pool),
         config.grace_s,
     )
 
