@@ -8,6 +8,8 @@ SAELens/Gemma Scope convention); minimize ``normalized MSE + sparsity penalty + 
 jointly); for architectures with unit-norm decoders, remove the gradient component along
 each decoder row before the step and renormalize after it (sparsify). The learning rate
 warms up linearly, stays flat, and decays linearly to zero over the last 20% of steps;
+dead latents are revived by AuxK and, every ``resample_every`` steps before the decay,
+re-initialized on badly reconstructed tokens (:mod:`ingest.transcoders.resampling`);
 the ReLU L1 coefficient ramps up over the first 10% of steps (Anthropic 2024 update).
 A latent is dead for AuxK when it has not fired for ``dead_after_tokens`` tokens.
 
@@ -41,6 +43,7 @@ from ingest.transcoders.clt import CrossLayerTranscoder
 from ingest.transcoders.config import ARCHITECTURES, KINDS, TranscoderConfig
 from ingest.transcoders.formats.circuit_tracer import save_set
 from ingest.transcoders.losses import LossParts
+from ingest.transcoders.resampling import resample_clt, resample_transcoder
 from ingest.transcoders.sources import Source
 from ingest.transcoders.transcoder import Transcoder
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
@@ -70,6 +73,7 @@ class TrainConfig:
     eval_windows: int = 64
     dead_after_tokens: int = 20_000
     aux_k_coefficient: float = 1.0 / 32.0
+    resample_every: int = 250  # 0: never
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.05
 
@@ -82,6 +86,8 @@ class TrainConfig:
                 raise InvalidArgumentError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise InvalidArgumentError("lr must be > 0 and warmup_steps >= 0")
+        if self.resample_every < 0:
+            raise InvalidArgumentError("resample_every must be >= 0 (0 disables resampling)")
         if self.eval_every <= 0 or self.checkpoint_every <= 0:
             raise InvalidArgumentError("eval_every and checkpoint_every must be positive")
 
@@ -155,6 +161,23 @@ class _Trainable(nn.Module):
 
     def modules_list(self) -> list[Any]:
         return [self.clt] if self.clt is not None else list(self.per_layer)
+
+    def resample(
+        self,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        dead: torch.Tensor,
+        gen: torch.Generator,
+    ) -> int:
+        """x, y: (n_layers, B, d) scaled batch; dead: (n_layers, d_t) bool."""
+        if self.clt is not None:
+            return resample_clt(self.clt, optimizer, x, y, dead, gen)
+        total = 0
+        for i, module in enumerate(self.per_layer):
+            assert isinstance(module, Transcoder)
+            total += resample_transcoder(module, optimizer, x[i], y[i], dead[i], gen)
+        return total
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -347,6 +370,19 @@ def train_transcoders(
             with torch.no_grad():
                 fired = (parts.acts > 0).any(1)  # (n_layers, d_t)
                 since_fired.add_(cfg.batch_size).masked_fill_(fired, 0)
+            if (
+                cfg.resample_every
+                and (step + 1) % cfg.resample_every == 0
+                and step + 1 < int(cfg.steps * 0.8)
+            ):
+                dead_now = since_fired >= cfg.dead_after_tokens
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+                n = trainable.resample(optimizer, x * s_in, y * s_out, dead_now, gen)
+                if n:
+                    since_fired.masked_fill_(dead_now, 0)
+                    for module in trainable.modules_list():
+                        module.after_step_()
+                    logger.info("step %d: resampled %d dead latents", step + 1, n)
             trained_tokens += cfg.batch_size
             done = step + 1
             bar.update(1)

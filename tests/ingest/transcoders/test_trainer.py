@@ -51,7 +51,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
 @pytest.mark.parametrize(("kind", "arch"), [("transcoder", "topk"), ("clt", "jumprelu")])
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch):
     cfg = _cfg(kind=kind, arch=arch, sparsity=4 if arch == "topk" else 0.01, skip=True,
-               buffer_rows=128)  # fmt: skip
+               buffer_rows=128, resample_every=3, dead_after_tokens=32)  # fmt: skip
     full = _train(tmp_path, "full", cfg)
     # Killed after step 10: its last checkpoint is at step 8, and it exported nothing.
     killed = _train(tmp_path, "killed", cfg, stop_after=10)
@@ -76,3 +76,44 @@ def test_resume_with_other_config_is_refused(tmp_path):
 def test_layer_out_of_range(tmp_path):
     with pytest.raises(InvalidArgumentError, match="out of range"):
         _train(tmp_path, "run", _cfg(layers=(0, 7)))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cross_layer", [False, True])
+def test_resampling_revives_dead_latents_and_resets_their_moments(cross_layer):
+    from ingest.transcoders.clt import CrossLayerTranscoder
+    from ingest.transcoders.resampling import resample_clt, resample_transcoder
+    from ingest.transcoders.transcoder import Transcoder
+    from tests.ingest.transcoders.helpers import config
+
+    torch.manual_seed(0)
+    cfg = config("relu")
+    module = CrossLayerTranscoder(cfg, 2) if cross_layer else Transcoder(cfg)
+    opt = torch.optim.Adam(module.parameters())
+    x = torch.randn(2, 64, cfg.d_in) + 3.0
+    y = torch.randn(2, 64, cfg.d_out)
+    with torch.no_grad():  # latents 0..5 can never fire on these inputs
+        W_enc = module.W_enc[0] if cross_layer else module.W_enc
+        b_enc = module.b_enc[0] if cross_layer else module.b_enc
+        W_enc[:6] = -1.0
+        b_enc[:6] = -5.0
+    if cross_layer:
+        loss = module.loss(list(x), list(y), None).total
+    else:
+        loss = module.loss(x[0], y[0], None).total
+    loss.backward()
+    opt.step()
+    encode = (lambda v: module.encode(0, v)) if cross_layer else module.encode
+    assert (encode(x[0])[:, :6] == 0).all()
+    dead = torch.zeros(2 if cross_layer else 1, cfg.d_transcoder, dtype=torch.bool)
+    dead[0, :6] = True
+    gen = torch.Generator().manual_seed(0)
+    if cross_layer:
+        n = resample_clt(module, opt, x, y, dead, gen)
+        moments = opt.state[module.W_enc]["exp_avg"][0]
+    else:
+        n = resample_transcoder(module, opt, x[0], y[0], dead[0], gen)
+        moments = opt.state[module.W_enc]["exp_avg"]
+    assert n == 6
+    assert (moments[:6] == 0).all() and (moments[6:] != 0).any()
+    assert (encode(x[0])[:, :6] > 0).any(0).all()
