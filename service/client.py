@@ -141,6 +141,7 @@ class CircuitsClient:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             creds = grpc.ssl_channel_credentials(tls.root_ca, tls.client_key, tls.client_cert)
             self._channel = grpc.secure_channel(target, creds, options=options)
+        self._target = target
         self._metadata = bearer_metadata(token) if token else ()
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
@@ -160,6 +161,15 @@ class CircuitsClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _error(self, exc: grpc.RpcError) -> CircuitscopeError:
+        error = error_from_rpc(exc)
+        if isinstance(error, UnavailableError) and "failed to connect" in str(error):
+            return UnavailableError(
+                f"cannot reach a circuitscope server at {self._target} ({error}); check that "
+                "`circuitscope serve` runs there and the target, TLS and port are right"
+            )
+        return error
+
     @property
     def channel(self) -> grpc.Channel:
         return self._channel
@@ -178,7 +188,7 @@ class CircuitsClient:
                     time.sleep(delay)
                     attempt += 1
                     continue
-                raise error_from_rpc(exc) from None
+                raise self._error(exc) from None
 
     def _stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
         attempt = 1
@@ -196,7 +206,7 @@ class CircuitsClient:
                     time.sleep(self._retry.backoff(attempt))
                     attempt += 1
                     continue
-                raise error_from_rpc(exc) from None
+                raise self._error(exc) from None
 
     # ------------------------------------------------------------------ health
     def health(self, service: str = "") -> str:
