@@ -252,3 +252,52 @@ def test_health_turns_not_serving_when_the_store_goes_away(
                 time.sleep(0.2)
             assert client.health() == "NOT_SERVING"
             assert client.health(SERVICE_NAMES[0]) == "NOT_SERVING"
+
+
+def test_call_deadlines_become_store_timeouts() -> None:
+    """BlockingRunner hands the callee the call's remaining deadline, capped by the default."""
+    import asyncio
+    import struct
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpc import aio
+
+    from service.runner import BlockingRunner
+
+    runner = BlockingRunner(ThreadPoolExecutor(1), default_timeout_s=10.0)
+
+    def seen_timeout(*, timeout: float) -> float:
+        return timeout
+
+    async def handle(request: bytes, context: aio.ServicerContext) -> bytes:
+        return struct.pack("d", await runner.call(context, seen_timeout))
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> tuple[aio.Server, int]:
+        server = aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(handle)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("t.T", {"M": handler})]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/t.T/M")
+            (with_deadline,) = struct.unpack("d", call(b"", timeout=3.0))
+            (capped,) = struct.unpack("d", call(b"", timeout=60.0))
+            (without,) = struct.unpack("d", call(b""))
+        assert 2.0 < with_deadline <= 3.0
+        assert capped == without == 10.0
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
