@@ -37,7 +37,7 @@ RUNS: tuple[tuple[str, str], ...] = (
     ("modular_addition", "neox"),
     ("modular_addition", "llama"),
 )
-HEADERS = ["task", "arch", "params", "train s", "held-out metrics", "bar", "result"]
+HEADERS = ["task", "arch", "params", "train s", "held-out metrics", "bar", "bar met", "<= 600 s"]
 BUDGET_SECONDS = 600.0
 
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--results", type=Path, default=Path(__file__).parent / "results" / "zoo.md"
     )
+    parser.add_argument("--note", default="", help="a line about the run's conditions")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs = RUNS if not args.only else tuple(tuple(p.split(":", 1)) for p in args.only)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             task_name, arch, seed=0, device=args.device, out_dir=out_root / f"{task_name}-{arch}"
         )
         wall = time.perf_counter() - t0
-        ok = all(result.passed.values()) and result.train_seconds <= BUDGET_SECONDS
+        met = all(result.passed.values())
         rows.append(
             [
                 task_name,
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 round(result.train_seconds, 1),
                 metrics_summary(result.metrics),
                 "; ".join(b.describe() for b in task.quality_bars()),
-                "pass" if ok else "FAIL",
+                "pass" if met else "FAIL",
+                "yes" if result.train_seconds <= BUDGET_SECONDS else "no",
             ]
         )
         print(f"{task_name}/{arch}: {rows[-1][4]} ({wall:.0f} s with evaluation)", flush=True)
@@ -97,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         "# Zoo benchmark",
         "",
         "Written by `python3 benchmarks/zoo_benchmark.py`: default configurations, seed 0,",
-        "held-out metrics over the whole held-out split. A model passes when every quality",
-        f"bar holds and training took at most {BUDGET_SECONDS:.0f} s.",
+        "held-out metrics over the whole held-out split. 'bar met': every quality bar holds;",
+        f"'<= {BUDGET_SECONDS:.0f} s': training fit the time budget (10 minutes on 2 cores).",
         "",
         f"- date: {started.isoformat(timespec='seconds')}",
         f"- machine: {machine}",
         f"- load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}"
         " (other processes sharing the CPUs inflate the training seconds)",
         f"- python {platform.python_version()}, torch {torch.__version__}",
+        *([f"- note: {args.note}"] if args.note else []),
         "",
         markdown_table(HEADERS, rows),
         "",
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines))
     print(f"wrote {args.results}")
-    return 0 if all(r[-1] == "pass" for r in rows) else 1
+    return 0 if all(r[-2] == "pass" for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -191,6 +191,10 @@ class Task(ABC):
     def quality_bars(self) -> tuple[QualityBar, ...]:
         """The thresholds a default-config model must reach on held-out prompts."""
 
+    def hf_config_overrides(self, arch: str) -> dict[str, object]:
+        """Settings of the Hugging Face config this task needs on architecture ``arch``."""
+        return {}
+
     def config(self) -> dict[str, object]:
         """The task's own parameters, recorded in ``zoo.json`` (e.g. the modulus)."""
         return {}

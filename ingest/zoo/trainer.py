@@ -228,6 +228,8 @@ def train_zoo_model(
     tokenizer = build_tokenizer(task_obj)
     ids = SpecialIds(tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     hf_config = get_architecture(arch).config(spec.shape, len(tokenizer), ids)
+    for key, value in task_obj.hf_config_overrides(arch).items():
+        setattr(hf_config, key, value)
     train_examples = task_obj.examples("train")
     heldout = task_obj.examples("heldout")
     data = _encode_training(train_examples, tokenizer)

@@ -8,6 +8,8 @@ algorithm. The zoo keeps their model size and trains on a larger fraction of pai
 higher learning rate so it generalizes within minutes on a CPU; the pairs not trained on
 are the held-out set.
 
+On GPT-NeoX the model uses a sequential residual (see ``hf_config_overrides``).
+
 Metrics: held-out accuracy and logit difference between ``c`` and the counterfactual
 answer. Counterfactual: the same ``a`` with another ``b`` (so another sum).
 """
@@ -43,6 +45,13 @@ class ModularAddition(Task):
 
     def config(self) -> dict[str, object]:
         return {"p": self.p, "train_fraction": self.train_fraction}
+
+    def hf_config_overrides(self, arch: str) -> dict[str, object]:
+        # With GPT-NeoX's parallel residual, a 1-layer MLP reads only the "=" embedding,
+        # never the attention output that carries a and b, so it cannot take part in the
+        # algorithm (and training stalled at 88% held-out accuracy). Sequential residual
+        # keeps Nanda et al.'s 1-layer attention-then-MLP model.
+        return {"use_parallel_residual": False} if arch == "neox" else {}
 
     def vocabulary(self) -> list[str]:
         return [str(i) for i in range(self.p)] + ["+", "="]
@@ -83,7 +92,7 @@ class ModularAddition(Task):
         return ModelShape(d_model=128, n_layers=1, n_heads=4, d_mlp=512, n_ctx=8)
 
     def default_training(self) -> TrainingConfig:
-        return TrainingConfig(steps=1500, batch_size=512, lr=3e-3, weight_decay=1.0)
+        return TrainingConfig(steps=1000, batch_size=512, lr=3e-3, weight_decay=1.0)
 
     def tiny_shape(self) -> ModelShape:
         return ModelShape(d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_ctx=8)
