@@ -34,9 +34,19 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return str(tokenizer.decode(ids))
 
 
-def _token_list(tokenizer: Any, scores: torch.Tensor, top: int) -> list[list[dict[str, Any]]]:
-    """scores: (n_latents, V) -> per latent the ``top`` tokens with their scores."""
-    values, indices = scores.topk(min(top, scores.shape[-1]), dim=-1)
+def _token_list(
+    tokenizer: Any, rows: torch.Tensor, vocab: torch.Tensor, top: int, chunk: int = 1024
+) -> list[list[dict[str, Any]]]:
+    """rows: (n_latents, d), vocab: (d, V) -> per latent the ``top`` tokens of rows @ vocab.
+
+    Computed in chunks of latents so a large vocabulary never needs (n_latents, V) at once.
+    """
+    parts = [
+        (rows[lo : lo + chunk] @ vocab).topk(min(top, vocab.shape[-1]), dim=-1)
+        for lo in range(0, rows.shape[0], chunk)
+    ]
+    values = torch.cat([p.values for p in parts]).cpu()
+    indices = torch.cat([p.indices for p in parts]).cpu()
     return [
         [
             {"id": int(i), "token": _decode(tokenizer, [int(i)]), "score": float(v)}
@@ -96,8 +106,8 @@ def compute_feature_stats(
     for layer in layers:
         W_enc = tset.W_enc(layer).float()  # (d_t, d)
         W_dec = tset.W_dec(layer, layer).float()  # (d_t, d)
-        de_embed = _token_list(tokenizer, W_enc @ adapter.W_E.float().T, top_tokens)
-        promoted = _token_list(tokenizer, W_dec @ adapter.W_U.float(), top_tokens)
+        de_embed = _token_list(tokenizer, W_enc, adapter.W_E.float().T, top_tokens)
+        promoted = _token_list(tokenizer, W_dec, adapter.W_U.float(), top_tokens)
         vals, locs = best_val[layer].cpu(), best_loc[layer].cpu()
         density = (count[layer] / max(tokens, 1)).cpu()
         for i in range(d_t):
