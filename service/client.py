@@ -7,9 +7,10 @@ the class the server mapped from, with the server's message; any other status
 (DEADLINE_EXCEEDED, INTERNAL, ...) raises :class:`UnavailableError` naming the code.
 
 Retries: calls answered UNAVAILABLE are retried with bounded exponential backoff
-with full jitter (:class:`RetryPolicy`); a stream is retried only if it failed before
-its first message. Every read is idempotent and SetFeatureLabel sets a value, so
-retrying is safe for every method.
+with full jitter (:class:`RetryPolicy`, in :mod:`service.transport`); a stream is
+retried only if it failed before its first message. Every read is idempotent,
+SetFeatureLabel sets a value and CancelJob is idempotent, so retrying is safe; a
+retried SubmitIngest may queue a second job, which then finds its graphs stored.
 
 Example::
 
@@ -20,18 +21,13 @@ Example::
 
 from __future__ import annotations
 
-import logging
-import random
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path as FsPath
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ingest.errors import CircuitscopeError, InvalidArgumentError, UnavailableError
+from ingest.errors import InvalidArgumentError, UnavailableError
 from ingest.graph import AttributionGraph, FeatureRecord
 from ingest.store.base import Direction, FeatureOccurrence, GraphSummary, Page, Path, PathScore
 from service import convert
@@ -46,75 +42,22 @@ from service._generated.circuits.v1 import (
     job_service_pb2_grpc,
     types_pb2,
 )
-from service.auth import bearer_metadata
 from service.config import DEFAULT_MAX_MESSAGE_BYTES
-from service.errors import STATUS_BY_ERROR
 from service.results import (
     Attribution,
     CircuitFaithfulness,
     InterventionResult,
     JobStatus,
 )
+from service.transport import ClientTls, RetryPolicy, Transport, error_from_rpc
 
-logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-_ERROR_BY_STATUS = {code: cls for cls, code in STATUS_BY_ERROR.items()}
+__all__ = ["CircuitsClient", "ClientTls", "RetryPolicy", "error_from_rpc"]
 _DIRECTIONS = {
     "both": graph_service_pb2.DIRECTION_BOTH,
     "out": graph_service_pb2.DIRECTION_OUT,
     "in": graph_service_pb2.DIRECTION_IN,
 }
 _SCORES = {"product": graph_service_pb2.PATH_SCORE_PRODUCT, "sum": graph_service_pb2.PATH_SCORE_SUM}
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff for UNAVAILABLE: ``max_attempts`` tries in all."""
-
-    max_attempts: int = 5
-    initial_backoff_s: float = 0.1
-    max_backoff_s: float = 2.0
-    multiplier: float = 2.0
-
-    def backoff(self, attempt: int) -> float:
-        """Sleep before retry number ``attempt`` (1-based): full jitter on the cap."""
-        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
-        return random.uniform(0, cap)
-
-
-@dataclass(frozen=True)
-class ClientTls:
-    """TLS for the client: the CA to trust (None: system roots) and an optional client
-    certificate for mutual TLS."""
-
-    root_ca: bytes | None = None
-    client_cert: bytes | None = None
-    client_key: bytes | None = None
-    server_name: str | None = None
-
-    @classmethod
-    def from_files(
-        cls,
-        root_ca: FsPath | None = None,
-        client_cert: FsPath | None = None,
-        client_key: FsPath | None = None,
-        server_name: str | None = None,
-    ) -> ClientTls:
-        def read(p: FsPath | None) -> bytes | None:
-            return p.read_bytes() if p is not None else None
-
-        return cls(read(root_ca), read(client_cert), read(client_key), server_name)
-
-
-def error_from_rpc(exc: grpc.RpcError) -> CircuitscopeError:
-    """The domain error a failed call stands for."""
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(code)
-    cls = _ERROR_BY_STATUS.get(code)
-    if cls is not None:
-        return cls(details)
-    return UnavailableError(f"call failed with {code.name}: {details}")
 
 
 class CircuitsClient:
@@ -130,30 +73,25 @@ class CircuitsClient:
         retry: RetryPolicy | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            if tls.server_name:
-                options.append(("grpc.ssl_target_name_override", tls.server_name))
-            creds = grpc.ssl_channel_credentials(tls.root_ca, tls.client_key, tls.client_cert)
-            self._channel = grpc.secure_channel(target, creds, options=options)
-        self._target = target
-        self._metadata = bearer_metadata(token) if token else ()
-        self._timeout_s = timeout_s
-        self._retry = retry or RetryPolicy()
-        self._graphs = graph_service_pb2_grpc.GraphServiceStub(self._channel)
-        self._features = feature_service_pb2_grpc.FeatureServiceStub(self._channel)
-        self._analysis = analysis_service_pb2_grpc.AnalysisServiceStub(self._channel)
-        self._jobs = job_service_pb2_grpc.JobServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._transport = Transport(
+            target,
+            token=token,
+            tls=tls,
+            timeout_s=timeout_s,
+            retry=retry,
+            max_message_bytes=max_message_bytes,
+        )
+        self._call = self._transport.call
+        self._stream = self._transport.stream
+        channel = self._transport.channel
+        self._graphs = graph_service_pb2_grpc.GraphServiceStub(channel)
+        self._features = feature_service_pb2_grpc.FeatureServiceStub(channel)
+        self._analysis = analysis_service_pb2_grpc.AnalysisServiceStub(channel)
+        self._jobs = job_service_pb2_grpc.JobServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
 
-    # ------------------------------------------------------------------ plumbing
     def close(self) -> None:
-        self._channel.close()
+        self._transport.close()
 
     def __enter__(self) -> CircuitsClient:
         return self
@@ -161,52 +99,9 @@ class CircuitsClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _error(self, exc: grpc.RpcError) -> CircuitscopeError:
-        error = error_from_rpc(exc)
-        if isinstance(error, UnavailableError) and "failed to connect" in str(error):
-            return UnavailableError(
-                f"cannot reach a circuitscope server at {self._target} ({error}); check that "
-                "`circuitscope serve` runs there and the target, TLS and port are right"
-            )
-        return error
-
     @property
     def channel(self) -> grpc.Channel:
-        return self._channel
-
-    def _call(self, method: Callable[..., T], request: Any, timeout_s: float | None = None) -> T:
-        attempt = 1
-        while True:
-            try:
-                timeout = self._timeout_s if timeout_s is None else timeout_s
-                return method(request, timeout=timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else None
-                if code is grpc.StatusCode.UNAVAILABLE and attempt < self._retry.max_attempts:
-                    delay = self._retry.backoff(attempt)
-                    logger.info("UNAVAILABLE, retry %d in %.2f s", attempt, delay)
-                    time.sleep(delay)
-                    attempt += 1
-                    continue
-                raise self._error(exc) from None
-
-    def _stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
-        attempt = 1
-        while True:
-            received = False
-            try:
-                for response in method(request, timeout=self._timeout_s, metadata=self._metadata):
-                    received = True
-                    yield response
-                return
-            except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else None
-                retryable = code is grpc.StatusCode.UNAVAILABLE and not received
-                if retryable and attempt < self._retry.max_attempts:
-                    time.sleep(self._retry.backoff(attempt))
-                    attempt += 1
-                    continue
-                raise self._error(exc) from None
+        return self._transport.channel
 
     # ------------------------------------------------------------------ health
     def health(self, service: str = "") -> str:
