@@ -137,6 +137,12 @@ class ActivationBuffer:
         self.cursor = 0
         logger.debug("buffer refill %d: %d rows", refill, offset)
 
+    def prime(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collect refill 0 if nothing is held yet; all held rows (n_layers, n_rows, d)."""
+        if self.refill_index < 0:
+            self._fill(0)
+        return self._x[:, : self.n_rows], self._y[:, : self.n_rows]
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y): each (n_layers, batch_size, d_model)."""
         if self.refill_index < 0 or self.cursor + self.batch_size > self.n_rows:

@@ -313,9 +313,7 @@ def train_transcoders(
         gen = torch.Generator().manual_seed(cfg.seed)
         trainable.reset(gen)
         trainable.to(device)
-        buffer._fill(0)
-        x0 = buffer._x[:, : buffer.n_rows]
-        y0 = buffer._y[:, : buffer.n_rows]
+        x0, y0 = buffer.prime()
         in_scales, out_scales = _scales(x0), _scales(y0)
         s_in = torch.tensor(in_scales, device=device)[:, None, None]
         s_out = torch.tensor(out_scales, device=device)[:, None, None]

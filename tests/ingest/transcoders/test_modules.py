@@ -8,7 +8,14 @@ from ingest.transcoders.clt import CrossLayerTranscoder
 from ingest.transcoders.config import ARCHITECTURES, TranscoderConfig
 from ingest.transcoders.registry import Registry
 from ingest.transcoders.transcoder import Transcoder
-from tests.ingest.transcoders.helpers import D_MODEL, D_T, config, make_set, randomize
+from tests.ingest.transcoders.helpers import (
+    D_MODEL,
+    D_T,
+    config,
+    make_set,
+    randomize,
+    tiny_adapter,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -166,20 +173,13 @@ def test_set_layer_errors():
         make_set("transcoder", "relu", layers=[0, 5])
 
 
-class _FakeShape:
-    """Stands in for an adapter's identity (shape and fingerprint only)."""
-
-    def __init__(self, n_layers: int, d_model: int, fingerprint: str) -> None:
-        self.n_layers, self.d_model, self._fp = n_layers, d_model, fingerprint
-
-    def fingerprint(self) -> str:
-        return self._fp
-
-
 def test_check_fits_names_the_mismatch():
-    tset = make_set("transcoder", "relu")
-    tset.check_fits(_FakeShape(3, D_MODEL, "abc123"))
-    with pytest.raises(InvalidArgumentError, match=r"d_model 8.*d_model 16"):
-        tset.check_fits(_FakeShape(3, 16, "abc123"))
+    adapter = tiny_adapter()  # a real 2-layer GPT-2 with d_model 8
+    make_set("transcoder", "relu", n_layers=2, fingerprint=adapter.fingerprint()).check_fits(
+        adapter
+    )
+    make_set("transcoder", "relu", n_layers=2, fingerprint="").check_fits(adapter)
+    with pytest.raises(InvalidArgumentError, match=r"3 layers.*this model has 2 layers"):
+        make_set("transcoder", "relu", n_layers=3).check_fits(adapter)
     with pytest.raises(InvalidArgumentError, match="weights differ"):
-        tset.check_fits(_FakeShape(3, D_MODEL, "zzz"))
+        make_set("clt", "topk", n_layers=2, fingerprint="0" * 64).check_fits(adapter)
