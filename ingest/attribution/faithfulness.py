@@ -4,19 +4,23 @@ Mueller et al. 2025 ("MIB: A Mechanistic Interpretability Benchmark"). For a pro
 counterfactual (same length, different answer) and a task metric ``m`` (logit
 difference correct minus counterfactual token by default):
 
-- ``m(N)``: the full model on the prompt; ``m(empty)``: the counterfactual run;
 - a circuit ``C`` keeps the top ``k`` fraction of the graph's edges, ranked by a scoring
-  method; its nodes are the endpoints of those edges. ``m(C)`` runs the replacement model
-  on the prompt with every graph node outside ``C`` (features, errors, embeddings)
-  patched to its counterfactual value and everything else recomputed, attention free
-  (:func:`ingest.attribution.interventions.ablation_inputs`). Patching every node gives
-  exactly the counterfactual run, patching none the clean run; so ``f(100%) = 1``;
-- ``f(C) = (m(C) - m(empty)) / (m(N) - m(empty))``; over ``k`` = 0.1 ... 100 %,
+  method; ``f(C) = (m(C) - m(empty)) / (m(N) - m(empty))``; over ``k`` = 0.1 ... 100 %,
   CPR = area under ``f(k)`` (higher is better), CMD = area under ``|1 - f(k)|``
   (0 is best), by the trapezoid rule over ``k`` in [0, 1].
 
-This is node-level patching of an edge-ranked circuit: an edge's source is patched only
-when no kept edge touches it (MIB patches edges themselves).
+Two ways to evaluate ``m(C)`` (``patching``):
+
+- ``edge`` (default, MIB's edge patching): in the prompt's linearized replacement model
+  every edge outside ``C`` carries its source's counterfactual contribution and every
+  edge in ``C`` its clean one, features re-activating in layer order
+  (:mod:`ingest.attribution.edge_patching`). ``m(N)`` is the clean metric and ``m(empty)``
+  the linearized counterfactual one, so ``f`` is exactly 1 with all edges and 0 with none.
+- ``node``: the circuit's nodes are the endpoints of its edges; the replacement model runs
+  on the prompt with every other graph node (features, errors, embeddings) patched to its
+  counterfactual value and the rest recomputed, attention free; ``m(N)``/``m(empty)`` are
+  the model on the prompt and on the counterfactual. Lenient: a kept node's value reaches
+  every later node through the residual stream and attention, not only its kept edges.
 
 Edge scoring methods over the same nodes and edges (:data:`EDGE_SCORERS`):
 
@@ -39,11 +43,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ingest.attribution.edge_patching import LinearizedPatching, counterfactual_edge_deltas
 from ingest.attribution.interventions import ReplacementRunner, ablation_inputs
 from ingest.attribution.pruning import compute_influence, normalize_matrix
 from ingest.attribution.replacement import ReplacementState, build_replacement, skip_fn
 from ingest.attribution.result import AttributionResult
-from ingest.attribution.rows import ActiveFeatures, Row, RowComputer
 from ingest.errors import InvalidArgumentError
 from ingest.graph import NodeKind
 from ingest.models import ModelAdapter
@@ -127,42 +131,12 @@ def eap_scores(
 ) -> Tensor:
     """Edge attribution patching over the graph's nodes (see the module docstring)."""
     lay = result.layout
+    delta = counterfactual_edge_deltas(adapter, transcoders, result, clean, counterfactual,
+                                       batch_size)  # fmt: skip
+    gradients = torch.ones(lay.n, dtype=torch.float64)
     feats = result.nodes[lay.features]
-    layer = torch.tensor([int(n.layer or 0) for n in feats], dtype=torch.long)
-    pos = torch.tensor([n.pos for n in feats], dtype=torch.long)
-    index = torch.tensor([int(n.feature or 0) for n in feats], dtype=torch.long)
-    delta = torch.stack(
-        [
-            counterfactual.activations[int(lyr)][p, i] - clean.activations[int(lyr)][p, i]
-            for lyr, p, i in zip(layer.tolist(), pos.tolist(), index.tolist(), strict=True)
-        ]
-    ) if feats else torch.zeros(0, dtype=adapter.dtype)  # fmt: skip
-    computer = RowComputer(
-        adapter, transcoders, clean, ActiveFeatures(layer, pos, index, delta), batch_size
-    )
-    computer.token_vectors = (counterfactual.resid0 - clean.resid0)[0]
-    computer.error_vectors = [
-        (c - k)[0] for c, k in zip(counterfactual.errors, clean.errors, strict=True)
-    ]
-    rows = [
-        Row(int(lyr), p, transcoders.encoder_vectors(int(lyr), torch.tensor([i]))[0].detach())
-        for lyr, p, i in zip(layer.tolist(), pos.tolist(), index.tolist(), strict=True)
-    ]
-    T = clean.n_tokens
-    for node in result.nodes[lay.logits]:
-        if not (node.label or "").startswith("logit diff"):
-            raise InvalidArgumentError(
-                "EAP scores need a graph computed for a logit-difference target: attribute "
-                "with target=LogitDiffTarget(correct, counterfactual)"
-            )
-        a, b = (int(x) for x in (node.label or "").removeprefix("logit diff ").split(" - "))
-        rows.append(Row(None, T - 1, adapter.W_U[:, a] - adapter.W_U[:, b]))
-    delta_rows = computer.rows(rows).double()  # (n_targets, n_sources)
-    gradients = torch.ones(len(rows), dtype=torch.float64)
-    gradients[: len(feats)] = _feature_gradients(adapter, transcoders, clean, metric, feats)
-    scores = torch.zeros_like(result.adjacency, dtype=torch.float64)
-    target_index = list(range(lay.n_features)) + list(range(lay.logits.start, lay.logits.stop))
-    scores[target_index, : lay.n_sources] = (delta_rows * gradients[:, None]).abs()
+    gradients[: lay.n_features] = _feature_gradients(adapter, transcoders, clean, metric, feats)
+    scores = (delta * gradients[:, None]).abs()
     return scores * (result.adjacency != 0)
 
 
@@ -241,14 +215,30 @@ def faithfulness_curve(
     *,
     method: str = "attribution",
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    patching: str = "edge",
 ) -> FaithfulnessCurve:
-    """f(k) of the circuits made of the top-k fraction of edges by ``scores`` (n, n)."""
+    """f(k) of the circuits made of the top-k fraction of edges by ``scores`` (n, n).
+
+    ``patching="edge"``: edge-level patching in the linearized replacement model
+    (:mod:`ingest.attribution.edge_patching`; needs a logit-difference graph, and
+    ``metric`` must be that logit difference). ``"node"``: graph nodes outside the
+    circuit take their counterfactual values in the replacement model, attention free.
+    """
+    if patching not in PATCHING:
+        raise InvalidArgumentError(f"unknown patching {patching!r}: use one of {PATCHING}")
     clean = build_replacement(adapter, transcoders, input_ids)
     cf = build_replacement(adapter, transcoders, counterfactual_ids)
     runner = ReplacementRunner(adapter, transcoders, clean)
-    with torch.no_grad():
-        m_full = float(metric(adapter(input_ids)))
-        m_empty = float(metric(adapter(counterfactual_ids)))
+    linear = None
+    if patching == "edge":
+        linear = LinearizedPatching.build(adapter, transcoders, result, clean, cf)
+        all_edges = result.adjacency != 0
+        m_full = linear.metric(all_edges)
+        m_empty = linear.metric(torch.zeros_like(all_edges))
+    else:
+        with torch.no_grad():
+            m_full = float(metric(adapter(input_ids)))
+            m_empty = float(metric(adapter(counterfactual_ids)))
     if math.isclose(m_full, m_empty, abs_tol=1e-12):
         raise InvalidArgumentError(
             "the metric is the same on the prompt and its counterfactual: faithfulness is "
@@ -260,16 +250,22 @@ def faithfulness_curve(
     for k in fractions:
         n_keep = min(len(order), max(1, math.ceil(k * len(order))))
         kept = edges[order[:n_keep]]
-        keep_nodes = torch.zeros(result.layout.n, dtype=torch.bool)
-        keep_nodes[kept[:, 0]] = True
-        keep_nodes[kept[:, 1]] = True
-        m_c = circuit_metric(runner, result, keep_nodes, cf, metric)
+        if linear is not None:
+            keep_edges = torch.zeros(result.adjacency.shape, dtype=torch.bool)
+            keep_edges[kept[:, 0], kept[:, 1]] = True
+            m_c = linear.metric(keep_edges)
+        else:
+            keep_nodes = torch.zeros(result.layout.n, dtype=torch.bool)
+            keep_nodes[kept[:, 0]] = True
+            keep_nodes[kept[:, 1]] = True
+            m_c = circuit_metric(runner, result, keep_nodes, cf, metric)
         values.append((m_c - m_empty) / (m_full - m_empty))
         counts.append(n_keep)
     return FaithfulnessCurve(method, list(fractions), values, counts, m_full, m_empty)
 
 
 EDGE_SCORERS: tuple[str, ...] = ("attribution", "random", "eap")
+PATCHING: tuple[str, ...] = ("edge", "node")
 
 
 def compare_methods(
@@ -283,6 +279,7 @@ def compare_methods(
     methods: Sequence[str] = EDGE_SCORERS,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
+    patching: str = "edge",
 ) -> list[FaithfulnessCurve]:
     """One f(k) curve per edge-scoring method over the same graph."""
     curves = []

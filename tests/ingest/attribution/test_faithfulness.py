@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ingest.attribution.attribute import attribute
+from ingest.attribution.edge_patching import LinearizedPatching
 from ingest.attribution.faithfulness import (
     DEFAULT_FRACTIONS,
     area_scores,
@@ -59,9 +60,10 @@ def test_circuit_metric_limits(setup) -> None:
     )
 
 
-def test_curves_of_all_methods_and_plot(setup, tmp_path) -> None:
+@pytest.mark.parametrize("patching", ["edge", "node"])
+def test_curves_of_all_methods_and_plot(setup, tmp_path, patching: str) -> None:
     adp, tcs, metric, result = setup
-    curves = compare_methods(adp, tcs, result, PROMPT, COUNTER, metric)
+    curves = compare_methods(adp, tcs, result, PROMPT, COUNTER, metric, patching=patching)
     assert [c.method for c in curves] == ["attribution", "random", "eap"]
     n_edges = int((result.adjacency != 0).sum())
     for c in curves:
@@ -94,3 +96,23 @@ def test_prob_diff_metric() -> None:
     assert float(prob_diff_metric([3], [0, 1])(logits)) == pytest.approx(
         float(torch.softmax(logits[0, -1], -1)[3] - 2 * torch.softmax(logits[0, -1], -1)[0])
     )
+
+
+def test_edge_patching_limits(setup) -> None:
+    adp, tcs, metric, result = setup
+    clean = build_replacement(adp, tcs, PROMPT)
+    cf = build_replacement(adp, tcs, COUNTER)
+    lp = LinearizedPatching.build(adp, tcs, result, clean, cf)
+    every = result.adjacency != 0
+    # All edges kept: the clean metric, by row completeness.
+    assert lp.metric(every) == pytest.approx(float(metric(adp(PROMPT))), abs=1e-8)
+    # No edge kept: bias plus every counterfactual contribution of the metric row.
+    row = result.layout.logits.start
+    expected = float(lp.bias[row] + (result.adjacency[row].double() + lp.delta[row]).sum())
+    assert lp.metric(torch.zeros_like(every)) == pytest.approx(expected, abs=1e-10)
+    # A counterfactual equal to the prompt changes nothing: every circuit is clean.
+    same = LinearizedPatching.build(adp, tcs, result, clean, clean)
+    assert float(same.delta.abs().max()) == 0.0
+    assert same.metric(torch.zeros_like(every)) == pytest.approx(lp.metric(every), abs=1e-8)
+    with pytest.raises(InvalidArgumentError, match="logit-difference"):
+        LinearizedPatching.build(adp, tcs, attribute(adp, tcs, PROMPT), clean, cf)
