@@ -66,7 +66,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GraphStore]:
 @pytest.fixture(scope="session")
 def server(store: GraphStore) -> Iterator[RunningServer]:
     config = ServerConfig(
-        host="127.0.0.1", port=0, tokens=frozenset({TOKEN}), health_interval_s=0.5
+        host="127.0.0.1", port=0, tokens=frozenset({TOKEN}), health_interval_s=2.0
     )
     with serve_in_background(config, store) as running:
         yield running
