@@ -1,8 +1,7 @@
 """``circuitscope demo``: the project's end-to-end demonstration, as named stages.
 
 Each stage is a small function that reads and extends a shared :class:`DemoContext`
-and returns the lines it reports; stages run in order and are timed. Today the demo
-has one stage:
+and returns the lines it reports; stages run in order and are timed (:data:`STAGES`):
 
 1. ``zoo-model``: train the demo model (greater-than on GPT-2, the task's default
    configuration, seed 0) into ``ingest.paths.home()/zoo/greater_than-gpt2``, or reuse
@@ -10,8 +9,11 @@ has one stage:
    report its held-out task metrics. ``--tiny`` uses the task's tiny configuration
    (``greater_than-gpt2-tiny``), a seconds-long smoke run.
 
-Later stages (transcoders, attribution, ingest into the graph store, serving) append to
-:data:`STAGES`. Torch is imported only when the command runs.
+2. ``transcoders``, 3. ``ingest``, 4. ``queries``, 5. ``serve``: per-layer transcoders
+   for that model, attribution of held-out prompts into the graph store, queries over the
+   stored circuits, and a background gRPC server (``service.demo_pipeline``).
+
+New stages are appended to :data:`STAGES`. Torch is imported only when the command runs.
 """
 
 import argparse
@@ -107,7 +109,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
         help="run the end-to-end demo",
-        description="Train (or reuse) the demo model and report its task metrics.",
+        description=(
+            "Train (or reuse) the demo model, then run the pipeline stages on it: "
+            "transcoders, attribution into the graph store, queries, gRPC serving."
+        ),
     )
     demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     demo.add_argument(
