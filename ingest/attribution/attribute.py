@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 
 from ingest.attribution.layout import NodeLayout
 from ingest.attribution.prompts import tokenize
-from ingest.attribution.pruning import compute_influence, normalize_matrix
 from ingest.attribution.replacement import build_replacement, check_compatible
 from ingest.attribution.result import AttributionResult
 from ingest.attribution.rows import ActiveFeatures, Row, RowComputer, active_features
@@ -267,21 +266,37 @@ def _feature_ranking(
     forced: list[int],
     done: Tensor,
 ) -> list[int]:
-    """Features not yet expanded, by descending influence on the targets so far."""
+    """Features not yet expanded, by descending influence on the targets so far.
+
+    Influence ``w (A_hat + A_hat^2 + ...)`` over the rows computed so far (targets and
+    expanded features), propagated row by row: rows only reach earlier layers, so this
+    ends after at most ``n_layers + 1`` steps, exactly, and needs only the
+    ``(rows, n_sources)`` block instead of a dense square matrix.
+    """
     n_sources = feature_edges.shape[1]
-    n_targets = target_edges.shape[0]
-    n = n_sources + n_targets
-    a = torch.zeros(n, n, dtype=torch.float64)
-    a[:n_feat, :n_sources] = feature_edges.double()
-    a[n_sources:, :n_sources] = target_edges.double()
-    w = torch.zeros(n, dtype=torch.float64)
-    w[n_sources:] = logit_probs
+    done_idx = torch.nonzero(done).flatten()
+    rows = torch.cat([target_edges.double(), feature_edges[done_idx].double()]).abs()
+    rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    n_targets, n_rows = target_edges.shape[0], rows.shape[0]
+    row_of = torch.full((n_sources,), -1, dtype=torch.long)
+    row_of[done_idx] = torch.arange(n_targets, n_rows)
+    y = torch.cat([logit_probs.double(), torch.zeros(len(done_idx), dtype=torch.float64)])
     for f in forced:
-        w[f] = 1.0
-    influence = compute_influence(normalize_matrix(a), w)[:n_feat]
-    influence[forced] = float("inf")
-    influence[done] = -1.0
-    return [i for i in torch.argsort(influence, descending=True).tolist() if not bool(done[i])]
+        if int(row_of[f]) >= 0:
+            y[int(row_of[f])] = 1.0
+    influence = torch.zeros(n_sources, dtype=torch.float64)
+    has_row = row_of >= 0
+    for _ in range(n_rows + 1):
+        contribution = y @ rows  # (n_sources,)
+        influence += contribution
+        y = torch.zeros(n_rows, dtype=torch.float64)
+        y[row_of[has_row]] = contribution[has_row]
+        if not bool(y.any()):
+            break
+    ranked = influence[:n_feat].clone()
+    ranked[forced] = float("inf")
+    ranked[done] = -1.0
+    return [i for i in torch.argsort(ranked, descending=True).tolist() if not bool(done[i])]
 
 
 def _token_strings(tokenizer: Any, token_ids: list[int]) -> list[str]:
