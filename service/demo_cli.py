@@ -39,6 +39,7 @@ class DemoContext:
     retrain: bool = False
     tiny: bool = False
     progress: bool = True
+    port: int = 50051
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,6 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     demo.add_argument(
+        "--port", type=int, default=50051, help="port of the demo gRPC server (0: a free one)"
+    )
+    demo.add_argument(
         "--retrain", action="store_true", help="train again even if a matching model exists"
     )
     demo.add_argument(
@@ -128,7 +132,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _handle(args: argparse.Namespace) -> int:
     from ingest.devices import resolve_device
+    from ingest.errors import InvalidArgumentError
 
     resolve_device(args.device)
-    run_demo(DemoContext(device=args.device, retrain=args.retrain, tiny=args.tiny))
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgumentError(f"--port must lie in 0..65535, got {args.port}")
+    run_demo(DemoContext(device=args.device, retrain=args.retrain, tiny=args.tiny, port=args.port))
     return 0

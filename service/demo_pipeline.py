@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,8 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.demo_cli import DemoContext
-
-DEMO_PORT = 50051
 
 
 def _demo_dir(ctx: DemoContext) -> Path:
@@ -196,6 +195,12 @@ def queries_stage(ctx: DemoContext) -> list[str]:
     return lines
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -216,7 +221,8 @@ def serve_stage(ctx: DemoContext) -> list[str]:
     if pid_file.is_file() and _alive(int(pid_file.read_text())):
         os.kill(int(pid_file.read_text()), signal.SIGTERM)
         time.sleep(2.0)
-    target = f"127.0.0.1:{DEMO_PORT}"
+    port = ctx.port or _free_port()
+    target = f"127.0.0.1:{port}"
     with log_file.open("ab") as log:
         proc = subprocess.Popen(
             [
@@ -225,7 +231,7 @@ def serve_stage(ctx: DemoContext) -> list[str]:
                 "service",
                 "serve",
                 "--port",
-                str(DEMO_PORT),
+                str(port),
                 "--tokens-file",
                 str(token_file),
                 "--device",
@@ -253,6 +259,9 @@ def serve_stage(ctx: DemoContext) -> list[str]:
             pass  # not up yet: keep polling until the deadline
         time.sleep(1.0)
     ctx.results["store"].close()
+    ctx.results["server_pid"] = proc.pid
+    ctx.results["target"] = target
+    ctx.results["token_file"] = token_file
     return [
         f"gRPC server pid {proc.pid} on {target}: {status} (log: {log_file})",
         "try it:",

@@ -1,0 +1,64 @@
+"""``circuitscope demo --tiny`` end to end: every stage, the printed client command
+against the server it leaves running, and a second run that reuses everything."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ingest.store.embedded import stop
+from service.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_demo_runs_every_stage_and_leaves_a_working_server(capsys):
+    from ingest.paths import home
+
+    pids: list[int] = []
+    try:
+        assert main(["demo", "--tiny", "--port", "0"]) == 0
+        out = capsys.readouterr().out
+        for i, stage in enumerate(["zoo-model", "transcoders", "ingest", "queries", "serve"], 1):
+            assert f"[{i}/5] {stage}" in out
+        assert "graphs written:        4" in out
+        assert "4 greater-than graphs stored" in out
+        assert ": SERVING" in out
+        pids.append(int(re.search(r"gRPC server pid (\d+)", out).group(1)))
+
+        # The printed client command works against the running server.
+        command = next(line for line in out.splitlines() if "circuitscope query" in line)
+        argv = command.split()[1:]
+        assert main(argv) == 0
+        listing = capsys.readouterr().out
+        assert listing.count("The war lasted") == 4
+
+        # A second run reuses the model, the transcoders and the stored graphs.
+        assert main(["demo", "--tiny", "--port", "0"]) == 0
+        again = capsys.readouterr().out
+        pids.append(int(re.search(r"gRPC server pid (\d+)", again).group(1)))
+        assert "reused" in again and "already in the store:  4" in again
+        assert "graphs written:        0" in again
+    finally:
+        for pid in pids:
+            _kill(pid)
+        stop(Path(home()) / "db")
