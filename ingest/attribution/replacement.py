@@ -18,6 +18,7 @@ the model's logits exactly on the prompt (up to float rounding).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,15 +58,29 @@ class ReplacementState:
         return int(self.input_ids.shape[1])
 
 
+# Pairs already checked: hashing a large model's weights for every prompt is wasted work.
+_CHECKED: weakref.WeakKeyDictionary[TranscoderSet, weakref.ReferenceType[ModelAdapter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def check_compatible(adapter: ModelAdapter, transcoders: TranscoderSet) -> None:
-    """Raise InvalidArgumentError when ``transcoders`` cannot replace ``adapter``'s MLPs."""
+    """Raise InvalidArgumentError when ``transcoders`` cannot replace ``adapter``'s MLPs.
+
+    The weight fingerprint is compared once per (set, adapter) pair of live objects;
+    weights changed in place afterwards are not re-hashed.
+    """
     if transcoders.kind == "sae":
         raise InvalidArgumentError(
             f"transcoder set {transcoders.metadata.set_id!r} is an SAE on MLP outputs; "
             "attribution needs transcoders (MLP input -> MLP output) or a cross-layer "
             "transcoder"
         )
+    seen = _CHECKED.get(transcoders)
+    if seen is not None and seen() is adapter:
+        return
     transcoders.check_fits(adapter)
+    _CHECKED[transcoders] = weakref.ref(adapter)
 
 
 @torch.no_grad()
