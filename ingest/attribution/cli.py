@@ -3,7 +3,8 @@
     circuitscope attribute --model DIR --transcoders DIR "prompt"
         [--out ARTIFACT_DIR] [--json PATH] [--full-json] [--device D] [--dtype float32|float64]
         [--batch-size N] [--max-feature-nodes N] [--max-n-logits N] [--desired-logit-prob P]
-        [--logit-diff CORRECT COUNTERFACTUAL] [--node-threshold X] [--edge-threshold Y]
+        [--logit-diff CORRECT COUNTERFACTUAL | --feature-target LAYER INDEX POS]
+        [--node-threshold X] [--edge-threshold Y]
 
 Computes the full graph (DESIGN 5.2) with a progress bar, prunes it (5.3), prints a
 summary, and writes the compact artifact (``--out``, the full graph) and the
@@ -47,6 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="explain logit(CORRECT) - logit(COUNTERFACTUAL) instead (tokens or ids)",
     )
+    p.add_argument(
+        "--feature-target",
+        nargs=3,
+        type=int,
+        metavar=("LAYER", "INDEX", "POS"),
+        default=None,
+        help="explain one transcoder feature's pre-activation instead",
+    )
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning (default 0.8)")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning (default 0.98)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,7 +92,7 @@ def _attribute(args: argparse.Namespace) -> int:
     from ingest.attribution.artifact import save_artifact
     from ingest.attribution.attribute import attribute
     from ingest.attribution.export import export_circuit_tracer_json
-    from ingest.attribution.targets import LogitDiffTarget, LogitTargets, Target
+    from ingest.attribution.targets import FeatureTarget, LogitDiffTarget, LogitTargets, Target
     from ingest.models import load_model
     from ingest.transcoders.formats import load_any
 
@@ -91,6 +100,10 @@ def _attribute(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device, dtype=dtype)
     transcoders = load_any(args.transcoders)
     target: Target = LogitTargets(args.max_n_logits, args.desired_logit_prob)
+    if args.logit_diff is not None and args.feature_target is not None:
+        raise InvalidArgumentError("give at most one of --logit-diff and --feature-target")
+    if args.feature_target is not None:
+        target = FeatureTarget(*args.feature_target)
     if args.logit_diff is not None:
         correct, counter = (_token_id(loaded.tokenizer, t) for t in args.logit_diff)
         target = LogitDiffTarget(correct, counter)

@@ -57,6 +57,11 @@ def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
     assert run(saved, "--out", str(out)) == 2
     assert run(saved, "--out", str(out), "--overwrite", "--logit-diff", "w3", "w4") == 0
     assert load_artifact(out).layout.n_logits == 1
+    assert run(saved, "--out", str(out), "--overwrite", "--feature-target", "1", "3", "4") == 0
+    feature = load_artifact(out)
+    assert feature.layout.n_logits == 0 and feature.node_weights is not None
+    weighted = feature.nodes[int(feature.node_weights.argmax())]
+    assert weighted.node_id == "1_3_4"
 
 
 @pytest.mark.parametrize(
@@ -68,6 +73,8 @@ def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
         (PROMPT, ["--logit-diff", "w3", "999"], "outside the vocabulary"),
         (PROMPT, ["--transcoders-other"], "fingerprint"),
         (PROMPT, ["--dtype", "float64", "--device", "cuda:7"], "cuda"),
+        (PROMPT, ["--feature-target", "1", "999", "4"], "feature indices"),
+        (PROMPT, ["--feature-target", "1", "3", "9"], "outside the prompt"),
     ],
 )
 def test_bad_input_fails_cleanly(saved, tmp_path, capsys, prompt, extra, message) -> None:
