@@ -150,3 +150,19 @@ def top_tokens(scores: Tensor, tokenizer: object, k: int = 10) -> list[list[str]
     top = torch.topk(scores, min(k, scores.shape[-1]), dim=-1).indices
     decode = getattr(tokenizer, "decode", None)
     return [[decode([t]) if decode else str(t) for t in row] for row in top.tolist()]
+
+
+def feature_token_summaries(
+    adapter: ModelAdapter,
+    transcoders: TranscoderSet,
+    tokenizer: object,
+    layer: int,
+    indices: Tensor,
+    k: int = 10,
+) -> list[tuple[list[str], list[str]]]:
+    """Per feature of ``layer``: (tokens its encoder reads most strongly from the
+    embedding, tokens its decoder promotes most through the unembedding), the
+    ``de_embedding_tokens`` and ``output_tokens`` of :class:`ingest.graph.FeatureRecord`."""
+    reads = top_tokens(de_embeddings(adapter, transcoders, layer, indices), tokenizer, k)
+    writes = top_tokens(output_logits(adapter, transcoders, layer, indices), tokenizer, k)
+    return list(zip(reads, writes, strict=True))

@@ -8,6 +8,7 @@ from ingest.attribution.replacement import build_replacement
 from ingest.attribution.virtual_weights import (
     de_embeddings,
     feature_connections,
+    feature_token_summaries,
     head_connections,
     output_logits,
     read_vectors,
@@ -99,5 +100,8 @@ def test_output_logits_and_top_tokens() -> None:
             assert edge == pytest.approx(expected, abs=1e-10)
     names = top_tokens(effects, m.word_tokenizer(), k=3)
     assert len(names) == len(feats) and all(len(row) == 3 for row in names)
+    summaries = feature_token_summaries(adp, tcs, m.word_tokenizer(), last, idx, k=4)
+    assert len(summaries) == len(feats)
+    assert summaries[0][1] == top_tokens(effects[:1], m.word_tokenizer(), k=4)[0]
     with pytest.raises(InvalidArgumentError, match="between"):
         head_connections(adp, tcs, 1, idx, 1, 1, idx)
