@@ -106,8 +106,8 @@ class AttributionResult:
 
         Pruned (default): the nodes and edges kept by :meth:`prune`. Full: every node
         and every non-zero edge. Nodes carry their influence on the logits (computed on
-        the full graph); the metadata carries the thresholds and the scores of the
-        returned graph.
+        the full graph); the metadata carries the thresholds and the replacement and
+        completeness scores of the full graph.
         """
         adjacency = self.adjacency.double()
         result = self.prune(node_threshold, edge_threshold)
@@ -127,7 +127,9 @@ class AttributionResult:
         nodes = [
             dataclasses.replace(self.nodes[i], influence=float(influence[i])) for i in kept.tolist()
         ]
-        scores = graph_scores(adjacency * edge_mask, self.layout, self.weights())
+        # Scores of the full graph, as circuit-tracer reports them: pruning drops the
+        # low-influence error nodes, so a pruned graph's own scores would read near 1.
+        scores = graph_scores(adjacency, self.layout, self.weights())
         metadata = dataclasses.replace(
             self.metadata,
             node_threshold=node_threshold if pruned else None,
