@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning (default 0.8)")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning (default 0.98)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 suits small models)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_attribute)
 
@@ -96,6 +99,10 @@ def _attribute(args: argparse.Namespace) -> int:
     from ingest.models import load_model
     from ingest.transcoders.formats import load_any
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidArgumentError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     loaded = load_model(args.model, device=args.device, dtype=dtype)
     transcoders = load_any(args.transcoders)

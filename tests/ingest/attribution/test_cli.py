@@ -38,7 +38,8 @@ def run(saved, *extra: str, prompt: str = PROMPT) -> int:
 
 def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
     out, js = tmp_path / "artifact", tmp_path / "graph.json"
-    assert run(saved, "--out", str(out), "--json", str(js), "--batch-size", "8") == 0
+    assert run(saved, "--out", str(out), "--json", str(js), "--batch-size", "8",
+               "--threads", "1") == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "pruned:" in printed and "backward passes" in printed
     result = load_artifact(out)
@@ -75,6 +76,7 @@ def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
         (PROMPT, ["--dtype", "float64", "--device", "cuda:7"], "cuda"),
         (PROMPT, ["--feature-target", "1", "999", "4"], "feature indices"),
         (PROMPT, ["--feature-target", "1", "3", "9"], "outside the prompt"),
+        (PROMPT, ["--threads", "0"], "threads"),
     ],
 )
 def test_bad_input_fails_cleanly(saved, tmp_path, capsys, prompt, extra, message) -> None:
