@@ -5,15 +5,14 @@ Tests are tiered by markers: ``unit`` (fast, no external process), ``integration
 or runs long computations). Every test carries one of them.
 """
 
-import os
-
 import pytest
 import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Keep the suite deterministic and polite on a 2-core machine.
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One torch thread: the tests' tensors are tiny, and on a 2-core machine shared with
+    # the graph server's JVM a second spinning thread makes small ops far slower.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
