@@ -9,7 +9,8 @@ what makes resumed training bit-identical (the buffer re-collects a refill by in
   tokenizer has one) into one stream cut into windows of ``context_len`` tokens; the last
   ``eval_fraction`` of windows are the eval split (text files, JSONL, HF datasets).
 - :class:`PromptSource`: one prompt per window, right-padded, with a mask of real tokens
-  (zoo tasks: each prompt as the model was trained on it, at position 0).
+  (zoo tasks: each prompt followed by its first answer, as the model was trained on it,
+  at position 0).
 
 :func:`resolve_source` turns a CLI spec into a source: ``zoo`` (the model directory's
 task), ``text:PATH``, ``jsonl:PATH[:FIELD]``, ``hf:NAME[:CONFIG]`` or a path ending in
@@ -212,13 +213,22 @@ def hf_dataset_source(
 
 
 def zoo_source(model_dir: Path, tokenizer: Any) -> PromptSource:
-    """The training prompts (train split) and held-out prompts (eval) of a zoo model's task."""
+    """The training prompts (train split) and held-out prompts (eval) of a zoo model's task,
+    each followed by its first answer."""
     from ingest.zoo.checkpoint import read_manifest, task_for_spec
 
     task = task_for_spec(read_manifest(model_dir).spec)
 
+    def text(example: Any) -> str:
+        # The first answer is appended so that next-token metrics include the prediction
+        # the model was trained for (zoo models are trained on the answer only).
+        text = task.eval_text(example)
+        if text == example.prompt and example.answers:
+            text = f"{text} {example.answers[0]}"
+        return text
+
     def encode(split: Literal["train", "heldout"]) -> list[list[int]]:
-        texts = [task.eval_text(e) for e in task.examples(split)]
+        texts = [text(e) for e in task.examples(split)]
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -89,3 +89,21 @@ def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path):
     assert all(r["l0"] <= r["sparsity"] for r in rows)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| kind |" in (out / "pareto.md").read_text()
+
+
+def test_zoo_source_windows_end_with_the_answer(tiny_zoo_dir):
+    from transformers import AutoTokenizer
+
+    from ingest.transcoders.sources import zoo_source
+    from ingest.zoo.checkpoint import read_manifest, task_for_spec
+
+    tok = AutoTokenizer.from_pretrained(tiny_zoo_dir)
+    task = task_for_spec(read_manifest(tiny_zoo_dir).spec)
+    source = zoo_source(tiny_zoo_dir, tok)
+    windows = source.get("eval", 0, 4)
+    for row, mask, example in zip(
+        windows.ids, windows.mask, task.examples("heldout"), strict=False
+    ):
+        last = int(mask.sum()) - 1
+        assert int(row[last]) == tok.get_vocab()[example.answers[0]]
+    assert source.n_windows("train") == len(task.examples("train"))
