@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ def _train_config(ctx: DemoContext) -> Any:
             eval_every=60, checkpoint_every=60,
         )  # fmt: skip
     return TrainConfig(
-        width=512, sparsity=16, steps=1500, batch_size=256, buffer_rows=16384,
+        width=128, sparsity=16, steps=1500, batch_size=256, buffer_rows=16384,
         eval_every=500, checkpoint_every=500,
     )  # fmt: skip
 
@@ -70,7 +71,12 @@ def transcoders_stage(ctx: DemoContext) -> list[str]:
     stamp = {"config": asdict(cfg), "model": loaded.adapter.fingerprint()}
     stamp_file = out / "demo.json"
     source = resolve_source("zoo", model_dir, loaded.tokenizer)
-    reused = stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
+    reused = (
+        not ctx.retrain and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
+    )
+    if not reused and out.exists():
+        # The demo's own directory, left by another configuration or model: start over.
+        shutil.rmtree(out)
     if reused:
         tset = load_any(out, device=loaded.adapter.device)
         report = json.loads((out / "eval.json").read_text())
@@ -154,10 +160,11 @@ def queries_stage(ctx: DemoContext) -> list[str]:
 
     store = ctx.results["store"]
     page = store.list_graphs(task="greater_than", model_id=ctx.results["model_id"], limit=100)
-    graphs = page.items
+    # This run's transcoder set only: the store keeps graphs of earlier sets too.
+    graphs = [g for g in page.items if g.metadata.set_id == ctx.results["set_id"]]
     if not graphs:
         return ["no graphs stored"]
-    lines = [f"{len(graphs)} greater-than graphs stored; the first three:"]
+    lines = [f"{len(graphs)} greater-than graphs stored for this set; the first three:"]
     for g in graphs[:3]:
         m = g.metadata
         lines.append(
@@ -185,13 +192,11 @@ def queries_stage(ctx: DemoContext) -> list[str]:
     shared = store.query(
         "MATCH (n:GNode)<-[:ATTR]-() WHERE n.kind = 'feature' AND n.graph_id IN $ids "
         "WITH n.layer AS layer, n.feature AS feature, collect(DISTINCT n.graph_id) AS gs "
-        "WHERE size(gs) = $count RETURN layer, feature ORDER BY layer, feature LIMIT 5",
-        {"ids": [g.graph_id for g in graphs], "count": len(graphs)},
+        "RETURN layer, feature, size(gs) AS graphs ORDER BY graphs DESC, layer, feature LIMIT 5",
+        {"ids": [g.graph_id for g in graphs]},
     )
-    lines.append(
-        f"features in the circuit of every stored prompt: "
-        f"{[(r['layer'], r['feature']) for r in shared] or 'none'}"
-    )
+    lines.append(f"features in the most circuits (layer, index: graphs of {len(graphs)}):")
+    lines += [f"  {r['layer']}, {r['feature']}: {r['graphs']}" for r in shared]
     return lines
 
 

@@ -41,7 +41,7 @@ def test_demo_runs_every_stage_and_leaves_a_working_server(capsys):
         for i, stage in enumerate(["zoo-model", "transcoders", "ingest", "queries", "serve"], 1):
             assert f"[{i}/5] {stage}" in out
         assert "graphs written:        4" in out
-        assert "4 greater-than graphs stored" in out
+        assert "4 greater-than graphs stored for this set" in out
         assert ": SERVING" in out
         pids.append(int(re.search(r"gRPC server pid (\d+)", out).group(1)))
 
