@@ -184,8 +184,17 @@ class Task(ABC):
     @abstractmethod
     def tiny_shape(self) -> ModelShape: ...
 
-    @abstractmethod
-    def tiny_training(self) -> TrainingConfig: ...
+    def tiny_training(self) -> TrainingConfig:
+        """A seconds-long schedule for tests of code that needs a trained checkpoint."""
+        return TrainingConfig(
+            steps=40,
+            batch_size=32,
+            lr=5e-3,
+            weight_decay=0.0,
+            warmup_steps=5,
+            eval_every=40,
+            eval_examples=128,
+        )
 
     @abstractmethod
     def quality_bars(self) -> tuple[QualityBar, ...]:

@@ -97,16 +97,5 @@ class ModularAddition(Task):
     def tiny_shape(self) -> ModelShape:
         return ModelShape(d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_ctx=8)
 
-    def tiny_training(self) -> TrainingConfig:
-        return TrainingConfig(
-            steps=40,
-            batch_size=32,
-            lr=5e-3,
-            weight_decay=0.0,
-            warmup_steps=5,
-            eval_every=40,
-            eval_examples=128,
-        )
-
     def quality_bars(self) -> tuple[QualityBar, ...]:
         return (QualityBar("accuracy", 0.99),)
