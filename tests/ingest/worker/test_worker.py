@@ -183,7 +183,9 @@ def test_store_outage_is_waited_out(worker_model, prompt_file, tmp_path):
             while not _complete_ids(store) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert _complete_ids(store), "no graph was written before the outage"
-        stop(data_dir)
+        # The worker holds connections open, which the server may wait out before it
+        # stops: kill it after 10 s as a crashed server would be.
+        stop(data_dir, timeout_s=10.0)
         time.sleep(3.0)
         restarted = start(data_dir, heap="512m")
         assert restarted.uri == config.uri
