@@ -21,3 +21,15 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     home = tmp_path_factory.getbasetemp() / "circuitscope-home"
     home.mkdir(exist_ok=True)
     monkeypatch.setenv("CIRCUITSCOPE_HOME", str(home))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_default_embedded_server(tmp_path_factory: pytest.TempPathFactory):
+    """Commands run without NEO4J_URI start the embedded server in the test home;
+    stop it when the session ends so no graph server outlives the tests."""
+    yield
+    from ingest.store.embedded import status, stop
+
+    data_dir = tmp_path_factory.getbasetemp() / "circuitscope-home" / "db"
+    if data_dir.is_dir() and status(data_dir).running:
+        stop(data_dir, timeout_s=15.0)
