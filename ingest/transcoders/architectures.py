@@ -76,11 +76,14 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class Activation(nn.Module):
     """Base of the architectures: ``forward(pre) -> acts`` and ``penalty``."""
 
+    #: Whether ``penalty`` reads the decoder-row norms (others get None, saving a pass).
+    uses_decoder_norms = False
+
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def penalty(
-        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor
+        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor | None
     ) -> torch.Tensor:
         """pre, acts: (N, d_transcoder); dec_norms: (d_transcoder,) -> scalar."""
         raise NotImplementedError
@@ -88,6 +91,8 @@ class Activation(nn.Module):
 
 class ReLUActivation(Activation):
     """``z = relu(pre)`` with a decoder-norm-weighted L1 penalty."""
+
+    uses_decoder_norms = True
 
     def __init__(self, cfg: TranscoderConfig) -> None:
         super().__init__()
@@ -98,9 +103,10 @@ class ReLUActivation(Activation):
         return torch.relu(pre)
 
     def penalty(
-        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor
+        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor | None
     ) -> torch.Tensor:
         """pre, acts: (N, d_transcoder); dec_norms: (d_transcoder,) -> scalar."""
+        assert dec_norms is not None
         weighted = (acts * dec_norms).sum(-1).mean()
         return self.l1_coefficient * weighted / self.d_out**0.5
 
@@ -117,7 +123,7 @@ class TopKActivation(Activation):
         return torch.zeros_like(pre).scatter(-1, indices, values)
 
     def penalty(
-        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor
+        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor | None
     ) -> torch.Tensor:
         return pre.new_zeros(())
 
@@ -143,7 +149,7 @@ class JumpReLUActivation(Activation):
         return _JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
 
     def penalty(
-        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor
+        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor | None
     ) -> torch.Tensor:
         l0 = _StepFunction.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
         return self.l0_coefficient * l0

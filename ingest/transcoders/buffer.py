@@ -47,6 +47,14 @@ def check_finite(tensor: torch.Tensor, layer: int, site: str, where: str) -> Non
         )
 
 
+TOKENS_PER_FORWARD = 2048
+
+
+def _windows_per_forward(requested: int, width: int) -> int:
+    """``requested`` windows per model forward, or (0) about 2048 tokens' worth."""
+    return requested if requested > 0 else max(1, TOKENS_PER_FORWARD // width)
+
+
 class ActivationBuffer:
     """Shuffled (input, target) rows for the covered layers, bounded by ``capacity_rows``."""
 
@@ -60,7 +68,7 @@ class ActivationBuffer:
         batch_size: int,
         seed: int,
         input_site: str = "mlp_in",
-        model_batch_size: int = 32,
+        model_batch_size: int = 0,
         split: Split = "train",
         device: torch.device | str = "cpu",
     ) -> None:
@@ -82,7 +90,7 @@ class ActivationBuffer:
         self.batch_size = batch_size
         self.seed = seed
         self.input_site = input_site
-        self.model_batch_size = max(1, model_batch_size)
+        self.model_batch_size = _windows_per_forward(model_batch_size, source.width)
         self.split: Split = split
         self.device = torch.device(device)
         self.windows_per_refill = capacity_rows // source.width
@@ -169,10 +177,11 @@ def collect(
     n_windows: int,
     input_site: str = "mlp_in",
     split: Split = "eval",
-    model_batch_size: int = 32,
+    model_batch_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed activation set: (x, y) each (n_layers, N, d_model) on the adapter's device."""
     windows = source.get(split, 0, min(n_windows, source.n_windows(split)))
+    model_batch_size = _windows_per_forward(model_batch_size, source.width)
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     for lo in range(0, windows.ids.shape[0], model_batch_size):

@@ -143,9 +143,9 @@ class CrossLayerTranscoder(nn.Module):
         for t in range(self.n_layers):
             y_hat = self.decode_layer(t, acts, xs[t])
             mse = mse + normalized_mse(y_hat, ys[t])
-            sparsity = sparsity + self._activation(t).penalty(
-                pres[t], acts[t], self.decoder_norms(t)
-            )
+            activation = self._activation(t)
+            norms = self.decoder_norms(t) if activation.uses_decoder_norms else None
+            sparsity = sparsity + activation.penalty(pres[t], acts[t], norms)
             if dead is not None and self.cfg.aux_k_coefficient > 0 and bool(dead[t].any()):
                 k = self.cfg.aux_k or max(1, self.cfg.d_in // 2)
                 residual = ys[t] - y_hat.detach()

@@ -66,7 +66,7 @@ class TrainConfig:
     lr: float = 2e-3
     warmup_steps: int = 50
     buffer_rows: int = 16384
-    model_batch_size: int = 32
+    model_batch_size: int = 0  # windows per model forward; 0: about 2048 tokens
     seed: int = 0
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -86,6 +86,8 @@ class TrainConfig:
                 raise InvalidArgumentError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise InvalidArgumentError("lr must be > 0 and warmup_steps >= 0")
+        if self.model_batch_size < 0:
+            raise InvalidArgumentError("model_batch_size must be >= 0 (0 picks it)")
         if self.resample_every < 0:
             raise InvalidArgumentError("resample_every must be >= 0 (0 disables resampling)")
         if self.eval_every <= 0 or self.checkpoint_every <= 0:

@@ -118,7 +118,8 @@ class Transcoder(nn.Module):
         acts = self.activation(pre)
         y_hat = self.decode(acts, x)
         mse = normalized_mse(y_hat, y)
-        sparsity = self.activation.penalty(pre, acts, self.decoder_norms())
+        norms = self.decoder_norms() if self.activation.uses_decoder_norms else None
+        sparsity = self.activation.penalty(pre, acts, norms)
         aux = pre.new_zeros(())
         if dead is not None and self.cfg.aux_k_coefficient > 0 and bool(dead.any()):
             aux = self.cfg.aux_k_coefficient * aux_k_loss(
