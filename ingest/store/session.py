@@ -78,6 +78,13 @@ class BoltConnection:
             ) from exc
         except neo4j_errors.CypherSyntaxError as exc:
             raise InvalidArgumentError(f"could not {what}: {exc.message}") from exc
+        except neo4j_errors.DatabaseError as exc:
+            # A server-side failure, e.g. the server shutting down under a transaction.
+            # Writes are idempotent (a rerun repairs a half-written graph): retry.
+            raise UnavailableError(
+                f"graph store {self.config.redacted()} failed while trying to {what} "
+                f"({exc.message}); it may be stopping or overloaded: retry"
+            ) from exc
         except neo4j_errors.ClientError as exc:
             if "not expected in state: AUTHENTICATION" in (exc.message or ""):
                 # A server still starting (ArcadeDB's Bolt listener opens before its
