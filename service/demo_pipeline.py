@@ -143,13 +143,12 @@ def ingest_stage(ctx: DemoContext) -> list[str]:
     )
     store = open_store()
     ctx.results["store"] = store
-    store.upsert_model(computer.model_record())
-    store.upsert_transcoder_set(computer.set_record())
-    store.upsert_features(feature_records(ctx.results["transcoders_dir"], computer.set_id))
     options = IngestOptions(
         artifacts_dir=_demo_dir(ctx) / "artifacts", settings=settings, progress=ctx.progress
     )
-    summary = IngestWorker(store, computer, options).run(prompts)
+    worker = IngestWorker(store, computer, options)
+    worker.register(feature_records(ctx.results["transcoders_dir"], computer.set_id))
+    summary = worker.run(prompts)
     ctx.results["set_id"] = computer.set_id
     ctx.results["model_id"] = computer.model_id
     return [f"prompts: {prompts}", *summary.lines()]

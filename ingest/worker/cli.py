@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     from ingest.store import open_store
     from ingest.worker.compute import AttributionComputer, feature_records
     from ingest.worker.keys import GraphSettings
-    from ingest.worker.retry import with_retry
     from ingest.worker.worker import IngestOptions, IngestWorker
 
     for name in ("node_threshold", "edge_threshold"):
@@ -84,26 +83,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.transcoders, settings, device=args.device, batch_size=args.batch_size
     )
     with open_store() as store:
-        with_retry(
-            lambda: store.upsert_model(computer.model_record()),
-            what="registering the model",
-            max_wait_s=options.max_retry_s,
-            on_retry=say,
-        )
-        with_retry(
-            lambda: store.upsert_transcoder_set(computer.set_record()),
-            what="registering the transcoder set",
-            max_wait_s=options.max_retry_s,
-            on_retry=say,
-        )
-        catalog = feature_records(args.transcoders, computer.set_id)
-        if catalog:
-            with_retry(
-                lambda: store.upsert_features(catalog),
-                what="writing the feature catalog",
-                max_wait_s=options.max_retry_s,
-                on_retry=say,
-            )
-        summary = IngestWorker(store, computer, options, on_message=say).run(args.prompts)
+        worker = IngestWorker(store, computer, options, on_message=say)
+        worker.register(feature_records(args.transcoders, computer.set_id))
+        summary = worker.run(args.prompts)
     print("\n".join(summary.lines()))
     return 0

@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -40,6 +40,7 @@ from ingest.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from ingest.graph import FeatureRecord, ModelRecord, TranscoderSetRecord
 from ingest.store.base import GraphStore
 from ingest.worker.claims import ClaimBook
 from ingest.worker.keys import GraphSettings, graph_key
@@ -60,6 +61,10 @@ class GraphComputer(Protocol):
     set_id: str
 
     def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult: ...
+
+    def model_record(self) -> ModelRecord: ...
+
+    def set_record(self) -> TranscoderSetRecord: ...
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,18 @@ class IngestWorker:
         return with_retry(
             call, what=what, max_wait_s=self.options.max_retry_s, on_retry=self.on_message
         )
+
+    def register(self, catalog: Sequence[FeatureRecord] = ()) -> None:
+        """Write the model, the transcoder set and its feature catalog to the store."""
+        self._retry(
+            lambda: self.store.upsert_model(self.computer.model_record()), "registering the model"
+        )
+        self._retry(
+            lambda: self.store.upsert_transcoder_set(self.computer.set_record()),
+            "registering the transcoder set",
+        )
+        if catalog:
+            self._retry(lambda: self.store.upsert_features(catalog), "writing the feature catalog")
 
     def _is_done(self, graph_id: str) -> bool:
         def check() -> bool:
