@@ -86,6 +86,13 @@ class BoltConnection:
                 f"({exc.message}); it may be stopping or overloaded: retry"
             ) from exc
         except neo4j_errors.ClientError as exc:
+            if exc.code == "Neo.ClientError.Statement.EntityNotFound":
+                # ArcadeDB reads are not isolated from a concurrent delete: a graph being
+                # rewritten or deleted under this query lost records it was reading.
+                raise FailedPreconditionError(
+                    f"could not {what}: the data changed under the query (a graph rewritten "
+                    "or deleted meanwhile); retry"
+                ) from exc
             if "not expected in state: AUTHENTICATION" in (exc.message or ""):
                 # A server still starting (ArcadeDB's Bolt listener opens before its
                 # security does) answers a fresh connection this way: retry later.
