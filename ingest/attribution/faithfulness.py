@@ -1,35 +1,57 @@
 """Circuit faithfulness of attribution graphs: the MIB protocol (DESIGN 5.5).
 
-Mueller et al. 2025 ("MIB: A Mechanistic Interpretability Benchmark"). For a prompt, its
-counterfactual (same length, different answer) and a task metric ``m`` (logit
-difference correct minus counterfactual token by default):
+Mueller et al. 2025 ("MIB: A Mechanistic Interpretability Benchmark", circuit
+localization track). For a prompt, its counterfactual (same length, different answer)
+and a task metric ``m`` (logit difference correct minus counterfactual token; probability
+difference for greater-than, Hanna et al. 2023):
 
-- a circuit ``C`` keeps the top ``k`` fraction of the graph's edges, ranked by a scoring
-  method; ``f(C) = (m(C) - m(empty)) / (m(N) - m(empty))``; over ``k`` = 0.1 ... 100 %,
-  CPR = area under ``f(k)`` (higher is better), CMD = area under ``|1 - f(k)|``
-  (0 is best), by the trapezoid rule over ``k`` in [0, 1].
+- a circuit ``C_k`` keeps the top ``floor(k * E)`` of the graph's ``E`` edges ranked by a
+  scoring method (MIB's ``int(pct * n_edges)``), for k = 0.1, 0.2, 0.5, 1, 2, 5, 10, 20,
+  50, 100 %; ``f(C) = (m(C) - m(empty)) / (m(N) - m(empty))``, not clipped;
+- CPR = area under ``f(k)``, CMD = area under ``|1 - f(k)|``, both by the trapezoid rule
+  with ``k`` itself (the fraction, linear, from 0.001 to 1) on the x-axis and no
+  normalization (:func:`area_scores`). This is MIB's ``evaluate_area_under_curve`` with
+  its default ``log_scale=False`` (``MIB_circuit_track/evaluation.py``; ``run_evaluation.py``
+  never sets it). The interval ``[0.2, 1]`` holds 80 % of the x-range, so a curve that is
+  1 from k = 20 % on already scores CPR >= 0.8: random circuits score about 0.25 / 0.75
+  (CPR / CMD) and the best reported (EAP-IG, IOI on GPT-2) CMD 0.03, CPR 1.8 (CPR is
+  unbounded above: circuits can overshoot the full model). MIB takes CPR from circuits
+  ranked by the signed score and CMD from circuits ranked by its absolute value
+  (``print_results.py``: ``abs-False`` for CPR, ``abs-True`` for CMD): here
+  ``eap_signed`` and ``eap``. ``log_k=True`` integrates over ``ln k`` normalized to
+  ``[0, 1]`` instead, which weighs every decade of circuit sizes alike; it is not MIB's
+  headline number and is reported beside it (``cpr_log_k``, ``cmd_log_k``).
 
 Two ways to evaluate ``m(C)`` (``patching``):
 
 - ``edge`` (default, MIB's edge patching): in the prompt's linearized replacement model
   every edge outside ``C`` carries its source's counterfactual contribution and every
-  edge in ``C`` its clean one, features re-activating in layer order
-  (:mod:`ingest.attribution.edge_patching`). ``m(N)`` is the clean metric and ``m(empty)``
-  the linearized counterfactual one, so ``f`` is exactly 1 with all edges and 0 with none.
-- ``node``: the circuit's nodes are the endpoints of its edges; the replacement model runs
-  on the prompt with every other graph node (features, errors, embeddings) patched to its
-  counterfactual value and the rest recomputed, attention free; ``m(N)``/``m(empty)`` are
-  the model on the prompt and on the counterfactual. Lenient: a kept node's value reaches
-  every later node through the residual stream and attention, not only its kept edges.
+  edge in ``C`` its clean one, features re-activating in layer order; the target node's
+  edges carry whole vectors into the final residual, so ``m`` is any metric of the
+  logits (:mod:`ingest.attribution.edge_patching`). ``m(N)`` is the clean metric and
+  ``m(empty)`` the linearized counterfactual one, so ``f`` is exactly 1 with all edges
+  and 0 with none.
+- ``node``: MIB's node patching on the graph's nodes: the circuit's nodes are the
+  endpoints of its edges and stay clean (features recomputed from their inputs); every
+  other graph node (features, errors, token embeddings) takes its counterfactual value;
+  attention free. ``m(N)``/``m(empty)`` are the model on the prompt and on the
+  counterfactual. A kept token embedding reaches every later position through attention
+  whatever edges are kept, and only nodes the counterfactual changes matter, so this is
+  lenient when the prompts differ in one token.
 
 Edge scoring methods over the same nodes and edges (:data:`EDGE_SCORERS`):
 
 - ``attribution``: the pruning score ``A_hat[t, s] (influence_t + w_t)`` (DESIGN 5.3);
-- ``random``: uniformly random scores (the baseline MIB reports at CPR ~0.25);
+- ``weight``: ``|A[t, s]|`` alone, blind to the counterfactual and to influence;
+- ``random``: uniformly random scores (MIB's baseline);
 - ``eap``: edge attribution patching (Syed et al. 2023) in the graph's nodes:
-  ``|g_t * dA[t, s]|``, where ``dA`` is the edge computed with the source's
+  ``|g_t . dA[t, s]|``, where ``dA`` is the edge computed with the source's
   counterfactual-minus-clean vector through the prompt's frozen Jacobian, and ``g_t`` the
-  gradient of the metric with respect to target ``t`` (1 for the metric node itself).
+  gradient of the metric with respect to target ``t`` (a feature's activation, attention
+  free; for the target node the gradient with respect to the final residual, ``dA``
+  being the vector the source adds there);
+- ``eap_signed``: ``-g_t . dA[t, s]``, the first-order change of ``m(C) - m(empty)``
+  when the edge is kept (MIB's ranking for CPR).
 """
 
 from __future__ import annotations
@@ -43,7 +65,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ingest.attribution.edge_patching import LinearizedPatching, counterfactual_edge_deltas
+from ingest.attribution.edge_patching import LinearizedPatching, Metric
 from ingest.attribution.interventions import ReplacementRunner, ablation_inputs
 from ingest.attribution.pruning import compute_influence, normalize_matrix
 from ingest.attribution.replacement import ReplacementState, build_replacement, skip_fn
@@ -56,7 +78,8 @@ from ingest.transcoders.transcoder_set import TranscoderSet
 logger = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-Metric = Callable[[Tensor], Tensor]  # logits (1, T, V) -> scalar
+EDGE_SCORERS: tuple[str, ...] = ("attribution", "weight", "random", "eap", "eap_signed")
+PATCHING: tuple[str, ...] = ("edge", "node")
 
 
 def logit_diff_metric(correct: int, counterfactual: int) -> Metric:
@@ -67,9 +90,42 @@ def logit_diff_metric(correct: int, counterfactual: int) -> Metric:
 def prob_diff_metric(correct: Sequence[int], wrong: Sequence[int]) -> Metric:
     """Summed probability of ``correct`` minus that of ``wrong`` (greater-than)."""
     c, w = list(correct), list(wrong)
-    return lambda logits: (
-        torch.softmax(logits[0, -1], -1)[c].sum() - torch.softmax(logits[0, -1], -1)[w].sum()
-    )
+
+    def metric(logits: Tensor) -> Tensor:
+        probs = torch.softmax(logits[0, -1], -1)
+        return probs[c].sum() - probs[w].sum()
+
+    return metric
+
+
+def kept_edge_count(n_edges: int, fraction: float) -> int:
+    """MIB's circuit size: ``int(fraction * n_edges)`` (0 when the fraction is too small)."""
+    # The epsilon keeps 0.29 * 100 at 29 where binary floating point gives 28.999...
+    return min(n_edges, int(fraction * n_edges + 1e-9))
+
+
+def area_scores(
+    fractions: Sequence[float], values: Sequence[float], *, log_k: bool = False
+) -> tuple[float, float]:
+    """(CPR, CMD): trapezoid areas under f(k) and |1 - f(k)| (see the module docstring).
+
+    ``log_k=False`` (MIB): x = k as given. ``log_k=True``: x = ln k scaled so that the
+    given range of k spans 1.
+    """
+    if len(fractions) != len(values) or len(fractions) < 2:
+        raise InvalidArgumentError("give at least two (fraction, value) pairs of equal count")
+    if log_k and fractions[0] <= 0:
+        raise InvalidArgumentError("log_k needs fractions above 0")
+    xs = [math.log(k) for k in fractions] if log_k else list(fractions)
+    span = (xs[-1] - xs[0]) if log_k else 1.0
+    cpr = cmd = 0.0
+    for i in range(1, len(xs)):
+        dx = xs[i] - xs[i - 1]
+        if dx <= 0:
+            raise InvalidArgumentError("fractions must increase")
+        cpr += dx * (values[i] + values[i - 1]) / 2
+        cmd += dx * (abs(1 - values[i]) + abs(1 - values[i - 1])) / 2
+    return cpr / span, cmd / span
 
 
 @dataclass
@@ -84,23 +140,121 @@ class FaithfulnessCurve:
     m_empty: float
     cpr: float = field(init=False)
     cmd: float = field(init=False)
+    cpr_log_k: float = field(init=False)
+    cmd_log_k: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.cpr, self.cmd = area_scores(self.fractions, self.faithfulness)
+        self.cpr_log_k, self.cmd_log_k = area_scores(self.fractions, self.faithfulness, log_k=True)
 
 
-def area_scores(fractions: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
-    """(CPR, CMD): trapezoid areas under f(k) and |1 - f(k)| over the k in [0, 1] given."""
-    if len(fractions) != len(values) or len(fractions) < 2:
-        raise InvalidArgumentError("give at least two (fraction, value) pairs of equal count")
-    cpr = cmd = 0.0
-    for i in range(1, len(fractions)):
-        dk = fractions[i] - fractions[i - 1]
-        if dk <= 0:
-            raise InvalidArgumentError("fractions must increase")
-        cpr += dk * (values[i] + values[i - 1]) / 2
-        cmd += dk * (abs(1 - values[i]) + abs(1 - values[i - 1])) / 2
-    return cpr, cmd
+# ------------------------------------------------------------------ the protocol
+
+
+@dataclass
+class FaithfulnessSetup:
+    """One graph, prompt, counterfactual and metric, ready to evaluate circuits."""
+
+    adapter: ModelAdapter
+    transcoders: TranscoderSet
+    result: AttributionResult
+    metric: Metric
+    patching: str
+    clean: ReplacementState
+    counterfactual: ReplacementState
+    linear: LinearizedPatching
+    m_full: float
+    m_empty: float
+
+    @classmethod
+    def build(
+        cls,
+        adapter: ModelAdapter,
+        transcoders: TranscoderSet,
+        result: AttributionResult,
+        input_ids: Tensor,
+        counterfactual_ids: Tensor,
+        metric: Metric,
+        patching: str = "edge",
+    ) -> FaithfulnessSetup:
+        """``patching="edge"`` needs a graph computed for a ``LogitDiffTarget``."""
+        if patching not in PATCHING:
+            raise InvalidArgumentError(f"unknown patching {patching!r}: use one of {PATCHING}")
+        clean = build_replacement(adapter, transcoders, input_ids)
+        cf = build_replacement(adapter, transcoders, counterfactual_ids)
+        linear = LinearizedPatching.build(adapter, transcoders, result, clean, cf)
+        if patching == "edge":
+            all_edges = result.adjacency != 0
+            m_full = linear.metric(all_edges, metric)
+            m_empty = linear.metric(torch.zeros_like(all_edges), metric)
+        else:
+            with torch.no_grad():
+                m_full = float(metric(adapter(input_ids)))
+                m_empty = float(metric(adapter(counterfactual_ids)))
+        if math.isclose(m_full, m_empty, rel_tol=1e-9, abs_tol=1e-12):
+            raise InvalidArgumentError(
+                "the metric is the same on the prompt and its counterfactual: faithfulness "
+                "is undefined; choose a counterfactual that changes the answer"
+            )
+        return cls(adapter, transcoders, result, metric, patching, clean, cf, linear,
+                   m_full, m_empty)  # fmt: skip
+
+    def circuit_metric(self, kept: Tensor) -> float:
+        """m(C) for the circuit of the graph edges ``kept`` (K, 2): (target, source)."""
+        if self.patching == "edge":
+            keep = torch.zeros(self.result.adjacency.shape, dtype=torch.bool)
+            keep[kept[:, 0], kept[:, 1]] = True
+            return self.linear.metric(keep, self.metric)
+        keep_nodes = torch.zeros(self.result.layout.n, dtype=torch.bool)
+        keep_nodes[kept[:, 0]] = True
+        keep_nodes[kept[:, 1]] = True
+        runner = ReplacementRunner(self.adapter, self.transcoders, self.clean)
+        return circuit_metric(runner, self.result, keep_nodes, self.counterfactual, self.metric)
+
+    def faithfulness(self, m: float) -> float:
+        return (m - self.m_empty) / (self.m_full - self.m_empty)
+
+
+def circuit_metric(
+    runner: ReplacementRunner,
+    result: AttributionResult,
+    keep_nodes: Tensor,
+    counterfactual: ReplacementState,
+    metric: Metric,
+) -> float:
+    """Node patching: graph nodes outside ``keep_nodes`` (n,) bool patched, attention free."""
+    outside = [
+        node
+        for i, node in enumerate(result.nodes)
+        if node.kind is not NodeKind.LOGIT and not bool(keep_nodes[i])
+    ]
+    over, errors, resid0 = ablation_inputs(runner.state, outside, "patch", counterfactual)
+    out = runner.run(overrides=over, errors=errors, resid0=resid0, freeze_attention=False)
+    return float(metric(out.logits))
+
+
+def faithfulness_curve(
+    setup: FaithfulnessSetup,
+    scores: Tensor,
+    *,
+    method: str = "attribution",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> FaithfulnessCurve:
+    """f(k) of the circuits made of the top-k fraction of graph edges by ``scores`` (n, n).
+
+    Edges rank by descending score (ties in the graph's edge order); only the graph's
+    non-zero edges count.
+    """
+    result = setup.result
+    edges = torch.nonzero(result.adjacency != 0)  # (E, 2) target, source
+    order = torch.argsort(scores[edges[:, 0], edges[:, 1]], descending=True, stable=True)
+    values, counts = [], []
+    for k in fractions:
+        n_keep = kept_edge_count(len(order), k)
+        m_c = setup.circuit_metric(edges[order[:n_keep]])
+        values.append(setup.faithfulness(m_c))
+        counts.append(n_keep)
+    return FaithfulnessCurve(method, list(fractions), values, counts, setup.m_full, setup.m_empty)
 
 
 # ------------------------------------------------------------------ edge scores (n, n)
@@ -114,30 +268,42 @@ def attribution_scores(result: AttributionResult) -> Tensor:
     return norm * (compute_influence(norm, w) + w)[:, None]
 
 
+def weight_scores(result: AttributionResult) -> Tensor:
+    """``|A|``: the edge's own size, (n, n)."""
+    return result.adjacency.double().abs()
+
+
 def random_scores(result: AttributionResult, seed: int = 0) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(result.adjacency.shape, generator=gen, dtype=torch.float64)
     return scores * (result.adjacency != 0)
 
 
-def eap_scores(
-    adapter: ModelAdapter,
-    transcoders: TranscoderSet,
-    result: AttributionResult,
-    clean: ReplacementState,
-    counterfactual: ReplacementState,
-    metric: Metric,
-    batch_size: int = 64,
-) -> Tensor:
-    """Edge attribution patching over the graph's nodes (see the module docstring)."""
+def eap_scores(setup: FaithfulnessSetup, *, signed: bool = False) -> Tensor:
+    """Edge attribution patching over the graph's nodes (see the module docstring): (n, n)."""
+    result, linear = setup.result, setup.linear
     lay = result.layout
-    delta = counterfactual_edge_deltas(adapter, transcoders, result, clean, counterfactual,
-                                       batch_size)  # fmt: skip
-    gradients = torch.ones(lay.n, dtype=torch.float64)
+    gradients = torch.zeros(lay.n, dtype=torch.float64)
     feats = result.nodes[lay.features]
-    gradients[: lay.n_features] = _feature_gradients(adapter, transcoders, clean, metric, feats)
-    scores = (delta * gradients[:, None]).abs()
+    gradients[: lay.n_features] = _feature_gradients(
+        setup.adapter, setup.transcoders, setup.clean, setup.metric, feats
+    )
+    effect = linear.delta * gradients[:, None]  # feature rows
+    effect[lay.logits.start] = _output_gradient(linear, setup.metric) @ linear.out_delta
+    scores = -effect if signed else effect.abs()
     return scores * (result.adjacency != 0)
+
+
+def _output_gradient(linear: LinearizedPatching, metric: Metric) -> Tensor:
+    """d metric / d final residual at the last position, at the clean logits: (d,)."""
+    resid = linear.out_clean.sum(dim=1) + linear.out_bias
+    resid = resid.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = resid @ linear.W_U
+        if linear.b_U is not None:
+            logits = logits + linear.b_U
+        (grad,) = torch.autograd.grad(metric(logits[None, None]), [resid])
+    return grad
 
 
 def _feature_gradients(
@@ -177,95 +343,25 @@ def _feature_gradients(
     by_layer = {lyr: g for lyr, g in zip(layers, grads, strict=True)}
     out = torch.zeros(len(feats), dtype=torch.float64)
     for i, node in enumerate(feats):
-        g = by_layer.get(int(node.layer))
+        g = by_layer.get(int(node.layer or 0))
         if g is not None:
             out[i] = float(g[node.pos, node.feature])
     return out
 
 
-# ------------------------------------------------------------------ the protocol
-
-
-def circuit_metric(
-    runner: ReplacementRunner,
-    result: AttributionResult,
-    keep_nodes: Tensor,
-    counterfactual: ReplacementState,
-    metric: Metric,
-) -> float:
-    """m(C): graph nodes outside ``keep_nodes`` (n,) bool patched, attention free."""
-    outside = [
-        node
-        for i, node in enumerate(result.nodes)
-        if node.kind is not NodeKind.LOGIT and not bool(keep_nodes[i])
-    ]
-    over, errors, resid0 = ablation_inputs(runner.state, outside, "patch", counterfactual)
-    out = runner.run(overrides=over, errors=errors, resid0=resid0, freeze_attention=False)
-    return float(metric(out.logits))
-
-
-def faithfulness_curve(
-    adapter: ModelAdapter,
-    transcoders: TranscoderSet,
-    result: AttributionResult,
-    input_ids: Tensor,
-    counterfactual_ids: Tensor,
-    metric: Metric,
-    scores: Tensor,
-    *,
-    method: str = "attribution",
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    patching: str = "edge",
-) -> FaithfulnessCurve:
-    """f(k) of the circuits made of the top-k fraction of edges by ``scores`` (n, n).
-
-    ``patching="edge"``: edge-level patching in the linearized replacement model
-    (:mod:`ingest.attribution.edge_patching`; needs a logit-difference graph, and
-    ``metric`` must be that logit difference). ``"node"``: graph nodes outside the
-    circuit take their counterfactual values in the replacement model, attention free.
-    """
-    if patching not in PATCHING:
-        raise InvalidArgumentError(f"unknown patching {patching!r}: use one of {PATCHING}")
-    clean = build_replacement(adapter, transcoders, input_ids)
-    cf = build_replacement(adapter, transcoders, counterfactual_ids)
-    runner = ReplacementRunner(adapter, transcoders, clean)
-    linear = None
-    if patching == "edge":
-        linear = LinearizedPatching.build(adapter, transcoders, result, clean, cf)
-        all_edges = result.adjacency != 0
-        m_full = linear.metric(all_edges)
-        m_empty = linear.metric(torch.zeros_like(all_edges))
-    else:
-        with torch.no_grad():
-            m_full = float(metric(adapter(input_ids)))
-            m_empty = float(metric(adapter(counterfactual_ids)))
-    if math.isclose(m_full, m_empty, abs_tol=1e-12):
-        raise InvalidArgumentError(
-            "the metric is the same on the prompt and its counterfactual: faithfulness is "
-            "undefined; choose a counterfactual that changes the answer"
-        )
-    edges = torch.nonzero(result.adjacency != 0)  # (E, 2) target, source
-    order = torch.argsort(scores[edges[:, 0], edges[:, 1]], descending=True, stable=True)
-    values, counts = [], []
-    for k in fractions:
-        n_keep = min(len(order), max(1, math.ceil(k * len(order))))
-        kept = edges[order[:n_keep]]
-        if linear is not None:
-            keep_edges = torch.zeros(result.adjacency.shape, dtype=torch.bool)
-            keep_edges[kept[:, 0], kept[:, 1]] = True
-            m_c = linear.metric(keep_edges)
-        else:
-            keep_nodes = torch.zeros(result.layout.n, dtype=torch.bool)
-            keep_nodes[kept[:, 0]] = True
-            keep_nodes[kept[:, 1]] = True
-            m_c = circuit_metric(runner, result, keep_nodes, cf, metric)
-        values.append((m_c - m_empty) / (m_full - m_empty))
-        counts.append(n_keep)
-    return FaithfulnessCurve(method, list(fractions), values, counts, m_full, m_empty)
-
-
-EDGE_SCORERS: tuple[str, ...] = ("attribution", "random", "eap")
-PATCHING: tuple[str, ...] = ("edge", "node")
+def method_scores(setup: FaithfulnessSetup, method: str, seed: int = 0) -> Tensor:
+    """The (n, n) edge scores of one of :data:`EDGE_SCORERS`."""
+    if method == "attribution":
+        return attribution_scores(setup.result)
+    if method == "weight":
+        return weight_scores(setup.result)
+    if method == "random":
+        return random_scores(setup.result, seed)
+    if method == "eap":
+        return eap_scores(setup)
+    if method == "eap_signed":
+        return eap_scores(setup, signed=True)
+    raise InvalidArgumentError(f"unknown method {method!r}: use one of {EDGE_SCORERS}")
 
 
 def compare_methods(
@@ -281,33 +377,18 @@ def compare_methods(
     seed: int = 0,
     patching: str = "edge",
 ) -> list[FaithfulnessCurve]:
-    """One f(k) curve per edge-scoring method over the same graph."""
-    curves = []
+    """One f(k) curve per edge-scoring method over the same graph and patching."""
     for method in methods:
-        if method == "attribution":
-            scores = attribution_scores(result)
-        elif method == "random":
-            scores = random_scores(result, seed)
-        elif method == "eap":
-            clean = build_replacement(adapter, transcoders, input_ids)
-            cf = build_replacement(adapter, transcoders, counterfactual_ids)
-            scores = eap_scores(adapter, transcoders, result, clean, cf, metric)
-        else:
+        if method not in EDGE_SCORERS:
             raise InvalidArgumentError(f"unknown method {method!r}: use one of {EDGE_SCORERS}")
-        curves.append(
-            faithfulness_curve(
-                adapter,
-                transcoders,
-                result,
-                input_ids,
-                counterfactual_ids,
-                metric,
-                scores,
-                method=method,
-                fractions=fractions,
-            )
+    setup = FaithfulnessSetup.build(adapter, transcoders, result, input_ids,
+                                    counterfactual_ids, metric, patching)  # fmt: skip
+    return [
+        faithfulness_curve(
+            setup, method_scores(setup, method, seed), method=method, fractions=fractions
         )
-    return curves
+        for method in methods
+    ]
 
 
 def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path, title: str = "") -> Path:
@@ -327,7 +408,7 @@ def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path, title: st
         ax.set_xlabel("edges kept (%)")
         ax.set_ylabel("faithfulness f(k)")
         ax.set_title(title or "circuit faithfulness")
-        ax.legend()
+        ax.legend(fontsize=7)
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=100, bbox_inches="tight")
