@@ -22,6 +22,8 @@ from service.models import ModelSpec
 TOKENS_ENV = "CIRCUITSCOPE_TOKENS"
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# About 40 bytes per edge in memory (service/graph_index.py): ~120 MB when full.
+DEFAULT_GRAPH_CACHE_EDGES = 3_000_000
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
 
@@ -89,7 +91,11 @@ class ServerConfig:
     ``model_workers`` the size of the pool model (torch) work runs in;
     ``models`` the models AnalysisService and JobService compute on;
     ``artifacts_dir`` where ingest jobs keep graph artifacts (None:
-    ``ingest.paths.home()/artifacts``).
+    ``ingest.paths.home()/artifacts``);
+    ``graph_cache_edges`` the budget of the in-memory graph cache, in edges plus nodes
+    of the cached graphs (0 disables it; ``service/graph_cache.py``);
+    ``graph_cache_revalidate_s`` how stale a cached graph may be: its revision is
+    re-checked against the store at least this often (0: on every call).
     """
 
     host: str = "127.0.0.1"
@@ -105,6 +111,8 @@ class ServerConfig:
     grace_s: float = 5.0
     models: tuple[ModelSpec, ...] = ()
     artifacts_dir: Path | None = None
+    graph_cache_edges: int = DEFAULT_GRAPH_CACHE_EDGES
+    graph_cache_revalidate_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -121,6 +129,16 @@ class ServerConfig:
                 raise InvalidArgumentError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.workers < 1 or self.model_workers < 1:
             raise InvalidArgumentError("workers and model_workers must be >= 1")
+        if self.graph_cache_edges < 0:
+            raise InvalidArgumentError(
+                f"graph_cache_edges must be >= 0 (0 disables the cache), got "
+                f"{self.graph_cache_edges}"
+            )
+        if self.graph_cache_revalidate_s < 0:
+            raise InvalidArgumentError(
+                "graph_cache_revalidate_s must be >= 0 (0 checks on every call), got "
+                f"{self.graph_cache_revalidate_s}"
+            )
 
     @property
     def address(self) -> str:

@@ -10,7 +10,9 @@ first, as ``circuitscope ingest`` does. Artifacts go under ``artifacts_dir``; gr
 are the worker's content hashes, so resubmitting a prompt does not recompute it.
 
 Jobs live in memory (at most ``max_jobs``; the oldest finished ones are forgotten
-first). Every read returns a snapshot; a version number counts changes for watchers.
+first). ``on_graph_written`` hears the id of every graph a job stores (the server's
+graph cache forgets it). Every read returns a snapshot; a version number counts
+changes for watchers.
 """
 
 from __future__ import annotations
@@ -81,8 +83,10 @@ class JobManager:
         artifacts_dir: Path,
         *,
         max_jobs: int = 1000,
+        on_graph_written: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_graph_written = on_graph_written
         self._registry = registry
         self._executor = executor
         self._artifacts_dir = artifacts_dir
@@ -205,6 +209,9 @@ class JobManager:
             path.write_text(json.dumps(record) + "\n", encoding="utf-8")
             summary = worker.run(path)
             path.unlink(missing_ok=True)
+            if self._on_graph_written is not None:
+                for graph_id in summary.computed:
+                    self._on_graph_written(graph_id)
 
             def progress(j: Job, s: Any = summary, n: int = i) -> None:
                 j.processed = n

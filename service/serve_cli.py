@@ -61,6 +61,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         type=Path,
         help="where ingest jobs keep graph artifacts (default $CIRCUITSCOPE_HOME/artifacts)",
     )
+    parser.add_argument(
+        "--graph-cache-edges",
+        type=int,
+        default=3_000_000,
+        help="memory budget of the graph cache, in edges plus nodes (0 disables it)",
+    )
+    parser.add_argument(
+        "--graph-cache-revalidate",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="a cached graph is re-checked against the store at least this often; "
+        "changes by other processes show within this bound (0: check on every call)",
+    )
     parser.add_argument("--store-uri", help="Bolt URI of the graph store (default: NEO4J_URI)")
     parser.add_argument(
         "--store-data-dir", type=Path, help="data directory of the embedded graph server"
@@ -100,6 +114,8 @@ def build_server_config(args: argparse.Namespace, environ: dict[str, str]) -> Se
         workers=args.workers,
         models=tuple(ModelSpec.parse(m, args.device) for m in args.model),
         artifacts_dir=args.artifacts_dir or home() / "artifacts",
+        graph_cache_edges=args.graph_cache_edges,
+        graph_cache_revalidate_s=args.graph_cache_revalidate,
     )
 
 

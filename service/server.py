@@ -7,7 +7,9 @@
   errors become status codes) then :class:`BearerTokenInterceptor` (when tokens are
   configured; health and reflection are exempt);
 - servicers: circuits.v1 GraphService and FeatureService, each with the store and a
-  :class:`BlockingRunner` over a thread pool (store I/O never blocks the loop), and
+  :class:`BlockingRunner` over a thread pool (store I/O never blocks the loop);
+  GraphService also with the :class:`GraphCache` of complete graphs (its own
+  threads, its background re-check task started with the server); and
   AnalysisService and JobService (ingest jobs) with the served models and a
   separate model (torch) pool;
 - the standard health service, whose status follows the store's reachability
@@ -51,6 +53,7 @@ from service._generated.circuits.v1 import (
 from service.auth import BearerTokenInterceptor
 from service.config import ServerConfig
 from service.errors import ErrorMappingInterceptor
+from service.graph_cache import GraphCache
 from service.health import StoreHealthMonitor
 from service.jobs import JobManager
 from service.models import ModelRegistry
@@ -94,6 +97,7 @@ class RunningServer:
     jobs: JobManager
     executors: tuple[ThreadPoolExecutor, ...]
     grace_s: float
+    graph_cache: GraphCache | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish;
@@ -103,6 +107,9 @@ class RunningServer:
         if cancelled:
             logger.info("cancelled %d unfinished ingest job(s)", cancelled)
         await self.server.stop(self.grace_s if grace_s is None else grace_s)
+        if self.graph_cache is not None:
+            await self.graph_cache.close()
+            logger.info("graph cache at shutdown: %s", self.graph_cache.stats())
         for executor in self.executors:
             executor.shutdown(wait=False, cancel_futures=True)
 
@@ -129,12 +136,25 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     model_pool = ThreadPoolExecutor(config.model_workers, thread_name_prefix="model")
     runner = BlockingRunner(store_pool, config.default_timeout_s)
     model_runner = BlockingRunner(model_pool, config.default_timeout_s)
+    # The cache loads and re-checks in threads of its own, so a full store pool (slow
+    # listings) never delays the calls it answers from memory.
+    cache_pool = ThreadPoolExecutor(2, thread_name_prefix="graph-cache")
+    graph_cache = (
+        GraphCache(
+            store,
+            cache_pool,
+            max_cost=config.graph_cache_edges,
+            revalidate_s=config.graph_cache_revalidate_s,
+        )
+        if config.graph_cache_edges
+        else None
+    )
 
     server = aio.server(
         interceptors=interceptors, options=channel_options(config.max_message_bytes)
     )
     graph_service_pb2_grpc.add_GraphServiceServicer_to_server(
-        GraphServicer(store, runner, model_runner), server
+        GraphServicer(store, runner, model_runner, graph_cache), server
     )
     feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(
         FeatureServicer(store, runner), server
@@ -144,7 +164,13 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         AnalysisServicer(registry, model_runner), server
     )
     artifacts_dir = config.artifacts_dir or home() / "artifacts"
-    jobs = JobManager(store, registry, model_pool, artifacts_dir)
+    jobs = JobManager(
+        store,
+        registry,
+        model_pool,
+        artifacts_dir,
+        on_graph_written=graph_cache.invalidate if graph_cache is not None else None,
+    )
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -156,7 +182,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     try:
         port = _add_port(server, config)
     except RuntimeError as exc:
-        for pool in (store_pool, model_pool):
+        for pool in (store_pool, model_pool, cache_pool):
             pool.shutdown(wait=False)
         raise UnavailableError(
             f"cannot listen on {config.address}: {exc}; choose another port"
@@ -170,6 +196,8 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     await monitor.check_once()
     await server.start()
     monitor.start()
+    if graph_cache is not None:
+        graph_cache.start()
     logger.info(
         "serving circuits.v1 on port %d (%s, auth %s)",
         port,
@@ -182,8 +210,9 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         health_servicer,
         monitor,
         jobs,
-        (store_pool, model_pool),
+        (store_pool, model_pool, cache_pool),
         config.grace_s,
+        graph_cache,
     )
 
 

@@ -21,7 +21,7 @@ Guarantees every implementation keeps:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -64,6 +64,16 @@ class GraphSummary:
     @property
     def graph_id(self) -> str:
         return self.metadata.graph_id
+
+
+@dataclass(frozen=True)
+class GraphRevision:
+    """The revision of a complete graph: ``write_id`` changes whenever the graph is
+    rewritten or deleted, so a copy tagged with it is current while it matches."""
+
+    write_id: str
+    n_nodes: int
+    n_edges: int
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,12 @@ class GraphStore(ABC):
     @abstractmethod
     def get_graph_summary(self, graph_id: str, *, timeout: float | None = None) -> GraphSummary:
         """The complete graph's metadata and size; NotFoundError otherwise."""
+
+    @abstractmethod
+    def graph_revisions(
+        self, graph_ids: Sequence[str], *, timeout: float | None = None
+    ) -> dict[str, GraphRevision]:
+        """The revision of each complete graph among ``graph_ids`` (absent ones left out)."""
 
     @abstractmethod
     def list_graphs(

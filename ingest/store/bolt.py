@@ -36,6 +36,7 @@ from ingest.store.base import (
     BatchCallback,
     Direction,
     FeatureOccurrence,
+    GraphRevision,
     GraphStore,
     GraphSummary,
     Page,
@@ -201,6 +202,22 @@ class BoltGraphStore(BoltConnection, GraphStore):
             targets=np.asarray(col["t"], dtype=np.int64)[order],
             weights=np.asarray(col["w"], dtype=np.float32)[order],
         )
+
+    def graph_revisions(
+        self, graph_ids: Sequence[str], *, timeout: float | None = None
+    ) -> dict[str, GraphRevision]:
+        rows = self.read_rows(
+            cypher.GRAPH_REVISIONS,
+            {"graph_ids": list(graph_ids)},
+            timeout,
+            "read graph revisions",
+        )
+        return {
+            r["graph_id"]: GraphRevision(
+                str(r["write_id"]), int(r["n_nodes"] or 0), int(r["n_edges"] or 0)
+            )
+            for r in rows
+        }
 
     def list_graphs(
         self,

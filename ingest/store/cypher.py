@@ -125,6 +125,14 @@ GRAPH_SUMMARY: Final = (
     "MATCH (g:Graph {graph_id: $graph_id}) WHERE g.status = 'complete' RETURN properties(g) AS p"
 )
 
+# The write id of each complete graph among $graph_ids: a fresh id is set whenever a
+# graph is claimed for writing or marked for deletion, so it is the graph's revision.
+GRAPH_REVISIONS: Final = (
+    "UNWIND $graph_ids AS gid MATCH (g:Graph {graph_id: gid}) WHERE g.status = 'complete' "
+    "RETURN g.graph_id AS graph_id, g.write_id AS write_id, g.n_nodes AS n_nodes, "
+    "g.n_edges AS n_edges"
+)
+
 # The properties of a :GNode, in the order GRAPH_NODES packs them.
 NODE_COLUMNS: Final = (
     "idx",

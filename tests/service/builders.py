@@ -152,3 +152,72 @@ def layered_result(graph_id: str, **kwargs: object) -> AttributionResult:
     logit_probs = torch.tensor([n.token_prob for n in nodes if n.kind is NodeKind.LOGIT])
     n_layers = max(n.layer for n in nodes if n.kind is NodeKind.ERROR) + 1
     return AttributionResult(graph.metadata, layout, nodes, adjacency, logit_probs, n_layers)
+
+
+def random_graph(
+    graph_id: str,
+    *,
+    n_nodes: int,
+    n_edges: int,
+    seed: int,
+    acyclic: bool = True,
+    weight_levels: int | None = None,
+    self_loops: int = 0,
+    duplicate_edges: int = 0,
+    task: str = "cache",
+    model_id: str = "cache-model",
+    set_id: str = "cache-set",
+) -> AttributionGraph:
+    """A random graph of feature nodes with distinct ids of varied length (so string
+    order differs from node order) and ``n_edges`` distinct (source, target) pairs.
+
+    ``acyclic``: edges run forward in a random topological order (not the node
+    order). ``weight_levels``: weights take that many magnitudes (with both signs), so
+    top-k rankings hinge on the id tie-break; else normal weights, all distinct.
+    ``self_loops`` / ``duplicate_edges`` add that many of each (stores accept both).
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        Node(
+            feature_node_id(int(layer), int(index), 0),
+            NodeKind.FEATURE,
+            int(layer),
+            0,
+            feature=int(index),
+            activation=float(rng.uniform(0.1, 3.0)),
+        )
+        for layer, index in zip(
+            rng.integers(0, 12, n_nodes),
+            rng.choice(5000, size=n_nodes, replace=False),
+            strict=True,
+        )
+    ]
+    topo = rng.permutation(n_nodes)
+    pairs: set[tuple[int, int]] = set()
+    while len(pairs) < n_edges:
+        a, b = (int(x) for x in rng.choice(n_nodes, size=2, replace=False))
+        if acyclic:
+            a, b = sorted((a, b), key=lambda i: topo[i])
+        pairs.add((a, b))
+    edges = sorted(pairs)
+    edges += [(int(i), int(i)) for i in rng.choice(n_nodes, size=self_loops, replace=False)]
+    edges += [edges[int(i)] for i in rng.choice(n_edges, size=duplicate_edges, replace=False)]
+    order = rng.permutation(len(edges))
+    sources = np.array([edges[i][0] for i in order], dtype=np.int64)
+    targets = np.array([edges[i][1] for i in order], dtype=np.int64)
+    if weight_levels is None:
+        weights = rng.normal(0.0, 1.0, len(edges))
+    else:
+        weights = rng.integers(1, weight_levels + 1, len(edges)) * rng.choice(
+            [-0.5, 0.5], len(edges)
+        )
+    metadata = GraphMetadata(
+        graph_id=graph_id,
+        model_id=model_id,
+        set_id=set_id,
+        prompt=f"random graph {seed}",
+        tokens=["r"],
+        token_ids=[1],
+        task=task,
+    )
+    return AttributionGraph(metadata, nodes, sources, targets, weights.astype(np.float32))

@@ -1,0 +1,265 @@
+"""A bounded in-memory cache of complete graphs, so GraphService reads skip the store.
+
+Why it is correct: the store changes a graph only by rewriting or deleting it, and
+both first give its ``:Graph`` node a fresh ``write_id`` (``ingest/store/writes.py``);
+a complete graph with an unchanged ``write_id`` is byte for byte what it was. So an
+entry is a :class:`~service.graph_index.GraphIndex` tagged with the ``write_id`` it
+was read at, and it is current while the store still reports that ``write_id`` for a
+complete graph (:meth:`GraphStore.graph_revisions`, one indexed lookup).
+
+- **Loading**: the revision is read, then the graph, then the revision again; the copy
+  is kept only when both agree (a write in between retries once, then the call is
+  left to the store). Concurrent misses for one graph wait for one load
+  (single-flight). Loads run in the cache's own threads, never on the event loop.
+  Graphs that are not complete (``writing``, ``deleting``) have no revision and are
+  never cached: asking for them is NOT_FOUND, as the store answers.
+- **Bounded memory**: an LRU over graph ids whose entries' costs (edges plus nodes)
+  sum to at most ``max_cost``; a graph bigger than the whole budget is not loaded
+  (its calls go to the store). ``max_cost`` 0 disables the cache.
+- **Bounded staleness**: an entry is used only if its revision was confirmed at most
+  ``revalidate_s`` seconds before the call arrived; otherwise the call waits for a
+  fresh check. A background task re-checks every entry in one query every
+  ``revalidate_s / 2`` seconds, so calls rarely wait. So a graph rewritten or deleted
+  by another process (the ingest worker, ``circuitscope ingest``, another server) is
+  no longer served from memory at most ``revalidate_s`` seconds after the change is
+  committed. ``revalidate_s`` 0 checks the revision on every call (no staleness, one
+  small store query per call). Writes made through this process call
+  :meth:`GraphCache.invalidate`, which drops the entry at once.
+
+Anything written to a ``:GNode`` or ``:ATTR`` outside the store API (raw Cypher that
+leaves ``write_id`` alone) is invisible to the check; the store never does that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ingest.errors import FailedPreconditionError, NotFoundError
+from ingest.store.base import GraphStore
+from service.graph_index import GraphIndex
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_NEVER = float("-inf")
+
+
+@dataclass
+class CacheStats:
+    """Counters since the cache was made (monotonic; read with :meth:`GraphCache.stats`)."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    checks: int = 0
+    dropped: int = 0
+    evicted: int = 0
+    too_big: int = 0
+
+
+@dataclass
+class _Entry:
+    index: GraphIndex
+    checked_at: float
+
+
+class GraphCache:
+    """Complete graphs in memory, LRU within ``max_cost`` (see module doc).
+
+    Use from one event loop; :meth:`invalidate` may be called from any thread.
+    ``clock`` (monotonic seconds) is injectable so staleness can be tested.
+    """
+
+    def __init__(
+        self,
+        store: GraphStore,
+        executor: Executor,
+        *,
+        max_cost: int,
+        revalidate_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self.max_cost = max_cost
+        self.revalidate_s = revalidate_s
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._cost = 0
+        self._loads: dict[str, asyncio.Future[GraphIndex | None]] = {}
+        self._checks: dict[str, asyncio.Future[None]] = {}
+        # Bumped by invalidate(): a load that started before it must not install.
+        self._generation: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._stats = CacheStats()
+        self._refresher: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ public
+    @property
+    def cost(self) -> int:
+        """The summed cost (edges plus nodes) of the cached graphs."""
+        return self._cost
+
+    def __contains__(self, graph_id: str) -> bool:
+        return graph_id in self._entries
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(**vars(self._stats))
+
+    async def get(self, graph_id: str, timeout: float) -> GraphIndex | None:
+        """The current index of complete graph ``graph_id``, loaded if needed; None when
+        the cache cannot hold it (bigger than the budget, or changing under every
+        load). NotFoundError when the store has no complete graph of that id."""
+        asked_at = self._clock()
+        while True:
+            entry = self._entries.get(graph_id)
+            if entry is None:
+                self._count("misses")
+                return await self._single_flight(
+                    self._loads, graph_id, self._load(graph_id, timeout)
+                )
+            with self._lock:
+                if entry.checked_at >= asked_at - self.revalidate_s and graph_id in self._entries:
+                    self._entries.move_to_end(graph_id)
+                    self._stats.hits += 1
+                    return entry.index
+            await self._single_flight(self._checks, graph_id, self._check([graph_id], timeout))
+
+    def invalidate(self, graph_id: str) -> None:
+        """Forget ``graph_id`` now (it was written or deleted through this process)."""
+        with self._lock:
+            self._generation[graph_id] = self._generation.get(graph_id, 0) + 1
+            entry = self._entries.pop(graph_id, None)
+            if entry is not None:
+                self._cost -= entry.index.cost
+                self._stats.dropped += 1
+
+    async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """``fn(*args)`` in the cache's threads (for work too big for the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def start(self) -> None:
+        """Start re-checking every entry in the background (module doc)."""
+        if self.revalidate_s > 0 and self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+
+    # ------------------------------------------------------------------ internals
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self._stats, name, getattr(self._stats, name) + n)
+
+    @staticmethod
+    async def _single_flight(
+        flights: dict[str, asyncio.Future[T]], key: str, work: Coroutine[Any, Any, T]
+    ) -> T:
+        """Await the flight for ``key``, starting ``work`` as it when there is none."""
+        flight = flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(work)
+            flights[key] = flight
+            flight.add_done_callback(lambda _: flights.pop(key, None))
+        else:
+            work.close()
+        # A caller that gives up (deadline, cancel) must not cancel the others' flight.
+        return await asyncio.shield(flight)
+
+    async def _check(self, graph_ids: list[str], timeout: float) -> None:
+        """Confirm or drop the entries of ``graph_ids`` against the store's revisions."""
+        sent_at = self._clock()
+        revisions = await self.run(self._revisions, graph_ids, timeout)
+        self._count("checks")
+        with self._lock:
+            for graph_id in graph_ids:
+                entry = self._entries.get(graph_id)
+                if entry is None:
+                    continue
+                current = revisions.get(graph_id)
+                if current is not None and current.write_id == entry.index.write_id:
+                    entry.checked_at = max(entry.checked_at, sent_at)
+                else:
+                    del self._entries[graph_id]
+                    self._cost -= entry.index.cost
+                    self._stats.dropped += 1
+
+    def _revisions(self, graph_ids: list[str], timeout: float) -> dict[str, Any]:
+        return self._store.graph_revisions(graph_ids, timeout=timeout)
+
+    async def _load(self, graph_id: str, timeout: float) -> GraphIndex | None:
+        generation = self._generation.get(graph_id, 0)
+        loaded = await self.run(self._read, graph_id, timeout)
+        if loaded is None:
+            return None
+        index, checked_at = loaded
+        self._install(index, checked_at, generation)
+        return index
+
+    def _read(self, graph_id: str, timeout: float) -> tuple[GraphIndex, float] | None:
+        """(index, when its revision was confirmed), or None when it is not cacheable.
+        Blocking: runs in the cache's threads."""
+        deadline = time.monotonic() + timeout
+        for _attempt in range(2):
+            remaining = max(0.05, deadline - time.monotonic())
+            before = self._store.graph_revisions([graph_id], timeout=remaining).get(graph_id)
+            if before is None:
+                raise NotFoundError(
+                    f"no complete graph {graph_id!r} in the store; list graphs to find its id"
+                )
+            if before.n_edges + before.n_nodes > self.max_cost:
+                self._count("too_big")
+                return None
+            try:
+                graph = self._store.get_graph(graph_id, timeout=remaining)
+            except (FailedPreconditionError, NotFoundError):
+                continue  # rewritten or deleted under the read: look again
+            checked_at = self._clock()
+            after = self._store.graph_revisions([graph_id], timeout=remaining).get(graph_id)
+            if after is not None and after.write_id == before.write_id:
+                self._count("loads")
+                return GraphIndex(graph, before.write_id), checked_at
+        logger.info("graph %r changed during two loads; serving it from the store", graph_id)
+        return None
+
+    def _install(self, index: GraphIndex, checked_at: float, generation: int) -> None:
+        with self._lock:
+            if self._generation.get(index.graph_id, 0) != generation:
+                checked_at = _NEVER  # invalidated while loading: check before use
+            old = self._entries.pop(index.graph_id, None)
+            if old is not None:
+                self._cost -= old.index.cost
+            while self._entries and self._cost + index.cost > self.max_cost:
+                _, evicted = self._entries.popitem(last=False)
+                self._cost -= evicted.index.cost
+                self._stats.evicted += 1
+            self._entries[index.graph_id] = _Entry(index, checked_at)
+            self._cost += index.cost
+
+    async def _refresh_forever(self) -> None:
+        period = self.revalidate_s / 2
+        while True:
+            await asyncio.sleep(period)
+            graph_ids = list(self._entries)
+            if not graph_ids:
+                continue
+            try:
+                await self._check(graph_ids, max(period, 1.0))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is down: calls will check for themselves
+                logger.debug("graph cache re-check failed: %s", exc)

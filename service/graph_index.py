@@ -1,0 +1,350 @@
+"""An in-memory index of one complete graph: neighbourhoods and strongest paths.
+
+A graph whose status is ``complete`` never changes in the store (a rewrite or a
+delete gives it a new ``write_id`` first), so the service can answer GetSubgraph and
+FindPaths for it from memory (:mod:`service.graph_cache`). :class:`GraphIndex` holds
+what makes those answers fast and returns exactly what the store returns
+(``ingest/store/bolt.py``, :meth:`GraphStore.subgraph` and
+:meth:`GraphStore.strongest_paths`):
+
+- **neighbourhood** (:meth:`GraphIndex.subgraph`): breadth-first, ``depth`` hops; per
+  expanded node its ``top_k`` edges by |weight|, ties by the other end's id (``out``
+  and ``in``); for ``both``, per frontier node the top ``top_k`` by (|weight|, source
+  id, target id) of the union of every frontier node's top-k out and top-k in edges
+  that touch it (the store's rule, kept to the letter). Out- and in-edges are stored
+  per node already in rank order (CSR arrays), so a hop is a slice per node. The
+  answer's nodes are in stored order, as the store returns them; edges come hop by
+  hop (the store's edge order follows its query engine's grouping and is
+  unspecified).
+- **paths** (:meth:`GraphIndex.strongest_paths`): the ``top_k`` directed paths of at
+  most ``max_length`` edges by the product (or sum) of |weight|, accumulated from the
+  source as the store's Cypher ``reduce`` does, so scores are bit-identical. A
+  forward dynamic programme keeps the best ``top_k`` partial paths per (node, length)
+  among nodes that can still reach the target; that is exact because extending a
+  path by an edge is monotone in its score. Valid for acyclic graphs (attribution
+  graphs are); :attr:`GraphIndex.acyclic` tells the caller when to ask the store.
+
+Node ids are compared as the store's server compares strings (UTF-16 code units);
+graphs with two edges between one pair of nodes are not :attr:`GraphIndex.simple` and
+should be left to the store, whose answer for them depends on its query order.
+
+The response of GetSubgraph is assembled from bytes serialized once per node at load
+time (a node message, and each node id as an edge's source and target field), about
+3x faster than building a message per edge.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ingest.errors import NotFoundError, ResourceExhaustedError
+from ingest.graph import AttributionGraph
+from ingest.store.base import Direction, Path, PathScore
+from service import convert
+from service._generated.circuits.v1 import graph_service_pb2, types_pb2
+
+_WIRE_LEN = 2
+_WIRE_I64 = 1
+_PACK_DOUBLE = struct.Struct("<d").pack
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _tag(message: type, field: str, wire_type: int) -> bytes:
+    number = message.DESCRIPTOR.fields_by_name[field].number  # type: ignore[attr-defined]
+    return _varint(number << 3 | wire_type)
+
+
+_NODES_TAG = _tag(graph_service_pb2.GetSubgraphResponse, "nodes", _WIRE_LEN)
+_EDGES_TAG = _tag(graph_service_pb2.GetSubgraphResponse, "edges", _WIRE_LEN)
+_SOURCE_TAG = _tag(types_pb2.Edge, "source_id", _WIRE_LEN)
+_TARGET_TAG = _tag(types_pb2.Edge, "target_id", _WIRE_LEN)
+_WEIGHT_TAG = _tag(types_pb2.Edge, "weight", _WIRE_I64)
+_SMALL_VARINTS = [_varint(i) for i in range(128)]
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+def _csr(
+    keys: npt.NDArray[np.int64], order: npt.NDArray[np.int64], n_nodes: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
+    """Row pointers and edge ids of edges grouped by ``keys`` in ``order``."""
+    counts = np.bincount(keys, minlength=n_nodes)
+    pointers = np.zeros(n_nodes + 1, dtype=np.int64)
+    np.cumsum(counts, out=pointers[1:])
+    return pointers, order.astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """A subgraph answer: node positions in stored order, edge ids hop by hop."""
+
+    nodes: list[int]
+    edges: list[int]
+
+
+class GraphIndex:
+    """Adjacency of one complete graph, ranked for the store's queries (module doc).
+
+    ``write_id`` is the store revision the copy was read at. Memory is about 40 bytes
+    per edge plus a few hundred bytes per node.
+    """
+
+    def __init__(self, graph: AttributionGraph, write_id: str) -> None:
+        self.graph_id = graph.graph_id
+        self.metadata = graph.metadata
+        self.write_id = write_id
+        self.nodes = graph.nodes
+        self.node_ids = [n.node_id for n in graph.nodes]
+        self.position = {node_id: i for i, node_id in enumerate(self.node_ids)}
+        n, e = len(self.nodes), graph.n_edges
+        self.n_nodes, self.n_edges = n, e
+        self.sources = graph.sources.astype(np.int32)
+        self.targets = graph.targets.astype(np.int32)
+        self.weights = graph.weights.astype(np.float64)  # float32 values, exactly
+        magnitude = np.abs(self.weights)
+        # Rank of each node id in the server's string order (UTF-16 code units).
+        id_rank = np.empty(n, dtype=np.int64)
+        id_rank[sorted(range(n), key=lambda i: self.node_ids[i].encode("utf-16-be"))] = np.arange(n)
+        src, dst = graph.sources, graph.targets
+        out_order = np.lexsort((id_rank[dst], -magnitude, src))
+        in_order = np.lexsort((id_rank[src], -magnitude, dst))
+        self.out_ptr, self.out_edges = _csr(src, out_order, n)
+        self.in_ptr, self.in_edges = _csr(dst, in_order, n)
+        rank = np.empty(e, dtype=np.int64)
+        rank[np.lexsort((id_rank[dst], id_rank[src], -magnitude))] = np.arange(e)
+        self.both_rank = rank
+        pairs = src * max(n, 1) + dst
+        self.simple = bool(np.unique(pairs).shape[0] == e)
+        self.acyclic = _is_acyclic(src, dst, n)
+        self._node_fields = [
+            _field(_NODES_TAG, convert.node_to_proto(node).SerializeToString())
+            for node in self.nodes
+        ]
+        encoded = [node_id.encode() for node_id in self.node_ids]
+        self._source_fields = [_field(_SOURCE_TAG, b) for b in encoded]
+        self._target_fields = [_field(_TARGET_TAG, b) for b in encoded]
+
+    @property
+    def cost(self) -> int:
+        """What the copy counts against the cache's budget: edges plus nodes."""
+        return self.n_edges + self.n_nodes
+
+    def _position(self, node_id: str) -> int:
+        found = self.position.get(node_id)
+        if found is None:
+            raise NotFoundError(f"graph {self.graph_id!r} has no node {node_id!r}")
+        return found
+
+    # ------------------------------------------------------------------ neighbourhood
+    def _top(
+        self, pointers: npt.NDArray[np.int64], edges: npt.NDArray[np.int32], node: int, k: int
+    ) -> list[int]:
+        start, stop = int(pointers[node]), int(pointers[node + 1])
+        return edges[start : min(stop, start + k)].tolist()  # type: ignore[no-any-return]
+
+    def _hop(self, frontier: list[int], k: int, direction: Direction) -> list[int]:
+        """The edges the store keeps when it expands ``frontier`` (module doc)."""
+        chosen: list[int] = []
+        if direction == "out":
+            for node in frontier:
+                chosen += self._top(self.out_ptr, self.out_edges, node, k)
+            return chosen
+        if direction == "in":
+            for node in frontier:
+                chosen += self._top(self.in_ptr, self.in_edges, node, k)
+            return chosen
+        found: set[int] = set()
+        for node in frontier:
+            found.update(self._top(self.out_ptr, self.out_edges, node, k))
+            found.update(self._top(self.in_ptr, self.in_edges, node, k))
+        ids = list(found)
+        ends = zip(self.sources[ids].tolist(), self.targets[ids].tolist(), strict=True)
+        incident: dict[int, list[int]] = {node: [] for node in frontier}
+        for edge, (s, t) in zip(ids, ends, strict=True):
+            if s in incident:
+                incident[s].append(edge)
+            if t in incident and t != s:
+                incident[t].append(edge)
+        rank = self.both_rank
+        for node in frontier:
+            touching = incident[node]
+            if len(touching) > k:
+                touching = [touching[i] for i in np.argsort(rank[touching])[:k].tolist()]
+            else:
+                touching.sort(key=rank.__getitem__)
+            chosen += touching
+        return chosen
+
+    def subgraph(
+        self, node_id: str, *, depth: int, top_k: int, direction: Direction
+    ) -> Neighbourhood:
+        """The store's neighbourhood of ``node_id`` (see :meth:`GraphStore.subgraph`)."""
+        centre = self._position(node_id)
+        visited, frontier = {centre}, [centre]
+        edges: dict[int, None] = {}
+        for _hop in range(depth):
+            if not frontier:
+                break
+            chosen = self._hop(frontier, top_k, direction)
+            ends = zip(self.sources[chosen].tolist(), self.targets[chosen].tolist(), strict=True)
+            next_frontier: list[int] = []
+            for edge, (s, t) in zip(chosen, ends, strict=True):
+                edges[edge] = None
+                if s not in visited:
+                    visited.add(s)
+                    next_frontier.append(s)
+                if t not in visited:
+                    visited.add(t)
+                    next_frontier.append(t)
+            frontier = next_frontier
+        return Neighbourhood(sorted(visited), list(edges))
+
+    def subgraph_message(self, found: Neighbourhood) -> graph_service_pb2.GetSubgraphResponse:
+        """``found`` as a GetSubgraphResponse, assembled from pre-serialized fields."""
+        node_fields, sources, targets = self._node_fields, self._source_fields, self._target_fields
+        parts = [node_fields[i] for i in found.nodes]
+        ids = found.edges
+        for s, t, w in zip(
+            self.sources[ids].tolist(),
+            self.targets[ids].tolist(),
+            self.weights[ids].tolist(),
+            strict=True,
+        ):
+            edge = sources[s] + targets[t] + _WEIGHT_TAG + _PACK_DOUBLE(w)
+            size = len(edge)
+            parts.append(
+                _EDGES_TAG + (_SMALL_VARINTS[size] if size < 128 else _varint(size)) + edge
+            )
+        return graph_service_pb2.GetSubgraphResponse.FromString(b"".join(parts))
+
+    def subgraph_graph(self, found: Neighbourhood) -> AttributionGraph:
+        """``found`` as an :class:`AttributionGraph`, the store's return type."""
+        local = {node: i for i, node in enumerate(found.nodes)}
+        ids = found.edges
+        return AttributionGraph(
+            metadata=self.metadata,
+            nodes=[self.nodes[i] for i in found.nodes],
+            sources=np.array([local[s] for s in self.sources[ids].tolist()], dtype=np.int64),
+            targets=np.array([local[t] for t in self.targets[ids].tolist()], dtype=np.int64),
+            weights=self.weights[ids].astype(np.float32),
+        )
+
+    # ------------------------------------------------------------------ paths
+    def strongest_paths(
+        self,
+        source_id: str,
+        target_id: str,
+        *,
+        top_k: int,
+        max_length: int,
+        score: PathScore,
+        deadline: float | None = None,
+    ) -> list[Path]:
+        """The store's strongest paths (see :meth:`GraphStore.strongest_paths`);
+        empty when either node is unknown. Only for :attr:`acyclic` graphs.
+        ``deadline`` (``time.monotonic()``) bounds the work as the store's timeout does."""
+        source, target = self.position.get(source_id), self.position.get(target_id)
+        if source is None or target is None:
+            return []
+        reach = self._distance_to(target, max_length)
+        if source not in reach:
+            return []
+        combine: Callable[[float, float], float] = (
+            (lambda acc, w: acc * w) if score == "product" else (lambda acc, w: acc + w)
+        )
+        start = 1.0 if score == "product" else 0.0
+        magnitude = np.abs(self.weights)
+        # Partial paths from the source: (score, edge ids), the best top_k per end node.
+        layer: dict[int, list[tuple[float, tuple[int, ...]]]] = {source: [(start, ())]}
+        complete: list[tuple[float, tuple[int, ...]]] = []
+        for length in range(1, max_length + 1):
+            extended: dict[int, list[tuple[float, tuple[int, ...]]]] = {}
+            for node, partials in layer.items():
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ResourceExhaustedError(
+                        f"finding paths in graph {self.graph_id!r} ran past its time limit; "
+                        "lower max_length or top_k, or raise the deadline"
+                    )
+                lo, hi = int(self.out_ptr[node]), int(self.out_ptr[node + 1])
+                for edge in self.out_edges[lo:hi].tolist():
+                    nxt = int(self.targets[edge])
+                    if reach.get(nxt, max_length + 1) > max_length - length:
+                        continue
+                    w = float(magnitude[edge])
+                    bucket = extended.setdefault(nxt, [])
+                    bucket.extend((combine(acc, w), (*path, edge)) for acc, path in partials)
+            layer = {}
+            for node, bucket in extended.items():
+                best = heapq.nlargest(top_k, bucket, key=lambda item: item[0])
+                if node == target:
+                    complete += best
+                layer[node] = best
+            if not layer:
+                break
+        best = sorted(complete, key=lambda item: (-item[0], item[1]))[:top_k]
+        return [self._path(edges, value) for value, edges in best]
+
+    def _path(self, edges: Sequence[int], value: float) -> Path:
+        ids = list(edges)
+        node_ids = [self.node_ids[int(self.sources[ids[0]])]]
+        node_ids += [self.node_ids[t] for t in self.targets[ids].tolist()]
+        return Path(node_ids, self.weights[ids].tolist(), value)
+
+    def _distance_to(self, target: int, limit: int) -> dict[int, int]:
+        """Edges from each node to ``target``, for nodes within ``limit`` of it."""
+        distance = {target: 0}
+        frontier = [target]
+        for hops in range(1, limit + 1):
+            nxt: list[int] = []
+            for node in frontier:
+                lo, hi = int(self.in_ptr[node]), int(self.in_ptr[node + 1])
+                for s in self.sources[self.in_edges[lo:hi]].tolist():
+                    if s not in distance:
+                        distance[s] = hops
+                        nxt.append(s)
+            frontier = nxt
+        return distance
+
+
+def _is_acyclic(
+    sources: npt.NDArray[np.int64], targets: npt.NDArray[np.int64], n_nodes: int
+) -> bool:
+    """Kahn's algorithm, vectorized by layers of nodes without incoming edges."""
+    indegree = np.bincount(targets, minlength=n_nodes)
+    order = np.argsort(sources, kind="stable")
+    pointers = np.zeros(n_nodes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(sources, minlength=n_nodes), out=pointers[1:])
+    sorted_targets = targets[order]
+    ready = np.flatnonzero(indegree == 0)
+    seen = 0
+    while ready.size:
+        seen += ready.size
+        starts, stops = pointers[ready], pointers[ready + 1]
+        lengths = stops - starts
+        if not lengths.sum():
+            break
+        index = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        reached = sorted_targets[index]
+        np.subtract.at(indegree, reached, 1)
+        candidates = np.unique(reached)
+        ready = candidates[indegree[candidates] == 0]
+    return seen == n_nodes

@@ -1,0 +1,409 @@
+"""The graph cache answers exactly as the store does, and stays current.
+
+Equivalence: :class:`GraphIndex` against the store's own ``subgraph`` and
+``strongest_paths`` on the real embedded store, over many (node, depth, top_k,
+direction) combinations, including graphs whose weights tie (the id tie-break
+decides), cyclic graphs and self-loops; then the same through a real gRPC server.
+Behaviour: single-flight loads, LRU budget, revisions (rewrites and deletes by
+"another process", i.e. straight through the store), graphs being written never
+cached. Time is a clock the test moves, never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from ingest.errors import NotFoundError
+from ingest.graph import AttributionGraph
+from ingest.store.base import Direction, GraphStore, PathScore
+from service.client import CircuitsClient
+from service.config import ServerConfig
+from service.graph_cache import GraphCache
+from service.graph_index import GraphIndex
+from service.server import serve_in_background
+from tests.service import builders
+from tests.service.conftest import TOKEN
+
+pytestmark = pytest.mark.integration
+
+# graph id -> random_graph kwargs; task "cache" keeps them out of other tests' listings.
+RANDOM_GRAPHS: dict[str, dict[str, object]] = {
+    "cache-ties": {"n_nodes": 50, "n_edges": 400, "seed": 1, "weight_levels": 3},
+    "cache-cyclic": {
+        "n_nodes": 40,
+        "n_edges": 300,
+        "seed": 2,
+        "acyclic": False,
+        "self_loops": 3,
+        "weight_levels": 4,
+    },
+    "cache-dense": {"n_nodes": 60, "n_edges": 700, "seed": 3},
+    "cache-paths": {"n_nodes": 40, "n_edges": 110, "seed": 4},
+}
+DIRECTIONS: tuple[Direction, ...] = ("out", "in", "both")
+
+
+@pytest.fixture(scope="module")
+def graphs(store: GraphStore) -> Iterator[dict[str, AttributionGraph]]:
+    made = {
+        graph_id: builders.random_graph(graph_id, **kwargs)  # type: ignore[arg-type]
+        for graph_id, kwargs in RANDOM_GRAPHS.items()
+    }
+    for graph in made.values():
+        store.write_graph(graph, replace=True)
+    yield made
+    for graph_id in made:
+        store.delete_graph(graph_id)
+
+
+def _index(store: GraphStore, graph_id: str) -> GraphIndex:
+    revision = store.graph_revisions([graph_id])[graph_id]
+    return GraphIndex(store.get_graph(graph_id), revision.write_id)
+
+
+def _edges(graph: AttributionGraph) -> dict[tuple[str, str], float]:
+    found = {(s, t): w for s, t, w in graph.edge_list()}
+    assert len(found) == graph.n_edges, "an edge appears twice"
+    return found
+
+
+def _combos(graph: AttributionGraph, n: int, seed: int) -> list[tuple[str, int, int, Direction]]:
+    """(node, depth, top_k, direction): the best-connected nodes and random ones."""
+    rng = random.Random(seed)
+    degree = np.bincount(np.concatenate([graph.sources, graph.targets]), minlength=graph.n_nodes)
+    hubs = [graph.nodes[i].node_id for i in np.argsort(-degree)[:3].tolist()]
+    ids = [n.node_id for n in graph.nodes]
+    return [
+        (
+            rng.choice(hubs + ids),
+            rng.choice((1, 2, 3)),
+            rng.choice((1, 2, 3, 5, 50)),
+            rng.choice(DIRECTIONS),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("graph_id", [*RANDOM_GRAPHS, "g-alpha", "g-beta"])
+def test_neighbourhoods_equal_the_stores(
+    store: GraphStore, graphs: dict[str, AttributionGraph], graph_id: str
+) -> None:
+    index = _index(store, graph_id)
+    assert index.simple
+    whole = store.get_graph(graph_id)
+    for node_id, depth, top_k, direction in _combos(whole, 40, seed=len(graph_id)):
+        expected = store.subgraph(graph_id, node_id, depth=depth, top_k=top_k, direction=direction)
+        found = index.subgraph_graph(
+            index.subgraph(node_id, depth=depth, top_k=top_k, direction=direction)
+        )
+        case = f"{graph_id} {node_id} depth {depth} top_k {top_k} {direction}"
+        assert found.nodes == expected.nodes, case
+        assert _edges(found) == _edges(expected), case
+        assert found.metadata == expected.metadata
+
+
+def test_ties_are_broken_by_node_id(store: GraphStore, graphs: dict[str, AttributionGraph]) -> None:
+    """On the tied graph, top-1 picks the smallest other-end id among equal |weight|s."""
+    index = _index(store, "cache-ties")
+    graph = graphs["cache-ties"]
+    node = graph.nodes[int(np.bincount(graph.sources).argmax())].node_id
+    out = [(t, w) for t, w in graph.out_edges(node)]
+    strongest = max(abs(w) for _, w in out)
+    want = min(graph.nodes[t].node_id for t, w in out if abs(w) == strongest)
+    assert sum(abs(w) == strongest for _, w in out) > 1, "the test graph must tie here"
+    found = index.subgraph_graph(index.subgraph(node, depth=1, top_k=1, direction="out"))
+    assert list(_edges(found)) == [(node, want)]
+
+
+def _path_tuples(paths: list) -> list[tuple[list[str], list[float], float]]:  # type: ignore[type-arg]
+    return [(p.node_ids, p.weights, p.score) for p in paths]
+
+
+def test_strongest_paths_equal_the_stores(
+    store: GraphStore, graphs: dict[str, AttributionGraph]
+) -> None:
+    index = _index(store, "cache-paths")
+    assert index.acyclic
+    graph = graphs["cache-paths"]
+    has_out = sorted({graph.nodes[s].node_id for s in graph.sources.tolist()})
+    has_in = sorted({graph.nodes[t].node_id for t in graph.targets.tolist()})
+    rng = random.Random(5)
+    nonempty = 0
+    for _ in range(30):
+        source, target = rng.choice(has_out), rng.choice(has_in)
+        top_k, max_length = rng.choice((1, 3, 10)), rng.choice((2, 4, 6))
+        score: PathScore = rng.choice(("product", "sum"))
+        expected = store.strongest_paths(
+            "cache-paths", source, target, top_k=top_k, max_length=max_length, score=score
+        )
+        found = index.strongest_paths(
+            source, target, top_k=top_k, max_length=max_length, score=score
+        )
+        assert _path_tuples(found) == _path_tuples(expected), (source, target, top_k, score)
+        nonempty += bool(expected)
+    assert nonempty >= 5, "too few connected pairs to compare"
+
+
+def test_graphs_the_index_cannot_answer_exactly_are_flagged(store: GraphStore) -> None:
+    duplicated = builders.random_graph("x", n_nodes=10, n_edges=20, seed=6, duplicate_edges=1)
+    assert not GraphIndex(duplicated, "w").simple
+    cyclic = builders.random_graph("x", n_nodes=10, n_edges=20, seed=6, self_loops=1)
+    assert not GraphIndex(cyclic, "w").acyclic
+    assert _index(store, "cache-cyclic").acyclic is False
+
+
+def test_unknown_node_is_not_found(store: GraphStore, graphs: dict[str, AttributionGraph]) -> None:
+    index = _index(store, "cache-dense")
+    with pytest.raises(NotFoundError, match="has no node"):
+        index.subgraph("no-such-node", depth=1, top_k=3, direction="both")
+    assert index.strongest_paths("no-such-node", "x", top_k=1, max_length=2, score="sum") == []
+
+
+# ---------------------------------------------------------------------------- over gRPC
+
+
+def test_served_neighbourhoods_and_paths_equal_the_stores(
+    store: GraphStore, graphs: dict[str, AttributionGraph], client: CircuitsClient
+) -> None:
+    for graph_id in ("cache-ties", "cache-cyclic", "g-alpha"):
+        whole = store.get_graph(graph_id)
+        for node_id, depth, top_k, direction in _combos(whole, 12, seed=7):
+            served = client.get_subgraph(
+                graph_id, node_id, depth=depth, top_k=top_k, direction=direction
+            )
+            expected = store.subgraph(
+                graph_id, node_id, depth=depth, top_k=top_k, direction=direction
+            )
+            assert served.nodes == expected.nodes
+            assert _edges(served) == _edges(expected)
+    graph = graphs["cache-paths"]
+    source = graph.nodes[int(graph.sources[0])].node_id
+    for target in {graph.nodes[t].node_id for t in graph.targets[:10].tolist()}:
+        assert _path_tuples(client.find_paths("cache-paths", source, target, top_k=5)) == (
+            _path_tuples(store.strongest_paths("cache-paths", source, target, top_k=5))
+        )
+
+
+def test_graph_with_duplicate_edges_is_answered_by_the_store(
+    store: GraphStore, client: CircuitsClient
+) -> None:
+    graph = builders.random_graph("cache-dup", n_nodes=12, n_edges=30, seed=8, duplicate_edges=2)
+    store.write_graph(graph, replace=True)
+    try:
+        node = graph.nodes[int(graph.sources[0])].node_id
+        served = client.get_subgraph("cache-dup", node, depth=2, top_k=3, direction="out")
+        expected = store.subgraph("cache-dup", node, depth=2, top_k=3, direction="out")
+        assert served.nodes == expected.nodes
+        assert served.edge_list() == expected.edge_list()
+    finally:
+        store.delete_graph("cache-dup")
+
+
+def test_server_without_cache_answers_from_the_store(
+    store: GraphStore, graphs: dict[str, AttributionGraph]
+) -> None:
+    config = ServerConfig(port=0, tokens=frozenset({TOKEN}), graph_cache_edges=0)
+    with serve_in_background(config, store) as running:
+        assert running.graph_cache is None
+        with CircuitsClient(f"127.0.0.1:{running.port}", token=TOKEN) as c:
+            node = graphs["cache-dense"].nodes[0].node_id
+            served = c.get_subgraph("cache-dense", node, depth=2, top_k=4)
+    expected = store.subgraph("cache-dense", node, depth=2, top_k=4)
+    assert _edges(served) == _edges(expected)
+
+
+def test_strict_server_serves_a_rewrite_by_another_writer_at_once(store: GraphStore) -> None:
+    """With revalidation 0 a rewrite through the store (as the ingest worker would do
+    from its own process) shows on the very next call."""
+    first = builders.random_graph("cache-rewrite", n_nodes=20, n_edges=60, seed=9)
+    second = builders.random_graph("cache-rewrite", n_nodes=20, n_edges=60, seed=10)
+    node = first.nodes[0].node_id
+    store.write_graph(first, replace=True)
+    config = ServerConfig(port=0, tokens=frozenset({TOKEN}), graph_cache_revalidate_s=0)
+    try:
+        with (
+            serve_in_background(config, store) as running,
+            CircuitsClient(f"127.0.0.1:{running.port}", token=TOKEN) as c,
+        ):
+            before = c.get_subgraph("cache-rewrite", node, depth=2, top_k=5)
+            assert "cache-rewrite" in running.graph_cache  # type: ignore[operator]
+            store.write_graph(second, replace=True)
+            after = c.get_subgraph("cache-rewrite", second.nodes[0].node_id, depth=2, top_k=5)
+            expected = store.subgraph("cache-rewrite", second.nodes[0].node_id, depth=2, top_k=5)
+            assert _edges(after) == _edges(expected) != _edges(before)
+            store.delete_graph("cache-rewrite")
+            with pytest.raises(NotFoundError):
+                c.get_subgraph("cache-rewrite", node)
+            assert "cache-rewrite" not in running.graph_cache  # type: ignore[operator]
+    finally:
+        store.delete_graph("cache-rewrite")
+
+
+# ---------------------------------------------------------------------------- the cache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+def _cache(store: GraphStore, pool: ThreadPoolExecutor, **kwargs: object) -> GraphCache:
+    options: dict[str, object] = {"max_cost": 1_000_000, "revalidate_s": 5.0, **kwargs}
+    return GraphCache(store, pool, **options)  # type: ignore[arg-type]
+
+
+def test_concurrent_misses_load_once(
+    store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
+) -> None:
+    cache = _cache(store, pool)
+
+    async def main() -> list[GraphIndex | None]:
+        return await asyncio.gather(*(cache.get("cache-dense", 10.0) for _ in range(20)))
+
+    found = asyncio.run(main())
+    assert found[0] is not None and all(f is found[0] for f in found)
+    stats = cache.stats()
+    assert stats.loads == 1 and stats.misses == 20
+    assert cache.cost == graphs["cache-dense"].n_edges + graphs["cache-dense"].n_nodes
+    assert asyncio.run(cache.get("cache-dense", 10.0)) is found[0]
+    assert cache.stats().hits == 1
+
+
+def test_budget_evicts_least_recently_used(
+    store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
+) -> None:
+    dense, ties = graphs["cache-dense"], graphs["cache-ties"]
+    room = dense.n_edges + dense.n_nodes + ties.n_edges + ties.n_nodes
+    cache = _cache(store, pool, max_cost=room)
+
+    async def main() -> None:
+        await cache.get("cache-dense", 10.0)
+        await cache.get("cache-ties", 10.0)
+        await cache.get("cache-dense", 10.0)  # now the most recent
+        await cache.get("cache-cyclic", 10.0)
+
+    asyncio.run(main())
+    assert "cache-ties" not in cache and "cache-dense" in cache and "cache-cyclic" in cache
+    assert cache.cost <= room and cache.stats().evicted == 1
+
+
+def test_graph_bigger_than_the_budget_is_left_to_the_store(
+    store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
+) -> None:
+    cache = _cache(store, pool, max_cost=100)
+    assert asyncio.run(cache.get("cache-dense", 10.0)) is None
+    assert "cache-dense" not in cache and cache.stats().too_big == 1
+    with pytest.raises(NotFoundError, match="no complete graph"):
+        asyncio.run(cache.get("no-such-graph", 10.0))
+
+
+def test_rewrite_elsewhere_shows_within_the_staleness_bound(
+    store: GraphStore, pool: ThreadPoolExecutor
+) -> None:
+    first = builders.random_graph("cache-stale", n_nodes=15, n_edges=40, seed=11)
+    second = builders.random_graph("cache-stale", n_nodes=15, n_edges=41, seed=12)
+    store.write_graph(first, replace=True)
+    clock = Clock()
+    cache = _cache(store, pool, revalidate_s=5.0, clock=clock)
+    try:
+        old = asyncio.run(cache.get("cache-stale", 10.0))
+        assert old is not None and old.n_edges == 40
+        store.write_graph(second, replace=True)
+        clock.now += 4.0  # within the bound: the copy may still be served
+        assert asyncio.run(cache.get("cache-stale", 10.0)) is old
+        clock.now += 2.0  # past it: the call re-checks and reloads
+        new = asyncio.run(cache.get("cache-stale", 10.0))
+        assert new is not None and new.n_edges == 41 and new.write_id != old.write_id
+        store.delete_graph("cache-stale")
+        clock.now += 6.0
+        with pytest.raises(NotFoundError):
+            asyncio.run(cache.get("cache-stale", 10.0))
+        assert "cache-stale" not in cache and cache.stats().dropped == 2
+    finally:
+        store.delete_graph("cache-stale")
+
+
+def test_background_recheck_keeps_entries_fresh_and_drops_changed_ones(
+    store: GraphStore, pool: ThreadPoolExecutor
+) -> None:
+    graph = builders.random_graph("cache-bg", n_nodes=15, n_edges=40, seed=13)
+    store.write_graph(graph, replace=True)
+    clock = Clock()
+    cache = _cache(store, pool, revalidate_s=5.0, clock=clock)
+
+    async def main() -> None:
+        await cache.get("cache-bg", 10.0)
+        await cache.get("cache-dense", 10.0)
+        clock.now += 100.0
+        store.delete_graph("cache-bg")
+        await cache._check(["cache-bg", "cache-dense"], 10.0)  # one background round
+        checks = cache.stats().checks
+        assert await cache.get("cache-dense", 10.0) is not None
+        assert cache.stats().checks == checks, "a fresh entry needs no check"
+
+    try:
+        asyncio.run(main())
+        assert "cache-bg" not in cache and "cache-dense" in cache
+    finally:
+        store.delete_graph("cache-bg")
+
+
+def test_graph_being_written_is_never_cached(store: GraphStore, pool: ThreadPoolExecutor) -> None:
+    graph = builders.random_graph("cache-writing", n_nodes=20, n_edges=60, seed=14)
+    store.write_graph(graph, replace=True)
+    cache = _cache(store, pool, revalidate_s=0.0)
+    writing, release = threading.Event(), threading.Event()
+
+    def on_batch(phase: str, done: int, total: int) -> None:
+        if phase == "edges" and done == 0:
+            writing.set()
+            release.wait(30)
+
+    async def main() -> None:
+        assert await cache.get("cache-writing", 10.0) is not None
+        loop = asyncio.get_running_loop()
+        rewrite = loop.run_in_executor(
+            None,
+            lambda: store.write_graph(graph, replace=True, batch_size=10, on_batch=on_batch),
+        )
+        try:
+            await loop.run_in_executor(None, writing.wait, 30)
+            with pytest.raises(NotFoundError):
+                await cache.get("cache-writing", 10.0)
+            assert "cache-writing" not in cache
+        finally:
+            release.set()
+            await rewrite
+        assert (await cache.get("cache-writing", 10.0)) is not None
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.delete_graph("cache-writing")
+
+
+def test_invalidate_drops_an_entry_at_once(
+    store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
+) -> None:
+    cache = _cache(store, pool)
+    asyncio.run(cache.get("cache-ties", 10.0))
+    cache.invalidate("cache-ties")
+    assert "cache-ties" not in cache and cache.cost == 0
+    assert asyncio.run(cache.get("cache-ties", 10.0)) is not None
+    assert cache.stats().loads == 2
