@@ -14,10 +14,13 @@ active features, backward passes and peak memory, and writes
 
 Target: a 64-token prompt on the 4-layer model in under 2 s.
 
-With ``--faithfulness-model ZOO_DIR --faithfulness-transcoders DIR`` it runs the MIB
-faithfulness protocol (DESIGN 5.5) instead, on held-out examples of the checkpoint's zoo
-task: one graph per example for its logit difference (correct minus counterfactual
-answer), f(k) of attribution, random and EAP circuits, averaged over examples; writes
+With ``--faithfulness-model ZOO_DIR ... --faithfulness-transcoders DIR ...`` (one
+transcoder set per checkpoint) it runs the MIB faithfulness protocol (DESIGN 5.5)
+instead, on held-out examples of each checkpoint's zoo task drawn at random: one graph
+per example for a logit difference (IOI, modular addition: correct minus counterfactual
+answer; greater-than: the most likely later minus the most likely earlier year), f(k) of
+every edge scoring method under edge and node patching, with the task metric (the
+probability difference for greater-than); writes
 ``benchmarks/results/attribution_faithfulness.md`` and ``attribution_faithfulness.png``.
 """
 
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -96,15 +101,44 @@ def measure_one(length: int, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def faithfulness_study(args: argparse.Namespace) -> int:
+FAITH_PATCHINGS = ("edge", "node")
+
+
+def _task_metric(task_name: str, tok, example, clean_logits):
+    """(graph target tokens, metric, metric name) of one zoo example.
+
+    Greater-than: the probability difference P(later years) - P(earlier or equal years)
+    (Hanna et al. 2023; DESIGN 5.5), its graph explaining the logit difference between the
+    most likely later and the most likely earlier year on the prompt. Other tasks: the
+    logit difference between the answer and the counterfactual prompt's answer.
+    """
+    from ingest.attribution.faithfulness import logit_diff_metric, prob_diff_metric
+
+    def first_id(word: str) -> int:
+        return int(tok(word, add_special_tokens=False)["input_ids"][0])
+
+    if task_name == "greater_than":
+        right = [first_id(w) for w in example.answers]
+        wrong = [first_id(w) for w in example.wrong_answers]
+        last = clean_logits[0, -1]
+        top_right = max(right, key=lambda i: float(last[i]))
+        top_wrong = max(wrong, key=lambda i: float(last[i]))
+        return (top_right, top_wrong), prob_diff_metric(right, wrong), "probability difference"
+    correct = first_id(example.answers[0])
+    wrong_id = first_id(example.counterfactual_answers[0])
+    return (correct, wrong_id), logit_diff_metric(correct, wrong_id), "logit difference"
+
+
+def faithfulness_task(model_dir: Path, tc_dir: Path, args: argparse.Namespace) -> dict:
+    """Curves per (patching, method) over held-out examples of one zoo checkpoint."""
     import torch
 
     from ingest.attribution.attribute import attribute
     from ingest.attribution.faithfulness import (
-        FaithfulnessCurve,
-        compare_methods,
-        logit_diff_metric,
-        plot_curves,
+        EDGE_SCORERS,
+        FaithfulnessSetup,
+        faithfulness_curve,
+        method_scores,
     )
     from ingest.attribution.targets import LogitDiffTarget
     from ingest.errors import InvalidArgumentError
@@ -112,84 +146,185 @@ def faithfulness_study(args: argparse.Namespace) -> int:
     from ingest.transcoders.formats import load_any
     from ingest.zoo.checkpoint import read_manifest, task_for_spec
 
-    torch.set_num_threads(args.threads)
-    loaded = load_model(str(args.faithfulness_model), device=args.device)
-    tcs = load_any(args.faithfulness_transcoders)
-    task = task_for_spec(read_manifest(args.faithfulness_model).spec)
-    tok = loaded.tokenizer
+    loaded = load_model(str(model_dir), device=args.device)
+    tcs = load_any(tc_dir)
+    task = task_for_spec(read_manifest(model_dir).spec)
+    tok, adapter = loaded.tokenizer, loaded.adapter
 
     def ids(text: str) -> torch.Tensor:
-        return torch.tensor([tok(text)["input_ids"]], device=loaded.adapter.device)
+        return torch.tensor([tok(text)["input_ids"]], device=adapter.device)
 
-    per_method: dict[str, list[FaithfulnessCurve]] = {}
-    used = 0
+    curves: dict[tuple[str, str], list] = {}
+    gaps: list[tuple[float, float, float]] = []  # m(N), linearized m(empty), real m(empty)
+    n_edges: list[int] = []
+    used, skipped = 0, 0
+    metric_name = ""
     start = time.perf_counter()
-    for example in task.examples("heldout"):
+    examples = list(task.examples("heldout"))
+    random.Random(0).shuffle(examples)  # held-out lists are ordered (greater-than by year)
+    for example in examples:
         if used >= args.examples:
             break
         clean, counter = ids(example.prompt), ids(example.counterfactual_prompt)
         if clean.shape != counter.shape:
+            skipped += 1
             continue
-        correct = tok(example.answers[0], add_special_tokens=False)["input_ids"][0]
-        wrong = tok(example.counterfactual_answers[0], add_special_tokens=False)["input_ids"][0]
+        with torch.no_grad():
+            clean_logits = adapter(clean)
+        (correct, wrong), metric, metric_name = _task_metric(task.name, tok, example, clean_logits)
         result = attribute(loaded, tcs, clean[0], target=LogitDiffTarget(correct, wrong))
         try:
-            curves = compare_methods(loaded.adapter, tcs, result, clean, counter,
-                                     logit_diff_metric(correct, wrong),
-                                     patching=args.patching)  # fmt: skip
+            setups = {
+                p: FaithfulnessSetup.build(adapter, tcs, result, clean, counter, metric, p)
+                for p in FAITH_PATCHINGS
+            }
         except InvalidArgumentError:
-            continue  # the metric does not change on this pair
-        for curve in curves:
-            per_method.setdefault(curve.method, []).append(curve)
+            skipped += 1  # the metric does not change on this pair
+            continue
+        edge, node = setups["edge"], setups["node"]
+        if abs(node.m_full - node.m_empty) < args.min_gap * abs(node.m_full):
+            skipped += 1  # f's denominator is too small to read
+            continue
+        gaps.append((edge.m_full, edge.m_empty, node.m_empty))
+        n_edges.append(int((result.adjacency != 0).sum()))
+        for method in EDGE_SCORERS:
+            for patching, setup in setups.items():
+                scores = method_scores(setup, method, seed=used)
+                curve = faithfulness_curve(setup, scores, method=method)
+                curves.setdefault((patching, method), []).append(curve)
         used += 1
-    seconds = time.perf_counter() - start
-    if not per_method:
+    return {
+        "task": task.name,
+        "model": model_dir,
+        "transcoders": tc_dir,
+        "metric": metric_name,
+        "curves": curves,
+        "gaps": gaps,
+        "n_edges": n_edges,
+        "used": used,
+        "skipped": skipped,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _plot_tasks(studies: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(FAITH_PATCHINGS), len(studies), squeeze=False,
+                             figsize=(4.5 * len(studies), 3.6 * len(FAITH_PATCHINGS)))  # fmt: skip
+    try:
+        for col, study in enumerate(studies):
+            for row, patching in enumerate(FAITH_PATCHINGS):
+                ax = axes[row][col]
+                for (p, method), cs in study["curves"].items():
+                    if p != patching:
+                        continue
+                    ks = [100 * k for k in cs[0].fractions]
+                    mean_f = [_mean([c.faithfulness[i] for c in cs]) for i in range(len(ks))]
+                    ax.plot(ks, mean_f, marker="o", ms=3,
+                            label=f"{method} ({_mean([c.cpr for c in cs]):.2f} / "
+                            f"{_mean([c.cmd for c in cs]):.2f})")  # fmt: skip
+                ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+                ax.set_xscale("log")
+                ax.set_xlabel("edges kept (%)")
+                ax.set_ylabel("mean f(k)")
+                ax.set_title(f"{study['task']}, {patching} patching", fontsize=9)
+                ax.legend(fontsize=6, title="CPR / CMD", title_fontsize=6)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
+
+
+def faithfulness_study(args: argparse.Namespace) -> int:
+    import torch
+
+    from ingest.attribution.faithfulness import DEFAULT_FRACTIONS
+
+    torch.set_num_threads(args.threads)
+    if len(args.faithfulness_model) != len(args.faithfulness_transcoders):
+        print("give one --faithfulness-transcoders directory per model", file=sys.stderr)
+        return 2
+    studies = []
+    for model_dir, tc_dir in zip(args.faithfulness_model, args.faithfulness_transcoders,
+                                 strict=True):  # fmt: skip
+        study = faithfulness_task(model_dir, tc_dir, args)
+        print(f"{study['task']}: {study['used']} examples in {study['seconds']:.0f} s",
+              file=sys.stderr)  # fmt: skip
+        if study["used"]:
+            studies.append(study)
+    if not studies:
         print("no usable example", file=sys.stderr)
         return 1
-    mean_curves = []
-    for method, curves in per_method.items():
-        mean_f = [sum(c.faithfulness[i] for c in curves) / len(curves)
-                  for i in range(len(curves[0].fractions))]  # fmt: skip
-        mean_curves.append(FaithfulnessCurve(method, curves[0].fractions, mean_f,
-                                             curves[0].n_edges, 0.0, 0.0))  # fmt: skip
     plot_path = FAITH_PLOT if not args.no_write else Path("/tmp") / FAITH_PLOT.name
-    plot_curves(mean_curves, plot_path,
-                title=f"{task.name}: mean f(k) over {used} held-out examples")  # fmt: skip
+    _plot_tasks(studies, plot_path)
+    load1 = os.getloadavg()[0]
     lines = [
         "# Attribution faithfulness (MIB protocol)",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Model `{args.faithfulness_model}` "
-        f"(task {task.name}), transcoders `{args.faithfulness_transcoders}`, "
-        f"{used} held-out examples, {seconds:.0f} s in all; graphs have "
-        f"{sum(c.n_edges[-1] for c in per_method['random']) / used:.0f} edges on average "
-        f"(k = 0.1 % keeps {min(c.n_edges[0] for c in per_method['random'])} to "
-        f"{max(c.n_edges[0] for c in per_method['random'])}).",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        f"device {args.device}, {args.threads} torch thread(s), 1-minute load average "
+        f"{load1:.2f} at the end.",
         "",
-        "Metric: logit difference, correct minus counterfactual answer. Circuits: the top "
-        "k % of graph edges by each method. "
-        + (
-            "Edge-level patching in the linearized replacement model: edges outside the "
-            "circuit carry their source's counterfactual contribution."
-            if args.patching == "edge"
-            else "Node-level patching: graph nodes outside the circuit take their "
-            "counterfactual values, attention free."
-        ),
+        "Circuits: the top `int(k * E)` of a graph's E edges by each scoring method, "
+        "k = 0.1 ... 100 %. f = (m(C) - m(empty)) / (m(N) - m(empty)), not clipped. "
+        "CPR / CMD: MIB's areas, trapezoids over k itself (linear, 0.001 to 1, "
+        "x-range 0.999; random circuits score about 0.25 / 0.75 in MIB); "
+        "log-k: the same over ln k scaled to [0, 1] (every decade of sizes weighs alike). "
+        "MIB takes CPR from the signed ranking (`eap_signed`) and CMD from the absolute one "
+        "(`eap`). Each figure is the mean over examples (areas are linear in f, so the "
+        "area of the mean curve is the same).",
         "",
-        "| method | CPR (mean curve) | CMD (mean curve) | mean CPR | mean CMD | "
-        + " | ".join(f"f({100 * k:g}%)" for k in mean_curves[0].fractions)
-        + " |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(mean_curves[0].fractions),
+        "- edge patching: in the prompt's linearized replacement model (attention and norms "
+        "frozen on the prompt), edges outside the circuit carry their source's "
+        "counterfactual contribution; m(N) and m(empty) are the clean and the linearized "
+        "counterfactual metric.",
+        "- node patching: graph nodes that are not endpoints of kept edges take their "
+        "counterfactual values in the replacement model, attention free; m(N) and m(empty) "
+        "are the real runs.",
+        "",
     ]
-    for mc in mean_curves:
-        curves = per_method[mc.method]
-        mean_cpr = sum(c.cpr for c in curves) / len(curves)
-        mean_cmd = sum(c.cmd for c in curves) / len(curves)
-        lines.append(
-            f"| {mc.method} | {mc.cpr:.3f} | {mc.cmd:.3f} | {mean_cpr:.3f} | {mean_cmd:.3f} | "
-            + " | ".join(f"{v:.2f}" for v in mc.faithfulness)
-            + " |"
-        )
-    lines += ["", f"Plot: `{FAITH_PLOT.relative_to(ROOT)}`.", "",
+    for study in studies:
+        gaps = study["gaps"]
+        lines += [
+            f"## {study['task']}",
+            "",
+            f"Model `{study['model']}`, transcoders `{study['transcoders']}`; metric: "
+            f"{study['metric']}; {study['used']} held-out examples, drawn at random "
+            f"({study['skipped']} skipped: different token counts, or a metric that changes "
+            f"by less than {args.min_gap:g} of its clean value on the counterfactual), "
+            f"{study['seconds']:.0f} s; graphs have {_mean(study['n_edges']):.0f} edges on "
+            f"average (k = 0.1 % keeps {int(0.001 * min(study['n_edges']))} to "
+            f"{int(0.001 * max(study['n_edges']))}).",
+            "",
+            f"Mean m(N) {_mean([g[0] for g in gaps]):.3f}; m(empty): linearized "
+            f"{_mean([g[1] for g in gaps]):.3f}, real counterfactual run "
+            f"{_mean([g[2] for g in gaps]):.3f}.",
+            "",
+            "| patching | method | CPR | CMD | CPR log-k | CMD log-k | "
+            + " | ".join(f"f({100 * k:g}%)" for k in DEFAULT_FRACTIONS)
+            + " |",
+            "|---|---|---:|---:|---:|---:|" + "---:|" * 10,
+        ]
+        for (patching, method), cs in study["curves"].items():
+            mean_f = [_mean([c.faithfulness[i] for c in cs]) for i in range(len(cs[0].fractions))]
+            lines.append(
+                f"| {patching} | {method} | {_mean([c.cpr for c in cs]):.3f} | "
+                f"{_mean([c.cmd for c in cs]):.3f} | {_mean([c.cpr_log_k for c in cs]):.3f} | "
+                f"{_mean([c.cmd_log_k for c in cs]):.3f} | "
+                + " | ".join(f"{v:.2f}" for v in mean_f)
+                + " |"
+            )
+        lines.append("")
+    lines += [f"Plot: `{FAITH_PLOT.relative_to(ROOT)}`.", "",
               "Command: `python3 benchmarks/attribution_benchmark.py "
               + " ".join(sys.argv[1:]) + "`", ""]  # fmt: skip
     if not args.no_write:
@@ -208,10 +343,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
-    parser.add_argument("--faithfulness-model", type=Path, default=None, help="zoo checkpoint")
-    parser.add_argument("--faithfulness-transcoders", type=Path, default=None)
+    parser.add_argument("--faithfulness-model", type=Path, nargs="+", default=None,
+                        help="zoo checkpoints")  # fmt: skip
+    parser.add_argument("--faithfulness-transcoders", type=Path, nargs="+", default=None,
+                        help="one transcoder set per checkpoint")  # fmt: skip
     parser.add_argument("--examples", type=int, default=8, help="faithfulness examples")
-    parser.add_argument("--patching", choices=("edge", "node"), default="edge")
+    parser.add_argument("--min-gap", type=float, default=0.1,
+                        help="skip examples whose metric changes by less than this "
+                        "fraction of the clean metric on the counterfactual")  # fmt: skip
     args = parser.parse_args()
     if args.faithfulness_model is not None:
         if args.faithfulness_transcoders is None:

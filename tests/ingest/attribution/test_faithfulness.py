@@ -123,9 +123,10 @@ def test_curves_of_all_methods_and_plot(setup, tmp_path, patching: str) -> None:
         nothing = torch.zeros(result.adjacency.shape, dtype=torch.bool)
         assert curves[0].m_empty == pytest.approx(linear.metric(nothing), abs=1e-9)
     assert curves[0].m_full == pytest.approx(float(metric(adp(PROMPT))), abs=1e-8)
+    n_items = n_edges if patching == "edge" else result.layout.n_sources
     for c in curves:
         assert c.fractions == list(DEFAULT_FRACTIONS)
-        assert c.n_edges == [kept_edge_count(n_edges, k) for k in DEFAULT_FRACTIONS]
+        assert c.n_edges == [kept_edge_count(n_items, k) for k in DEFAULT_FRACTIONS]
         assert c.faithfulness[-1] == pytest.approx(1.0, abs=1e-9)
         assert (c.cpr, c.cmd) == area_scores(c.fractions, c.faithfulness)
         assert (c.cpr_log_k, c.cmd_log_k) == area_scores(c.fractions, c.faithfulness, log_k=True)
@@ -160,7 +161,7 @@ def test_signed_eap_predicts_single_edge_effects(setup) -> None:
     row, first = result.layout.logits.start, result.layout.n_features
     col = first + int(torch.argmax(signed[row, first:].abs()))
     kept = torch.tensor([[row, col]])
-    moved = fs.circuit_metric(kept) - fs.m_empty
+    moved = fs.edge_metric(kept) - fs.m_empty
     assert moved == pytest.approx(float(signed[row, col]), rel=1e-9, abs=1e-12)
     assert abs(moved) > 0
 
