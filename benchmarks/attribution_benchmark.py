@@ -233,7 +233,7 @@ def _plot_tasks(studies: list[dict], path: Path) -> None:
                             f"{_mean([c.cmd for c in cs]):.2f})")  # fmt: skip
                 ax.axhline(1.0, color="grey", lw=0.8, ls="--")
                 ax.set_xscale("log")
-                ax.set_xlabel("edges kept (%)")
+                ax.set_xlabel("edges kept (%)" if patching == "edge" else "graph nodes kept (%)")
                 ax.set_ylabel("mean f(k)")
                 ax.set_title(f"{study['task']}, {patching} patching", fontsize=9)
                 ax.legend(fontsize=6, title="CPR / CMD", title_fontsize=6)
@@ -242,6 +242,18 @@ def _plot_tasks(studies: list[dict], path: Path) -> None:
         fig.savefig(path, dpi=90)
     finally:
         plt.close(fig)
+
+
+def _training_command(model_dir: Path, tc_dir: Path) -> str:
+    """The ``circuitscope transcoders train`` line that made ``tc_dir`` (from its metadata)."""
+    meta = json.loads((Path(tc_dir) / "circuitscope.json").read_text())
+    cfg, train = meta.get("config", {}), meta.get("extra", {}).get("train_config", {})
+    return (
+        f"circuitscope transcoders train --model {model_dir} --prompts zoo "
+        f"--kind {meta.get('kind', '?')} --arch {cfg.get('arch', '?')} "
+        f"--width {cfg.get('d_transcoder', '?')} --sparsity {cfg.get('sparsity', 0):g} "
+        f"--steps {train.get('steps', '?')} --out {tc_dir}"
+    )
 
 
 def faithfulness_study(args: argparse.Namespace) -> int:
@@ -287,9 +299,10 @@ def faithfulness_study(args: argparse.Namespace) -> int:
         "frozen on the prompt), edges outside the circuit carry their source's "
         "counterfactual contribution; m(N) and m(empty) are the clean and the linearized "
         "counterfactual metric.",
-        "- node patching: graph nodes that are not endpoints of kept edges take their "
-        "counterfactual values in the replacement model, attention free; m(N) and m(empty) "
-        "are the real runs.",
+        "- node patching: the top k of the graph's features, errors and token embeddings "
+        "(ranked by their summed outgoing edge scores; random: a random order) stay clean "
+        "and every other graph node takes its counterfactual value in the replacement "
+        "model, attention free; m(N) and m(empty) are the real runs.",
         "",
     ]
     for study in studies:
@@ -324,9 +337,12 @@ def faithfulness_study(args: argparse.Namespace) -> int:
                 + " |"
             )
         lines.append("")
-    lines += [f"Plot: `{FAITH_PLOT.relative_to(ROOT)}`.", "",
-              "Command: `python3 benchmarks/attribution_benchmark.py "
-              + " ".join(sys.argv[1:]) + "`", ""]  # fmt: skip
+    lines += ["Transcoders were trained with:", ""]
+    for study in studies:
+        lines.append(f"    {_training_command(study['model'], study['transcoders'])}")
+    command = "PYTHONPATH=. python3 benchmarks/attribution_benchmark.py " + " ".join(sys.argv[1:])
+    lines += ["", f"Plot: `{FAITH_PLOT.relative_to(ROOT)}`.", "",
+              f"Command (from the repository root): `{command}`", ""]  # fmt: skip
     if not args.no_write:
         FAITH_RESULTS.write_text("\n".join(lines))
     print("\n".join(lines))
