@@ -20,10 +20,15 @@ PROMPT = torch.tensor([[3, 17, 8, 25, 11, 3, 30]])
 COUNTER = torch.tensor([[5, 17, 9, 25, 12, 4, 30]])
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(
+    scope="module",
+    params=[("gpt2", "transcoder", False), ("llama", "transcoder", False), ("neox", "clt", True)],
+    ids=["gpt2", "llama", "neox-clt-skip"],
+)
 def setup(request):
-    adp = m.adapter(request.param, torch.float64)
-    tcs = m.transcoder_set(adp)
+    family, kind, skip = request.param
+    adp = m.adapter(family, torch.float64)
+    tcs = m.transcoder_set(adp, kind, skip=skip)
     result = attribute(adp, tcs, PROMPT, target=LogitDiffTarget(6, 9))
     clean = build_replacement(adp, tcs, PROMPT)
     cf = build_replacement(adp, tcs, COUNTER)
