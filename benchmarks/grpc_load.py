@@ -45,8 +45,13 @@ from service.config import ServerConfig, load_tokens
 from service.server import serve
 import os
 logging.basicConfig(level=logging.WARNING)
+logging.getLogger("service.server").setLevel(logging.INFO)
 config = ServerConfig(port=int(sys.argv[1]), workers=int(sys.argv[2]),
-                      tokens=load_tokens(os.environ["CIRCUITSCOPE_TOKENS"], None))
+                      tokens=load_tokens(os.environ["CIRCUITSCOPE_TOKENS"], None),
+                      graph_cache_edges=int(sys.argv[3]),
+                      graph_cache_revalidate_s=float(sys.argv[4]),
+                      list_cache_ttl_s=float(sys.argv[5]),
+                      subgraph_memo_edges=int(sys.argv[6]))
 with open_store(StoreConfig.from_env()) as store:
     asyncio.run(serve(config, store))
 """
@@ -181,7 +186,24 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
         f"grpcio {grpc.__version__}",
         f"- command: `python3 benchmarks/grpc_load.py --clients {args.clients} "
-        f"--seconds {args.seconds:g} --channels {args.channels}`",
+        f"--seconds {args.seconds:g} --channels {args.channels}"
+        + (
+            f" --graph-cache-edges {args.graph_cache_edges}"
+            if args.graph_cache_edges != 3_000_000
+            else ""
+        )
+        + (
+            f" --graph-cache-revalidate {args.graph_cache_revalidate:g}"
+            if args.graph_cache_revalidate != 1.0
+            else ""
+        )
+        + (f" --list-cache-ttl {args.list_cache_ttl:g}" if args.list_cache_ttl != 1.0 else "")
+        + (
+            f" --subgraph-memo-edges {args.subgraph_memo_edges}"
+            if args.subgraph_memo_edges != 250_000
+            else ""
+        )
+        + "`",
         f"- {args.clients} concurrent clients over {args.channels} channels, "
         f"{args.seconds:g} s measured after {args.warmup:g} s warm-up; server and embedded "
         "graph store on loopback in their own processes",
@@ -213,6 +235,16 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
         )
     )
     lines.append(
+        f"first GetSubgraph call (the server's graph cache is cold: it loads the graph): "
+        f"{baseline['GetSubgraph'][0] * 1000:.1f} ms"
+    )
+    lines.append(
+        f"server caches: graph cache {args.graph_cache_edges} edges, revalidated every "
+        f"{args.graph_cache_revalidate:g} s, GetSubgraph answers remembered up to "
+        f"{args.subgraph_memo_edges} nodes+edges; ListGraphs pages kept {args.list_cache_ttl:g} s"
+        + "".join(f"; {c}" for c in result.get("server_caches", []))  # type: ignore[attr-defined]
+    )
+    lines.append(
         f"1-minute load average before / after the concurrent phase: {load[0]:.1f} / "
         f"{load[1]:.1f} on {os.cpu_count()} CPUs (other work shares the machine)"
     )
@@ -228,6 +260,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--server-workers", type=int, default=16)
+    parser.add_argument(
+        "--graph-cache-edges", type=int, default=3_000_000, help="server flag (0: no cache)"
+    )
+    parser.add_argument("--graph-cache-revalidate", type=float, default=1.0, help="server flag")
+    parser.add_argument(
+        "--list-cache-ttl", type=float, default=1.0, help="server flag (0: no listing cache)"
+    )
+    parser.add_argument(
+        "--subgraph-memo-edges", type=int, default=250_000, help="server flag (0: no memo)"
+    )
     parser.add_argument("--target", help="load an existing server instead of starting one")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = parser.parse_args()
@@ -266,8 +308,21 @@ def main() -> int:
                 NEO4J_DATABASE=store_config.database,
                 PYTHONPATH=str(REPO),
             )
+            server_log = Path(tmp) / "server.log"
             server = subprocess.Popen(
-                [sys.executable, "-c", SERVER_SCRIPT, str(port), str(args.server_workers)], env=env
+                [
+                    sys.executable,
+                    "-c",
+                    SERVER_SCRIPT,
+                    str(port),
+                    str(args.server_workers),
+                    str(args.graph_cache_edges),
+                    str(args.graph_cache_revalidate),
+                    str(args.list_cache_ttl),
+                    str(args.subgraph_memo_edges),
+                ],
+                env=env,
+                stderr=server_log.open("w"),
             )
             try:
                 _wait_serving(f"127.0.0.1:{port}", server)
@@ -284,6 +339,13 @@ def main() -> int:
             finally:
                 server.terminate()
                 server.wait(timeout=30)
+                log = server_log.read_text(errors="replace").splitlines()
+                result["server_caches"] = [
+                    ln.split("INFO:service.server:")[-1] for ln in log if "cache at shutdown" in ln
+                ]
+                for line in log:
+                    if "cache at shutdown" not in line:
+                        print(line, file=sys.stderr)
     text = report(result, args)
     print(text)
     if args.out:

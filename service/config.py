@@ -95,7 +95,11 @@ class ServerConfig:
     ``graph_cache_edges`` the budget of the in-memory graph cache, in edges plus nodes
     of the cached graphs (0 disables it; ``service/graph_cache.py``);
     ``graph_cache_revalidate_s`` how stale a cached graph may be: its revision is
-    re-checked against the store at least this often (0: on every call).
+    re-checked against the store at least this often (0: on every call);
+    ``subgraph_memo_edges`` how many nodes plus edges of GetSubgraph answers the cache
+    remembers (0: none);
+    ``list_cache_ttl_s`` how long a ListGraphs page may be served from memory (0: never;
+    ``service/listing_cache.py``).
     """
 
     host: str = "127.0.0.1"
@@ -113,6 +117,8 @@ class ServerConfig:
     artifacts_dir: Path | None = None
     graph_cache_edges: int = DEFAULT_GRAPH_CACHE_EDGES
     graph_cache_revalidate_s: float = 1.0
+    subgraph_memo_edges: int = 250_000
+    list_cache_ttl_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -134,10 +140,18 @@ class ServerConfig:
                 f"graph_cache_edges must be >= 0 (0 disables the cache), got "
                 f"{self.graph_cache_edges}"
             )
+        if self.subgraph_memo_edges < 0:
+            raise InvalidArgumentError(
+                f"subgraph_memo_edges must be >= 0 (0: none), got {self.subgraph_memo_edges}"
+            )
         if self.graph_cache_revalidate_s < 0:
             raise InvalidArgumentError(
                 "graph_cache_revalidate_s must be >= 0 (0 checks on every call), got "
                 f"{self.graph_cache_revalidate_s}"
+            )
+        if self.list_cache_ttl_s < 0:
+            raise InvalidArgumentError(
+                f"list_cache_ttl_s must be >= 0 (0 disables it), got {self.list_cache_ttl_s}"
             )
 
     @property

@@ -16,6 +16,10 @@ complete graph (:meth:`GraphStore.graph_revisions`, one indexed lookup).
 - **Bounded memory**: an LRU over graph ids whose entries' costs (edges plus nodes)
   sum to at most ``max_cost``; a graph bigger than the whole budget is not loaded
   (its calls go to the store). ``max_cost`` 0 disables the cache.
+- **Answers remembered**: GetSubgraph responses are kept by (graph id, revision,
+  request) in an LRU of at most ``memo_cost`` nodes plus edges (0: none). The key
+  holds the revision, so a remembered answer is exactly what the current graph
+  gives; a rewritten graph's old answers are never matched again and age out.
 - **Bounded staleness**: an entry is used only if its revision was confirmed at most
   ``revalidate_s`` seconds before the call arrived; otherwise the call waits for a
   fresh check. A background task re-checks every entry in one query every
@@ -44,12 +48,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ingest.errors import FailedPreconditionError, NotFoundError
-from ingest.store.base import GraphStore
+from ingest.store.base import Direction, GraphStore
+from service._generated.circuits.v1 import graph_service_pb2 as pb
 from service.graph_index import GraphIndex
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Neighbourhoods that look at no more edges than this are computed on the event loop.
+INLINE_EDGES = 4096
 _NEVER = float("-inf")
 
 
@@ -64,6 +71,7 @@ class CacheStats:
     dropped: int = 0
     evicted: int = 0
     too_big: int = 0
+    remembered: int = 0
 
 
 @dataclass
@@ -86,6 +94,8 @@ class GraphCache:
         *,
         max_cost: int,
         revalidate_s: float,
+        memo_cost: int = 0,
+        inline_edges: int = INLINE_EDGES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -102,6 +112,12 @@ class GraphCache:
         self._lock = threading.RLock()
         self._stats = CacheStats()
         self._refresher: asyncio.Task[None] | None = None
+        self.memo_cost = memo_cost
+        self.inline_edges = inline_edges
+        self._memo: OrderedDict[tuple[object, ...], tuple[pb.GetSubgraphResponse, int]] = (
+            OrderedDict()
+        )
+        self._memo_used = 0
 
     # ------------------------------------------------------------------ public
     @property
@@ -134,6 +150,36 @@ class GraphCache:
                     self._stats.hits += 1
                     return entry.index
             await self._single_flight(self._checks, graph_id, self._check([graph_id], timeout))
+
+    async def neighbourhood(
+        self, index: GraphIndex, node_id: str, *, depth: int, top_k: int, direction: Direction
+    ) -> pb.GetSubgraphResponse:
+        """GetSubgraph's answer from ``index``: remembered, or computed on the event loop
+        when it is small (a thread hop costs more), else in the cache's threads."""
+        key = (index.graph_id, index.write_id, node_id, depth, top_k, direction)
+        with self._lock:
+            remembered = self._memo.get(key)
+            if remembered is not None:
+                self._memo.move_to_end(key)
+                self._stats.remembered += 1
+                return remembered[0]
+
+        def compute() -> pb.GetSubgraphResponse:
+            found = index.subgraph(node_id, depth=depth, top_k=top_k, direction=direction)
+            return index.subgraph_message(found)
+
+        per_node = top_k if direction != "both" else 2 * top_k
+        bound = min(index.n_edges, sum(per_node**hop for hop in range(1, depth + 1)))
+        response = compute() if bound <= self.inline_edges else await self.run(compute)
+        cost = len(response.nodes) + len(response.edges)
+        with self._lock:
+            if cost <= self.memo_cost and key not in self._memo:
+                self._memo[key] = (response, cost)
+                self._memo_used += cost
+                while self._memo_used > self.memo_cost:
+                    _, (_, dropped) = self._memo.popitem(last=False)
+                    self._memo_used -= dropped
+        return response
 
     def invalidate(self, graph_id: str) -> None:
         """Forget ``graph_id`` now (it was written or deleted through this process)."""

@@ -52,7 +52,6 @@ from service._generated.circuits.v1 import graph_service_pb2, types_pb2
 
 _WIRE_LEN = 2
 _WIRE_I64 = 1
-_PACK_DOUBLE = struct.Struct("<d").pack
 
 
 def _varint(value: int) -> bytes:
@@ -77,6 +76,7 @@ _SOURCE_TAG = _tag(types_pb2.Edge, "source_id", _WIRE_LEN)
 _TARGET_TAG = _tag(types_pb2.Edge, "target_id", _WIRE_LEN)
 _WEIGHT_TAG = _tag(types_pb2.Edge, "weight", _WIRE_I64)
 _SMALL_VARINTS = [_varint(i) for i in range(128)]
+_PACK_DOUBLE = struct.Struct("<d").pack
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:
@@ -93,12 +93,18 @@ def _csr(
     return pointers, order.astype(np.int32)
 
 
+def _ranges(starts: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The concatenated index ranges ``[start, start + size)``, in order."""
+    ends = np.cumsum(sizes)
+    return np.repeat(starts - (ends - sizes), sizes) + np.arange(int(ends[-1]) if len(ends) else 0)
+
+
 @dataclass(frozen=True)
 class Neighbourhood:
     """A subgraph answer: node positions in stored order, edge ids hop by hop."""
 
-    nodes: list[int]
-    edges: list[int]
+    nodes: npt.NDArray[np.int64]
+    edges: npt.NDArray[np.int64]
 
 
 class GraphIndex:
@@ -135,11 +141,10 @@ class GraphIndex:
         pairs = src * max(n, 1) + dst
         self.simple = bool(np.unique(pairs).shape[0] == e)
         self.acyclic = _is_acyclic(src, dst, n)
-        self._node_fields = [
-            _field(_NODES_TAG, convert.node_to_proto(node).SerializeToString())
-            for node in self.nodes
-        ]
         encoded = [node_id.encode() for node_id in self.node_ids]
+        self._node_fields = [
+            _field(_NODES_TAG, convert.node_to_proto(nd).SerializeToString()) for nd in self.nodes
+        ]
         self._source_fields = [_field(_SOURCE_TAG, b) for b in encoded]
         self._target_fields = [_field(_TARGET_TAG, b) for b in encoded]
 
@@ -156,42 +161,36 @@ class GraphIndex:
 
     # ------------------------------------------------------------------ neighbourhood
     def _top(
-        self, pointers: npt.NDArray[np.int64], edges: npt.NDArray[np.int32], node: int, k: int
-    ) -> list[int]:
-        start, stop = int(pointers[node]), int(pointers[node + 1])
-        return edges[start : min(stop, start + k)].tolist()  # type: ignore[no-any-return]
+        self,
+        pointers: npt.NDArray[np.int64],
+        edges: npt.NDArray[np.int32],
+        frontier: npt.NDArray[np.int64],
+        k: int,
+    ) -> npt.NDArray[np.int64]:
+        """The first ``k`` ranked edges of every frontier node, node after node."""
+        starts = pointers[frontier]
+        return edges[_ranges(starts, np.minimum(pointers[frontier + 1] - starts, k))].astype(
+            np.int64
+        )
 
-    def _hop(self, frontier: list[int], k: int, direction: Direction) -> list[int]:
-        """The edges the store keeps when it expands ``frontier`` (module doc)."""
-        chosen: list[int] = []
-        if direction == "out":
-            for node in frontier:
-                chosen += self._top(self.out_ptr, self.out_edges, node, k)
-            return chosen
-        if direction == "in":
-            for node in frontier:
-                chosen += self._top(self.in_ptr, self.in_edges, node, k)
-            return chosen
-        found: set[int] = set()
-        for node in frontier:
-            found.update(self._top(self.out_ptr, self.out_edges, node, k))
-            found.update(self._top(self.in_ptr, self.in_edges, node, k))
-        ids = list(found)
-        ends = zip(self.sources[ids].tolist(), self.targets[ids].tolist(), strict=True)
-        incident: dict[int, list[int]] = {node: [] for node in frontier}
-        for edge, (s, t) in zip(ids, ends, strict=True):
+    def _hop_both(self, frontier: npt.NDArray[np.int64], k: int) -> list[int]:
+        """Direction ``both``: per frontier node, its top ``k`` by (|weight|, source id,
+        target id) of the frontier's top-k out and in edges that touch it."""
+        found = np.union1d(
+            self._top(self.out_ptr, self.out_edges, frontier, k),
+            self._top(self.in_ptr, self.in_edges, frontier, k),
+        ).tolist()
+        ends = zip(self.sources[found].tolist(), self.targets[found].tolist(), strict=True)
+        incident: dict[int, list[int]] = {node: [] for node in frontier.tolist()}
+        for edge, (s, t) in zip(found, ends, strict=True):
             if s in incident:
                 incident[s].append(edge)
             if t in incident and t != s:
                 incident[t].append(edge)
         rank = self.both_rank
-        for node in frontier:
-            touching = incident[node]
-            if len(touching) > k:
-                touching = [touching[i] for i in np.argsort(rank[touching])[:k].tolist()]
-            else:
-                touching.sort(key=rank.__getitem__)
-            chosen += touching
+        chosen: list[int] = []
+        for touching in incident.values():
+            chosen += sorted(touching, key=rank.__getitem__)[:k]
         return chosen
 
     def subgraph(
@@ -199,29 +198,38 @@ class GraphIndex:
     ) -> Neighbourhood:
         """The store's neighbourhood of ``node_id`` (see :meth:`GraphStore.subgraph`)."""
         centre = self._position(node_id)
-        visited, frontier = {centre}, [centre]
-        edges: dict[int, None] = {}
+        visited = np.zeros(self.n_nodes, dtype=bool)
+        visited[centre] = True
+        frontier = np.array([centre], dtype=np.int64)
+        hops: list[npt.NDArray[np.int64]] = []
         for _hop in range(depth):
-            if not frontier:
+            if not frontier.size:
                 break
-            chosen = self._hop(frontier, top_k, direction)
-            ends = zip(self.sources[chosen].tolist(), self.targets[chosen].tolist(), strict=True)
-            next_frontier: list[int] = []
-            for edge, (s, t) in zip(chosen, ends, strict=True):
-                edges[edge] = None
-                if s not in visited:
-                    visited.add(s)
-                    next_frontier.append(s)
-                if t not in visited:
-                    visited.add(t)
-                    next_frontier.append(t)
-            frontier = next_frontier
-        return Neighbourhood(sorted(visited), list(edges))
+            if direction == "out":
+                chosen = self._top(self.out_ptr, self.out_edges, frontier, top_k)
+            elif direction == "in":
+                chosen = self._top(self.in_ptr, self.in_edges, frontier, top_k)
+            else:
+                chosen = np.array(self._hop_both(frontier, top_k), dtype=np.int64)
+            hops.append(chosen)
+            # Endpoints in the store's order (each edge's source, then its target);
+            # the unvisited ones, first occurrences first, are the next frontier.
+            ends = np.stack((self.sources[chosen], self.targets[chosen]), axis=1).ravel()
+            ends = ends[~visited[ends]]
+            fresh, first = np.unique(ends, return_index=True)
+            frontier = fresh[np.argsort(first)].astype(np.int64)
+            visited[frontier] = True
+        edges = np.concatenate(hops) if hops else np.zeros(0, dtype=np.int64)
+        if direction == "both":  # an edge between two expanded nodes is kept once
+            _, first = np.unique(edges, return_index=True)
+            edges = edges[np.sort(first)]
+        return Neighbourhood(np.flatnonzero(visited), edges)
 
     def subgraph_message(self, found: Neighbourhood) -> graph_service_pb2.GetSubgraphResponse:
-        """``found`` as a GetSubgraphResponse, assembled from pre-serialized fields."""
+        """``found`` as a GetSubgraphResponse, assembled from fields serialized at load
+        time (module doc)."""
         node_fields, sources, targets = self._node_fields, self._source_fields, self._target_fields
-        parts = [node_fields[i] for i in found.nodes]
+        parts = [node_fields[i] for i in found.nodes.tolist()]
         ids = found.edges
         for s, t, w in zip(
             self.sources[ids].tolist(),
@@ -238,13 +246,14 @@ class GraphIndex:
 
     def subgraph_graph(self, found: Neighbourhood) -> AttributionGraph:
         """``found`` as an :class:`AttributionGraph`, the store's return type."""
-        local = {node: i for i, node in enumerate(found.nodes)}
+        local = np.full(self.n_nodes, -1, dtype=np.int64)
+        local[found.nodes] = np.arange(len(found.nodes))
         ids = found.edges
         return AttributionGraph(
             metadata=self.metadata,
-            nodes=[self.nodes[i] for i in found.nodes],
-            sources=np.array([local[s] for s in self.sources[ids].tolist()], dtype=np.int64),
-            targets=np.array([local[t] for t in self.targets[ids].tolist()], dtype=np.int64),
+            nodes=[self.nodes[i] for i in found.nodes.tolist()],
+            sources=local[self.sources[ids]],
+            targets=local[self.targets[ids]],
             weights=self.weights[ids].astype(np.float32),
         )
 

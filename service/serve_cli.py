@@ -75,6 +75,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="a cached graph is re-checked against the store at least this often; "
         "changes by other processes show within this bound (0: check on every call)",
     )
+    parser.add_argument(
+        "--subgraph-memo-edges",
+        type=int,
+        default=250_000,
+        help="GetSubgraph answers remembered per graph revision, in nodes plus edges (0: none)",
+    )
+    parser.add_argument(
+        "--list-cache-ttl",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="ListGraphs pages are served from memory for at most this long; graphs "
+        "added or deleted by other processes show within this bound (0 disables it)",
+    )
     parser.add_argument("--store-uri", help="Bolt URI of the graph store (default: NEO4J_URI)")
     parser.add_argument(
         "--store-data-dir", type=Path, help="data directory of the embedded graph server"
@@ -116,6 +130,8 @@ def build_server_config(args: argparse.Namespace, environ: dict[str, str]) -> Se
         artifacts_dir=args.artifacts_dir or home() / "artifacts",
         graph_cache_edges=args.graph_cache_edges,
         graph_cache_revalidate_s=args.graph_cache_revalidate,
+        list_cache_ttl_s=args.list_cache_ttl,
+        subgraph_memo_edges=args.subgraph_memo_edges,
     )
 
 

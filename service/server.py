@@ -9,7 +9,8 @@
 - servicers: circuits.v1 GraphService and FeatureService, each with the store and a
   :class:`BlockingRunner` over a thread pool (store I/O never blocks the loop);
   GraphService also with the :class:`GraphCache` of complete graphs (its own
-  threads, its background re-check task started with the server); and
+  threads, its background re-check task started with the server) and the
+  :class:`ListingCache` of ListGraphs pages; and
   AnalysisService and JobService (ingest jobs) with the served models and a
   separate model (torch) pool;
 - the standard health service, whose status follows the store's reachability
@@ -56,6 +57,7 @@ from service.errors import ErrorMappingInterceptor
 from service.graph_cache import GraphCache
 from service.health import StoreHealthMonitor
 from service.jobs import JobManager
+from service.listing_cache import ListingCache
 from service.models import ModelRegistry
 from service.runner import BlockingRunner
 from service.servicers.analysis import AnalysisServicer
@@ -98,6 +100,7 @@ class RunningServer:
     executors: tuple[ThreadPoolExecutor, ...]
     grace_s: float
     graph_cache: GraphCache | None = None
+    listings: ListingCache[graph_service_pb2.ListGraphsResponse] | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish;
@@ -110,6 +113,12 @@ class RunningServer:
         if self.graph_cache is not None:
             await self.graph_cache.close()
             logger.info("graph cache at shutdown: %s", self.graph_cache.stats())
+        if self.listings is not None:
+            logger.info(
+                "listing cache at shutdown: hits=%d misses=%d",
+                self.listings.hits,
+                self.listings.misses,
+            )
         for executor in self.executors:
             executor.shutdown(wait=False, cancel_futures=True)
 
@@ -145,16 +154,27 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
             cache_pool,
             max_cost=config.graph_cache_edges,
             revalidate_s=config.graph_cache_revalidate_s,
+            memo_cost=config.subgraph_memo_edges,
         )
         if config.graph_cache_edges
         else None
     )
+    listings: ListingCache[graph_service_pb2.ListGraphsResponse] | None = (
+        ListingCache(config.list_cache_ttl_s) if config.list_cache_ttl_s else None
+    )
+
+    def forget(graph_id: str) -> None:
+        """A graph was written through this process: no cache may serve the old one."""
+        if graph_cache is not None:
+            graph_cache.invalidate(graph_id)
+        if listings is not None:
+            listings.clear()
 
     server = aio.server(
         interceptors=interceptors, options=channel_options(config.max_message_bytes)
     )
     graph_service_pb2_grpc.add_GraphServiceServicer_to_server(
-        GraphServicer(store, runner, model_runner, graph_cache), server
+        GraphServicer(store, runner, model_runner, graph_cache, listings), server
     )
     feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(
         FeatureServicer(store, runner), server
@@ -169,7 +189,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         registry,
         model_pool,
         artifacts_dir,
-        on_graph_written=graph_cache.invalidate if graph_cache is not None else None,
+        on_graph_written=forget,
     )
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs), server)
     health_servicer = health.aio.HealthServicer()
@@ -213,6 +233,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         (store_pool, model_pool, cache_pool),
         config.grace_s,
         graph_cache,
+        listings,
     )
 
 

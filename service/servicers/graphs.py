@@ -6,7 +6,9 @@ the contract (``proto/circuits/v1/graph_service.proto``) are applied here; every
 else is the store's job. GetSubgraph and FindPaths are answered from the
 :class:`~service.graph_cache.GraphCache` when the server has one and it holds the
 graph (same answers as the store; small neighbourhoods computed on the event loop,
-larger ones and paths in the cache's threads); otherwise by the store.
+larger ones and paths in the cache's threads); otherwise by the store. ListGraphs
+pages are kept for a bounded time by a :class:`~service.listing_cache.ListingCache`
+when the server has one.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from ingest.errors import InvalidArgumentError
-from ingest.store.base import Direction, GraphStore
+from ingest.store.base import GraphStore
 from service import convert
 from service._generated.circuits.v1 import graph_service_pb2 as pb
 from service._generated.circuits.v1 import graph_service_pb2_grpc
 from service.artifacts import check_threshold, reprune
 from service.graph_cache import GraphCache
+from service.listing_cache import ListingCache
 from service.pagination import decode_page_token, encode_page_token, page_size
 from service.runner import BlockingRunner
 
@@ -31,8 +34,6 @@ DEFAULT_CHUNK = 5000
 DEFAULT_NODE_THRESHOLD = 0.8
 DEFAULT_EDGE_THRESHOLD = 0.98
 MAX_CHUNK = 50_000
-# Neighbourhoods that look at no more edges than this are computed on the event loop.
-INLINE_EDGES = 4096
 
 
 def bounded(name: str, value: int, default: int, low: int, high: int) -> int:
@@ -61,11 +62,13 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         runner: BlockingRunner,
         model_runner: BlockingRunner,
         cache: GraphCache | None = None,
+        listings: ListingCache[pb.ListGraphsResponse] | None = None,
     ) -> None:
         self._store = store
         self._run = runner
         self._model = model_runner
         self._cache = cache
+        self._listings = listings
 
     async def ListGraphs(
         self, request: pb.ListGraphsRequest, context: aio.ServicerContext
@@ -77,20 +80,28 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
             "newest_first": request.newest_first,
         }
         cursor = decode_page_token(request.page_token, filters)
-        page = await self._run.call(
-            context,
-            self._store.list_graphs,
-            model_id=request.model_id or None,
-            task=request.task or None,
-            prompt_contains=request.prompt_contains or None,
-            newest_first=request.newest_first,
-            limit=page_size(request.page_size),
-            cursor=cursor,
-        )
-        return pb.ListGraphsResponse(
-            graphs=[convert.stored_summary_to_proto(s) for s in page.items],
-            next_page_token=encode_page_token(page.next_cursor, filters),
-        )
+        limit = page_size(request.page_size)
+
+        async def load() -> pb.ListGraphsResponse:
+            page = await self._run.call(
+                context,
+                self._store.list_graphs,
+                model_id=request.model_id or None,
+                task=request.task or None,
+                prompt_contains=request.prompt_contains or None,
+                newest_first=request.newest_first,
+                limit=limit,
+                cursor=cursor,
+            )
+            return pb.ListGraphsResponse(
+                graphs=[convert.stored_summary_to_proto(s) for s in page.items],
+                next_page_token=encode_page_token(page.next_cursor, filters),
+            )
+
+        if self._listings is None:
+            return await load()
+        key = (*filters.values(), limit, cursor)
+        return await self._listings.get(key, load)
 
     async def GetGraph(
         self, request: pb.GetGraphRequest, context: aio.ServicerContext
@@ -156,15 +167,8 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         cache = self._cache
         index = await cache.get(graph_id, self._run.timeout_for(context)) if cache else None
         if cache is not None and index is not None and index.simple:
-            if _neighbourhood_bound(depth, top_k, direction, index.n_edges) <= INLINE_EDGES:
-                # Microseconds to a millisecond of work: cheaper than a thread hop.
-                return index.subgraph_message(
-                    index.subgraph(node_id, depth=depth, top_k=top_k, direction=direction)
-                )
-            return await cache.run(
-                lambda: index.subgraph_message(
-                    index.subgraph(node_id, depth=depth, top_k=top_k, direction=direction)
-                )
+            return await cache.neighbourhood(
+                index, node_id, depth=depth, top_k=top_k, direction=direction
             )
         sub = await self._run.call(
             context,
@@ -214,9 +218,3 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
                 score=score,
             )
         return pb.FindPathsResponse(paths=[convert.path_to_proto(p) for p in paths])
-
-
-def _neighbourhood_bound(depth: int, top_k: int, direction: Direction, n_edges: int) -> int:
-    """An upper bound on the edges a neighbourhood query looks at."""
-    per_node = top_k if direction != "both" else 2 * top_k
-    return min(n_edges, sum(per_node**hop for hop in range(1, depth + 1)))

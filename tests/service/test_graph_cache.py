@@ -407,3 +407,49 @@ def test_invalidate_drops_an_entry_at_once(
     assert "cache-ties" not in cache and cache.cost == 0
     assert asyncio.run(cache.get("cache-ties", 10.0)) is not None
     assert cache.stats().loads == 2
+
+
+def _answer(response: object) -> dict[tuple[str, str], float]:
+    return {(e.source_id, e.target_id): e.weight for e in response.edges}  # type: ignore[attr-defined]
+
+
+def test_neighbourhood_answers_are_remembered_per_revision(
+    store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
+) -> None:
+    first = builders.random_graph("cache-memo", n_nodes=30, n_edges=120, seed=15)
+    reweighted = np.random.default_rng(16).normal(size=first.n_edges).astype(np.float32)
+    second = AttributionGraph(first.metadata, first.nodes, first.sources, first.targets, reweighted)
+    node = first.nodes[int(first.sources[0])].node_id
+    store.write_graph(first, replace=True)
+    cache = _cache(store, pool, memo_cost=10_000, revalidate_s=0.0)
+
+    async def ask(top_k: int) -> object:
+        index = await cache.get("cache-memo", 10.0)
+        assert index is not None
+        return await cache.neighbourhood(index, node, depth=2, top_k=top_k, direction="both")
+
+    try:
+        a, b, other = (asyncio.run(ask(k)) for k in (3, 3, 4))
+        assert a is b and other is not a and cache.stats().remembered == 1
+        assert _answer(a) == _edges(store.subgraph("cache-memo", node, depth=2, top_k=3))
+        store.write_graph(second, replace=True)
+        c = asyncio.run(ask(3))
+        assert c is not a and cache.stats().remembered == 1
+        assert _answer(c) == _edges(store.subgraph("cache-memo", node, depth=2, top_k=3))
+        assert _answer(c) != _answer(a)
+    finally:
+        store.delete_graph("cache-memo")
+
+
+def test_big_neighbourhoods_run_off_the_loop_with_the_same_answer(
+    store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
+) -> None:
+    inline, threaded = _cache(store, pool), _cache(store, pool, inline_edges=0)
+    node = graphs["cache-dense"].nodes[0].node_id
+
+    async def ask(cache: GraphCache) -> object:
+        index = await cache.get("cache-dense", 10.0)
+        assert index is not None
+        return await cache.neighbourhood(index, node, depth=3, top_k=4, direction="in")
+
+    assert asyncio.run(ask(inline)) == asyncio.run(ask(threaded))
