@@ -154,7 +154,15 @@ async def _checked_iterator(requests: Any, context: aio.ServicerContext) -> Asyn
 
 
 class ErrorMappingInterceptor(aio.ServerInterceptor):
-    """Maps domain errors to status codes and hides unexpected failures (see module doc)."""
+    """Maps domain errors to status codes and hides unexpected failures (see module doc).
+
+    The wrapped handler of each method is built once and reused while the inner
+    handler stays the same (the registered one); a different inner handler (e.g. one
+    rejecting a call without a valid token) is wrapped afresh.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -165,28 +173,38 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        deserializer = _lenient(handler.request_deserializer)
-        serializer = handler.response_serializer
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(handler.unary_unary, method, False),
-                request_deserializer=deserializer,
-                response_serializer=serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(handler.unary_stream, method, False),
-                request_deserializer=deserializer,
-                response_serializer=serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(handler.stream_unary, method, True),
-                request_deserializer=deserializer,
-                response_serializer=serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(handler.stream_stream, method, True),
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _wrap(handler, method)
+        # Keys are registered methods only (unknown ones have no handler): bounded.
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    deserializer = _lenient(handler.request_deserializer)
+    serializer = handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary_response(handler.unary_unary, method, False),
             request_deserializer=deserializer,
             response_serializer=serializer,
         )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream_response(handler.unary_stream, method, False),
+            request_deserializer=deserializer,
+            response_serializer=serializer,
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary_response(handler.stream_unary, method, True),
+            request_deserializer=deserializer,
+            response_serializer=serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        _wrap_stream_response(handler.stream_stream, method, True),
+        request_deserializer=deserializer,
+        response_serializer=serializer,
+    )
