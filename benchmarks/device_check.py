@@ -1,0 +1,179 @@
+"""Device parity: the accelerator paths checked against the CPU on zoo models.
+
+For every zoo checkpoint given (default: the ones under ``ingest.paths.home()/zoo``):
+
+1. **zoo training**: ``circuitscope zoo train TASK --arch ARCH --tiny --device D`` runs
+   and its held-out metrics come back finite;
+2. **transcoder training**: ``circuitscope transcoders train --device D`` (a short run)
+   completes, with resumable checkpoints, and ``transcoders eval --device D`` reports;
+3. **adapter**: the model's logits on the device against the CPU, as a fraction of the
+   logit scale (float32);
+4. **attribution**: the graph of a held-out task prompt through the transcoders of
+   step 2, on the device and on the CPU, in float32 and float64: same nodes, the
+   adjacency's largest difference relative to its largest entry, and the replacement
+   and completeness scores on both.
+
+Prints a Markdown table and writes it to ``--out`` (default
+``benchmarks/results/device_<device>.md``) with the machine, date and command. Run on a
+GPU machine as ``python3 benchmarks/device_check.py --device cuda``; with ``--device
+cpu`` it checks itself (every difference must be 0), which is how it is kept working
+on machines without an accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from ingest.attribution.attribute import attribute  # noqa: E402
+from ingest.models import load_model  # noqa: E402
+from ingest.paths import home  # noqa: E402
+from ingest.transcoders.formats import load_any  # noqa: E402
+from ingest.zoo.tasks import get_task  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def run_cli(args: list[str], log: Path) -> float:
+    """Run ``circuitscope ARGS``; return its wall seconds, or raise with its log tail."""
+    started = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "service", *args], stdout=out, stderr=subprocess.STDOUT
+        )
+    if proc.returncode != 0:
+        tail = log.read_text()[-2000:]
+        raise RuntimeError(f"circuitscope {' '.join(args)} failed ({proc.returncode}):\n{tail}")
+    return time.perf_counter() - started
+
+
+def zoo_spec(model_dir: Path) -> tuple[str, str]:
+    spec = json.loads((model_dir / "zoo.json").read_text())["spec"]
+    return str(spec["task"]), str(spec["arch"])
+
+
+def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[str, Any]:
+    task_name, arch = zoo_spec(model_dir)
+    row: dict[str, Any] = {"model": f"{task_name}-{arch}"}
+    scratch = work / row["model"]
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    zoo_out = scratch / "zoo-tiny"
+    row["zoo train s"] = run_cli(
+        ["zoo", "train", task_name, "--arch", arch, "--tiny", "--device", device,
+         "--out", str(zoo_out)],
+        scratch / "zoo.log",
+    )  # fmt: skip
+    metrics = json.loads((zoo_out / "zoo.json").read_text()).get("metrics", {})
+    row["zoo metrics finite"] = bool(metrics) and all(
+        isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()
+    )
+
+    tc_dir = scratch / "transcoders"
+    row["transcoders train s"] = run_cli(
+        ["transcoders", "train", "--model", str(model_dir), "--out", str(tc_dir),
+         "--prompts", "zoo", "--width", "128", "--steps", str(steps),
+         "--eval-every", str(steps), "--checkpoint-every", str(max(1, steps // 2)),
+         "--device", device],
+        scratch / "transcoders.log",
+    )  # fmt: skip
+    report = scratch / "eval.json"
+    run_cli(
+        ["transcoders", "eval", str(tc_dir), "--model", str(model_dir), "--prompts", "zoo",
+         "--device", device, "--windows", "16", "--json", str(report)],
+        scratch / "eval.log",
+    )  # fmt: skip
+    row["tc ce_rec"] = json.loads(report.read_text())["mean"]["ce_loss_recovered"]
+
+    example = get_task(task_name).examples("heldout")[0]
+    cpu = load_model(str(model_dir), device="cpu")
+    dev = load_model(str(model_dir), device=device)
+    ids = cpu.tokenizer(example.prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = cpu.adapter(ids)
+        got = dev.adapter(ids.to(dev.adapter.device)).cpu()
+    row["logits diff / scale"] = float((got - ref).abs().max() / ref.abs().max())
+
+    for name, dtype in DTYPES.items():
+        graphs = {}
+        for where in ("cpu", device):
+            loaded = load_model(str(model_dir), device=where, dtype=dtype)
+            graphs[where] = attribute(loaded, load_any(tc_dir), example.prompt, batch_size=32)
+        a, b = graphs["cpu"], graphs[device]
+        same_nodes = [n.node_id for n in a.nodes] == [n.node_id for n in b.nodes]
+        row[f"{name} same nodes"] = same_nodes
+        if same_nodes:
+            ref_adj = a.adjacency.double()
+            diff = (b.adjacency.double().cpu() - ref_adj).abs().max()
+            row[f"{name} adj diff / max"] = float(diff / ref_adj.abs().max())
+        ga, gb = a.to_graph(), b.to_graph()
+        row[f"{name} replacement (cpu / dev)"] = (
+            f"{ga.metadata.replacement_score:.4f} / {gb.metadata.replacement_score:.4f}"
+        )
+    return row
+
+
+def render(rows: list[dict[str, Any]], header: str) -> str:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = []
+        for k in keys:
+            v = row.get(k, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="the device checked against cpu")
+    parser.add_argument("--models", nargs="*", type=Path, default=None, help="zoo model dirs")
+    parser.add_argument("--steps", type=int, default=200, help="transcoder training steps")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("no CUDA device here: run on a GPU machine, or pass --device cpu")
+    models = args.models or sorted(p for p in (home() / "zoo").glob("*") if p.is_dir())
+    if not models:
+        sys.exit(f"no zoo models under {home() / 'zoo'}: train some with `circuitscope zoo train`")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
+        for model_dir in models:
+            print(f"checking {model_dir} on {args.device} ...", flush=True)
+            rows.append(check_model(model_dir, args.device, Path(tmp), args.steps))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    header = (
+        f"# Device parity: {args.device} against cpu\n\n"
+        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n"
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, GPU {gpu}, "
+        f"torch {torch.__version__}\n"
+        f"- command: `python3 benchmarks/device_check.py {' '.join(sys.argv[1:])}`\n"
+        "- columns: wall seconds of the CLI runs; logits and adjacency differences relative "
+        "to the CPU's largest magnitude; replacement scores of the full graph on both"
+    )
+    text = render(rows, header)
+    print(text)
+    out = args.out or REPO / "benchmarks" / "results" / f"device_{args.device.replace(':', '')}.md"
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
