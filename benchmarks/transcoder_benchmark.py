@@ -1,24 +1,35 @@
-"""Transcoder quality and speed on task-zoo models.
+"""Transcoder quality and speed on every task-zoo model and every layer.
 
-For each task: train (or reuse) the default-size zoo model, train a per-layer TopK
-transcoder and a TopK SAE baseline at the same k on its MLPs, and report
+For each zoo model under ``$CIRCUITSCOPE_HOME/zoo`` (never retrained here), train a
+per-layer TopK transcoder and a TopK SAE baseline at the trainer's default settings
+(``TrainConfig()``: width, k, steps, batch) on every layer, and report
 
-- mean L0, per-layer CE loss recovered (each layer spliced alone), dead latents;
+- mean L0, CE loss recovered of each layer spliced alone (the worst layer), CE loss
+  recovered with all layers spliced, dead latents over >= 65,536 eval tokens;
 - the task metric with every MLP replaced, as a fraction of the clean model's;
 - transcoder vs SAE CE loss recovered at equal L0;
-- training throughput (tokens/s) and the FLOP/s it implies, beside this machine's own
-  matmul FLOP/s measured in the same run at the transcoder's shapes; peak memory.
+- training throughput (tokens/s, activation collection included) and the FLOP/s it
+  implies, beside this machine's own matmul FLOP/s measured in the same run at the
+  step's shapes; peak memory.
+
+FLOPs per trained token and layer are those the dense step performs: encoder forward
+``2 d w``, encoder weight gradient ``2 d w`` (the input needs no gradient), decoder
+forward ``2 d w``, decoder weight and activation gradients ``4 d w``: ``10 d w``. The
+AuxK pass, the model forward that collects activations and elementwise work are not
+counted (they are overhead the ratio charges to the trainer).
 
 Bars (DESIGN 5.1 / the transcoder issue): L0 <= 32 with CE loss recovered >= 0.90 per
-layer; all layers spliced keep >= 90% of the task metric; dead latents < 10%.
+layer; all layers spliced keep >= 90% of the task metric; dead latents < 10%; trainer
+at >= 30% of the matmul FLOP/s.
 
-    python3 benchmarks/transcoder_benchmark.py [--tasks greater_than,ioi] [--steps 2000]
-        [--device cpu] [--out benchmarks/results/transcoders.md]
+    python3 benchmarks/transcoder_benchmark.py [--models DIR,DIR] [--steps N] [--k K]
+        [--width W] [--device cpu] [--out benchmarks/results/transcoders.md]
 """
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import sys
@@ -35,7 +46,8 @@ from ingest.transcoders.evaluation import evaluate_set
 from ingest.transcoders.sources import zoo_source
 from ingest.transcoders.trainer import TrainConfig, train_transcoders
 from ingest.zoo.checkpoint import read_manifest
-from ingest.zoo.trainer import train_zoo_model
+
+FLOPS_PER_TOKEN_LAYER = 10  # x d_model x width: see the module docstring
 
 
 def matmul_flops(batch: int, d: int, d_t: int, device: torch.device, seconds: float = 2.0) -> float:
@@ -64,47 +76,50 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def zoo_models() -> list[Path]:
+    root = home() / "zoo"
+    return sorted(d for d in root.iterdir() if (d / "zoo.json").is_file())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="greater_than,ioi")
-    parser.add_argument(
-        "--models", default="", help="comma-separated zoo checkpoint dirs to use instead of --tasks"
-    )
-    parser.add_argument("--arch", default="gpt2")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--expansion", type=int, default=8, help="width = expansion * d_model")
+    parser.add_argument("--models", default="", help="comma-separated zoo dirs (default: all)")
+    parser.add_argument("--steps", type=int, default=None, help="default: TrainConfig's")
+    parser.add_argument("--k", type=int, default=None, help="default: the TopK default")
+    parser.add_argument("--width", type=int, default=None, help="default: TrainConfig's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoders.md"))
     args = parser.parse_args()
 
     device = torch.device(args.device)
     work = home() / "benchmarks" / "transcoders"
+    overrides = {
+        key: value
+        for key, value in (("steps", args.steps), ("sparsity", args.k), ("width", args.width))
+        if value is not None
+    }
+    base = TrainConfig(arch="topk", **overrides)  # type: ignore[arg-type]
+    k = int(base.module_config(64).sparsity)
+    model_dirs = [Path(m) for m in args.models.split(",")] if args.models else zoo_models()
     rows = []
     extra = []
-    if args.models:
-        model_dirs = [Path(m) for m in args.models.split(",")]
-    else:
-        model_dirs = [
-            train_zoo_model(task, args.arch, device=args.device, reuse=True, progress=False).out_dir
-            for task in args.tasks.split(",")
-        ]
+    began = time.perf_counter()
+    load_start = os.getloadavg()[0]
     for model_dir in model_dirs:
         manifest = read_manifest(model_dir)
-        task = manifest.spec.task
         loaded = load_model(str(model_dir), device=args.device)
         adapter = loaded.adapter
         source = zoo_source(model_dir, loaded.tokenizer)
-        width = args.expansion * adapter.d_model
         results = {}
         for kind in ("transcoder", "sae"):
             cfg = TrainConfig(
-                kind=kind, arch="topk", width=width, sparsity=args.k, steps=args.steps,
-                eval_every=max(1, args.steps // 4), checkpoint_every=args.steps,
+                **{**base.to_dict(), "kind": kind, "layers": None,
+                   "eval_every": base.steps, "checkpoint_every": base.steps}
             )  # fmt: skip
-            out = work / f"{model_dir.name}-{kind}-k{args.k}-s{args.steps}"
-            for stale in (out / "checkpoint.safetensors",):
-                stale.unlink(missing_ok=True)
+            out = work / f"{model_dir.name}-{kind}"
+            (out / "checkpoint.safetensors").unlink(missing_ok=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             result = train_transcoders(
                 adapter, source, cfg, out, model_id=str(model_dir), progress=False
             )
@@ -115,47 +130,59 @@ def main() -> int:
             results[kind] = (result, report)
         tc_result, tc = results["transcoder"]
         _, sae = results["sae"]
-        per_token_flops = adapter.n_layers * 6 * 2 * adapter.d_model * width
+        width = base.width
+        per_token_flops = adapter.n_layers * FLOPS_PER_TOKEN_LAYER * adapter.d_model * width
         achieved = tc_result.tokens_per_second * per_token_flops
-        peak_matmul = matmul_flops(256, adapter.d_model, width, device)
+        peak_matmul = matmul_flops(base.batch_size, adapter.d_model, width, device)
         layer_rec = [v["ce_loss_recovered"] for v in tc["layers"].values()]
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         rows.append(
             {
-                "task": f"{task} ({manifest.spec.arch})",
+                "model": model_dir.name,
                 "d_model": adapter.d_model,
                 "layers": adapter.n_layers,
-                "width": width,
                 "L0 (tc)": tc["mean"]["l0"],
                 "CE rec min layer (tc)": min(layer_rec),
                 "CE rec all layers (tc)": tc["all_layers"]["ce_loss_recovered"],
                 "task metric kept (tc)": tc["task"]["fraction_kept"],
                 "dead (tc)": tc["mean"]["dead_fraction"],
+                "dead tokens": tc["dead_tokens"],
                 "L0 (sae)": sae["mean"]["l0"],
                 "CE rec mean (sae)": sae["mean"]["ce_loss_recovered"],
                 "CE rec mean (tc)": tc["mean"]["ce_loss_recovered"],
+                "dead (sae)": sae["mean"]["dead_fraction"],
                 "tokens/s": tc_result.tokens_per_second,
+                "matmul GFLOP/s": peak_matmul / 1e9,
                 "train/matmul FLOP/s": achieved / peak_matmul,
+                "peak MiB": (tc_result.peak_memory_bytes or peak_rss) / 2**20,
             }
         )
-        extra.append({"task": task, "transcoder": tc, "sae": sae, "zoo_metrics": manifest.metrics})
-        print(json.dumps(rows[-1], indent=1), flush=True)
+        extra.append(
+            {"model": model_dir.name, "transcoder": tc, "sae": sae, "zoo_metrics": manifest.metrics}
+        )
+        print(json.dumps(rows[-1], indent=1, default=float), flush=True)
 
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak_cuda = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    wall = time.perf_counter() - began
     headers = list(rows[0])
+    command = "python3 benchmarks/transcoder_benchmark.py " + " ".join(sys.argv[1:])
     lines = [
         "# Transcoder benchmark",
         "",
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
-        f"- machine: {platform.node()}, {cpu_name()}, {torch.get_num_threads()} torch threads, "
-        f"device {device}, torch {torch.__version__}",
-        "- command: python3 benchmarks/transcoder_benchmark.py "
-        + (f"--models {args.models} " if args.models else f"--tasks {args.tasks} ")
-        + f"--steps {args.steps} --k {args.k} --device {args.device}",
-        f"- TopK k={args.k}, width {args.expansion} x d_model, {args.steps} steps of 256 tokens",
-        f"- peak memory: {peak_rss / 2**20:.0f} MiB resident"
-        + (f", {peak_cuda / 2**20:.0f} MiB CUDA" if peak_cuda else ""),
-        "- bars: L0 <= 32 with CE rec >= 0.90 per layer; task metric kept >= 0.90; dead < 0.10",
+        f"- machine: {platform.node()}, {cpu_name()}, {os.cpu_count()} cores shared with other "
+        f"users, {torch.get_num_threads()} torch threads, device {device}, torch "
+        f"{torch.__version__}",
+        f"- 1-minute load average: {load_start:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end",
+        f"- command: `{command.strip()}`; wall time {wall / 60:.1f} min",
+        f"- TopK k={k}, width {base.width}, {base.steps} steps of {base.batch_size} tokens "
+        f"(TrainConfig defaults unless the command overrides them), every layer",
+        "- dead: latents that never fire on the first `dead tokens` tokens of the eval split",
+        f"- FLOPs: {FLOPS_PER_TOKEN_LAYER} x d_model x width per token and layer (dense step); "
+        "matmul GFLOP/s measured at the step's shapes in this run",
+        "- peak MiB: resident set of the whole process so far (CPU) or CUDA peak",
+        "- bars: L0 <= 32 with CE rec >= 0.90 per layer; task metric kept >= 0.90; "
+        "dead < 0.10; train/matmul >= 0.30",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "---|" * len(headers),

@@ -61,7 +61,8 @@ class CrossLayerTranscoder(nn.Module):
                 enc = dec[:, 0, :]
             else:
                 enc = torch.randn(cfg.d_transcoder, cfg.d_in, generator=generator)
-            self.W_enc[s].copy_(enc / enc.norm(dim=-1, keepdim=True) * cfg.dec_init_norm)
+            enc_norm = cfg.spec.enc_init_norm or cfg.dec_init_norm
+            self.W_enc[s].copy_(enc / enc.norm(dim=-1, keepdim=True) * enc_norm)
         self.b_enc.zero_()
         self.b_dec.zero_()
         if self.W_skip is not None:
@@ -69,9 +70,12 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        """xs, ys: per layer (N, d). Sets each ``b_dec[t]`` to its target mean."""
+        """xs, ys: per layer (N, d). Sets each ``b_dec[t]`` to its target mean and centres
+        each encoder on its input mean (``b_enc[s] = -W_enc[s] mean(x_s)``)."""
         for t, y in enumerate(ys):
             self.b_dec[t].copy_(y.mean(0))
+        for s, x in enumerate(xs):
+            self.b_enc[s].copy_(-(self.W_enc[s] @ x.mean(0)))
 
     def _activation(self, layer: int) -> Activation:
         return self.activations[layer]  # type: ignore[return-value]

@@ -43,6 +43,8 @@ class ArchitectureSpec:
     unit_norm_decoder: bool
     has_threshold: bool
     description: str
+    #: Norm of the initial encoder rows; None: the config's ``dec_init_norm``.
+    enc_init_norm: float | None = None
 
     def implementation(self) -> Any:
         module_name, _, attr = self.impl.partition(":")
@@ -79,6 +81,7 @@ register_architecture(
         unit_norm_decoder=True,
         has_threshold=False,
         description="TopK + AuxK dead-latent loss (Gao et al. 2024, EleutherAI sparsify)",
+        enc_init_norm=1.0,
     )
 )
 register_architecture(

@@ -4,7 +4,11 @@ On the eval split of a prompt source, at real (unpadded) token positions:
 
 - ``l0``: mean number of active latents per token, per layer;
 - ``fvu``: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2`` per layer (clean inputs);
-- ``dead_fraction``: latents that never fire on the eval tokens;
+- ``dead_fraction``: latents that never fire on a large sample of the eval split (at
+  least ``dead_tokens`` tokens, default 65,536, or the whole split when it is smaller),
+  counted apart from the other metrics, which need far fewer tokens: a latent that fires
+  once in 10^4-10^5 tokens looks dead on a few hundred (SAELens and sparsify likewise
+  count dead latents over millions of training tokens);
 - CE loss recovered ``(CE_ablate - CE_splice) / (CE_ablate - CE_clean)`` and delta loss
   ``CE_splice - CE_clean``, with each layer's MLP output replaced by the set's estimate
   (splice) or by zero (ablate), for each layer alone and for all covered layers together;
@@ -114,6 +118,7 @@ def evaluate_set(
     zoo_dir: str | Path | None = None,
     tokenizer: Any = None,
     max_task_examples: int = 512,
+    dead_tokens: int = 65_536,
 ) -> dict[str, Any]:
     """All metrics of the module docstring as a JSON-ready dict."""
     tset.check_fits(adapter)
@@ -167,9 +172,14 @@ def evaluate_set(
         sums["ce_ablate_all"] += float(next_token_ce(ablated_all, ids, mask))
         sums["kl_all"] += float(kl_divergence(clean, spliced_all, mask))
 
+    dead_sample = _count_firing(adapter, tset, source, per, dead_tokens, batch_size)
     n_tok, n_pred = max(sums["tokens"], 1.0), max(sums["pred_tokens"], 1.0)
     ce_clean = sums["ce_clean"] / n_pred
-    report: dict[str, Any] = {"set_id": tset.metadata.set_id, "tokens": int(n_tok)}
+    report: dict[str, Any] = {
+        "set_id": tset.metadata.set_id,
+        "tokens": int(n_tok),
+        "dead_tokens": max(dead_sample, int(n_tok)),
+    }
     layer_reports = {}
     for layer in layers:
         stats = per[layer]
@@ -204,6 +214,37 @@ def evaluate_set(
     if zoo_dir is not None and (Path(zoo_dir) / "zoo.json").is_file():
         report["task"] = task_metric(adapter, tset, Path(zoo_dir), tokenizer, max_task_examples)
     return report
+
+
+@torch.no_grad()
+def _count_firing(
+    adapter: Any,
+    tset: TranscoderSet,
+    source: Source,
+    per: dict[int, "_LayerSums"],
+    min_tokens: int,
+    batch_size: int,
+) -> int:
+    """Mark in ``per[layer].fired`` every latent that fires on eval windows from the
+    start of the split until ``min_tokens`` real tokens were read (or the split ends).
+    Only the covered sites are recorded; returns the number of tokens read."""
+    from ingest.transcoders.buffer import record_sites
+
+    site = "mlp_out" if tset.kind == "sae" else "mlp_in"
+    layers = tset.layers
+    total, start, n = 0, 0, source.n_windows("eval")
+    chunk = max(batch_size, 256)
+    while total < min_tokens and start < n:
+        windows = source.get("eval", start, min(chunk, n - start))
+        start += windows.ids.shape[0]
+        ids = windows.ids.to(adapter.device)
+        mask = windows.mask.to(adapter.device)
+        inputs, _ = record_sites(adapter, ids, layers, site)
+        for i, layer in enumerate(layers):
+            acts = tset.encode(layer, inputs[i][mask])  # (n, d_t)
+            per[layer].fired |= (acts > 0).any(0).cpu()
+        total += int(mask.sum())
+    return total
 
 
 def recovered(ce_clean: float, ce_splice: float, ce_ablate: float) -> float:

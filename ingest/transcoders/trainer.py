@@ -61,12 +61,12 @@ class TrainConfig:
     sparsity: float | None = None  # None: the architecture's default
     skip: bool = False
     layers: tuple[int, ...] | None = None  # None: every layer
-    steps: int = 2000
-    batch_size: int = 256
+    steps: int = 1000
+    batch_size: int = 1024
     lr: float = 2e-3
     warmup_steps: int = 50
-    buffer_rows: int = 16384
-    model_batch_size: int = 0  # windows per model forward; 0: about 2048 tokens
+    buffer_rows: int = 65536
+    model_batch_size: int = 0  # windows per model forward; 0: buffer.FLOATS_PER_FORWARD
     seed: int = 0
     eval_every: int = 500
     checkpoint_every: int = 500

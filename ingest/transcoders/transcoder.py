@@ -11,8 +11,13 @@ d_in)`` (used as ``x @ W_skip.T``), ``threshold (d_transcoder,)`` for JumpReLU.
 
 Initialization follows the literature: decoder rows random with norm ``dec_init_norm``
 (unit norm for architectures that keep unit-norm decoders), the encoder is the decoder
-transposed when ``d_in == d_out`` (sparsify, Anthropic), ``b_dec`` is set to the target
-mean by :meth:`init_from_data`, ``W_skip`` starts at zero.
+transposed when ``d_in == d_out`` (Gao et al. 2024; sparsify), with rows of norm
+``spec.enc_init_norm`` (TopK: 1, the exact transpose of the unit decoder; others
+``dec_init_norm``), ``W_skip`` starts at zero. :meth:`init_from_data` sets ``b_dec`` to
+the target mean and centres the encoder on the input mean, ``b_enc = -W_enc mean(x)``
+(the ``b_pre = mean`` of SAELens, folded into ``b_enc``): zoo MLP inputs carry 20-60% of
+their energy in their mean, and an uncentred encoder lets the few latents aligned with
+the mean win every TopK selection from the first step.
 """
 
 import torch
@@ -46,11 +51,12 @@ class Transcoder(nn.Module):
         dec_norm = 1.0 if cfg.spec.unit_norm_decoder else cfg.dec_init_norm
         dec = dec / dec.norm(dim=-1, keepdim=True) * dec_norm
         self.W_dec.copy_(dec)
+        enc_norm = cfg.spec.enc_init_norm or cfg.dec_init_norm
         if cfg.d_in == cfg.d_out:
-            enc = dec / dec.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
+            enc = dec / dec.norm(dim=-1, keepdim=True) * enc_norm
         else:
             enc = torch.randn(cfg.d_transcoder, cfg.d_in, generator=generator)
-            enc = enc / enc.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
+            enc = enc / enc.norm(dim=-1, keepdim=True) * enc_norm
         self.W_enc.copy_(enc)
         self.b_enc.zero_()
         self.b_dec.zero_()
@@ -59,8 +65,9 @@ class Transcoder(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """x: (N, d_in), y: (N, d_out). Sets ``b_dec`` to the target mean."""
+        """x: (N, d_in), y: (N, d_out). ``b_dec`` = target mean, encoder centred on x."""
         self.b_dec.copy_(y.mean(0))
+        self.b_enc.copy_(-(self.W_enc @ x.mean(0)))
 
     @property
     def threshold(self) -> torch.Tensor | None:

@@ -66,3 +66,19 @@ def test_set_for_another_model_is_rejected():
     other = adapter_from_hf(tiny_gpt2(seed=5))
     with pytest.raises(InvalidArgumentError, match="weights differ"):
         evaluate_set(other, perfect, random_stream_source(), n_windows=2)
+
+
+def test_dead_latents_are_counted_over_a_large_sample_not_the_few_eval_windows():
+    adapter, perfect, _ = _relu_model_and_sets()
+    source = random_stream_source(n_tokens=20_000)
+    eval_tokens = source.n_windows("eval") * source.width
+    few = evaluate_set(adapter, perfect, source, n_windows=1, dead_tokens=0)
+    many = evaluate_set(adapter, perfect, source, n_windows=1, dead_tokens=10**6)
+    assert few["dead_tokens"] == source.width
+    assert many["dead_tokens"] == eval_tokens
+    # A latent that fires anywhere in the larger sample is not dead: the count can only
+    # fall, and on 16 tokens some of the 32 ReLU neurons never fire while on 2,000 they do.
+    assert many["mean"]["dead_fraction"] < few["mean"]["dead_fraction"]
+    # The other metrics still come from the requested eval windows alone.
+    assert many["tokens"] == few["tokens"] == source.width
+    assert many["mean"]["fvu"] == few["mean"]["fvu"]

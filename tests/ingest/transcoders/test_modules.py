@@ -183,3 +183,37 @@ def test_check_fits_names_the_mismatch():
         make_set("transcoder", "relu", n_layers=3).check_fits(adapter)
     with pytest.raises(InvalidArgumentError, match="weights differ"):
         make_set("clt", "topk", n_layers=2, fingerprint="0" * 64).check_fits(adapter)
+
+
+def _offset_low_rank_data(d: int = 16, rank: int = 3, n: int = 4096) -> torch.Tensor:
+    """Rows with a large common mean and a low-rank spread, like zoo MLP inputs."""
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(rank, d, generator=gen)
+    return 4 * torch.randn(d, generator=gen) + torch.randn(n, rank, generator=gen) @ basis
+
+
+def test_topk_encoder_starts_as_the_decoder_transposed():
+    module = Transcoder(config("topk", d_t=64))
+    assert torch.allclose(module.W_enc, module.W_dec)
+    assert torch.allclose(module.W_dec.norm(dim=-1), torch.ones(64))
+
+
+def test_centring_the_encoder_lets_more_latents_win_topk_at_init():
+    x = _offset_low_rank_data()
+    module = Transcoder(config("topk", d_t=128, d=16))
+    module.reset_parameters(torch.Generator().manual_seed(1))
+    before = (module.encode(x) > 0).any(0).float().mean()
+    module.init_from_data(x, x)
+    after = (module.encode(x) > 0).any(0).float().mean()
+    # Uncentred, the latents aligned with the mean win every token's selection.
+    assert torch.allclose(module.pre_activations(x.mean(0)), torch.zeros(128), atol=1e-4)
+    assert torch.allclose(module.b_dec, x.mean(0))
+    assert after > 2 * before
+
+
+def test_clt_encoders_are_centred_on_their_own_layer_input():
+    xs = [_offset_low_rank_data(), 2 + _offset_low_rank_data()]
+    clt = CrossLayerTranscoder(config("topk", d_t=32, d=16), 2)
+    clt.init_from_data(xs, xs)
+    for s, x in enumerate(xs):
+        assert torch.allclose(clt.pre_activations(s, x.mean(0)), torch.zeros(32), atol=1e-4)
