@@ -84,7 +84,10 @@ class GraphCache:
     """Complete graphs in memory, LRU within ``max_cost`` (see module doc).
 
     Use from one event loop; :meth:`invalidate` may be called from any thread.
-    ``clock`` (monotonic seconds) is injectable so staleness can be tested.
+    Loads and checks run in ``executor``; neighbourhoods too big for the event loop
+    (more than ``inline_edges`` edges looked at) and paths in ``compute_executor``
+    (default ``executor``). ``clock`` (monotonic seconds) is injectable so staleness
+    can be tested.
     """
 
     def __init__(
@@ -96,10 +99,12 @@ class GraphCache:
         revalidate_s: float,
         memo_cost: int = 0,
         inline_edges: int = INLINE_EDGES,
+        compute_executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._executor = executor
+        self._compute = compute_executor or executor
         self.max_cost = max_cost
         self.revalidate_s = revalidate_s
         self._clock = clock
@@ -191,7 +196,12 @@ class GraphCache:
                 self._stats.dropped += 1
 
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
-        """``fn(*args)`` in the cache's threads (for work too big for the event loop)."""
+        """``fn(*args)`` in the compute threads (work too big for the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+
+    async def _io(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """``fn(*args)`` in the cache's own threads (store reads: loads, checks), which
+        long computations never occupy."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def start(self) -> None:
@@ -229,7 +239,7 @@ class GraphCache:
     async def _check(self, graph_ids: list[str], timeout: float) -> None:
         """Confirm or drop the entries of ``graph_ids`` against the store's revisions."""
         sent_at = self._clock()
-        revisions = await self.run(self._revisions, graph_ids, timeout)
+        revisions = await self._io(self._revisions, graph_ids, timeout)
         self._count("checks")
         with self._lock:
             for graph_id in graph_ids:
@@ -249,7 +259,7 @@ class GraphCache:
 
     async def _load(self, graph_id: str, timeout: float) -> GraphIndex | None:
         generation = self._generation.get(graph_id, 0)
-        loaded = await self.run(self._read, graph_id, timeout)
+        loaded = await self._io(self._read, graph_id, timeout)
         if loaded is None:
             return None
         index, checked_at = loaded

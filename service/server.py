@@ -146,7 +146,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     runner = BlockingRunner(store_pool, config.default_timeout_s)
     model_runner = BlockingRunner(model_pool, config.default_timeout_s)
     # The cache loads and re-checks in threads of its own, so a full store pool (slow
-    # listings) never delays the calls it answers from memory.
+    # queries, long path searches) never delays the calls it answers from memory.
     cache_pool = ThreadPoolExecutor(2, thread_name_prefix="graph-cache")
     graph_cache = (
         GraphCache(
@@ -155,6 +155,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
             max_cost=config.graph_cache_edges,
             revalidate_s=config.graph_cache_revalidate_s,
             memo_cost=config.subgraph_memo_edges,
+            compute_executor=store_pool,
         )
         if config.graph_cache_edges
         else None
