@@ -150,7 +150,8 @@ class GraphCache:
                     self._loads, graph_id, self._load(graph_id, timeout)
                 )
             with self._lock:
-                if entry.checked_at >= asked_at - self.revalidate_s and graph_id in self._entries:
+                current = self._entries.get(graph_id) is entry
+                if current and entry.checked_at >= asked_at - self.revalidate_s:
                     self._entries.move_to_end(graph_id)
                     self._stats.hits += 1
                     return entry.index
@@ -160,7 +161,7 @@ class GraphCache:
         self, index: GraphIndex, node_id: str, *, depth: int, top_k: int, direction: Direction
     ) -> pb.GetSubgraphResponse:
         """GetSubgraph's answer from ``index``: remembered, or computed on the event loop
-        when it is small (a thread hop costs more), else in the cache's threads."""
+        when it is small (a thread hop costs more), else in the compute threads."""
         key = (index.graph_id, index.write_id, node_id, depth, top_k, direction)
         with self._lock:
             remembered = self._memo.get(key)

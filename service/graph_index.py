@@ -12,7 +12,7 @@ what makes those answers fast and returns exactly what the store returns
   and ``in``); for ``both``, per frontier node the top ``top_k`` by (|weight|, source
   id, target id) of the union of every frontier node's top-k out and top-k in edges
   that touch it (the store's rule, kept to the letter). Out- and in-edges are stored
-  per node already in rank order (CSR arrays), so a hop is a slice per node. The
+  per node already in rank order (CSR arrays), so a hop is one vectorized gather. The
   answer's nodes are in stored order, as the store returns them; edges come hop by
   hop (the store's edge order follows its query engine's grouping and is
   unspecified).
@@ -29,8 +29,8 @@ graphs with two edges between one pair of nodes are not :attr:`GraphIndex.simple
 should be left to the store, whose answer for them depends on its query order.
 
 The response of GetSubgraph is assembled from bytes serialized once per node at load
-time (a node message, and each node id as an edge's source and target field), about
-3x faster than building a message per edge.
+time (a node message, and each node id as an edge's source and target field) and
+parsed once, about 3x faster than building a message per edge.
 """
 
 from __future__ import annotations
