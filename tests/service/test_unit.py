@@ -96,6 +96,47 @@ def test_server_config_validation(tmp_path: Path) -> None:
         load_tokens(None, tmp_path / "missing")
 
 
+@pytest.mark.parametrize(
+    "field",
+    ["graph_cache_edges", "graph_cache_revalidate_s", "list_cache_ttl_s", "subgraph_memo_edges"],
+)
+def test_cache_settings_must_not_be_negative(field: str) -> None:
+    with pytest.raises(errors.InvalidArgumentError, match=field):
+        ServerConfig(**{field: -1})  # type: ignore[arg-type]
+    assert getattr(ServerConfig(**{field: 0}), field) == 0  # type: ignore[arg-type]
+
+
+def test_serve_flags_set_the_cache_settings() -> None:
+    import argparse
+
+    from service import serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.register(parser.add_subparsers())
+    flags = [
+        "serve",
+        "--graph-cache-edges",
+        "1000",
+        "--graph-cache-revalidate",
+        "0",
+        "--list-cache-ttl",
+        "2.5",
+        "--subgraph-memo-edges",
+        "0",
+    ]
+    config = serve_cli.build_server_config(parser.parse_args(flags), {})
+    assert (config.graph_cache_edges, config.graph_cache_revalidate_s) == (1000, 0.0)
+    assert (config.list_cache_ttl_s, config.subgraph_memo_edges) == (2.5, 0)
+    defaults = serve_cli.build_server_config(parser.parse_args(["serve"]), {})
+    for field in (
+        "graph_cache_edges",
+        "graph_cache_revalidate_s",
+        "list_cache_ttl_s",
+        "subgraph_memo_edges",
+    ):
+        assert getattr(defaults, field) == getattr(ServerConfig(), field), field
+
+
 def test_graph_round_trips_through_proto() -> None:
     graph = builders.layered_graph("g", n_layers=2, width=3)
     created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
