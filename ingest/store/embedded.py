@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -148,6 +149,24 @@ def config_for(data_dir: Path | str | None = None, **overrides: Any) -> StoreCon
 
 
 def _answers(config: StoreConfig, timeout: float) -> bool:
+    """Whether the server answers a query within about ``timeout`` seconds.
+
+    The driver bounds connecting, not reading: a server that accepts the connection
+    but never answers (a JVM still starting, or stalled) would block the probe for
+    ever. The probe runs in a daemon thread and counts as no answer when it overruns.
+    """
+    answered: list[bool] = []
+    probe = threading.Thread(
+        target=lambda: answered.append(_probe(config, timeout)),
+        name="embedded-server-probe",
+        daemon=True,
+    )
+    probe.start()
+    probe.join(2 * timeout)
+    return bool(answered and answered[0])
+
+
+def _probe(config: StoreConfig, timeout: float) -> bool:
     from neo4j import GraphDatabase
     from neo4j.exceptions import DriverError, Neo4jError
 
