@@ -50,7 +50,7 @@ def check_finite(tensor: torch.Tensor, layer: int, site: str, where: str) -> Non
 #: Floats per recorded (tokens, d_model) tensor that pick the automatic model batch:
 #: 2^22 (16 MiB in float32) is 65,536 tokens at d_model 64 and 5,461 at 768. Small
 #: forwards are dominated by per-call overhead: on the zoo models (d_model 64) 2,048-token
-#: forwards collected 6x fewer tokens/s than 65,536-token ones, and collection was half
+#: forwards collected 2.5-6x fewer tokens/s than 65,536-token ones, and collection was half
 #: of a training step's time.
 FLOATS_PER_FORWARD = 2**22
 

@@ -91,6 +91,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("set", type=Path, help="transcoder set directory")
     _add_model_args(ev)
     ev.add_argument("--windows", type=int, default=64, help="eval windows / prompts")
+    ev.add_argument(
+        "--dead-tokens", type=int, default=65_536,
+        help="eval tokens over which a latent that never fires counts as dead",
+    )  # fmt: skip
     ev.add_argument("--json", type=Path, default=None, help="also write the report here")
     ev.set_defaults(handler=_eval)
 
@@ -197,7 +201,7 @@ def _eval(args: argparse.Namespace) -> int:
     tset = load_any(args.set, device=loaded.adapter.device)
     report = evaluate_set(
         loaded.adapter, tset, source, n_windows=args.windows, zoo_dir=args.model,
-        tokenizer=loaded.tokenizer,
+        tokenizer=loaded.tokenizer, dead_tokens=args.dead_tokens,
     )  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))

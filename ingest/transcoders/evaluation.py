@@ -277,8 +277,16 @@ def task_metric(
     out: dict[str, Any] = {"task": task.name, "examples": len(examples)}
     for name, metric_sums in totals.items():
         out[name] = task.summarize({k: v / len(examples) for k, v in metric_sums.items()})
-    main = task.quality_bars()[0].metric if task.quality_bars() else next(iter(out["clean"]))
+    bars = task.quality_bars()
+    main = bars[0].metric if bars else next(iter(out["clean"]))
+    higher = bars[0].higher if bars else True
     clean, spliced = out["clean"].get(main, float("nan")), out["spliced"].get(main, float("nan"))
     out["metric"] = main
-    out["fraction_kept"] = spliced / clean if clean else float("nan")
+    # For a lower-is-better metric (induction's loss ratio) the kept fraction is
+    # clean / spliced, so that a worse spliced model keeps less than 1 either way.
+    ratio = (spliced, clean) if higher else (clean, spliced)
+    out["fraction_kept"] = ratio[0] / ratio[1] if ratio[1] else float("nan")
+    if bars:
+        out["bar"] = bars[0].describe()
+        out["spliced_passes_bar"] = bars[0].passes(out["spliced"])
     return out
