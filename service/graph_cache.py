@@ -16,8 +16,9 @@ complete graph (:meth:`GraphStore.graph_revisions`, one indexed lookup).
 - **Bounded memory**: an LRU over graph ids whose entries' costs (edges plus nodes)
   sum to at most ``max_cost``; a graph bigger than the whole budget is not loaded
   (its calls go to the store). ``max_cost`` 0 disables the cache.
-- **Answers remembered**: GetSubgraph responses are kept by (graph id, revision,
-  request) in an LRU of at most ``memo_cost`` nodes plus edges (0: none). The key
+- **Answers remembered**: GetSubgraph responses (serialized bytes) are kept by
+  (graph id, revision, request) in an LRU of at most ``memo_cost`` nodes plus edges
+  (0: none); :class:`CacheStats` counts answers ``remembered`` and ``computed``. The key
   holds the revision, so a remembered answer is exactly what the current graph
   gives; a rewritten graph's old answers are never matched again and age out.
 - **Bounded staleness**: an entry is used only if its revision was confirmed at most
@@ -49,7 +50,6 @@ from typing import Any, TypeVar
 
 from ingest.errors import FailedPreconditionError, NotFoundError
 from ingest.store.base import Direction, GraphStore
-from service._generated.circuits.v1 import graph_service_pb2 as pb
 from service.graph_index import GraphIndex
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ class CacheStats:
     dropped: int = 0
     evicted: int = 0
     too_big: int = 0
-    remembered: int = 0
+    remembered: int = 0  # GetSubgraph answers given from remembered ones
+    computed: int = 0  # GetSubgraph answers computed from an index
 
 
 @dataclass
@@ -119,9 +120,7 @@ class GraphCache:
         self._refresher: asyncio.Task[None] | None = None
         self.memo_cost = memo_cost
         self.inline_edges = inline_edges
-        self._memo: OrderedDict[tuple[object, ...], tuple[pb.GetSubgraphResponse, int]] = (
-            OrderedDict()
-        )
+        self._memo: OrderedDict[tuple[object, ...], tuple[bytes, int]] = OrderedDict()
         self._memo_used = 0
 
     # ------------------------------------------------------------------ public
@@ -159,8 +158,9 @@ class GraphCache:
 
     async def neighbourhood(
         self, index: GraphIndex, node_id: str, *, depth: int, top_k: int, direction: Direction
-    ) -> pb.GetSubgraphResponse:
-        """GetSubgraph's answer from ``index``: remembered, or computed on the event loop
+    ) -> bytes:
+        """GetSubgraph's answer from ``index``, serialized (a GetSubgraphResponse's bytes,
+        :meth:`GraphIndex.subgraph_bytes`): remembered, or computed on the event loop
         when it is small (a thread hop costs more), else in the compute threads."""
         key = (index.graph_id, index.write_id, node_id, depth, top_k, direction)
         with self._lock:
@@ -170,15 +170,15 @@ class GraphCache:
                 self._stats.remembered += 1
                 return remembered[0]
 
-        def compute() -> pb.GetSubgraphResponse:
+        def compute() -> tuple[bytes, int]:
             found = index.subgraph(node_id, depth=depth, top_k=top_k, direction=direction)
-            return index.subgraph_message(found)
+            return index.subgraph_bytes(found), len(found.nodes) + len(found.edges)
 
         per_node = top_k if direction != "both" else 2 * top_k
         bound = min(index.n_edges, sum(per_node**hop for hop in range(1, depth + 1)))
-        response = compute() if bound <= self.inline_edges else await self.run(compute)
-        cost = len(response.nodes) + len(response.edges)
+        response, cost = compute() if bound <= self.inline_edges else await self.run(compute)
         with self._lock:
+            self._stats.computed += 1
             if cost <= self.memo_cost and key not in self._memo:
                 self._memo[key] = (response, cost)
                 self._memo_used += cost

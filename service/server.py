@@ -47,7 +47,6 @@ from service._generated.circuits.v1 import (
     feature_service_pb2,
     feature_service_pb2_grpc,
     graph_service_pb2,
-    graph_service_pb2_grpc,
     job_service_pb2,
     job_service_pb2_grpc,
 )
@@ -62,7 +61,7 @@ from service.models import ModelRegistry
 from service.runner import BlockingRunner
 from service.servicers.analysis import AnalysisServicer
 from service.servicers.features import FeatureServicer
-from service.servicers.graphs import GraphServicer
+from service.servicers.graphs import GraphServicer, add_graph_service
 from service.servicers.jobs import JobServicer
 
 logger = logging.getLogger(__name__)
@@ -174,9 +173,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     server = aio.server(
         interceptors=interceptors, options=channel_options(config.max_message_bytes)
     )
-    graph_service_pb2_grpc.add_GraphServiceServicer_to_server(
-        GraphServicer(store, runner, model_runner, graph_cache, listings), server
-    )
+    add_graph_service(GraphServicer(store, runner, model_runner, graph_cache, listings), server)
     feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(
         FeatureServicer(store, runner), server
     )

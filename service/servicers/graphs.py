@@ -9,6 +9,12 @@ graph (same answers as the store; small neighbourhoods computed on the event loo
 larger ones and paths in the cache's threads); otherwise by the store. ListGraphs
 pages are kept for a bounded time by a :class:`~service.listing_cache.ListingCache`
 when the server has one.
+
+A GetSubgraph answer from the cache is already the serialized response
+(:meth:`GraphIndex.subgraph_bytes`); :func:`add_graph_service` registers the service
+with a GetSubgraph serializer that passes such bytes through unchanged (and
+serializes a message, the store path, as usual), so the bytes are never parsed
+into a message and serialized again.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import grpc
 from grpc import aio
 
 from ingest.errors import InvalidArgumentError
@@ -156,9 +163,10 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
                 edges=convert.edges_to_proto(graph, start, start + chunk)
             )
 
-    async def GetSubgraph(
+    async def GetSubgraph(  # type: ignore[override]
         self, request: pb.GetSubgraphRequest, context: aio.ServicerContext
-    ) -> pb.GetSubgraphResponse:
+    ) -> pb.GetSubgraphResponse | bytes:
+        """The neighbourhood; serialized already when answered from the cache."""
         graph_id = _required("graph_id", request.graph_id)
         node_id = _required("node_id", request.node_id)
         depth = bounded("depth", request.depth, 1, 1, 5)
@@ -218,3 +226,45 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
                 score=score,
             )
         return pb.FindPathsResponse(paths=[convert.path_to_proto(p) for p in paths])
+
+
+def _serialize_subgraph(response: pb.GetSubgraphResponse | bytes) -> bytes:
+    """GetSubgraph's response serializer: cache answers are serialized already."""
+    if isinstance(response, bytes):
+        return response
+    return response.SerializeToString()
+
+
+def add_graph_service(servicer: GraphServicer, server: aio.Server) -> None:
+    """Register ``servicer`` as ``circuits.v1.GraphService`` on ``server``: the generated
+    registration, but with :func:`_serialize_subgraph` for GetSubgraph (module doc)."""
+    handlers = {
+        "ListGraphs": grpc.unary_unary_rpc_method_handler(
+            servicer.ListGraphs,
+            request_deserializer=pb.ListGraphsRequest.FromString,
+            response_serializer=pb.ListGraphsResponse.SerializeToString,
+        ),
+        "GetGraph": grpc.unary_unary_rpc_method_handler(
+            servicer.GetGraph,
+            request_deserializer=pb.GetGraphRequest.FromString,
+            response_serializer=pb.GetGraphResponse.SerializeToString,
+        ),
+        "StreamGraphEdges": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamGraphEdges,
+            request_deserializer=pb.StreamGraphEdgesRequest.FromString,
+            response_serializer=pb.StreamGraphEdgesResponse.SerializeToString,
+        ),
+        "GetSubgraph": grpc.unary_unary_rpc_method_handler(
+            servicer.GetSubgraph,
+            request_deserializer=pb.GetSubgraphRequest.FromString,
+            response_serializer=_serialize_subgraph,
+        ),
+        "FindPaths": grpc.unary_unary_rpc_method_handler(
+            servicer.FindPaths,
+            request_deserializer=pb.FindPathsRequest.FromString,
+            response_serializer=pb.FindPathsResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["GraphService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

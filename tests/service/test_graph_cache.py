@@ -12,6 +12,7 @@ cached. Time is a clock the test moves, never a sleep.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ import pytest
 from ingest.errors import NotFoundError
 from ingest.graph import AttributionGraph
 from ingest.store.base import Direction, GraphStore, PathScore
+from service import convert
+from service._generated.circuits.v1 import graph_service_pb2 as pb
 from service.client import CircuitsClient
 from service.config import ServerConfig
 from service.graph_cache import GraphCache
@@ -107,6 +110,39 @@ def test_neighbourhoods_equal_the_stores(
         assert found.nodes == expected.nodes, case
         assert _edges(found) == _edges(expected), case
         assert found.metadata == expected.metadata
+        raw = index.subgraph_bytes(
+            index.subgraph(node_id, depth=depth, top_k=top_k, direction=direction)
+        )
+        assert raw == _serialized(found), case
+        assert _answer(pb.GetSubgraphResponse.FromString(raw)) == _edges(expected), case
+
+
+def _serialized(graph: AttributionGraph) -> bytes:
+    """What the store path of GetSubgraph sends for ``graph`` (same nodes, same edges)."""
+    return pb.GetSubgraphResponse(
+        nodes=[convert.node_to_proto(n) for n in graph.nodes], edges=convert.edges_to_proto(graph)
+    ).SerializeToString()
+
+
+def test_pre_serialized_answers_are_the_messages_bytes() -> None:
+    """Byte for byte what a built message serializes to, also for zero weights (a
+    default, left out), -0.0, and ids long enough for multi-byte length prefixes."""
+    base = builders.random_graph("x", n_nodes=12, n_edges=40, seed=17)
+    long_ids = [
+        dataclasses.replace(n, node_id=n.node_id + "-" + "x" * (40 * i), label="l" * i)
+        for i, n in enumerate(base.nodes)
+    ]
+    weights = base.weights.copy()
+    weights[:3] = 0.0
+    weights[3:5] = -0.0
+    graph = AttributionGraph(base.metadata, long_ids, base.sources, base.targets, weights)
+    index = GraphIndex(graph, "w")
+    for node in long_ids:
+        for direction in DIRECTIONS:
+            found = index.subgraph(node.node_id, depth=3, top_k=50, direction=direction)
+            raw = index.subgraph_bytes(found)
+            assert raw == _serialized(index.subgraph_graph(found)), (node.node_id, direction)
+    assert len(index.node_ids[-1]) > 128, "an id must need a two-byte length"
 
 
 def test_ties_are_broken_by_node_id(store: GraphStore, graphs: dict[str, AttributionGraph]) -> None:
@@ -410,6 +446,9 @@ def test_invalidate_drops_an_entry_at_once(
 
 
 def _answer(response: object) -> dict[tuple[str, str], float]:
+    """The edges of a GetSubgraphResponse, given as a message or serialized."""
+    if isinstance(response, bytes):
+        response = pb.GetSubgraphResponse.FromString(response)
     return {(e.source_id, e.target_id): e.weight for e in response.edges}  # type: ignore[attr-defined]
 
 
@@ -431,6 +470,7 @@ def test_neighbourhood_answers_are_remembered_per_revision(
     try:
         a, b, other = (asyncio.run(ask(k)) for k in (3, 3, 4))
         assert a is b and other is not a and cache.stats().remembered == 1
+        assert cache.stats().computed == 2
         assert _answer(a) == _edges(store.subgraph("cache-memo", node, depth=2, top_k=3))
         store.write_graph(second, replace=True)
         c = asyncio.run(ask(3))
