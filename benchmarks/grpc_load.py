@@ -4,10 +4,17 @@ Sets up everything it measures, for real: an embedded graph server (ArcadeDB ove
 Bolt) in a temporary directory, a benchmark graph written through the store API,
 and ``circuitscope serve`` in its own process (so clients and server do not share a
 GIL). Then ``--clients`` concurrent callers (asyncio tasks over ``--channels`` grpc.aio
-channels) alternate GetSubgraph (a ~1k-edge neighbourhood: depth 2, top_k 32 from a
-token of a 4-layer graph with 40 features per layer) and ListGraphs (page of 50) for
-``--seconds`` seconds, after a warm-up. Reports p50/p99 latency per method,
-throughput, errors, the machine and the date, as Markdown on stdout and in ``--out``.
+channels) alternate GetSubgraph and ListGraphs (page of 50) for ``--seconds``
+seconds, after a warm-up.
+
+GetSubgraph asks for ~1k-edge neighbourhoods (depth 2, top_k 32, direction out) of a
+24-layer graph with 40 features per layer (~42k edges): every node whose answer has
+1000-1100 edges is a centre (about 900), and each call picks one at random (seeded
+by ``--seed`` and the client's number), so the server's remembered answers
+(``--subgraph-memo-edges``, about 220 such answers at the default) cannot answer
+most calls; the memo's hit rate is read from the server's cache counters. Reports
+p50/p99 latency per method, throughput, errors, distinct requests, mean edges per
+response, the machine and the date, as Markdown on stdout and in ``--out``.
 
 Usage: ``python3 benchmarks/grpc_load.py [--clients 64] [--seconds 30] [--out FILE]``.
 With ``--target HOST:PORT`` (and ``CIRCUITSCOPE_TOKEN``) it loads an existing server
@@ -21,6 +28,8 @@ import asyncio
 import datetime as dt
 import os
 import platform
+import random
+import re
 import secrets
 import socket
 import statistics
@@ -34,9 +43,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GRAPH_ID = "bench-1k"
+GRAPH_ID = "bench-deep"
 N_GRAPHS = 200  # small graphs so ListGraphs has pages to serve
-CENTER = "E_100_0"
+N_LAYERS, WIDTH = 24, 40
+DEPTH, TOP_K = 2, 32
+EDGES_LOW, EDGES_HIGH = 1000, 1100  # a centre's answer has this many edges
 # The server process: what `circuitscope serve` runs, without the rest of the CLI.
 SERVER_SCRIPT = """
 import asyncio, logging, sys
@@ -63,28 +74,47 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def setup_store(store) -> int:  # type: ignore[no-untyped-def]
-    """Write the benchmark graphs; return the edge count of the subgraph served."""
+def benchmark_graph():  # type: ignore[no-untyped-def]
     from tests.service.builders import layered_graph
 
+    return layered_graph(
+        GRAPH_ID,
+        n_layers=N_LAYERS,
+        width=WIDTH,
+        n_tokens=1,
+        n_logits=5,
+        prompt="benchmark big graph",
+        task="bench",
+    )
+
+
+def centres() -> list[str]:
+    """The nodes of the benchmark graph whose neighbourhood has 1000-1100 edges."""
+    from service.graph_index import GraphIndex
+
+    index = GraphIndex(benchmark_graph(), "local")
+    return [
+        node_id
+        for node_id in index.node_ids
+        if EDGES_LOW
+        <= len(index.subgraph(node_id, depth=DEPTH, top_k=TOP_K, direction="out").edges)
+        <= EDGES_HIGH
+    ]
+
+
+def setup_store(store) -> int:  # type: ignore[no-untyped-def]
+    """Write the benchmark graphs; return the edge count of the big graph."""
+    from tests.service.builders import layered_graph
+
+    big = benchmark_graph()
     if not store.list_graphs(prompt_contains="benchmark big", limit=1).items:
-        big = layered_graph(
-            GRAPH_ID,
-            n_layers=4,
-            width=40,
-            n_tokens=1,
-            n_logits=5,
-            prompt="benchmark big graph",
-            task="bench",
-        )
         store.write_graph(big, replace=True)
         for i in range(N_GRAPHS):
             store.write_graph(
                 layered_graph(f"bench-small-{i:04d}", prompt=f"benchmark small {i}", task="bench"),
                 replace=True,
             )
-    sub = store.subgraph(GRAPH_ID, CENTER, depth=2, top_k=32, direction="out")
-    return sub.n_edges
+    return int(big.n_edges)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,6 +131,7 @@ async def run_load(
     channels: int,
     seconds: float,
     warmup: float,
+    seed: int,
     baseline_calls: int = 20,
 ) -> dict[str, object]:
     import grpc
@@ -115,17 +146,22 @@ async def run_load(
     chans = [aio.insecure_channel(target, options=opts) for _ in range(channels)]
     stubs = [graph_service_pb2_grpc.GraphServiceStub(c) for c in chans]
     metadata = bearer_metadata(token)
-    sub_req = pb.GetSubgraphRequest(
-        graph_id=GRAPH_ID, node_id=CENTER, depth=2, top_k=32, direction=pb.DIRECTION_OUT
-    )
+    sub_reqs = [
+        pb.GetSubgraphRequest(
+            graph_id=GRAPH_ID, node_id=c, depth=DEPTH, top_k=TOP_K, direction=pb.DIRECTION_OUT
+        )
+        for c in centres()
+    ]
     list_req = pb.ListGraphsRequest(task="bench", page_size=50)
     latencies: dict[str, list[float]] = {"GetSubgraph": [], "ListGraphs": []}
     errors: Counter[str] = Counter()
-    edges_seen: list[int] = []
+    edges_seen: list[int] = []  # edges per measured GetSubgraph response
+    asked: set[str] = set()  # centres asked for in the measured phase
     measure_from = stop_at = 0.0
 
     async def worker(i: int) -> None:
         stub = stubs[i % len(stubs)]
+        rng = random.Random(seed * 1000 + i)
         n = i
         while time.perf_counter() < stop_at:
             method = "GetSubgraph" if n % 2 == 0 else "ListGraphs"
@@ -133,9 +169,11 @@ async def run_load(
             t0 = time.perf_counter()
             try:
                 if method == "GetSubgraph":
+                    sub_req = rng.choice(sub_reqs)
                     resp = await stub.GetSubgraph(sub_req, metadata=metadata, timeout=30)
-                    if not edges_seen:
+                    if t0 >= measure_from:
                         edges_seen.append(len(resp.edges))
+                        asked.add(sub_req.node_id)
                 else:
                     await stub.ListGraphs(list_req, metadata=metadata, timeout=30)
             except grpc.RpcError as exc:
@@ -148,9 +186,9 @@ async def run_load(
 
     # Baseline: one caller, sequential calls (what a request costs without queueing).
     baseline: dict[str, list[float]] = {"GetSubgraph": [], "ListGraphs": []}
-    for _ in range(baseline_calls):
+    for i in range(baseline_calls):
         for method, call, req in (
-            ("GetSubgraph", stubs[0].GetSubgraph, sub_req),
+            ("GetSubgraph", stubs[0].GetSubgraph, sub_reqs[i * 37 % len(sub_reqs)]),
             ("ListGraphs", stubs[0].ListGraphs, list_req),
         ):
             t0 = time.perf_counter()
@@ -166,7 +204,10 @@ async def run_load(
     return {
         "latencies": latencies,
         "errors": errors,
-        "edges": edges_seen[0] if edges_seen else 0,
+        "edges": statistics.fmean(edges_seen) if edges_seen else 0.0,
+        "edges_range": (min(edges_seen), max(edges_seen)) if edges_seen else (0, 0),
+        "centres": len(sub_reqs),
+        "asked": len(asked),
         "baseline": baseline,
         "load": (load_before, os.getloadavg()[0]),
     }
@@ -203,11 +244,17 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
             if args.subgraph_memo_edges != 250_000
             else ""
         )
+        + (f" --seed {args.seed}" if args.seed != 0 else "")
         + "`",
         f"- {args.clients} concurrent clients over {args.channels} channels, "
         f"{args.seconds:g} s measured after {args.warmup:g} s warm-up; server and embedded "
         "graph store on loopback in their own processes",
-        f"- GetSubgraph: depth 2, top_k 32, direction out; {result['edges']} edges per response",
+        f"- GetSubgraph: depth {DEPTH}, top_k {TOP_K}, direction out, centre drawn at random "
+        f"per call from {result['centres']} distinct requests ({result['asked']} asked in the "
+        f"measured phase) on a {N_LAYERS}-layer graph of {result.get('graph_edges', '?')} "
+        f"edges; mean {result['edges']:.1f} edges per response "
+        f"(min {result['edges_range'][0]}, max {result['edges_range'][1]})",  # type: ignore[index]
+        f"- memo: {memo_line(result)}",
         "- ListGraphs: task filter, page_size 50",
         "",
         "| method | calls | throughput (calls/s) | p50 (ms) | p99 (ms) | max (ms) |",
@@ -253,6 +300,25 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memo_line(result: dict[str, object]) -> str:
+    """GetSubgraph answers remembered vs computed, from the server's cache counters."""
+    found = [
+        re.search(r"remembered=(\d+), computed=(\d+)", line)
+        for line in result.get("server_caches", [])  # type: ignore[attr-defined]
+    ]
+    counts = next((m for m in found if m), None)
+    if counts is None:
+        return "no server counters (external target or no graph cache)"
+    remembered, computed = int(counts[1]), int(counts[2])
+    total = remembered + computed
+    rate = remembered / total if total else 0.0
+    return (
+        f"{remembered} of {total} GetSubgraph answers from remembered ones "
+        f"({rate:.1%} hit rate; {computed} computed from the in-memory graph), "
+        "whole server run incl. warm-up"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
@@ -270,6 +336,7 @@ def main() -> int:
     parser.add_argument(
         "--subgraph-memo-edges", type=int, default=250_000, help="server flag (0: no memo)"
     )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the centres drawn")
     parser.add_argument("--target", help="load an existing server instead of starting one")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = parser.parse_args()
@@ -283,6 +350,7 @@ def main() -> int:
                 args.channels,
                 args.seconds,
                 args.warmup,
+                args.seed,
             )
         )
     else:
@@ -294,8 +362,8 @@ def main() -> int:
             embedded_server(Path(tmp) / "db", heap="1g") as store_config,
             open_store(store_config) as store,
         ):
-            edges = setup_store(store)
-            print(f"benchmark graph written; subgraph has {edges} edges", file=sys.stderr)
+            graph_edges = setup_store(store)
+            print(f"benchmark graph written: {graph_edges} edges", file=sys.stderr)
             token = secrets.token_urlsafe(24)
             port = _free_port()
             env = dict(
@@ -334,8 +402,10 @@ def main() -> int:
                         args.channels,
                         args.seconds,
                         args.warmup,
+                        args.seed,
                     )
                 )
+                result["graph_edges"] = graph_edges
             finally:
                 server.terminate()
                 server.wait(timeout=30)
