@@ -132,6 +132,7 @@ async def run_load(
     seconds: float,
     warmup: float,
     seed: int,
+    server_pid: int | None = None,
     baseline_calls: int = 20,
 ) -> dict[str, object]:
     import grpc
@@ -198,7 +199,10 @@ async def run_load(
     start = time.perf_counter()
     measure_from = start + warmup
     stop_at = measure_from + seconds
+    cpu_before = (_cpu_seconds(server_pid), _own_cpu_seconds())
     await asyncio.gather(*(worker(i) for i in range(clients)))
+    elapsed = time.perf_counter() - start
+    cpu = (_cpu_seconds(server_pid) - cpu_before[0], _own_cpu_seconds() - cpu_before[1])
     for c in chans:
         await c.close()
     return {
@@ -210,7 +214,21 @@ async def run_load(
         "asked": len(asked),
         "baseline": baseline,
         "load": (load_before, os.getloadavg()[0]),
+        "cpu": (cpu[0] / elapsed, cpu[1] / elapsed) if server_pid else None,
     }
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User plus system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def report(result: dict[str, object], args: argparse.Namespace) -> str:
@@ -295,6 +313,12 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
         f"1-minute load average before / after the concurrent phase: {load[0]:.1f} / "
         f"{load[1]:.1f} on {os.cpu_count()} CPUs (other work shares the machine)"
     )
+    cpu: tuple[float, float] | None = result.get("cpu")  # type: ignore[assignment]
+    if cpu is not None:
+        lines.append(
+            f"CPU busy during the concurrent phase (cores): server process {cpu[0]:.2f}, "
+            f"load-generating client process {cpu[1]:.2f}"
+        )
     if all_ms:
         lines.append(f"mean latency {statistics.fmean(all_ms):.1f} ms")
     return "\n".join(lines) + "\n"
@@ -403,6 +427,7 @@ def main() -> int:
                         args.seconds,
                         args.warmup,
                         args.seed,
+                        server.pid,
                     )
                 )
                 result["graph_edges"] = graph_edges
