@@ -22,7 +22,7 @@ from service.models import ModelSpec
 TOKENS_ENV = "CIRCUITSCOPE_TOKENS"
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# About 40 bytes per edge in memory (service/graph_index.py): ~120 MB when full.
+# About 105-130 bytes per edge or node in memory (docs/service.md): ~300-400 MB when full.
 DEFAULT_GRAPH_CACHE_EDGES = 3_000_000
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
