@@ -238,7 +238,7 @@ class GraphIndex:
         visited[centre] = True
         frontier = np.array([centre], dtype=np.int64)
         hops: list[npt.NDArray[np.int64]] = []
-        for _hop in range(depth):
+        for hop in range(depth):
             if not frontier.size:
                 break
             if direction == "out":
@@ -248,6 +248,10 @@ class GraphIndex:
             else:
                 chosen = np.array(self._hop_both(frontier, top_k), dtype=np.int64)
             hops.append(chosen)
+            if hop == depth - 1:  # the last hop: its ends join the answer, none expand
+                visited[self.sources[chosen]] = True
+                visited[self.targets[chosen]] = True
+                break
             # Endpoints in the store's order (each edge's source, then its target);
             # the unvisited ones, first occurrences first, are the next frontier.
             ends = np.stack((self.sources[chosen], self.targets[chosen]), axis=1).ravel()
