@@ -253,6 +253,14 @@ def recovered(ce_clean: float, ce_splice: float, ce_ablate: float) -> float:
     return (ce_ablate - ce_splice) / denom if abs(denom) > 1e-12 else float("nan")
 
 
+def fraction_kept(clean: float, spliced: float, higher_is_better: bool = True) -> float:
+    """How much of the task metric the spliced model keeps: spliced / clean, or, for a
+    lower-is-better metric (induction's loss ratio), clean / spliced, so that a worse
+    spliced model keeps less than 1 either way. nan when the denominator is 0."""
+    num, den = (spliced, clean) if higher_is_better else (clean, spliced)
+    return num / den if den else float("nan")
+
+
 @torch.no_grad()
 def task_metric(
     adapter: Any, tset: TranscoderSet, zoo_dir: Path, tokenizer: Any, max_examples: int = 512
@@ -282,10 +290,7 @@ def task_metric(
     higher = bars[0].higher if bars else True
     clean, spliced = out["clean"].get(main, float("nan")), out["spliced"].get(main, float("nan"))
     out["metric"] = main
-    # For a lower-is-better metric (induction's loss ratio) the kept fraction is
-    # clean / spliced, so that a worse spliced model keeps less than 1 either way.
-    ratio = (spliced, clean) if higher else (clean, spliced)
-    out["fraction_kept"] = ratio[0] / ratio[1] if ratio[1] else float("nan")
+    out["fraction_kept"] = fraction_kept(clean, spliced, higher)
     if bars:
         out["bar"] = bars[0].describe()
         out["spliced_passes_bar"] = bars[0].passes(out["spliced"])

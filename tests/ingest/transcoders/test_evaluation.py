@@ -7,7 +7,7 @@ import torch
 
 from ingest.models import adapter_from_hf
 from ingest.transcoders.config import TranscoderConfig
-from ingest.transcoders.evaluation import evaluate_set
+from ingest.transcoders.evaluation import evaluate_set, fraction_kept
 from ingest.transcoders.formats.common import per_layer_module
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
 from tests.ingest.transcoders.helpers import D_MODEL, random_stream_source, tiny_gpt2
@@ -82,3 +82,13 @@ def test_dead_latents_are_counted_over_a_large_sample_not_the_few_eval_windows()
     # The other metrics still come from the requested eval windows alone.
     assert many["tokens"] == few["tokens"] == source.width
     assert many["mean"]["fvu"] == few["mean"]["fvu"]
+
+
+def test_fraction_kept_is_below_one_when_the_splice_is_worse_either_way():
+    # Higher is better (a logit difference): 18 -> 9 keeps half.
+    assert fraction_kept(18.0, 9.0, higher_is_better=True) == pytest.approx(0.5)
+    # Lower is better (induction's loss ratio): 0.002 -> 0.014 is worse, keeps 1/7.
+    assert fraction_kept(0.002, 0.014, higher_is_better=False) == pytest.approx(1 / 7)
+    # A better splice keeps more than 1 in both directions.
+    assert fraction_kept(0.014, 0.002, higher_is_better=False) == pytest.approx(7.0)
+    assert math.isnan(fraction_kept(0.0, 1.0))
