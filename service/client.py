@@ -58,6 +58,19 @@ _DIRECTIONS = {
     "in": graph_service_pb2.DIRECTION_IN,
 }
 _SCORES = {"product": graph_service_pb2.PATH_SCORE_PRODUCT, "sum": graph_service_pb2.PATH_SCORE_SUM}
+# EvaluateCircuit's edge rankings and patchings by their names in
+# ingest.attribution.faithfulness.
+EDGE_SCORINGS = {
+    "attribution": analysis_service_pb2.EDGE_SCORING_ATTRIBUTION,
+    "weight": analysis_service_pb2.EDGE_SCORING_WEIGHT,
+    "random": analysis_service_pb2.EDGE_SCORING_RANDOM,
+    "eap": analysis_service_pb2.EDGE_SCORING_EAP,
+    "eap_signed": analysis_service_pb2.EDGE_SCORING_EAP_SIGNED,
+}
+CIRCUIT_PATCHINGS = {
+    "edge": analysis_service_pb2.CIRCUIT_PATCHING_EDGE,
+    "node": analysis_service_pb2.CIRCUIT_PATCHING_NODE,
+}
 
 
 class CircuitsClient:
@@ -361,20 +374,20 @@ class CircuitsClient:
         counterfactual_token_id: int,
         *,
         scoring: str = "attribution",
+        patching: str = "edge",
         fractions: list[float] | None = None,
         max_feature_nodes: int | None = None,
         timeout_s: float | None = None,
     ) -> CircuitFaithfulness:
-        """Faithfulness f(k) of the prompt's circuits (MIB protocol); ``scoring`` is
-        attribution, random or eap."""
-        scorings = {
-            "attribution": analysis_service_pb2.EDGE_SCORING_ATTRIBUTION,
-            "random": analysis_service_pb2.EDGE_SCORING_RANDOM,
-            "eap": analysis_service_pb2.EDGE_SCORING_EAP,
-        }
-        if scoring not in scorings:
+        """Faithfulness f(k) of the prompt's circuits (MIB protocol); ``scoring`` is one
+        of :data:`EDGE_SCORINGS`, ``patching`` ``edge`` or ``node``."""
+        if scoring not in EDGE_SCORINGS:
             raise InvalidArgumentError(
-                f"scoring must be one of {sorted(scorings)}, got {scoring!r}"
+                f"scoring must be one of {sorted(EDGE_SCORINGS)}, got {scoring!r}"
+            )
+        if patching not in CIRCUIT_PATCHINGS:
+            raise InvalidArgumentError(
+                f"patching must be one of {sorted(CIRCUIT_PATCHINGS)}, got {patching!r}"
             )
         request = analysis_service_pb2.EvaluateCircuitRequest(
             model=model,
@@ -382,7 +395,8 @@ class CircuitsClient:
             counterfactual=counterfactual,
             correct_token_id=correct_token_id,
             counterfactual_token_id=counterfactual_token_id,
-            scoring=scorings[scoring],
+            scoring=EDGE_SCORINGS[scoring],
+            patching=CIRCUIT_PATCHINGS[patching],
             fractions=fractions or [],
         )
         if max_feature_nodes is not None:

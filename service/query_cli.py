@@ -127,7 +127,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("counterfactual", help="a prompt of the same token length")
     p.add_argument("correct_token_id", type=int)
     p.add_argument("counterfactual_token_id", type=int)
-    p.add_argument("--scoring", choices=("attribution", "random", "eap"), default="attribution")
+    p.add_argument(
+        "--scoring",
+        choices=("attribution", "weight", "random", "eap", "eap_signed"),
+        default="attribution",
+        help="how edges are ranked (default: attribution)",
+    )
+    p.add_argument(
+        "--patching",
+        choices=("edge", "node"),
+        default="edge",
+        help="edge: MIB edge patching in the linearized model; node: node patching",
+    )
     p.add_argument("--fractions", type=float, nargs="+", default=None)
     p.set_defaults(handler=_evaluate)
 
@@ -355,6 +366,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 args.correct_token_id,
                 args.counterfactual_token_id,
                 scoring=args.scoring,
+                patching=args.patching,
                 fractions=args.fractions,
             )
         )

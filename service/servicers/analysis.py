@@ -36,6 +36,13 @@ _SCORINGS = {
     pb.EDGE_SCORING_ATTRIBUTION: "attribution",
     pb.EDGE_SCORING_RANDOM: "random",
     pb.EDGE_SCORING_EAP: "eap",
+    pb.EDGE_SCORING_WEIGHT: "weight",
+    pb.EDGE_SCORING_EAP_SIGNED: "eap_signed",
+}
+_PATCHINGS = {
+    pb.CIRCUIT_PATCHING_UNSPECIFIED: "edge",
+    pb.CIRCUIT_PATCHING_EDGE: "edge",
+    pb.CIRCUIT_PATCHING_NODE: "node",
 }
 # (token id, token text, logit, probability) of one next-token prediction.
 Prediction = tuple[int, str, float, float]
@@ -114,6 +121,7 @@ def _evaluate(
     counterfactual: str,
     tokens: tuple[int, int],
     scoring: str,
+    patching: str,
     fractions: list[float],
     max_feature_nodes: int | None,
 ) -> Any:
@@ -153,6 +161,7 @@ def _evaluate(
         logit_diff_metric(correct, wrong),
         methods=[scoring],
         fractions=fractions or DEFAULT_FRACTIONS,
+        patching=patching,
     )
     return curve
 
@@ -292,6 +301,9 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         scoring = _SCORINGS.get(request.scoring)
         if scoring is None:
             raise InvalidArgumentError(f"unknown edge scoring {request.scoring}")
+        patching = _PATCHINGS.get(request.patching)
+        if patching is None:
+            raise InvalidArgumentError(f"unknown circuit patching {request.patching}")
         fractions = list(request.fractions)
         if fractions and (
             not 2 <= len(fractions) <= MAX_FRACTIONS
@@ -311,6 +323,7 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
             request.counterfactual,
             (request.correct_token_id, request.counterfactual_token_id),
             scoring,
+            patching,
             fractions,
             _check_max_nodes(request),
             pass_timeout=False,

@@ -267,6 +267,47 @@ def test_evaluate_circuit_is_fully_faithful_with_every_edge(
 
 
 @pytest.mark.parametrize(
+    ("scoring", "patching"),
+    [("weight", "edge"), ("eap_signed", "edge"), ("eap", "node"), ("random", "node")],
+)
+def test_evaluate_circuit_serves_every_scoring_and_patching_like_the_library(
+    analysis_client: CircuitsClient, model_dirs: tuple[Path, Path], scoring: str, patching: str
+) -> None:
+    from ingest.attribution.faithfulness import compare_methods, logit_diff_metric
+    from ingest.attribution.prompts import tokenize
+    from ingest.attribution.targets import LogitDiffTarget
+
+    counterfactual = "w9 w5 w7 w3"
+    fractions = [0.1, 0.5, 1.0]
+    served = analysis_client.evaluate_circuit(
+        "tiny-gpt2", PROMPT, counterfactual, 5, 9, scoring=scoring, patching=patching,
+        fractions=fractions,
+    )  # fmt: skip
+    loaded = load_model(str(model_dirs[0]))
+    transcoders = load_any(model_dirs[1])
+    adapter = loaded.adapter
+    ids = tokenize(loaded.tokenizer, PROMPT, adapter.vocab_size, adapter.n_ctx)
+    cf_ids = tokenize(loaded.tokenizer, counterfactual, adapter.vocab_size, adapter.n_ctx)
+    result = attribute(loaded, transcoders, PROMPT, target=LogitDiffTarget(5, 9))
+    (direct,) = compare_methods(
+        adapter, transcoders, result, ids, cf_ids, logit_diff_metric(5, 9),
+        methods=[scoring], fractions=fractions, patching=patching,
+    )  # fmt: skip
+    assert served.faithfulness == pytest.approx(direct.faithfulness, abs=1e-5)
+    assert served.faithfulness[-1] == pytest.approx(1.0, abs=1e-4)
+    assert served.cpr == pytest.approx(direct.cpr, abs=1e-5)
+
+
+def test_unknown_scoring_or_patching_is_invalid(analysis_client: CircuitsClient) -> None:
+    with pytest.raises(InvalidArgumentError, match="patching must be one of"):
+        analysis_client.evaluate_circuit(
+            "tiny-gpt2", PROMPT, "w9 w5 w7 w3", 5, 9, patching="sideways"
+        )
+    with pytest.raises(InvalidArgumentError, match="scoring must be one of"):
+        analysis_client.evaluate_circuit("tiny-gpt2", PROMPT, "w9 w5 w7 w3", 5, 9, scoring="x")
+
+
+@pytest.mark.parametrize(
     ("call", "error"),
     [
         (lambda c: c.intervene("tiny-gpt2", PROMPT, []), InvalidArgumentError),

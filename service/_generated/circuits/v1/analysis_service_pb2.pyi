@@ -15,10 +15,23 @@ class EdgeScoring(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EDGE_SCORING_ATTRIBUTION: _ClassVar[EdgeScoring]
     EDGE_SCORING_RANDOM: _ClassVar[EdgeScoring]
     EDGE_SCORING_EAP: _ClassVar[EdgeScoring]
+    EDGE_SCORING_WEIGHT: _ClassVar[EdgeScoring]
+    EDGE_SCORING_EAP_SIGNED: _ClassVar[EdgeScoring]
+
+class CircuitPatching(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CIRCUIT_PATCHING_UNSPECIFIED: _ClassVar[CircuitPatching]
+    CIRCUIT_PATCHING_EDGE: _ClassVar[CircuitPatching]
+    CIRCUIT_PATCHING_NODE: _ClassVar[CircuitPatching]
 EDGE_SCORING_UNSPECIFIED: EdgeScoring
 EDGE_SCORING_ATTRIBUTION: EdgeScoring
 EDGE_SCORING_RANDOM: EdgeScoring
 EDGE_SCORING_EAP: EdgeScoring
+EDGE_SCORING_WEIGHT: EdgeScoring
+EDGE_SCORING_EAP_SIGNED: EdgeScoring
+CIRCUIT_PATCHING_UNSPECIFIED: CircuitPatching
+CIRCUIT_PATCHING_EDGE: CircuitPatching
+CIRCUIT_PATCHING_NODE: CircuitPatching
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -145,7 +158,7 @@ class InterveneResponse(_message.Message):
     def __init__(self, clean: _Optional[_Iterable[_Union[TokenPrediction, _Mapping]]] = ..., intervened: _Optional[_Iterable[_Union[TokenPrediction, _Mapping]]] = ..., clean_after: _Optional[_Iterable[_Union[TokenPrediction, _Mapping]]] = ...) -> None: ...
 
 class EvaluateCircuitRequest(_message.Message):
-    __slots__ = ("model", "prompt", "counterfactual", "correct_token_id", "counterfactual_token_id", "scoring", "fractions", "max_feature_nodes")
+    __slots__ = ("model", "prompt", "counterfactual", "correct_token_id", "counterfactual_token_id", "scoring", "fractions", "max_feature_nodes", "patching")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +167,7 @@ class EvaluateCircuitRequest(_message.Message):
     SCORING_FIELD_NUMBER: _ClassVar[int]
     FRACTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_FEATURE_NODES_FIELD_NUMBER: _ClassVar[int]
+    PATCHING_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     counterfactual: str
@@ -162,7 +176,8 @@ class EvaluateCircuitRequest(_message.Message):
     scoring: EdgeScoring
     fractions: _containers.RepeatedScalarFieldContainer[float]
     max_feature_nodes: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., counterfactual: _Optional[str] = ..., correct_token_id: _Optional[int] = ..., counterfactual_token_id: _Optional[int] = ..., scoring: _Optional[_Union[EdgeScoring, str]] = ..., fractions: _Optional[_Iterable[float]] = ..., max_feature_nodes: _Optional[int] = ...) -> None: ...
+    patching: CircuitPatching
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., counterfactual: _Optional[str] = ..., correct_token_id: _Optional[int] = ..., counterfactual_token_id: _Optional[int] = ..., scoring: _Optional[_Union[EdgeScoring, str]] = ..., fractions: _Optional[_Iterable[float]] = ..., max_feature_nodes: _Optional[int] = ..., patching: _Optional[_Union[CircuitPatching, str]] = ...) -> None: ...
 
 class FaithfulnessPoint(_message.Message):
     __slots__ = ("fraction", "edge_count", "faithfulness")
