@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ingest.transcoders.architectures import topk_indices
+
 
 @dataclass
 class LossParts:
@@ -36,10 +38,15 @@ def normalized_mse(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def aux_k_loss(
     pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, W_dec: torch.Tensor, k: int
 ) -> torch.Tensor:
-    """pre: (N, d_t); dead: (d_t,) bool; residual: (N, d_out); W_dec: (d_t, d_out)."""
-    k = min(k, int(dead.sum()))
-    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-    values, indices = masked.topk(k, dim=-1, sorted=False)
-    acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
-    estimate = acts @ W_dec
+    """pre: (N, d_t); dead: (d_t,) bool; residual: (N, d_out); W_dec: (d_t, d_out).
+
+    Works on the dead columns only (selected first), so its selection and matmuls shrink
+    with the number of dead latents.
+    """
+    columns = dead.nonzero().squeeze(1)
+    k = min(k, int(columns.numel()))
+    sub = pre.index_select(-1, columns)  # (N, n_dead)
+    indices = topk_indices(sub.detach(), k)
+    acts = torch.zeros_like(sub).scatter(-1, indices, torch.relu(sub.gather(-1, indices)))
+    estimate = acts @ W_dec.index_select(0, columns)
     return normalized_mse(estimate, residual)

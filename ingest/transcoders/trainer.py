@@ -283,7 +283,11 @@ def train_transcoders(
         model_batch_size=cfg.model_batch_size,
         device=device,
     )
-    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    # foreach: one multi-tensor kernel per Adam operation instead of one per parameter
+    # (the default on CPU); the same arithmetic, bit for bit, measurably cheaper per step.
+    optimizer = torch.optim.Adam(
+        trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999), foreach=True
+    )
     d_t = module_cfg.d_transcoder
     since_fired = torch.zeros(len(layers), d_t, dtype=torch.long, device=device)
     history: list[dict[str, Any]] = []

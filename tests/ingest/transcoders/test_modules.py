@@ -217,3 +217,33 @@ def test_clt_encoders_are_centred_on_their_own_layer_input():
     clt.init_from_data(xs, xs)
     for s, x in enumerate(xs):
         assert torch.allclose(clt.pre_activations(s, x.mean(0)), torch.zeros(32), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "k"), [((256, 512), 16), ((100, 512), 32), ((9, 1024), 16), ((33, 300), 32)]
+)
+def test_chunked_topk_selects_the_same_values_as_torch_topk(shape, k):
+    from ingest.transcoders.architectures import topk_indices
+
+    scores = torch.randn(*shape, generator=torch.Generator().manual_seed(k))
+    scores[:, :40] *= 4  # large values concentrated in a few chunks
+    indices = topk_indices(scores, k)
+    assert indices.shape == (shape[0], k)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct columns
+    expected = scores.topk(k, dim=-1).values.sort(-1).values
+    assert torch.equal(scores.gather(1, indices).sort(-1).values, expected)
+
+
+def test_aux_k_loss_on_dead_columns_equals_the_masked_dense_form():
+    from ingest.transcoders.losses import aux_k_loss, normalized_mse
+
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.randn(128, 64, generator=gen, dtype=torch.float64)
+    dead = torch.rand(64, generator=gen) < 0.5
+    residual = torch.randn(128, 8, generator=gen, dtype=torch.float64)
+    w_dec = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+    values, indices = masked.topk(4, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    expected = normalized_mse(acts @ w_dec, residual)
+    assert torch.allclose(aux_k_loss(pre, dead, residual, w_dec, 4), expected, rtol=1e-12)
