@@ -10,7 +10,8 @@ per-layer TopK transcoder and a TopK SAE baseline at the trainer's default setti
 - transcoder vs SAE CE loss recovered at equal L0;
 - training throughput (tokens/s, activation collection included) and the FLOP/s it
   implies, beside this machine's own matmul FLOP/s measured in the same run at the
-  step's shapes; peak memory.
+  step's shapes; peak memory. ``steps/matmul`` is the same ratio over the training loop's
+  time less activation collection (the model forwards that refill the buffer).
 
 FLOPs per trained token and layer are those the dense step performs: encoder forward
 ``2 d w``, encoder weight gradient ``2 d w`` (the input needs no gradient), decoder
@@ -154,6 +155,9 @@ def main() -> int:
                 "tokens/s": tc_result.tokens_per_second,
                 "matmul GFLOP/s": peak_matmul / 1e9,
                 "train/matmul FLOP/s": achieved / peak_matmul,
+                "steps/matmul FLOP/s": tc_result.step_tokens_per_second
+                * per_token_flops
+                / peak_matmul,
                 "peak MiB": (tc_result.peak_memory_bytes or peak_rss) / 2**20,
             }
         )
@@ -180,6 +184,7 @@ def main() -> int:
         "- dead: latents that never fire on the first `dead tokens` tokens of the eval split",
         f"- FLOPs: {FLOPS_PER_TOKEN_LAYER} x d_model x width per token and layer (dense step); "
         "matmul GFLOP/s measured at the step's shapes in this run",
+        "- steps/matmul FLOP/s: the same ratio without the time spent collecting activations",
         "- peak MiB: resident set of the whole process so far (CPU) or CUDA peak",
         "- bars: L0 <= 32 with CE rec >= 0.90 per layer; task metric kept >= 0.90; "
         "dead < 0.10; train/matmul >= 0.30",

@@ -15,6 +15,7 @@ names the layer.
 """
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -110,6 +111,8 @@ class ActivationBuffer:
         self.cursor = 0
         self.n_rows = 0
         self._perm = torch.empty(0, dtype=torch.long)
+        #: Wall seconds spent collecting activations (model forwards and copies) so far.
+        self.collect_seconds = 0.0
 
     @property
     def capacity_rows(self) -> int:
@@ -124,6 +127,7 @@ class ActivationBuffer:
         return total
 
     def _fill(self, refill: int) -> None:
+        began = time.perf_counter()
         start = refill * self.windows_per_refill
         windows = self.source.get(self.split, start, self.windows_per_refill)
         offset = 0
@@ -151,6 +155,9 @@ class ActivationBuffer:
         self.n_rows = offset
         self.refill_index = refill
         self.cursor = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.collect_seconds += time.perf_counter() - began
         logger.debug("buffer refill %d: %d rows", refill, offset)
 
     def prime(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,6 +121,9 @@ class TrainResult:
     steps_done: int
     history: list[dict[str, Any]] = field(default_factory=list)
     tokens_per_second: float = 0.0
+    #: The same tokens over the loop's time less activation collection (steps, evals and
+    #: checkpoints).
+    step_tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
 
 
@@ -353,6 +356,7 @@ def train_transcoders(
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="transcoders")
     began = time.perf_counter()
+    collect_before = buffer.collect_seconds
     trained_tokens = 0
     step = start
     try:
@@ -402,6 +406,7 @@ def train_transcoders(
     finally:
         bar.close()
     elapsed = max(time.perf_counter() - began, 1e-9)
+    stepping = max(elapsed - (buffer.collect_seconds - collect_before), 1e-9)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     tset = build_set(
         trainable, cfg, module_cfg, layers, in_scales, out_scales, adapter, model_id, fingerprint
@@ -414,6 +419,7 @@ def train_transcoders(
         steps_done=step,
         history=history,
         tokens_per_second=trained_tokens / elapsed,
+        step_tokens_per_second=trained_tokens / stepping,
         peak_memory_bytes=int(peak),
     )
 
