@@ -129,9 +129,10 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     n, w = scores.shape[0], scores.shape[-1]
     g = TOPK_CHUNK
     chunks = w // g
-    if scores.dim() != 2 or w % g or chunks < k or k * g >= w:
+    # measured on CPU only; CUDA's topk is a different kernel, so it keeps torch.topk
+    if scores.device.type != "cpu" or scores.dim() != 2 or w % g or chunks < k or k * g >= w:
         return scores.topk(k, dim=-1, sorted=False).indices
-    strided = scores.view(n, g, chunks)  # chunk j: columns j, j + chunks, ...
+    strided = scores.reshape(n, g, chunks)  # chunk j: columns j, j + chunks, ...
     best = strided.amax(1).topk(k, dim=-1, sorted=False).indices  # (n, k)
     members = strided.gather(2, best[:, None, :].expand(n, g, k)).reshape(n, g * k)
     pos = members.topk(k, dim=-1, sorted=False).indices  # (n, k) into (g, k)
