@@ -68,6 +68,22 @@ class AttentionWeights:
     window: int | None = None
 
 
+# Activations whose transformers module is written out in Python and a fused torch
+# kernel computes the same function: GPT-2's "gelu_new" is the tanh approximation of
+# GELU, which F.gelu(approximate="tanh") (transformers' "gelu_pytorch_tanh") computes
+# in one kernel; results differ by float rounding only. Activation collection for
+# transcoder training spends much of its time in the MLP activation.
+_FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP activation module for a config's activation name (transformers' ACT2FN,
+    with fused equivalents of the Python-written ones)."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[_FUSED_ACTIVATIONS.get(name, name)]
+
+
 @dataclass
 class MLPWeights:
     """One MLP sublayer: ``act(x W_in + b_in) W_out + b_out``, or gated

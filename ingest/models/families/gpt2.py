@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
 
 from ingest.models.registry import register_family
 from ingest.models.weights import (
@@ -22,6 +21,7 @@ from ingest.models.weights import (
     LayerWeights,
     MLPWeights,
     NormWeights,
+    activation,
 )
 
 
@@ -64,7 +64,7 @@ def convert_gpt2(model: PreTrainedModel) -> CanonicalWeights:
             b_in=block.mlp.c_fc.bias,
             W_out=block.mlp.c_proj.weight,
             b_out=block.mlp.c_proj.bias,
-            act=ACT2FN[cfg.activation_function],
+            act=activation(cfg.activation_function),
             act_name=cfg.activation_function,
         )
         layers.append(

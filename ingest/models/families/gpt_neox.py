@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
 
 from ingest.models.registry import register_family
 from ingest.models.weights import (
@@ -23,6 +22,7 @@ from ingest.models.weights import (
     LayerWeights,
     MLPWeights,
     NormWeights,
+    activation,
 )
 
 
@@ -59,7 +59,7 @@ def convert_gpt_neox(model: PreTrainedModel) -> CanonicalWeights:
             b_in=layer.mlp.dense_h_to_4h.bias,
             W_out=layer.mlp.dense_4h_to_h.weight.T,
             b_out=layer.mlp.dense_4h_to_h.bias,
-            act=ACT2FN[cfg.hidden_act],
+            act=activation(cfg.hidden_act),
             act_name=cfg.hidden_act,
         )
         layers.append(

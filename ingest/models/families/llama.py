@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
 
 from ingest.models.registry import register_family
 from ingest.models.weights import (
@@ -24,6 +23,7 @@ from ingest.models.weights import (
     LayerWeights,
     MLPWeights,
     NormWeights,
+    activation,
 )
 
 
@@ -81,7 +81,7 @@ def convert_llama(model: PreTrainedModel) -> CanonicalWeights:
             b_in=layer.mlp.up_proj.bias,
             W_out=layer.mlp.down_proj.weight.T,
             b_out=layer.mlp.down_proj.bias,
-            act=ACT2FN[cfg.hidden_act],
+            act=activation(cfg.hidden_act),
             act_name=cfg.hidden_act,
             W_gate=layer.mlp.gate_proj.weight.T,
             b_gate=layer.mlp.gate_proj.bias,
