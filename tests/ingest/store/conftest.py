@@ -31,10 +31,13 @@ def arcadedb_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreC
 
 @pytest.fixture(scope="session")
 def neo4j_config() -> Iterator[StoreConfig]:
-    try:
-        from testcontainers.neo4j import Neo4jContainer  # type: ignore[import-not-found]
+    try:  # testcontainers >= 4.14 moved the module; older releases have only the first
+        from testcontainers.community.neo4j import Neo4jContainer  # type: ignore[import-not-found]
     except ImportError:
-        pytest.skip("Neo4j backend: testcontainers is not installed (pip install -e '.[dev]')")
+        try:
+            from testcontainers.neo4j import Neo4jContainer  # type: ignore[import-not-found]
+        except ImportError:
+            pytest.skip("Neo4j backend: testcontainers is not installed (pip install -e '.[dev]')")
     try:
         import docker  # type: ignore[import-not-found]
 
