@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import cpu_name  # benchmarks/_machine.py
+
 from ingest.models import load_model
 from ingest.paths import home
 from ingest.transcoders.evaluation import evaluate_set
@@ -65,16 +67,6 @@ def matmul_flops(batch: int, d: int, d_t: int, device: torch.device, seconds: fl
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n * 2 * (2 * batch * d * d_t) / (time.perf_counter() - start)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def zoo_models() -> list[Path]:

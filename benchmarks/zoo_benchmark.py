@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_name  # benchmarks/_machine.py (the scripts run as files)
+
 RUNS: tuple[tuple[str, str], ...] = (
     ("greater_than", "gpt2"),
     ("modular_addition", "gpt2"),
@@ -49,16 +51,6 @@ HEADERS = [
 ]
 BUDGET_SECONDS = 600.0
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def train_one(task_name: str, arch: str, args: argparse.Namespace) -> dict[str, Any]:
