@@ -191,9 +191,7 @@ class GraphCache:
         """Forget ``graph_id`` now (it was written or deleted through this process)."""
         with self._lock:
             self._generation[graph_id] = self._generation.get(graph_id, 0) + 1
-            entry = self._entries.pop(graph_id, None)
-            if entry is not None:
-                self._cost -= entry.index.cost
+            if self._remove(graph_id) is not None:
                 self._stats.dropped += 1
 
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
@@ -218,6 +216,13 @@ class GraphCache:
             self._refresher = None
 
     # ------------------------------------------------------------------ internals
+    def _remove(self, graph_id: str) -> _Entry | None:
+        """Take ``graph_id``'s entry out and give its cost back (hold ``_lock``)."""
+        entry = self._entries.pop(graph_id, None)
+        if entry is not None:
+            self._cost -= entry.index.cost
+        return entry
+
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             setattr(self._stats, name, getattr(self._stats, name) + n)
@@ -251,8 +256,7 @@ class GraphCache:
                 if current is not None and current.write_id == entry.index.write_id:
                     entry.checked_at = max(entry.checked_at, sent_at)
                 else:
-                    del self._entries[graph_id]
-                    self._cost -= entry.index.cost
+                    self._remove(graph_id)
                     self._stats.dropped += 1
 
     def _revisions(self, graph_ids: list[str], timeout: float) -> dict[str, Any]:
@@ -297,12 +301,9 @@ class GraphCache:
         with self._lock:
             if self._generation.get(index.graph_id, 0) != generation:
                 checked_at = _NEVER  # invalidated while loading: check before use
-            old = self._entries.pop(index.graph_id, None)
-            if old is not None:
-                self._cost -= old.index.cost
+            self._remove(index.graph_id)
             while self._entries and self._cost + index.cost > self.max_cost:
-                _, evicted = self._entries.popitem(last=False)
-                self._cost -= evicted.index.cost
+                self._remove(next(iter(self._entries)))  # least recently used
                 self._stats.evicted += 1
             self._entries[index.graph_id] = _Entry(index, checked_at)
             self._cost += index.cost

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message_factory import GetMessageClass
 from grpc import aio
 
 from ingest.errors import InvalidArgumentError
@@ -236,35 +237,27 @@ def _serialize_subgraph(response: pb.GetSubgraphResponse | bytes) -> bytes:
 
 
 def add_graph_service(servicer: GraphServicer, server: aio.Server) -> None:
-    """Register ``servicer`` as ``circuits.v1.GraphService`` on ``server``: the generated
-    registration, but with :func:`_serialize_subgraph` for GetSubgraph (module doc)."""
-    handlers = {
-        "ListGraphs": grpc.unary_unary_rpc_method_handler(
-            servicer.ListGraphs,
-            request_deserializer=pb.ListGraphsRequest.FromString,
-            response_serializer=pb.ListGraphsResponse.SerializeToString,
-        ),
-        "GetGraph": grpc.unary_unary_rpc_method_handler(
-            servicer.GetGraph,
-            request_deserializer=pb.GetGraphRequest.FromString,
-            response_serializer=pb.GetGraphResponse.SerializeToString,
-        ),
-        "StreamGraphEdges": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamGraphEdges,
-            request_deserializer=pb.StreamGraphEdgesRequest.FromString,
-            response_serializer=pb.StreamGraphEdgesResponse.SerializeToString,
-        ),
-        "GetSubgraph": grpc.unary_unary_rpc_method_handler(
-            servicer.GetSubgraph,
-            request_deserializer=pb.GetSubgraphRequest.FromString,
-            response_serializer=_serialize_subgraph,
-        ),
-        "FindPaths": grpc.unary_unary_rpc_method_handler(
-            servicer.FindPaths,
-            request_deserializer=pb.FindPathsRequest.FromString,
-            response_serializer=pb.FindPathsResponse.SerializeToString,
-        ),
-    }
-    name = pb.DESCRIPTOR.services_by_name["GraphService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    """Register ``servicer`` as ``circuits.v1.GraphService`` on ``server``, as the
+    generated ``add_GraphServiceServicer_to_server`` does (handlers made from the
+    service's descriptor), but with :func:`_serialize_subgraph` for GetSubgraph."""
+    service = pb.DESCRIPTOR.services_by_name["GraphService"]
+    handlers = {}
+    for method in service.methods:
+        request = GetMessageClass(method.input_type)
+        response = GetMessageClass(method.output_type)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=(
+                _serialize_subgraph if method.name == "GetSubgraph" else response.SerializeToString
+            ),
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
