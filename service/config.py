@@ -135,24 +135,16 @@ class ServerConfig:
                 raise InvalidArgumentError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.workers < 1 or self.model_workers < 1:
             raise InvalidArgumentError("workers and model_workers must be >= 1")
-        if self.graph_cache_edges < 0:
-            raise InvalidArgumentError(
-                f"graph_cache_edges must be >= 0 (0 disables the cache), got "
-                f"{self.graph_cache_edges}"
-            )
-        if self.subgraph_memo_edges < 0:
-            raise InvalidArgumentError(
-                f"subgraph_memo_edges must be >= 0 (0: none), got {self.subgraph_memo_edges}"
-            )
-        if self.graph_cache_revalidate_s < 0:
-            raise InvalidArgumentError(
-                "graph_cache_revalidate_s must be >= 0 (0 checks on every call), got "
-                f"{self.graph_cache_revalidate_s}"
-            )
-        if self.list_cache_ttl_s < 0:
-            raise InvalidArgumentError(
-                f"list_cache_ttl_s must be >= 0 (0 disables it), got {self.list_cache_ttl_s}"
-            )
+        for name, zero in (
+            ("graph_cache_edges", "disables the cache"),
+            ("subgraph_memo_edges", "remembers no answers"),
+            ("graph_cache_revalidate_s", "checks on every call"),
+            ("list_cache_ttl_s", "disables it"),
+        ):
+            if getattr(self, name) < 0:
+                raise InvalidArgumentError(
+                    f"{name} must be >= 0 (0 {zero}), got {getattr(self, name)}"
+                )
 
     @property
     def address(self) -> str:

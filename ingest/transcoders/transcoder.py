@@ -53,11 +53,10 @@ class Transcoder(nn.Module):
         self.W_dec.copy_(dec)
         enc_norm = cfg.spec.enc_init_norm or cfg.dec_init_norm
         if cfg.d_in == cfg.d_out:
-            enc = dec / dec.norm(dim=-1, keepdim=True) * enc_norm
+            enc = dec
         else:
             enc = torch.randn(cfg.d_transcoder, cfg.d_in, generator=generator)
-            enc = enc / enc.norm(dim=-1, keepdim=True) * enc_norm
-        self.W_enc.copy_(enc)
+        self.W_enc.copy_(enc / enc.norm(dim=-1, keepdim=True) * enc_norm)
         self.b_enc.zero_()
         self.b_dec.zero_()
         if self.W_skip is not None:
