@@ -175,10 +175,10 @@ def faithfulness_task(model_dir: Path, tc_dir: Path, args: argparse.Namespace) -
         (correct, wrong), metric, metric_name = _task_metric(task.name, tok, example, clean_logits)
         result = attribute(loaded, tcs, clean[0], target=LogitDiffTarget(correct, wrong))
         try:
-            setups = {
-                p: FaithfulnessSetup.build(adapter, tcs, result, clean, counter, metric, p)
-                for p in FAITH_PATCHINGS
-            }
+            first = FaithfulnessSetup.build(
+                adapter, tcs, result, clean, counter, metric, FAITH_PATCHINGS[0]
+            )
+            setups = {p: first.with_patching(p) for p in FAITH_PATCHINGS}
         except InvalidArgumentError:
             skipped += 1  # the metric does not change on this pair
             continue

@@ -155,7 +155,14 @@ class FaithfulnessCurve:
 
 @dataclass
 class FaithfulnessSetup:
-    """One graph, prompt, counterfactual and metric, ready to evaluate circuits."""
+    """One graph, prompt, counterfactual and metric, ready to evaluate circuits.
+
+    ``m_full`` and ``m_empty`` follow from the patching (module docstring). The prompt's
+    linearized replacement model (:attr:`linear`, backward passes over the graph's rows)
+    is built on first use: edge patching and EAP need it, node patching with the other
+    rankings does not. :meth:`with_patching` evaluates the same pair under the other
+    patching without rebuilding anything.
+    """
 
     adapter: ModelAdapter
     transcoders: TranscoderSet
@@ -164,9 +171,25 @@ class FaithfulnessSetup:
     patching: str
     clean: ReplacementState
     counterfactual: ReplacementState
-    linear: LinearizedPatching
-    m_full: float
-    m_empty: float
+    _linear: LinearizedPatching | None = field(default=None, repr=False)
+    m_full: float = field(init=False)
+    m_empty: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.patching not in PATCHING:
+            raise InvalidArgumentError(f"unknown patching {self.patching!r}: use one of {PATCHING}")
+        if self.patching == "edge":
+            all_edges = self.result.adjacency != 0
+            self.m_full = self.linear.metric(all_edges, self.metric)
+            self.m_empty = self.linear.metric(torch.zeros_like(all_edges), self.metric)
+        else:  # the real model on the prompt and on the counterfactual
+            self.m_full = float(self.metric(self.clean.logits))
+            self.m_empty = float(self.metric(self.counterfactual.logits))
+        if math.isclose(self.m_full, self.m_empty, rel_tol=1e-9, abs_tol=1e-12):
+            raise InvalidArgumentError(
+                "the metric is the same on the prompt and its counterfactual: faithfulness "
+                "is undefined; choose a counterfactual that changes the answer"
+            )
 
     @classmethod
     def build(
@@ -179,27 +202,35 @@ class FaithfulnessSetup:
         metric: Metric,
         patching: str = "edge",
     ) -> FaithfulnessSetup:
-        """``patching="edge"`` needs a graph computed for a ``LogitDiffTarget``."""
+        """Edge patching and EAP need a graph computed for a ``LogitDiffTarget``."""
         if patching not in PATCHING:
             raise InvalidArgumentError(f"unknown patching {patching!r}: use one of {PATCHING}")
         clean = build_replacement(adapter, transcoders, input_ids)
         cf = build_replacement(adapter, transcoders, counterfactual_ids)
-        linear = LinearizedPatching.build(adapter, transcoders, result, clean, cf)
-        if patching == "edge":
-            all_edges = result.adjacency != 0
-            m_full = linear.metric(all_edges, metric)
-            m_empty = linear.metric(torch.zeros_like(all_edges), metric)
-        else:
-            with torch.no_grad():
-                m_full = float(metric(adapter(input_ids)))
-                m_empty = float(metric(adapter(counterfactual_ids)))
-        if math.isclose(m_full, m_empty, rel_tol=1e-9, abs_tol=1e-12):
-            raise InvalidArgumentError(
-                "the metric is the same on the prompt and its counterfactual: faithfulness "
-                "is undefined; choose a counterfactual that changes the answer"
+        return cls(adapter, transcoders, result, metric, patching, clean, cf)
+
+    @property
+    def linear(self) -> LinearizedPatching:
+        """The prompt's linearized replacement model, built on first use."""
+        if self._linear is None:
+            self._linear = LinearizedPatching.build(
+                self.adapter, self.transcoders, self.result, self.clean, self.counterfactual
             )
-        return cls(adapter, transcoders, result, metric, patching, clean, cf, linear,
-                   m_full, m_empty)  # fmt: skip
+        return self._linear
+
+    def with_patching(self, patching: str) -> FaithfulnessSetup:
+        """The same prompt pair under ``patching``, sharing the replacement states and
+        the linearization (when built)."""
+        return FaithfulnessSetup(
+            self.adapter,
+            self.transcoders,
+            self.result,
+            self.metric,
+            patching,
+            self.clean,
+            self.counterfactual,
+            self._linear,
+        )
 
     def edge_metric(self, kept: Tensor) -> float:
         """m(C), edge patching, for the graph edges ``kept`` (K, 2): (target, source)."""
