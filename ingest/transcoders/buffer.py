@@ -7,11 +7,16 @@ SAEs. Refill r runs the model over source windows ``r * W .. (r + 1) * W - 1`` (
 a permutation from a generator seeded by ``(seed, r)``. Batches are consecutive slices of
 that permutation; when fewer than a batch remain, refill r + 1 replaces the contents.
 
-Memory is two preallocated ``(n_layers, capacity_rows, d_model)`` float32 tensors (one for
-SAEs) and never grows. The state is two integers (refill index and cursor): resuming
-re-collects refill r, which gives the same rows in the same order, so a resumed run sees
-the same batches as an uninterrupted one. Non-finite activations raise an error that
-names the layer.
+When the whole split fits (``windows * width <= capacity_rows``, the zoo tasks' prompt
+sets at the default budget) the buffer is *resident*: refill 0 collects every window once
+and later refills only draw a new permutation of the same rows, one epoch each, instead
+of running the model again over the same prompts (the activations would be identical).
+
+Memory is two preallocated ``(n_layers, rows, d_model)`` float32 tensors (one for SAEs),
+``rows <= capacity_rows``, and never grows. The state is two integers (refill index and
+cursor): resuming re-collects refill r, which gives the same rows in the same order, so a
+resumed run sees the same batches as an uninterrupted one. Non-finite activations raise
+an error that names the layer.
 """
 
 import logging
@@ -55,6 +60,15 @@ def check_finite(tensor: torch.Tensor, layer: int, site: str, where: str) -> Non
 #: of a training step's time.
 FLOATS_PER_FORWARD = 2**22
 
+_FLOAT_BYTES = 4
+
+
+def rows_for_budget(budget_mb: float, n_layers: int, d_model: int, sae: bool = False) -> int:
+    """Token rows per layer that ``budget_mb`` MiB of float32 buffer storage holds: one
+    ``d_model`` vector per layer for SAEs (input = target), two for transcoders."""
+    per_row = n_layers * (1 if sae else 2) * d_model * _FLOAT_BYTES
+    return int(budget_mb * 2**20 // per_row)
+
 
 def _windows_per_forward(requested: int, width: int, d_model: int) -> int:
     """``requested`` windows per model forward, or (0) ``FLOATS_PER_FORWARD`` floats'
@@ -84,12 +98,12 @@ class ActivationBuffer:
         if capacity_rows < source.width:
             raise InvalidArgumentError(
                 f"buffer of {capacity_rows} rows cannot hold one window of {source.width} "
-                f"tokens: raise --buffer-rows to at least {source.width}"
+                f"tokens: raise --buffer-mb or --buffer-rows to at least {source.width} rows"
             )
         if batch_size > capacity_rows // 2:
             raise InvalidArgumentError(
                 f"batch size {batch_size} needs a buffer of at least {2 * batch_size} rows, "
-                f"got {capacity_rows}: raise --buffer-rows"
+                f"got {capacity_rows}: raise --buffer-mb or --buffer-rows"
             )
         self.adapter = adapter
         self.source = source
@@ -102,7 +116,10 @@ class ActivationBuffer:
         )
         self.split: Split = split
         self.device = torch.device(device)
-        self.windows_per_refill = capacity_rows // source.width
+        n_windows = source.n_windows(split)
+        #: The whole split fits: collected once, reshuffled at every later refill.
+        self.resident = n_windows * source.width <= capacity_rows
+        self.windows_per_refill = n_windows if self.resident else capacity_rows // source.width
         rows = self.windows_per_refill * source.width
         d = adapter.d_model
         self._y = torch.empty(len(layers), rows, d, device=self.device)
@@ -110,6 +127,7 @@ class ActivationBuffer:
         self.refill_index = -1
         self.cursor = 0
         self.n_rows = 0
+        self._collected = False
         self._perm = torch.empty(0, dtype=torch.long)
         #: Wall seconds spent collecting activations (model forwards and copies) so far.
         self.collect_seconds = 0.0
@@ -127,6 +145,16 @@ class ActivationBuffer:
         return total
 
     def _fill(self, refill: int) -> None:
+        if not (self.resident and self._collected):
+            self.n_rows = self._collect(refill)
+            self._collected = True
+        gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + refill)
+        self._perm = torch.randperm(self.n_rows, generator=gen).to(self.device)
+        self.refill_index = refill
+        self.cursor = 0
+
+    def _collect(self, refill: int) -> int:
+        """Run the model over refill ``refill``'s windows into the storage; rows written."""
         began = time.perf_counter()
         start = refill * self.windows_per_refill
         windows = self.source.get(self.split, start, self.windows_per_refill)
@@ -146,19 +174,20 @@ class ActivationBuffer:
                     self._x[i, offset : offset + n] = x.to(self.device)
             offset += n
         if offset < self.batch_size:
+            fix = (
+                "lower --batch-size or give more prompts"
+                if self.resident
+                else "raise --buffer-mb or lower --batch-size"
+            )
             raise InvalidArgumentError(
                 f"refill {refill} yielded {offset} token rows, fewer than the batch size "
-                f"{self.batch_size}: raise --buffer-rows or lower --batch-size"
+                f"{self.batch_size}: {fix}"
             )
-        gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + refill)
-        self._perm = torch.randperm(offset, generator=gen).to(self.device)
-        self.n_rows = offset
-        self.refill_index = refill
-        self.cursor = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.collect_seconds += time.perf_counter() - began
-        logger.debug("buffer refill %d: %d rows", refill, offset)
+        logger.debug("buffer refill %d: %d rows collected", refill, offset)
+        return offset
 
     def prime(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Collect refill 0 if nothing is held yet; all held rows (n_layers, n_rows, d)."""

@@ -64,7 +64,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--buffer-rows", type=int, default=65536, help="activation rows held")
+    p.add_argument(
+        "--buffer-mb", type=float, default=2048, help="activation buffer memory bound (MiB)"
+    )
+    p.add_argument(
+        "--buffer-rows", type=int, default=0, help="rows per layer (0: as many as fit --buffer-mb)"
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -145,6 +150,7 @@ def _train_config(args: argparse.Namespace, sparsity: float | None) -> Any:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        buffer_mb=args.buffer_mb,
         buffer_rows=args.buffer_rows,
         seed=args.seed,
         eval_every=args.eval_every,
@@ -153,7 +159,10 @@ def _train_config(args: argparse.Namespace, sparsity: float | None) -> Any:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    print(f"set {report['set_id']} on {report['tokens']} tokens")
+    print(
+        f"set {report['set_id']} on {report['tokens']} tokens; CE and KL over "
+        f"{report['ce_predictions']} predictions ({report['ce_positions']} positions)"
+    )
     print("layer      l0      fvu   dead  ce_rec  d_loss      kl")
     for layer, r in report["layers"].items():
         print(

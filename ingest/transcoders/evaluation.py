@@ -18,7 +18,11 @@ On the eval split of a prompt source, at real (unpadded) token positions:
 - for zoo models (``zoo.json`` in the model directory): the task metric with every
   covered MLP replaced, next to the clean model's.
 
-Next-token cross-entropy counts position t when tokens t and t + 1 are both real.
+Cross-entropy and KL count the next-token predictions the model was trained to make
+(``Windows.scored``): every real token of a text window, only the answer of a zoo task
+trained on its answer alone (the report's ``ce_positions``). A model trained on the
+answer alone predicts the prompt's own tokens arbitrarily, and zero-ablating one of its
+MLPs can lower that loss, which made CE loss recovered over all tokens meaningless there.
 """
 
 import logging
@@ -38,22 +42,28 @@ logger = logging.getLogger(__name__)
 Replacements = dict[int, Callable[[torch.Tensor], torch.Tensor]]
 
 
-def _pred_mask(mask: torch.Tensor) -> torch.Tensor:
-    """mask: (B, T) -> (B, T - 1): positions whose next token is real."""
-    return mask[:, :-1] & mask[:, 1:]
+def _pred_mask(mask: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
+    """mask, scored: (B, T) -> (B, T - 1): positions whose next token is real (and
+    scored, when ``scored`` is given)."""
+    keep = mask[:, :-1] & mask[:, 1:]
+    return keep if scored is None else keep & scored[:, 1:]
 
 
-def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, V), ids (B, T), mask (B, T) -> summed CE over counted positions."""
-    keep = _pred_mask(mask)
+def next_token_ce(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits (B, T, V), ids, mask, scored (B, T) -> summed CE over counted positions."""
+    keep = _pred_mask(mask, scored)
     logp = F.log_softmax(logits[:, :-1].float(), -1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     return nll[keep].sum()
 
 
-def kl_divergence(clean: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def kl_divergence(
+    clean: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor | None = None
+) -> torch.Tensor:
     """Summed KL(clean || other) over counted positions; logits (B, T, V)."""
-    keep = _pred_mask(mask)
+    keep = _pred_mask(mask, scored)
     p = F.log_softmax(clean[:, :-1].float(), -1)
     q = F.log_softmax(other[:, :-1].float(), -1)
     return (p.exp() * (p - q)).sum(-1)[keep].sum()
@@ -138,6 +148,7 @@ def evaluate_set(
     for lo in range(0, n, batch_size):
         ids = windows.ids[lo : lo + batch_size].to(adapter.device)
         mask = windows.mask[lo : lo + batch_size].to(adapter.device)
+        scored = windows.scored[lo : lo + batch_size].to(adapter.device)
         rec = adapter(ids, record=True)
         clean = rec.logits
         inputs: list[torch.Tensor | None] = [None] * adapter.n_layers
@@ -145,8 +156,8 @@ def evaluate_set(
             inputs[layer] = rec.mlp_out[layer] if tset.kind == "sae" else rec.mlp_in[layer]
         estimates = tset.reconstruct(inputs)
         sums["tokens"] += float(mask.sum())
-        sums["pred_tokens"] += float(_pred_mask(mask).sum())
-        sums["ce_clean"] += float(next_token_ce(clean, ids, mask))
+        sums["pred_tokens"] += float(_pred_mask(mask, scored).sum())
+        sums["ce_clean"] += float(next_token_ce(clean, ids, mask, scored))
         for layer in layers:
             stats = per[layer]
             x = inputs[layer]
@@ -162,15 +173,15 @@ def evaluate_set(
             stats.y_sq += float(y.pow(2).sum())
             spliced = adapter(ids, mlp_replacements={layer: _const(y_hat)})
             ablated = adapter(ids, mlp_replacements={layer: _const(torch.zeros_like(y_hat))})
-            stats.ce_splice += float(next_token_ce(spliced, ids, mask))
-            stats.ce_ablate += float(next_token_ce(ablated, ids, mask))
-            stats.kl += float(kl_divergence(clean, spliced, mask))
+            stats.ce_splice += float(next_token_ce(spliced, ids, mask, scored))
+            stats.ce_ablate += float(next_token_ce(ablated, ids, mask, scored))
+            stats.kl += float(kl_divergence(clean, spliced, mask, scored))
         spliced_all = adapter(ids, mlp_replacements=all_layer_replacements(adapter, tset))
         zeros = {layer: _const(torch.zeros_like(rec.mlp_out[layer])) for layer in layers}
         ablated_all = adapter(ids, mlp_replacements=zeros)
-        sums["ce_splice_all"] += float(next_token_ce(spliced_all, ids, mask))
-        sums["ce_ablate_all"] += float(next_token_ce(ablated_all, ids, mask))
-        sums["kl_all"] += float(kl_divergence(clean, spliced_all, mask))
+        sums["ce_splice_all"] += float(next_token_ce(spliced_all, ids, mask, scored))
+        sums["ce_ablate_all"] += float(next_token_ce(ablated_all, ids, mask, scored))
+        sums["kl_all"] += float(kl_divergence(clean, spliced_all, mask, scored))
 
     dead_sample = _count_firing(adapter, tset, source, per, dead_tokens, batch_size)
     n_tok, n_pred = max(sums["tokens"], 1.0), max(sums["pred_tokens"], 1.0)
@@ -178,6 +189,8 @@ def evaluate_set(
     report: dict[str, Any] = {
         "set_id": tset.metadata.set_id,
         "tokens": int(n_tok),
+        "ce_positions": "answer" if source.answer_only else "all",
+        "ce_predictions": int(n_pred),
         "dead_tokens": max(dead_sample, int(n_tok)),
     }
     layer_reports = {}
@@ -253,12 +266,18 @@ def recovered(ce_clean: float, ce_splice: float, ce_ablate: float) -> float:
     return (ce_ablate - ce_splice) / denom if abs(denom) > 1e-12 else float("nan")
 
 
-def fraction_kept(clean: float, spliced: float, higher_is_better: bool = True) -> float:
-    """How much of the task metric the spliced model keeps: spliced / clean, or, for a
-    lower-is-better metric (induction's loss ratio), clean / spliced, so that a worse
-    spliced model keeps less than 1 either way. nan when the denominator is 0."""
-    num, den = (spliced, clean) if higher_is_better else (clean, spliced)
-    return num / den if den else float("nan")
+def fraction_kept(clean: float, spliced: float, baseline: float = 0.0) -> float:
+    """How much of the task ability the spliced model keeps, measured from ``baseline``,
+    the metric's value without the ability: ``(spliced - baseline) / (clean - baseline)``.
+
+    With baseline 0 this is ``spliced / clean`` (a logit difference, an accuracy). A
+    lower-is-better metric needs its baseline: induction's loss ratio (repeated-half loss
+    over first-half loss) is 1 without induction, so 0.002 -> 0.009 keeps
+    ``0.991 / 0.998``; its raw ``clean / spliced`` would be 0.22, a ratio of two losses
+    near 0 that any small absolute change moves a lot. nan when clean equals baseline.
+    """
+    den = clean - baseline
+    return (spliced - baseline) / den if den else float("nan")
 
 
 @torch.no_grad()
@@ -287,10 +306,11 @@ def task_metric(
         out[name] = task.summarize({k: v / len(examples) for k, v in metric_sums.items()})
     bars = task.quality_bars()
     main = bars[0].metric if bars else next(iter(out["clean"]))
-    higher = bars[0].higher if bars else True
+    baseline = bars[0].baseline if bars else 0.0
     clean, spliced = out["clean"].get(main, float("nan")), out["spliced"].get(main, float("nan"))
     out["metric"] = main
-    out["fraction_kept"] = fraction_kept(clean, spliced, higher)
+    out["baseline"] = baseline
+    out["fraction_kept"] = fraction_kept(clean, spliced, baseline)
     if bars:
         out["bar"] = bars[0].describe()
         out["spliced_passes_bar"] = bars[0].passes(out["spliced"])

@@ -12,6 +12,12 @@ what makes resumed training bit-identical (the buffer re-collects a refill by in
   (zoo tasks: each prompt followed by its first answer, as the model was trained on it,
   at position 0).
 
+Windows also say which next-token predictions the model was trained to make
+(``Windows.scored``): every one for text, only the answer for a zoo task trained on its
+answer alone. Cross-entropy metrics count those (a model trained on the answer only
+makes arbitrary predictions elsewhere, and zero-ablating an MLP can even lower their
+loss, which made CE loss recovered meaningless on such models).
+
 :func:`resolve_source` turns a CLI spec into a source: ``zoo`` (the model directory's
 task), ``text:PATH``, ``jsonl:PATH[:FIELD]``, ``hf:NAME[:CONFIG]`` or a path ending in
 ``.txt`` / ``.jsonl``. ``datasets`` is imported only for ``hf:`` specs.
@@ -36,10 +42,13 @@ Split = Literal["train", "eval"]
 
 @dataclass
 class Windows:
-    """ids: (n, T) long token ids; mask: (n, T) bool, True at real tokens."""
+    """ids: (n, T) long token ids; mask: (n, T) bool, True at real tokens; scored: (n, T)
+    bool, True at the tokens whose prediction (from the previous position) the model was
+    trained to make."""
 
     ids: torch.Tensor
     mask: torch.Tensor
+    scored: torch.Tensor
 
 
 class Source(ABC):
@@ -58,6 +67,10 @@ class Source(ABC):
     @abstractmethod
     def _window(self, split: Split, index: int) -> list[int]: ...
 
+    #: Whether only each window's last token is a trained prediction (zoo tasks trained
+    #: on the answer alone); otherwise every real token after the first is.
+    answer_only: bool = False
+
     def pad_id(self) -> int:
         return 0
 
@@ -67,10 +80,12 @@ class Source(ABC):
         rows = [self._window(split, (start + i) % n) for i in range(count)]
         ids = torch.full((count, self.width), self.pad_id(), dtype=torch.long)
         mask = torch.zeros((count, self.width), dtype=torch.bool)
+        scored = torch.zeros((count, self.width), dtype=torch.bool)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = True
-        return Windows(ids=ids, mask=mask)
+            scored[i, len(row) - 1 if self.answer_only else 1 : len(row)] = True
+        return Windows(ids=ids, mask=mask, scored=scored)
 
 
 class StreamSource(Source):
@@ -110,11 +125,22 @@ class PromptSource(Source):
     """One prompt per window, right-padded to the longest prompt."""
 
     def __init__(
-        self, name: str, train: list[list[int]], eval: list[list[int]], pad_id: int = 0
+        self,
+        name: str,
+        train: list[list[int]],
+        eval: list[list[int]],
+        pad_id: int = 0,
+        answer_only: bool = False,
     ) -> None:
         if not train or not eval:
             raise InvalidArgumentError(f"source {name!r} needs train and eval prompts")
+        if answer_only and min(len(r) for r in train + eval) < 2:
+            raise InvalidArgumentError(
+                f"source {name!r} scores only each prompt's last token, so every prompt "
+                f"needs at least two tokens"
+            )
         self.name = name
+        self.answer_only = answer_only
         self._rows = {"train": train, "eval": eval}
         self._width = max(len(r) for r in train + eval)
         self._pad = pad_id
@@ -214,7 +240,8 @@ def hf_dataset_source(
 
 def zoo_source(model_dir: Path, tokenizer: Any) -> PromptSource:
     """The training prompts (train split) and held-out prompts (eval) of a zoo model's task,
-    each followed by its first answer."""
+    each followed by its first answer; only the answer is scored unless the task trains
+    on every token (induction)."""
     from ingest.zoo.checkpoint import read_manifest, task_for_spec
 
     task = task_for_spec(read_manifest(model_dir).spec)
@@ -232,7 +259,13 @@ def zoo_source(model_dir: Path, tokenizer: Any) -> PromptSource:
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return PromptSource(f"zoo:{task.name}", encode("train"), encode("heldout"), pad)
+    return PromptSource(
+        f"zoo:{task.name}",
+        encode("train"),
+        encode("heldout"),
+        pad,
+        answer_only=not task.loss_on_all_tokens,
+    )
 
 
 def resolve_source(

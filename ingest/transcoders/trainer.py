@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ingest.errors import FailedPreconditionError, InvalidArgumentError
-from ingest.transcoders.buffer import ActivationBuffer, collect
+from ingest.transcoders.buffer import ActivationBuffer, collect, rows_for_budget
 from ingest.transcoders.checkpoint import (
     has_checkpoint,
     load_checkpoint,
@@ -65,7 +65,8 @@ class TrainConfig:
     batch_size: int = 1024
     lr: float = 2e-3
     warmup_steps: int = 50
-    buffer_rows: int = 65536
+    buffer_mb: float = 2048.0  # activation buffer memory bound (MiB)
+    buffer_rows: int = 0  # rows per layer; 0: as many as buffer_mb holds
     model_batch_size: int = 0  # windows per model forward; 0: buffer.FLOATS_PER_FORWARD
     seed: int = 0
     eval_every: int = 500
@@ -81,9 +82,11 @@ class TrainConfig:
         if self.kind not in KINDS:
             raise InvalidArgumentError(f"unknown kind {self.kind!r}: choose one of {KINDS}")
         ARCHITECTURES.get(self.arch)
-        for name in ("width", "steps", "batch_size", "buffer_rows", "eval_windows"):
+        for name in ("width", "steps", "batch_size", "buffer_mb", "eval_windows"):
             if getattr(self, name) <= 0:
                 raise InvalidArgumentError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.buffer_rows < 0:
+            raise InvalidArgumentError("buffer_rows must be >= 0 (0 sizes it by buffer_mb)")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise InvalidArgumentError("lr must be > 0 and warmup_steps >= 0")
         if self.model_batch_size < 0:
@@ -279,7 +282,8 @@ def train_transcoders(
         adapter,
         source,
         layers,
-        capacity_rows=cfg.buffer_rows,
+        capacity_rows=cfg.buffer_rows
+        or rows_for_budget(cfg.buffer_mb, len(layers), adapter.d_model, cfg.kind == "sae"),
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         input_site="mlp_out" if cfg.kind == "sae" else "mlp_in",

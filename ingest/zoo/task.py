@@ -114,11 +114,16 @@ class EncodedBatch:
 
 @dataclass(frozen=True)
 class QualityBar:
-    """A threshold on one metric; ``higher`` says which side passes."""
+    """A threshold on one metric; ``higher`` says which side passes. ``baseline`` is the
+    metric's value for a model without the task's ability (a logit or probability
+    difference of 0; a loss ratio of 1, no better on the repeated half than on the
+    first), from which :func:`ingest.transcoders.evaluation.fraction_kept` measures how
+    much of the ability a modified model keeps."""
 
     metric: str
     threshold: float
     higher: bool = True
+    baseline: float = 0.0
 
     def passes(self, metrics: dict[str, float]) -> bool:
         value = metrics.get(self.metric, float("nan"))

@@ -66,6 +66,40 @@ def test_buffer_state_resumes_the_same_batches():
         assert torch.equal(ex[0], got[0]) and torch.equal(ex[1], got[1])
 
 
+def test_a_split_that_fits_is_collected_once_and_reshuffled_every_epoch():
+    adapter = tiny_adapter()
+    source = random_stream_source(n_tokens=640, context_len=16)  # 36 train windows
+    n_rows = source.n_windows("train") * 16
+    buffer = _buffer(adapter, source, capacity_rows=1024)
+    assert buffer.resident and buffer.capacity_rows == n_rows  # only what the split needs
+    x0, _ = buffer.prime()
+    rec = adapter(source.get("train", 0, source.n_windows("train")).ids, record=True)
+    assert torch.allclose(x0[1], rec.mlp_in[1].reshape(-1, D_MODEL), atol=1e-6)
+    collected = buffer.collect_seconds
+    held = x0.clone()
+    epochs = [torch.cat([buffer.next_batch()[0] for _ in range(n_rows // 16)], 1) for _ in range(3)]
+    assert buffer.refill_index == 2 and buffer.collect_seconds == collected  # no model runs
+    for epoch in epochs:
+        # every held row exactly once per epoch, in a new order each time
+        assert torch.equal(epoch[0].sort(0).values, held[0].sort(0).values)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    # resuming mid-epoch re-collects once and continues with the same batches
+    state = buffer.state_dict()
+    expected = [buffer.next_batch() for _ in range(4)]
+    resumed = _buffer(adapter, source, capacity_rows=1024)
+    resumed.load_state_dict(state)
+    for ex, got in zip(expected, [resumed.next_batch() for _ in range(4)], strict=True):
+        assert torch.equal(ex[0], got[0]) and torch.equal(ex[1], got[1])
+
+
+def test_buffer_rows_follow_the_memory_budget():
+    from ingest.transcoders.buffer import rows_for_budget
+
+    # 1 MiB over 2 layers of (input, target) float32 vectors of width 64: 1024 rows.
+    assert rows_for_budget(1, n_layers=2, d_model=64) == 1024
+    assert rows_for_budget(1, n_layers=2, d_model=64, sae=True) == 2048
+
+
 def test_nan_activations_name_the_layer():
     model = tiny_gpt2()
     with torch.no_grad():
@@ -79,9 +113,9 @@ def test_nan_activations_name_the_layer():
 
 
 def test_buffer_too_small():
-    with pytest.raises(InvalidArgumentError, match="--buffer-rows"):
+    with pytest.raises(InvalidArgumentError, match="--buffer-mb or --buffer-rows"):
         _buffer(tiny_adapter(), random_stream_source(), capacity_rows=8)
-    with pytest.raises(InvalidArgumentError, match="--buffer-rows"):
+    with pytest.raises(InvalidArgumentError, match="--buffer-mb or --buffer-rows"):
         _buffer(tiny_adapter(), random_stream_source(), batch_size=48)
 
 

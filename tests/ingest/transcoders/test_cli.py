@@ -107,3 +107,8 @@ def test_zoo_source_windows_end_with_the_answer(tiny_zoo_dir):
         last = int(mask.sum()) - 1
         assert int(row[last]) == tok.get_vocab()[example.answers[0]]
     assert source.n_windows("train") == len(task.examples("train"))
+    # Greater-than trains on the answer alone: it is the one scored prediction per window.
+    assert not task.loss_on_all_tokens and source.answer_only
+    assert torch.equal(windows.scored.sum(1), torch.ones(4, dtype=torch.long))
+    last = windows.mask.sum(1) - 1
+    assert bool(windows.scored[torch.arange(4), last].all())

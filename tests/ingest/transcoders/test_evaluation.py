@@ -84,11 +84,43 @@ def test_dead_latents_are_counted_over_a_large_sample_not_the_few_eval_windows()
     assert many["mean"]["fvu"] == few["mean"]["fvu"]
 
 
-def test_fraction_kept_is_below_one_when_the_splice_is_worse_either_way():
-    # Higher is better (a logit difference): 18 -> 9 keeps half.
-    assert fraction_kept(18.0, 9.0, higher_is_better=True) == pytest.approx(0.5)
-    # Lower is better (induction's loss ratio): 0.002 -> 0.014 is worse, keeps 1/7.
-    assert fraction_kept(0.002, 0.014, higher_is_better=False) == pytest.approx(1 / 7)
-    # A better splice keeps more than 1 in both directions.
-    assert fraction_kept(0.014, 0.002, higher_is_better=False) == pytest.approx(7.0)
+def test_cross_entropy_counts_only_the_scored_predictions():
+    """On a source trained on the answer alone, CE is the answer's loss and nothing else."""
+    from ingest.transcoders.sources import PromptSource
+
+    adapter, _, zero = _relu_model_and_sets()
+    gen = torch.Generator().manual_seed(3)
+    lengths = [5, 9, 7, 12, 6, 8]
+    rows = [torch.randint(1, 40, (n,), generator=gen).tolist() for n in lengths]
+    answer_only = PromptSource("answers", rows, rows, answer_only=True)
+    every = PromptSource("every", rows, rows)
+    windows = answer_only.get("eval", 0, len(rows))
+    with torch.no_grad():
+        logp = torch.log_softmax(adapter(windows.ids).double(), -1)
+    expected = -sum(float(logp[i, n - 2, rows[i][-1]]) for i, n in enumerate(lengths))
+    expected_all = -sum(
+        float(logp[i, t - 1, rows[i][t]]) for i, n in enumerate(lengths) for t in range(1, n)
+    )
+    for source, ce, count, positions in (
+        (answer_only, expected, len(rows), "answer"),
+        (every, expected_all, sum(lengths) - len(rows), "all"),
+    ):
+        report = evaluate_set(adapter, zero, source, n_windows=len(rows), dead_tokens=0)
+        assert report["ce_positions"] == positions and report["ce_predictions"] == count
+        assert report["layers"]["0"]["ce_clean"] == pytest.approx(ce / count, rel=1e-5)
+        # Zero-ablation's loss is counted on the same positions: nothing recovered.
+        assert report["layers"]["0"]["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_fraction_kept_is_measured_from_the_no_ability_baseline():
+    # Higher is better, baseline 0 (a logit difference): 18 -> 9 keeps half.
+    assert fraction_kept(18.0, 9.0) == pytest.approx(0.5)
+    # Induction's loss ratio is 1 without induction: 0.002 -> 0.014 is worse and keeps
+    # 0.986 / 0.998 of the drop from 1; back at 1 it keeps nothing.
+    assert fraction_kept(0.002, 0.014, baseline=1.0) == pytest.approx(0.986 / 0.998)
+    assert fraction_kept(0.002, 1.0, baseline=1.0) == pytest.approx(0.0)
+    # A better splice keeps more than all of it, in both directions.
+    assert fraction_kept(0.014, 0.002, baseline=1.0) > 1.0
+    assert fraction_kept(9.0, 18.0) == pytest.approx(2.0)
     assert math.isnan(fraction_kept(0.0, 1.0))
+    assert math.isnan(fraction_kept(1.0, 0.5, baseline=1.0))

@@ -51,10 +51,15 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize(("kind", "arch"), [("transcoder", "topk"), ("clt", "jumprelu")])
-def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch):
+@pytest.mark.parametrize(
+    ("kind", "arch", "buffer_rows"),
+    # 128 rows: refilled from the model every 4 steps; 0: the default budget holds the
+    # whole split, collected once (resident)
+    [("transcoder", "topk", 128), ("clt", "jumprelu", 128), ("transcoder", "topk", 0)],
+)
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch, buffer_rows):
     cfg = _cfg(kind=kind, arch=arch, sparsity=4 if arch == "topk" else 0.01, skip=True,
-               buffer_rows=128, resample_every=3, dead_after_tokens=32)  # fmt: skip
+               buffer_rows=buffer_rows, resample_every=3, dead_after_tokens=32)  # fmt: skip
     full = _train(tmp_path, "full", cfg)
     # Killed after step 10: its last checkpoint is at step 8, and it exported nothing.
     killed = _train(tmp_path, "killed", cfg, stop_after=10)
