@@ -61,7 +61,7 @@ class TrainConfig:
     sparsity: float | None = None  # None: the architecture's default
     skip: bool = False
     layers: tuple[int, ...] | None = None  # None: every layer
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 1024
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -124,8 +124,9 @@ class TrainResult:
     steps_done: int
     history: list[dict[str, Any]] = field(default_factory=list)
     tokens_per_second: float = 0.0
-    #: The same tokens over the loop's time less activation collection (steps, evals and
-    #: checkpoints).
+    #: ``tokens_per_second`` counts the training loop and every activation collection
+    #: (also the first refill, before the loop); this is the same tokens over the loop's
+    #: time less collection (steps, evals and checkpoints).
     step_tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
 
@@ -409,8 +410,12 @@ def train_transcoders(
             step = done
     finally:
         bar.close()
-    elapsed = max(time.perf_counter() - began, 1e-9)
-    stepping = max(elapsed - (buffer.collect_seconds - collect_before), 1e-9)
+    # End to end counts every activation collection of this run, also the one before the
+    # loop (the first refill, or with a resident buffer the whole split); the steps-only
+    # rate leaves all of it out.
+    loop = time.perf_counter() - began
+    elapsed = max(loop + collect_before, 1e-9)
+    stepping = max(loop - (buffer.collect_seconds - collect_before), 1e-9)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     tset = build_set(
         trainable, cfg, module_cfg, layers, in_scales, out_scales, adapter, model_id, fingerprint

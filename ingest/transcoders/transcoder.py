@@ -21,6 +21,7 @@ the mean win every TopK selection from the first step.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ingest.transcoders.architectures import Activation, build_activation
@@ -75,7 +76,7 @@ class Transcoder(nn.Module):
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_transcoder)."""
-        return x @ self.W_enc.T + self.b_enc
+        return F.linear(x, self.W_enc, self.b_enc)  # one fused addmm, not a matmul and an add
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> activations (..., d_transcoder)."""
@@ -89,7 +90,7 @@ class Transcoder(nn.Module):
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """acts: (..., d_transcoder), x: (..., d_in) needed with a skip -> (..., d_out)."""
-        out = acts @ self.W_dec + self.b_dec
+        out = F.linear(acts, self.W_dec.T, self.b_dec)
         if self.W_skip is not None:
             if x is None:
                 raise ValueError("this transcoder has a skip connection: pass its input x")
