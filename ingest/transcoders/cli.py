@@ -95,7 +95,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev = commands.add_parser("eval", help="L0, FVU, CE loss recovered, KL, task metric")
     ev.add_argument("set", type=Path, help="transcoder set directory")
     _add_model_args(ev)
-    ev.add_argument("--windows", type=int, default=64, help="eval windows / prompts")
+    ev.add_argument(
+        "--windows",
+        type=int,
+        default=None,
+        help="eval windows / prompts (default 64, or 1024 prompts scored at the answer)",
+    )
     ev.add_argument(
         "--dead-tokens", type=int, default=65_536,
         help="eval tokens over which a latent that never fires counts as dead",

@@ -41,6 +41,15 @@ logger = logging.getLogger(__name__)
 
 Replacements = dict[int, Callable[[torch.Tensor], torch.Tensor]]
 
+#: Eval windows when the caller names none: 64 text windows, or 1,024 prompts of a source
+#: that scores only each prompt's answer (about as many scored predictions).
+DEFAULT_WINDOWS = 64
+DEFAULT_ANSWER_PROMPTS = 1024
+
+
+def default_windows(source: Source) -> int:
+    return DEFAULT_ANSWER_PROMPTS if source.answer_only else DEFAULT_WINDOWS
+
 
 def _pred_mask(mask: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
     """mask, scored: (B, T) -> (B, T - 1): positions whose next token is real (and
@@ -123,17 +132,18 @@ def evaluate_set(
     tset: TranscoderSet,
     source: Source,
     *,
-    n_windows: int = 64,
+    n_windows: int | None = None,
     batch_size: int = 16,
     zoo_dir: str | Path | None = None,
     tokenizer: Any = None,
     max_task_examples: int = 512,
     dead_tokens: int = 65_536,
 ) -> dict[str, Any]:
-    """All metrics of the module docstring as a JSON-ready dict."""
+    """All metrics of the module docstring as a JSON-ready dict; ``n_windows`` None:
+    :func:`default_windows`."""
     tset.check_fits(adapter)
     layers = tset.layers
-    n = min(n_windows, source.n_windows("eval"))
+    n = min(n_windows or default_windows(source), source.n_windows("eval"))
     windows = source.get("eval", 0, n)
     d_t = tset.d_transcoder
     sums: dict[str, Any] = {

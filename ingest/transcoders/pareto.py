@@ -49,7 +49,7 @@ def run_pareto(
     *,
     model_id: str,
     kinds: tuple[str, ...] = ("transcoder", "sae"),
-    eval_windows: int = 32,
+    eval_windows: int | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     out = Path(out_dir)
