@@ -220,13 +220,17 @@ def test_clt_encoders_are_centred_on_their_own_layer_input():
 
 
 @pytest.mark.parametrize(
-    ("shape", "k"), [((256, 512), 16), ((100, 512), 32), ((9, 1024), 16), ((33, 300), 32)]
-)
+    ("shape", "k"),
+    # widths that are not multiples of the chunk size keep their last w % 8 columns apart
+    [((256, 512), 16), ((100, 512), 32), ((9, 1024), 16), ((33, 300), 32), ((64, 357), 16),
+     ((40, 75), 4)],
+)  # fmt: skip
 def test_chunked_topk_selects_the_same_values_as_torch_topk(shape, k):
     from ingest.transcoders.architectures import topk_indices
 
     scores = torch.randn(*shape, generator=torch.Generator().manual_seed(k))
     scores[:, :40] *= 4  # large values concentrated in a few chunks
+    scores[::3, -3:] += 10  # and, on some rows, in the columns left over
     indices = topk_indices(scores, k)
     assert indices.shape == (shape[0], k)
     assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct columns
