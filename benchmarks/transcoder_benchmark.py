@@ -173,6 +173,10 @@ def main() -> int:
         f"- command: `{command.strip()}`; wall time {wall / 60:.1f} min",
         f"- TopK k={k}, width {base.width}, {base.steps} steps of {base.batch_size} tokens "
         f"(TrainConfig defaults unless the command overrides them), every layer",
+        "- CE: next-token loss at the predictions each model was trained on (the answer, or "
+        "every token for induction), 256 held-out prompts; task metric kept: "
+        "(spliced - b) / (clean - b) from the task's no-ability baseline b (0; induction's "
+        "loss ratio: 1)",
         "- dead: latents that never fire on the first `dead tokens` tokens of the eval split",
         f"- FLOPs: {FLOPS_PER_TOKEN_LAYER} x d_model x width per token and layer (dense step); "
         "matmul GFLOP/s measured at the step's shapes in this run",

@@ -50,7 +50,7 @@ def _train_config(ctx: DemoContext) -> Any:
             eval_every=60, checkpoint_every=60,
         )  # fmt: skip
     return TrainConfig(
-        width=128, sparsity=16, steps=1500, batch_size=256, buffer_rows=16384,
+        width=128, sparsity=16, steps=1500, batch_size=256,
         eval_every=500, checkpoint_every=500,
     )  # fmt: skip
 
