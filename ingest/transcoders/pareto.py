@@ -3,8 +3,10 @@
 For each sparsity value and each kind (``transcoder`` and the ``sae`` baseline, same
 architecture, width and steps) a set is trained and evaluated; each row records the mean
 over covered layers of L0, FVU, dead fraction, CE loss recovered (layer spliced alone)
-and the all-layers CE loss recovered. The sweep writes ``pareto.json``, ``pareto.md``
-and ``pareto.png`` (matplotlib, Agg backend). Dunefsky et al. (2024) compare the two
+and the all-layers CE loss recovered. With ``skip`` in the base config, transcoders
+get the skip connection (rows ``transcoder+skip``) and SAEs do not: an SAE with one
+could copy its input. The sweep writes ``pareto.json``, ``pareto.md`` and
+``pareto.png`` (matplotlib, Agg backend). Dunefsky et al. (2024) compare the two
 kinds the same way: at equal L0 the better replacement recovers more loss.
 """
 
@@ -56,14 +58,16 @@ def run_pareto(
     rows: list[dict[str, Any]] = []
     for kind in kinds:
         for sparsity in sparsities:
-            cfg = dataclasses.replace(base, kind=kind, sparsity=sparsity)
-            run_dir = out / f"{kind}-{cfg.arch}-{sparsity:g}"
+            skip = base.skip and kind != "sae"
+            cfg = dataclasses.replace(base, kind=kind, sparsity=sparsity, skip=skip)
+            label = f"{kind}+skip" if skip else kind
+            run_dir = out / f"{label}-{cfg.arch}-{sparsity:g}"
             result = train_transcoders(
                 adapter, source, cfg, run_dir, model_id=model_id, resume=True, progress=progress
             )
             report = evaluate_set(adapter, result.tset, source, n_windows=eval_windows)
             row = {
-                "kind": kind,
+                "kind": label,
                 "sparsity": float(sparsity),
                 **{k: report["mean"][k] for k in ("l0", "fvu", "dead_fraction")},
                 "ce_loss_recovered": report["mean"]["ce_loss_recovered"],
@@ -86,7 +90,9 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for kind, marker in (("transcoder", "o"), ("sae", "s"), ("clt", "^")):
+    markers = "os^Dv"
+    for i, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
+        marker = markers[i % len(markers)]
         points = sorted((r["l0"], r["ce_loss_recovered"]) for r in rows if r["kind"] == kind)
         if points:
             xs, ys = zip(*points, strict=True)

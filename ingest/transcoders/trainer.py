@@ -85,6 +85,11 @@ class TrainConfig:
         for name in ("width", "steps", "batch_size", "buffer_mb", "eval_windows"):
             if getattr(self, name) <= 0:
                 raise InvalidArgumentError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kind == "sae" and self.skip:
+            raise InvalidArgumentError(
+                "an SAE with a skip connection can copy its input through W_skip: drop "
+                "--skip for --kind sae (skip connections are for transcoders)"
+            )
         if self.buffer_rows < 0:
             raise InvalidArgumentError("buffer_rows must be >= 0 (0 sizes it by buffer_mb)")
         if self.lr <= 0 or self.warmup_steps < 0:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,16 +77,24 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     assert "weights differ" in capsys.readouterr().err
 
 
-def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path):
+@pytest.mark.parametrize("skip", [False, True])
+def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path, skip):
     out = tmp_path / "pareto"
     args = ["transcoders", "pareto", "--model", str(tiny_zoo_dir), "--out", str(out),
             "--sparsities", "2,4", "--width", "16", "--steps", "6", "--batch-size", "32",
-            "--buffer-rows", "256", "--eval-every", "6", "--checkpoint-every", "6"]  # fmt: skip
+            "--buffer-rows", "256", "--eval-every", "6", "--checkpoint-every", "6",
+            *(["--skip"] if skip else [])]  # fmt: skip
     assert main(args) == 0
     rows = json.loads((out / "pareto.json").read_text())
+    # --skip gives transcoders the skip connection, never the SAE baseline
+    tc = "transcoder+skip" if skip else "transcoder"
     assert sorted((r["kind"], r["sparsity"]) for r in rows) == [
-        ("sae", 2.0), ("sae", 4.0), ("transcoder", 2.0), ("transcoder", 4.0)
+        ("sae", 2.0), ("sae", 4.0), (tc, 2.0), (tc, 4.0)
     ]  # fmt: skip
+    for row in rows:
+        tset = load_any(Path(row["dir"]))
+        has_skip = tset.W_skip(tset.layers[0]) is not None
+        assert has_skip == (row["kind"] == "transcoder+skip")
     assert all(r["l0"] <= r["sparsity"] for r in rows)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| kind |" in (out / "pareto.md").read_text()

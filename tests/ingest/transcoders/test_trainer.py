@@ -81,6 +81,12 @@ def test_resume_with_other_config_is_refused(tmp_path):
         _train(tmp_path, "run", _cfg(lr=1e-3), resume=True)
 
 
+@pytest.mark.unit
+def test_an_sae_with_a_skip_connection_is_refused():
+    with pytest.raises(InvalidArgumentError, match="copy its input"):
+        _cfg(kind="sae", skip=True)
+
+
 def test_layer_out_of_range(tmp_path):
     with pytest.raises(InvalidArgumentError, match="out of range"):
         _train(tmp_path, "run", _cfg(layers=(0, 7)))
