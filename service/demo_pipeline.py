@@ -86,7 +86,12 @@ def transcoders_stage(ctx: DemoContext) -> list[str]:
         )
         tset = result.tset
         report = evaluate_set(
-            loaded.adapter, tset, source, zoo_dir=model_dir, tokenizer=loaded.tokenizer
+            loaded.adapter,
+            tset,
+            source,
+            zoo_dir=model_dir,
+            tokenizer=loaded.tokenizer,
+            progress=ctx.progress,
         )
         write_json(out / "eval.json", report)
         stats = compute_feature_stats(

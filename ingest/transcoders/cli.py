@@ -200,7 +200,12 @@ def _train(args: argparse.Namespace) -> int:
     print(f"saved transcoder set to {args.out}")
     if not args.no_eval:
         report = evaluate_set(
-            loaded.adapter, result.tset, source, zoo_dir=args.model, tokenizer=loaded.tokenizer
+            loaded.adapter,
+            result.tset,
+            source,
+            zoo_dir=args.model,
+            tokenizer=loaded.tokenizer,
+            progress=True,
         )
         (Path(args.out) / "eval.json").write_text(json.dumps(report, indent=2))
         _print_report(report)
@@ -215,7 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
     tset = load_any(args.set, device=loaded.adapter.device)
     report = evaluate_set(
         loaded.adapter, tset, source, n_windows=args.windows, zoo_dir=args.model,
-        tokenizer=loaded.tokenizer, dead_tokens=args.dead_tokens,
+        tokenizer=loaded.tokenizer, dead_tokens=args.dead_tokens, progress=True,
     )  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ingest.transcoders.sources import Source
 from ingest.transcoders.transcoder_set import TranscoderSet
@@ -138,9 +139,10 @@ def evaluate_set(
     tokenizer: Any = None,
     max_task_examples: int = 512,
     dead_tokens: int = 65_536,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """All metrics of the module docstring as a JSON-ready dict; ``n_windows`` None:
-    :func:`default_windows`."""
+    :func:`default_windows`. ``progress`` shows a bar over the eval batches."""
     tset.check_fits(adapter)
     layers = tset.layers
     n = min(n_windows or default_windows(source), source.n_windows("eval"))
@@ -155,7 +157,8 @@ def evaluate_set(
         "kl_all": 0.0,
     }
     per = {layer: _LayerSums.zeros(tset.d_model, d_t) for layer in layers}
-    for lo in range(0, n, batch_size):
+    batches = tqdm(range(0, n, batch_size), desc="evaluating", unit="batch", disable=not progress)
+    for lo in batches:
         ids = windows.ids[lo : lo + batch_size].to(adapter.device)
         mask = windows.mask[lo : lo + batch_size].to(adapter.device)
         scored = windows.scored[lo : lo + batch_size].to(adapter.device)
