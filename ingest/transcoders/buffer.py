@@ -44,6 +44,17 @@ def record_sites(
     return inputs, targets
 
 
+def check_window_fits(adapter: Any, source: Source) -> None:
+    """A clear error, naming the flag, when the source's windows exceed the model's context."""
+    n_ctx = getattr(adapter, "n_ctx", None)
+    if n_ctx is not None and source.width > n_ctx:
+        raise InvalidArgumentError(
+            f"prompt source {source.name!r} gives windows of {source.width} tokens but the "
+            f"model's context is {n_ctx}: pass --context-len {n_ctx} or less (text sources) "
+            f"or shorter prompts"
+        )
+
+
 def check_finite(tensor: torch.Tensor, layer: int, site: str, where: str) -> None:
     if not bool(torch.isfinite(tensor).all()):
         raise InvalidArgumentError(
@@ -95,6 +106,7 @@ class ActivationBuffer:
     ) -> None:
         if input_site not in ("mlp_in", "mlp_out"):
             raise InvalidArgumentError(f"input_site must be mlp_in or mlp_out, got {input_site!r}")
+        check_window_fits(adapter, source)
         if capacity_rows < source.width:
             raise InvalidArgumentError(
                 f"buffer of {capacity_rows} rows cannot hold one window of {source.width} "

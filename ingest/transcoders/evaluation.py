@@ -143,7 +143,10 @@ def evaluate_set(
 ) -> dict[str, Any]:
     """All metrics of the module docstring as a JSON-ready dict; ``n_windows`` None:
     :func:`default_windows`. ``progress`` shows a bar over the eval batches."""
+    from ingest.transcoders.buffer import check_window_fits
+
     tset.check_fits(adapter)
+    check_window_fits(adapter, source)
     layers = tset.layers
     n = min(n_windows or default_windows(source), source.n_windows("eval"))
     windows = source.get("eval", 0, n)

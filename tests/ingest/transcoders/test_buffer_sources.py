@@ -92,6 +92,13 @@ def test_a_split_that_fits_is_collected_once_and_reshuffled_every_epoch():
         assert torch.equal(ex[0], got[0]) and torch.equal(ex[1], got[1])
 
 
+def test_windows_longer_than_the_context_name_the_flag():
+    adapter = tiny_adapter()
+    source = random_stream_source(context_len=adapter.n_ctx + 1)
+    with pytest.raises(InvalidArgumentError, match=rf"--context-len {adapter.n_ctx} or less"):
+        _buffer(adapter, source, capacity_rows=4096)
+
+
 def test_buffer_rows_follow_the_memory_budget():
     from ingest.transcoders.buffer import rows_for_budget
 
