@@ -3,7 +3,10 @@
 On the eval split of a prompt source, at real (unpadded) token positions:
 
 - ``l0``: mean number of active latents per token, per layer;
-- ``fvu``: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2`` per layer (clean inputs);
+- ``fvu``: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2`` per layer (clean inputs), and
+  ``fvu_predicting`` the same over the positions whose next-token prediction the CE
+  metrics score (the last prompt token on answer-only zoo tasks), where an MLP's error
+  reaches the answer directly;
 - ``dead_fraction``: latents that never fire on a large sample of the eval split (at
   least ``dead_tokens`` tokens, default 65,536, or the whole split when it is smaller),
   counted apart from the other metrics, which need far fewer tokens: a latent that fires
@@ -104,23 +107,44 @@ def all_layer_replacements(adapter: Any, tset: TranscoderSet) -> Replacements:
 
 
 @dataclass
+class _FVUSums:
+    """Running sums for ``sum |y - y_hat|^2 / sum |y - mean y|^2`` over chosen rows."""
+
+    y_sum: torch.Tensor  # (d_model,) float64
+    rows: float = 0.0
+    err: float = 0.0
+    y_sq: float = 0.0
+
+    def add(self, y: torch.Tensor, y_hat: torch.Tensor) -> None:
+        """y, y_hat: (n, d_model) float64."""
+        self.rows += y.shape[0]
+        self.err += float((y - y_hat).pow(2).sum())
+        self.y_sum += y.sum(0).cpu()
+        self.y_sq += float(y.pow(2).sum())
+
+    def value(self) -> float:
+        variance = self.y_sq - float(self.y_sum.pow(2).sum()) / max(self.rows, 1.0)
+        return self.err / max(variance, 1e-12)
+
+
+@dataclass
 class _LayerSums:
     """Running sums of one layer's metrics over eval batches."""
 
-    y_sum: torch.Tensor  # (d_model,) float64
     fired: torch.Tensor  # (d_transcoder,) bool
+    fvu: _FVUSums  # every real token
+    fvu_predicting: _FVUSums  # the positions whose next-token prediction is scored
     ce_splice: float = 0.0
     ce_ablate: float = 0.0
     kl: float = 0.0
     l0: float = 0.0
-    err: float = 0.0
-    y_sq: float = 0.0
 
     @classmethod
     def zeros(cls, d_model: int, d_transcoder: int) -> "_LayerSums":
-        return cls(
-            torch.zeros(d_model, dtype=torch.float64), torch.zeros(d_transcoder, dtype=torch.bool)
-        )
+        def fvu() -> _FVUSums:
+            return _FVUSums(torch.zeros(d_model, dtype=torch.float64))
+
+        return cls(torch.zeros(d_transcoder, dtype=torch.bool), fvu(), fvu())
 
 
 def _const(value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -174,6 +198,8 @@ def evaluate_set(
         sums["tokens"] += float(mask.sum())
         sums["pred_tokens"] += float(_pred_mask(mask, scored).sum())
         sums["ce_clean"] += float(next_token_ce(clean, ids, mask, scored))
+        predicting = torch.zeros_like(mask)  # positions whose next token is scored
+        predicting[:, :-1] = _pred_mask(mask, scored)
         for layer in layers:
             stats = per[layer]
             x = inputs[layer]
@@ -181,12 +207,11 @@ def evaluate_set(
             acts = tset.encode(layer, x)[mask]  # (n, d_t)
             stats.l0 += float((acts > 0).sum())
             stats.fired |= (acts > 0).any(0).cpu()
-            y = rec.mlp_out[layer][mask].double()
             y_hat = estimates[layer]
             assert y_hat is not None
-            stats.err += float((y - y_hat[mask].double()).pow(2).sum())
-            stats.y_sum += y.sum(0).cpu()
-            stats.y_sq += float(y.pow(2).sum())
+            y_true = rec.mlp_out[layer].double()
+            stats.fvu.add(y_true[mask], y_hat[mask].double())
+            stats.fvu_predicting.add(y_true[predicting], y_hat[predicting].double())
             spliced = adapter(ids, mlp_replacements={layer: _const(y_hat)})
             ablated = adapter(ids, mlp_replacements={layer: _const(torch.zeros_like(y_hat))})
             stats.ce_splice += float(next_token_ce(spliced, ids, mask, scored))
@@ -213,10 +238,10 @@ def evaluate_set(
     for layer in layers:
         stats = per[layer]
         ce_splice, ce_ablate = stats.ce_splice / n_pred, stats.ce_ablate / n_pred
-        variance = stats.y_sq - float(stats.y_sum.pow(2).sum()) / n_tok
         layer_reports[str(layer)] = {
             "l0": stats.l0 / n_tok,
-            "fvu": stats.err / max(variance, 1e-12),
+            "fvu": stats.fvu.value(),
+            "fvu_predicting": stats.fvu_predicting.value(),
             "dead_fraction": float((~stats.fired).float().mean()),
             "ce_clean": ce_clean,
             "ce_splice": ce_splice,

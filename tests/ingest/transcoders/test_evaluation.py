@@ -48,6 +48,7 @@ def test_perfect_transcoder_recovers_all_and_zero_recovers_nothing():
     bad = evaluate_set(adapter, zero, source, n_windows=8)
     for layer in ("0", "1"):
         assert good["layers"][layer]["fvu"] < 1e-10
+        assert good["layers"][layer]["fvu_predicting"] < 1e-10
         assert math.isclose(good["layers"][layer]["ce_loss_recovered"], 1.0, abs_tol=1e-4)
         assert abs(good["layers"][layer]["kl"]) < 1e-6
         assert math.isclose(bad["layers"][layer]["ce_loss_recovered"], 0.0, abs_tol=1e-4)
@@ -97,6 +98,7 @@ def test_cross_entropy_counts_only_the_scored_predictions():
     windows = answer_only.get("eval", 0, len(rows))
     with torch.no_grad():
         logp = torch.log_softmax(adapter(windows.ids).double(), -1)
+        mlp_out = adapter(windows.ids, record=True).mlp_out[0].double()
     expected = -sum(float(logp[i, n - 2, rows[i][-1]]) for i, n in enumerate(lengths))
     expected_all = -sum(
         float(logp[i, t - 1, rows[i][t]]) for i, n in enumerate(lengths) for t in range(1, n)
@@ -106,10 +108,17 @@ def test_cross_entropy_counts_only_the_scored_predictions():
         (every, expected_all, sum(lengths) - len(rows), "all"),
     ):
         report = evaluate_set(adapter, zero, source, n_windows=len(rows), dead_tokens=0)
+        if positions == "answer":
+            report_answer = report
         assert report["ce_positions"] == positions and report["ce_predictions"] == count
         assert report["layers"]["0"]["ce_clean"] == pytest.approx(ce / count, rel=1e-5)
         # Zero-ablation's loss is counted on the same positions: nothing recovered.
         assert report["layers"]["0"]["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4)
+    # FVU where the answer is predicted: the last prompt token of each row (here the
+    # estimate is 0, so FVU = sum |y|^2 / sum |y - mean y|^2 over those rows).
+    y = torch.stack([mlp_out[i, n - 2] for i, n in enumerate(lengths)])
+    expected_fvu = float(y.pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert report_answer["layers"]["0"]["fvu_predicting"] == pytest.approx(expected_fvu, rel=1e-6)
 
 
 def test_fraction_kept_is_measured_from_the_no_ability_baseline():
