@@ -198,6 +198,11 @@ def _train(args: argparse.Namespace) -> int:
         loaded.adapter, source, cfg, args.out, model_id=loaded.model_id, resume=args.resume
     )
     print(f"trained {result.steps_done} steps, {result.tokens_per_second:.0f} tokens/s")
+    mode = "the whole split, collected once" if result.buffer_resident else "streamed"
+    print(
+        f"activation buffer: {result.buffer_rows} rows per layer, "
+        f"{result.buffer_bytes / 2**20:.0f} MiB ({mode})"
+    )
     print(f"saved transcoder set to {args.out}")
     if not args.no_eval:
         report = evaluate_set(

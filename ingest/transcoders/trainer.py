@@ -134,6 +134,11 @@ class TrainResult:
     #: time less collection (steps, evals and checkpoints).
     step_tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
+    #: The activation buffer: rows held per layer, bytes, and whether the whole split fit
+    #: (collected once) or was streamed.
+    buffer_rows: int = 0
+    buffer_bytes: int = 0
+    buffer_resident: bool = False
 
 
 class _Trainable(nn.Module):
@@ -435,6 +440,9 @@ def train_transcoders(
         tokens_per_second=trained_tokens / elapsed,
         step_tokens_per_second=trained_tokens / stepping,
         peak_memory_bytes=int(peak),
+        buffer_rows=buffer.capacity_rows,
+        buffer_bytes=buffer.nbytes,
+        buffer_resident=buffer.resident,
     )
 
 

@@ -22,6 +22,10 @@ def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     assert (
         main(["transcoders", "train", "--model", str(tiny_zoo_dir), "--out", str(out), *TRAIN]) == 0
     )
+    # TRAIN sets --buffer-rows 256: the split does not fit, so the buffer streams whole
+    # windows (18 of the 14-token prompts)
+    printed = capsys.readouterr().out
+    assert "activation buffer: 252 rows per layer" in printed and "(streamed)" in printed
     report = json.loads((out / "eval.json").read_text())
     assert report["task"]["task"] == "greater_than"
     assert set(report["layers"]) == {"0"}
