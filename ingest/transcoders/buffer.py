@@ -201,11 +201,16 @@ class ActivationBuffer:
         logger.debug("buffer refill %d: %d rows collected", refill, offset)
         return offset
 
-    def prime(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Collect refill 0 if nothing is held yet; all held rows (n_layers, n_rows, d)."""
+    def prime(self, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collect refill 0 if nothing is held yet; the held rows (n_layers, n, d): all of
+        them in collection order, or at most ``max_rows`` drawn in the current permutation's
+        order (a copy, bounded however large a resident split is)."""
         if self.refill_index < 0:
             self._fill(0)
-        return self._x[:, : self.n_rows], self._y[:, : self.n_rows]
+        if max_rows is None or max_rows >= self.n_rows:
+            return self._x[:, : self.n_rows], self._y[:, : self.n_rows]
+        idx = self._perm[:max_rows]
+        return self._x.index_select(1, idx), self._y.index_select(1, idx)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y): each (n_layers, batch_size, d_model)."""

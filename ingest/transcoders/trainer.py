@@ -50,6 +50,9 @@ from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
 
 logger = logging.getLogger(__name__)
 
+#: Token rows per layer that set the activation scales and the data-dependent init.
+INIT_ROWS = 65_536
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -337,7 +340,9 @@ def train_transcoders(
         gen = torch.Generator().manual_seed(cfg.seed)
         trainable.reset(gen)
         trainable.to(device)
-        x0, y0 = buffer.prime()
+        # scales and data-dependent init from a shuffled sample of the first refill, so a
+        # resident split of any size costs no more than a sample of it here
+        x0, y0 = buffer.prime(max_rows=INIT_ROWS)
         in_scales, out_scales = _scales(x0), _scales(y0)
         s_in = torch.tensor(in_scales, device=device)[:, None, None]
         s_out = torch.tensor(out_scales, device=device)[:, None, None]

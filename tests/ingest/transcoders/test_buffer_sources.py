@@ -77,6 +77,9 @@ def test_a_split_that_fits_is_collected_once_and_reshuffled_every_epoch():
     assert torch.allclose(x0[1], rec.mlp_in[1].reshape(-1, D_MODEL), atol=1e-6)
     collected = buffer.collect_seconds
     held = x0.clone()
+    sample, _ = buffer.prime(max_rows=10)  # shuffled rows of the held ones, no model run
+    assert sample.shape == (2, 10, D_MODEL)
+    assert torch.equal(sample, held.index_select(1, buffer._perm[:10]))
     epochs = [torch.cat([buffer.next_batch()[0] for _ in range(n_rows // 16)], 1) for _ in range(3)]
     assert buffer.refill_index == 2 and buffer.collect_seconds == collected  # no model runs
     for epoch in epochs:
