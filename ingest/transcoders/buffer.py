@@ -139,7 +139,6 @@ class ActivationBuffer:
         self.refill_index = -1
         self.cursor = 0
         self.n_rows = 0
-        self._collected = False
         self._perm = torch.empty(0, dtype=torch.long)
         #: Wall seconds spent collecting activations (model forwards and copies) so far.
         self.collect_seconds = 0.0
@@ -157,9 +156,8 @@ class ActivationBuffer:
         return total
 
     def _fill(self, refill: int) -> None:
-        if not (self.resident and self._collected):
+        if not self.resident or self.refill_index < 0:  # a resident split is collected once
             self.n_rows = self._collect(refill)
-            self._collected = True
         gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + refill)
         self._perm = torch.randperm(self.n_rows, generator=gen).to(self.device)
         self.refill_index = refill

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ingest.transcoders.buffer import check_window_fits, record_sites
 from ingest.transcoders.sources import Source
 from ingest.transcoders.transcoder_set import TranscoderSet
 
@@ -55,28 +56,21 @@ def default_windows(source: Source) -> int:
     return DEFAULT_ANSWER_PROMPTS if source.answer_only else DEFAULT_WINDOWS
 
 
-def _pred_mask(mask: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
-    """mask, scored: (B, T) -> (B, T - 1): positions whose next token is real (and
-    scored, when ``scored`` is given)."""
-    keep = mask[:, :-1] & mask[:, 1:]
-    return keep if scored is None else keep & scored[:, 1:]
+def counted_positions(mask: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """mask, scored: (B, T) -> keep (B, T - 1): positions t whose next token is real and
+    scored, the next-token predictions the CE and KL metrics count."""
+    return mask[:, :-1] & mask[:, 1:] & scored[:, 1:]
 
 
-def next_token_ce(
-    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor | None = None
-) -> torch.Tensor:
-    """logits (B, T, V), ids, mask, scored (B, T) -> summed CE over counted positions."""
-    keep = _pred_mask(mask, scored)
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), ids (B, T), keep (B, T - 1) -> summed CE over kept positions."""
     logp = F.log_softmax(logits[:, :-1].float(), -1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     return nll[keep].sum()
 
 
-def kl_divergence(
-    clean: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Summed KL(clean || other) over counted positions; logits (B, T, V)."""
-    keep = _pred_mask(mask, scored)
+def kl_divergence(clean: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Summed KL(clean || other) over kept positions; logits (B, T, V), keep (B, T - 1)."""
     p = F.log_softmax(clean[:, :-1].float(), -1)
     q = F.log_softmax(other[:, :-1].float(), -1)
     return (p.exp() * (p - q)).sum(-1)[keep].sum()
@@ -167,8 +161,6 @@ def evaluate_set(
 ) -> dict[str, Any]:
     """All metrics of the module docstring as a JSON-ready dict; ``n_windows`` None:
     :func:`default_windows`. ``progress`` shows a bar over the eval batches."""
-    from ingest.transcoders.buffer import check_window_fits
-
     tset.check_fits(adapter)
     check_window_fits(adapter, source)
     layers = tset.layers
@@ -196,10 +188,11 @@ def evaluate_set(
             inputs[layer] = rec.mlp_out[layer] if tset.kind == "sae" else rec.mlp_in[layer]
         estimates = tset.reconstruct(inputs)
         sums["tokens"] += float(mask.sum())
-        sums["pred_tokens"] += float(_pred_mask(mask, scored).sum())
-        sums["ce_clean"] += float(next_token_ce(clean, ids, mask, scored))
-        predicting = torch.zeros_like(mask)  # positions whose next token is scored
-        predicting[:, :-1] = _pred_mask(mask, scored)
+        keep = counted_positions(mask, scored)
+        sums["pred_tokens"] += float(keep.sum())
+        sums["ce_clean"] += float(next_token_ce(clean, ids, keep))
+        predicting = torch.zeros_like(mask)  # the same positions, (B, T)
+        predicting[:, :-1] = keep
         for layer in layers:
             stats = per[layer]
             x = inputs[layer]
@@ -214,15 +207,15 @@ def evaluate_set(
             stats.fvu_predicting.add(y_true[predicting], y_hat[predicting].double())
             spliced = adapter(ids, mlp_replacements={layer: _const(y_hat)})
             ablated = adapter(ids, mlp_replacements={layer: _const(torch.zeros_like(y_hat))})
-            stats.ce_splice += float(next_token_ce(spliced, ids, mask, scored))
-            stats.ce_ablate += float(next_token_ce(ablated, ids, mask, scored))
-            stats.kl += float(kl_divergence(clean, spliced, mask, scored))
+            stats.ce_splice += float(next_token_ce(spliced, ids, keep))
+            stats.ce_ablate += float(next_token_ce(ablated, ids, keep))
+            stats.kl += float(kl_divergence(clean, spliced, keep))
         spliced_all = adapter(ids, mlp_replacements=all_layer_replacements(adapter, tset))
         zeros = {layer: _const(torch.zeros_like(rec.mlp_out[layer])) for layer in layers}
         ablated_all = adapter(ids, mlp_replacements=zeros)
-        sums["ce_splice_all"] += float(next_token_ce(spliced_all, ids, mask, scored))
-        sums["ce_ablate_all"] += float(next_token_ce(ablated_all, ids, mask, scored))
-        sums["kl_all"] += float(kl_divergence(clean, spliced_all, mask, scored))
+        sums["ce_splice_all"] += float(next_token_ce(spliced_all, ids, keep))
+        sums["ce_ablate_all"] += float(next_token_ce(ablated_all, ids, keep))
+        sums["kl_all"] += float(kl_divergence(clean, spliced_all, keep))
 
     dead_sample = _count_firing(adapter, tset, source, per, dead_tokens, batch_size)
     n_tok, n_pred = max(sums["tokens"], 1.0), max(sums["pred_tokens"], 1.0)
@@ -282,8 +275,6 @@ def _count_firing(
     """Mark in ``per[layer].fired`` every latent that fires on eval windows from the
     start of the split until ``min_tokens`` real tokens were read (or the split ends).
     Only the covered sites are recorded; returns the number of tokens read."""
-    from ingest.transcoders.buffer import record_sites
-
     site = "mlp_out" if tset.kind == "sae" else "mlp_in"
     layers = tset.layers
     total, start, n = 0, 0, source.n_windows("eval")
