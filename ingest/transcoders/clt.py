@@ -23,7 +23,7 @@ from torch import nn
 
 from ingest.transcoders.architectures import Activation, build_activation
 from ingest.transcoders.config import TranscoderConfig
-from ingest.transcoders.losses import LossParts, aux_k_loss, normalized_mse
+from ingest.transcoders.losses import LossParts, activity, aux_k_loss, normalized_mse
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -154,10 +154,12 @@ class CrossLayerTranscoder(nn.Module):
                 k = self.cfg.aux_k or max(1, self.cfg.d_in // 2)
                 residual = ys[t] - y_hat.detach()
                 aux = aux + self.cfg.aux_k_coefficient * aux_k_loss(
-                    pres[t], dead[t], residual, self.W_dec[t][:, 0, :], k
+                    pres[t], dead[t], residual, self.W_dec[t][:, 0, :], k, self.cfg.aux_k_rows
                 )
-        stacked = torch.stack([a.detach() for a in acts])  # (n_layers, N, d_t)
-        return LossParts(mse=mse, sparsity=sparsity, aux=aux, acts=stacked)
+        fired, l0 = zip(*(activity(a) for a in acts), strict=True)
+        return LossParts(
+            mse=mse, sparsity=sparsity, aux=aux, fired=torch.stack(fired), l0=torch.stack(l0).mean()
+        )
 
     @torch.no_grad()
     def fold_scales_(self, in_scales: list[float], out_scales: list[float]) -> None:

@@ -119,6 +119,7 @@ class TranscoderConfig:
     jumprelu_init_threshold: float = 0.05
     aux_k_coefficient: float = 1.0 / 32.0
     aux_k: int = 0  # 0 means d_in // 2, as in sparsify
+    aux_k_rows: int = 256  # AuxK on the first rows of each shuffled batch; 0: all rows
 
     def __post_init__(self) -> None:
         spec = ARCHITECTURES.get(self.arch)
@@ -142,8 +143,8 @@ class TranscoderConfig:
             raise InvalidArgumentError("dec_init_norm and jumprelu_bandwidth must be > 0")
         if self.jumprelu_init_threshold <= 0:
             raise InvalidArgumentError("jumprelu_init_threshold must be > 0")
-        if self.aux_k_coefficient < 0 or self.aux_k < 0:
-            raise InvalidArgumentError("aux_k_coefficient and aux_k must be >= 0")
+        if self.aux_k_coefficient < 0 or self.aux_k < 0 or self.aux_k_rows < 0:
+            raise InvalidArgumentError("aux_k_coefficient, aux_k and aux_k_rows must be >= 0")
 
     @property
     def spec(self) -> ArchitectureSpec:

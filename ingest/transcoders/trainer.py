@@ -77,6 +77,7 @@ class TrainConfig:
     eval_windows: int = 64
     dead_after_tokens: int = 20_000
     aux_k_coefficient: float = 1.0 / 32.0
+    aux_k_rows: int = 256  # rows of each batch AuxK is computed on; 0: all
     resample_every: int = 250  # 0: never
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.05
@@ -117,6 +118,7 @@ class TrainConfig:
             jumprelu_bandwidth=self.jumprelu_bandwidth,
             jumprelu_init_threshold=self.jumprelu_init_threshold,
             aux_k_coefficient=self.aux_k_coefficient,
+            aux_k_rows=self.aux_k_rows,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,7 +180,8 @@ class _Trainable(nn.Module):
             mse=torch.stack([p.mse for p in parts]).sum(),
             sparsity=torch.stack([p.sparsity for p in parts]).sum(),
             aux=torch.stack([p.aux for p in parts]).sum(),
-            acts=torch.stack([p.acts for p in parts]),
+            fired=torch.stack([p.fired for p in parts]),
+            l0=torch.stack([p.l0 for p in parts]).mean(),
         )
 
     def modules_list(self) -> list[Any]:
@@ -304,11 +307,9 @@ def train_transcoders(
         model_batch_size=cfg.model_batch_size,
         device=device,
     )
-    # foreach: one multi-tensor kernel per Adam operation instead of one per parameter
-    # (the default on CPU); the same arithmetic, bit for bit, measurably cheaper per step.
-    optimizer = torch.optim.Adam(
-        trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999), foreach=True
-    )
+    # fused: one kernel for the whole update (CPU and CUDA), a third of the time of the
+    # multi-tensor (foreach) form on CPU; deterministic, so resumption stays bit-exact.
+    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     d_t = module_cfg.d_transcoder
     since_fired = torch.zeros(len(layers), d_t, dtype=torch.long, device=device)
     history: list[dict[str, Any]] = []
@@ -396,8 +397,7 @@ def train_transcoders(
             for module in trainable.modules_list():
                 module.after_step_()
             with torch.no_grad():
-                fired = (parts.acts > 0).any(1)  # (n_layers, d_t)
-                since_fired.add_(cfg.batch_size).masked_fill_(fired, 0)
+                since_fired.add_(cfg.batch_size).masked_fill_(parts.fired, 0)
             if (
                 cfg.resample_every
                 and (step + 1) % cfg.resample_every == 0
@@ -462,11 +462,10 @@ def _quick_eval(
     """FVU, L0 and dead fraction on the fixed eval activations (scaled units)."""
     parts = trainable.loss(x, y, None)
     n_layers = x.shape[0]
-    l0 = float((parts.acts > 0).float().sum(-1).mean())
-    never_fired = (parts.acts > 0).any(1).logical_not().float().mean()
+    never_fired = parts.fired.logical_not().float().mean()
     return {
         "fvu": float(parts.mse) / n_layers,
-        "l0": l0,
+        "l0": float(parts.l0),
         "dead_fraction_eval": float(never_fired),
         "dead_fraction_train": float((since_fired >= cfg.dead_after_tokens).float().mean()),
     }

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ingest.transcoders.architectures import Activation, build_activation
+from ingest.transcoders.architectures import Activation, TopKActivation, build_activation
 from ingest.transcoders.config import TranscoderConfig
-from ingest.transcoders.losses import LossParts, aux_k_loss, normalized_mse
+from ingest.transcoders.losses import LossParts, activity, aux_k_loss, normalized_mse
+from ingest.transcoders.sparse import topk_forward
 
 
 class Transcoder(nn.Module):
@@ -121,6 +122,9 @@ class Transcoder(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
         """x: (N, d_in), y: (N, d_out), dead: (d_transcoder,) bool or None."""
+        use_aux = dead is not None and self.cfg.aux_k_coefficient > 0 and bool(dead.any())
+        if isinstance(self.activation, TopKActivation):
+            return self._topk_loss(x, y, dead if use_aux else None)
         pre = self.pre_activations(x)
         acts = self.activation(pre)
         y_hat = self.decode(acts, x)
@@ -128,11 +132,42 @@ class Transcoder(nn.Module):
         norms = self.decoder_norms() if self.activation.uses_decoder_norms else None
         sparsity = self.activation.penalty(pre, acts, norms)
         aux = pre.new_zeros(())
-        if dead is not None and self.cfg.aux_k_coefficient > 0 and bool(dead.any()):
+        if use_aux:
+            assert dead is not None
             aux = self.cfg.aux_k_coefficient * aux_k_loss(
-                pre, dead, y - y_hat.detach(), self.W_dec, self._aux_k()
+                pre, dead, y - y_hat.detach(), self.W_dec, self._aux_k(), self.cfg.aux_k_rows
             )
-        return LossParts(mse=mse, sparsity=sparsity, aux=aux, acts=acts.detach())
+        fired, l0 = activity(acts)
+        return LossParts(mse=mse, sparsity=sparsity, aux=aux, fired=fired, l0=l0)
+
+    def _topk_loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
+        """The same terms as the dense path, from the k active latents (see ``sparse``)."""
+        aux_columns = None if dead is None else dead.nonzero().squeeze(1)
+        assert isinstance(self.activation, TopKActivation)
+        decoded, estimate, indices, values = topk_forward(
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.W_dec,
+            self.activation.k,
+            aux_columns,
+            self._aux_k(),
+            self.cfg.aux_k_rows,
+        )
+        y_hat = decoded + self.b_dec
+        if self.W_skip is not None:
+            y_hat = y_hat + self.skip(x)
+        mse = normalized_mse(y_hat, y)
+        aux = mse.new_zeros(())
+        if aux_columns is not None:
+            residual = (y - y_hat.detach())[: estimate.shape[0]]
+            aux = self.cfg.aux_k_coefficient * normalized_mse(estimate, residual)
+        with torch.no_grad():
+            # values are >= 0: a latent fired when the values it received sum above zero
+            totals = values.new_zeros(self.cfg.d_transcoder)
+            fired = totals.index_add_(0, indices.flatten(), values.flatten()) > 0
+            l0 = (values > 0).sum() / values.shape[0]
+        return LossParts(mse=mse, sparsity=mse.new_zeros(()), aux=aux, fired=fired, l0=l0)
 
     def _aux_k(self) -> int:
         return self.cfg.aux_k or max(1, self.cfg.d_in // 2)

@@ -1,0 +1,101 @@
+"""The TopK transcoder's training step without dense activation matrices where it can.
+
+A TopK transcoder activates k of d_transcoder latents per token, and AuxK k_aux of the
+dead ones. :func:`topk_forward` computes, in one autograd function,
+
+    pre = x W_enc^T + b_enc                      (N, d_t): the one dense forward matmul
+    i   = the k largest of pre per row;  v = relu(pre[i])
+    y   = sum_j v_j W_dec[i_j]                   an embedding_bag: N k d multiply-adds
+    AuxK, on the first ``aux_rows`` rows and the dead columns only:
+    i_a = the k_aux largest dead pre-activations; e = sum_j relu(pre[i_a,j]) W_dec[i_a,j]
+
+and its backward with one zero-filled (N, d_t) gradient and the dense step's own matmuls:
+``dv = (g W_dec^T)[i]``, ``d pre`` scattered from dv, ``d W_enc = d pre^T x``,
+``d W_dec = A^T g`` with A the activations scattered densely; AuxK's terms use the dead
+columns only. Autograd through ``gather``/``scatter``/``index_select`` builds and
+zero-fills a dense matrix per op (about sixteen per layer and step with AuxK), which on
+CPU cost more than the matmuls. The arithmetic is the dense formulation's (``Transcoder``
+with any other activation), so results agree to float rounding
+(``tests/ingest/transcoders/test_sparse.py``).
+"""
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ingest.transcoders.architectures import topk_indices
+
+
+class _TopKForward(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        k: int,
+        aux_columns: torch.Tensor | None,
+        k_aux: int,
+        aux_rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre = torch.addmm(b_enc, x, W_enc.T)
+        indices = topk_indices(pre, k)
+        values = pre.gather(1, indices).relu_()
+        y = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+        if aux_columns is None:
+            aux_columns = local = indices.new_empty(0)
+            aux_values = values.new_empty(0)
+            estimate = y.new_zeros(0)
+        else:
+            dead_pre = pre[:aux_rows].index_select(1, aux_columns)
+            local = topk_indices(dead_pre, min(k_aux, aux_columns.numel()))
+            aux_values = dead_pre.gather(1, local).relu_()
+            estimate = F.embedding_bag(
+                aux_columns[local], W_dec, per_sample_weights=aux_values, mode="sum"
+            )
+        ctx.save_for_backward(x, W_dec, indices, values, aux_columns, local, aux_values)
+        ctx.mark_non_differentiable(indices, values)
+        return y, estimate, indices, values
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_y: torch.Tensor, grad_estimate: torch.Tensor, *_: Any
+    ) -> tuple[Any, ...]:
+        x, W_dec, indices, values, aux_columns, local, aux_values = ctx.saved_tensors
+        grad_values = (grad_y @ W_dec.T).gather(1, indices).mul_(values > 0)
+        acts = values.new_zeros(x.shape[0], W_dec.shape[0]).scatter_(1, indices, values)
+        grad_W_dec = acts.T @ grad_y
+        grad_pre = acts.zero_().scatter_(1, indices, grad_values)
+        if aux_columns.numel():
+            # AuxK's terms over its rows and the dead columns only
+            dead_dec = W_dec.index_select(0, aux_columns)
+            grad_aux = (grad_estimate @ dead_dec.T).gather(1, local).mul_(aux_values > 0)
+            aux_acts = aux_values.new_zeros(local.shape[0], aux_columns.numel())
+            aux_acts.scatter_(1, local, aux_values)
+            grad_W_dec.index_add_(0, aux_columns, aux_acts.T @ grad_estimate)
+            grad_pre[: local.shape[0]].scatter_add_(1, aux_columns[local], grad_aux)
+        grad_W_enc = grad_pre.T @ x
+        grad_b_enc = grad_pre.sum(0)
+        return None, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None
+
+
+def topk_forward(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    k: int,
+    aux_columns: torch.Tensor | None = None,
+    k_aux: int = 0,
+    aux_rows: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: (N, d_in) -> (y (N, d_out) without b_dec, AuxK estimate (min(N, aux_rows) or N,
+    d_out) or empty, indices (N, k), values (N, k)).
+
+    ``aux_columns``: the dead latents' ids (None: no AuxK); ``aux_rows``: rows AuxK uses
+    (0: all).
+    """
+    rows = aux_rows or x.shape[0]
+    return _TopKForward.apply(x, W_enc, b_enc, W_dec, k, aux_columns, k_aux, rows)

@@ -1,0 +1,101 @@
+"""The TopK training step's sparse path computes the dense formulation's loss and gradients."""
+
+import pytest
+import torch
+
+from ingest.transcoders.losses import activity, aux_k_loss, normalized_mse
+from ingest.transcoders.sparse import topk_forward
+from ingest.transcoders.transcoder import Transcoder
+from tests.ingest.transcoders.helpers import D_MODEL, D_T, config, randomize
+
+pytestmark = pytest.mark.unit
+
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def dense_terms(module: Transcoder, x, y, dead, rows):
+    """The loss written densely: activation module, dense decode, ``aux_k_loss``."""
+    pre = module.pre_activations(x)
+    acts = module.activation(pre)
+    y_hat = module.decode(acts, x)
+    mse = normalized_mse(y_hat, y)
+    aux = mse.new_zeros(())
+    if dead is not None:
+        aux = module.cfg.aux_k_coefficient * aux_k_loss(
+            pre, dead, y - y_hat.detach(), module.W_dec, module._aux_k(), rows
+        )
+    fired, l0 = activity(acts)
+    return mse, aux, fired, l0
+
+
+def grads(module: Transcoder, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    module.zero_grad()
+    loss.backward()
+    names = PARAMS + (("W_skip",) if module.W_skip is not None else ())
+    return {name: getattr(module, name).grad.clone() for name in names}
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("rows", [0, 7])
+@pytest.mark.parametrize("n_dead", [0, 5, D_T])
+def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead):
+    cfg = config("topk", skip=skip)
+    cfg = type(cfg)(**{**cfg.to_dict(), "aux_k_rows": rows, "aux_k_coefficient": 0.5})
+    module = Transcoder(cfg)
+    randomize(module)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(24, D_MODEL, generator=gen)
+    y = torch.randn(24, D_MODEL, generator=gen)
+    # n_dead = D_T: every latent counts as dead, so AuxK's picks overlap the top k
+    dead = None
+    if n_dead:
+        dead = torch.zeros(D_T, dtype=torch.bool)
+        dead[torch.randperm(D_T, generator=gen)[:n_dead]] = True
+
+    parts = module.loss(x, y, dead)
+    mse, aux, fired, l0 = dense_terms(module, x, y, dead, rows)
+    torch.testing.assert_close(parts.mse, mse)
+    torch.testing.assert_close(parts.aux, aux)
+    assert torch.equal(parts.fired, fired)
+    torch.testing.assert_close(parts.l0, l0)
+    assert (n_dead > 0) == bool(aux > 0)
+
+    sparse = grads(module, parts.mse + parts.aux)
+    dense = grads(module, mse + aux)
+    for name, grad in dense.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(sparse[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_aux_k_rows_limit_which_tokens_train_the_dead_latents():
+    module = Transcoder(config("topk"))
+    randomize(module)
+    x = torch.randn(32, D_MODEL)
+    dead = torch.zeros(D_T, dtype=torch.bool)
+    dead[:5] = True
+    columns = dead.nonzero().squeeze(1)
+    for rows in (4, 32):
+        _, estimate, _, _ = topk_forward(
+            x, module.W_enc, module.b_enc, module.W_dec, 4, columns, 3, rows
+        )
+        assert estimate.shape == (rows, D_MODEL)
+    # an input change outside the first rows leaves AuxK's estimate unchanged
+    x2 = x.clone()
+    x2[10:] += 1.0
+    a = topk_forward(x, module.W_enc, module.b_enc, module.W_dec, 4, columns, 3, 8)[1]
+    b = topk_forward(x2, module.W_enc, module.b_enc, module.W_dec, 4, columns, 3, 8)[1]
+    assert torch.equal(a, b)
+
+
+def test_topk_forward_without_aux_returns_the_dense_activations():
+    module = Transcoder(config("topk"))
+    randomize(module)
+    x = torch.randn(16, D_MODEL)
+    decoded, estimate, indices, values = topk_forward(
+        x, module.W_enc, module.b_enc, module.W_dec, module.cfg.k
+    )
+    acts = module.encode(x)
+    dense = torch.zeros_like(acts).scatter(1, indices, values)
+    torch.testing.assert_close(dense, acts)
+    torch.testing.assert_close(decoded + module.b_dec, module(x))
+    assert estimate.numel() == 0
