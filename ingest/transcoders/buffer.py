@@ -65,11 +65,13 @@ def check_finite(tensor: torch.Tensor, layer: int, site: str, where: str) -> Non
 
 
 #: Floats per recorded (tokens, d_model) tensor that pick the automatic model batch:
-#: 2^22 (16 MiB in float32) is 65,536 tokens at d_model 64 and 5,461 at 768. Small
-#: forwards are dominated by per-call overhead: on the zoo models (d_model 64) 2,048-token
-#: forwards collected 2.5-6x fewer tokens/s than 65,536-token ones, and collection was half
-#: of a training step's time.
-FLOATS_PER_FORWARD = 2**22
+#: 2^21 (8 MiB in float32) is 32,768 tokens at d_model 64 and 2,730 at 768. Small
+#: forwards are dominated by per-call overhead (on the zoo models, 2,048-token forwards
+#: collected 2.5-6x fewer tokens/s than 65,536-token ones); very large ones by memory
+#: traffic, since the MLP's hidden layer is 4 d_model wide: collecting greater-than
+#: GPT-2's training split (152k tokens; best of 4) took 1.72 s at 65,534 tokens per
+#: forward, 1.20 s at 32,760, 1.13 s at 16,380 and 1.11 s at 7,168.
+FLOATS_PER_FORWARD = 2**21
 
 _FLOAT_BYTES = 4
 
