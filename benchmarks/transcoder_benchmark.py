@@ -13,11 +13,14 @@ per-layer TopK transcoder and a TopK SAE baseline at the trainer's default setti
   step's shapes; peak memory. ``steps/matmul`` is the same ratio over the training loop's
   time less activation collection (the model forwards that refill the buffer).
 
-FLOPs per trained token and layer are those the dense step performs: encoder forward
-``2 d w``, encoder weight gradient ``2 d w`` (the input needs no gradient), decoder
-forward ``2 d w``, decoder weight and activation gradients ``4 d w``: ``10 d w``. The
-AuxK pass, the model forward that collects activations and elementwise work are not
-counted (they are overhead the ratio charges to the trainer).
+FLOPs per trained token and layer are those of the dense formulation of the step:
+encoder forward ``2 d w``, encoder weight gradient ``2 d w`` (the input needs no
+gradient), decoder forward ``2 d w``, decoder weight and activation gradients ``4 d w``:
+``10 d w``. The TopK step decodes sparsely (``ingest/transcoders/sparse.py``), so its
+forward decode is ``2 d k``: it performs ``8 d w + 2 d k`` of the counted FLOPs, and the
+ratio is the dense-equivalent rate. The AuxK pass, the model forward that collects
+activations and elementwise work are not counted (they are overhead the ratio charges
+to the trainer).
 
 Bars (DESIGN 5.1 / the transcoder issue): L0 <= 32 with CE loss recovered >= 0.90 per
 layer; all layers spliced keep >= 90% of the task metric; dead latents < 10%; trainer
@@ -126,9 +129,8 @@ def main() -> int:
                 adapter, source, cfg, out, model_id=str(model_dir), progress=False
             )
             report = evaluate_set(
-                adapter, result.tset, source, n_windows=256, zoo_dir=model_dir,
-                tokenizer=loaded.tokenizer,
-            )  # fmt: skip
+                adapter, result.tset, source, zoo_dir=model_dir, tokenizer=loaded.tokenizer
+            )
             results[kind] = (result, report)
             if kind == "transcoder":
                 reference.append(matmul_flops(base.batch_size, adapter.d_model, base.width, device))
@@ -139,6 +141,7 @@ def main() -> int:
         achieved = tc_result.tokens_per_second * per_token_flops
         peak_matmul = max(reference)
         layer_rec = [v["ce_loss_recovered"] for v in tc["layers"].values()]
+        worst = min(tc["layers"].values(), key=lambda v: v["ce_loss_recovered"])
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         rows.append(
             {
@@ -147,6 +150,10 @@ def main() -> int:
                 "layers": adapter.n_layers,
                 "L0 (tc)": tc["mean"]["l0"],
                 "CE rec min layer (tc)": min(layer_rec),
+                # that layer's CE change when spliced and when its MLP is zero-ablated (nats):
+                # a small ablation change makes its CE recovered a ratio of two small numbers
+                "its splice / ablate dCE": f"{worst['delta_loss']:+.2e} / "
+                f"{worst['ce_ablate'] - worst['ce_clean']:+.2e}",
                 "CE rec all layers (tc)": tc["all_layers"]["ce_loss_recovered"],
                 "task metric kept (tc)": tc["task"]["fraction_kept"],
                 "dead (tc)": tc["mean"]["dead_fraction"],
@@ -185,11 +192,15 @@ def main() -> int:
         f"- TopK k={k}, width {base.width}, {base.steps} steps of {base.batch_size} tokens "
         f"(TrainConfig defaults unless the command overrides them), every layer",
         "- CE: next-token loss at the predictions each model was trained on (the answer, or "
-        "every token for induction), 256 held-out prompts; task metric kept: "
+        "every token for induction), eval's default prompts (1,024 answers, or 64 windows "
+        "for induction); `its splice / ablate dCE`: the worst layer's CE change in nats "
+        "when spliced and when its MLP is zero-ablated; task metric kept: "
         "(spliced - b) / (clean - b) from the task's no-ability baseline b (0; induction's "
         "loss ratio: 1)",
         "- dead: latents that never fire on the first `dead tokens` tokens of the eval split",
-        f"- FLOPs: {FLOPS_PER_TOKEN_LAYER} x d_model x width per token and layer (dense step); "
+        f"- FLOPs: {FLOPS_PER_TOKEN_LAYER} x d_model x width per token and layer (the dense "
+        "formulation's; the TopK step decodes sparsely, so it performs 8 x d_model x width "
+        "of them in matmuls plus 2 x d_model x k); "
         "matmul GFLOP/s at the step's shapes, the best of 4 half-second windows before and "
         "after the transcoder's training in this run",
         "- steps/matmul FLOP/s: the same ratio without the time spent collecting activations",

@@ -1,0 +1,165 @@
+"""One TopK transcoder training step: the dense formulation against the sparse step.
+
+Both run the trainer's step on the same modules and synthetic batches: loss, backward,
+removal of the decoder-parallel gradient, fused Adam, decoder renormalization, the
+dead-latent counters. "dense" writes the loss with the TopK activation module (a dense
+(batch, width) activation matrix), a dense decoder matmul and ``aux_k_loss`` (autograd
+through gather/scatter/index_select); "sparse" is ``Transcoder.loss``
+(``ingest/transcoders/sparse.py``). Rounds alternate between the two so that another
+job's load falls on both; the table gives the best round of each.
+
+``ratio`` divides the dense formulation's FLOPs (``10 d w`` per token and layer, as in
+``transcoder_benchmark.py``) by the step time and by this machine's matmul FLOP/s at
+the step's shapes (best window of the run).
+
+    python3 benchmarks/transcoder_step.py [--d-model 64] [--layers 2] [--width 512]
+        [--dead 0,0.65] [--aux-rows 0,256] [--rounds 6] [--steps 30]
+        [--out benchmarks/results/transcoder_step.md]
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import cpu_name  # benchmarks/_machine.py
+
+from ingest.transcoders.losses import LossParts, activity, aux_k_loss, normalized_mse
+from ingest.transcoders.trainer import TrainConfig, _Trainable
+from ingest.transcoders.transcoder import Transcoder
+
+
+def dense_loss(
+    module: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None
+) -> LossParts:
+    """The TopK loss written densely, as the trainer computed it before the sparse step."""
+    pre = module.pre_activations(x)
+    acts = module.activation(pre)
+    y_hat = module.decode(acts, x)
+    mse = normalized_mse(y_hat, y)
+    aux = mse.new_zeros(())
+    if dead is not None and bool(dead.any()):
+        aux = module.cfg.aux_k_coefficient * aux_k_loss(
+            pre, dead, y - y_hat.detach(), module.W_dec, module._aux_k(), module.cfg.aux_k_rows
+        )
+    fired, l0 = activity(acts)
+    return LossParts(mse=mse, sparsity=mse.new_zeros(()), aux=aux, fired=fired, l0=l0)
+
+
+def matmul_flops(batch: int, d: int, width: int, seconds: float = 0.5) -> float:
+    a, w = torch.randn(batch, d), torch.randn(d, width)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        (a @ w) @ w.T
+        n += 1
+    return n * 4 * batch * d * width / (time.perf_counter() - start)
+
+
+def measure(
+    args: argparse.Namespace,
+    data_x: torch.Tensor,
+    data_y: torch.Tensor,
+    dead_fraction: float,
+    aux_rows: int,
+) -> dict[str, float]:
+    """Best seconds per step of each formulation over alternating rounds."""
+    n_layers, d, width, batch = args.layers, args.d_model, args.width, args.batch
+    cfg = TrainConfig(width=width, batch_size=batch, aux_k_rows=aux_rows)
+    trainable = _Trainable(cfg.module_config(d), n_layers, False)
+    trainable.reset(torch.Generator().manual_seed(0))
+    modules = trainable.modules_list()
+    optimizer = torch.optim.Adam(trainable.parameters(), lr=1e-3, fused=True)
+    dead = torch.zeros(n_layers, width, dtype=torch.bool)
+    dead[:, : int(dead_fraction * width)] = True
+    since = torch.zeros(n_layers, width, dtype=torch.long)
+
+    def step(i: int, dense: bool) -> None:
+        rows = torch.arange(i * batch, (i + 1) * batch) % data_x.shape[1]
+        x, y = data_x.index_select(1, rows), data_y.index_select(1, rows)
+        optimizer.zero_grad(set_to_none=True)
+        loss = dense_loss if dense else Transcoder.loss
+        parts = [loss(m, x[j], y[j], dead[j]) for j, m in enumerate(modules)]
+        sum(p.mse + p.aux for p in parts).backward()
+        for m in modules:
+            m.remove_parallel_grad_()
+        optimizer.step()
+        for m in modules:
+            m.after_step_()
+        since.add_(batch).masked_fill_(torch.stack([p.fired for p in parts]), 0)
+
+    best = {"dense": float("inf"), "sparse": float("inf")}
+    for _ in range(args.rounds):
+        for name in best:
+            for i in range(5):
+                step(i, name == "dense")
+            start = time.perf_counter()
+            for i in range(args.steps):
+                step(i, name == "dense")
+            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--dead", default="0,0.65", help="fractions of latents counted dead")
+    parser.add_argument("--aux-rows", default="0,256", help="AuxK rows per batch (0: all)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoder_step.md"))
+    args = parser.parse_args()
+    d, n_layers, width, batch = args.d_model, args.layers, args.width, args.batch
+    gen = torch.Generator().manual_seed(0)
+    data_x = torch.randn(n_layers, 16 * batch, d, generator=gen)
+    data_y = torch.randn(n_layers, 16 * batch, d, generator=gen)
+    rows = []
+    reference = 0.0
+    for dead_fraction in [float(v) for v in args.dead.split(",")]:
+        for aux_rows in [int(v) for v in args.aux_rows.split(",")]:
+            if dead_fraction == 0 and aux_rows != int(args.aux_rows.split(",")[0]):
+                continue  # without dead latents AuxK never runs: one row is enough
+            best = measure(args, data_x, data_y, dead_fraction, aux_rows)
+            reference = max(reference, matmul_flops(batch, d, width))
+            rows.append((dead_fraction, aux_rows, best["dense"], best["sparse"]))
+            print(rows[-1], flush=True)
+
+    flops = 10 * d * width * batch * n_layers
+    lines = [
+        "# TopK training step: dense formulation against the sparse step",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+        f"- machine: {platform.node()}, {cpu_name()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        f"- command: `{' '.join(['python3 benchmarks/transcoder_step.py', *sys.argv[1:]])}`",
+        f"- d_model {d}, {n_layers} layers, width {width}, batch {batch}, k 16, AuxK k "
+        f"{max(1, d // 2)}; best of {args.rounds} alternating rounds of {args.steps} steps; "
+        f"matmul reference {reference / 1e9:.0f} GFLOP/s",
+        "",
+        "| dead fraction | AuxK rows | dense ms/step | sparse ms/step | speed-up "
+        "| dense ratio | sparse ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dead_fraction, aux_rows, dense, sparse in rows:
+        lines.append(
+            f"| {dead_fraction:.2f} | {aux_rows or 'all'} | {dense * 1e3:.2f} | "
+            f"{sparse * 1e3:.2f} | {dense / sparse:.2f} | {flops / dense / reference:.3f} | "
+            f"{flops / sparse / reference:.3f} |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
