@@ -70,6 +70,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--buffer-rows", type=int, default=0, help="rows per layer (0: as many as fit --buffer-mb)"
     )
+    dead = p.add_argument_group("dead latents (AuxK and resampling)")
+    dead.add_argument(
+        "--dead-after-tokens", type=int, default=20_000, help="a latent idle this long is dead"
+    )
+    dead.add_argument("--aux-k-coefficient", type=float, default=1.0 / 32.0, help="AuxK weight")
+    dead.add_argument(
+        "--aux-k-rows", type=int, default=256, help="batch rows AuxK uses (0: every row)"
+    )
+    dead.add_argument(
+        "--resample-every", type=int, default=250, help="steps between resamplings (0: never)"
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -160,6 +171,10 @@ def _train_config(args: argparse.Namespace, sparsity: float | None) -> Any:
         seed=args.seed,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
+        dead_after_tokens=args.dead_after_tokens,
+        aux_k_coefficient=args.aux_k_coefficient,
+        aux_k_rows=args.aux_k_rows,
+        resample_every=args.resample_every,
     )
 
 

@@ -96,6 +96,16 @@ class TrainConfig:
             )
         if self.buffer_rows < 0:
             raise InvalidArgumentError("buffer_rows must be >= 0 (0 sizes it by buffer_mb)")
+        if self.dead_after_tokens <= 0:
+            raise InvalidArgumentError(
+                f"dead_after_tokens (--dead-after-tokens) must be positive, got "
+                f"{self.dead_after_tokens}"
+            )
+        if self.aux_k_rows < 0 or self.aux_k_coefficient < 0:
+            raise InvalidArgumentError(
+                "aux_k_rows (--aux-k-rows, 0: every row) and aux_k_coefficient "
+                "(--aux-k-coefficient, 0: no AuxK) must be >= 0"
+            )
         if self.lr <= 0 or self.warmup_steps < 0:
             raise InvalidArgumentError("lr must be > 0 and warmup_steps >= 0")
         if self.model_batch_size < 0:

@@ -19,9 +19,8 @@ TRAIN = ["--width", "32", "--sparsity", "4", "--steps", "16", "--batch-size", "3
 
 def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     out = tmp_path / "tc"
-    assert (
-        main(["transcoders", "train", "--model", str(tiny_zoo_dir), "--out", str(out), *TRAIN]) == 0
-    )
+    args = ["transcoders", "train", "--model", str(tiny_zoo_dir), "--out", str(out), *TRAIN]
+    assert main([*args, "--aux-k-rows", "8"]) == 0
     # TRAIN sets --buffer-rows 256: the split does not fit, so the buffer streams whole
     # windows (18 of the 14-token prompts)
     printed = capsys.readouterr().out
@@ -32,6 +31,7 @@ def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     assert 0 < report["layers"]["0"]["l0"] <= 4
     tset = load_any(out)
     assert tset.metadata.kind == "transcoder" and tset.config.k == 4
+    assert tset.config.aux_k_rows == 8  # the dead-latent flags reach the module config
 
     assert main(["transcoders", "eval", str(out), "--model", str(tiny_zoo_dir), "--windows", "8",
                  "--json", str(tmp_path / "e.json")]) == 0  # fmt: skip
@@ -68,6 +68,10 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     base = ["transcoders", "train", "--model", str(tiny_zoo_dir), "--no-eval", *TRAIN]
     assert main([*base, "--out", str(tmp_path / "a"), "--layers", "3"]) == 2
     assert "out of range" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "a"), "--aux-k-rows", "-1"]) == 2
+    assert "--aux-k-rows" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "a"), "--dead-after-tokens", "0"]) == 2
+    assert "--dead-after-tokens" in capsys.readouterr().err
     # A set trained on one model, evaluated on a model with other weights.
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     other = tmp_path / "other-model"
