@@ -2,8 +2,8 @@
 
 Both run the trainer's step on the same modules and synthetic batches: loss, backward,
 removal of the decoder-parallel gradient, fused Adam, decoder renormalization, the
-dead-latent counters. "dense" writes the loss with the TopK activation module (a dense
-(batch, width) activation matrix), a dense decoder matmul and ``aux_k_loss`` (autograd
+dead-latent counters. "dense" is ``Transcoder.dense_loss`` (the TopK activation module's
+dense (batch, width) activations, a dense decoder matmul and ``aux_k_loss``, autograd
 through gather/scatter/index_select); "sparse" is ``Transcoder.loss``
 (``ingest/transcoders/sparse.py``). Rounds alternate between the two so that another
 job's load falls on both; the table gives the best round of each.
@@ -31,26 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _machine import cpu_name  # benchmarks/_machine.py
 
-from ingest.transcoders.losses import LossParts, activity, aux_k_loss, normalized_mse
 from ingest.transcoders.trainer import TrainConfig, _Trainable
 from ingest.transcoders.transcoder import Transcoder
-
-
-def dense_loss(
-    module: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None
-) -> LossParts:
-    """The TopK loss written densely, as the trainer computed it before the sparse step."""
-    pre = module.pre_activations(x)
-    acts = module.activation(pre)
-    y_hat = module.decode(acts, x)
-    mse = normalized_mse(y_hat, y)
-    aux = mse.new_zeros(())
-    if dead is not None and bool(dead.any()):
-        aux = module.cfg.aux_k_coefficient * aux_k_loss(
-            pre, dead, y - y_hat.detach(), module.W_dec, module._aux_k(), module.cfg.aux_k_rows
-        )
-    fired, l0 = activity(acts)
-    return LossParts(mse=mse, sparsity=mse.new_zeros(()), aux=aux, fired=fired, l0=l0)
 
 
 def matmul_flops(batch: int, d: int, width: int, seconds: float = 0.5) -> float:
@@ -79,13 +61,14 @@ def measure(
     dead = torch.zeros(n_layers, width, dtype=torch.bool)
     dead[:, : int(dead_fraction * width)] = True
     since = torch.zeros(n_layers, width, dtype=torch.long)
+    dead_per_layer = [row if bool(row.any()) else None for row in dead]  # None: no AuxK
 
     def step(i: int, dense: bool) -> None:
         rows = torch.arange(i * batch, (i + 1) * batch) % data_x.shape[1]
         x, y = data_x.index_select(1, rows), data_y.index_select(1, rows)
         optimizer.zero_grad(set_to_none=True)
-        loss = dense_loss if dense else Transcoder.loss
-        parts = [loss(m, x[j], y[j], dead[j]) for j, m in enumerate(modules)]
+        loss = Transcoder.dense_loss if dense else Transcoder.loss
+        parts = [loss(m, x[j], y[j], dead_per_layer[j]) for j, m in enumerate(modules)]
         sum(p.mse + p.aux for p in parts).backward()
         for m in modules:
             m.remove_parallel_grad_()

@@ -121,10 +121,19 @@ class Transcoder(nn.Module):
         self.W_dec.grad.sub_(parallel * dec)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
-        """x: (N, d_in), y: (N, d_out), dead: (d_transcoder,) bool or None."""
+        """x: (N, d_in), y: (N, d_out), dead: (d_transcoder,) bool or None.
+
+        TopK runs the sparse step (:mod:`ingest.transcoders.sparse`), every other
+        architecture :meth:`dense_loss`; both compute the same terms.
+        """
         use_aux = dead is not None and self.cfg.aux_k_coefficient > 0 and bool(dead.any())
         if isinstance(self.activation, TopKActivation):
             return self._topk_loss(x, y, dead if use_aux else None)
+        return self.dense_loss(x, y, dead if use_aux else None)
+
+    def dense_loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
+        """The loss through the dense (N, d_transcoder) activations, AuxK when ``dead``
+        is given: the formulation of every architecture, and TopK's reference."""
         pre = self.pre_activations(x)
         acts = self.activation(pre)
         y_hat = self.decode(acts, x)
@@ -132,8 +141,7 @@ class Transcoder(nn.Module):
         norms = self.decoder_norms() if self.activation.uses_decoder_norms else None
         sparsity = self.activation.penalty(pre, acts, norms)
         aux = pre.new_zeros(())
-        if use_aux:
-            assert dead is not None
+        if dead is not None:
             aux = self.cfg.aux_k_coefficient * aux_k_loss(
                 pre, dead, y - y_hat.detach(), self.W_dec, self._aux_k(), self.cfg.aux_k_rows
             )

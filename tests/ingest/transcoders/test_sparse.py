@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from ingest.transcoders.losses import activity, aux_k_loss, normalized_mse
 from ingest.transcoders.sparse import topk_forward
 from ingest.transcoders.transcoder import Transcoder
 from tests.ingest.transcoders.helpers import D_MODEL, D_T, config, randomize
@@ -11,21 +10,6 @@ from tests.ingest.transcoders.helpers import D_MODEL, D_T, config, randomize
 pytestmark = pytest.mark.unit
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-
-
-def dense_terms(module: Transcoder, x, y, dead, rows):
-    """The loss written densely: activation module, dense decode, ``aux_k_loss``."""
-    pre = module.pre_activations(x)
-    acts = module.activation(pre)
-    y_hat = module.decode(acts, x)
-    mse = normalized_mse(y_hat, y)
-    aux = mse.new_zeros(())
-    if dead is not None:
-        aux = module.cfg.aux_k_coefficient * aux_k_loss(
-            pre, dead, y - y_hat.detach(), module.W_dec, module._aux_k(), rows
-        )
-    fired, l0 = activity(acts)
-    return mse, aux, fired, l0
 
 
 def grads(module: Transcoder, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -53,15 +37,15 @@ def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead)
         dead[torch.randperm(D_T, generator=gen)[:n_dead]] = True
 
     parts = module.loss(x, y, dead)
-    mse, aux, fired, l0 = dense_terms(module, x, y, dead, rows)
-    torch.testing.assert_close(parts.mse, mse)
-    torch.testing.assert_close(parts.aux, aux)
-    assert torch.equal(parts.fired, fired)
-    torch.testing.assert_close(parts.l0, l0)
-    assert (n_dead > 0) == bool(aux > 0)
+    ref = module.dense_loss(x, y, dead)
+    torch.testing.assert_close(parts.mse, ref.mse)
+    torch.testing.assert_close(parts.aux, ref.aux)
+    assert torch.equal(parts.fired, ref.fired)
+    torch.testing.assert_close(parts.l0, ref.l0)
+    assert (n_dead > 0) == bool(ref.aux > 0)
 
     sparse = grads(module, parts.mse + parts.aux)
-    dense = grads(module, mse + aux)
+    dense = grads(module, ref.mse + ref.aux)
     for name, grad in dense.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(sparse[name], grad, rtol=1e-5, atol=1e-6, msg=name)
