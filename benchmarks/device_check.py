@@ -6,6 +6,10 @@ For every zoo checkpoint given (default: the ones under ``ingest.paths.home()/zo
    and its held-out metrics come back finite;
 2. **transcoder training**: ``circuitscope transcoders train --device D`` (a short run)
    completes, with resumable checkpoints, and ``transcoders eval --device D`` reports;
+   the sparse TopK step's loss and gradients on the device against the dense
+   formulation's (``Transcoder.dense_loss``) on the same device, with AuxK, as the
+   largest difference relative to the gradient's scale (float32 rounding: 1.5e-7 on
+   this CPU; the one column not 0 in the ``--device cpu`` self-check);
 3. **adapter**: the model's logits on the device against the CPU, as a fraction of the
    logit scale (float32);
 4. **attribution**: the graph of a held-out task prompt through the transcoders of
@@ -43,7 +47,9 @@ import torch  # noqa: E402
 from ingest.attribution.attribute import attribute  # noqa: E402
 from ingest.models import load_model  # noqa: E402
 from ingest.paths import home  # noqa: E402
+from ingest.transcoders.config import TranscoderConfig  # noqa: E402
 from ingest.transcoders.formats import load_any  # noqa: E402
+from ingest.transcoders.transcoder import Transcoder  # noqa: E402
 from ingest.zoo.tasks import get_task  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -65,6 +71,28 @@ def run_cli(args: list[str], log: Path) -> float:
 def zoo_spec(model_dir: Path) -> tuple[str, str]:
     spec = json.loads((model_dir / "zoo.json").read_text())["spec"]
     return str(spec["task"]), str(spec["arch"])
+
+
+def sparse_step_difference(device: str, d_model: int) -> float:
+    """Largest |sparse - dense| gradient entry over the largest dense one, with AuxK."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = TranscoderConfig(arch="topk", d_in=d_model, d_out=d_model, d_transcoder=256, sparsity=8)
+    module = Transcoder(cfg)
+    module.reset_parameters(gen)
+    module.to(device)
+    x = torch.randn(512, d_model, generator=gen).to(device)
+    y = torch.randn(512, d_model, generator=gen).to(device)
+    dead = (torch.rand(256, generator=gen) < 0.5).to(device)
+    worst = 0.0
+    grads = []
+    for loss in (module.loss, module.dense_loss):
+        module.zero_grad()
+        parts = loss(x, y, dead)
+        (parts.mse + parts.aux).backward()
+        grads.append([p.grad.detach().double().cpu() for p in module.parameters()])
+    for sparse, dense in zip(*grads, strict=True):
+        worst = max(worst, float((sparse - dense).abs().max() / dense.abs().max()))
+    return worst
 
 
 def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[str, Any]:
@@ -99,6 +127,8 @@ def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[st
         scratch / "eval.log",
     )  # fmt: skip
     row["tc ce_rec"] = json.loads(report.read_text())["mean"]["ce_loss_recovered"]
+    d_model = load_any(tc_dir).d_model
+    row["sparse step grad diff / max"] = sparse_step_difference(device, d_model)
 
     example = get_task(task_name).examples("heldout")[0]
     cpu = load_model(str(model_dir), device="cpu")
