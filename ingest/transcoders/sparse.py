@@ -9,14 +9,15 @@ dead ones. :func:`topk_forward` computes, in one autograd function,
     AuxK, on the first ``aux_rows`` rows and the dead columns only:
     i_a = the k_aux largest dead pre-activations; e = sum_j relu(pre[i_a,j]) W_dec[i_a,j]
 
-and its backward with one zero-filled (N, d_t) gradient and the dense step's own matmuls:
+and its backward with one zero-filled (d_t, N) matrix and the dense step's own matmuls:
 ``dv = (g W_dec^T)[i]``, ``d pre`` scattered from dv, ``d W_enc = d pre^T x``,
 ``d W_dec = A^T g`` with A the activations scattered densely; AuxK's terms use the dead
 columns only. Autograd through ``gather``/``scatter``/``index_select`` builds and
 zero-fills a dense matrix per op (about sixteen per layer and step with AuxK), which on
-CPU cost more than the matmuls. The arithmetic is the dense formulation's (``Transcoder``
-with any other activation), so results agree to float rounding
-(``tests/ingest/transcoders/test_sparse.py``).
+CPU cost more than the matmuls. The arithmetic is the dense formulation's
+(``Transcoder.dense_loss``), so results agree to float rounding
+(``tests/ingest/transcoders/test_sparse.py``). The input ``x`` gets no gradient: it is a
+recorded activation.
 """
 
 from typing import Any
@@ -101,5 +102,7 @@ def topk_forward(
     ``aux_columns``: the dead latents' ids (None: no AuxK); ``aux_rows``: rows AuxK uses
     (0: all).
     """
+    if x.requires_grad:
+        raise ValueError("topk_forward does not back-propagate to x: pass a detached input")
     rows = aux_rows or x.shape[0]
     return _TopKForward.apply(x, W_enc, b_enc, W_dec, k, aux_columns, k_aux, rows)

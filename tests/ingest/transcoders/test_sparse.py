@@ -83,3 +83,10 @@ def test_topk_forward_without_aux_returns_the_dense_activations():
     torch.testing.assert_close(dense, acts)
     torch.testing.assert_close(decoded + module.b_dec, module(x))
     assert estimate.numel() == 0
+
+
+def test_topk_forward_refuses_an_input_that_needs_a_gradient():
+    module = Transcoder(config("topk"))
+    x = torch.randn(4, D_MODEL, requires_grad=True)
+    with pytest.raises(ValueError, match="detached input"):
+        topk_forward(x, module.W_enc, module.b_enc, module.W_dec, module.cfg.k)
