@@ -10,7 +10,7 @@ job's load falls on both; the table gives the best round of each.
 
 ``ratio`` divides the dense formulation's FLOPs (``10 d w`` per token and layer, as in
 ``transcoder_benchmark.py``) by the step time and by this machine's matmul FLOP/s at
-the step's shapes (best window of the run).
+the step's shapes (``transcoder_benchmark.matmul_flops``, best window of the run).
 
     python3 benchmarks/transcoder_step.py [--d-model 64] [--layers 2] [--width 512]
         [--dead 0,0.65] [--aux-rows 0,256] [--rounds 6] [--steps 30]
@@ -30,18 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _machine import cpu_name  # benchmarks/_machine.py
+from transcoder_benchmark import matmul_flops  # benchmarks/transcoder_benchmark.py
 
 from ingest.transcoders.trainer import TrainConfig, _Trainable
 from ingest.transcoders.transcoder import Transcoder
-
-
-def matmul_flops(batch: int, d: int, width: int, seconds: float = 0.5) -> float:
-    a, w = torch.randn(batch, d), torch.randn(d, width)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        (a @ w) @ w.T
-        n += 1
-    return n * 4 * batch * d * width / (time.perf_counter() - start)
 
 
 def measure(
@@ -61,14 +53,13 @@ def measure(
     dead = torch.zeros(n_layers, width, dtype=torch.bool)
     dead[:, : int(dead_fraction * width)] = True
     since = torch.zeros(n_layers, width, dtype=torch.long)
-    dead_per_layer = [row if bool(row.any()) else None for row in dead]  # None: no AuxK
 
     def step(i: int, dense: bool) -> None:
         rows = torch.arange(i * batch, (i + 1) * batch) % data_x.shape[1]
         x, y = data_x.index_select(1, rows), data_y.index_select(1, rows)
         optimizer.zero_grad(set_to_none=True)
         loss = Transcoder.dense_loss if dense else Transcoder.loss
-        parts = [loss(m, x[j], y[j], dead_per_layer[j]) for j, m in enumerate(modules)]
+        parts = [loss(m, x[j], y[j], dead[j]) for j, m in enumerate(modules)]
         sum(p.mse + p.aux for p in parts).backward()
         for m in modules:
             m.remove_parallel_grad_()
@@ -112,7 +103,7 @@ def main() -> int:
             if dead_fraction == 0 and aux_rows != int(args.aux_rows.split(",")[0]):
                 continue  # without dead latents AuxK never runs: one row is enough
             best = measure(args, data_x, data_y, dead_fraction, aux_rows)
-            reference = max(reference, matmul_flops(batch, d, width))
+            reference = max(reference, matmul_flops(batch, d, width, torch.device("cpu")))
             rows.append((dead_fraction, aux_rows, best["dense"], best["sparse"]))
             print(rows[-1], flush=True)
 

@@ -126,14 +126,14 @@ class Transcoder(nn.Module):
         TopK runs the sparse step (:mod:`ingest.transcoders.sparse`), every other
         architecture :meth:`dense_loss`; both compute the same terms.
         """
-        use_aux = dead is not None and self.cfg.aux_k_coefficient > 0 and bool(dead.any())
         if isinstance(self.activation, TopKActivation):
-            return self._topk_loss(x, y, dead if use_aux else None)
-        return self.dense_loss(x, y, dead if use_aux else None)
+            return self._topk_loss(x, y, dead)
+        return self.dense_loss(x, y, dead)
 
     def dense_loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
-        """The loss through the dense (N, d_transcoder) activations, AuxK when ``dead``
-        is given: the formulation of every architecture, and TopK's reference."""
+        """The loss through the dense (N, d_transcoder) activations, AuxK when a latent
+        is ``dead``: the formulation of every architecture, and TopK's reference."""
+        dead = self._aux_dead(dead)
         pre = self.pre_activations(x)
         acts = self.activation(pre)
         y_hat = self.decode(acts, x)
@@ -150,6 +150,7 @@ class Transcoder(nn.Module):
 
     def _topk_loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
         """The same terms as the dense path, from the k active latents (see ``sparse``)."""
+        dead = self._aux_dead(dead)
         aux_columns = None if dead is None else dead.nonzero().squeeze(1)
         assert isinstance(self.activation, TopKActivation)
         decoded, estimate, indices, values = topk_forward(
@@ -176,6 +177,12 @@ class Transcoder(nn.Module):
             fired = totals.index_add_(0, indices.flatten(), values.flatten()) > 0
             l0 = (values > 0).sum() / values.shape[0]
         return LossParts(mse=mse, sparsity=mse.new_zeros(()), aux=aux, fired=fired, l0=l0)
+
+    def _aux_dead(self, dead: torch.Tensor | None) -> torch.Tensor | None:
+        """``dead`` when AuxK runs this step (a latent is dead and AuxK has weight), else None."""
+        if dead is None or self.cfg.aux_k_coefficient <= 0 or not bool(dead.any()):
+            return None
+        return dead
 
     def _aux_k(self) -> int:
         return self.cfg.aux_k or max(1, self.cfg.d_in // 2)
