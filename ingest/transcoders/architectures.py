@@ -67,6 +67,13 @@ class _StepFunction(torch.autograd.Function):
         return torch.zeros_like(pre), _sum_to(grad_theta, theta.shape), None
 
 
+def row_mean(values: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """values: (N,) -> their mean, weighted by ``weight`` (N,) when given."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum()
+
+
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     while grad.dim() > len(shape):
         grad = grad.sum(0)
@@ -83,9 +90,14 @@ class Activation(nn.Module):
         raise NotImplementedError
 
     def penalty(
-        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor | None
+        self,
+        pre: torch.Tensor,
+        acts: torch.Tensor,
+        dec_norms: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """pre, acts: (N, d_transcoder); dec_norms: (d_transcoder,) -> scalar."""
+        """pre, acts: (N, d_transcoder); dec_norms: (d_transcoder,); weight: (N,) row
+        weights or None -> scalar: the (weighted) mean over rows of a per-row penalty."""
         raise NotImplementedError
 
 
@@ -103,12 +115,15 @@ class ReLUActivation(Activation):
         return torch.relu(pre)
 
     def penalty(
-        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor | None
+        self,
+        pre: torch.Tensor,
+        acts: torch.Tensor,
+        dec_norms: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """pre, acts: (N, d_transcoder); dec_norms: (d_transcoder,) -> scalar."""
         assert dec_norms is not None
-        weighted = (acts * dec_norms).sum(-1).mean()
-        return self.l1_coefficient * weighted / self.d_out**0.5
+        l1 = row_mean((acts * dec_norms).sum(-1), weight)
+        return self.l1_coefficient * l1 / self.d_out**0.5
 
 
 #: Latents per chunk in :func:`topk_indices`' first pass (8 measured fastest at width 512).
@@ -166,7 +181,11 @@ class TopKActivation(Activation):
         return torch.zeros_like(flat).scatter(-1, indices, values).view(pre.shape)
 
     def penalty(
-        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor | None
+        self,
+        pre: torch.Tensor,
+        acts: torch.Tensor,
+        dec_norms: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return pre.new_zeros(())
 
@@ -192,9 +211,13 @@ class JumpReLUActivation(Activation):
         return _JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
 
     def penalty(
-        self, pre: torch.Tensor, acts: torch.Tensor, dec_norms: torch.Tensor | None
+        self,
+        pre: torch.Tensor,
+        acts: torch.Tensor,
+        dec_norms: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        l0 = _StepFunction.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
+        l0 = row_mean(_StepFunction.apply(pre, self.threshold, self.bandwidth).sum(-1), weight)
         return self.l0_coefficient * l0
 
 

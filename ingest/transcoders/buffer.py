@@ -17,6 +17,10 @@ Memory is two preallocated ``(n_layers, rows, d_model)`` float32 tensors (one fo
 cursor): resuming re-collects refill r, which gives the same rows in the same order, so a
 resumed run sees the same batches as an uninterrupted one. Non-finite activations raise
 an error that names the layer.
+
+With ``answer_weight`` != 1 the buffer also keeps one float per row, its loss weight:
+``answer_weight`` at the positions that predict a scored token, 1 elsewhere (the trainer
+passes it only for answer-only sources, whose scored token is the answer).
 """
 
 import logging
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 
 from ingest.errors import InvalidArgumentError
-from ingest.transcoders.sources import Source, Split
+from ingest.transcoders.sources import Source, Split, predicting_positions
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +80,13 @@ FLOATS_PER_FORWARD = 2**21
 _FLOAT_BYTES = 4
 
 
-def rows_for_budget(budget_mb: float, n_layers: int, d_model: int, sae: bool = False) -> int:
+def rows_for_budget(
+    budget_mb: float, n_layers: int, d_model: int, sae: bool = False, weighted: bool = False
+) -> int:
     """Token rows per layer that ``budget_mb`` MiB of float32 buffer storage holds: one
-    ``d_model`` vector per layer for SAEs (input = target), two for transcoders."""
-    per_row = n_layers * (1 if sae else 2) * d_model * _FLOAT_BYTES
+    ``d_model`` vector per layer for SAEs (input = target), two for transcoders, and one
+    float per row for the row weights (``weighted``)."""
+    per_row = (n_layers * (1 if sae else 2) * d_model + int(weighted)) * _FLOAT_BYTES
     return int(budget_mb * 2**20 // per_row)
 
 
@@ -105,6 +112,7 @@ class ActivationBuffer:
         model_batch_size: int = 0,
         split: Split = "train",
         device: torch.device | str = "cpu",
+        answer_weight: float = 1.0,
     ) -> None:
         if input_site not in ("mlp_in", "mlp_out"):
             raise InvalidArgumentError(f"input_site must be mlp_in or mlp_out, got {input_site!r}")
@@ -138,6 +146,9 @@ class ActivationBuffer:
         d = adapter.d_model
         self._y = torch.empty(len(layers), rows, d, device=self.device)
         self._x = self._y if input_site == "mlp_out" else torch.empty_like(self._y)
+        self.answer_weight = answer_weight
+        #: Each row's loss weight, or None when every row weighs the same.
+        self._weight = None if answer_weight == 1.0 else torch.empty(rows, device=self.device)
         self.refill_index = -1
         self.cursor = 0
         self.n_rows = 0
@@ -155,6 +166,8 @@ class ActivationBuffer:
         total = self._y.numel() * self._y.element_size()
         if self._x is not self._y:
             total += self._x.numel() * self._x.element_size()
+        if self._weight is not None:
+            total += self._weight.numel() * self._weight.element_size()
         return total
 
     def _fill(self, refill: int) -> None:
@@ -176,6 +189,11 @@ class ActivationBuffer:
             mask = windows.mask[lo : lo + self.model_batch_size].to(self.adapter.device)
             inputs, targets = record_sites(self.adapter, ids, self.layers, self.input_site)
             n = int(mask.sum())
+            if self._weight is not None:
+                scored = windows.scored[lo : lo + self.model_batch_size].to(self.adapter.device)
+                predicting = predicting_positions(mask, scored)[mask]
+                weight = torch.where(predicting, self.answer_weight, 1.0)
+                self._weight[offset : offset + n] = weight.to(self.device)
             for i, layer in enumerate(self.layers):
                 y = targets[i][mask]  # (n, d)
                 check_finite(y, layer, "MLP output", f"refill {refill}")
@@ -212,14 +230,16 @@ class ActivationBuffer:
         idx = self._perm[:max_rows]
         return self._x.index_select(1, idx), self._y.index_select(1, idx)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y): each (n_layers, batch_size, d_model)."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x, y, weight): x, y (n_layers, batch_size, d_model); weight (batch_size,) row
+        weights, or None when every row weighs the same."""
         if self.refill_index < 0 or self.cursor + self.batch_size > self.n_rows:
             self._fill(self.refill_index + 1)
         idx = self._perm[self.cursor : self.cursor + self.batch_size]
         self.cursor += self.batch_size
         # index_select: about 4x faster than advanced indexing for these row gathers on CPU
-        return self._x.index_select(1, idx), self._y.index_select(1, idx)
+        weight = None if self._weight is None else self._weight.index_select(0, idx)
+        return self._x.index_select(1, idx), self._y.index_select(1, idx), weight
 
     def state_dict(self) -> dict[str, int]:
         return {"refill_index": self.refill_index, "cursor": self.cursor}

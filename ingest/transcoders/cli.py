@@ -81,6 +81,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     dead.add_argument(
         "--resample-every", type=int, default=250, help="steps between resamplings (0: never)"
     )
+    p.add_argument(
+        "--answer-weight",
+        type=float,
+        default=4.0,
+        help="loss weight of the position that predicts the answer, for prompt sources "
+        "scored only at the answer (zoo tasks); 1: every token weighs the same",
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -175,6 +182,7 @@ def _train_config(args: argparse.Namespace, sparsity: float | None) -> Any:
         aux_k_coefficient=args.aux_k_coefficient,
         aux_k_rows=args.aux_k_rows,
         resample_every=args.resample_every,
+        answer_weight=args.answer_weight,
     )
 
 

@@ -136,9 +136,14 @@ class CrossLayerTranscoder(nn.Module):
             w.grad.sub_(parallel * unit)
 
     def loss(
-        self, xs: list[torch.Tensor], ys: list[torch.Tensor], dead: list[torch.Tensor] | None
+        self,
+        xs: list[torch.Tensor],
+        ys: list[torch.Tensor],
+        dead: list[torch.Tensor] | None,
+        weight: torch.Tensor | None = None,
     ) -> LossParts:
-        """xs, ys: per layer (N, d); dead: per layer (d_transcoder,) bool or None."""
+        """xs, ys: per layer (N, d); dead: per layer (d_transcoder,) bool or None; weight:
+        (N,) row weights or None."""
         pres = [self.pre_activations(s, x) for s, x in enumerate(xs)]
         acts = [self.activations[s](pre) for s, pre in enumerate(pres)]
         mse = xs[0].new_zeros(())
@@ -146,15 +151,21 @@ class CrossLayerTranscoder(nn.Module):
         aux = xs[0].new_zeros(())
         for t in range(self.n_layers):
             y_hat = self.decode_layer(t, acts, xs[t])
-            mse = mse + normalized_mse(y_hat, ys[t])
+            mse = mse + normalized_mse(y_hat, ys[t], weight)
             activation = self._activation(t)
             norms = self.decoder_norms(t) if activation.uses_decoder_norms else None
-            sparsity = sparsity + activation.penalty(pres[t], acts[t], norms)
+            sparsity = sparsity + activation.penalty(pres[t], acts[t], norms, weight)
             if dead is not None and self.cfg.aux_k_coefficient > 0 and bool(dead[t].any()):
                 k = self.cfg.aux_k or max(1, self.cfg.d_in // 2)
                 residual = ys[t] - y_hat.detach()
                 aux = aux + self.cfg.aux_k_coefficient * aux_k_loss(
-                    pres[t], dead[t], residual, self.W_dec[t][:, 0, :], k, self.cfg.aux_k_rows
+                    pres[t],
+                    dead[t],
+                    residual,
+                    self.W_dec[t][:, 0, :],
+                    k,
+                    self.cfg.aux_k_rows,
+                    weight,
                 )
         fired, l0 = zip(*(activity(a) for a in acts), strict=True)
         return LossParts(

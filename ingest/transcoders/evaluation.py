@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ingest.transcoders.buffer import check_window_fits, record_sites
-from ingest.transcoders.sources import Source
+from ingest.transcoders.sources import Source, predicting_positions
 from ingest.transcoders.transcoder_set import TranscoderSet
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def default_windows(source: Source) -> int:
 def counted_positions(mask: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """mask, scored: (B, T) -> keep (B, T - 1): positions t whose next token is real and
     scored, the next-token predictions the CE and KL metrics count."""
-    return mask[:, :-1] & mask[:, 1:] & scored[:, 1:]
+    return predicting_positions(mask, scored)[:, :-1]
 
 
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

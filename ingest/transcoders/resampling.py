@@ -3,13 +3,14 @@
 Every ``resample_every`` steps until the learning-rate decay, each latent that has not
 fired for ``dead_after_tokens`` tokens is re-initialized on a token the model currently
 reconstructs badly: tokens of the current batch are drawn with probability proportional
-to their squared error; the latent's encoder row becomes that token's input direction
-scaled to 0.2 x the mean norm of the live encoder rows (centered on the batch mean by its
-bias, so it fires on the chosen token), its decoder row the normalized residual
-``y - y_hat`` (norm of the live decoder rows, or 1 for unit-norm architectures), and its
-Adam moments are reset. Draws come from a
-generator seeded by (seed, step), so resampling is deterministic and resumable. AuxK
-(see ``losses``) works alongside: resampling relocates latents, AuxK trains them.
+to their squared error (times their row weight, when the batch has weights); the
+latent's encoder row becomes that token's input direction scaled to 0.2 x the mean norm
+of the live encoder rows (centered on the batch mean by its bias, so it fires on the
+chosen token), its decoder row the normalized residual ``y - y_hat`` (norm of the live
+decoder rows, or 1 for unit-norm architectures), and its Adam moments are reset. Draws
+come from a generator seeded by (seed, step), so resampling is deterministic and
+resumable. AuxK (see ``losses``) works alongside: resampling relocates latents, AuxK
+trains them.
 """
 
 import torch
@@ -28,12 +29,18 @@ def _reset_moments(
 
 
 def _choose(
-    x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, n: int, gen: torch.Generator
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y_hat: torch.Tensor,
+    n: int,
+    gen: torch.Generator,
+    weight: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centered input and residual directions (n, d) of tokens drawn by squared error,
-    and the batch mean input (d,)."""
+    """Centered input and residual directions (n, d) of tokens drawn by (weighted)
+    squared error, and the batch mean input (d,)."""
     residual = y - y_hat
-    weights = residual.pow(2).sum(-1).double().cpu()
+    error = residual.pow(2).sum(-1)
+    weights = (error if weight is None else error * weight).double().cpu()
     if float(weights.sum()) <= 0:
         weights = torch.ones_like(weights)
     rows = torch.multinomial(weights, n, replacement=True, generator=gen).to(x.device)
@@ -52,13 +59,15 @@ def resample_transcoder(
     y: torch.Tensor,
     dead: torch.Tensor,
     gen: torch.Generator,
+    weight: torch.Tensor | None = None,
 ) -> int:
-    """x, y: (N, d) scaled batch; dead: (d_t,) bool. Returns how many were resampled."""
+    """x, y: (N, d) scaled batch; dead: (d_t,) bool; weight: (N,) row weights or None.
+    Returns how many were resampled."""
     idx = dead.nonzero().squeeze(-1)
     if idx.numel() == 0 or bool(dead.all()):
         return 0
     alive = ~dead
-    x_dir, r_dir, mean = _choose(x, y, module(x), idx.numel(), gen)
+    x_dir, r_dir, mean = _choose(x, y, module(x), idx.numel(), gen, weight)
     enc_norm = module.W_enc[alive].norm(dim=-1).mean()
     dec_norm = 1.0 if module.cfg.spec.unit_norm_decoder else module.W_dec[alive].norm(dim=-1).mean()
     module.W_enc[idx] = x_dir * 0.2 * enc_norm
@@ -77,8 +86,10 @@ def resample_clt(
     ys: torch.Tensor,
     dead: torch.Tensor,
     gen: torch.Generator,
+    weight: torch.Tensor | None = None,
 ) -> int:
-    """xs, ys: (n_layers, N, d); dead: (n_layers, d_t). Decoders restart at their own layer."""
+    """xs, ys: (n_layers, N, d); dead: (n_layers, d_t); weight: (N,) or None. Decoders
+    restart at their own layer."""
     estimates = clt(list(xs))
     total = 0
     for s in range(clt.n_layers):
@@ -86,7 +97,7 @@ def resample_clt(
         if idx.numel() == 0 or bool(dead[s].all()):
             continue
         alive = ~dead[s]
-        x_dir, r_dir, mean = _choose(xs[s], ys[s], estimates[s], idx.numel(), gen)
+        x_dir, r_dir, mean = _choose(xs[s], ys[s], estimates[s], idx.numel(), gen, weight)
         enc_norm = clt.W_enc[s][alive].norm(dim=-1).mean()
         dec_norm = 1.0 if clt.cfg.spec.unit_norm_decoder else clt.decoder_norms(s)[alive].mean()
         clt.W_enc[s][idx] = x_dir * 0.2 * enc_norm

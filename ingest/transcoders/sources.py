@@ -51,6 +51,14 @@ class Windows:
     scored: torch.Tensor
 
 
+def predicting_positions(mask: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """mask, scored: (n, T) -> (n, T) bool: the positions t whose next token t + 1 is real
+    and scored, i.e. the positions that make a trained prediction."""
+    out = torch.zeros_like(mask)
+    out[:, :-1] = mask[:, :-1] & mask[:, 1:] & scored[:, 1:]
+    return out
+
+
 class Source(ABC):
     """Deterministic windows of token ids by index."""
 

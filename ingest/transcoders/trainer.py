@@ -12,6 +12,10 @@ dead latents are revived by AuxK and, every ``resample_every`` steps before the 
 re-initialized on badly reconstructed tokens (:mod:`ingest.transcoders.resampling`);
 the ReLU L1 coefficient ramps up over the first 10% of steps (Anthropic 2024 update).
 A latent is dead for AuxK when it has not fired for ``dead_after_tokens`` tokens.
+With a prompt source scored only at the answer (zoo tasks trained on the answer alone),
+the rows at the position that predicts the answer weigh ``answer_weight`` in every loss
+term (default 4): that is where such a model's MLPs do the work its CE and task metric
+measure, and it is one row in about a dozen.
 
 Every ``checkpoint_every`` steps the full state is written atomically
 (:mod:`ingest.transcoders.checkpoint`); ``resume=True`` continues from it, and because the
@@ -22,6 +26,7 @@ and the set is written in the native layout (``circuit-tracer`` + ``circuitscope
 
 import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +84,9 @@ class TrainConfig:
     aux_k_coefficient: float = 1.0 / 32.0
     aux_k_rows: int = 256  # rows of each batch AuxK is computed on; 0: all
     resample_every: int = 250  # 0: never
+    #: Loss weight of the answer-predicting rows of an answer-only prompt source (the
+    #: other rows weigh 1); sources scored at every token ignore it.
+    answer_weight: float = 4.0
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.05
 
@@ -114,6 +122,11 @@ class TrainConfig:
             raise InvalidArgumentError("resample_every must be >= 0 (0 disables resampling)")
         if self.eval_every <= 0 or self.checkpoint_every <= 0:
             raise InvalidArgumentError("eval_every and checkpoint_every must be positive")
+        if not math.isfinite(self.answer_weight) or self.answer_weight <= 0:
+            raise InvalidArgumentError(
+                f"answer_weight (--answer-weight) must be a finite number > 0 (1: every "
+                f"token weighs the same), got {self.answer_weight}"
+            )
 
     def module_config(self, d_model: int) -> TranscoderConfig:
         spec = ARCHITECTURES.get(self.arch)
@@ -178,12 +191,18 @@ class _Trainable(nn.Module):
         for i, module in enumerate(self.per_layer):
             module.init_from_data(x[i], y[i])  # type: ignore[operator]
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
-        """x, y: (n_layers, B, d); dead: (n_layers, d_t) bool or None."""
+    def loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        dead: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
+    ) -> LossParts:
+        """x, y: (n_layers, B, d); dead: (n_layers, d_t) bool or None; weight: (B,) or None."""
         if self.clt is not None:
-            return self.clt.loss(list(x), list(y), None if dead is None else list(dead))
+            return self.clt.loss(list(x), list(y), None if dead is None else list(dead), weight)
         parts = [
-            m.loss(x[i], y[i], None if dead is None else dead[i])  # type: ignore[operator]
+            m.loss(x[i], y[i], None if dead is None else dead[i], weight)  # type: ignore[operator]
             for i, m in enumerate(self.per_layer)
         ]
         return LossParts(
@@ -204,14 +223,15 @@ class _Trainable(nn.Module):
         y: torch.Tensor,
         dead: torch.Tensor,
         gen: torch.Generator,
+        weight: torch.Tensor | None = None,
     ) -> int:
-        """x, y: (n_layers, B, d) scaled batch; dead: (n_layers, d_t) bool."""
+        """x, y: (n_layers, B, d) scaled batch; dead: (n_layers, d_t) bool; weight: (B,)."""
         if self.clt is not None:
-            return resample_clt(self.clt, optimizer, x, y, dead, gen)
+            return resample_clt(self.clt, optimizer, x, y, dead, gen, weight)
         total = 0
         for i, module in enumerate(self.per_layer):
             assert isinstance(module, Transcoder)
-            total += resample_transcoder(module, optimizer, x[i], y[i], dead[i], gen)
+            total += resample_transcoder(module, optimizer, x[i], y[i], dead[i], gen, weight)
         return total
 
 
@@ -305,17 +325,21 @@ def train_transcoders(
     module_cfg = cfg.module_config(adapter.d_model)
     fingerprint = adapter.fingerprint()
     trainable = _Trainable(module_cfg, len(layers), cfg.kind == "clt").to(device)
+    answer_weight = cfg.answer_weight if source.answer_only else 1.0
     buffer = ActivationBuffer(
         adapter,
         source,
         layers,
         capacity_rows=cfg.buffer_rows
-        or rows_for_budget(cfg.buffer_mb, len(layers), adapter.d_model, cfg.kind == "sae"),
+        or rows_for_budget(
+            cfg.buffer_mb, len(layers), adapter.d_model, cfg.kind == "sae", answer_weight != 1.0
+        ),
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         input_site="mlp_out" if cfg.kind == "sae" else "mlp_in",
         model_batch_size=cfg.model_batch_size,
         device=device,
+        answer_weight=answer_weight,
     )
     # fused: one kernel for the whole update (CPU and CUDA), a third of the time of the
     # multi-tensor (foreach) form on CPU; deterministic, so resumption stays bit-exact.
@@ -392,12 +416,12 @@ def train_transcoders(
     step = start
     try:
         for step in range(start, end):
-            x, y = buffer.next_batch()
+            x, y, weight = buffer.next_batch()
             dead = since_fired >= cfg.dead_after_tokens
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(cfg, step)
             optimizer.zero_grad(set_to_none=True)
-            parts = trainable.loss(x * s_in, y * s_out, dead)
+            parts = trainable.loss(x * s_in, y * s_out, dead, weight)
             total = parts.mse + _sparsity_ramp(cfg, step) * parts.sparsity + parts.aux
             total.backward()
             if module_cfg.spec.unit_norm_decoder:
@@ -415,7 +439,7 @@ def train_transcoders(
             ):
                 dead_now = since_fired >= cfg.dead_after_tokens
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-                n = trainable.resample(optimizer, x * s_in, y * s_out, dead_now, gen)
+                n = trainable.resample(optimizer, x * s_in, y * s_out, dead_now, gen, weight)
                 if n:
                     since_fired.masked_fill_(dead_now, 0)
                     for module in trainable.modules_list():

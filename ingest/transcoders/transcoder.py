@@ -120,35 +120,60 @@ class Transcoder(nn.Module):
         parallel = (self.W_dec.grad * dec).sum(-1, keepdim=True)
         self.W_dec.grad.sub_(parallel * dec)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
-        """x: (N, d_in), y: (N, d_out), dead: (d_transcoder,) bool or None.
+    def loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        dead: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
+    ) -> LossParts:
+        """x: (N, d_in), y: (N, d_out), dead: (d_transcoder,) bool or None, weight: (N,)
+        row weights or None (every row counts once).
 
         TopK runs the sparse step (:mod:`ingest.transcoders.sparse`), every other
         architecture :meth:`dense_loss`; both compute the same terms.
         """
         if isinstance(self.activation, TopKActivation):
-            return self._topk_loss(x, y, dead)
-        return self.dense_loss(x, y, dead)
+            return self._topk_loss(x, y, dead, weight)
+        return self.dense_loss(x, y, dead, weight)
 
-    def dense_loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
+    def dense_loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        dead: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
+    ) -> LossParts:
         """The loss through the dense (N, d_transcoder) activations, AuxK when a latent
         is ``dead``: the formulation of every architecture, and TopK's reference."""
         dead = self._aux_dead(dead)
         pre = self.pre_activations(x)
         acts = self.activation(pre)
         y_hat = self.decode(acts, x)
-        mse = normalized_mse(y_hat, y)
+        mse = normalized_mse(y_hat, y, weight)
         norms = self.decoder_norms() if self.activation.uses_decoder_norms else None
-        sparsity = self.activation.penalty(pre, acts, norms)
+        sparsity = self.activation.penalty(pre, acts, norms, weight)
         aux = pre.new_zeros(())
         if dead is not None:
             aux = self.cfg.aux_k_coefficient * aux_k_loss(
-                pre, dead, y - y_hat.detach(), self.W_dec, self._aux_k(), self.cfg.aux_k_rows
+                pre,
+                dead,
+                y - y_hat.detach(),
+                self.W_dec,
+                self._aux_k(),
+                self.cfg.aux_k_rows,
+                weight,
             )
         fired, l0 = activity(acts)
         return LossParts(mse=mse, sparsity=sparsity, aux=aux, fired=fired, l0=l0)
 
-    def _topk_loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None) -> LossParts:
+    def _topk_loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        dead: torch.Tensor | None,
+        weight: torch.Tensor | None,
+    ) -> LossParts:
         """The same terms as the dense path, from the k active latents (see ``sparse``)."""
         dead = self._aux_dead(dead)
         aux_columns = None if dead is None else dead.nonzero().squeeze(1)
@@ -166,11 +191,13 @@ class Transcoder(nn.Module):
         y_hat = decoded + self.b_dec
         if self.W_skip is not None:
             y_hat = y_hat + self.skip(x)
-        mse = normalized_mse(y_hat, y)
+        mse = normalized_mse(y_hat, y, weight)
         aux = mse.new_zeros(())
         if aux_columns is not None:
-            residual = (y - y_hat.detach())[: estimate.shape[0]]
-            aux = self.cfg.aux_k_coefficient * normalized_mse(estimate, residual)
+            rows = estimate.shape[0]
+            residual = (y - y_hat.detach())[:rows]
+            aux_weight = None if weight is None else weight[:rows]
+            aux = self.cfg.aux_k_coefficient * normalized_mse(estimate, residual, aux_weight)
         with torch.no_grad():
             # values are >= 0: a latent fired when the values it received sum above zero
             totals = values.new_zeros(self.cfg.d_transcoder)

@@ -100,6 +100,19 @@ def random_stream_source(
     return StreamSource("random", tokens, context_len, eval_fraction=0.1)
 
 
+def random_prompt_source(n_train: int = 96, n_eval: int = 16, vocab: int = 40, seed: int = 0):
+    """Answer-only prompts of 3-8 random tokens (the last one is the answer), right-padded."""
+    from ingest.transcoders.sources import PromptSource
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def prompts(n: int) -> list[list[int]]:
+        lengths = torch.randint(3, 9, (n,), generator=gen).tolist()
+        return [torch.randint(1, vocab, (t,), generator=gen).tolist() for t in lengths]
+
+    return PromptSource("random prompts", prompts(n_train), prompts(n_eval), answer_only=True)
+
+
 def word_tokenizer():
     """A WordLevel tokenizer over words ``<pad> <eos> w2 ... w39``."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -12,6 +12,7 @@ from ingest.transcoders.buffer import ActivationBuffer, collect
 from ingest.transcoders.sources import hf_dataset_source, resolve_source
 from tests.ingest.transcoders.helpers import (
     D_MODEL,
+    random_prompt_source,
     random_stream_source,
     tiny_adapter,
     tiny_gpt2,
@@ -33,8 +34,8 @@ def test_buffer_memory_is_bounded_over_many_refills():
     pointers = (buffer._x.data_ptr(), buffer._y.data_ptr())
     assert buffer.nbytes == 2 * 2 * 64 * D_MODEL * 4
     for _ in range(40):
-        x, y = buffer.next_batch()
-        assert x.shape == y.shape == (2, 16, D_MODEL)
+        x, y, weight = buffer.next_batch()
+        assert x.shape == y.shape == (2, 16, D_MODEL) and weight is None
     assert buffer.refill_index >= 9  # 4 batches per refill of 64 rows
     assert buffer.nbytes == 2 * 2 * 64 * D_MODEL * 4
     assert (buffer._x.data_ptr(), buffer._y.data_ptr()) == pointers
@@ -43,7 +44,7 @@ def test_buffer_memory_is_bounded_over_many_refills():
 def test_buffer_rows_are_the_model_activations_and_sae_shares_storage():
     adapter, source = tiny_adapter(), random_stream_source(n_tokens=2048)
     sae = _buffer(adapter, source, input_site="mlp_out")
-    x, y = sae.next_batch()
+    x, y, _ = sae.next_batch()
     assert torch.equal(x, y) and sae.nbytes == 2 * 64 * D_MODEL * 4
     ids = source.get("train", 0, sae.windows_per_refill).ids
     rec = adapter(ids, record=True)
@@ -102,12 +103,38 @@ def test_windows_longer_than_the_context_name_the_flag():
         _buffer(adapter, source, capacity_rows=4096)
 
 
+def test_answer_predicting_rows_carry_the_answer_weight():
+    adapter, source = tiny_adapter(), random_prompt_source()
+    buffer = _buffer(adapter, source, capacity_rows=4096, answer_weight=4.0)
+    assert buffer.resident
+    x0, _ = buffer.prime()  # every row in collection order
+    weight = buffer._weight[: buffer.n_rows]
+    windows = source.get("train", 0, source.n_windows("train"))
+    lengths = windows.mask.sum(1)
+    # one row per prompt weighs 4: the prompt's second-to-last token, which predicts the
+    # answer; every other real token weighs 1
+    assert int((weight == 4.0).sum()) == source.n_windows("train")
+    assert int((weight == 1.0).sum()) == int(lengths.sum()) - source.n_windows("train")
+    rec = adapter(windows.ids, record=True)
+    rows = torch.arange(len(lengths))
+    expected = rec.mlp_in[0][rows, lengths - 2]
+    assert torch.allclose(x0[0][weight == 4.0], expected, atol=1e-6)
+    # batches carry their rows' weights; the storage counts them
+    _, _, w = buffer.next_batch()
+    assert w is not None and w.shape == (16,) and set(w.tolist()) <= {1.0, 4.0}
+    assert buffer.nbytes == 2 * 2 * buffer.capacity_rows * D_MODEL * 4 + buffer.capacity_rows * 4
+    # a weight of 1 keeps no weights at all
+    assert _buffer(adapter, source, capacity_rows=4096).next_batch()[2] is None
+
+
 def test_buffer_rows_follow_the_memory_budget():
     from ingest.transcoders.buffer import rows_for_budget
 
     # 1 MiB over 2 layers of (input, target) float32 vectors of width 64: 1024 rows.
     assert rows_for_budget(1, n_layers=2, d_model=64) == 1024
     assert rows_for_budget(1, n_layers=2, d_model=64, sae=True) == 2048
+    # one float more per row for the row weights
+    assert rows_for_budget(1, n_layers=2, d_model=64, weighted=True) == 2**20 // (257 * 4)
 
 
 def test_nan_activations_name_the_layer():

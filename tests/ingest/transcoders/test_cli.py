@@ -20,7 +20,7 @@ TRAIN = ["--width", "32", "--sparsity", "4", "--steps", "16", "--batch-size", "3
 def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     out = tmp_path / "tc"
     args = ["transcoders", "train", "--model", str(tiny_zoo_dir), "--out", str(out), *TRAIN]
-    assert main([*args, "--aux-k-rows", "8"]) == 0
+    assert main([*args, "--aux-k-rows", "8", "--answer-weight", "2.5"]) == 0
     # TRAIN sets --buffer-rows 256: the split does not fit, so the buffer streams whole
     # windows (18 of the 14-token prompts)
     printed = capsys.readouterr().out
@@ -32,6 +32,7 @@ def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     tset = load_any(out)
     assert tset.metadata.kind == "transcoder" and tset.config.k == 4
     assert tset.config.aux_k_rows == 8  # the dead-latent flags reach the module config
+    assert tset.metadata.extra["train_config"]["answer_weight"] == 2.5
 
     assert main(["transcoders", "eval", str(out), "--model", str(tiny_zoo_dir), "--windows", "8",
                  "--json", str(tmp_path / "e.json")]) == 0  # fmt: skip
@@ -72,6 +73,8 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     assert "--aux-k-rows" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "a"), "--dead-after-tokens", "0"]) == 2
     assert "--dead-after-tokens" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "a"), "--answer-weight", "0"]) == 2
+    assert "--answer-weight" in capsys.readouterr().err
     # A set trained on one model, evaluated on a model with other weights.
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     other = tmp_path / "other-model"

@@ -252,3 +252,38 @@ def test_aux_k_loss_on_dead_columns_equals_the_masked_dense_form():
     acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
     expected = normalized_mse(acts @ w_dec, residual)
     assert torch.allclose(aux_k_loss(pre, dead, residual, w_dec, 4), expected, rtol=1e-12)
+
+
+def test_integer_row_weights_equal_repeated_rows():
+    """A row of weight w counts as w copies of itself in every loss term."""
+    from ingest.transcoders.losses import aux_k_loss, normalized_mse
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.tensor([1.0, 3.0, 1.0, 2.0, 4.0, 1.0])
+    repeats = weight.long()
+    y = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    y_hat = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    w64 = weight.double()
+    torch.testing.assert_close(
+        normalized_mse(y_hat, y, w64),
+        normalized_mse(y_hat.repeat_interleave(repeats, 0), y.repeat_interleave(repeats, 0)),
+    )
+    pre = torch.randn(6, 64, generator=gen, dtype=torch.float64)
+    dead = torch.rand(64, generator=gen) < 0.5
+    w_dec = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(
+        aux_k_loss(pre, dead, y, w_dec, 4, weight=w64),
+        aux_k_loss(pre.repeat_interleave(repeats, 0), dead, y.repeat_interleave(repeats, 0),
+                   w_dec, 4),
+    )  # fmt: skip
+    for arch in ("relu", "jumprelu"):
+        module = Transcoder(config(arch))
+        randomize(module)
+        x = torch.randn(6, D_MODEL, generator=gen)
+        ys = torch.randn(6, D_MODEL, generator=gen)
+        weighted = module.loss(x, ys, None, weight)
+        repeated = module.loss(x.repeat_interleave(repeats, 0), ys.repeat_interleave(repeats, 0),
+                               None)  # fmt: skip
+        torch.testing.assert_close(weighted.mse, repeated.mse)
+        torch.testing.assert_close(weighted.sparsity, repeated.sparsity)
+        assert weighted.sparsity > 0

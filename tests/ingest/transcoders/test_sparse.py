@@ -22,7 +22,8 @@ def grads(module: Transcoder, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("rows", [0, 7])
 @pytest.mark.parametrize("n_dead", [0, 5, D_T])
-def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead, weighted):
     cfg = config("topk", skip=skip)
     cfg = type(cfg)(**{**cfg.to_dict(), "aux_k_rows": rows, "aux_k_coefficient": 0.5})
     module = Transcoder(cfg)
@@ -36,8 +37,10 @@ def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead)
         dead = torch.zeros(D_T, dtype=torch.bool)
         dead[torch.randperm(D_T, generator=gen)[:n_dead]] = True
 
-    parts = module.loss(x, y, dead)
-    ref = module.dense_loss(x, y, dead)
+    weight = torch.rand(24, generator=gen) * 4 + 0.5 if weighted else None
+
+    parts = module.loss(x, y, dead, weight)
+    ref = module.dense_loss(x, y, dead, weight)
     torch.testing.assert_close(parts.mse, ref.mse)
     torch.testing.assert_close(parts.aux, ref.aux)
     assert torch.equal(parts.fired, ref.fired)
@@ -49,6 +52,8 @@ def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead)
     for name, grad in dense.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(sparse[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    if weighted:  # the weights change the loss
+        assert not torch.allclose(parts.mse, module.loss(x, y, dead).mse)
 
 
 def test_aux_k_rows_limit_which_tokens_train_the_dead_latents():

@@ -6,7 +6,11 @@ import torch
 from ingest.errors import FailedPreconditionError, InvalidArgumentError
 from ingest.transcoders.formats import load_any
 from ingest.transcoders.trainer import TrainConfig, train_transcoders
-from tests.ingest.transcoders.helpers import random_stream_source, tiny_adapter
+from tests.ingest.transcoders.helpers import (
+    random_prompt_source,
+    random_stream_source,
+    tiny_adapter,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +26,10 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-def _train(tmp_path, name, cfg, **kw):
+def _train(tmp_path, name, cfg, source=None, **kw):
     return train_transcoders(
-        tiny_adapter(), random_stream_source(), cfg, tmp_path / name, model_id="tiny",
-        progress=False, **kw,
+        tiny_adapter(), source or random_stream_source(), cfg, tmp_path / name,
+        model_id="tiny", progress=False, **kw,
     )  # fmt: skip
 
 
@@ -73,6 +77,23 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch, buffer_ro
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert full.history == resumed.history
+
+
+def test_answer_weight_applies_to_answer_only_sources_and_resumes_exactly(tmp_path):
+    prompts = random_prompt_source()
+    cfg = _cfg(buffer_rows=0, resample_every=3, dead_after_tokens=32)
+    weighted = _train(tmp_path, "weighted", cfg, prompts)
+    even = _train(tmp_path, "even", _cfg(buffer_rows=0, resample_every=3, dead_after_tokens=32,
+                                         answer_weight=1.0), prompts)  # fmt: skip
+    a, b = weighted.tset.state_dict(), even.tset.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    # a source scored at every token has no answer rows: the weight changes nothing
+    text = [_train(tmp_path, f"text{w}", _cfg(answer_weight=w)).tset.state_dict() for w in (1, 4)]
+    assert all(torch.equal(text[0][k], text[1][k]) for k in text[0])
+    # killed and resumed with row weights: bit-identical
+    _train(tmp_path, "killed", cfg, prompts, stop_after=10)
+    resumed = _train(tmp_path, "killed", cfg, prompts, resume=True).tset.state_dict()
+    assert all(torch.equal(a[k], resumed[k]) for k in a)
 
 
 def test_resume_with_other_config_is_refused(tmp_path):
