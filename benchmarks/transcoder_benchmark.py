@@ -189,7 +189,8 @@ def main() -> int:
         f"{os.getloadavg()[0]:.2f} at the end",
         f"- command: `{command.strip()}`; wall time {wall / 60:.1f} min",
         f"- TopK k={k}, width {base.width}, {base.steps} steps of {base.batch_size} tokens "
-        f"(TrainConfig defaults unless the command overrides them), every layer",
+        f"(TrainConfig defaults unless the command overrides them), every layer; the "
+        f"answer-predicting rows of answer-only tasks weigh {base.answer_weight}",
         "- CE: next-token loss at the predictions each model was trained on (the answer, or "
         "every token for induction), eval's default prompts (1,024 answers, or 64 windows "
         "for induction); `its splice / ablate dCE`: the worst layer's CE change in nats "

@@ -84,7 +84,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--answer-weight",
         type=float,
-        default=4.0,
+        default=8.0,
         help="loss weight of the position that predicts the answer, for prompt sources "
         "scored only at the answer (zoo tasks); 1: every token weighs the same",
     )

@@ -14,7 +14,7 @@ the ReLU L1 coefficient ramps up over the first 10% of steps (Anthropic 2024 upd
 A latent is dead for AuxK when it has not fired for ``dead_after_tokens`` tokens.
 With a prompt source scored only at the answer (zoo tasks trained on the answer alone),
 the rows at the position that predicts the answer weigh ``answer_weight`` in every loss
-term (default 4): that is where such a model's MLPs do the work its CE and task metric
+term (default 8): that is where such a model's MLPs do the work its CE and task metric
 measure, and it is one row in about a dozen.
 
 Every ``checkpoint_every`` steps the full state is written atomically
@@ -86,7 +86,7 @@ class TrainConfig:
     resample_every: int = 250  # 0: never
     #: Loss weight of the answer-predicting rows of an answer-only prompt source (the
     #: other rows weigh 1); sources scored at every token ignore it.
-    answer_weight: float = 4.0
+    answer_weight: float = 8.0
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.05
 
