@@ -96,6 +96,16 @@ def test_answer_weight_applies_to_answer_only_sources_and_resumes_exactly(tmp_pa
     assert all(torch.equal(a[k], resumed[k]) for k in a)
 
 
+def test_evaluation_at_a_resampling_step_reports_the_state_before_it(tmp_path, caplog):
+    # dead after one batch of 32 tokens: at step 6 many of the 64 latents are dead, and the
+    # resampling that follows the evaluation restarts their counters
+    cfg = _cfg(resample_every=6, eval_every=6, dead_after_tokens=32, steps=12)
+    with caplog.at_level("INFO", logger="ingest.transcoders.trainer"):
+        history = _train(tmp_path, "run", cfg).history
+    assert "step 6: resampled" in caplog.text
+    assert history[0]["step"] == 6 and history[0]["dead_fraction_train"] > 0
+
+
 def test_resume_with_other_config_is_refused(tmp_path):
     _train(tmp_path, "run", _cfg(), stop_after=5)
     with pytest.raises(FailedPreconditionError, match="another configuration"):
