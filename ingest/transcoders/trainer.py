@@ -432,19 +432,6 @@ def train_transcoders(
                 module.after_step_()
             with torch.no_grad():
                 since_fired.add_(cfg.batch_size).masked_fill_(parts.fired, 0)
-            if (
-                cfg.resample_every
-                and (step + 1) % cfg.resample_every == 0
-                and step + 1 < int(cfg.steps * 0.8)
-            ):
-                dead_now = since_fired >= cfg.dead_after_tokens
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-                n = trainable.resample(optimizer, x * s_in, y * s_out, dead_now, gen, weight)
-                if n:
-                    since_fired.masked_fill_(dead_now, 0)
-                    for module in trainable.modules_list():
-                        module.after_step_()
-                    logger.info("step %d: resampled %d dead latents", step + 1, n)
             trained_tokens += cfg.batch_size
             done = step + 1
             bar.update(1)
@@ -454,6 +441,23 @@ def train_transcoders(
                 history.append(metrics)
                 bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
                 logger.info("step %d: %s", done, metrics)
+            # Resampling comes after the evaluation, so that the evaluation reports the
+            # latents as trained and the dead fraction before the counters restart (fresh
+            # resamples fire on many tokens until trained: FVU read 1-3 right after one
+            # on greater-than).
+            if (
+                cfg.resample_every
+                and done % cfg.resample_every == 0
+                and done < int(cfg.steps * 0.8)
+            ):
+                dead_now = since_fired >= cfg.dead_after_tokens
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+                n = trainable.resample(optimizer, x * s_in, y * s_out, dead_now, gen, weight)
+                if n:
+                    since_fired.masked_fill_(dead_now, 0)
+                    for module in trainable.modules_list():
+                        module.after_step_()
+                    logger.info("step %d: resampled %d dead latents", done, n)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 checkpoint(done)
             step = done
