@@ -1,0 +1,133 @@
+"""Sweep one training setting: transcoders and SAEs on a zoo model, per value and seed.
+
+For each value of one ``TrainConfig`` field (``--field``), each kind and each seed, it
+trains a set on every layer of the model at the other defaults and evaluates it at
+eval's defaults (1,024 held-out answers for answer-only tasks, 64 windows otherwise).
+It writes a table of CE loss recovered per layer spliced alone and their mean, all
+layers spliced, FVU over every token and at the answer-predicting positions
+(``fvu@pred``) and the dead fraction. The figures in docs/transcoders.md's "Answer
+weight: measured" and "Resampling against AuxK alone" come from it:
+
+    python3 benchmarks/transcoder_sweep.py --model ~/.cache/circuitscope/zoo/greater_than-gpt2 \\
+        --field answer_weight --values 1,2,4,8,16
+    python3 benchmarks/transcoder_sweep.py --model ~/.cache/circuitscope/zoo/ioi-gpt2 \\
+        --field resample_every --values 0,250 --kinds transcoder
+
+Options: ``--kinds transcoder,sae``, ``--seeds 0``, ``--out`` (default
+``benchmarks/results/transcoder_sweep_<model>_<field>.md``).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import cpu_name  # benchmarks/_machine.py
+
+from ingest.models import load_model
+from ingest.paths import home
+from ingest.transcoders.evaluation import evaluate_set
+from ingest.transcoders.sources import zoo_source
+from ingest.transcoders.trainer import TrainConfig, train_transcoders
+
+
+def _values(name: str, text: str) -> list[Any]:
+    """The comma-separated values, typed like the field's default (float where None)."""
+    default = getattr(TrainConfig(), name)
+    if isinstance(default, bool):
+        return [v.strip().lower() in ("1", "true", "yes") for v in text.split(",")]
+    kind = float if default is None else type(default)
+    return [kind(v) for v in text.split(",")]
+
+
+def _row(kind: str, value: Any, seed: int, report: dict[str, Any], seconds: float) -> str:
+    layers = list(report["layers"].values())
+    ce = [r["ce_loss_recovered"] for r in layers]
+
+    def joined(key: str, fmt: str) -> str:
+        return ", ".join(format(r[key], fmt) for r in layers)
+
+    return (
+        f"| {kind} | {value} | {seed} | {', '.join(f'{c:.4f}' for c in ce)} | "
+        f"{sum(ce) / len(ce):.4f} | {report['all_layers']['ce_loss_recovered']:.4f} | "
+        f"{joined('fvu', '.4f')} | {joined('fvu_predicting', '.4f')} | "
+        f"{joined('dead_fraction', '.3f')} | {seconds:.0f} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="zoo model directory")
+    parser.add_argument("--field", required=True, help="a TrainConfig field, e.g. answer_weight")
+    parser.add_argument("--values", required=True, help="comma-separated, e.g. 1,4,8")
+    parser.add_argument("--kinds", default="transcoder,sae")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if args.field not in fields:
+        parser.error(f"--field {args.field!r} is not a TrainConfig field: one of {sorted(fields)}")
+    values = _values(args.field, args.values)
+    kinds = args.kinds.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    model_dir = args.model.expanduser()
+    out = args.out or Path(f"benchmarks/results/transcoder_sweep_{model_dir.name}_{args.field}.md")
+    work = home() / "benchmarks" / "sweep"
+
+    loaded = load_model(str(model_dir), device="cpu")
+    source = zoo_source(model_dir, loaded.tokenizer)
+    began = time.perf_counter()
+    rows = []
+    for value in values:
+        for kind in kinds:
+            for seed in seeds:
+                cfg = TrainConfig(kind=kind, seed=seed, **{args.field: value})
+                run_dir = work / f"{model_dir.name}-{kind}-{args.field}-{value}-{seed}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                start = time.perf_counter()
+                result = train_transcoders(
+                    loaded.adapter, source, cfg, run_dir, model_id=str(model_dir), progress=False
+                )
+                report = evaluate_set(
+                    loaded.adapter, result.tset, source, zoo_dir=model_dir,
+                    tokenizer=loaded.tokenizer,
+                )  # fmt: skip
+                rows.append(_row(kind, value, seed, report, time.perf_counter() - start))
+                print(rows[-1], flush=True)
+
+    command = " ".join(["python3 benchmarks/transcoder_sweep.py", *sys.argv[1:]])
+    lines = [
+        f"# Transcoder sweep: {args.field} on {model_dir.name}",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+        f"- machine: {platform.node()}, {cpu_name()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        f"- command: `{command}`; wall time {(time.perf_counter() - began) / 60:.1f} min",
+        "- every other setting at TrainConfig's defaults; eval at its defaults",
+        "- CE rec: CE loss recovered per layer spliced alone, at the predictions the model "
+        "was trained on; fvu over every token, fvu@pred at the answer-predicting positions",
+        "",
+        f"| kind | {args.field} | seed | CE rec per layer | mean | all layers | fvu | "
+        "fvu@pred | dead | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
