@@ -162,3 +162,41 @@ def test_resampling_revives_dead_latents_and_resets_their_moments(cross_layer):
     assert n == 6
     assert (moments[:6] == 0).all() and (moments[6:] != 0).any()
     assert (encode(x[0])[:, :6] > 0).any(0).all()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cross_layer", [False, True])
+def test_topk_resampling_puts_the_chosen_token_at_its_kth_live_pre_activation(cross_layer):
+    from ingest.transcoders.clt import CrossLayerTranscoder
+    from ingest.transcoders.resampling import resample_clt, resample_transcoder
+    from ingest.transcoders.transcoder import Transcoder
+    from tests.ingest.transcoders.helpers import config, randomize
+
+    torch.manual_seed(0)
+    cfg = config("topk")
+    module = CrossLayerTranscoder(cfg, 2) if cross_layer else Transcoder(cfg)
+    randomize(module)
+    opt = torch.optim.Adam(module.parameters())
+    x = torch.randn(2, 256, cfg.d_in)
+    y = torch.randn(2, 256, cfg.d_out)
+    dead = torch.zeros(2 if cross_layer else 1, cfg.d_transcoder, dtype=torch.bool)
+    dead[0, :6] = True
+    gen = torch.Generator().manual_seed(0)
+
+    def pre(v):
+        return module.pre_activations(0, v) if cross_layer else module.pre_activations(v)
+
+    before = pre(x[0]).detach()
+    if cross_layer:
+        assert resample_clt(module, opt, x, y, dead, gen) == 6
+    else:
+        assert resample_transcoder(module, opt, x[0], y[0], dead[0], gen) == 6
+    after = pre(x[0]).detach()
+    # every resampled latent meets, on some token (the one it was drawn on), exactly that
+    # token's k-th largest live pre-activation, and exceeds the k-th on no more than the
+    # tokens further along its direction
+    kth = before[:, 6:].topk(cfg.k, dim=-1).values[:, -1].clamp_min(0)
+    gap = (after[:, :6] - kth[:, None]).abs()
+    assert (gap.min(0).values < 1e-5).all()
+    enters = (after[:, :6] > kth[:, None] + 1e-5).float().mean(0)
+    assert (enters < 0.5).all(), enters  # the centred bias enters about half the tokens
