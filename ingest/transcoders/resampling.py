@@ -11,21 +11,10 @@ decoder rows, or 1 for unit-norm architectures), and its Adam moments are reset.
 come from a generator seeded by (seed, step), so resampling is deterministic and
 resumable. AuxK (see ``losses``) works alongside: resampling relocates latents, AuxK
 trains them.
-
-TopK differs in the bias. A latent centred on the batch mean fires on every token on
-its side of the mean, and under TopK it then displaces a live latent from those tokens'
-top k: on greater-than GPT-2, whose MLP inputs span few directions, FVU read 1-3 right
-after a resample and the run ended worse than without resampling. So a TopK latent's
-bias puts the chosen token's pre-activation exactly at that token's k-th largest live
-pre-activation: it enters the top k only on tokens further along its direction than the
-chosen one, the badly reconstructed tail. Measured against the centred bias (defaults,
-docs/transcoders.md): mean CE recovered 0.995 against 0.992 on greater-than, 0.994
-against 0.989 on IOI, 0.994 against 0.995 on induction, with lower FVU on all three.
 """
 
 import torch
 
-from ingest.transcoders.architectures import TopKActivation
 from ingest.transcoders.clt import CrossLayerTranscoder
 from ingest.transcoders.transcoder import Transcoder
 
@@ -46,9 +35,9 @@ def _choose(
     n: int,
     gen: torch.Generator,
     weight: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centered input and residual directions (n, d) of tokens drawn by (weighted)
-    squared error, the batch mean input (d,) and the drawn rows (n,)."""
+    squared error, and the batch mean input (d,)."""
     residual = y - y_hat
     error = residual.pow(2).sum(-1)
     weights = (error if weight is None else error * weight).double().cpu()
@@ -59,28 +48,7 @@ def _choose(
     x_dir = x[rows] - mean
     x_dir = x_dir / x_dir.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     r_dir = residual[rows] / residual[rows].norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    return x_dir, r_dir, mean, rows
-
-
-def _encoder_bias(
-    encoder: torch.Tensor,
-    mean: torch.Tensor,
-    chosen: torch.Tensor,
-    live_pre: torch.Tensor,
-    dead: torch.Tensor,
-    activation: object,
-) -> torch.Tensor:
-    """Biases (n,) of resampled latents with encoder rows ``encoder`` (n, d) chosen on the
-    tokens ``chosen`` (n, d) whose current pre-activations are ``live_pre`` (n, d_t).
-
-    Centred on the batch ``mean`` (Anthropic), or for TopK at each chosen token's k-th
-    largest live pre-activation (see the module docstring)."""
-    if not isinstance(activation, TopKActivation):
-        return -(encoder @ mean)
-    live = live_pre.masked_fill(dead, float("-inf"))
-    k = min(activation.k, int((~dead).sum()))
-    tau = live.topk(k, dim=-1).values[:, -1].clamp_min(0.0)
-    return tau - (encoder * chosen).sum(-1)
+    return x_dir, r_dir, mean
 
 
 @torch.no_grad()
@@ -99,15 +67,12 @@ def resample_transcoder(
     if idx.numel() == 0 or bool(dead.all()):
         return 0
     alive = ~dead
-    x_dir, r_dir, mean, rows = _choose(x, y, module(x), idx.numel(), gen, weight)
+    x_dir, r_dir, mean = _choose(x, y, module(x), idx.numel(), gen, weight)
     enc_norm = module.W_enc[alive].norm(dim=-1).mean()
     dec_norm = 1.0 if module.cfg.spec.unit_norm_decoder else module.W_dec[alive].norm(dim=-1).mean()
-    live_pre = module.pre_activations(x[rows])
     module.W_enc[idx] = x_dir * 0.2 * enc_norm
     module.W_dec[idx] = r_dir * dec_norm
-    module.b_enc[idx] = _encoder_bias(
-        module.W_enc[idx], mean, x[rows], live_pre, dead, module.activation
-    )
+    module.b_enc[idx] = -(module.W_enc[idx] @ mean)
     for param in (module.W_enc, module.W_dec, module.b_enc):
         _reset_moments(optimizer, param, idx)
     return int(idx.numel())
@@ -132,16 +97,13 @@ def resample_clt(
         if idx.numel() == 0 or bool(dead[s].all()):
             continue
         alive = ~dead[s]
-        x_dir, r_dir, mean, rows = _choose(xs[s], ys[s], estimates[s], idx.numel(), gen, weight)
+        x_dir, r_dir, mean = _choose(xs[s], ys[s], estimates[s], idx.numel(), gen, weight)
         enc_norm = clt.W_enc[s][alive].norm(dim=-1).mean()
         dec_norm = 1.0 if clt.cfg.spec.unit_norm_decoder else clt.decoder_norms(s)[alive].mean()
-        live_pre = clt.pre_activations(s, xs[s][rows])
         clt.W_enc[s][idx] = x_dir * 0.2 * enc_norm
         clt.W_dec[s][idx] = 0.0
         clt.W_dec[s][idx, 0] = r_dir * dec_norm
-        clt.b_enc[s][idx] = _encoder_bias(
-            clt.W_enc[s][idx], mean, xs[s][rows], live_pre, dead[s], clt.activations[s]
-        )
+        clt.b_enc[s][idx] = -(clt.W_enc[s][idx] @ mean)
         state = optimizer.state.get(clt.W_enc, {})
         for name in ("exp_avg", "exp_avg_sq"):
             if name in state:
