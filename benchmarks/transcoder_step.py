@@ -30,7 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _machine import cpu_name  # benchmarks/_machine.py
-from transcoder_benchmark import matmul_flops  # benchmarks/transcoder_benchmark.py
+from transcoder_benchmark import (  # benchmarks/transcoder_benchmark.py
+    FLOPS_PER_TOKEN_LAYER,
+    matmul_flops,
+)
 
 from ingest.transcoders.trainer import TrainConfig, _Trainable
 from ingest.transcoders.transcoder import Transcoder
@@ -107,7 +110,8 @@ def main() -> int:
             rows.append((dead_fraction, aux_rows, best["dense"], best["sparse"]))
             print(rows[-1], flush=True)
 
-    flops = 10 * d * width * batch * n_layers
+    flops = FLOPS_PER_TOKEN_LAYER * d * width * batch * n_layers
+    module_cfg = TrainConfig(width=width).module_config(d)
     lines = [
         "# TopK training step: dense formulation against the sparse step",
         "",
@@ -115,8 +119,9 @@ def main() -> int:
         f"- machine: {platform.node()}, {cpu_name()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
         f"- command: `{' '.join(['python3 benchmarks/transcoder_step.py', *sys.argv[1:]])}`",
-        f"- d_model {d}, {n_layers} layers, width {width}, batch {batch}, k 16, AuxK k "
-        f"{max(1, d // 2)}; best of {args.rounds} alternating rounds of {args.steps} steps; "
+        f"- d_model {d}, {n_layers} layers, width {width}, batch {batch}, k {module_cfg.k}, "
+        f"AuxK k {module_cfg.k_aux}; best of {args.rounds} alternating rounds of "
+        f"{args.steps} steps; "
         f"matmul reference {reference / 1e9:.0f} GFLOP/s",
         "",
         "| dead fraction | AuxK rows | dense ms/step | sparse ms/step | speed-up "

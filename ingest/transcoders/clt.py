@@ -23,7 +23,7 @@ from torch import nn
 
 from ingest.transcoders.architectures import Activation, build_activation
 from ingest.transcoders.config import TranscoderConfig
-from ingest.transcoders.losses import LossParts, activity, aux_k_loss, normalized_mse
+from ingest.transcoders.losses import LossParts, activity, aux_k_dead, aux_k_loss, normalized_mse
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -155,15 +155,15 @@ class CrossLayerTranscoder(nn.Module):
             activation = self._activation(t)
             norms = self.decoder_norms(t) if activation.uses_decoder_norms else None
             sparsity = sparsity + activation.penalty(pres[t], acts[t], norms, weight)
-            if dead is not None and self.cfg.aux_k_coefficient > 0 and bool(dead[t].any()):
-                k = self.cfg.aux_k or max(1, self.cfg.d_in // 2)
+            dead_t = aux_k_dead(None if dead is None else dead[t], self.cfg.aux_k_coefficient)
+            if dead_t is not None:
                 residual = ys[t] - y_hat.detach()
                 aux = aux + self.cfg.aux_k_coefficient * aux_k_loss(
                     pres[t],
-                    dead[t],
+                    dead_t,
                     residual,
                     self.W_dec[t][:, 0, :],
-                    k,
+                    self.cfg.k_aux,
                     self.cfg.aux_k_rows,
                     weight,
                 )

@@ -154,6 +154,11 @@ class TranscoderConfig:
     def k(self) -> int:
         return int(self.sparsity)
 
+    @property
+    def k_aux(self) -> int:
+        """AuxK's k: ``aux_k``, or half of ``d_in`` when 0 (sparsify's default)."""
+        return self.aux_k or max(1, self.d_in // 2)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -62,6 +62,14 @@ def normalized_mse(
     return (w * (y_hat - y).pow(2)).sum() / var
 
 
+def aux_k_dead(dead: torch.Tensor | None, coefficient: float) -> torch.Tensor | None:
+    """``dead`` (d_t,) when AuxK runs this step (a latent is dead and AuxK has weight),
+    else None: the one gate of every module's AuxK."""
+    if dead is None or coefficient <= 0 or not bool(dead.any()):
+        return None
+    return dead
+
+
 def aux_k_loss(
     pre: torch.Tensor,
     dead: torch.Tensor,

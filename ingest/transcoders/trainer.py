@@ -394,6 +394,7 @@ def train_transcoders(
         input_site=buffer.input_site,
         model_batch_size=cfg.model_batch_size,
     )
+    eval_x, eval_y = eval_x * s_in, eval_y * s_out  # the units the modules train in
 
     def checkpoint(step: int) -> None:
         state = {
@@ -417,11 +418,12 @@ def train_transcoders(
     try:
         for step in range(start, end):
             x, y, weight = buffer.next_batch()
+            x, y = x * s_in, y * s_out
             dead = since_fired >= cfg.dead_after_tokens
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(cfg, step)
             optimizer.zero_grad(set_to_none=True)
-            parts = trainable.loss(x * s_in, y * s_out, dead, weight)
+            parts = trainable.loss(x, y, dead, weight)
             total = parts.mse + _sparsity_ramp(cfg, step) * parts.sparsity + parts.aux
             total.backward()
             if module_cfg.spec.unit_norm_decoder:
@@ -436,7 +438,7 @@ def train_transcoders(
             done = step + 1
             bar.update(1)
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                metrics = _quick_eval(trainable, eval_x * s_in, eval_y * s_out, since_fired, cfg)
+                metrics = _quick_eval(trainable, eval_x, eval_y, since_fired, cfg)
                 metrics["step"] = done
                 history.append(metrics)
                 bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
@@ -452,7 +454,7 @@ def train_transcoders(
             ):
                 dead_now = since_fired >= cfg.dead_after_tokens
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-                n = trainable.resample(optimizer, x * s_in, y * s_out, dead_now, gen, weight)
+                n = trainable.resample(optimizer, x, y, dead_now, gen, weight)
                 if n:
                     since_fired.masked_fill_(dead_now, 0)
                     for module in trainable.modules_list():

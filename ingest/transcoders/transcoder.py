@@ -26,7 +26,7 @@ from torch import nn
 
 from ingest.transcoders.architectures import Activation, TopKActivation, build_activation
 from ingest.transcoders.config import TranscoderConfig
-from ingest.transcoders.losses import LossParts, activity, aux_k_loss, normalized_mse
+from ingest.transcoders.losses import LossParts, activity, aux_k_dead, aux_k_loss, normalized_mse
 from ingest.transcoders.sparse import topk_forward
 
 
@@ -146,7 +146,7 @@ class Transcoder(nn.Module):
     ) -> LossParts:
         """The loss through the dense (N, d_transcoder) activations, AuxK when a latent
         is ``dead``: the formulation of every architecture, and TopK's reference."""
-        dead = self._aux_dead(dead)
+        dead = aux_k_dead(dead, self.cfg.aux_k_coefficient)
         pre = self.pre_activations(x)
         acts = self.activation(pre)
         y_hat = self.decode(acts, x)
@@ -160,7 +160,7 @@ class Transcoder(nn.Module):
                 dead,
                 y - y_hat.detach(),
                 self.W_dec,
-                self._aux_k(),
+                self.cfg.k_aux,
                 self.cfg.aux_k_rows,
                 weight,
             )
@@ -175,7 +175,7 @@ class Transcoder(nn.Module):
         weight: torch.Tensor | None,
     ) -> LossParts:
         """The same terms as the dense path, from the k active latents (see ``sparse``)."""
-        dead = self._aux_dead(dead)
+        dead = aux_k_dead(dead, self.cfg.aux_k_coefficient)
         aux_columns = None if dead is None else dead.nonzero().squeeze(1)
         assert isinstance(self.activation, TopKActivation)
         decoded, estimate, indices, values = topk_forward(
@@ -185,7 +185,7 @@ class Transcoder(nn.Module):
             self.W_dec,
             self.activation.k,
             aux_columns,
-            self._aux_k(),
+            self.cfg.k_aux,
             self.cfg.aux_k_rows,
         )
         y_hat = decoded + self.b_dec
@@ -204,15 +204,6 @@ class Transcoder(nn.Module):
             fired = totals.index_add_(0, indices.flatten(), values.flatten()) > 0
             l0 = (values > 0).sum() / values.shape[0]
         return LossParts(mse=mse, sparsity=mse.new_zeros(()), aux=aux, fired=fired, l0=l0)
-
-    def _aux_dead(self, dead: torch.Tensor | None) -> torch.Tensor | None:
-        """``dead`` when AuxK runs this step (a latent is dead and AuxK has weight), else None."""
-        if dead is None or self.cfg.aux_k_coefficient <= 0 or not bool(dead.any()):
-            return None
-        return dead
-
-    def _aux_k(self) -> int:
-        return self.cfg.aux_k or max(1, self.cfg.d_in // 2)
 
     @torch.no_grad()
     def fold_scales_(self, in_scale: float, out_scale: float) -> None:
