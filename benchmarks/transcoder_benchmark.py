@@ -18,9 +18,10 @@ encoder forward ``2 d w``, encoder weight gradient ``2 d w`` (the input needs no
 gradient), decoder forward ``2 d w``, decoder weight and activation gradients ``4 d w``:
 ``10 d w``. The TopK step decodes sparsely (``ingest/transcoders/sparse.py``), so its
 forward decode is ``2 d k``: it performs ``8 d w + 2 d k`` of the counted FLOPs, and the
-ratio is the dense-equivalent rate. The AuxK pass, the model forward that collects
-activations and elementwise work are not counted (they are overhead the ratio charges
-to the trainer).
+ratio is the dense-equivalent rate. A transcoder's skip connection (on by default) adds
+``4 d^2``: its forward product and its weight gradient. The AuxK pass, the model forward
+that collects activations and elementwise work are not counted (they are overhead the
+ratio charges to the trainer).
 
 Bars (DESIGN 5.1 / the transcoder issue): L0 <= 32 with CE loss recovered >= 0.90 per
 layer; all layers spliced keep >= 90% of the task metric; dead latents < 10%; trainer
@@ -54,6 +55,12 @@ from ingest.transcoders.trainer import TrainConfig, train_transcoders
 from ingest.zoo.checkpoint import read_manifest
 
 FLOPS_PER_TOKEN_LAYER = 10  # x d_model x width: see the module docstring
+
+
+def step_flops(d_model: int, width: int, skip: bool) -> int:
+    """Counted FLOPs per trained token and layer: ``10 d w``, plus ``4 d^2`` for W_skip
+    (its forward product and its weight gradient)."""
+    return FLOPS_PER_TOKEN_LAYER * d_model * width + (4 * d_model * d_model if skip else 0)
 
 
 def matmul_flops(
@@ -137,7 +144,7 @@ def main() -> int:
         tc_result, tc = results["transcoder"]
         _, sae = results["sae"]
         width = base.width
-        per_token_flops = adapter.n_layers * FLOPS_PER_TOKEN_LAYER * adapter.d_model * width
+        per_token_flops = adapter.n_layers * step_flops(adapter.d_model, width, base.uses_skip)
         achieved = tc_result.tokens_per_second * per_token_flops
         peak_matmul = max(reference)
         worst = min(tc["layers"].values(), key=lambda v: v["ce_loss_recovered"])
@@ -200,7 +207,8 @@ def main() -> int:
         "- dead: latents that never fire on the first `dead tokens` tokens of the eval split",
         f"- FLOPs: {FLOPS_PER_TOKEN_LAYER} x d_model x width per token and layer (the dense "
         "formulation's; the TopK step decodes sparsely, so it performs 8 x d_model x width "
-        "of them in matmuls plus 2 x d_model x k); "
+        "of them in matmuls plus 2 x d_model x k), plus 4 x d_model^2 for the transcoders' "
+        f"skip connection (skip: {base.uses_skip}); "
         "matmul GFLOP/s at the step's shapes, the best of 4 half-second windows before and "
         "after the transcoder's training in this run",
         "- steps/matmul FLOP/s: the same ratio without the time spent collecting activations",

@@ -8,9 +8,10 @@ through gather/scatter/index_select); "sparse" is ``Transcoder.loss``
 (``ingest/transcoders/sparse.py``). Rounds alternate between the two so that another
 job's load falls on both; the table gives the best round of each.
 
-``ratio`` divides the dense formulation's FLOPs (``10 d w`` per token and layer, as in
-``transcoder_benchmark.py``) by the step time and by this machine's matmul FLOP/s at
-the step's shapes (``transcoder_benchmark.matmul_flops``, best window of the run).
+``ratio`` divides the dense formulation's FLOPs (``10 d w`` per token and layer, plus
+``4 d^2`` for the default skip connection: ``transcoder_benchmark.step_flops``) by the
+step time and by this machine's matmul FLOP/s at the step's shapes
+(``transcoder_benchmark.matmul_flops``, best window of the run).
 
     python3 benchmarks/transcoder_step.py [--d-model 64] [--layers 2] [--width 512]
         [--dead 0,0.65] [--aux-rows 0,256] [--rounds 6] [--steps 30]
@@ -31,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _machine import cpu_name  # benchmarks/_machine.py
 from transcoder_benchmark import (  # benchmarks/transcoder_benchmark.py
-    FLOPS_PER_TOKEN_LAYER,
     matmul_flops,
+    step_flops,
 )
 
 from ingest.transcoders.trainer import TrainConfig, _Trainable
@@ -110,8 +111,8 @@ def main() -> int:
             rows.append((dead_fraction, aux_rows, best["dense"], best["sparse"]))
             print(rows[-1], flush=True)
 
-    flops = FLOPS_PER_TOKEN_LAYER * d * width * batch * n_layers
     module_cfg = TrainConfig(width=width).module_config(d)
+    flops = step_flops(d, width, module_cfg.skip) * batch * n_layers
     lines = [
         "# TopK training step: dense formulation against the sparse step",
         "",

@@ -60,7 +60,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHITECTURES.names(), default="topk")
     p.add_argument("--width", type=int, default=512, help="latents per layer")
     p.add_argument("--layers", type=_layers, default=None, help="'all', '0,2' or '0-3'")
-    p.add_argument("--skip", action="store_true", help="add a skip connection W_skip")
+    p.add_argument(
+        "--skip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a skip connection W_skip (default: on for transcoders and CLTs, off for SAEs)",
+    )
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
     p.add_argument("--lr", type=float, default=2e-3)

@@ -3,9 +3,9 @@
 For each sparsity value and each kind (``transcoder`` and the ``sae`` baseline, same
 architecture, width and steps) a set is trained and evaluated; each row records the mean
 over covered layers of L0, FVU, dead fraction, CE loss recovered (layer spliced alone)
-and the all-layers CE loss recovered. With ``skip`` in the base config, transcoders
-get the skip connection (rows ``transcoder+skip``) and SAEs do not: an SAE with one
-could copy its input. The sweep writes ``pareto.json``, ``pareto.md`` and
+and the all-layers CE loss recovered. Transcoders get the skip connection unless the
+base config turns it off (``--no-skip``; rows ``transcoder+skip``), SAEs never: an SAE
+with one could copy its input. The sweep writes ``pareto.json``, ``pareto.md`` and
 ``pareto.png`` (matplotlib, Agg backend). Dunefsky et al. (2024) compare the two
 kinds the same way: at equal L0 the better replacement recovers more loss.
 """
@@ -58,9 +58,9 @@ def run_pareto(
     rows: list[dict[str, Any]] = []
     for kind in kinds:
         for sparsity in sparsities:
-            skip = base.skip and kind != "sae"
+            skip = False if kind == "sae" else base.skip
             cfg = dataclasses.replace(base, kind=kind, sparsity=sparsity, skip=skip)
-            label = f"{kind}+skip" if skip else kind
+            label = f"{kind}+skip" if cfg.uses_skip else kind
             run_dir = out / f"{label}-{cfg.arch}-{sparsity:g}"
             result = train_transcoders(
                 adapter, source, cfg, run_dir, model_id=model_id, resume=True, progress=progress

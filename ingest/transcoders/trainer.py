@@ -67,7 +67,9 @@ class TrainConfig:
     arch: str = "topk"
     width: int = 512
     sparsity: float | None = None  # None: the architecture's default
-    skip: bool = False
+    #: W_skip (skip transcoders, Paulo et al. 2025); None: on for transcoders and CLTs,
+    #: off for SAEs (an SAE with a skip connection could copy its input).
+    skip: bool | None = None
     layers: tuple[int, ...] | None = None  # None: every layer
     steps: int = 2000
     batch_size: int = 1024
@@ -128,6 +130,11 @@ class TrainConfig:
                 f"token weighs the same), got {self.answer_weight}"
             )
 
+    @property
+    def uses_skip(self) -> bool:
+        """Whether the modules get W_skip: ``skip``, or by default every kind but SAEs."""
+        return self.kind != "sae" if self.skip is None else self.skip
+
     def module_config(self, d_model: int) -> TranscoderConfig:
         spec = ARCHITECTURES.get(self.arch)
         sparsity = spec.default_sparsity if self.sparsity is None else self.sparsity
@@ -137,7 +144,7 @@ class TrainConfig:
             d_out=d_model,
             d_transcoder=self.width,
             sparsity=float(sparsity),
-            skip=self.skip,
+            skip=self.uses_skip,
             jumprelu_bandwidth=self.jumprelu_bandwidth,
             jumprelu_init_threshold=self.jumprelu_init_threshold,
             aux_k_coefficient=self.aux_k_coefficient,

@@ -88,16 +88,16 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     assert "weights differ" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path, skip):
+@pytest.mark.parametrize(("flag", "skip"), [(None, True), ("--skip", True), ("--no-skip", False)])
+def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path, flag, skip):
     out = tmp_path / "pareto"
     args = ["transcoders", "pareto", "--model", str(tiny_zoo_dir), "--out", str(out),
             "--sparsities", "2,4", "--width", "16", "--steps", "6", "--batch-size", "32",
             "--buffer-rows", "256", "--eval-every", "6", "--checkpoint-every", "6",
-            *(["--skip"] if skip else [])]  # fmt: skip
+            *([flag] if flag else [])]  # fmt: skip
     assert main(args) == 0
     rows = json.loads((out / "pareto.json").read_text())
-    # --skip gives transcoders the skip connection, never the SAE baseline
+    # transcoders get the skip connection unless --no-skip, the SAE baseline never
     tc = "transcoder+skip" if skip else "transcoder"
     assert sorted((r["kind"], r["sparsity"]) for r in rows) == [
         ("sae", 2.0), ("sae", 4.0), (tc, 2.0), (tc, 4.0)

@@ -118,6 +118,17 @@ def test_an_sae_with_a_skip_connection_is_refused():
         _cfg(kind="sae", skip=True)
 
 
+@pytest.mark.parametrize(
+    ("kind", "skip", "expected"),
+    [("transcoder", None, True), ("clt", None, True), ("sae", None, False),
+     ("transcoder", False, False), ("clt", False, False), ("sae", False, False)],
+)  # fmt: skip
+def test_skip_connection_defaults_on_for_transcoders_and_off_for_saes(kind, skip, expected):
+    cfg = _cfg(kind=kind, skip=skip)
+    assert cfg.uses_skip is expected
+    assert cfg.module_config(16).skip is expected
+
+
 def test_layer_out_of_range(tmp_path):
     with pytest.raises(InvalidArgumentError, match="out of range"):
         _train(tmp_path, "run", _cfg(layers=(0, 7)))
