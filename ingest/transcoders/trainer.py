@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ingest.devices import retain_freed_cpu_memory
 from ingest.errors import FailedPreconditionError, InvalidArgumentError
 from ingest.transcoders.buffer import ActivationBuffer, collect, rows_for_budget
 from ingest.transcoders.checkpoint import (
@@ -328,6 +329,7 @@ def train_transcoders(
     """
     out = Path(out_dir)
     device = adapter.device
+    retain_freed_cpu_memory()  # the step's matrices are reused, not page-faulted anew
     layers = resolve_layers(cfg, adapter.n_layers)
     module_cfg = cfg.module_config(adapter.d_model)
     fingerprint = adapter.fingerprint()
