@@ -36,6 +36,7 @@ from transcoder_benchmark import (  # benchmarks/transcoder_benchmark.py
     step_flops,
 )
 
+from ingest.devices import retain_freed_cpu_memory
 from ingest.transcoders.trainer import TrainConfig, _Trainable
 from ingest.transcoders.transcoder import Transcoder
 
@@ -96,6 +97,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoder_step.md"))
     args = parser.parse_args()
+    retain_freed_cpu_memory()  # as the trainer does
     d, n_layers, width, batch = args.d_model, args.layers, args.width, args.batch
     gen = torch.Generator().manual_seed(0)
     data_x = torch.randn(n_layers, 16 * batch, d, generator=gen)
