@@ -110,7 +110,9 @@ def main() -> int:
     }
     base = TrainConfig(arch="topk", **overrides)  # type: ignore[arg-type]
     k = int(base.module_config(64).sparsity)
-    model_dirs = [Path(m).expanduser() for m in args.models.split(",")] if args.models else zoo_models()
+    model_dirs = (
+        [Path(m).expanduser() for m in args.models.split(",")] if args.models else zoo_models()
+    )
     rows = []
     extra = []
     began = time.perf_counter()

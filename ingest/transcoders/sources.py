@@ -86,13 +86,16 @@ class Source(ABC):
         """Windows ``start .. start + count - 1`` of ``split`` (indices wrap around)."""
         n = self.n_windows(split)
         rows = [self._window(split, (start + i) % n) for i in range(count)]
-        ids = torch.full((count, self.width), self.pad_id(), dtype=torch.long)
-        mask = torch.zeros((count, self.width), dtype=torch.bool)
-        scored = torch.zeros((count, self.width), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = True
-            scored[i, len(row) - 1 if self.answer_only else 1 : len(row)] = True
+        width, pad = self.width, self.pad_id()
+        # one tensor from padded lists, masks from the lengths: a copy per window cost
+        # more than the model forward on short zoo prompts
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
+        ids = ids.reshape(count, width)
+        lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)[:, None]
+        position = torch.arange(width)[None, :]
+        mask = position < lengths
+        first = lengths - 1 if self.answer_only else torch.ones_like(lengths)
+        scored = mask & (position >= first)
         return Windows(ids=ids, mask=mask, scored=scored)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ingest.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from ingest.models import adapter_from_hf
-from ingest.transcoders.buffer import ActivationBuffer, collect
+from ingest.transcoders.buffer import ActivationBuffer, check_finite, collect
 from ingest.transcoders.sources import hf_dataset_source, resolve_source
 from tests.ingest.transcoders.helpers import (
     D_MODEL,
@@ -135,6 +135,20 @@ def test_buffer_rows_follow_the_memory_budget():
     assert rows_for_budget(1, n_layers=2, d_model=64, sae=True) == 2048
     # one float more per row for the row weights
     assert rows_for_budget(1, n_layers=2, d_model=64, weighted=True) == 2**20 // (257 * 4)
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [([1.0, 2.0], True), ([3e38, 3e38], True), ([1.0, float("nan")], False),
+     ([float("inf"), 1.0], False), ([float("inf"), float("-inf")], False)],
+)  # fmt: skip
+def test_finite_check_flags_nan_and_inf_but_not_a_sum_that_overflows(values, finite):
+    tensor = torch.tensor(values)
+    if finite:
+        check_finite(tensor, 0, "MLP input", "here")
+    else:
+        with pytest.raises(InvalidArgumentError, match="non-finite"):
+            check_finite(tensor, 0, "MLP input", "here")
 
 
 def test_nan_activations_name_the_layer():
