@@ -300,6 +300,21 @@ def build_set(
     return TranscoderSet(meta, modules)
 
 
+def _run_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """What differs between a checkpoint's run state and this run's, for the error."""
+    saved_cfg, current_cfg = saved.get("config", {}), current["config"]
+    parts = [
+        f"{key}: {saved_cfg.get(key)!r} in the checkpoint, {current_cfg.get(key)!r} now"
+        for key in sorted(set(saved_cfg) | set(current_cfg))
+        if saved_cfg.get(key) != current_cfg.get(key)
+    ]
+    if saved.get("model_fingerprint") != current["model_fingerprint"]:
+        parts.append("the model's weights differ")
+    if saved.get("layers") != current["layers"]:
+        parts.append(f"layers {saved.get('layers')} in the checkpoint, {current['layers']} now")
+    return "; ".join(parts) or "its run state differs"
+
+
 def resolve_layers(cfg: TrainConfig, n_layers: int) -> list[int]:
     layers = list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -368,8 +383,9 @@ def train_transcoders(
         saved = ckpt.state
         if saved["run"] != run_state:
             raise FailedPreconditionError(
-                f"the checkpoint in {out} was made with another configuration or model: "
-                f"resume with the same flags and model, or choose another --out"
+                f"the checkpoint in {out} was made with another configuration or model "
+                f"({_run_differences(saved['run'], run_state)}): resume with the same flags "
+                f"and model, or choose another --out"
             )
         trainable.load_state_dict({k: v.to(device) for k, v in ckpt.module.items()})
         restore_optimizer(optimizer, trainable, ckpt.optimizer)
