@@ -56,7 +56,7 @@ def retain_freed_cpu_memory(mmap_below: int = 64 << 20, trim_above: int = 256 <<
     pages and gives freed heap back when more than twice that sits unused, so a training
     step that frees and re-allocates the same few (batch, width) matrices page-faults
     them in at every step: a tenth to a fifth of a TopK transcoder step at d_model 64
-    (``docs/transcoders.md``, "Throughput"). This serves blocks below ``mmap_below`` from
+    (``docs/transcoders.md``, "Benchmark"). This serves blocks below ``mmap_below`` from
     the heap and keeps up to ``trim_above`` bytes of freed heap, for the rest of the
     process. Returns whether it took effect: True with glibc, False elsewhere (no-op).
     """
