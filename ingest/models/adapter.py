@@ -37,7 +37,7 @@ import hashlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, cast, overload
 
 import torch
@@ -291,41 +291,10 @@ class ModelAdapter(nn.Module):
 
         rec: defaultdict[str, list[Tensor]] = defaultdict(list)
         for layer, block in enumerate(self.iter_blocks()):
-            resid_pre = x
-            if frozen is None:
-                attn_scale = block.attn_norm.scale(x)
-            else:
-                attn_scale = frozen.attn_norm_scale[layer].detach()
-            attn_in = block.attn_norm(x, attn_scale)
-            if frozen is None:
-                pattern = block.attn.pattern(attn_in, rotary)
-            else:
-                pattern = frozen.patterns[layer].detach()
-            attn_out = block.attn(attn_in, pattern)
-            resid_mid = x if block.parallel_residual else x + attn_out
-            if frozen is None:
-                mlp_scale = block.mlp_norm.scale(resid_mid)
-            else:
-                mlp_scale = frozen.mlp_norm_scale[layer].detach()
-            mlp_in = block.mlp_norm(resid_mid, mlp_scale)
-            if layer in replacements:
-                mlp_out = self._replaced(layer, replacements[layer], mlp_in)
-            else:
-                mlp_out = block.mlp(mlp_in)
-            x = x + attn_out + mlp_out if block.parallel_residual else resid_mid + mlp_out
+            step = self._run_block(layer, block, x, rotary, frozen, replacements.get(layer))
+            x = step["resid_post"]
             if record:
-                for key, value in (
-                    ("resid_pre", resid_pre),
-                    ("resid_mid", resid_mid),
-                    ("resid_post", x),
-                    ("attn_in", attn_in),
-                    ("attn_out", attn_out),
-                    ("mlp_in", mlp_in),
-                    ("mlp_out", mlp_out),
-                    ("patterns", pattern),
-                    ("attn_norm_scale", attn_scale),
-                    ("mlp_norm_scale", mlp_scale),
-                ):
+                for key, value in step.items():
                     rec[key].append(value)
 
         if frozen is None:
@@ -353,6 +322,74 @@ class ModelAdapter(nn.Module):
                 final_norm_scale=final_scale,
             ),
         )
+
+    def _run_block(
+        self,
+        layer: int,
+        block: Block,
+        x: Tensor,
+        rotary: tuple[Tensor, Tensor] | None,
+        frozen: FrozenState | None,
+        replacement: MLPReplacement | None,
+    ) -> dict[str, Tensor]:
+        """One block on the residual ``x``: every value :class:`Recording` keeps of it,
+        under its ``Recording`` field name (``patterns``, ``attn_norm_scale``, ...)."""
+        resid_pre = x
+        if frozen is None:
+            attn_scale = block.attn_norm.scale(x)
+        else:
+            attn_scale = frozen.attn_norm_scale[layer].detach()
+        attn_in = block.attn_norm(x, attn_scale)
+        if frozen is None:
+            pattern = block.attn.pattern(attn_in, rotary)
+        else:
+            pattern = frozen.patterns[layer].detach()
+        attn_out = block.attn(attn_in, pattern)
+        resid_mid = x if block.parallel_residual else x + attn_out
+        if frozen is None:
+            mlp_scale = block.mlp_norm.scale(resid_mid)
+        else:
+            mlp_scale = frozen.mlp_norm_scale[layer].detach()
+        mlp_in = block.mlp_norm(resid_mid, mlp_scale)
+        if replacement is not None:
+            mlp_out = self._replaced(layer, replacement, mlp_in)
+        else:
+            mlp_out = block.mlp(mlp_in)
+        x = x + attn_out + mlp_out if block.parallel_residual else resid_mid + mlp_out
+        return {
+            "resid_pre": resid_pre,
+            "resid_mid": resid_mid,
+            "resid_post": x,
+            "attn_in": attn_in,
+            "attn_out": attn_out,
+            "mlp_in": mlp_in,
+            "mlp_out": mlp_out,
+            "patterns": pattern,
+            "attn_norm_scale": attn_scale,
+            "mlp_norm_scale": mlp_scale,
+        }
+
+    def mlp_sites(
+        self, input_ids: Tensor, layers: Sequence[int]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The MLP inputs and outputs (B, T, d) of ``layers``, in that order, for
+        activation collection: the same values as ``forward(input_ids, record=True)``,
+        but the blocks after the last of them, the final norm and the unembedding do not
+        run, and nothing else is kept (the unembedding alone costs several layers' worth
+        on models with large vocabularies)."""
+        if not layers:
+            raise InvalidArgumentError("give at least one layer to record")
+        wanted = {self._layer(layer) for layer in layers}
+        x = self.embed(input_ids)
+        rotary = self._rotary(x)
+        mlp_in: dict[int, Tensor] = {}
+        mlp_out: dict[int, Tensor] = {}
+        for layer, block in enumerate(self.iter_blocks()[: max(wanted) + 1]):
+            step = self._run_block(layer, block, x, rotary, None, None)
+            x = step["resid_post"]
+            if layer in wanted:
+                mlp_in[layer], mlp_out[layer] = step["mlp_in"], step["mlp_out"]
+        return [mlp_in[layer] for layer in layers], [mlp_out[layer] for layer in layers]
 
     def _replaced(self, layer: int, replacement: MLPReplacement, mlp_in: Tensor) -> Tensor:
         out = replacement(mlp_in)

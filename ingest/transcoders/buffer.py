@@ -42,9 +42,9 @@ def record_sites(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """ids: (B, T) -> per layer inputs and targets (B, T, d_model), float32, no grad."""
     with torch.no_grad():
-        rec = adapter(ids, record=True)
-    targets = [rec.mlp_out[layer].float() for layer in layers]
-    inputs = targets if input_site == "mlp_out" else [rec.mlp_in[layer].float() for layer in layers]
+        mlp_in, mlp_out = adapter.mlp_sites(ids, layers)  # stops after the last layer
+    targets = [t.float() for t in mlp_out]
+    inputs = targets if input_site == "mlp_out" else [t.float() for t in mlp_in]
     return inputs, targets
 
 

@@ -84,13 +84,14 @@ def compute_feature_stats(
     for lo in tqdm(range(0, n, batch_size), disable=not progress, desc="feature stats"):
         ids = windows.ids[lo : lo + batch_size].to(device)
         mask = windows.mask[lo : lo + batch_size].to(device)
-        rec = adapter(ids, record=True)
+        mlp_in, mlp_out = adapter.mlp_sites(ids, layers)
+        site = dict(zip(layers, mlp_out if tset.kind == "sae" else mlp_in, strict=True))
         tokens += int(mask.sum())
         flat_loc = (torch.arange(ids.shape[0], device=device)[:, None] + lo) * width + torch.arange(
             width, device=device
         )  # (B, T) global (window * width + position)
         for layer in layers:
-            x = rec.mlp_out[layer] if tset.kind == "sae" else rec.mlp_in[layer]
+            x = site[layer]
             acts = tset.encode(layer, x) * mask[..., None]  # (B, T, d_t)
             flat = acts.reshape(-1, d_t).T  # (d_t, B*T)
             count[layer] += (flat > 0).sum(-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ingest.errors import InvalidArgumentError
 from ingest.models import Recording, adapter_from_hf
 from tests.ingest.models.helpers import (
     ARCHS,
@@ -164,3 +165,32 @@ def test_bfloat16_is_as_accurate_as_hf(arch: str) -> None:
         assert torch.equal(adapter(ids, frozen=rec.frozen), rec.logits)
     assert rec.logits.dtype == torch.bfloat16
     assert (rec.logits.double() - truth).abs().max() <= 2 * hf_error
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_sites_equal_the_recording_and_stop_after_the_last_layer(arch, monkeypatch):
+    adapter = adapter_from_hf(cached(arch))
+    ids = random_ids()
+    with torch.no_grad():
+        rec = adapter(ids, record=True)
+        mlp_in, mlp_out = adapter.mlp_sites(ids, [1, 0])
+    # the same computation, in the order asked for
+    for got, layer in zip(mlp_in, [1, 0], strict=True):
+        assert torch.equal(got, rec.mlp_in[layer])
+    for got, layer in zip(mlp_out, [1, 0], strict=True):
+        assert torch.equal(got, rec.mlp_out[layer])
+    # layer 0 alone runs neither layer 1's MLP nor the unembedding
+    ran: list[int] = []
+    adapter.block(1).mlp.register_forward_hook(lambda *_: ran.append(1))
+    monkeypatch.setattr(adapter, "unembed", lambda _: pytest.fail("unembedding ran"))
+    with torch.no_grad():
+        mlp_in, _ = adapter.mlp_sites(ids, [0])
+    assert ran == [] and torch.equal(mlp_in[0], rec.mlp_in[0])
+
+
+def test_mlp_sites_refuse_missing_layers() -> None:
+    adapter = adapter_from_hf(cached("gpt2"))
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        adapter.mlp_sites(random_ids(), [5])
+    with pytest.raises(InvalidArgumentError, match="at least one layer"):
+        adapter.mlp_sites(random_ids(), [])
