@@ -165,6 +165,7 @@ def main() -> int:
                 "CE rec all layers (tc)": tc["all_layers"]["ce_loss_recovered"],
                 "task metric kept (tc)": tc["task"]["fraction_kept"],
                 "dead (tc)": tc["mean"]["dead_fraction"],
+                "dead max layer (tc)": max(v["dead_fraction"] for v in tc["layers"].values()),
                 "dead tokens": tc["dead_tokens"],
                 "L0 (sae)": sae["mean"]["l0"],
                 "CE rec mean (sae)": sae["mean"]["ce_loss_recovered"],
@@ -206,7 +207,8 @@ def main() -> int:
         "when spliced and when its MLP is zero-ablated; task metric kept: "
         "(spliced - b) / (clean - b) from the task's no-ability baseline b (0; induction's "
         "loss ratio: 1)",
-        "- dead: latents that never fire on the first `dead tokens` tokens of the eval split",
+        "- dead: latents that never fire on the first `dead tokens` tokens of the eval split "
+        "(mean over layers, and the worst layer)",
         f"- FLOPs: {FLOPS_PER_TOKEN_LAYER} x d_model x width per token and layer (the dense "
         "formulation's; the TopK step decodes sparsely, so it performs 8 x d_model x width "
         "of them in matmuls plus 2 x d_model x k), plus 4 x d_model^2 for the transcoders' "
