@@ -5,8 +5,8 @@ trains a set on every layer of the model at the other defaults and evaluates it 
 eval's defaults (1,024 held-out answers for answer-only tasks, 64 windows otherwise).
 It writes a table of CE loss recovered per layer spliced alone and their mean, all
 layers spliced, FVU over every token and at the answer-predicting positions
-(``fvu@pred``) and the dead fraction. The figures in docs/transcoders.md's "Answer
-weight: measured" and "Resampling against AuxK alone" come from it:
+(``fvu@pred``) and the dead fraction. The figures in docs/transcoders_measurements.md
+("Answer weight", "Skip connection", "Resampling against AuxK alone") come from it:
 
     python3 benchmarks/transcoder_sweep.py --model ~/.cache/circuitscope/zoo/greater_than-gpt2 \\
         --field answer_weight --values 1,2,4,8,16

@@ -51,14 +51,15 @@ _M_MMAP_THRESHOLD = -3
 def retain_freed_cpu_memory(mmap_below: int = 64 << 20, trim_above: int = 256 << 20) -> bool:
     """Make the C allocator reuse freed blocks instead of returning them to the system.
 
-    PyTorch allocates CPU tensors with ``malloc``. By default glibc serves blocks above a
-    threshold (128 KiB, raised as blocks are freed, at most 32 MiB) with fresh ``mmap``
-    pages and gives freed heap back when more than twice that sits unused, so a training
-    step that frees and re-allocates the same few (batch, width) matrices page-faults
-    them in at every step: a tenth to a fifth of a TopK transcoder step at d_model 64
-    (``docs/transcoders.md``, "Benchmark"). This serves blocks below ``mmap_below`` from
-    the heap and keeps up to ``trim_above`` bytes of freed heap, for the rest of the
-    process. Returns whether it took effect: True with glibc, False elsewhere (no-op).
+    PyTorch allocates CPU tensors with ``malloc``. By default glibc serves blocks above
+    a threshold (128 KiB, raised as blocks are freed, at most 32 MiB) with fresh
+    ``mmap`` pages and gives freed heap back when more than twice that sits unused, so a
+    training step that frees and re-allocates the same few (batch, width) matrices
+    page-faults them in at every step: a tenth to a fifth of a TopK transcoder step at
+    d_model 64 (``docs/transcoders_measurements.md``, "Training speed"). This serves
+    blocks below ``mmap_below`` from the heap and keeps up to ``trim_above`` bytes of
+    freed heap, for the rest of the process. Returns whether it took effect: True with
+    glibc, False elsewhere (no-op).
     """
     if not sys.platform.startswith("linux"):
         return False
