@@ -308,10 +308,9 @@ def _run_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
         for key in sorted(set(saved_cfg) | set(current_cfg))
         if saved_cfg.get(key) != current_cfg.get(key)
     ]
+    # the resolved layers follow from the config and the model, so they need no entry
     if saved.get("model_fingerprint") != current["model_fingerprint"]:
         parts.append("the model's weights differ")
-    if saved.get("layers") != current["layers"]:
-        parts.append(f"layers {saved.get('layers')} in the checkpoint, {current['layers']} now")
     return "; ".join(parts) or "its run state differs"
 
 
