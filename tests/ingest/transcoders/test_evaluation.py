@@ -7,7 +7,12 @@ import torch
 
 from ingest.models import adapter_from_hf
 from ingest.transcoders.config import TranscoderConfig
-from ingest.transcoders.evaluation import evaluate_set, fraction_kept
+from ingest.transcoders.evaluation import (
+    evaluate_set,
+    fraction_kept,
+    kl_divergence,
+    next_token_ce,
+)
 from ingest.transcoders.formats.common import per_layer_module
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
 from tests.ingest.transcoders.helpers import D_MODEL, random_stream_source, tiny_gpt2
@@ -133,3 +138,34 @@ def test_fraction_kept_is_measured_from_the_no_ability_baseline():
     assert fraction_kept(9.0, 18.0) == pytest.approx(2.0)
     assert math.isnan(fraction_kept(0.0, 1.0))
     assert math.isnan(fraction_kept(1.0, 0.5, baseline=1.0))
+
+
+def test_confident_predictions_keep_their_loss_and_kl_to_many_digits():
+    """A prediction at probability 1 - 1e-5 (the IOI model's answers) has a loss of about
+    1e-5 nats; splicing an MLP moves it by 1e-7. The loss and KL must resolve that:
+    float32's log-softmax is off by ~1e-6 nats there."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, n = 50, 64
+    logits = torch.randn(1, n + 1, vocab, generator=gen)
+    ids = torch.randint(0, vocab, (1, n + 1), generator=gen)
+    # the next token leads every other logit by 16: p(answer) = 1 - ~1e-5
+    logits[0, torch.arange(n), ids[0, 1:]] = logits[0, :n].max(-1).values + 16.0
+    shifted = logits.clone()
+    shifted[0, :, 0] += 0.01  # another logit moves a little: the loss moves by ~1e-9
+    keep = torch.ones(1, n, dtype=torch.bool)
+
+    def exact(x: torch.Tensor) -> float:  # log(1 + sum_{i != answer} e^(x_i - x_answer))
+        x = x[0, :n].double()
+        answer = x.gather(-1, ids[0, 1:, None])
+        others = (x - answer).exp().sum(-1) - 1.0
+        return float(torch.log1p(others).sum())
+
+    for x in (logits, shifted):
+        assert float(next_token_ce(x, ids, keep)) == pytest.approx(exact(x), rel=1e-9)
+    delta = float(next_token_ce(shifted, ids, keep) - next_token_ce(logits, ids, keep))
+    assert delta == pytest.approx(exact(shifted) - exact(logits), rel=1e-6)
+    p = torch.softmax(logits[0, :n].double(), -1)
+    q = torch.softmax(shifted[0, :n].double(), -1)
+    expected_kl = float((p * (p / q).log()).sum())
+    assert expected_kl > 0
+    assert float(kl_divergence(logits, shifted, keep)) == pytest.approx(expected_kl, rel=1e-6)
