@@ -71,7 +71,9 @@ class _TopKForward(torch.autograd.Function):
         grad_values = (grad_y @ W_dec.T).gather(1, indices).mul_(values > 0)
         acts_t = values.new_zeros(W_dec.shape[0], x.shape[0]).scatter_(0, indices.T, values.T)
         grad_W_dec = acts_t @ grad_y
-        grad_pre_t = acts_t.zero_().scatter_(0, indices.T, grad_values.T)
+        # The activations' nonzeros sit exactly at ``indices`` (distinct per row), so
+        # scattering the gradients there overwrites every one of them: no second zeroing.
+        grad_pre_t = acts_t.scatter_(0, indices.T, grad_values.T)
         if aux_columns.numel():
             # AuxK's terms over its rows and the dead columns only
             rows = local.shape[0]
