@@ -96,7 +96,9 @@ def main() -> int:
     parser.add_argument("--models", default="", help="comma-separated zoo dirs (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="default: TrainConfig's")
     parser.add_argument("--k", type=int, default=None, help="default: the TopK default")
-    parser.add_argument("--width", type=int, default=None, help="default: TrainConfig's")
+    parser.add_argument(
+        "--width", type=int, default=None, help="default: TrainConfig's expansion x d_model"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoders.md"))
     args = parser.parse_args()
@@ -124,7 +126,8 @@ def main() -> int:
         source = zoo_source(model_dir, loaded.tokenizer)
         results = {}
         # the reference is measured next to the transcoder's training, before and after it
-        reference = [matmul_flops(base.batch_size, adapter.d_model, base.width, device)]
+        width = base.width_for(adapter.d_model)
+        reference = [matmul_flops(base.batch_size, adapter.d_model, width, device)]
         for kind in ("transcoder", "sae"):
             cfg = TrainConfig(
                 **{**base.to_dict(), "kind": kind, "layers": None,
@@ -142,10 +145,9 @@ def main() -> int:
             )
             results[kind] = (result, report)
             if kind == "transcoder":
-                reference.append(matmul_flops(base.batch_size, adapter.d_model, base.width, device))
+                reference.append(matmul_flops(base.batch_size, adapter.d_model, width, device))
         tc_result, tc = results["transcoder"]
         _, sae = results["sae"]
-        width = base.width
         per_token_flops = adapter.n_layers * step_flops(adapter.d_model, width, base.uses_skip)
         achieved = tc_result.tokens_per_second * per_token_flops
         peak_matmul = max(reference)
@@ -156,6 +158,7 @@ def main() -> int:
                 "model": model_dir.name,
                 "d_model": adapter.d_model,
                 "layers": adapter.n_layers,
+                "width": width,
                 "L0 (tc)": tc["mean"]["l0"],
                 "CE rec min layer (tc)": worst["ce_loss_recovered"],
                 # that layer's CE change when spliced and when its MLP is zero-ablated (nats):
@@ -198,7 +201,8 @@ def main() -> int:
         f"- 1-minute load average: {load_start:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end",
         f"- command: `{command.strip()}`; wall time {wall / 60:.1f} min",
-        f"- TopK k={k}, width {base.width}, {base.steps} steps of {base.batch_size} tokens "
+        f"- TopK k={k}, width {base.width or f'{base.expansion} x d_model'}, "
+        f"{base.steps} steps of {base.batch_size} tokens "
         f"(TrainConfig defaults unless the command overrides them), every layer; the "
         f"answer-predicting rows of answer-only tasks weigh {base.answer_weight}",
         "- CE: next-token loss at the predictions each model was trained on (the answer, or "

@@ -1,8 +1,8 @@
 """``circuitscope transcoders``: train, evaluate, sweep, describe and convert transcoders.
 
-    circuitscope transcoders train --model DIR --out DIR [--kind K] [--arch A] [--width N]
-        [--sparsity S] [--layers 0,1|all] [--steps N] [--prompts SPEC] [--device D]
-        [--seed S] [--resume]
+    circuitscope transcoders train --model DIR --out DIR [--kind K] [--arch A]
+        [--width N | --expansion F] [--sparsity S] [--layers 0,1|all] [--steps N]
+        [--prompts SPEC] [--device D] [--seed S] [--resume]
     circuitscope transcoders eval SET --model DIR [--prompts SPEC] [--windows N]
     circuitscope transcoders pareto --model DIR --out DIR --sparsities 4,8,16 [...]
     circuitscope transcoders stats SET --model DIR [--prompts SPEC] [--windows N]
@@ -58,7 +58,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=KINDS, default="transcoder")
     p.add_argument("--arch", choices=ARCHITECTURES.names(), default="topk")
-    p.add_argument("--width", type=int, default=512, help="latents per layer")
+    p.add_argument(
+        "--width", type=int, default=None, help="latents per layer (default: --expansion x d_model)"
+    )
+    p.add_argument(
+        "--expansion", type=int, default=8, help="latents per layer per model dimension (8)"
+    )
     p.add_argument("--layers", type=_layers, default=None, help="'all', '0,2' or '0-3'")
     p.add_argument(
         "--skip",
@@ -172,6 +177,7 @@ def _train_config(args: argparse.Namespace, sparsity: float | None) -> Any:
         kind=args.kind,
         arch=args.arch,
         width=args.width,
+        expansion=args.expansion,
         sparsity=sparsity,
         skip=args.skip,
         layers=args.layers,

@@ -79,7 +79,8 @@ def run_pareto(
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(rows, indent=2))
     (out / "pareto.md").write_text(markdown_table(rows) + "\n")
-    plot_pareto(rows, out / "pareto.png", title=f"{model_id}: {base.arch}, width {base.width}")
+    width = base.width_for(adapter.d_model)
+    plot_pareto(rows, out / "pareto.png", title=f"{model_id}: {base.arch}, width {width}")
     return rows
 
 

@@ -66,7 +66,9 @@ class TrainConfig:
 
     kind: str = "transcoder"
     arch: str = "topk"
-    width: int = 512
+    #: latents per layer; None: ``expansion`` x d_model (as sparsify's ``num_latents=0``)
+    width: int | None = None
+    expansion: int = 8
     sparsity: float | None = None  # None: the architecture's default
     #: W_skip (skip transcoders, Paulo et al. 2025); None: on for transcoders and CLTs,
     #: off for SAEs (an SAE with a skip connection could copy its input).
@@ -97,9 +99,14 @@ class TrainConfig:
         if self.kind not in KINDS:
             raise InvalidArgumentError(f"unknown kind {self.kind!r}: choose one of {KINDS}")
         ARCHITECTURES.get(self.arch)
-        for name in ("width", "steps", "batch_size", "buffer_mb", "eval_windows"):
+        for name in ("steps", "batch_size", "buffer_mb", "eval_windows", "expansion"):
             if getattr(self, name) <= 0:
                 raise InvalidArgumentError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.width is not None and self.width <= 0:
+            raise InvalidArgumentError(
+                f"width (--width) must be positive, got {self.width}; leave it out for "
+                f"--expansion x d_model"
+            )
         if self.kind == "sae" and self.skip:
             raise InvalidArgumentError(
                 "an SAE with a skip connection can copy its input through W_skip: drop "
@@ -136,6 +143,10 @@ class TrainConfig:
         """Whether the modules get W_skip: ``skip``, or by default every kind but SAEs."""
         return self.kind != "sae" if self.skip is None else self.skip
 
+    def width_for(self, d_model: int) -> int:
+        """Latents per layer on a model of width ``d_model``."""
+        return self.expansion * d_model if self.width is None else self.width
+
     def module_config(self, d_model: int) -> TranscoderConfig:
         spec = ARCHITECTURES.get(self.arch)
         sparsity = spec.default_sparsity if self.sparsity is None else self.sparsity
@@ -143,7 +154,7 @@ class TrainConfig:
             arch=self.arch,
             d_in=d_model,
             d_out=d_model,
-            d_transcoder=self.width,
+            d_transcoder=self.width_for(d_model),
             sparsity=float(sparsity),
             skip=self.uses_skip,
             jumprelu_bandwidth=self.jumprelu_bandwidth,
@@ -155,6 +166,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["layers"] = None if self.layers is None else list(self.layers)
+        return data
+
+    def run_dict(self, d_model: int) -> dict[str, Any]:
+        """:meth:`to_dict` with the width resolved for ``d_model`` and no ``expansion``:
+        what a checkpoint compares on resume, so that ``--width 512`` and the default
+        expansion on a 64-wide model are the same run."""
+        data = self.to_dict()
+        data["width"] = self.width_for(d_model)
+        del data["expansion"]
         return data
 
 
@@ -286,7 +306,7 @@ def build_set(
         d_model=adapter.d_model,
         layers=layers,
         config=module_cfg,
-        extra={"train_config": cfg.to_dict()},
+        extra={"train_config": cfg.run_dict(adapter.d_model)},
     )
     trained = copy.deepcopy(trainable)
     if trained.clt is not None:
@@ -370,7 +390,11 @@ def train_transcoders(
     d_t = module_cfg.d_transcoder
     since_fired = torch.zeros(len(layers), d_t, dtype=torch.long, device=device)
     history: list[dict[str, Any]] = []
-    run_state = {"config": cfg.to_dict(), "model_fingerprint": fingerprint, "layers": layers}
+    run_state = {
+        "config": cfg.run_dict(adapter.d_model),
+        "model_fingerprint": fingerprint,
+        "layers": layers,
+    }
 
     if has_checkpoint(out):
         if not resume:

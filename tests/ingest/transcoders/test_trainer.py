@@ -114,6 +114,29 @@ def test_resume_with_other_config_is_refused(tmp_path):
     assert "(lr: 0.005 in the checkpoint, 0.001 now)" in str(err.value)
 
 
+def test_width_defaults_to_an_expansion_of_d_model_and_resumes_as_the_same_run(tmp_path):
+    """No --width: expansion x d_model latents. A run is the resolved width, so one started
+    with an explicit --width resumes under the expansion that gives the same width."""
+    assert TrainConfig().width_for(64) == 512 and TrainConfig().width_for(768) == 6144
+    assert TrainConfig(expansion=4).width_for(128) == 512
+    assert TrainConfig(width=100, expansion=4).width_for(128) == 100
+    d = tiny_adapter().d_model
+    _train(tmp_path, "run", _cfg(width=4 * d), stop_after=5)
+    resumed = _train(tmp_path, "run", _cfg(width=None, expansion=4), resume=True)
+    assert resumed.steps_done == 12
+    assert all(resumed.tset.module(i).W_enc.shape == (4 * d, d) for i in resumed.tset.layers)
+    with pytest.raises(FailedPreconditionError, match=f"width: {4 * d} in the checkpoint"):
+        _train(tmp_path, "other", _cfg(width=4 * d), stop_after=5)
+        _train(tmp_path, "other", _cfg(width=None, expansion=2), resume=True)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("field", ["width", "expansion"])
+def test_width_and_expansion_must_be_positive(field):
+    with pytest.raises(InvalidArgumentError, match=f"{field}.* must be positive, got 0"):
+        _cfg(**{field: 0})
+
+
 @pytest.mark.unit
 def test_an_sae_with_a_skip_connection_is_refused():
     with pytest.raises(InvalidArgumentError, match="copy its input"):
