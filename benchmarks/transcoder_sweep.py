@@ -43,12 +43,16 @@ from ingest.transcoders.trainer import TrainConfig, train_transcoders
 
 def _values(name: str, text: str) -> list[Any]:
     """The comma-separated values, typed like the field (booleans for ``bool`` and
-    ``bool | None`` fields, float where the default is None)."""
+    ``bool | None`` fields, int for ``int | None``, float for other fields whose default
+    is None)."""
     default = getattr(TrainConfig(), name)
     annotation = {f.name: f for f in dataclasses.fields(TrainConfig)}[name].type
     if isinstance(default, bool) or "bool" in str(annotation):
         return [v.strip().lower() in ("1", "true", "yes") for v in text.split(",")]
-    kind = float if default is None else type(default)
+    if default is None:
+        kind: type = int if str(annotation).startswith("int") else float
+    else:
+        kind = type(default)
     return [kind(v) for v in text.split(",")]
 
 
