@@ -28,7 +28,7 @@ layer; all layers spliced keep >= 90% of the task metric; dead latents < 10%; tr
 at >= 30% of the matmul FLOP/s.
 
     python3 benchmarks/transcoder_benchmark.py [--models DIR,DIR] [--steps N] [--k K]
-        [--width W] [--device cpu] [--out benchmarks/results/transcoders.md]
+        [--width W | --expansion F] [--device cpu] [--out benchmarks/results/transcoders.md]
 """
 
 import argparse
@@ -99,6 +99,7 @@ def main() -> int:
     parser.add_argument(
         "--width", type=int, default=None, help="default: TrainConfig's expansion x d_model"
     )
+    parser.add_argument("--expansion", type=int, default=None, help="default: TrainConfig's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoders.md"))
     args = parser.parse_args()
@@ -107,7 +108,12 @@ def main() -> int:
     work = home() / "benchmarks" / "transcoders"
     overrides = {
         key: value
-        for key, value in (("steps", args.steps), ("sparsity", args.k), ("width", args.width))
+        for key, value in (
+            ("steps", args.steps),
+            ("sparsity", args.k),
+            ("width", args.width),
+            ("expansion", args.expansion),
+        )
         if value is not None
     }
     base = TrainConfig(arch="topk", **overrides)  # type: ignore[arg-type]
