@@ -125,8 +125,8 @@ def test_width_defaults_to_an_expansion_of_d_model_and_resumes_as_the_same_run(t
     resumed = _train(tmp_path, "run", _cfg(width=None, expansion=4), resume=True)
     assert resumed.steps_done == 12
     assert all(resumed.tset.module(i).W_enc.shape == (4 * d, d) for i in resumed.tset.layers)
+    _train(tmp_path, "other", _cfg(width=4 * d), stop_after=5)
     with pytest.raises(FailedPreconditionError, match=f"width: {4 * d} in the checkpoint"):
-        _train(tmp_path, "other", _cfg(width=4 * d), stop_after=5)
         _train(tmp_path, "other", _cfg(width=None, expansion=2), resume=True)
 
 
