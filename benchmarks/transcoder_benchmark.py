@@ -27,8 +27,8 @@ Bars (DESIGN 5.1 / the transcoder issue): L0 <= 32 with CE loss recovered >= 0.9
 layer; all layers spliced keep >= 90% of the task metric; dead latents < 10%; trainer
 at >= 30% of the matmul FLOP/s.
 
-    python3 benchmarks/transcoder_benchmark.py [--models DIR,DIR] [--steps N] [--k K]
-        [--width W | --expansion F] [--device cpu] [--out benchmarks/results/transcoders.md]
+    python3 benchmarks/transcoder_benchmark.py [--models DIR,DIR] [--steps N] [--batch B] [--lr LR]
+        [--k K] [--width W | --expansion F] [--device cpu] [--out benchmarks/results/transcoders.md]
 """
 
 import argparse
@@ -97,6 +97,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: TrainConfig's")
     parser.add_argument("--k", type=int, default=None, help="default: the TopK default")
     parser.add_argument(
+        "--batch", type=int, default=None, help="tokens per step; default: TrainConfig's"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
+    parser.add_argument(
         "--width", type=int, default=None, help="default: TrainConfig's expansion x d_model"
     )
     parser.add_argument("--expansion", type=int, default=None, help="default: TrainConfig's")
@@ -111,6 +115,8 @@ def main() -> int:
         for key, value in (
             ("steps", args.steps),
             ("sparsity", args.k),
+            ("batch_size", args.batch),
+            ("lr", args.lr),
             ("width", args.width),
             ("expansion", args.expansion),
         )
