@@ -72,7 +72,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="a skip connection W_skip (default: on for transcoders and CLTs, off for SAEs)",
     )
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument(
         "--buffer-mb", type=float, default=2048, help="activation buffer memory bound (MiB)"

@@ -6,9 +6,9 @@
   are asked to reconstruct the residual error ``e = y - y_hat`` with their own top-k
   pre-activations; the loss is normalized like the MSE. This gives dead latents a
   gradient and revives them. It is computed on the first ``aux_k_rows`` rows of each
-  shuffled batch (default 256 of 1024): a uniform sample, so the same loss in
-  expectation, at a quarter of the cost of its selection over the dead columns, which on
-  CPU was a quarter to a half of a training step.
+  shuffled batch (default 256 of 4096): a uniform sample, so the same loss in
+  expectation at a fraction of the cost of its selection over the dead columns, which
+  over every row of a 1024-row batch was a quarter to a half of a CPU training step.
 
 Both take optional per-row weights (the trainer's ``answer_weight``): a row of weight w
 counts as w copies of itself, so integer weights give exactly the loss of the batch with

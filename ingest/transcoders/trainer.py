@@ -75,7 +75,7 @@ class TrainConfig:
     skip: bool | None = None
     layers: tuple[int, ...] | None = None  # None: every layer
     steps: int = 2000
-    batch_size: int = 1024
+    batch_size: int = 4096  # tokens per step (SAELens configurations use 4096)
     lr: float = 2e-3
     warmup_steps: int = 50
     buffer_mb: float = 2048.0  # activation buffer memory bound (MiB)
