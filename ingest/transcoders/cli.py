@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from ingest.errors import InvalidArgumentError
-from ingest.transcoders.config import ARCHITECTURES, KINDS
+from ingest.transcoders.config import ARCHITECTURES, KINDS, TrainConfig
 
 FORMAT_NAMES = ("circuit_tracer", "saelens", "sparsify")
+#: The trainer's defaults, which the train and pareto flags default to.
+DEFAULTS = TrainConfig()
 
 
 def _layers(text: str) -> tuple[int, ...] | None:
@@ -56,13 +58,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", choices=KINDS, default="transcoder")
-    p.add_argument("--arch", choices=ARCHITECTURES.names(), default="topk")
+    p.add_argument("--kind", choices=KINDS, default=DEFAULTS.kind)
+    p.add_argument("--arch", choices=ARCHITECTURES.names(), default=DEFAULTS.arch)
     p.add_argument(
         "--width", type=int, default=None, help="latents per layer (default: --expansion x d_model)"
     )
     p.add_argument(
-        "--expansion", type=int, default=8, help="latents per layer per model dimension (8)"
+        "--expansion",
+        type=int,
+        default=DEFAULTS.expansion,
+        help=f"latents per layer per model dimension ({DEFAULTS.expansion})",
     )
     p.add_argument("--layers", type=_layers, default=None, help="'all', '0,2' or '0-3'")
     p.add_argument(
@@ -71,36 +76,53 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a skip connection W_skip (default: on for transcoders and CLTs, off for SAEs)",
     )
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="tokens per step")
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr)
     p.add_argument(
-        "--buffer-mb", type=float, default=2048, help="activation buffer memory bound (MiB)"
+        "--buffer-mb",
+        type=float,
+        default=DEFAULTS.buffer_mb,
+        help="activation buffer memory bound (MiB)",
     )
     p.add_argument(
-        "--buffer-rows", type=int, default=0, help="rows per layer (0: as many as fit --buffer-mb)"
+        "--buffer-rows",
+        type=int,
+        default=DEFAULTS.buffer_rows,
+        help="rows per layer (0: as many as fit --buffer-mb)",
     )
     dead = p.add_argument_group("dead latents (AuxK and resampling)")
     dead.add_argument(
-        "--dead-after-tokens", type=int, default=20_000, help="a latent idle this long is dead"
+        "--dead-after-tokens",
+        type=int,
+        default=DEFAULTS.dead_after_tokens,
+        help="a latent idle this long is dead",
     )
-    dead.add_argument("--aux-k-coefficient", type=float, default=1.0 / 32.0, help="AuxK weight")
     dead.add_argument(
-        "--aux-k-rows", type=int, default=256, help="batch rows AuxK uses (0: every row)"
+        "--aux-k-coefficient", type=float, default=DEFAULTS.aux_k_coefficient, help="AuxK weight"
     )
     dead.add_argument(
-        "--resample-every", type=int, default=250, help="steps between resamplings (0: never)"
+        "--aux-k-rows",
+        type=int,
+        default=DEFAULTS.aux_k_rows,
+        help="batch rows AuxK uses (0: every row)",
+    )
+    dead.add_argument(
+        "--resample-every",
+        type=int,
+        default=DEFAULTS.resample_every,
+        help="steps between resamplings (0: never)",
     )
     p.add_argument(
         "--answer-weight",
         type=float,
-        default=8.0,
+        default=DEFAULTS.answer_weight,
         help="loss weight of the position that predicts the answer, for prompt sources "
         "scored only at the answer (zoo tasks); 1: every token weighs the same",
     )
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
+    p.add_argument("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
 
@@ -170,9 +192,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return loaded, source
 
 
-def _train_config(args: argparse.Namespace, sparsity: float | None) -> Any:
-    from ingest.transcoders.trainer import TrainConfig
-
+def _train_config(args: argparse.Namespace, sparsity: float | None) -> TrainConfig:
     return TrainConfig(
         kind=args.kind,
         arch=args.arch,

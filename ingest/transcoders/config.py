@@ -1,7 +1,8 @@
 """Typed configuration of one transcoder module and the architecture registry.
 
 Importing this module does not import torch: the CLI reads its choices from
-:data:`ARCHITECTURES` and :data:`KINDS` while building its parser. Each architecture spec
+:data:`ARCHITECTURES` and :data:`KINDS`, and its defaults from :class:`TrainConfig`, while
+building its parser. Each architecture spec
 names the class that implements it (imported on first use).
 
 Architectures (what ``sparsity`` means for each):
@@ -172,3 +173,121 @@ class TranscoderConfig:
                 f"{sorted(known)}"
             )
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run's result. Validated on construction."""
+
+    kind: str = "transcoder"
+    arch: str = "topk"
+    #: latents per layer; None: ``expansion`` x d_model (as sparsify's ``num_latents=0``)
+    width: int | None = None
+    expansion: int = 8
+    sparsity: float | None = None  # None: the architecture's default
+    #: W_skip (skip transcoders, Paulo et al. 2025); None: on for transcoders and CLTs,
+    #: off for SAEs (an SAE with a skip connection could copy its input).
+    skip: bool | None = None
+    layers: tuple[int, ...] | None = None  # None: every layer
+    steps: int = 2000
+    batch_size: int = 4096  # tokens per step (SAELens configurations use 4096)
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    buffer_mb: float = 2048.0  # activation buffer memory bound (MiB)
+    buffer_rows: int = 0  # rows per layer; 0: as many as buffer_mb holds
+    model_batch_size: int = 0  # windows per model forward; 0: buffer.FLOATS_PER_FORWARD
+    seed: int = 0
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    eval_windows: int = 64
+    dead_after_tokens: int = 20_000
+    aux_k_coefficient: float = 1.0 / 32.0
+    aux_k_rows: int = 256  # rows of each batch AuxK is computed on; 0: all
+    resample_every: int = 250  # 0: never
+    #: Loss weight of the answer-predicting rows of an answer-only prompt source (the
+    #: other rows weigh 1); sources scored at every token ignore it.
+    answer_weight: float = 8.0
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidArgumentError(f"unknown kind {self.kind!r}: choose one of {KINDS}")
+        ARCHITECTURES.get(self.arch)
+        for name in ("steps", "batch_size", "buffer_mb", "eval_windows", "expansion"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgumentError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.width is not None and self.width <= 0:
+            raise InvalidArgumentError(
+                f"width (--width) must be positive, got {self.width}; leave it out for "
+                f"--expansion x d_model"
+            )
+        if self.kind == "sae" and self.skip:
+            raise InvalidArgumentError(
+                "an SAE with a skip connection can copy its input through W_skip: drop "
+                "--skip for --kind sae (skip connections are for transcoders)"
+            )
+        if self.buffer_rows < 0:
+            raise InvalidArgumentError("buffer_rows must be >= 0 (0 sizes it by buffer_mb)")
+        if self.dead_after_tokens <= 0:
+            raise InvalidArgumentError(
+                f"dead_after_tokens (--dead-after-tokens) must be positive, got "
+                f"{self.dead_after_tokens}"
+            )
+        if self.aux_k_rows < 0 or self.aux_k_coefficient < 0:
+            raise InvalidArgumentError(
+                "aux_k_rows (--aux-k-rows, 0: every row) and aux_k_coefficient "
+                "(--aux-k-coefficient, 0: no AuxK) must be >= 0"
+            )
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise InvalidArgumentError("lr must be > 0 and warmup_steps >= 0")
+        if self.model_batch_size < 0:
+            raise InvalidArgumentError("model_batch_size must be >= 0 (0 picks it)")
+        if self.resample_every < 0:
+            raise InvalidArgumentError("resample_every must be >= 0 (0 disables resampling)")
+        if self.eval_every <= 0 or self.checkpoint_every <= 0:
+            raise InvalidArgumentError("eval_every and checkpoint_every must be positive")
+        if not math.isfinite(self.answer_weight) or self.answer_weight <= 0:
+            raise InvalidArgumentError(
+                f"answer_weight (--answer-weight) must be a finite number > 0 (1: every "
+                f"token weighs the same), got {self.answer_weight}"
+            )
+
+    @property
+    def uses_skip(self) -> bool:
+        """Whether the modules get W_skip: ``skip``, or by default every kind but SAEs."""
+        return self.kind != "sae" if self.skip is None else self.skip
+
+    def width_for(self, d_model: int) -> int:
+        """Latents per layer on a model of width ``d_model``."""
+        return self.expansion * d_model if self.width is None else self.width
+
+    def module_config(self, d_model: int) -> TranscoderConfig:
+        spec = ARCHITECTURES.get(self.arch)
+        sparsity = spec.default_sparsity if self.sparsity is None else self.sparsity
+        return TranscoderConfig(
+            arch=self.arch,
+            d_in=d_model,
+            d_out=d_model,
+            d_transcoder=self.width_for(d_model),
+            sparsity=float(sparsity),
+            skip=self.uses_skip,
+            jumprelu_bandwidth=self.jumprelu_bandwidth,
+            jumprelu_init_threshold=self.jumprelu_init_threshold,
+            aux_k_coefficient=self.aux_k_coefficient,
+            aux_k_rows=self.aux_k_rows,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = None if self.layers is None else list(self.layers)
+        return data
+
+    def run_dict(self, d_model: int) -> dict[str, Any]:
+        """:meth:`to_dict` with the width resolved for ``d_model`` and no ``expansion``:
+        what a checkpoint compares on resume, so that ``--width 512`` and the default
+        expansion on a 64-wide model are the same run."""
+        data = self.to_dict()
+        data["width"] = self.width_for(d_model)
+        del data["expansion"]
+        return data

@@ -1,4 +1,4 @@
-"""The train and pareto commands' defaults are TrainConfig's: one set of defaults."""
+"""The train and pareto commands default to TrainConfig()'s fields: one set of defaults."""
 
 import pytest
 
