@@ -3,7 +3,7 @@
 import pytest
 
 from ingest.transcoders.cli import _train_config
-from ingest.transcoders.trainer import TrainConfig
+from ingest.transcoders.config import TrainConfig
 from service.cli import build_parser
 
 pytestmark = pytest.mark.unit
