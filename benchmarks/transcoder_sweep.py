@@ -25,6 +25,7 @@ import platform
 import shutil
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,13 @@ from ingest.transcoders.trainer import TrainConfig, train_transcoders
 
 
 def _values(name: str, text: str) -> list[Any]:
-    """The comma-separated values, typed like the field (booleans for ``bool`` and
-    ``bool | None`` fields, int for ``int | None``, float for other fields whose default
-    is None)."""
-    default = getattr(TrainConfig(), name)
-    annotation = {f.name: f for f in dataclasses.fields(TrainConfig)}[name].type
-    if isinstance(default, bool) or "bool" in str(annotation):
+    """The comma-separated values, typed like the field: ``bool`` and ``bool | None``
+    fields take booleans, ``int | None`` ints, ``float | None`` floats."""
+    annotation = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    kinds = typing.get_args(annotation) or (annotation,)  # X | None -> (X, NoneType)
+    if bool in kinds:
         return [v.strip().lower() in ("1", "true", "yes") for v in text.split(",")]
-    if default is None:
-        kind: type = int if str(annotation).startswith("int") else float
-    else:
-        kind = type(default)
+    kind = next(k for k in kinds if k is not type(None))
     return [kind(v) for v in text.split(",")]
 
 

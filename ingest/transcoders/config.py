@@ -2,8 +2,8 @@
 
 Importing this module does not import torch: the CLI reads its choices from
 :data:`ARCHITECTURES` and :data:`KINDS`, and its defaults from :class:`TrainConfig`, while
-building its parser. Each architecture spec
-names the class that implements it (imported on first use).
+building its parser. Each architecture spec names the class that implements it (imported
+on first use).
 
 Architectures (what ``sparsity`` means for each):
 
