@@ -105,7 +105,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--aux-k-rows",
         type=int,
         default=DEFAULTS.aux_k_rows,
-        help="batch rows AuxK uses (0: every row)",
+        help="AuxK rows when every latent is dead, more as fewer are (0: every row)",
     )
     dead.add_argument(
         "--resample-every",

@@ -120,7 +120,7 @@ class TranscoderConfig:
     jumprelu_init_threshold: float = 0.05
     aux_k_coefficient: float = 1.0 / 32.0
     aux_k: int = 0  # 0 means d_in // 2, as in sparsify
-    aux_k_rows: int = 256  # AuxK on the first rows of each shuffled batch; 0: all rows
+    aux_k_rows: int = 256  # AuxK rows when every latent is dead (losses.aux_k_row_count); 0: all
 
     def __post_init__(self) -> None:
         spec = ARCHITECTURES.get(self.arch)
@@ -202,7 +202,7 @@ class TrainConfig:
     eval_windows: int = 64
     dead_after_tokens: int = 20_000
     aux_k_coefficient: float = 1.0 / 32.0
-    aux_k_rows: int = 256  # rows of each batch AuxK is computed on; 0: all
+    aux_k_rows: int = 256  # AuxK rows when every latent is dead, more as fewer are; 0: all
     resample_every: int = 250  # 0: never
     #: Loss weight of the answer-predicting rows of an answer-only prompt source (the
     #: other rows weigh 1); sources scored at every token ignore it.

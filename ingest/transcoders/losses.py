@@ -5,10 +5,12 @@
 - AuxK (Gao et al. 2024, section A.2): latents that have not fired for a while ("dead")
   are asked to reconstruct the residual error ``e = y - y_hat`` with their own top-k
   pre-activations; the loss is normalized like the MSE. This gives dead latents a
-  gradient and revives them. It is computed on the first ``aux_k_rows`` rows of each
-  shuffled batch (default 256 of 4096): a uniform sample, so the same loss in
-  expectation at a fraction of the cost of its selection over the dead columns, which
-  over every row of a 1024-row batch was a quarter to a half of a CPU training step.
+  gradient and revives them. It is computed on the first rows of each shuffled batch (a
+  uniform sample, so the same loss in expectation) and the dead columns only. Its
+  selection costs rows x dead columns, which over every row of a batch was a quarter to
+  a half of a CPU training step where most latents are dead; so the rows follow a budget
+  (:func:`aux_k_row_count`): ``aux_k_rows`` (default 256) when every latent is dead, and
+  proportionally more, up to the whole batch, as fewer are.
 
 Both take optional per-row weights (the trainer's ``answer_weight``): a row of weight w
 counts as w copies of itself, so integer weights give exactly the loss of the batch with
@@ -70,6 +72,18 @@ def aux_k_dead(dead: torch.Tensor | None, coefficient: float) -> torch.Tensor | 
     return dead
 
 
+def aux_k_row_count(rows: int, n_dead: int, d_transcoder: int, batch: int) -> int:
+    """Rows AuxK uses this step: the budget ``rows x d_transcoder`` (selection entries)
+    spread over the ``n_dead`` dead columns, at least ``rows`` and at most ``batch``.
+
+    ``rows`` 0 means every row. With 256 rows and 512 latents: 320 rows at 80% dead,
+    2,621 at 10% and the whole 4,096-row batch below 6.25%.
+    """
+    if rows <= 0 or n_dead <= 0:
+        return batch
+    return min(batch, max(rows, rows * d_transcoder // n_dead))
+
+
 def aux_k_loss(
     pre: torch.Tensor,
     dead: torch.Tensor,
@@ -82,14 +96,14 @@ def aux_k_loss(
     """pre: (N, d_t); dead: (d_t,) bool; residual: (N, d_out); W_dec: (d_t, d_out);
     weight: (N,) row weights or None.
 
-    Uses the first ``rows`` rows (0: all; batches are shuffled, so they are a uniform
-    sample) and the dead columns only (selected first), so its selection and matmuls
-    shrink with both.
+    Uses the first :func:`aux_k_row_count` rows (``rows`` 0: all; batches are shuffled,
+    so they are a uniform sample) and the dead columns only (selected first), so its
+    selection and matmuls shrink with both.
     """
-    if rows:
-        pre, residual = pre[:rows], residual[:rows]
-        weight = None if weight is None else weight[:rows]
     columns = dead.nonzero().squeeze(1)
+    n = aux_k_row_count(rows, int(columns.numel()), dead.numel(), pre.shape[0])
+    pre, residual = pre[:n], residual[:n]
+    weight = None if weight is None else weight[:n]
     k = min(k, int(columns.numel()))
     sub = pre.index_select(-1, columns)  # (N, n_dead)
     indices = topk_indices(sub.detach(), k)

@@ -6,8 +6,8 @@ dead ones. :func:`topk_forward` computes, in one autograd function,
     pre = x W_enc^T + b_enc                      (N, d_t): the one dense forward matmul
     i   = the k largest of pre per row;  v = relu(pre[i])
     y   = sum_j v_j W_dec[i_j]                   an embedding_bag: N k d multiply-adds
-    AuxK, on the first ``aux_rows`` rows and the dead columns only:
-    i_a = the k_aux largest dead pre-activations; e = sum_j relu(pre[i_a,j]) W_dec[i_a,j]
+    AuxK, on the first ``aux_rows`` rows and the dead columns D only, densely:
+    a = relu(pre[:, D]) kept at each row's k_aux largest;  e = a W_dec[D]
 
 and its backward with one zero-filled (d_t, N) matrix and the dense step's own matmuls:
 ``dv = (g W_dec^T)[i]``, ``d pre`` scattered from dv, ``d W_enc = d pre^T x``,
@@ -46,17 +46,20 @@ class _TopKForward(torch.autograd.Function):
         values = pre.gather(1, indices).relu_()
         y = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
         if aux_columns is None:
-            aux_columns = local = indices.new_empty(0)
-            aux_values = values.new_empty(0)
+            aux_columns = indices.new_empty(0)
+            aux_acts = values.new_empty(0)
             estimate = y.new_zeros(0)
         else:
-            dead_pre = pre[:aux_rows].index_select(1, aux_columns)
-            local = topk_indices(dead_pre, min(k_aux, aux_columns.numel()))
-            aux_values = dead_pre.gather(1, local).relu_()
-            estimate = F.embedding_bag(
-                aux_columns[local], W_dec, per_sample_weights=aux_values, mode="sum"
-            )
-        ctx.save_for_backward(x, W_dec, indices, values, aux_columns, local, aux_values)
+            # Dense over the dead columns: (rows, n_dead) is small (losses.aux_k_row_count
+            # bounds rows x n_dead), and one matmul beats an embedding_bag of k_aux rows.
+            aux_acts = pre[:aux_rows].index_select(1, aux_columns)
+            if k_aux < aux_columns.numel():
+                local = topk_indices(aux_acts, k_aux)
+                chosen = aux_acts.gather(1, local)
+                aux_acts = torch.zeros_like(aux_acts).scatter_(1, local, chosen)
+            aux_acts.relu_()
+            estimate = aux_acts @ W_dec.index_select(0, aux_columns)
+        ctx.save_for_backward(x, W_dec, indices, values, aux_columns, aux_acts)
         ctx.mark_non_differentiable(indices, values)
         return y, estimate, indices, values
 
@@ -64,7 +67,7 @@ class _TopKForward(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_y: torch.Tensor, grad_estimate: torch.Tensor, *_: Any
     ) -> tuple[Any, ...]:
-        x, W_dec, indices, values, aux_columns, local, aux_values = ctx.saved_tensors
+        x, W_dec, indices, values, aux_columns, aux_acts = ctx.saved_tensors
         # Dense matrices are built transposed, (d_t, N): the weight gradients are then
         # (d_t, N) @ (N, d) products, which run about 25% faster on CPU than the
         # transposed-operand form of the same product.
@@ -76,13 +79,11 @@ class _TopKForward(torch.autograd.Function):
         grad_pre_t = acts_t.scatter_(0, indices.T, grad_values.T)
         if aux_columns.numel():
             # AuxK's terms over its rows and the dead columns only
-            rows = local.shape[0]
+            rows = aux_acts.shape[0]
             dead_dec = W_dec.index_select(0, aux_columns)
-            grad_aux = (grad_estimate @ dead_dec.T).gather(1, local).mul_(aux_values > 0)
-            aux_acts_t = aux_values.new_zeros(aux_columns.numel(), rows)
-            aux_acts_t.scatter_(0, local.T, aux_values.T)
-            grad_W_dec.index_add_(0, aux_columns, aux_acts_t @ grad_estimate)
-            grad_pre_t[:, :rows].scatter_add_(0, aux_columns[local].T, grad_aux.T)
+            grad_aux = (grad_estimate @ dead_dec.T).mul_(aux_acts > 0)
+            grad_W_dec.index_add_(0, aux_columns, aux_acts.T @ grad_estimate)
+            grad_pre_t[:, :rows].index_add_(0, aux_columns, grad_aux.T)
         grad_W_enc = grad_pre_t @ x
         grad_b_enc = grad_pre_t.sum(1)
         return None, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None

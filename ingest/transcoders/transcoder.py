@@ -26,7 +26,14 @@ from torch import nn
 
 from ingest.transcoders.architectures import Activation, TopKActivation, build_activation
 from ingest.transcoders.config import TranscoderConfig
-from ingest.transcoders.losses import LossParts, activity, aux_k_dead, aux_k_loss, normalized_mse
+from ingest.transcoders.losses import (
+    LossParts,
+    activity,
+    aux_k_dead,
+    aux_k_loss,
+    aux_k_row_count,
+    normalized_mse,
+)
 from ingest.transcoders.sparse import topk_forward
 
 
@@ -177,6 +184,12 @@ class Transcoder(nn.Module):
         """The same terms as the dense path, from the k active latents (see ``sparse``)."""
         dead = aux_k_dead(dead, self.cfg.aux_k_coefficient)
         aux_columns = None if dead is None else dead.nonzero().squeeze(1)
+        aux_rows = aux_k_row_count(
+            self.cfg.aux_k_rows,
+            0 if aux_columns is None else int(aux_columns.numel()),
+            self.cfg.d_transcoder,
+            x.shape[0],
+        )
         assert isinstance(self.activation, TopKActivation)
         decoded, estimate, indices, values = topk_forward(
             x,
@@ -186,7 +199,7 @@ class Transcoder(nn.Module):
             self.activation.k,
             aux_columns,
             self.cfg.k_aux,
-            self.cfg.aux_k_rows,
+            aux_rows,
         )
         y_hat = decoded + self.b_dec
         if self.W_skip is not None:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ingest.transcoders.losses import aux_k_row_count
 from ingest.transcoders.sparse import topk_forward
 from ingest.transcoders.transcoder import Transcoder
 from tests.ingest.transcoders.helpers import D_MODEL, D_T, config, randomize
@@ -20,8 +21,8 @@ def grads(module: Transcoder, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("rows", [0, 7])
-@pytest.mark.parametrize("n_dead", [0, 5, D_T])
+@pytest.mark.parametrize("rows", [0, 2])
+@pytest.mark.parametrize("n_dead", [0, 3, 5, D_T])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead, weighted):
     cfg = config("topk", skip=skip)
@@ -31,6 +32,8 @@ def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead,
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(24, D_MODEL, generator=gen)
     y = torch.randn(24, D_MODEL, generator=gen)
+    # AuxK's k is 4: 3 dead latents are all picked, 5 and 16 through a top-k selection;
+    # with a budget of 2 rows per latent, AuxK uses 10, 6 and 2 rows of 24.
     # n_dead = D_T: every latent counts as dead, so AuxK's picks overlap the top k
     dead = None
     if n_dead:
@@ -54,6 +57,18 @@ def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead,
         torch.testing.assert_close(sparse[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     if weighted:  # the weights change the loss
         assert not torch.allclose(parts.mse, module.loss(x, y, dead).mse)
+
+
+def test_aux_k_rows_follow_a_budget_of_rows_times_latents():
+    # 256 rows when every latent of 512 is dead, more as fewer are, up to the batch
+    assert aux_k_row_count(256, 512, 512, 4096) == 256
+    assert aux_k_row_count(256, 410, 512, 4096) == 319
+    assert aux_k_row_count(256, 51, 512, 4096) == 2570
+    assert aux_k_row_count(256, 25, 512, 4096) == 4096
+    assert aux_k_row_count(256, 51, 512, 1000) == 1000
+    # 0 means every row; fewer rows than asked only when the batch is smaller
+    assert aux_k_row_count(0, 51, 512, 4096) == 4096
+    assert aux_k_row_count(256, 512, 512, 100) == 100
 
 
 def test_aux_k_rows_limit_which_tokens_train_the_dead_latents():
