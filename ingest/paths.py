@@ -6,8 +6,40 @@
 import os
 from pathlib import Path
 
+from ingest.errors import InvalidArgumentError
+
 
 def home() -> Path:
     """The root directory for trained models, transcoders, artifacts and the embedded store."""
     root = os.environ.get("CIRCUITSCOPE_HOME")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "circuitscope"
+
+
+def check_output(path: Path, flag: str, *, directory: bool) -> None:
+    """Fail before any work when ``path`` cannot be written as a file (or, with
+    ``directory``, as a directory) with an :class:`~ingest.errors.InvalidArgumentError`
+    that names ``flag``.
+
+    Refused: a parent that is a file, a file where a directory is wanted (or the
+    reverse), and a nearest existing parent this process may not write. Missing parents
+    are fine: the writers create them.
+    """
+    want = "a directory" if directory else "a file path"
+    if path.exists():
+        if path.is_dir() != directory:
+            kind = "a directory" if path.is_dir() else "a file"
+            raise InvalidArgumentError(f"{flag} {path} is {kind}: give {want}")
+        if not os.access(path, os.W_OK):
+            raise InvalidArgumentError(f"{flag} {path} is not writable: choose another {flag}")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InvalidArgumentError(
+            f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(
+            f"{flag} {path}: cannot create it in {parent} (not writable); choose another {flag}"
+        )

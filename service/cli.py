@@ -5,8 +5,8 @@ exposes ``register(subparsers)``; the module must stay cheap to import (heavy im
 such as torch go inside the function that runs the command). Every command handler
 takes the parsed namespace and returns an exit code.
 
-Domain errors (:class:`ingest.errors.CircuitscopeError`) are printed as one line on
-stderr with exit code 2, never as a traceback.
+Domain errors (:class:`ingest.errors.CircuitscopeError`) and file-system errors
+(``OSError``) are printed as one line on stderr with exit code 2, never as a traceback.
 """
 
 import argparse
@@ -56,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except CircuitscopeError as exc:
         print(f"circuitscope: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A path the command's own checks did not foresee (a full disk, a permission
+        # changed mid-run): one line, not a traceback.
+        logging.getLogger(__name__).debug("file-system error", exc_info=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"circuitscope: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("circuitscope: interrupted", file=sys.stderr)

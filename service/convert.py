@@ -297,6 +297,19 @@ def feature_to_proto(feature: FeatureRecord) -> types_pb2.Feature:
     return msg
 
 
+#: Example fields that are integers; a Struct carries every number as a double.
+_INTEGER_EXAMPLE_FIELDS = frozenset({"window", "position"})
+
+
+def _example_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    example = json_format.MessageToDict(struct)
+    for key in _INTEGER_EXAMPLE_FIELDS & example.keys():
+        value = example[key]
+        if isinstance(value, float) and value.is_integer():
+            example[key] = int(value)
+    return example
+
+
 def feature_from_proto(msg: types_pb2.Feature) -> FeatureRecord:
     return FeatureRecord(
         set_id=msg.key.set_id,
@@ -306,7 +319,7 @@ def feature_from_proto(msg: types_pb2.Feature) -> FeatureRecord:
         max_activation=_opt(msg, "max_activation"),
         label=msg.label or None,
         top_tokens=list(msg.top_tokens),
-        top_examples=[json_format.MessageToDict(s) for s in msg.top_examples],
+        top_examples=[_example_from_struct(s) for s in msg.top_examples],
         de_embedding_tokens=list(msg.de_embedding_tokens),
         output_tokens=list(msg.output_tokens),
     )

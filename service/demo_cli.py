@@ -76,12 +76,15 @@ def _zoo_model(ctx: DemoContext) -> list[str]:
         bar = bars.get(name)
         verdict = ("pass" if bar.passes(result.metrics) else "FAIL") if bar else ""
         rows.append([name, value, bar.describe() if bar else "", verdict])
-    table = text_table(["held-out metric", "value", "bar", ""], rows)
-    return [
+    table = text_table(["held-out metric", "value", "bar", "verdict"], rows)
+    lines = [
         f"model: {DEMO_TASK} on {DEMO_ARCH}, {result.n_parameters} parameters, {how}",
         f"checkpoint: {Path(result.out_dir)}",
         *table.splitlines(),
     ]
+    if ctx.tiny:
+        lines.append("(a --tiny model trains for seconds: the bars are for the full model)")
+    return lines
 
 
 STAGES: tuple[Stage, ...] = (

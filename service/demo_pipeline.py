@@ -46,8 +46,8 @@ def _train_config(ctx: DemoContext) -> Any:
 
     if ctx.tiny:
         return TrainConfig(
-            width=64, sparsity=4, steps=60, batch_size=64, buffer_rows=1024,
-            eval_every=60, checkpoint_every=60,
+            width=64, sparsity=4, steps=400, batch_size=64, buffer_rows=1024,
+            eval_every=400, checkpoint_every=400,
         )  # fmt: skip
     return TrainConfig(
         width=128, sparsity=16, steps=1500, batch_size=256,
@@ -192,7 +192,9 @@ def queries_stage(ctx: DemoContext) -> list[str]:
         {"g": graph.graph_id},
     )
     lines.append("most influential feature hubs of the first graph (node, out-edges, strength):")
-    lines += [f"  {h['node']}  {h['out_edges']}  {h['strength']:.3g}" for h in hubs]
+    lines += [f"  {h['node']}  {h['out_edges']}  {h['strength']:.3g}" for h in hubs] or [
+        NO_FEATURES
+    ]
     shared = store.query(
         "MATCH (n:GNode)<-[:ATTR]-() WHERE n.kind = 'feature' AND n.graph_id IN $ids "
         "WITH n.layer AS layer, n.feature AS feature, collect(DISTINCT n.graph_id) AS gs "
@@ -200,8 +202,11 @@ def queries_stage(ctx: DemoContext) -> list[str]:
         {"ids": [g.graph_id for g in graphs]},
     )
     lines.append(f"features in the most circuits (layer, index: graphs of {len(graphs)}):")
-    lines += [f"  {r['layer']}, {r['feature']}: {r['graphs']}" for r in shared]
+    lines += [f"  {r['layer']}, {r['feature']}: {r['graphs']}" for r in shared] or [NO_FEATURES]
     return lines
+
+
+NO_FEATURES = "  (none: pruning kept no feature nodes; only token, error and logit nodes)"
 
 
 def _free_port() -> int:

@@ -50,7 +50,13 @@ class ModelSpec:
                 f"--model {text!r}: write NAME=MODEL_DIR,TRANSCODERS_DIR "
                 "(a checkpoint directory or hub id, and a transcoder set directory)"
             )
-        return cls(name.strip(), model_path.strip(), Path(transcoders.strip()), device)
+        transcoders_path = Path(transcoders.strip())
+        if not transcoders_path.is_dir():
+            raise NotFoundError(
+                f"--model {text!r}: no transcoder set directory at {transcoders_path}; "
+                "check the path after the comma"
+            )
+        return cls(name.strip(), model_path.strip(), transcoders_path, device)
 
 
 class ModelRegistry:

@@ -31,12 +31,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Call the circuits.v1 API of a running server and print JSON.",
     )
     parser.add_argument("--target", help=f"host:port (default ${TARGET_ENV} or localhost:50051)")
-    parser.add_argument("--token-file", type=Path, help=f"bearer token file (default ${TOKEN_ENV})")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding the bearer token (default: the token in ${TOKEN_ENV})",
+    )
     parser.add_argument("--tls-ca", type=Path, help="use TLS, trusting this CA (PEM)")
     parser.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS (PEM)")
     parser.add_argument("--tls-key", type=Path, help="client private key for mutual TLS (PEM)")
     parser.add_argument("--server-name", help="TLS server name to verify, if not the target host")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-call deadline (seconds)")
+    parser.set_defaults(handler=_run)
     groups = parser.add_subparsers(dest="query_group", metavar="GROUP", required=True)
 
     graphs = groups.add_parser("graphs", help="stored attribution graphs").add_subparsers(
@@ -51,14 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = graphs.add_parser("get", help="one graph with nodes and edges")
     p.add_argument("graph_id")
     p.add_argument("--stream", action="store_true", help="receive it as a stream of edge chunks")
-    p.set_defaults(handler=_graphs_get)
+    p.set_defaults(query_handler=_graphs_get)
     p = graphs.add_parser("subgraph", help="the neighbourhood of a node")
     p.add_argument("graph_id")
     p.add_argument("node_id")
     p.add_argument("--depth", type=int, default=0, help="hops (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="edges kept per node (default 10)")
     p.add_argument("--direction", choices=("both", "out", "in"), default="both")
-    p.set_defaults(handler=_graphs_subgraph)
+    p.set_defaults(query_handler=_graphs_subgraph)
     p = graphs.add_parser("paths", help="strongest paths between two nodes")
     p.add_argument("graph_id")
     p.add_argument("source_node_id")
@@ -66,14 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--top-k", type=int, default=0, help="paths (default 5)")
     p.add_argument("--max-length", type=int, default=0, help="edges per path (default 6)")
     p.add_argument("--score", choices=("product", "sum"), default="product")
-    p.set_defaults(handler=_graphs_paths)
+    p.set_defaults(query_handler=_graphs_paths)
 
     features = groups.add_parser("features", help="the feature catalog").add_subparsers(
         dest="query_command", metavar="COMMAND", required=True
     )
     p = features.add_parser("get", help="one feature")
     _feature_key(p)
-    p.set_defaults(handler=_features_get)
+    p.set_defaults(query_handler=_features_get)
     p = features.add_parser("search", help="search features of a transcoder set, one page")
     p.add_argument("set_id")
     p.add_argument("--layer", type=int, default=None)
@@ -83,13 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = features.add_parser("label", help="set (or clear with '') a feature's label")
     _feature_key(p)
     p.add_argument("label")
-    p.set_defaults(handler=_features_label)
+    p.set_defaults(query_handler=_features_label)
     p = features.add_parser("occurrences", help="graphs where a feature is active, one page")
     _feature_key(p)
     _paging(p, _features_occurrences)
 
     p = groups.add_parser("models", help="the models the server analyses on request")
-    p.set_defaults(handler=_models)
+    p.set_defaults(query_handler=_models)
     p = groups.add_parser("attribute", help="compute a prompt's pruned attribution graph")
     p.add_argument("model")
     p.add_argument("prompt")
@@ -97,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--max-feature-nodes", type=int, default=None)
     p.add_argument("--node-threshold", type=float, default=None)
     p.add_argument("--edge-threshold", type=float, default=None)
-    p.set_defaults(handler=_attribute)
+    p.set_defaults(query_handler=_attribute)
 
     p = groups.add_parser("intervene", help="next-token predictions with features changed")
     p.add_argument("model")
@@ -120,7 +125,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--freeze-attention", action="store_true")
     p.add_argument("--top-k", type=int, default=0)
-    p.set_defaults(handler=_intervene)
+    p.set_defaults(query_handler=_intervene)
     p = groups.add_parser("evaluate", help="circuit faithfulness f(k), CPR and CMD (MIB)")
     p.add_argument("model")
     p.add_argument("prompt")
@@ -140,7 +145,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="edge: MIB edge patching in the linearized model; node: node patching",
     )
     p.add_argument("--fractions", type=float, nargs="+", default=None)
-    p.set_defaults(handler=_evaluate)
+    p.set_defaults(query_handler=_evaluate)
 
     jobs = groups.add_parser("jobs", help="ingest jobs").add_subparsers(
         dest="query_command", metavar="COMMAND", required=True
@@ -151,7 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--node-threshold", type=float, default=None)
     p.add_argument("--edge-threshold", type=float, default=None)
     p.add_argument("--watch", action="store_true", help="follow the job until it finishes")
-    p.set_defaults(handler=_jobs_submit)
+    p.set_defaults(query_handler=_jobs_submit)
     for name, handler, text in (
         ("get", _jobs_get, "a job's state"),
         ("watch", _jobs_watch, "follow a job until it finishes"),
@@ -159,17 +164,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ):
         p = jobs.add_parser(name, help=text)
         p.add_argument("job_id")
-        p.set_defaults(handler=handler)
+        p.set_defaults(query_handler=handler)
 
     p = groups.add_parser("health", help="the server's health status")
     p.add_argument("service", nargs="?", default="", help="service name ('' for the server)")
-    p.set_defaults(handler=_health)
+    p.set_defaults(query_handler=_health)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen query; a rejected token gets the command line's own advice."""
+    from ingest.errors import UnauthenticatedError
+
+    try:
+        return int(args.query_handler(args))
+    except UnauthenticatedError as exc:
+        raise UnauthenticatedError(
+            f"{exc} (from the command line: --token-file FILE, or the token itself in ${TOKEN_ENV})"
+        ) from None
 
 
 def _paging(parser: argparse.ArgumentParser, handler: Any) -> None:
     parser.add_argument("--page-size", type=int, default=0, help="items per page (default 50)")
     parser.add_argument("--page-token", default="", help="next_page_token of the previous page")
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(query_handler=handler)
 
 
 def _feature_key(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,6 +136,11 @@ def build_server_config(args: argparse.Namespace, environ: dict[str, str]) -> Se
     )
 
 
+def _say(line: str) -> None:
+    sys.stderr.write(f"circuitscope: {line}\n")
+    sys.stderr.flush()
+
+
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -148,5 +154,5 @@ def _serve(args: argparse.Namespace) -> int:
     if args.store_data_dir:
         overrides["data_dir"] = args.store_data_dir
     with open_store(StoreConfig.from_env(None, **overrides)) as store:
-        asyncio.run(serve(config, store))
+        asyncio.run(serve(config, store, announce=_say))
     return 0

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -170,9 +170,10 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         if listings is not None:
             listings.clear()
 
-    server = aio.server(
-        interceptors=interceptors, options=channel_options(config.max_message_bytes)
-    )
+    # No SO_REUSEPORT (gRPC's default on Linux): a second server on a busy port would
+    # bind it too and take a share of the connections; it must fail to start instead.
+    options = [*channel_options(config.max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = aio.server(interceptors=interceptors, options=options)
     add_graph_service(GraphServicer(store, runner, model_runner, graph_cache, listings), server)
     feature_service_pb2_grpc.add_FeatureServiceServicer_to_server(
         FeatureServicer(store, runner), server
@@ -235,9 +236,15 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     )
 
 
-async def serve(config: ServerConfig, store: GraphStore) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(
+    config: ServerConfig, store: GraphStore, announce: Callable[[str], object] | None = None
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; ``announce`` gets one line
+    saying where it listens once it does."""
     running = await start_server(config, store)
+    if announce is not None:
+        host = config.address.rpartition(":")[0]
+        announce(f"serving circuits.v1 on {host}:{running.port}; stop with Ctrl-C or SIGTERM")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs=2,
         metavar=("CORRECT", "COUNTERFACTUAL"),
         default=None,
-        help="explain logit(CORRECT) - logit(COUNTERFACTUAL) instead (tokens or ids)",
+        help="explain logit(CORRECT) - logit(COUNTERFACTUAL) instead (tokens; id:N for an id)",
     )
     p.add_argument(
         "--feature-target",
@@ -65,28 +65,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_attribute)
 
 
-def _token_id(tokenizer: object, text: str) -> int:
-    from ingest.errors import InvalidArgumentError
-
-    if text.lstrip("-").isdigit():
-        return int(text)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    if len(ids) != 1:
-        raise InvalidArgumentError(
-            f"{text!r} is {len(ids)} tokens, not one: give a single token or its id"
-        )
-    return int(ids[0])
-
-
 def _attribute(args: argparse.Namespace) -> int:
     from ingest.errors import InvalidArgumentError, NotFoundError
+    from ingest.paths import check_output
 
     if args.out is not None and args.out.exists() and not args.overwrite:
         raise InvalidArgumentError(
             f"{args.out} already exists: choose another --out or pass --overwrite"
         )
-    if args.json is not None and args.json.is_dir():
-        raise InvalidArgumentError(f"--json {args.json} is a directory: give a file path")
+    if args.out is not None:
+        check_output(args.out, "--out", directory=True)
+    if args.json is not None:
+        check_output(args.json, "--json", directory=False)
     if not args.transcoders.exists():
         raise NotFoundError(f"no transcoder set at {args.transcoders}: check the path")
 
@@ -95,6 +85,7 @@ def _attribute(args: argparse.Namespace) -> int:
     from ingest.attribution.artifact import save_artifact
     from ingest.attribution.attribute import attribute
     from ingest.attribution.export import export_circuit_tracer_json
+    from ingest.attribution.prompts import single_token_id
     from ingest.attribution.targets import FeatureTarget, LogitDiffTarget, LogitTargets, Target
     from ingest.models import load_model
     from ingest.transcoders.formats import load_any
@@ -112,7 +103,10 @@ def _attribute(args: argparse.Namespace) -> int:
     if args.feature_target is not None:
         target = FeatureTarget(*args.feature_target)
     if args.logit_diff is not None:
-        correct, counter = (_token_id(loaded.tokenizer, t) for t in args.logit_diff)
+        correct, counter = (
+            single_token_id(loaded.tokenizer, text, flag)
+            for text, flag in zip(args.logit_diff, ("CORRECT", "COUNTERFACTUAL"), strict=True)
+        )
         target = LogitDiffTarget(correct, counter)
     result = attribute(
         loaded,

@@ -53,3 +53,34 @@ def tokenize(
             "model's tokenizer"
         )
     return torch.tensor([ids], dtype=torch.long)
+
+
+TOKEN_ID_PREFIX = "id:"
+
+
+def single_token_id(tokenizer: Any, text: str, what: str = "token") -> int:
+    """One token of the vocabulary: ``text`` encoded, or ``id:N`` for the id N.
+
+    Text is always text: ``99`` is the token "99", never the id 99. Raises
+    InvalidArgumentError when the text is several tokens, none, or a word the tokenizer
+    maps to its unknown token. An ``id:N`` is checked against the vocabulary where it is
+    used.
+    """
+    if text.startswith(TOKEN_ID_PREFIX):
+        number = text[len(TOKEN_ID_PREFIX) :]
+        if not number.lstrip("-").isdigit():
+            raise InvalidArgumentError(f"{what} {text!r}: write a token id as id:N, e.g. id:42")
+        return int(number)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise InvalidArgumentError(
+            f"{what} {text!r} is {len(ids)} tokens, not one: give a single token of the "
+            f"vocabulary, or its id as id:N"
+        )
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and text != getattr(tokenizer, "unk_token", None):
+        raise InvalidArgumentError(
+            f"{what} {text!r} is not in the vocabulary (the tokenizer maps it to its unknown "
+            f"token): give a token of the vocabulary, or its id as id:N"
+        )
+    return int(ids[0])

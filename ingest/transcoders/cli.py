@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.errors import InvalidArgumentError
+from ingest.paths import check_output
 from ingest.transcoders.config import ARCHITECTURES, KINDS, TrainConfig
 
 FORMAT_NAMES = ("circuit_tracer", "saelens", "sparsify")
@@ -33,11 +34,14 @@ def _layers(text: str) -> tuple[int, ...] | None:
     out: list[int] = []
     try:
         for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+            lo, dash, hi = part.partition("-")
+            first, last = int(lo), int(hi) if dash else int(lo)
+            if last < first:
+                raise ValueError(part)
+            out.extend(range(first, last + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--layers must look like 'all', '0,2' or '0-3', got {text!r}"
+            f"--layers must look like 'all', '0,2' or '0-3' (ranges ascending), got {text!r}"
         ) from None
     return tuple(out)
 
@@ -178,6 +182,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument(
         "--from", dest="src_format", choices=("auto", *FORMAT_NAMES), default="auto"
     )
+    convert.add_argument(
+        "--overwrite", action="store_true", help="write into a dst that already holds files"
+    )
     convert.set_defaults(handler=_convert)
 
 
@@ -247,6 +254,7 @@ def _train(args: argparse.Namespace) -> int:
     from ingest.transcoders.trainer import train_transcoders
 
     cfg = _train_config(args, args.sparsity)
+    check_output(args.out, "--out", directory=True)
     loaded, source = _load(args)
     result = train_transcoders(
         loaded.adapter, source, cfg, args.out, model_id=loaded.model_id, resume=args.resume
@@ -275,7 +283,10 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from ingest.transcoders.evaluation import evaluate_set
     from ingest.transcoders.formats import load_any
+    from ingest.transcoders.formats.common import write_json
 
+    if args.json is not None:
+        check_output(args.json, "--json", directory=False)
     loaded, source = _load(args)
     tset = load_any(args.set, device=loaded.adapter.device)
     report = evaluate_set(
@@ -283,7 +294,7 @@ def _eval(args: argparse.Namespace) -> int:
         tokenizer=loaded.tokenizer, dead_tokens=args.dead_tokens, progress=True,
     )  # fmt: skip
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
     _print_report(report)
     return 0
 
@@ -294,6 +305,7 @@ def _pareto(args: argparse.Namespace) -> int:
     if not args.sparsities:
         raise InvalidArgumentError("--sparsities needs at least one value, e.g. 4,8,16")
     cfg = _train_config(args, None)
+    check_output(args.out, "--out", directory=True)
     loaded, source = _load(args)
     rows = run_pareto(
         loaded.adapter, source, cfg, args.sparsities, args.out, model_id=loaded.model_id
@@ -324,6 +336,11 @@ def _stats(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from ingest.transcoders.formats import load_any, save
 
+    check_output(args.dst, "dst", directory=True)
+    if args.dst.is_dir() and any(args.dst.iterdir()) and not args.overwrite:
+        raise InvalidArgumentError(
+            f"{args.dst} already holds files: choose an empty or new dst, or pass --overwrite"
+        )
     tset = load_any(args.src, fmt=args.src_format)
     save(tset, args.dst, args.to)
     print(f"wrote {tset.metadata.set_id} ({args.to}) to {args.dst}")

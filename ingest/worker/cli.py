@@ -51,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ingest.errors import InvalidArgumentError
-    from ingest.paths import home
+    from ingest.paths import check_output, home
     from ingest.store import open_store
     from ingest.worker.compute import AttributionComputer, feature_records
     from ingest.worker.keys import GraphSettings
+    from ingest.worker.prompts import check_prompt_file
     from ingest.worker.worker import IngestOptions, IngestWorker
 
     for name in ("node_threshold", "edge_threshold"):
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         if not 0.0 < value <= 1.0:
             flag = "--" + name.replace("_", "-")
             raise InvalidArgumentError(f"{flag} must lie in (0, 1], got {value}")
+    check_prompt_file(args.prompts)
+    if args.artifacts is not None:
+        check_output(args.artifacts, "--artifacts", directory=True)
     settings = GraphSettings(
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ingest.attribution.attribute import attribute
+from ingest.attribution.prompts import single_token_id
 from ingest.attribution.result import AttributionResult
 from ingest.attribution.targets import LogitDiffTarget, LogitTargets
 from ingest.errors import InvalidArgumentError
@@ -71,19 +72,13 @@ class AttributionComputer:
         tset = load_any(transcoders)
         return cls(loaded, tset, settings, batch_size=batch_size)
 
-    def _token_id(self, text: str, what: str) -> int:
-        ids = self.loaded.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) != 1:
-            raise InvalidArgumentError(
-                f"{what} {text!r} is {len(ids)} tokens; give a single token of the vocabulary"
-            )
-        return int(ids[0])
-
     def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult:
         if spec.correct is not None and spec.incorrect is not None:
             target: LogitTargets | LogitDiffTarget = LogitDiffTarget(
-                correct=self._token_id(spec.correct, "correct token"),
-                counterfactual=self._token_id(spec.incorrect, "incorrect token"),
+                correct=single_token_id(self.loaded.tokenizer, spec.correct, "correct token"),
+                counterfactual=single_token_id(
+                    self.loaded.tokenizer, spec.incorrect, "incorrect token"
+                ),
             )
         else:
             target = LogitTargets(

@@ -93,10 +93,17 @@ def parse_line(line_no: int, text: str) -> PromptSpec | BadLine | None:
     return spec
 
 
-def read_prompts(path: Path) -> Iterator[PromptSpec | BadLine]:
-    """Stream the prompt file line by line (memory does not grow with the file)."""
+def check_prompt_file(path: Path) -> None:
+    """Raise unless ``path`` is a file (before any work that would read it)."""
+    if path.is_dir():
+        raise InvalidArgumentError(f"prompt file {str(path)!r} is a directory: pass a JSONL file")
     if not path.is_file():
         raise NotFoundError(f"prompt file {str(path)!r} does not exist: pass a JSONL file")
+
+
+def read_prompts(path: Path) -> Iterator[PromptSpec | BadLine]:
+    """Stream the prompt file line by line (memory does not grow with the file)."""
+    check_prompt_file(path)
     with path.open(encoding="utf-8") as handle:
         try:
             for line_no, text in enumerate(handle, start=1):

@@ -58,11 +58,14 @@ def _bar_rows(task_name: str, metrics: dict[str, float]) -> list[list[object]]:
 def _train(args: argparse.Namespace) -> int:
     from ingest.devices import resolve_device
     from ingest.errors import InvalidArgumentError
+    from ingest.paths import check_output
     from ingest.zoo.report import text_table
     from ingest.zoo.trainer import train_zoo_model
 
     if args.steps is not None and args.steps <= 0:
         raise InvalidArgumentError(f"--steps must be positive, not {args.steps}")
+    if args.out is not None:
+        check_output(args.out, "--out", directory=True)
     resolve_device(args.device)
     result = train_zoo_model(
         args.task,
@@ -75,9 +78,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"saved {result.spec.task} on {result.spec.arch} to {result.out_dir}")
     print(f"{result.n_parameters} parameters, trained in {result.train_seconds:.1f} s")
-    print(
-        text_table(["metric", "held-out", "bar", ""], _bar_rows(result.spec.task, result.metrics))
-    )
+    rows = _bar_rows(result.spec.task, result.metrics)
+    print(text_table(["metric", "held-out", "bar", "verdict"], rows))
     return 0
 
 
@@ -126,5 +128,5 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(args.directory, args.device, args.max_examples)
     spec = manifest.spec
     print(f"{args.directory}: {spec.task} on {spec.arch}, seed {spec.seed}")
-    print(text_table(["metric", "held-out", "bar", ""], _bar_rows(spec.task, metrics)))
+    print(text_table(["metric", "held-out", "bar", "verdict"], _bar_rows(spec.task, metrics)))
     return 0

@@ -125,7 +125,10 @@ def features(n_layers: int = 2, width: int = 3) -> list[FeatureRecord]:
             max_activation=2.0 + i,
             label=f"layer {layer} feature {i}" if i % 2 == 0 else None,
             top_tokens=[f"tok{i}", "common"],
-            top_examples=[{"text": f"example {i}", "activation": 1.5}],
+            # the shape feature_stats writes: window and position are integers
+            top_examples=[
+                {"window": i, "position": 3, "activation": 1.5, "token": "w3", "context": "w1 w3"}
+            ],
         )
         for layer in range(n_layers)
         for i in range(width)

@@ -55,7 +55,12 @@ def test_query_errors_are_one_line_with_exit_2(
     assert err.startswith("circuitscope: error:") and "no-such-graph" in err
     monkeypatch.setenv("CIRCUITSCOPE_TOKEN", "w" * 32)
     assert main(["query", "--target", target, "graphs", "list"]) == 2
-    assert "bearer" in capsys.readouterr().err.lower()
+    err = capsys.readouterr().err
+    assert "token" in err.lower() and "--token-file" in err and "CIRCUITSCOPE_TOKEN" in err
+    monkeypatch.delenv("CIRCUITSCOPE_TOKEN")
+    assert main(["query", "--target", target, "graphs", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "missing bearer token" in err and "--token-file" in err
 
 
 def test_serve_runs_until_sigterm_then_exits_cleanly(store: GraphStore, tmp_path: Path) -> None:
@@ -96,4 +101,6 @@ def test_serve_runs_until_sigterm_then_exits_cleanly(store: GraphStore, tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "Traceback" not in log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert f"serving circuits.v1 on 127.0.0.1:{port}" in text  # said without -v

@@ -23,7 +23,7 @@ from service import convert
 from service._generated.circuits.v1 import graph_service_pb2, graph_service_pb2_grpc
 from service.client import CircuitsClient, RetryPolicy
 from service.config import ServerConfig
-from service.server import SERVICE_NAMES, serve_in_background
+from service.server import SERVICE_NAMES, RunningServer, serve_in_background
 from tests.service.conftest import TOKEN
 
 pytestmark = pytest.mark.integration
@@ -226,6 +226,18 @@ def test_a_taken_port_is_unavailable_with_advice(store: GraphStore) -> None:
             serve_in_background(config, store),
         ):
             pass
+
+
+def test_a_port_another_server_serves_on_is_unavailable(
+    store: GraphStore, server: RunningServer
+) -> None:
+    # gRPC servers set SO_REUSEPORT by default, so two of them could share a port
+    config = ServerConfig(port=server.port)
+    with (
+        pytest.raises(UnavailableError, match="choose another port"),
+        serve_in_background(config, store),
+    ):
+        pass
 
 
 def test_health_turns_not_serving_when_the_store_goes_away(

@@ -155,7 +155,9 @@ def test_graph_round_trips_through_proto() -> None:
 
 def test_feature_and_occurrence_round_trip() -> None:
     for feature in builders.features(2, 3):
-        assert convert.feature_from_proto(convert.feature_to_proto(feature)) == feature
+        back = convert.feature_from_proto(convert.feature_to_proto(feature))
+        assert back == feature
+        assert type(back.top_examples[0]["position"]) is int
     occ = FeatureOccurrence("g", "0_1_2", 2, 0.5, None)
     assert convert.occurrence_from_proto(convert.occurrence_to_proto(occ)) == occ
 
@@ -165,3 +167,21 @@ def test_unknown_enum_values_are_invalid_arguments() -> None:
         convert.direction_from_proto(99)
     with pytest.raises(errors.InvalidArgumentError):
         convert.path_score_from_proto(-4)
+
+
+def test_cli_prints_file_system_errors_as_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ingest.zoo import cli as zoo_cli
+    from service.cli import main
+
+    # an OSError no command checked for (here a full disk while listing): one line
+    # naming the file, exit 2, no traceback
+    def full_disk(args: object) -> int:
+        raise OSError(28, "No space left on device", "/data/zoo/out.json")
+
+    monkeypatch.setattr(zoo_cli, "_list", full_disk)
+    code = main(["zoo", "list"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err == "circuitscope: error: /data/zoo/out.json: No space left on device\n"

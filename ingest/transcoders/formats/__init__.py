@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ingest.errors import InvalidArgumentError
+from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.transcoders.formats.circuit_tracer import is_circuit_tracer_dir, load_set, save_set
 from ingest.transcoders.formats.saelens import is_saelens_dir, load_saelens, save_saelens
 from ingest.transcoders.formats.sparsify import is_sparsify_dir, load_sparsify, save_sparsify
@@ -23,6 +23,8 @@ FORMATS.add("sparsify", (save_sparsify, load_sparsify))
 
 def detect_format(path: str | Path) -> str:
     root = Path(path)
+    if not root.exists():
+        raise NotFoundError(f"no transcoder set at {root}: check the path")
     if is_circuit_tracer_dir(root):
         return "circuit_tracer"
     if is_saelens_dir(root):

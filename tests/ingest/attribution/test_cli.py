@@ -56,8 +56,11 @@ def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
     assert doc["metadata"]["prompt"] == PROMPT
     # A second run into the same directory is refused before any work.
     assert run(saved, "--out", str(out)) == 2
+    assert run(saved, "--out", str(out), "--overwrite", "--logit-diff", "w3", "id:4") == 0
+    diff = load_artifact(out)
+    assert diff.layout.n_logits == 1
     assert run(saved, "--out", str(out), "--overwrite", "--logit-diff", "w3", "w4") == 0
-    assert load_artifact(out).layout.n_logits == 1
+    assert load_artifact(out).nodes == diff.nodes  # "w4" is the token of id 4
     assert run(saved, "--out", str(out), "--overwrite", "--feature-target", "1", "3", "4") == 0
     feature = load_artifact(out)
     assert feature.layout.n_logits == 0 and feature.node_weights is not None
@@ -71,7 +74,8 @@ def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
         ("   ", [], "empty"),
         (" ".join(["w3"] * (m.N_CTX + 1)), [], "context"),
         ("w3 hello w4", [], "cannot encode"),
-        (PROMPT, ["--logit-diff", "w3", "999"], "outside the vocabulary"),
+        (PROMPT, ["--logit-diff", "w3", "id:999"], "outside the vocabulary"),
+        (PROMPT, ["--logit-diff", "w3", "zebra"], "not in the vocabulary"),
         (PROMPT, ["--transcoders-other"], "fingerprint"),
         (PROMPT, ["--dtype", "float64", "--device", "cuda:7"], "cuda"),
         (PROMPT, ["--feature-target", "1", "999", "4"], "feature indices"),
@@ -91,3 +95,14 @@ def test_bad_input_fails_cleanly(saved, tmp_path, capsys, prompt, extra, message
     assert message in err.lower() or message in err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_unwritable_output_paths_fail_before_any_work(saved, tmp_path, capsys, flag) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    code = run(saved, flag, str(blocker / "inside"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert flag in err and "is a file, not a directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

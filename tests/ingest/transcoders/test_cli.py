@@ -75,8 +75,21 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     assert "--dead-after-tokens" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "a"), "--answer-weight", "0"]) == 2
     assert "--answer-weight" in capsys.readouterr().err
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    assert main([*base, "--out", str(blocker / "tc")]) == 2
+    assert "--out" in capsys.readouterr().err
     # A set trained on one model, evaluated on a model with other weights.
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    evaluate = ["transcoders", "eval", str(tmp_path / "b"), "--model", str(tiny_zoo_dir)]
+    assert main([*evaluate, "--json", str(blocker / "e.json")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    # convert: a missing source, and a destination that already holds files
+    convert = ["transcoders", "convert", "--to", "saelens"]
+    assert main([*convert, str(tmp_path / "nope"), str(tmp_path / "c")]) == 2
+    assert "no transcoder set at" in capsys.readouterr().err
+    assert main([*convert, str(tmp_path / "b"), str(tmp_path / "b")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     other = tmp_path / "other-model"
     shutil.copytree(tiny_zoo_dir, other)
     weights = load_file(str(other / "model.safetensors"))

@@ -59,6 +59,8 @@ def test_strict_validation_names_every_bad_line(tmp_path: Path) -> None:
 def test_missing_file_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="does not exist"):
         list(read_prompts(tmp_path / "absent.jsonl"))
+    with pytest.raises(InvalidArgumentError, match="is a directory"):
+        list(read_prompts(tmp_path))
 
 
 def test_graph_key_depends_on_everything_that_changes_the_graph() -> None:

@@ -75,8 +75,12 @@ def test_train_then_list(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.slow
-def test_demo_zoo_model_stage_trains_then_reuses() -> None:
-    # Only the demo's first stage: later stages belong to other subsystems' tests.
+def test_demo_zoo_model_stage_trains_then_reuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the demo's first stage: later stages belong to other subsystems' tests. A
+    # home of its own, so a demo run by another test cannot have trained the model.
+    monkeypatch.setenv("CIRCUITSCOPE_HOME", str(tmp_path))
     stage = STAGES[0]
     assert stage.name == "zoo-model"
     ctx = DemoContext(device="cpu", tiny=True, progress=False)
