@@ -21,17 +21,21 @@ def check_output(path: Path, flag: str, *, directory: bool) -> None:
     that names ``flag``.
 
     Refused: a parent that is a file, a file where a directory is wanted (or the
-    reverse), and a nearest existing parent this process may not write. Missing parents
-    are fine: the writers create them.
+    reverse), a broken symbolic link, a directory this process may not write into, and,
+    for a file, a parent directory it may not write (files are written to a temporary
+    name beside them, then renamed). Missing parents are fine: the writers create them.
     """
     want = "a directory" if directory else "a file path"
+    if path.is_symlink() and not path.exists():
+        raise InvalidArgumentError(
+            f"{flag} {path} is a broken symbolic link: remove it or choose another {flag}"
+        )
     if path.exists():
         if path.is_dir() != directory:
             kind = "a directory" if path.is_dir() else "a file"
             raise InvalidArgumentError(f"{flag} {path} is {kind}: give {want}")
-        if not os.access(path, os.W_OK):
+        if directory and not _writable_dir(path):
             raise InvalidArgumentError(f"{flag} {path} is not writable: choose another {flag}")
-        return
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -39,7 +43,11 @@ def check_output(path: Path, flag: str, *, directory: bool) -> None:
         raise InvalidArgumentError(
             f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}"
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not (directory and path.exists()) and not _writable_dir(parent):
         raise InvalidArgumentError(
-            f"{flag} {path}: cannot create it in {parent} (not writable); choose another {flag}"
+            f"{flag} {path}: cannot write in {parent} (not writable); choose another {flag}"
         )
+
+
+def _writable_dir(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)

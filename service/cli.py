@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A path the command's own checks did not foresee (a full disk, a permission
         # changed mid-run): one line, not a traceback.
         logging.getLogger(__name__).debug("file-system error", exc_info=True)
-        where = f"{exc.filename}: " if exc.filename else ""
+        names = [str(n) for n in (exc.filename, exc.filename2) if n]
+        where = "".join(f"{n}: " for n in names)
         print(f"circuitscope: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

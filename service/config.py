@@ -148,8 +148,12 @@ class ServerConfig:
 
     @property
     def address(self) -> str:
+        return self.address_on(self.port)
+
+    def address_on(self, port: int) -> str:
+        """``host:port`` for ``port`` (the bound one when ``port`` was 0), IPv6 bracketed."""
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return f"{host}:{port}"
 
     @property
     def auth_enabled(self) -> bool:

@@ -34,6 +34,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from service.demo_cli import DemoContext
 
+#: What the queries stage prints for a listing the pruned graphs leave empty.
+NO_FEATURES = "  (none: pruning kept no feature nodes; only token, error and logit nodes)"
+
 
 def _demo_dir(ctx: DemoContext) -> Path:
     from ingest.paths import home
@@ -202,11 +205,9 @@ def queries_stage(ctx: DemoContext) -> list[str]:
         {"ids": [g.graph_id for g in graphs]},
     )
     lines.append(f"features in the most circuits (layer, index: graphs of {len(graphs)}):")
-    lines += [f"  {r['layer']}, {r['feature']}: {r['graphs']}" for r in shared] or [NO_FEATURES]
+    shared_lines = [f"  {r['layer']}, {r['feature']}: {r['graphs']}" for r in shared]
+    lines += shared_lines if shared_lines else [NO_FEATURES]
     return lines
-
-
-NO_FEATURES = "  (none: pruning kept no feature nodes; only token, error and logit nodes)"
 
 
 def _free_port() -> int:

@@ -243,8 +243,8 @@ async def serve(
     saying where it listens once it does."""
     running = await start_server(config, store)
     if announce is not None:
-        host = config.address.rpartition(":")[0]
-        announce(f"serving circuits.v1 on {host}:{running.port}; stop with Ctrl-C or SIGTERM")
+        where = config.address_on(running.port)
+        announce(f"serving circuits.v1 on {where}; stop with Ctrl-C or SIGTERM")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

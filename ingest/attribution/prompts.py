@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,7 +69,7 @@ def single_token_id(tokenizer: Any, text: str, what: str = "token") -> int:
     """
     if text.startswith(TOKEN_ID_PREFIX):
         number = text[len(TOKEN_ID_PREFIX) :]
-        if not number.lstrip("-").isdigit():
+        if not re.fullmatch(r"-?[0-9]+", number):
             raise InvalidArgumentError(f"{what} {text!r}: write a token id as id:N, e.g. id:42")
         return int(number)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

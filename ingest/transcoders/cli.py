@@ -16,6 +16,7 @@ only when a subcommand runs.
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--from", dest="src_format", choices=("auto", *FORMAT_NAMES), default="auto"
     )
     convert.add_argument(
-        "--overwrite", action="store_true", help="write into a dst that already holds files"
+        "--overwrite", action="store_true", help="replace a transcoder set already in dst"
     )
     convert.set_defaults(handler=_convert)
 
@@ -334,14 +335,28 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ingest.transcoders.formats import load_any, save
+    from ingest.transcoders.formats import detect_format, load_any, save
 
     check_output(args.dst, "dst", directory=True)
-    if args.dst.is_dir() and any(args.dst.iterdir()) and not args.overwrite:
+    if args.dst.exists() and args.dst.resolve() == args.src.resolve():
+        raise InvalidArgumentError(f"dst {args.dst} is src: convert into another directory")
+    replace = args.dst.is_dir() and any(args.dst.iterdir())
+    if replace and not args.overwrite:
         raise InvalidArgumentError(
             f"{args.dst} already holds files: choose an empty or new dst, or pass --overwrite"
         )
+    if replace:
+        try:
+            detect_format(args.dst)
+        except InvalidArgumentError:
+            raise InvalidArgumentError(
+                f"{args.dst} holds files that are not a transcoder set: --overwrite only "
+                "replaces a set; choose an empty or new dst"
+            ) from None
     tset = load_any(args.src, fmt=args.src_format)
+    if replace:
+        # Another format's files left in dst would make its layout ambiguous.
+        shutil.rmtree(args.dst)
     save(tset, args.dst, args.to)
     print(f"wrote {tset.metadata.set_id} ({args.to}) to {args.dst}")
     return 0

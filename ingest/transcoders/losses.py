@@ -72,16 +72,17 @@ def aux_k_dead(dead: torch.Tensor | None, coefficient: float) -> torch.Tensor | 
     return dead
 
 
-def aux_k_row_count(rows: int, n_dead: int, d_transcoder: int, batch: int) -> int:
-    """Rows AuxK uses this step: the budget ``rows x d_transcoder`` (selection entries)
-    spread over the ``n_dead`` dead columns, at least ``rows`` and at most ``batch``.
+def aux_k_row_count(row_budget: int, n_dead: int, d_transcoder: int, batch: int) -> int:
+    """Rows AuxK uses this step: ``row_budget`` rows' worth of selection entries
+    (``row_budget x d_transcoder``) spread over the ``n_dead`` dead columns, at most
+    ``batch``. Since ``n_dead <= d_transcoder``, that is at least ``row_budget`` rows.
 
-    ``rows`` 0 means every row. With 256 rows and 512 latents: 320 rows at 80% dead,
-    2,621 at 10% and the whole 4,096-row batch below 6.25%.
+    ``row_budget`` 0 means every row. With 256 and 512 latents: 319 rows at 410 dead
+    (80%), 2,570 at 51 (10%), and the whole 4,096-row batch at 32 dead (6.25%) or fewer.
     """
-    if rows <= 0 or n_dead <= 0:
+    if row_budget <= 0 or n_dead <= 0:
         return batch
-    return min(batch, max(rows, rows * d_transcoder // n_dead))
+    return min(batch, row_budget * d_transcoder // n_dead)
 
 
 def aux_k_loss(
@@ -90,18 +91,18 @@ def aux_k_loss(
     residual: torch.Tensor,
     W_dec: torch.Tensor,
     k: int,
-    rows: int = 0,
+    row_budget: int = 0,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """pre: (N, d_t); dead: (d_t,) bool; residual: (N, d_out); W_dec: (d_t, d_out);
     weight: (N,) row weights or None.
 
-    Uses the first :func:`aux_k_row_count` rows (``rows`` 0: all; batches are shuffled,
-    so they are a uniform sample) and the dead columns only (selected first), so its
+    Uses the first :func:`aux_k_row_count` rows (``row_budget`` 0: all; batches are
+    shuffled, so they are a uniform sample) and the dead columns only (selected first), so its
     selection and matmuls shrink with both.
     """
     columns = dead.nonzero().squeeze(1)
-    n = aux_k_row_count(rows, int(columns.numel()), dead.numel(), pre.shape[0])
+    n = aux_k_row_count(row_budget, int(columns.numel()), dead.numel(), pre.shape[0])
     pre, residual = pre[:n], residual[:n]
     weight = None if weight is None else weight[:n]
     k = min(k, int(columns.numel()))

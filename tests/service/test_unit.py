@@ -185,3 +185,13 @@ def test_cli_prints_file_system_errors_as_one_line(
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err == "circuitscope: error: /data/zoo/out.json: No space left on device\n"
+
+
+def test_model_spec_refuses_a_missing_transcoder_directory(tmp_path: Path) -> None:
+    from service.models import ModelSpec
+
+    (tmp_path / "tc").mkdir()
+    spec = ModelSpec.parse(f"m=gpt2,{tmp_path / 'tc'}")
+    assert (spec.name, spec.model_path, spec.transcoders_path) == ("m", "gpt2", tmp_path / "tc")
+    with pytest.raises(errors.NotFoundError, match=r"no transcoder set directory at .*missing"):
+        ModelSpec.parse(f"m=gpt2,{tmp_path / 'missing'}")

@@ -34,6 +34,8 @@ def test_digit_text_is_the_token_and_ids_need_the_prefix(digits) -> None:
         ("99 01", "2 tokens"),
         ("", "0 tokens"),
         ("id:x", "id:N"),
+        ("id:--5", "id:N"),
+        ("id:\u00b2", "id:N"),  # a superscript two is a digit to str.isdigit, not to int
     ],
 )
 def test_bad_tokens_name_the_problem(digits, text, message) -> None:

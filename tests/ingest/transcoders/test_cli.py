@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ingest.transcoders.formats import load_any
+from ingest.transcoders.formats import detect_format, load_any
 from service.cli import main
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,21 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     assert main([*convert, str(tmp_path / "nope"), str(tmp_path / "c")]) == 2
     assert "no transcoder set at" in capsys.readouterr().err
     assert main([*convert, str(tmp_path / "b"), str(tmp_path / "b")]) == 2
+    assert "is src" in capsys.readouterr().err
+    c = tmp_path / "c"
+    assert main([*convert, str(tmp_path / "b"), str(c)]) == 0
+    assert main([*convert, str(tmp_path / "b"), str(c)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # --overwrite replaces the set: no SAELens file is left to confuse the layout
+    again = ["transcoders", "convert", str(tmp_path / "b"), str(c), "--overwrite"]
+    assert main([*again, "--to", "circuit_tracer"]) == 0
+    assert detect_format(c) == "circuit_tracer"
+    assert not list(c.rglob("sae_weights.safetensors"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("keep me")
+    assert main([*again[:3], str(tmp_path / "d"), "--overwrite", "--to", "saelens"]) == 2
+    assert "not a transcoder set" in capsys.readouterr().err
+    assert (tmp_path / "d" / "notes.txt").read_text() == "keep me"
     other = tmp_path / "other-model"
     shutil.copytree(tiny_zoo_dir, other)
     weights = load_file(str(other / "model.safetensors"))
