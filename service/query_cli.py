@@ -197,10 +197,12 @@ def _feature_key(parser: argparse.ArgumentParser) -> None:
 
 def make_client(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Any:
     """A :class:`CircuitsClient` for the connection flags and environment."""
-    from ingest.errors import NotFoundError
+    from ingest.errors import InvalidArgumentError, NotFoundError
     from service.client import CircuitsClient, ClientTls
 
     env = os.environ if environ is None else environ
+    if not args.timeout > 0:
+        raise InvalidArgumentError(f"--timeout must be > 0 seconds, got {args.timeout}")
     token = env.get(TOKEN_ENV) or None
     if args.token_file is not None:
         if not args.token_file.is_file():

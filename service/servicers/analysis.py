@@ -53,7 +53,7 @@ def _check_prompt(prompt: str, what: str = "prompt") -> str:
         raise InvalidArgumentError(f"{what} is required")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidArgumentError(
-            f"{what} has {len(prompt)} characters; keep it under {MAX_PROMPT_CHARS}"
+            f"{what} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
         )
     return prompt
 

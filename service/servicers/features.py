@@ -72,7 +72,7 @@ class FeatureServicer(feature_service_pb2_grpc.FeatureServiceServicer):
         set_id, layer, index = convert.feature_key_from_proto(request.key)
         if len(request.label) > MAX_LABEL_CHARS:
             raise InvalidArgumentError(
-                f"label has {len(request.label)} characters; keep it under {MAX_LABEL_CHARS}"
+                f"label has {len(request.label)} characters; the limit is {MAX_LABEL_CHARS}"
             )
         feature = await self._run.call(
             context, self._store.set_feature_label, set_id, layer, index, request.label or None

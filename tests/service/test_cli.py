@@ -53,6 +53,8 @@ def test_query_errors_are_one_line_with_exit_2(
     assert main(["query", "--target", target, "graphs", "get", "no-such-graph"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("circuitscope: error:") and "no-such-graph" in err
+    assert main(["query", "--target", target, "--timeout", "-1", "health"]) == 2
+    assert "--timeout must be > 0" in capsys.readouterr().err
     monkeypatch.setenv("CIRCUITSCOPE_TOKEN", "w" * 32)
     assert main(["query", "--target", target, "graphs", "list"]) == 2
     err = capsys.readouterr().err
