@@ -5,7 +5,9 @@ For every latent of every covered layer, over the eval split of a prompt source:
 - ``density``: fraction of real tokens where the latent is active (> 0);
 - ``max_activation``;
 - ``top_examples``: the ``top_k`` highest activations with (window, position), the
-  token there and a window of decoded context before it;
+  token there and a window of decoded context before it, one per distinct context
+  (prompts made from templates repeat the same context in many windows; the highest
+  ``CANDIDATES_PER_EXAMPLE x top_k`` activations are kept to fill ``top_k`` distinct ones);
 - ``top_tokens``: vocabulary tokens whose embeddings most excite the latent,
   the "de-embedding" ``W_E W_enc[i]`` (Dunefsky et al. 2024);
 - ``output_tokens``: tokens the latent's decoder most promotes, ``W_dec[i] W_U``
@@ -56,6 +58,10 @@ def _token_list(
     ]
 
 
+#: Candidates kept per requested top example, from which repeated contexts are dropped.
+CANDIDATES_PER_EXAMPLE = 4
+
+
 @torch.no_grad()
 def compute_feature_stats(
     adapter: Any,
@@ -77,8 +83,9 @@ def compute_feature_stats(
     windows = source.get("eval", 0, n)
     device = adapter.device
     count = {layer: torch.zeros(d_t, device=device) for layer in layers}
-    best_val = {layer: torch.full((d_t, top_k), -torch.inf, device=device) for layer in layers}
-    best_loc = {layer: torch.zeros(d_t, top_k, dtype=torch.long, device=device) for layer in layers}
+    pool = CANDIDATES_PER_EXAMPLE * top_k
+    best_val = {layer: torch.full((d_t, pool), -torch.inf, device=device) for layer in layers}
+    best_loc = {layer: torch.zeros(d_t, pool, dtype=torch.long, device=device) for layer in layers}
     width = windows.ids.shape[1]
     tokens = 0
     for lo in tqdm(range(0, n, batch_size), disable=not progress, desc="feature stats"):
@@ -95,11 +102,11 @@ def compute_feature_stats(
             acts = tset.encode(layer, x) * mask[..., None]  # (B, T, d_t)
             flat = acts.reshape(-1, d_t).T  # (d_t, B*T)
             count[layer] += (flat > 0).sum(-1)
-            k = min(top_k, flat.shape[1])
+            k = min(pool, flat.shape[1])
             vals, idx = flat.topk(k, dim=-1)
             merged_val = torch.cat([best_val[layer], vals], -1)
             merged_loc = torch.cat([best_loc[layer], flat_loc.reshape(-1)[idx]], -1)
-            keep_val, keep_idx = merged_val.topk(top_k, dim=-1)
+            keep_val, keep_idx = merged_val.topk(pool, dim=-1)
             best_val[layer] = keep_val
             best_loc[layer] = merged_loc.gather(-1, keep_idx)
     all_ids = windows.ids
@@ -113,11 +120,16 @@ def compute_feature_stats(
         density = (count[layer] / max(tokens, 1)).cpu()
         for i in range(d_t):
             examples: list[dict[str, Any]] = []
+            seen: set[tuple[int, ...]] = set()
             for v, loc in zip(vals[i].tolist(), locs[i].tolist(), strict=True):
-                if not v > 0:
-                    continue
+                if not v > 0 or len(examples) == top_k:
+                    break  # sorted: the rest are no larger
                 window, pos = divmod(int(loc), width)
                 row = all_ids[window].tolist()
+                shown = tuple(row[max(0, pos - context) : pos + 1])
+                if shown in seen:
+                    continue
+                seen.add(shown)
                 examples.append(
                     {
                         "window": window,

@@ -49,6 +49,10 @@ def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     assert active and all(len(s["top_examples"]) <= 3 for s in stats)
     best = max(active, key=lambda s: s["max_activation"])
     assert best["max_activation"] == best["top_examples"][0]["activation"]
+    for s in active:  # strongest first, one example per distinct context
+        acts = [e["activation"] for e in s["top_examples"]]
+        contexts = [e["context"] for e in s["top_examples"]]
+        assert acts == sorted(acts, reverse=True) and len(set(contexts)) == len(contexts)
     assert len(best["top_tokens"]) == 10 and len(best["output_tokens"]) == 10
 
     assert main(["transcoders", "convert", str(out), str(tmp_path / "sl"), "--to", "saelens"]) == 0
