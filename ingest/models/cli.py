@@ -96,6 +96,10 @@ def _check(loaded, prompt: str) -> int:
     bar = 1e-5 * scale if adapter.dtype in (torch.float32, torch.float64) else 5e-2 * scale
     ok = hf_diff <= bar and frozen_diff == 0.0
     print(f"{'tokens':26s} {ids.shape[1]}")
+    unk = getattr(loaded.tokenizer, "unk_token_id", None)
+    n_unk = int((ids == unk).sum()) if unk is not None else 0
+    if n_unk and loaded.tokenizer.unk_token not in prompt:
+        print(f"{'unknown-token ids':26s} {n_unk} (words outside the vocabulary; still checked)")
     print(f"{'max |adapter - HF|':26s} {hf_diff:.3g} (bar {bar:.3g})")
     print(f"{'max |frozen - normal|':26s} {frozen_diff:.3g}")
     print(f"{'check':26s} {'pass' if ok else 'FAIL'}")

@@ -28,6 +28,11 @@ def test_info_and_check_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFi
     assert "check                      pass" in out
     fingerprint = next(line.split()[-1] for line in out.splitlines() if line.startswith("fing"))
     assert len(fingerprint) == 64
+    assert "unknown-token" not in out
+    # words outside the vocabulary are still checked, and said
+    assert main(["model", "info", str(tmp_path), "--prompt", "w2 zebra crossing"]) == 0
+    out = capsys.readouterr().out
+    assert "unknown-token ids          2 " in out and "check                      pass" in out
 
 
 def test_info_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
