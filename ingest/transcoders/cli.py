@@ -262,10 +262,11 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"trained {result.steps_done} steps, {result.tokens_per_second:.0f} tokens/s")
     mode = "the whole split, collected once" if result.buffer_resident else "streamed"
-    mib = result.buffer_bytes / 2**20
+    size = result.buffer_bytes
+    shown = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{max(1, round(size / 2**10))} KiB"
     print(
         f"activation buffer: {result.buffer_rows} rows per layer in whole windows, "
-        f"{mib:.{0 if mib >= 10 else 1}f} MiB ({mode})"
+        f"{shown} ({mode})"
     )
     print(f"saved transcoder set to {args.out}")
     if not args.no_eval:

@@ -25,7 +25,7 @@ def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     # windows (18 of the 14-token prompts)
     printed = capsys.readouterr().out
     assert "activation buffer: 252 rows per layer in whole windows" in printed
-    assert "(streamed)" in printed and " 0.0 MiB" not in printed
+    assert "(streamed)" in printed and " 0 MiB" not in printed and " KiB" in printed
     report = json.loads((out / "eval.json").read_text())
     assert report["task"]["task"] == "greater_than"
     assert set(report["layers"]) == {"0"}
