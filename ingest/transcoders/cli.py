@@ -265,8 +265,7 @@ def _train(args: argparse.Namespace) -> int:
     size = result.buffer_bytes
     shown = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{max(1, round(size / 2**10))} KiB"
     print(
-        f"activation buffer: {result.buffer_rows} rows per layer in whole windows, "
-        f"{shown} ({mode})"
+        f"activation buffer: {result.buffer_rows} rows per layer in whole windows, {shown} ({mode})"
     )
     print(f"saved transcoder set to {args.out}")
     if not args.no_eval:
