@@ -53,8 +53,7 @@ class Stage:
 
 
 def _zoo_model(ctx: DemoContext) -> list[str]:
-    from ingest.zoo.report import text_table
-    from ingest.zoo.tasks import get_task
+    from ingest.zoo.report import bar_table
     from ingest.zoo.trainer import default_out_dir, train_zoo_model
 
     out_dir = default_out_dir(DEMO_TASK, DEMO_ARCH, tiny=ctx.tiny)
@@ -70,13 +69,7 @@ def _zoo_model(ctx: DemoContext) -> list[str]:
     )
     ctx.results["zoo_model"] = result
     how = "reused" if result.reused else f"trained in {result.train_seconds:.1f} s"
-    bars = {b.metric: b for b in get_task(DEMO_TASK).quality_bars()}
-    rows: list[list[object]] = []
-    for name, value in result.metrics.items():
-        bar = bars.get(name)
-        verdict = ("pass" if bar.passes(result.metrics) else "FAIL") if bar else ""
-        rows.append([name, value, bar.describe() if bar else "", verdict])
-    table = text_table(["held-out metric", "value", "bar", "verdict"], rows)
+    table = bar_table(DEMO_TASK, result.metrics)
     lines = [
         f"model: {DEMO_TASK} on {DEMO_ARCH}, {result.n_parameters} parameters, {how}",
         f"checkpoint: {Path(result.out_dir)}",

@@ -195,9 +195,8 @@ def queries_stage(ctx: DemoContext) -> list[str]:
         {"g": graph.graph_id},
     )
     lines.append("most influential feature hubs of the first graph (node, out-edges, strength):")
-    lines += [f"  {h['node']}  {h['out_edges']}  {h['strength']:.3g}" for h in hubs] or [
-        NO_FEATURES
-    ]
+    hub_lines = [f"  {h['node']}  {h['out_edges']}  {h['strength']:.3g}" for h in hubs]
+    lines += hub_lines if hub_lines else [NO_FEATURES]
     shared = store.query(
         "MATCH (n:GNode)<-[:ATTR]-() WHERE n.kind = 'feature' AND n.graph_id IN $ids "
         "WITH n.layer AS layer, n.feature AS feature, collect(DISTINCT n.graph_id) AS gs "

@@ -15,7 +15,6 @@ only when a subcommand runs.
 """
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -252,6 +251,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from ingest.transcoders.evaluation import evaluate_set
+    from ingest.transcoders.formats.common import write_json
     from ingest.transcoders.trainer import train_transcoders
 
     cfg = _train_config(args, args.sparsity)
@@ -277,7 +277,7 @@ def _train(args: argparse.Namespace) -> int:
             tokenizer=loaded.tokenizer,
             progress=True,
         )
-        (Path(args.out) / "eval.json").write_text(json.dumps(report, indent=2))
+        write_json(Path(args.out) / "eval.json", report)
         _print_report(report)
     return 0
 

@@ -136,7 +136,7 @@ def compute_feature_stats(
                         "position": pos,
                         "activation": float(v),
                         "token": _decode(tokenizer, [row[pos]]),
-                        "context": _decode(tokenizer, row[max(0, pos - context) : pos + 1]),
+                        "context": _decode(tokenizer, list(shown)),
                     }
                 )
             out.append(

@@ -43,23 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.set_defaults(handler=_eval)
 
 
-def _bar_rows(task_name: str, metrics: dict[str, float]) -> list[list[object]]:
-    from ingest.zoo.tasks import get_task
-
-    bars = {b.metric: b for b in get_task(task_name).quality_bars()}
-    rows: list[list[object]] = []
-    for name, value in metrics.items():
-        bar = bars.get(name)
-        verdict = ("pass" if bar.passes(metrics) else "FAIL") if bar else ""
-        rows.append([name, value, bar.describe() if bar else "", verdict])
-    return rows
-
-
 def _train(args: argparse.Namespace) -> int:
     from ingest.devices import resolve_device
     from ingest.errors import InvalidArgumentError
     from ingest.paths import check_output
-    from ingest.zoo.report import text_table
+    from ingest.zoo.report import bar_table
     from ingest.zoo.trainer import train_zoo_model
 
     if args.steps is not None and args.steps <= 0:
@@ -78,8 +66,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"saved {result.spec.task} on {result.spec.arch} to {result.out_dir}")
     print(f"{result.n_parameters} parameters, trained in {result.train_seconds:.1f} s")
-    rows = _bar_rows(result.spec.task, result.metrics)
-    print(text_table(["metric", "held-out", "bar", "verdict"], rows))
+    print(bar_table(result.spec.task, result.metrics))
     return 0
 
 
@@ -119,7 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ingest.devices import resolve_device
     from ingest.errors import InvalidArgumentError
     from ingest.zoo.checkpoint import evaluate_checkpoint, read_manifest
-    from ingest.zoo.report import text_table
+    from ingest.zoo.report import bar_table
 
     if args.max_examples is not None and args.max_examples <= 0:
         raise InvalidArgumentError(f"--max-examples must be positive, not {args.max_examples}")
@@ -128,5 +115,5 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(args.directory, args.device, args.max_examples)
     spec = manifest.spec
     print(f"{args.directory}: {spec.task} on {spec.arch}, seed {spec.seed}")
-    print(text_table(["metric", "held-out", "bar", "verdict"], _bar_rows(spec.task, metrics)))
+    print(bar_table(spec.task, metrics))
     return 0

@@ -20,6 +20,19 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def bar_table(task_name: str, metrics: dict[str, float]) -> str:
+    """Held-out metrics beside the task's quality bars and whether each passes."""
+    from ingest.zoo.tasks import get_task
+
+    bars = {b.metric: b for b in get_task(task_name).quality_bars()}
+    rows: list[list[object]] = []
+    for name, value in metrics.items():
+        bar = bars.get(name)
+        verdict = ("pass" if bar.passes(metrics) else "FAIL") if bar else ""
+        rows.append([name, value, bar.describe() if bar else "", verdict])
+    return text_table(["metric", "held-out", "bar", "verdict"], rows)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
