@@ -4,7 +4,7 @@
         [--width N | --expansion F] [--sparsity S] [--layers 0,1|all] [--steps N]
         [--prompts SPEC] [--device D] [--seed S] [--resume]
     circuitscope transcoders eval SET --model DIR [--prompts SPEC] [--windows N]
-    circuitscope transcoders pareto --model DIR --out DIR --sparsities 4,8,16 [...]
+    circuitscope transcoders pareto --model DIR --out DIR --sparsities 4,8,16 [--seeds 0,1,2]
     circuitscope transcoders stats SET --model DIR [--prompts SPEC] [--windows N]
     circuitscope transcoders convert SRC DST --to saelens|sparsify|circuit_tracer
 
@@ -51,6 +51,13 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 4,8,16, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -166,6 +173,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_args(pareto)
     _add_train_args(pareto)
     pareto.add_argument("--sparsities", type=_floats, required=True, help="e.g. 4,8,16,32")
+    pareto.add_argument(
+        "--seeds", type=_ints, default=None,
+        help="train every point at each of these seeds (e.g. 0,1,2) and report the spread; "
+        "default: --seed",
+    )  # fmt: skip
     pareto.set_defaults(handler=_pareto)
 
     stats = commands.add_parser("stats", help="per-latent statistics (feature_stats.json)")
@@ -302,17 +314,21 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from ingest.transcoders.pareto import markdown_table, run_pareto
+    from ingest.transcoders.pareto import render_markdown, run_pareto
 
     if not args.sparsities:
         raise InvalidArgumentError("--sparsities needs at least one value, e.g. 4,8,16")
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise InvalidArgumentError(f"--seeds needs distinct integers, e.g. 0,1,2; got {seeds}")
     cfg = _train_config(args, None)
     check_output(args.out, "--out", directory=True)
     loaded, source = _load(args)
-    rows = run_pareto(
-        loaded.adapter, source, cfg, args.sparsities, args.out, model_id=loaded.model_id
-    )
-    print(markdown_table(rows))
+    tables = run_pareto(
+        loaded.adapter, source, cfg, args.sparsities, args.out, model_id=loaded.model_id,
+        seeds=seeds,
+    )  # fmt: skip
+    print(render_markdown(tables))
     print(f"wrote {args.out / 'pareto.md'} and {args.out / 'pareto.png'}")
     return 0
 

@@ -1,39 +1,44 @@
 """Sparsity sweeps: L0 against CE loss recovered, transcoders against SAEs.
 
-For each sparsity value and each kind (``transcoder`` and the ``sae`` baseline, same
-architecture, width and steps) a set is trained and evaluated; each row records the mean
-over covered layers of L0, FVU, dead fraction, CE loss recovered (layer spliced alone)
-and the all-layers CE loss recovered. Transcoders get the skip connection unless the
-base config turns it off (``--no-skip``; rows ``transcoder+skip``), SAEs never: an SAE
-with one could copy its input. The sweep writes ``pareto.json``, ``pareto.md`` and
-``pareto.png`` (matplotlib, Agg backend). Dunefsky et al. (2024) compare the two
+For each sparsity value, each kind (``transcoder`` and the ``sae`` baseline, same
+architecture, width and steps) and each seed a set is trained and evaluated; each run's
+row records the mean over covered layers of L0, FVU, dead fraction, CE loss recovered
+(layer spliced alone) and the all-layers CE loss recovered. Transcoders get the skip
+connection unless the base config turns it off (``--no-skip``; rows ``transcoder+skip``),
+SAEs never: an SAE with one could copy its input.
+
+On the small zoo tasks the CE-recovered difference between the two kinds is often
+smaller than the spread between seeds, so a sweep over several seeds also reports, per
+(kind, sparsity), the mean with its range, and per sparsity the paired difference
+transcoder minus SAE at each seed. The verdict reads "transcoder ahead" or "SAE ahead"
+only when every seed agrees, otherwise "level". Dunefsky et al. (2024) compare the two
 kinds the same way: at equal L0 the better replacement recovers more loss.
+
+The sweep writes ``pareto.json`` (``runs``, ``summary``, ``comparison``), ``pareto.md``
+and ``pareto.png`` (matplotlib, Agg backend; error bars span the seeds).
 """
 
 import dataclasses
-import json
 import logging
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ingest.transcoders.evaluation import evaluate_set
+from ingest.transcoders.formats.common import write_json
 from ingest.transcoders.sources import Source
 from ingest.transcoders.trainer import TrainConfig, train_transcoders
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = (
-    "kind",
-    "sparsity",
-    "l0",
-    "fvu",
-    "dead_fraction",
-    "ce_loss_recovered",
-    "ce_recovered_all",
-)
+METRICS = ("l0", "fvu", "dead_fraction", "ce_loss_recovered", "ce_recovered_all")
+COLUMNS = ("kind", "sparsity", "seed", *METRICS)
+SUMMARY_COLUMNS = ("kind", "sparsity", "seeds", *METRICS, "ce_min", "ce_max")
+COMPARISON_COLUMNS = ("sparsity", "seeds", "ce_diff_mean", "ce_diff_min", "ce_diff_max", "verdict")
 
 
-def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
     def fmt(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -46,45 +51,115 @@ def run_pareto(
     adapter: Any,
     source: Source,
     base: TrainConfig,
-    sparsities: list[float],
+    sparsities: Sequence[float],
     out_dir: str | Path,
     *,
     model_id: str,
+    seeds: Sequence[int] | None = None,
     kinds: tuple[str, ...] = ("transcoder", "sae"),
     eval_windows: int | None = None,
     progress: bool = True,
-) -> list[dict[str, Any]]:
+) -> dict[str, list[dict[str, Any]]]:
+    """Train and evaluate every (kind, sparsity, seed); return and write the tables.
+
+    ``seeds`` defaults to ``[base.seed]``. A run directory that holds a finished run of
+    the same config is evaluated again, not retrained.
+    """
     out = Path(out_dir)
-    rows: list[dict[str, Any]] = []
-    for kind in kinds:
-        for sparsity in sparsities:
-            skip = False if kind == "sae" else base.skip
-            cfg = dataclasses.replace(base, kind=kind, sparsity=sparsity, skip=skip)
-            label = f"{kind}+skip" if cfg.uses_skip else kind
-            run_dir = out / f"{label}-{cfg.arch}-{sparsity:g}"
-            result = train_transcoders(
-                adapter, source, cfg, run_dir, model_id=model_id, resume=True, progress=progress
-            )
-            report = evaluate_set(adapter, result.tset, source, n_windows=eval_windows)
-            row = {
-                "kind": label,
-                "sparsity": float(sparsity),
-                **{k: report["mean"][k] for k in ("l0", "fvu", "dead_fraction")},
-                "ce_loss_recovered": report["mean"]["ce_loss_recovered"],
-                "ce_recovered_all": report["all_layers"]["ce_loss_recovered"],
-                "dir": str(run_dir),
-            }
-            rows.append(row)
-            logger.info("pareto %s", row)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pareto.json").write_text(json.dumps(rows, indent=2))
-    (out / "pareto.md").write_text(markdown_table(rows) + "\n")
+    runs: list[dict[str, Any]] = []
+    for seed in seeds if seeds is not None else [base.seed]:
+        for kind in kinds:
+            for sparsity in sparsities:
+                skip = False if kind == "sae" else base.skip
+                cfg = dataclasses.replace(base, kind=kind, sparsity=sparsity, skip=skip, seed=seed)
+                label = f"{kind}+skip" if cfg.uses_skip else kind
+                run_dir = out / f"{label}-{cfg.arch}-{sparsity:g}-seed{seed}"
+                result = train_transcoders(
+                    adapter, source, cfg, run_dir, model_id=model_id, resume=True,
+                    progress=progress,
+                )  # fmt: skip
+                report = evaluate_set(adapter, result.tset, source, n_windows=eval_windows)
+                row = {
+                    "kind": label,
+                    "sparsity": float(sparsity),
+                    "seed": seed,
+                    **{k: report["mean"][k] for k in METRICS[:-1]},
+                    "ce_recovered_all": report["all_layers"]["ce_loss_recovered"],
+                    "dir": str(run_dir),
+                }
+                runs.append(row)
+                logger.info("pareto %s", row)
+    tables = {"runs": runs, "summary": summarize(runs), "comparison": compare(runs)}
+    write_json(out / "pareto.json", tables)
+    (out / "pareto.md").write_text(render_markdown(tables) + "\n")
     width = base.width_for(adapter.d_model)
-    plot_pareto(rows, out / "pareto.png", title=f"{model_id}: {base.arch}, width {width}")
-    return rows
+    title = f"{model_id}: {base.arch}, width {width}"
+    plot_pareto(tables["summary"], out / "pareto.png", title=title)
+    return tables
 
 
-def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (kind, sparsity): every metric's mean over seeds, and CE recovered's range."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["kind"], run["sparsity"]), []).append(run)
+    summary = []
+    for (kind, sparsity), group in groups.items():
+        ce = [r["ce_loss_recovered"] for r in group]
+        summary.append({
+            "kind": kind,
+            "sparsity": sparsity,
+            "seeds": len(group),
+            **{m: statistics.fmean(r[m] for r in group) for m in METRICS},
+            "ce_min": min(ce),
+            "ce_max": max(ce),
+        })  # fmt: skip
+    return summary
+
+
+def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per sparsity: transcoder minus SAE CE recovered, paired by seed, with a verdict.
+
+    Empty unless the sweep holds both kinds. "transcoder ahead" / "SAE ahead" need every
+    seed to agree on the sign; anything else is "level".
+    """
+    by_key = {(r["kind"].startswith("transcoder"), r["sparsity"], r["seed"]): r for r in runs}
+    comparison = []
+    for sparsity in dict.fromkeys(r["sparsity"] for r in runs):
+        diffs = [
+            tc["ce_loss_recovered"] - sae["ce_loss_recovered"]
+            for (is_tc, s, seed), tc in by_key.items()
+            if is_tc and s == sparsity and (sae := by_key.get((False, s, seed))) is not None
+        ]
+        if not diffs:
+            continue
+        verdict = (
+            "transcoder ahead" if min(diffs) > 0 else "SAE ahead" if max(diffs) < 0 else "level"
+        )
+        comparison.append({
+            "sparsity": sparsity,
+            "seeds": len(diffs),
+            "ce_diff_mean": statistics.fmean(diffs),
+            "ce_diff_min": min(diffs),
+            "ce_diff_max": max(diffs),
+            "verdict": verdict,
+        })  # fmt: skip
+    return comparison
+
+
+def render_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
+    parts = ["## Runs", markdown_table(tables["runs"], COLUMNS)]
+    parts += ["## Mean over seeds", markdown_table(tables["summary"], SUMMARY_COLUMNS)]
+    if tables["comparison"]:
+        parts += [
+            "## Transcoder minus SAE, CE loss recovered, paired by seed",
+            markdown_table(tables["comparison"], COMPARISON_COLUMNS),
+        ]
+    return "\n\n".join(parts)
+
+
+def plot_pareto(summary: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Mean CE recovered against mean L0 per kind; error bars span the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,12 +167,18 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path
 
     fig, ax = plt.subplots(figsize=(5, 4))
     markers = "os^Dv"
-    for i, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
-        marker = markers[i % len(markers)]
-        points = sorted((r["l0"], r["ce_loss_recovered"]) for r in rows if r["kind"] == kind)
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker=marker, label=kind)
+    for i, kind in enumerate(dict.fromkeys(r["kind"] for r in summary)):
+        points = sorted(
+            (r["l0"], r["ce_loss_recovered"], r["ce_min"], r["ce_max"], r["seeds"])
+            for r in summary
+            if r["kind"] == kind
+        )
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        spread = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+        seeds = max(p[4] for p in points)
+        label = kind if seeds == 1 else f"{kind} ({seeds} seeds)"
+        ax.errorbar(xs, ys, yerr=spread, marker=markers[i % len(markers)], capsize=3, label=label)
     ax.set_xlabel("L0 (mean active latents per token)")
     ax.set_ylabel("CE loss recovered (layer spliced alone)")
     ax.set_title(title, fontsize=9)

@@ -128,12 +128,14 @@ def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path, flag, skip):
             "--buffer-rows", "256", "--eval-every", "6", "--checkpoint-every", "6",
             *([flag] if flag else [])]  # fmt: skip
     assert main(args) == 0
-    rows = json.loads((out / "pareto.json").read_text())
+    tables = json.loads((out / "pareto.json").read_text())
+    rows = tables["runs"]
     # transcoders get the skip connection unless --no-skip, the SAE baseline never
     tc = "transcoder+skip" if skip else "transcoder"
-    assert sorted((r["kind"], r["sparsity"]) for r in rows) == [
-        ("sae", 2.0), ("sae", 4.0), (tc, 2.0), (tc, 4.0)
+    assert sorted((r["kind"], r["sparsity"], r["seed"]) for r in rows) == [
+        ("sae", 2.0, 0), ("sae", 4.0, 0), (tc, 2.0, 0), (tc, 4.0, 0)
     ]  # fmt: skip
+    assert [c["sparsity"] for c in tables["comparison"]] == [2.0, 4.0]
     for row in rows:
         tset = load_any(Path(row["dir"]))
         has_skip = tset.W_skip(tset.layers[0]) is not None
@@ -141,6 +143,37 @@ def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path, flag, skip):
     assert all(r["l0"] <= r["sparsity"] for r in rows)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| kind |" in (out / "pareto.md").read_text()
+
+
+def test_pareto_over_seeds_pairs_each_seed(tiny_zoo_dir, tmp_path, capsys):
+    out = tmp_path / "pareto"
+    args = ["transcoders", "pareto", "--model", str(tiny_zoo_dir), "--out", str(out),
+            "--sparsities", "4", "--seeds", "3,5", "--width", "16", "--steps", "6",
+            "--batch-size", "32", "--buffer-rows", "256", "--eval-every", "6",
+            "--checkpoint-every", "6"]  # fmt: skip
+    assert main(args) == 0
+    tables = json.loads((out / "pareto.json").read_text())
+    runs = {(r["kind"], r["seed"]): r for r in tables["runs"]}
+    assert sorted(runs) == [("sae", 3), ("sae", 5), ("transcoder+skip", 3), ("transcoder+skip", 5)]
+    # each run is its own training at its own seed
+    meta = json.loads((Path(runs["sae", 3]["dir"]) / "circuitscope.json").read_text())
+    assert meta["extra"]["train_config"]["seed"] == 3
+    assert runs["sae", 3]["fvu"] != runs["sae", 5]["fvu"]
+    for row in tables["summary"]:
+        ce = [r["ce_loss_recovered"] for (kind, _), r in runs.items() if kind == row["kind"]]
+        assert row["seeds"] == 2
+        assert row["ce_min"] == min(ce) and row["ce_max"] == max(ce)
+        assert row["ce_loss_recovered"] == pytest.approx(sum(ce) / 2)
+    (cmp,) = tables["comparison"]
+    diffs = [
+        runs["transcoder+skip", s]["ce_loss_recovered"] - runs["sae", s]["ce_loss_recovered"]
+        for s in (3, 5)
+    ]
+    assert (cmp["ce_diff_min"], cmp["ce_diff_max"]) == (min(diffs), max(diffs))
+    printed = capsys.readouterr().out
+    assert "paired by seed" in printed and cmp["verdict"] in printed
+    assert main([*args[:-2], "--seeds", "1,1"]) == 2
+    assert "distinct" in capsys.readouterr().err
 
 
 def test_zoo_source_windows_end_with_the_answer(tiny_zoo_dir):
