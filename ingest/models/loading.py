@@ -237,10 +237,13 @@ def load_model(
             adapter.vocab_size,
             adapter.vocab_size - 1,
         )
+    # a local checkpoint is named by its absolute path, so that "./zoo/x", "zoo/x/" and
+    # "~/…/zoo/x" store graphs and transcoder sets under one model id
+    model_id = str(Path(source).resolve()) if Path(source).is_dir() else name_or_path
     return LoadedModel(
         adapter=adapter,
         tokenizer=tokenizer,
-        model_id=name_or_path,
+        model_id=model_id,
         hf_config=config,
         hf_model=model,
     )

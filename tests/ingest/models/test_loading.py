@@ -31,12 +31,23 @@ def _save(tmp_path: Path, arch: str, tokenizer: bool = True) -> tuple[Path, torc
     return directory, model
 
 
+def test_a_local_checkpoint_has_one_model_id_however_its_path_is_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, _ = _save(tmp_path, ARCHS[0])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    typed = [str(directory), directory.name, f"./{directory.name}/", f"~/{directory.name}"]
+    ids = {load_model(name).model_id for name in typed}
+    assert ids == {str(directory.resolve())}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_round_trip_through_a_checkpoint_directory(tmp_path: Path, arch: str) -> None:
     directory, model = _save(tmp_path, arch)
     loaded = load_model(str(directory))
     assert isinstance(loaded, LoadedModel)
-    assert loaded.model_id == str(directory)
+    assert loaded.model_id == str(directory.resolve())
     assert loaded.hf_config.model_type == model.config.model_type
     assert loaded.adapter.dtype == torch.float32 and loaded.adapter.device.type == "cpu"
     assert loaded.adapter.fingerprint() == adapter_from_hf(model).fingerprint()
