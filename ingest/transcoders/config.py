@@ -175,6 +175,23 @@ class TranscoderConfig:
         return cls(**data)
 
 
+#: The TrainConfig fields that ``circuitscope transcoders train`` and ``pareto`` set by a
+#: flag of the same name (``batch_size`` <- ``--batch-size``); ``skip`` is ``--[no-]skip``.
+CLI_FIELDS = frozenset({
+    "kind", "arch", "width", "expansion", "sparsity", "skip", "layers", "steps", "batch_size",
+    "lr", "buffer_mb", "buffer_rows", "seed", "eval_every", "checkpoint_every",
+    "dead_after_tokens", "aux_k_coefficient", "aux_k_rows", "resample_every", "answer_weight",
+})  # fmt: skip
+
+
+def flagged(field: str) -> str:
+    """``field`` with the command-line flag that sets it, for error messages."""
+    if field not in CLI_FIELDS:
+        return field
+    flag = "--[no-]skip" if field == "skip" else "--" + field.replace("_", "-")
+    return f"{field} ({flag})"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run's result. Validated on construction."""
@@ -212,14 +229,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise InvalidArgumentError(f"unknown kind {self.kind!r}: choose one of {KINDS}")
+            raise InvalidArgumentError(
+                f"unknown kind {self.kind!r} (--kind): choose one of {KINDS}"
+            )
         ARCHITECTURES.get(self.arch)
         for name in ("steps", "batch_size", "buffer_mb", "eval_windows", "expansion"):
             if getattr(self, name) <= 0:
-                raise InvalidArgumentError(f"{name} must be positive, got {getattr(self, name)}")
+                raise InvalidArgumentError(
+                    f"{flagged(name)} must be positive, got {getattr(self, name)}"
+                )
         if self.width is not None and self.width <= 0:
             raise InvalidArgumentError(
-                f"width (--width) must be positive, got {self.width}; leave it out for "
+                f"{flagged('width')} must be positive, got {self.width}; leave it out for "
                 f"--expansion x d_model"
             )
         if self.kind == "sae" and self.skip:
@@ -228,29 +249,37 @@ class TrainConfig:
                 "--skip for --kind sae (skip connections are for transcoders)"
             )
         if self.buffer_rows < 0:
-            raise InvalidArgumentError("buffer_rows must be >= 0 (0 sizes it by buffer_mb)")
+            raise InvalidArgumentError(
+                f"{flagged('buffer_rows')} must be >= 0 (0 sizes it by --buffer-mb)"
+            )
         if self.dead_after_tokens <= 0:
             raise InvalidArgumentError(
-                f"dead_after_tokens (--dead-after-tokens) must be positive, got "
-                f"{self.dead_after_tokens}"
+                f"{flagged('dead_after_tokens')} must be positive, got {self.dead_after_tokens}"
             )
         if self.aux_k_rows < 0 or self.aux_k_coefficient < 0:
             raise InvalidArgumentError(
-                "aux_k_rows (--aux-k-rows, 0: every row) and aux_k_coefficient "
-                "(--aux-k-coefficient, 0: no AuxK) must be >= 0"
+                f"{flagged('aux_k_rows')} (0: every row) and {flagged('aux_k_coefficient')} "
+                "(0: no AuxK) must be >= 0"
             )
         if self.lr <= 0 or self.warmup_steps < 0:
-            raise InvalidArgumentError("lr must be > 0 and warmup_steps >= 0")
+            raise InvalidArgumentError(
+                f"{flagged('lr')} must be > 0 and warmup_steps >= 0, got {self.lr} and "
+                f"{self.warmup_steps}"
+            )
         if self.model_batch_size < 0:
             raise InvalidArgumentError("model_batch_size must be >= 0 (0 picks it)")
         if self.resample_every < 0:
-            raise InvalidArgumentError("resample_every must be >= 0 (0 disables resampling)")
+            raise InvalidArgumentError(
+                f"{flagged('resample_every')} must be >= 0 (0 disables resampling)"
+            )
         if self.eval_every <= 0 or self.checkpoint_every <= 0:
-            raise InvalidArgumentError("eval_every and checkpoint_every must be positive")
+            raise InvalidArgumentError(
+                f"{flagged('eval_every')} and {flagged('checkpoint_every')} must be positive"
+            )
         if not math.isfinite(self.answer_weight) or self.answer_weight <= 0:
             raise InvalidArgumentError(
-                f"answer_weight (--answer-weight) must be a finite number > 0 (1: every "
-                f"token weighs the same), got {self.answer_weight}"
+                f"{flagged('answer_weight')} must be a finite number > 0 (1: every token "
+                f"weighs the same), got {self.answer_weight}"
             )
 
     @property

@@ -45,7 +45,7 @@ from ingest.transcoders.checkpoint import (
     save_checkpoint,
 )
 from ingest.transcoders.clt import CrossLayerTranscoder
-from ingest.transcoders.config import TrainConfig, TranscoderConfig
+from ingest.transcoders.config import TrainConfig, TranscoderConfig, flagged
 from ingest.transcoders.formats.circuit_tracer import save_set
 from ingest.transcoders.losses import LossParts
 from ingest.transcoders.resampling import resample_clt, resample_transcoder
@@ -205,7 +205,7 @@ def _run_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
     """What differs between a checkpoint's run state and this run's, for the error."""
     saved_cfg, current_cfg = saved.get("config", {}), current["config"]
     parts = [
-        f"{key}: {saved_cfg.get(key)!r} in the checkpoint, {current_cfg.get(key)!r} now"
+        f"{flagged(key)}: {saved_cfg.get(key)!r} in the checkpoint, {current_cfg.get(key)!r} now"
         for key in sorted(set(saved_cfg) | set(current_cfg))
         if saved_cfg.get(key) != current_cfg.get(key)
     ]

@@ -1,12 +1,14 @@
 """The train and pareto commands default to TrainConfig()'s fields: one set of defaults;
-and the --layers syntax."""
+errors name the flag that sets a field; and the --layers syntax."""
 
 import argparse
+import re
 
 import pytest
 
+from ingest.errors import InvalidArgumentError
 from ingest.transcoders.cli import _layers, _train_config
-from ingest.transcoders.config import TrainConfig
+from ingest.transcoders.config import CLI_FIELDS, TrainConfig, flagged
 from service.cli import build_parser
 
 pytestmark = pytest.mark.unit
@@ -29,3 +31,28 @@ def test_layers_syntax():
     for bad in ("0-", "3-1", "-1", "a", "1,,2"):
         with pytest.raises(argparse.ArgumentTypeError, match="--layers"):
             _layers(bad)
+
+
+def test_every_flagged_field_has_its_flag(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["transcoders", "train", "--help"])
+    usage = capsys.readouterr().out
+    for field in CLI_FIELDS:
+        flags = ["--skip", "--no-skip"] if field == "skip" else [flagged(field).split(" (")[1][:-1]]
+        assert all(f"{flag} " in usage or f"{flag}\n" in usage for flag in flags), field
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"batch_size": 0}, "batch_size (--batch-size) must be positive"),
+        ({"lr": 0.0}, "lr (--lr) must be > 0"),
+        ({"resample_every": -1}, "resample_every (--resample-every)"),
+        ({"eval_every": 0}, "eval_every (--eval-every)"),
+        ({"buffer_rows": -1}, "buffer_rows (--buffer-rows)"),
+        ({"model_batch_size": -1}, "model_batch_size must be"),  # no flag: the field alone
+    ],
+)
+def test_config_errors_name_the_flag(change, message):
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+        TrainConfig(**change)

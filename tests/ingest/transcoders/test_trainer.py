@@ -111,7 +111,7 @@ def test_resume_with_other_config_is_refused(tmp_path):
     with pytest.raises(FailedPreconditionError, match="another configuration") as err:
         _train(tmp_path, "run", _cfg(lr=1e-3), resume=True)
     # the error names what differs, and only that
-    assert "(lr: 0.005 in the checkpoint, 0.001 now)" in str(err.value)
+    assert "(lr (--lr): 0.005 in the checkpoint, 0.001 now)" in str(err.value)
 
 
 def test_width_defaults_to_an_expansion_of_d_model_and_resumes_as_the_same_run(tmp_path):
@@ -126,7 +126,8 @@ def test_width_defaults_to_an_expansion_of_d_model_and_resumes_as_the_same_run(t
     assert resumed.steps_done == 12
     assert all(resumed.tset.module(i).W_enc.shape == (4 * d, d) for i in resumed.tset.layers)
     _train(tmp_path, "other", _cfg(width=4 * d), stop_after=5)
-    with pytest.raises(FailedPreconditionError, match=f"width: {4 * d} in the checkpoint"):
+    mismatch = rf"width \(--width\): {4 * d} in the checkpoint"
+    with pytest.raises(FailedPreconditionError, match=mismatch):
         _train(tmp_path, "other", _cfg(width=None, expansion=2), resume=True)
 
 
