@@ -14,12 +14,19 @@ transcoder minus SAE at each seed. The verdict reads "transcoder ahead" or "SAE 
 only when every seed agrees, otherwise "level". Dunefsky et al. (2024) compare the two
 kinds the same way: at equal L0 the better replacement recovers more loss.
 
+CE loss recovered is signed: a splice's error can raise or lower the loss of the answer,
+and where both kinds recover 99% of it, which one wins can follow the direction of a
+tiny error rather than its size. So the comparison also pairs the KL divergence from the
+original next-token distribution (mean over layers, each spliced alone; lower is
+better) as the ratio transcoder / SAE, with its own verdict.
+
 The sweep writes ``pareto.json`` (``runs``, ``summary``, ``comparison``), ``pareto.md``
 and ``pareto.png`` (matplotlib, Agg backend; error bars span the seeds).
 """
 
 import dataclasses
 import logging
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,10 +39,13 @@ from ingest.transcoders.trainer import TrainConfig, train_transcoders
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("l0", "fvu", "dead_fraction", "ce_loss_recovered", "ce_recovered_all")
+METRICS = ("l0", "fvu", "dead_fraction", "kl", "ce_loss_recovered", "ce_recovered_all")
 COLUMNS = ("kind", "sparsity", "seed", *METRICS)
 SUMMARY_COLUMNS = ("kind", "sparsity", "seeds", *METRICS, "ce_min", "ce_max")
-COMPARISON_COLUMNS = ("sparsity", "seeds", "ce_diff_mean", "ce_diff_min", "ce_diff_max", "verdict")
+COMPARISON_COLUMNS = (
+    "sparsity", "seeds", "ce_diff_mean", "ce_diff_min", "ce_diff_max", "verdict",
+    "kl_ratio_mean", "kl_ratio_min", "kl_ratio_max", "kl_verdict",
+)  # fmt: skip
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
@@ -118,33 +128,45 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per sparsity: transcoder minus SAE CE recovered, paired by seed, with a verdict.
+    """Per sparsity, paired by seed: transcoder minus SAE CE recovered and transcoder / SAE
+    KL, each with a verdict.
 
     Empty unless the sweep holds both kinds. "transcoder ahead" / "SAE ahead" need every
-    seed to agree on the sign; anything else is "level".
+    seed to agree; anything else is "level".
     """
     by_key = {(r["kind"].startswith("transcoder"), r["sparsity"], r["seed"]): r for r in runs}
     comparison = []
     for sparsity in dict.fromkeys(r["sparsity"] for r in runs):
-        diffs = [
-            tc["ce_loss_recovered"] - sae["ce_loss_recovered"]
+        pairs = [
+            (tc, sae)
             for (is_tc, s, seed), tc in by_key.items()
             if is_tc and s == sparsity and (sae := by_key.get((False, s, seed))) is not None
         ]
-        if not diffs:
+        if not pairs:
             continue
-        verdict = (
-            "transcoder ahead" if min(diffs) > 0 else "SAE ahead" if max(diffs) < 0 else "level"
-        )
+        diffs = [tc["ce_loss_recovered"] - sae["ce_loss_recovered"] for tc, sae in pairs]
+        # KL 0 on both sides is a tie; on the SAE's side alone, an infinite ratio
+        ratios = [
+            tc["kl"] / sae["kl"] if sae["kl"] > 0 else 1.0 if tc["kl"] == 0 else math.inf
+            for tc, sae in pairs
+        ]
         comparison.append({
             "sparsity": sparsity,
-            "seeds": len(diffs),
+            "seeds": len(pairs),
             "ce_diff_mean": statistics.fmean(diffs),
             "ce_diff_min": min(diffs),
             "ce_diff_max": max(diffs),
-            "verdict": verdict,
+            "verdict": _verdict(min(diffs) > 0, max(diffs) < 0),
+            "kl_ratio_mean": statistics.fmean(ratios),
+            "kl_ratio_min": min(ratios),
+            "kl_ratio_max": max(ratios),
+            "kl_verdict": _verdict(max(ratios) < 1, min(ratios) > 1),
         })  # fmt: skip
     return comparison
+
+
+def _verdict(transcoder_better: bool, sae_better: bool) -> str:
+    return "transcoder ahead" if transcoder_better else "SAE ahead" if sae_better else "level"
 
 
 def render_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
@@ -152,7 +174,8 @@ def render_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
     parts += ["## Mean over seeds", markdown_table(tables["summary"], SUMMARY_COLUMNS)]
     if tables["comparison"]:
         parts += [
-            "## Transcoder minus SAE, CE loss recovered, paired by seed",
+            "## Transcoder against SAE, paired by seed (CE recovered: difference, higher is "
+            "better; KL: ratio, lower is better)",
             markdown_table(tables["comparison"], COMPARISON_COLUMNS),
         ]
     return "\n\n".join(parts)

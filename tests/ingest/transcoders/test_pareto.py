@@ -7,10 +7,10 @@ from ingest.transcoders.pareto import compare, render_markdown, summarize
 pytestmark = pytest.mark.unit
 
 
-def _run(kind: str, sparsity: float, seed: int, ce: float) -> dict[str, object]:
+def _run(kind: str, sparsity: float, seed: int, ce: float, kl: float = 0.01) -> dict[str, object]:
     return {
         "kind": kind, "sparsity": sparsity, "seed": seed, "l0": sparsity, "fvu": 0.01,
-        "dead_fraction": 0.1, "ce_loss_recovered": ce, "ce_recovered_all": ce,
+        "dead_fraction": 0.1, "kl": kl, "ce_loss_recovered": ce, "ce_recovered_all": ce,
     }  # fmt: skip
 
 
@@ -35,6 +35,21 @@ def test_verdict_needs_every_seed_to_agree():
     assert at4["ce_diff_mean"] == pytest.approx(0.0075)
 
 
+def test_kl_verdict_is_lower_is_better_and_separate_from_ce():
+    # the transcoder recovers less CE at both seeds, but diverges less from the model
+    runs = [
+        _run("transcoder", 4, 0, 0.98, kl=0.001), _run("sae", 4, 0, 0.99, kl=0.002),
+        _run("transcoder", 4, 1, 0.98, kl=0.003), _run("sae", 4, 1, 0.99, kl=0.004),
+        _run("transcoder", 8, 0, 0.98, kl=0.0), _run("sae", 8, 0, 0.99, kl=0.0),
+        _run("transcoder", 8, 1, 0.98, kl=0.001), _run("sae", 8, 1, 0.99, kl=0.0),
+    ]  # fmt: skip
+    at4, at8 = compare(runs)
+    assert at4["verdict"] == "SAE ahead" and at4["kl_verdict"] == "transcoder ahead"
+    assert (at4["kl_ratio_min"], at4["kl_ratio_max"]) == pytest.approx((0.5, 0.75))
+    assert at8["kl_ratio_min"] == 1.0 and at8["kl_ratio_max"] == float("inf")
+    assert at8["kl_verdict"] == "level"
+
+
 def test_pairs_only_matching_seeds():
     # a seed that only one kind has is left out of the pairing
     runs = [_run("transcoder", 4, 0, 0.9), _run("sae", 4, 1, 0.95), _run("sae", 4, 0, 0.8)]
@@ -50,4 +65,4 @@ def test_summary_means_and_ranges():
     assert tc16["ce_loss_recovered"] == pytest.approx(0.98)
     assert (tc16["ce_min"], tc16["ce_max"]) == (0.97, 0.99)
     text = render_markdown({"runs": RUNS, "summary": summarize(RUNS), "comparison": compare(RUNS)})
-    assert "paired by seed" in text and "| 16 | 2 |" in text
+    assert "paired by seed" in text and "| 16 | 2 |" in text and "kl_verdict" in text
