@@ -21,7 +21,8 @@ original next-token distribution (mean over layers, each spliced alone; lower is
 better) as the ratio transcoder / SAE, with its own verdict.
 
 The sweep writes ``pareto.json`` (``runs``, ``summary``, ``comparison``), ``pareto.md``
-and ``pareto.png`` (matplotlib, Agg backend; error bars span the seeds).
+and ``pareto.png`` (matplotlib, Agg backend: CE recovered with error bars over the seeds, and
+KL on a log scale, both against L0).
 """
 
 import dataclasses
@@ -103,7 +104,8 @@ def run_pareto(
     write_json(out / "pareto.json", tables)
     (out / "pareto.md").write_text(render_markdown(tables) + "\n")
     width = base.width_for(adapter.d_model)
-    title = f"{model_id}: {base.arch}, width {width}"
+    name = Path(model_id).name if Path(model_id).is_absolute() else model_id
+    title = f"{name}: {base.arch}, width {width}"
     plot_pareto(tables["summary"], out / "pareto.png", title=title)
     return tables
 
@@ -182,31 +184,34 @@ def render_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def plot_pareto(summary: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Mean CE recovered against mean L0 per kind; error bars span the seeds."""
+    """Two panels against mean L0 per kind: CE loss recovered and KL to the model (log
+    scale), each layer spliced alone; error bars span the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, (ce_ax, kl_ax) = plt.subplots(1, 2, figsize=(9, 4))
     markers = "os^Dv"
     for i, kind in enumerate(dict.fromkeys(r["kind"] for r in summary)):
-        points = sorted(
-            (r["l0"], r["ce_loss_recovered"], r["ce_min"], r["ce_max"], r["seeds"])
-            for r in summary
-            if r["kind"] == kind
-        )
-        xs = [p[0] for p in points]
-        ys = [p[1] for p in points]
-        spread = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-        seeds = max(p[4] for p in points)
+        points = sorted((r for r in summary if r["kind"] == kind), key=lambda r: r["l0"])
+        xs = [r["l0"] for r in points]
+        ys = [r["ce_loss_recovered"] for r in points]
+        spread = [[r["ce_loss_recovered"] - r["ce_min"] for r in points],
+                  [r["ce_max"] - r["ce_loss_recovered"] for r in points]]  # fmt: skip
+        seeds = max(r["seeds"] for r in points)
         label = kind if seeds == 1 else f"{kind} ({seeds} seeds)"
-        ax.errorbar(xs, ys, yerr=spread, marker=markers[i % len(markers)], capsize=3, label=label)
-    ax.set_xlabel("L0 (mean active latents per token)")
-    ax.set_ylabel("CE loss recovered (layer spliced alone)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        style = {"marker": markers[i % len(markers)], "label": label}
+        ce_ax.errorbar(xs, ys, yerr=spread, capsize=3, **style)
+        kl_ax.plot(xs, [r["kl"] for r in points], **style)
+    ce_ax.set_ylabel("CE loss recovered (layer spliced alone)")
+    kl_ax.set_ylabel("KL to the model (layer spliced alone)")
+    kl_ax.set_yscale("log")
+    for ax in (ce_ax, kl_ax):
+        ax.set_xlabel("L0 (mean active latents per token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
