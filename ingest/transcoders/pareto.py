@@ -2,8 +2,8 @@
 
 For each sparsity value, each kind (``transcoder`` and the ``sae`` baseline, same
 architecture, width and steps) and each seed a set is trained and evaluated; each run's
-row records the mean over covered layers of L0, FVU, dead fraction, CE loss recovered
-(layer spliced alone) and the all-layers CE loss recovered. Transcoders get the skip
+row records the mean over covered layers of L0, FVU, dead fraction, KL and CE loss
+recovered (each layer spliced alone) and the all-layers CE loss recovered. Transcoders get the skip
 connection unless the base config turns it off (``--no-skip``; rows ``transcoder+skip``),
 SAEs never: an SAE with one could copy its input.
 
