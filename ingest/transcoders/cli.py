@@ -16,6 +16,7 @@ only when a subcommand runs.
 
 import argparse
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +47,22 @@ def _layers(text: str) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 4,8,16, got {text!r}") from None
+def _list_of(convert: Callable[[str], Any], example: str) -> Callable[[str], list[Any]]:
+    """An argparse type for comma-separated values, e.g. ``_list_of(int, "0,1,2")``."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [convert(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected values like {example}, got {text!r}"
+            ) from None
+
+    return parse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
+_floats = _list_of(float, "4,8,16")
+_ints = _list_of(int, "0,1,2")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

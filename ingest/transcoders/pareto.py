@@ -37,6 +37,7 @@ from ingest.transcoders.evaluation import evaluate_set
 from ingest.transcoders.formats.common import write_json
 from ingest.transcoders.sources import Source
 from ingest.transcoders.trainer import TrainConfig, train_transcoders
+from ingest.zoo import report
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +51,8 @@ COMPARISON_COLUMNS = (
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
-    def fmt(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    """``columns`` of dict rows as a markdown table (a missing value is left blank)."""
+    return report.markdown_table(columns, [[row.get(c, "") for c in columns] for row in rows])
 
 
 def run_pareto(
