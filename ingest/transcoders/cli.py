@@ -246,17 +246,19 @@ def _print_report(report: dict[str, Any]) -> None:
         f"set {report['set_id']} on {report['tokens']} tokens; CE and KL over "
         f"{report['ce_predictions']} predictions ({report['ce_positions']} positions)"
     )
-    print("layer      l0      fvu fvu@pred   dead  ce_rec  d_loss      kl")
+    print("layer      l0      fvu fvu@pred   dead  ce_rec  d_loss      kl   top1")
     for layer, r in report["layers"].items():
         print(
             f"{layer:>5} {r['l0']:7.2f} {r['fvu']:8.4f} {r['fvu_predicting']:8.4f} "
             f"{r['dead_fraction']:6.3f} "
-            f"{r['ce_loss_recovered']:7.4f} {r['delta_loss']:7.4f} {r['kl']:7.4f}"
+            f"{r['ce_loss_recovered']:7.4f} {r['delta_loss']:7.4f} {r['kl']:7.4f} "
+            f"{r['top1_agreement']:6.4f}"
         )
     a = report["all_layers"]
     print(
         f"  all layers spliced: ce_rec {a['ce_loss_recovered']:.4f}, "
-        f"delta loss {a['delta_loss']:.4f}, kl {a['kl']:.4f}"
+        f"delta loss {a['delta_loss']:.4f}, kl {a['kl']:.4f}, "
+        f"top-1 agreement {a['top1_agreement']:.4f}"
     )
     if "task" in report:
         t = report["task"]

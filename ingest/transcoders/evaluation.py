@@ -18,6 +18,9 @@ On the eval split of a prompt source, at real (unpadded) token positions:
   splicing alone uses clean upstream activations, splicing all feeds each estimate the
   spliced model's own activations (for SAEs, the true MLP's output on them);
 - ``kl``: mean KL(clean || spliced) of the next-token distributions;
+- ``top1_agreement``: the fraction of those predictions whose most likely token is the
+  clean model's (circuit-tracer's replacement-model agreement). On a confident model a
+  few flipped answers carry most of the KL, and this counts them;
 - for zoo models (``zoo.json`` in the model directory): the task metric with every
   covered MLP replaced, next to the clean model's.
 
@@ -85,6 +88,11 @@ def kl_divergence(clean: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) 
     return (p.exp() * (p - q)).sum()
 
 
+def top1_matches(clean: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """How many kept positions' most likely next token is the same under both logits."""
+    return (clean[:, :-1][keep].argmax(-1) == other[:, :-1][keep].argmax(-1)).sum()
+
+
 def all_layer_replacements(adapter: Any, tset: TranscoderSet) -> Replacements:
     """Replacements that run every covered MLP through the set on the live activations."""
     layers = tset.layers
@@ -140,6 +148,7 @@ class _LayerSums:
     ce_splice: float = 0.0
     ce_ablate: float = 0.0
     kl: float = 0.0
+    top1: float = 0.0
     l0: float = 0.0
 
     @classmethod
@@ -183,6 +192,7 @@ def evaluate_set(
         "ce_splice_all": 0.0,
         "ce_ablate_all": 0.0,
         "kl_all": 0.0,
+        "top1_all": 0.0,
     }
     per = {layer: _LayerSums.zeros(tset.d_model, d_t) for layer in layers}
     batches = tqdm(range(0, n, batch_size), desc="evaluating", unit="batch", disable=not progress)
@@ -219,12 +229,14 @@ def evaluate_set(
             stats.ce_splice += float(next_token_ce(spliced, ids, keep))
             stats.ce_ablate += float(next_token_ce(ablated, ids, keep))
             stats.kl += float(kl_divergence(clean, spliced, keep))
+            stats.top1 += float(top1_matches(clean, spliced, keep))
         spliced_all = adapter(ids, mlp_replacements=all_layer_replacements(adapter, tset))
         zeros = {layer: _const(torch.zeros_like(rec.mlp_out[layer])) for layer in layers}
         ablated_all = adapter(ids, mlp_replacements=zeros)
         sums["ce_splice_all"] += float(next_token_ce(spliced_all, ids, keep))
         sums["ce_ablate_all"] += float(next_token_ce(ablated_all, ids, keep))
         sums["kl_all"] += float(kl_divergence(clean, spliced_all, keep))
+        sums["top1_all"] += float(top1_matches(clean, spliced_all, keep))
 
     dead_sample = _count_firing(adapter, tset, source, per, dead_tokens, batch_size)
     n_tok, n_pred = max(sums["tokens"], 1.0), max(sums["pred_tokens"], 1.0)
@@ -251,6 +263,7 @@ def evaluate_set(
             "ce_loss_recovered": recovered(ce_clean, ce_splice, ce_ablate),
             "delta_loss": ce_splice - ce_clean,
             "kl": stats.kl / n_pred,
+            "top1_agreement": stats.top1 / n_pred,
         }
     ce_all, ce_abl_all = sums["ce_splice_all"] / n_pred, sums["ce_ablate_all"] / n_pred
     report["layers"] = layer_reports
@@ -261,11 +274,15 @@ def evaluate_set(
         "ce_loss_recovered": recovered(ce_clean, ce_all, ce_abl_all),
         "delta_loss": ce_all - ce_clean,
         "kl": sums["kl_all"] / n_pred,
+        "top1_agreement": sums["top1_all"] / n_pred,
     }
     values = list(layer_reports.values())
     report["mean"] = {
         key: sum(v[key] for v in values) / len(values)
-        for key in ("l0", "fvu", "dead_fraction", "ce_loss_recovered", "delta_loss", "kl")
+        for key in (
+            "l0", "fvu", "dead_fraction", "ce_loss_recovered", "delta_loss", "kl",
+            "top1_agreement",
+        )
     }
     if zoo_dir is not None and (Path(zoo_dir) / "zoo.json").is_file():
         report["task"] = task_metric(adapter, tset, Path(zoo_dir), tokenizer, max_task_examples)

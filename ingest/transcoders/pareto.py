@@ -41,7 +41,9 @@ from ingest.zoo import report
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("l0", "fvu", "dead_fraction", "kl", "ce_loss_recovered", "ce_recovered_all")
+METRICS = (
+    "l0", "fvu", "dead_fraction", "kl", "top1_agreement", "ce_loss_recovered", "ce_recovered_all",
+)
 COLUMNS = ("kind", "sparsity", "seed", *METRICS)
 SUMMARY_COLUMNS = ("kind", "sparsity", "seeds", *METRICS, "ce_min", "ce_max")
 COMPARISON_COLUMNS = (

@@ -8,6 +8,7 @@ import torch
 from ingest.models import adapter_from_hf
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.evaluation import (
+    counted_positions,
     evaluate_set,
     fraction_kept,
     kl_divergence,
@@ -63,6 +64,18 @@ def test_perfect_transcoder_recovers_all_and_zero_recovers_nothing():
     assert bad["all_layers"]["delta_loss"] > 0
     # The ReLU "transcoder" fires exactly when the MLP's neurons do.
     assert 0 < good["mean"]["l0"] < 4 * D_MODEL
+    assert good["all_layers"]["top1_agreement"] == 1.0
+    assert all(good["layers"][layer]["top1_agreement"] == 1.0 for layer in ("0", "1"))
+    # With every MLP zeroed, agreement is the share of predictions the ablated model keeps.
+    windows = source.get("eval", 0, 8)
+    keep = counted_positions(windows.mask, windows.scored)
+    with torch.no_grad():
+        clean = adapter(windows.ids)[:, :-1][keep].argmax(-1)
+        zeros = {layer: torch.zeros_like for layer in (0, 1)}
+        ablated = adapter(windows.ids, mlp_replacements=zeros)[:, :-1][keep].argmax(-1)
+    expected = float((clean == ablated).double().mean())
+    assert 0 < expected < 1
+    assert bad["all_layers"]["top1_agreement"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_set_for_another_model_is_rejected():

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.unit
 def _run(kind: str, sparsity: float, seed: int, ce: float, kl: float = 0.01) -> dict[str, object]:
     return {
         "kind": kind, "sparsity": sparsity, "seed": seed, "l0": sparsity, "fvu": 0.01,
-        "dead_fraction": 0.1, "kl": kl, "ce_loss_recovered": ce, "ce_recovered_all": ce,
+        "dead_fraction": 0.1, "kl": kl, "top1_agreement": 1.0, "ce_loss_recovered": ce,
+        "ce_recovered_all": ce,
     }  # fmt: skip
 
 
