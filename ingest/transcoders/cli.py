@@ -171,6 +171,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dead-tokens", type=int, default=65_536,
         help="eval tokens over which a latent that never fires counts as dead",
     )  # fmt: skip
+    ev.add_argument(
+        "--split", choices=("eval", "train"), default="eval",
+        help="the prompt source's split to measure on: held out (eval) or the training "
+        "split, to see how much of the error is generalization",
+    )  # fmt: skip
     ev.add_argument("--json", type=Path, default=None, help="also write the report here")
     ev.set_defaults(handler=_eval)
 
@@ -243,7 +248,8 @@ def _train_config(args: argparse.Namespace, sparsity: float | None) -> TrainConf
 
 def _print_report(report: dict[str, Any]) -> None:
     print(
-        f"set {report['set_id']} on {report['tokens']} tokens; CE and KL over "
+        f"set {report['set_id']} on {report['tokens']} tokens of the {report['split']} split; "
+        "CE and KL over "
         f"{report['ce_predictions']} predictions ({report['ce_positions']} positions)"
     )
     print("layer      l0      fvu fvu@pred   dead  ce_rec  d_loss      kl   top1")
@@ -312,7 +318,8 @@ def _eval(args: argparse.Namespace) -> int:
     tset = load_any(args.set, device=loaded.adapter.device)
     report = evaluate_set(
         loaded.adapter, tset, source, n_windows=args.windows, zoo_dir=args.model,
-        tokenizer=loaded.tokenizer, dead_tokens=args.dead_tokens, progress=True,
+        tokenizer=loaded.tokenizer, dead_tokens=args.dead_tokens, split=args.split,
+        progress=True,
     )  # fmt: skip
     if args.json is not None:
         write_json(args.json, report)

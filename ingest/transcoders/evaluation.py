@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ingest.transcoders.buffer import check_window_fits, record_sites
-from ingest.transcoders.sources import Source, predicting_positions
+from ingest.transcoders.sources import Source, Split, predicting_positions
 from ingest.transcoders.transcoder_set import TranscoderSet
 
 logger = logging.getLogger(__name__)
@@ -175,15 +175,18 @@ def evaluate_set(
     tokenizer: Any = None,
     max_task_examples: int = 512,
     dead_tokens: int = 65_536,
+    split: Split = "eval",
     progress: bool = False,
 ) -> dict[str, Any]:
     """All metrics of the module docstring as a JSON-ready dict; ``n_windows`` None:
-    :func:`default_windows`. ``progress`` shows a bar over the eval batches."""
+    :func:`default_windows`. ``split`` "train" measures on the windows the set was trained
+    on instead (how much of the error is generalization). ``progress`` shows a bar over the
+    eval batches."""
     tset.check_fits(adapter)
     check_window_fits(adapter, source)
     layers = tset.layers
-    n = min(n_windows or default_windows(source), source.n_windows("eval"))
-    windows = source.get("eval", 0, n)
+    n = min(n_windows or default_windows(source), source.n_windows(split))
+    windows = source.get(split, 0, n)
     d_t = tset.d_transcoder
     sums: dict[str, Any] = {
         "tokens": 0.0,
@@ -238,11 +241,12 @@ def evaluate_set(
         sums["kl_all"] += float(kl_divergence(clean, spliced_all, keep))
         sums["top1_all"] += float(top1_matches(clean, spliced_all, keep))
 
-    dead_sample = _count_firing(adapter, tset, source, per, dead_tokens, batch_size)
+    dead_sample = _count_firing(adapter, tset, source, split, per, dead_tokens, batch_size)
     n_tok, n_pred = max(sums["tokens"], 1.0), max(sums["pred_tokens"], 1.0)
     ce_clean = sums["ce_clean"] / n_pred
     report: dict[str, Any] = {
         "set_id": tset.metadata.set_id,
+        "split": split,
         "tokens": int(n_tok),
         "ce_positions": "answer" if source.answer_only else "all",
         "ce_predictions": int(n_pred),
@@ -285,7 +289,9 @@ def evaluate_set(
         )
     }
     if zoo_dir is not None and (Path(zoo_dir) / "zoo.json").is_file():
-        report["task"] = task_metric(adapter, tset, Path(zoo_dir), tokenizer, max_task_examples)
+        report["task"] = task_metric(
+            adapter, tset, Path(zoo_dir), tokenizer, max_task_examples, split
+        )
     return report
 
 
@@ -294,19 +300,20 @@ def _count_firing(
     adapter: Any,
     tset: TranscoderSet,
     source: Source,
+    split: Split,
     per: dict[int, "_LayerSums"],
     min_tokens: int,
     batch_size: int,
 ) -> int:
-    """Mark in ``per[layer].fired`` every latent that fires on eval windows from the
+    """Mark in ``per[layer].fired`` every latent that fires on ``split`` windows from the
     start of the split until ``min_tokens`` real tokens were read (or the split ends).
     Only the covered sites are recorded; returns the number of tokens read."""
     site = "mlp_out" if tset.kind == "sae" else "mlp_in"
     layers = tset.layers
-    total, start, n = 0, 0, source.n_windows("eval")
+    total, start, n = 0, 0, source.n_windows(split)
     chunk = max(batch_size, 256)
     while total < min_tokens and start < n:
-        windows = source.get("eval", start, min(chunk, n - start))
+        windows = source.get(split, start, min(chunk, n - start))
         start += windows.ids.shape[0]
         ids = windows.ids.to(adapter.device)
         mask = windows.mask.to(adapter.device)
@@ -340,14 +347,20 @@ def fraction_kept(clean: float, spliced: float, baseline: float = 0.0) -> float:
 
 @torch.no_grad()
 def task_metric(
-    adapter: Any, tset: TranscoderSet, zoo_dir: Path, tokenizer: Any, max_examples: int = 512
+    adapter: Any,
+    tset: TranscoderSet,
+    zoo_dir: Path,
+    tokenizer: Any,
+    max_examples: int = 512,
+    split: Split = "eval",
 ) -> dict[str, Any]:
-    """The zoo task's held-out metrics, clean and with every covered MLP replaced."""
+    """The zoo task's metrics on its held-out examples (or, for ``split`` "train", its
+    training examples), clean and with every covered MLP replaced."""
     from ingest.zoo.checkpoint import read_manifest, task_for_spec
     from ingest.zoo.evaluation import encode_examples
 
     task = task_for_spec(read_manifest(zoo_dir).spec)
-    examples = task.examples("heldout")[:max_examples]
+    examples = task.examples("heldout" if split == "eval" else "train")[:max_examples]
     totals: dict[str, dict[str, float]] = {"clean": {}, "spliced": {}}
     for lo in range(0, len(examples), 128):
         batch = encode_examples(task, tokenizer, examples[lo : lo + 128])

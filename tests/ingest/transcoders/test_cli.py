@@ -36,8 +36,12 @@ def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     assert tset.metadata.extra["train_config"]["answer_weight"] == 2.5
 
     assert main(["transcoders", "eval", str(out), "--model", str(tiny_zoo_dir), "--windows", "8",
-                 "--json", str(tmp_path / "e.json")]) == 0  # fmt: skip
-    assert "all layers spliced" in capsys.readouterr().out
+                 "--json", str(tmp_path / "e.json"), "--split", "train"]) == 0  # fmt: skip
+    assert "of the train split" in capsys.readouterr().out
+    on_train = json.loads((tmp_path / "e.json").read_text())
+    assert on_train["split"] == "train" and report["split"] == "eval"
+    assert on_train["task"]["examples"] > 0
+    assert on_train["layers"]["0"]["ce_clean"] != report["layers"]["0"]["ce_clean"]
 
     assert main(["transcoders", "stats", str(out), "--model", str(tiny_zoo_dir),
                  "--windows", "16", "--top-k", "3"]) == 0  # fmt: skip

@@ -139,6 +139,26 @@ def test_cross_entropy_counts_only_the_scored_predictions():
     assert report_answer["layers"]["0"]["fvu_predicting"] == pytest.approx(expected_fvu, rel=1e-6)
 
 
+def test_train_split_measures_the_windows_trained_on():
+    from ingest.transcoders.sources import PromptSource
+
+    adapter, _, zero = _relu_model_and_sets()
+    gen = torch.Generator().manual_seed(4)
+    train = [torch.randint(1, 40, (n,), generator=gen).tolist() for n in (6, 9, 5)]
+    held = [torch.randint(1, 40, (n,), generator=gen).tolist() for n in (7, 8)]
+    source = PromptSource("split", train, held, answer_only=True)
+    for split, rows in (("train", train), ("eval", held)):
+        report = evaluate_set(adapter, zero, source, split=split, dead_tokens=10**6)
+        width = max(len(r) for r in train + held)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        with torch.no_grad():
+            logp = torch.log_softmax(adapter(ids).double(), -1)
+        ce = -sum(float(logp[i, len(r) - 2, r[-1]]) for i, r in enumerate(rows)) / len(rows)
+        assert report["split"] == split
+        assert report["tokens"] == report["dead_tokens"] == sum(len(r) for r in rows)
+        assert report["layers"]["0"]["ce_clean"] == pytest.approx(ce, rel=1e-6)
+
+
 def test_fraction_kept_is_measured_from_the_no_ability_baseline():
     # Higher is better, baseline 0 (a logit difference): 18 -> 9 keeps half.
     assert fraction_kept(18.0, 9.0) == pytest.approx(0.5)
