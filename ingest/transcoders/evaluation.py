@@ -284,7 +284,12 @@ def evaluate_set(
     report["mean"] = {
         key: sum(v[key] for v in values) / len(values)
         for key in (
-            "l0", "fvu", "dead_fraction", "ce_loss_recovered", "delta_loss", "kl",
+            "l0",
+            "fvu",
+            "dead_fraction",
+            "ce_loss_recovered",
+            "delta_loss",
+            "kl",
             "top1_agreement",
         )
     }

@@ -42,7 +42,13 @@ from ingest.zoo import report
 logger = logging.getLogger(__name__)
 
 METRICS = (
-    "l0", "fvu", "dead_fraction", "kl", "top1_agreement", "ce_loss_recovered", "ce_recovered_all",
+    "l0",
+    "fvu",
+    "dead_fraction",
+    "kl",
+    "top1_agreement",
+    "ce_loss_recovered",
+    "ce_recovered_all",
 )
 COLUMNS = ("kind", "sparsity", "seed", *METRICS)
 SUMMARY_COLUMNS = ("kind", "sparsity", "seeds", *METRICS, "ce_min", "ce_max")
