@@ -19,8 +19,8 @@ On the eval split of a prompt source, at real (unpadded) token positions:
   spliced model's own activations (for SAEs, the true MLP's output on them);
 - ``kl``: mean KL(clean || spliced) of the next-token distributions;
 - ``top1_agreement``: the fraction of those predictions whose most likely token is the
-  clean model's. On a confident model a
-  few flipped answers carry most of the KL, and this counts them;
+  clean model's. On a confident model a few flipped answers carry most of the KL, and
+  this counts them;
 - for zoo models (``zoo.json`` in the model directory): the task metric with every
   covered MLP replaced, next to the clean model's.
 
