@@ -54,6 +54,11 @@ Replacements = dict[int, Callable[[torch.Tensor], torch.Tensor]]
 DEFAULT_WINDOWS = 64
 DEFAULT_ANSWER_PROMPTS = 1024
 
+#: The per-layer metrics the report also averages over layers (``report["mean"]``).
+MEAN_METRICS = (
+    "l0", "fvu", "dead_fraction", "ce_loss_recovered", "delta_loss", "kl", "top1_agreement",
+)  # fmt: skip
+
 
 def default_windows(source: Source) -> int:
     return DEFAULT_ANSWER_PROMPTS if source.answer_only else DEFAULT_WINDOWS
@@ -281,18 +286,7 @@ def evaluate_set(
         "top1_agreement": sums["top1_all"] / n_pred,
     }
     values = list(layer_reports.values())
-    report["mean"] = {
-        key: sum(v[key] for v in values) / len(values)
-        for key in (
-            "l0",
-            "fvu",
-            "dead_fraction",
-            "ce_loss_recovered",
-            "delta_loss",
-            "kl",
-            "top1_agreement",
-        )
-    }
+    report["mean"] = {key: sum(v[key] for v in values) / len(values) for key in MEAN_METRICS}
     if zoo_dir is not None and (Path(zoo_dir) / "zoo.json").is_file():
         report["task"] = task_metric(
             adapter, tset, Path(zoo_dir), tokenizer, max_task_examples, split

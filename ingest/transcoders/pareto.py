@@ -2,10 +2,10 @@
 
 For each sparsity value, each kind (``transcoder`` and the ``sae`` baseline, same
 architecture, width and steps) and each seed a set is trained and evaluated; each run's
-row records the mean over covered layers of L0, FVU, dead fraction, KL and CE loss
-recovered (each layer spliced alone) and the all-layers CE loss recovered. Transcoders get the skip
-connection unless the base config turns it off (``--no-skip``; rows ``transcoder+skip``),
-SAEs never: an SAE with one could copy its input.
+row records the mean over covered layers of L0, FVU, dead fraction, KL, top-1 agreement
+and CE loss recovered (each layer spliced alone) and the all-layers CE loss recovered.
+Transcoders get the skip connection unless the base config turns it off (``--no-skip``;
+rows ``transcoder+skip``), SAEs never: an SAE with one could copy its input.
 
 On the small zoo tasks the CE-recovered difference between the two kinds is often
 smaller than the spread between seeds, so a sweep over several seeds also reports, per
@@ -41,15 +41,9 @@ from ingest.zoo import report
 
 logger = logging.getLogger(__name__)
 
-METRICS = (
-    "l0",
-    "fvu",
-    "dead_fraction",
-    "kl",
-    "top1_agreement",
-    "ce_loss_recovered",
-    "ce_recovered_all",
-)
+#: Each run's means over layers (each spliced alone), then CE recovered with all spliced.
+LAYER_METRICS = ("l0", "fvu", "dead_fraction", "kl", "top1_agreement", "ce_loss_recovered")
+METRICS = (*LAYER_METRICS, "ce_recovered_all")
 COLUMNS = ("kind", "sparsity", "seed", *METRICS)
 SUMMARY_COLUMNS = ("kind", "sparsity", "seeds", *METRICS, "ce_min", "ce_max")
 COMPARISON_COLUMNS = (
@@ -99,7 +93,7 @@ def run_pareto(
                     "kind": label,
                     "sparsity": float(sparsity),
                     "seed": seed,
-                    **{k: report["mean"][k] for k in METRICS[:-1]},
+                    **{k: report["mean"][k] for k in LAYER_METRICS},
                     "ce_recovered_all": report["all_layers"]["ce_loss_recovered"],
                     "dir": str(run_dir),
                 }
