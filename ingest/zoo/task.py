@@ -186,8 +186,11 @@ class Task(ABC):
     @abstractmethod
     def default_training(self) -> TrainingConfig: ...
 
-    @abstractmethod
-    def tiny_shape(self) -> ModelShape: ...
+    def tiny_shape(self) -> ModelShape:
+        """A one-layer, 16-wide model for tests, with the default context length."""
+        return ModelShape(
+            d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_ctx=self.default_shape().n_ctx
+        )
 
     def tiny_training(self) -> TrainingConfig:
         """A seconds-long schedule for tests of code that needs a trained checkpoint."""

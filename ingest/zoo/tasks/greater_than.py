@@ -92,8 +92,5 @@ class GreaterThan(Task):
     def default_training(self) -> TrainingConfig:
         return TrainingConfig(steps=1500, batch_size=64, lr=1e-3, weight_decay=0.01)
 
-    def tiny_shape(self) -> ModelShape:
-        return ModelShape(d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_ctx=16)
-
     def quality_bars(self) -> tuple[QualityBar, ...]:
         return (QualityBar("prob_diff", 0.8),)

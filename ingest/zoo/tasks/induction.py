@@ -131,9 +131,6 @@ class Induction(Task):
     def default_training(self) -> TrainingConfig:
         return TrainingConfig(steps=1000, batch_size=32, lr=1e-3, weight_decay=0.01)
 
-    def tiny_shape(self) -> ModelShape:
-        return ModelShape(d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_ctx=48)
-
     def tiny_training(self) -> TrainingConfig:
         return TrainingConfig(
             steps=40,

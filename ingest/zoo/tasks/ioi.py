@@ -122,8 +122,5 @@ class IOI(Task):
     def default_training(self) -> TrainingConfig:
         return TrainingConfig(steps=1200, batch_size=128, lr=3e-3, weight_decay=0.01)
 
-    def tiny_shape(self) -> ModelShape:
-        return ModelShape(d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_ctx=24)
-
     def quality_bars(self) -> tuple[QualityBar, ...]:
         return (QualityBar("logit_diff", 3.0), QualityBar("accuracy", 0.95))

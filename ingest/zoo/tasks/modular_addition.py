@@ -94,8 +94,5 @@ class ModularAddition(Task):
     def default_training(self) -> TrainingConfig:
         return TrainingConfig(steps=1000, batch_size=512, lr=3e-3, weight_decay=1.0)
 
-    def tiny_shape(self) -> ModelShape:
-        return ModelShape(d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_ctx=8)
-
     def quality_bars(self) -> tuple[QualityBar, ...]:
         return (QualityBar("accuracy", 0.99),)
