@@ -18,6 +18,11 @@ error by the target variance.
   ``theta = exp(log_theta)``; the Heaviside step gets a straight-through gradient with
   a rectangle kernel of width ``bandwidth`` so theta learns;
   ``penalty = lambda * sum_i H(pre_i - theta_i)`` (L0).
+- BatchTopK (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders"): in training keep
+  the ``N k`` largest ReLU'd pre-activations of the whole (N, w) batch, so a token may
+  use more or fewer than k latents and the mean is k; a running average of the smallest
+  kept value becomes a threshold, and inference is JumpReLU with it, so the trained
+  module encodes a token without its batch.
 """
 
 from typing import Any
@@ -88,6 +93,11 @@ class Activation(nn.Module):
 
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def train_forward(self, pre: torch.Tensor) -> torch.Tensor:
+        """The activations the training loss uses: ``forward``'s unless the architecture
+        selects over the batch (BatchTopK)."""
+        return self(pre)
 
     def penalty(
         self,
@@ -219,6 +229,52 @@ class JumpReLUActivation(Activation):
     ) -> torch.Tensor:
         l0 = row_mean(_StepFunction.apply(pre, self.threshold, self.bandwidth).sum(-1), weight)
         return self.l0_coefficient * l0
+
+
+class BatchTopKActivation(Activation):
+    """Training: the ``N k`` largest of ``relu(pre)`` over the (N, w) batch. Inference:
+    ``pre * H(pre - theta)`` with theta the running average of the smallest kept value."""
+
+    #: Weight of the previous threshold in the running average (~100 steps remembered).
+    momentum = 0.99
+
+    def __init__(self, cfg: TranscoderConfig) -> None:
+        super().__init__()
+        self.k = cfg.k
+        # One value for every latent (stored per latent: the files' JumpReLU layout). Zero
+        # until the first training batch sets it; not trained by gradient.
+        self.threshold = nn.Parameter(torch.zeros(cfg.d_transcoder), requires_grad=False)
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold).to(pre.dtype)
+
+    def train_forward(self, pre: torch.Tensor) -> torch.Tensor:
+        flat = torch.relu(pre).reshape(-1)
+        kept = min(flat.numel(), self.k * (flat.numel() // pre.shape[-1]))
+        values, indices = flat.topk(kept, sorted=False)
+        acts = torch.zeros_like(flat).scatter(0, indices, values).view(pre.shape)
+        self._update_threshold(values.detach())
+        return acts
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor) -> None:
+        positive = kept[kept > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min()
+        if bool((self.threshold == 0).all()):
+            self.threshold.fill_(smallest)
+        else:
+            self.threshold.mul_(self.momentum).add_((1 - self.momentum) * smallest)
+
+    def penalty(
+        self,
+        pre: torch.Tensor,
+        acts: torch.Tensor,
+        dec_norms: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return pre.new_zeros(())
 
 
 def build_activation(cfg: TranscoderConfig) -> Activation:

@@ -145,7 +145,7 @@ class CrossLayerTranscoder(nn.Module):
         """xs, ys: per layer (N, d); dead: per layer (d_transcoder,) bool or None; weight:
         (N,) row weights or None."""
         pres = [self.pre_activations(s, x) for s, x in enumerate(xs)]
-        acts = [self.activations[s](pre) for s, pre in enumerate(pres)]
+        acts = [self._activation(s).train_forward(pre) for s, pre in enumerate(pres)]
         mse = xs[0].new_zeros(())
         sparsity = xs[0].new_zeros(())
         aux = xs[0].new_zeros(())

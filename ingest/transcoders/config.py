@@ -14,6 +14,9 @@ Architectures (what ``sparsity`` means for each):
 - ``jumprelu``: ``z = pre * H(pre - theta)`` with a learned per-latent threshold trained
   by a straight-through estimator and an L0 penalty, ``sparsity`` = L0 coefficient
   (Rajamanoharan et al. 2024; Gemma Scope).
+- ``batchtopk``: the ``N k`` largest pre-activations of each batch of N tokens in
+  training, ``sparsity`` = k (the mean L0); inference and files are JumpReLU's, at the
+  running average of the smallest kept value (Bussmann et al. 2024).
 
 Kinds (what is read and what is predicted):
 
@@ -95,6 +98,21 @@ register_architecture(
         unit_norm_decoder=True,
         has_threshold=True,
         description="JumpReLU + L0 with straight-through threshold (Gemma Scope)",
+    )
+)
+
+register_architecture(
+    ArchitectureSpec(
+        name="batchtopk",
+        impl="ingest.transcoders.architectures:BatchTopKActivation",
+        sparsity_name="k",
+        default_sparsity=16,
+        integer_sparsity=True,
+        unit_norm_decoder=True,
+        has_threshold=True,
+        description="BatchTopK in training, JumpReLU at its learned threshold after "
+        "(Bussmann et al. 2024)",
+        enc_init_norm=1.0,
     )
 )
 

@@ -155,7 +155,7 @@ class Transcoder(nn.Module):
         is ``dead``: the formulation of every architecture, and TopK's reference."""
         dead = aux_k_dead(dead, self.cfg.aux_k_coefficient)
         pre = self.pre_activations(x)
-        acts = self.activation(pre)
+        acts = self.activation.train_forward(pre)
         y_hat = self.decode(acts, x)
         mse = normalized_mse(y_hat, y, weight)
         norms = self.decoder_norms() if self.activation.uses_decoder_norms else None

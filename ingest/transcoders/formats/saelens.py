@@ -39,9 +39,11 @@ _ARCH_NAMES = {
     ("sae", "relu"): "standard",
     ("sae", "topk"): "topk",
     ("sae", "jumprelu"): "jumprelu",
+    ("sae", "batchtopk"): "jumprelu",  # SAELens saves BatchTopK for inference as JumpReLU
     ("transcoder", "relu"): "transcoder",
     ("transcoder", "topk"): "topk_transcoder",
     ("transcoder", "jumprelu"): "jumprelu_transcoder",
+    ("transcoder", "batchtopk"): "jumprelu_transcoder",
 }
 
 

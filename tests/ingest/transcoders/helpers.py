@@ -13,7 +13,7 @@ N_LAYERS = 3
 
 
 def config(arch: str = "relu", skip: bool = False, d_t: int = D_T, d: int = D_MODEL):
-    sparsity = {"relu": 0.1, "topk": 4, "jumprelu": 0.01}[arch]
+    sparsity = {"relu": 0.1, "topk": 4, "jumprelu": 0.01, "batchtopk": 4}[arch]
     return TranscoderConfig(
         arch=arch, d_in=d, d_out=d, d_transcoder=d_t, sparsity=sparsity, skip=skip
     )

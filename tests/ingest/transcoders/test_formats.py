@@ -12,7 +12,7 @@ from tests.ingest.transcoders.helpers import D_MODEL, D_T, assert_sets_equal, ma
 
 pytestmark = pytest.mark.unit
 
-ARCHS = ["relu", "topk", "jumprelu"]
+ARCHS = ["relu", "topk", "jumprelu", "batchtopk"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

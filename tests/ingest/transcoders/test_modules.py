@@ -27,7 +27,7 @@ def test_registry_rejects_duplicates_and_names_choices():
         reg.add("a", 2)
     with pytest.raises(InvalidArgumentError, match="choose one of a"):
         reg.get("b")
-    assert ARCHITECTURES.names() == ["jumprelu", "relu", "topk"]
+    assert ARCHITECTURES.names() == ["batchtopk", "jumprelu", "relu", "topk"]
 
 
 @pytest.mark.parametrize(
@@ -56,6 +56,36 @@ def test_topk_l0_equals_k():
     assert ((acts > 0).sum(-1) == module.cfg.k).all()
     top = module.pre_activations(x).topk(module.cfg.k, dim=-1).values
     torch.testing.assert_close(acts.topk(module.cfg.k, dim=-1).values, top)
+
+
+def test_batchtopk_keeps_n_k_per_batch_and_infers_at_its_threshold():
+    module = Transcoder(config("batchtopk"))
+    randomize(module)
+    with torch.no_grad():
+        module.threshold.zero_()  # as built: set by the first training batch
+    x = torch.randn(64, D_MODEL, generator=torch.Generator().manual_seed(0))
+    pre = module.pre_activations(x).detach()
+    parts = module.loss(x, torch.randn(64, D_MODEL), dead=None)
+    # the batch's N k largest positive pre-activations, however they fall over tokens
+    kept = torch.relu(pre).flatten().topk(64 * module.cfg.k).values
+    assert parts.l0 == 64 * module.cfg.k / 64
+    assert module.threshold.eq(kept.min()).all()
+    # a token encodes without its batch: JumpReLU at the threshold
+    acts = module.encode(x[:1]).detach()
+    torch.testing.assert_close(acts, pre[:1] * (pre[:1] > kept.min()))
+    assert not module.threshold.requires_grad
+    # the running average moves towards a later batch's smallest kept value
+    first = module.threshold[0].item()
+    module.loss(3 * x, torch.randn(64, D_MODEL), dead=None)
+    later = (
+        torch.relu(module.pre_activations(3 * x).detach())
+        .flatten()
+        .topk(64 * module.cfg.k)
+        .values.min()
+        .item()
+    )
+    expected = 0.99 * first + 0.01 * later
+    assert module.threshold[0].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_jumprelu_threshold_gets_a_gradient_from_both_terms():

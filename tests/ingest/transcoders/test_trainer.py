@@ -34,10 +34,11 @@ def _train(tmp_path, name, cfg, source=None, **kw):
 
 
 @pytest.mark.parametrize(
-    ("kind", "arch"), [("transcoder", "topk"), ("transcoder", "relu"), ("clt", "jumprelu")]
+    ("kind", "arch"),
+    [("transcoder", "topk"), ("transcoder", "relu"), ("clt", "jumprelu"), ("clt", "batchtopk")],
 )
 def test_training_reduces_fvu(tmp_path, kind, arch):
-    sparsity = {"topk": 4, "relu": 0.05, "jumprelu": 0.001}[arch]
+    sparsity = {"topk": 4, "relu": 0.05, "jumprelu": 0.001, "batchtopk": 4}[arch]
     result = _train(tmp_path, "run", _cfg(kind=kind, arch=arch, sparsity=sparsity, steps=40,
                                           eval_every=5))  # fmt: skip
     fvus = [h["fvu"] for h in result.history]
@@ -59,10 +60,15 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     ("kind", "arch", "buffer_rows"),
     # 128 rows: refilled from the model every 4 steps; 0: the default budget holds the
     # whole split, collected once (resident)
-    [("transcoder", "topk", 128), ("clt", "jumprelu", 128), ("transcoder", "topk", 0)],
+    [
+        ("transcoder", "topk", 128),
+        ("clt", "jumprelu", 128),
+        ("transcoder", "topk", 0),
+        ("transcoder", "batchtopk", 128),
+    ],
 )
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch, buffer_rows):
-    cfg = _cfg(kind=kind, arch=arch, sparsity=4 if arch == "topk" else 0.01, skip=True,
+    cfg = _cfg(kind=kind, arch=arch, sparsity=0.01 if arch == "jumprelu" else 4, skip=True,
                buffer_rows=buffer_rows, resample_every=3, dead_after_tokens=32)  # fmt: skip
     full = _train(tmp_path, "full", cfg)
     # Killed after step 10: its last checkpoint is at step 8, and it exported nothing.
