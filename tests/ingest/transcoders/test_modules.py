@@ -269,6 +269,34 @@ def test_chunked_topk_selects_the_same_values_as_torch_topk(shape, k):
     assert torch.equal(scores.gather(1, indices).sort(-1).values, expected)
 
 
+def _sampled_peaks(n: int) -> torch.Tensor:
+    """Values whose largest lie only where the stride-61 sample looks, so that the
+    sample's quantile overestimates the threshold and too few values reach it."""
+    values = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    values[::61] += 100.0
+    return values
+
+
+@pytest.mark.parametrize(
+    ("values", "m"),
+    [
+        (torch.randn(4096 * 64, generator=torch.Generator().manual_seed(0)).relu(), 4096 * 4),
+        (torch.randn(300 * 512, generator=torch.Generator().manual_seed(2)), 300 * 16),
+        # more than half are exact zeros and m reaches into them: ties at the threshold
+        (torch.randn(64 * 64, generator=torch.Generator().manual_seed(3)).relu(), 64 * 40),
+        (_sampled_peaks(61 * 1000), 900),  # too few reach the sample's threshold: fallback
+        (torch.arange(100.0), 30),  # m over a quarter of n: plain topk
+    ],
+)
+def test_batch_selection_is_exact(values, m):
+    from ingest.transcoders.architectures import largest_indices
+
+    indices = largest_indices(values, m)
+    assert indices.numel() == m and indices.unique().numel() == m
+    expected = values.topk(m).values.sort().values
+    assert torch.equal(values[indices].sort().values, expected)
+
+
 def test_aux_k_loss_on_dead_columns_equals_the_masked_dense_form():
     from ingest.transcoders.losses import aux_k_loss, normalized_mse
 
