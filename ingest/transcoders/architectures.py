@@ -107,8 +107,9 @@ class Activation(nn.Module):
         weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """pre, acts: (N, d_transcoder); dec_norms: (d_transcoder,); weight: (N,) row
-        weights or None -> scalar: the (weighted) mean over rows of a per-row penalty."""
-        raise NotImplementedError
+        weights or None -> scalar: the (weighted) mean over rows of a per-row penalty.
+        Zero here: TopK and BatchTopK fix the sparsity instead of penalizing it."""
+        return pre.new_zeros(())
 
 
 class ReLUActivation(Activation):
@@ -222,15 +223,6 @@ class TopKActivation(Activation):
         values = torch.relu(flat.gather(-1, indices))
         return torch.zeros_like(flat).scatter(-1, indices, values).view(pre.shape)
 
-    def penalty(
-        self,
-        pre: torch.Tensor,
-        acts: torch.Tensor,
-        dec_norms: torch.Tensor | None,
-        weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return pre.new_zeros(())
-
 
 class JumpReLUActivation(Activation):
     """``z = pre * H(pre - theta)`` with a learned per-latent threshold and an L0 penalty."""
@@ -298,15 +290,6 @@ class BatchTopKActivation(Activation):
             self.threshold.fill_(smallest)
         else:
             self.threshold.mul_(self.momentum).add_((1 - self.momentum) * smallest)
-
-    def penalty(
-        self,
-        pre: torch.Tensor,
-        acts: torch.Tensor,
-        dec_norms: torch.Tensor | None,
-        weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return pre.new_zeros(())
 
 
 def build_activation(cfg: TranscoderConfig) -> Activation:
