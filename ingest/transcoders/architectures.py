@@ -274,8 +274,8 @@ class BatchTopKActivation(Activation):
 
     def train_forward(self, pre: torch.Tensor) -> torch.Tensor:
         flat = torch.relu(pre).reshape(-1)
-        kept = min(flat.numel(), self.k * (flat.numel() // pre.shape[-1]))
-        indices = largest_indices(flat.detach(), kept)
+        rows = flat.numel() // pre.shape[-1]
+        indices = largest_indices(flat.detach(), self.k * rows)  # k <= width: validated
         values = flat.gather(0, indices)
         self._update_threshold(values.detach())
         return torch.zeros_like(flat).scatter(0, indices, values).view(pre.shape)
