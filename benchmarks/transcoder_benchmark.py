@@ -1,8 +1,9 @@
 """Transcoder quality and speed on every task-zoo model and every layer.
 
 For each zoo model under ``$CIRCUITSCOPE_HOME/zoo`` (never retrained here), train a
-per-layer TopK transcoder and a TopK SAE baseline at the trainer's default settings
-(``TrainConfig()``: width, k, steps, batch) on every layer, and report
+per-layer transcoder and an SAE baseline of the same architecture at the trainer's
+default settings (``TrainConfig()``: TopK, width, k, steps, batch; ``--arch`` and the
+other flags override them) on every layer, and report
 
 - mean L0, CE loss recovered of each layer spliced alone (the worst layer), CE loss
   recovered with all layers spliced, dead latents over >= 65,536 eval tokens;
@@ -27,8 +28,9 @@ Bars (DESIGN 5.1 / the transcoder issue): L0 <= 32 with CE loss recovered >= 0.9
 layer; all layers spliced keep >= 90% of the task metric; dead latents < 10%; trainer
 at >= 30% of the matmul FLOP/s.
 
-    python3 benchmarks/transcoder_benchmark.py [--models DIR,DIR] [--steps N] [--batch B] [--lr LR]
-        [--k K] [--width W | --expansion F] [--device cpu] [--out benchmarks/results/transcoders.md]
+    python3 benchmarks/transcoder_benchmark.py [--models DIR,DIR] [--arch topk|batchtopk|...]
+        [--steps N] [--batch B] [--lr LR] [--sparsity K] [--width W | --expansion F]
+        [--resample-every N] [--device cpu] [--out benchmarks/results/transcoders.md]
 """
 
 import argparse
@@ -94,8 +96,15 @@ def zoo_models() -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="", help="comma-separated zoo dirs (default: all)")
+    parser.add_argument("--arch", default=None, help="default: TrainConfig's (topk)")
     parser.add_argument("--steps", type=int, default=None, help="default: TrainConfig's")
-    parser.add_argument("--k", type=int, default=None, help="default: the TopK default")
+    parser.add_argument(
+        "--sparsity",
+        "--k",
+        type=float,
+        default=None,
+        help="k, or the penalty coefficient; default: the architecture's",
+    )
     parser.add_argument(
         "--batch", type=int, default=None, help="tokens per step; default: TrainConfig's"
     )
@@ -104,6 +113,9 @@ def main() -> int:
         "--width", type=int, default=None, help="default: TrainConfig's expansion x d_model"
     )
     parser.add_argument("--expansion", type=int, default=None, help="default: TrainConfig's")
+    parser.add_argument(
+        "--resample-every", type=int, default=None, help="0: never; default: TrainConfig's"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoders.md"))
     args = parser.parse_args()
@@ -113,17 +125,19 @@ def main() -> int:
     overrides = {
         key: value
         for key, value in (
+            ("arch", args.arch),
             ("steps", args.steps),
-            ("sparsity", args.k),
+            ("sparsity", args.sparsity),
             ("batch_size", args.batch),
             ("lr", args.lr),
             ("width", args.width),
             ("expansion", args.expansion),
+            ("resample_every", args.resample_every),
         )
         if value is not None
     }
-    base = TrainConfig(arch="topk", **overrides)  # type: ignore[arg-type]
-    k = int(base.module_config(64).sparsity)
+    base = TrainConfig(**overrides)  # type: ignore[arg-type]
+    sparsity = base.module_config(64).sparsity
     model_dirs = (
         [Path(m).expanduser() for m in args.models.split(",")] if args.models else zoo_models()
     )
@@ -213,7 +227,8 @@ def main() -> int:
         f"- 1-minute load average: {load_start:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end",
         f"- command: `{command.strip()}`; wall time {wall / 60:.1f} min",
-        f"- TopK k={k}, width {base.width or f'{base.expansion} x d_model'}, "
+        f"- {base.arch} at sparsity {sparsity:g}, resampling every {base.resample_every} "
+        f"steps (0: never), width {base.width or f'{base.expansion} x d_model'}, "
         f"{base.steps} steps of {base.batch_size} tokens "
         f"(TrainConfig defaults unless the command overrides them), every layer; the "
         f"answer-predicting rows of answer-only tasks weigh {base.answer_weight}",
