@@ -1,8 +1,8 @@
-"""One TopK transcoder training step: the dense formulation against the sparse step.
+"""One TopK or BatchTopK training step: the dense formulation against the sparse step.
 
 Both run the trainer's step on the same modules and synthetic batches: loss, backward,
 removal of the decoder-parallel gradient, fused Adam, decoder renormalization, the
-dead-latent counters. "dense" is ``Transcoder.dense_loss`` (the TopK activation module's
+dead-latent counters. "dense" is ``Transcoder.dense_loss`` (the activation module's
 dense (batch, width) activations, a dense decoder matmul and ``aux_k_loss``, autograd
 through gather/scatter/index_select); "sparse" is ``Transcoder.loss``
 (``ingest/transcoders/sparse.py``). Rounds alternate between the two so that another
@@ -13,9 +13,9 @@ job's load falls on both; the table gives the best round of each.
 step time and by this machine's matmul FLOP/s at the step's shapes
 (``transcoder_benchmark.matmul_flops``, best window of the run).
 
-    python3 benchmarks/transcoder_step.py [--d-model 64] [--layers 2] [--width 512]
-        [--dead 0,0.65] [--aux-rows 0,256] [--rounds 6] [--steps 30]
-        [--out benchmarks/results/transcoder_step.md]
+    python3 benchmarks/transcoder_step.py [--arch topk|batchtopk] [--d-model 64] [--layers 2]
+        [--width 512] [--dead 0,0.65] [--aux-rows 0,256] [--rounds 6] [--steps 30]
+        [--out benchmarks/results/transcoder_step[_batchtopk].md]
 """
 
 import argparse
@@ -50,7 +50,7 @@ def measure(
 ) -> dict[str, float]:
     """Best seconds per step of each formulation over alternating rounds."""
     n_layers, d, width, batch = args.layers, args.d_model, args.width, args.batch
-    cfg = TrainConfig(width=width, batch_size=batch, aux_k_rows=aux_rows)
+    cfg = TrainConfig(arch=args.arch, width=width, batch_size=batch, aux_k_rows=aux_rows)
     trainable = _Trainable(cfg.module_config(d), n_layers, False)
     trainable.reset(torch.Generator().manual_seed(0))
     modules = trainable.modules_list()
@@ -65,7 +65,7 @@ def measure(
         optimizer.zero_grad(set_to_none=True)
         loss = Transcoder.dense_loss if dense else Transcoder.loss
         parts = [loss(m, x[j], y[j], dead[j]) for j, m in enumerate(modules)]
-        sum(p.mse + p.aux for p in parts).backward()
+        torch.stack([p.mse + p.aux for p in parts]).sum().backward()
         for m in modules:
             m.remove_parallel_grad_()
         optimizer.step()
@@ -87,6 +87,7 @@ def measure(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk"])
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--width", type=int, default=512)
@@ -95,8 +96,12 @@ def main() -> int:
     parser.add_argument("--aux-rows", default="0,256", help="AuxK rows per batch (0: all)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoder_step.md"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/transcoder_step[_ARCH].md"
+    )
     args = parser.parse_args()
+    suffix = "" if args.arch == "topk" else f"_{args.arch}"
+    args.out = args.out or Path(f"benchmarks/results/transcoder_step{suffix}.md")
     retain_freed_cpu_memory()  # as the trainer does
     d, n_layers, width, batch = args.d_model, args.layers, args.width, args.batch
     gen = torch.Generator().manual_seed(0)
@@ -113,10 +118,10 @@ def main() -> int:
             rows.append((dead_fraction, aux_rows, best["dense"], best["sparse"]))
             print(rows[-1], flush=True)
 
-    module_cfg = TrainConfig(width=width).module_config(d)
+    module_cfg = TrainConfig(arch=args.arch, width=width).module_config(d)
     flops = step_flops(d, width, module_cfg.skip) * batch * n_layers
     lines = [
-        "# TopK training step: dense formulation against the sparse step",
+        f"# {args.arch} training step: dense formulation against the sparse step",
         "",
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- machine: {platform.node()}, {cpu_name()}, {os.cpu_count()} cores, "

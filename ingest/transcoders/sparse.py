@@ -1,17 +1,20 @@
-"""The TopK transcoder's training step without dense activation matrices where it can.
+"""The training step of selecting architectures (TopK, BatchTopK) without dense
+activation matrices where it can.
 
-A TopK transcoder activates k of d_transcoder latents per token, and AuxK k_aux of the
-dead ones. :func:`topk_forward` computes, in one autograd function,
+A TopK transcoder activates k of d_transcoder latents per token, a BatchTopK one N k of
+the batch's N d_transcoder, and AuxK k_aux of the dead ones per token.
+:func:`sparse_forward` computes, in one autograd function,
 
     pre = x W_enc^T + b_enc                      (N, d_t): the one dense forward matmul
-    i   = the k largest of pre per row;  v = relu(pre[i])
-    y   = sum_j v_j W_dec[i_j]                   an embedding_bag: N k d multiply-adds
+    P   = the positions the activation selects in pre (TopK: each row's k largest;
+          BatchTopK: the batch's N k largest), grouped by row;  v = relu(pre[P])
+    y   = sum over each row's (column j, v_j) of v_j W_dec[j]    an embedding_bag
     AuxK, on the first ``aux_rows`` rows and the dead columns D only, densely:
     a = relu(pre[:, D]) kept at each row's k_aux largest;  e = a W_dec[D]
 
 and its backward with one zero-filled (d_t, N) matrix and the dense step's own matmuls:
-``dv = (g W_dec^T)[i]``, ``d pre`` scattered from dv, ``d W_enc = d pre^T x``,
-``d W_dec = A^T g`` with A the activations scattered densely; AuxK's terms use the dead
+``dv = (g W_dec^T)[P]``, ``d pre`` put at P, ``d W_enc = d pre^T x``,
+``d W_dec = A^T g`` with A the activations put densely; AuxK's terms use the dead
 columns only. Autograd through ``gather``/``scatter``/``index_select`` builds and
 zero-fills a dense matrix per op (about sixteen per layer and step with AuxK), which on
 CPU cost more than the matmuls. The arithmetic is the dense formulation's
@@ -20,6 +23,7 @@ CPU cost more than the matmuls. The arithmetic is the dense formulation's
 recorded activation.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,26 +31,33 @@ import torch.nn.functional as F
 
 from ingest.transcoders.architectures import topk_indices
 
+#: pre (N, d_t) -> positions (M,) in ``pre.reshape(-1)``, grouped by row in row order.
+Selector = Callable[[torch.Tensor], torch.Tensor]
 
-class _TopKForward(torch.autograd.Function):
+
+class _SparseForward(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
+        pre: torch.Tensor,
+        positions: torch.Tensor,
         W_enc: torch.Tensor,
         b_enc: torch.Tensor,
         W_dec: torch.Tensor,
-        k: int,
         aux_columns: torch.Tensor | None,
         k_aux: int,
         aux_rows: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        pre = torch.addmm(b_enc, x, W_enc.T)
-        indices = topk_indices(pre, k)
-        values = pre.gather(1, indices).relu_()
-        y = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, width = pre.shape
+        values = pre.reshape(-1).take(positions).relu_()
+        rows = positions.div(width, rounding_mode="floor")
+        columns = positions - rows * width
+        counts = torch.bincount(rows, minlength=n)
+        offsets = counts.cumsum(0).sub_(counts)
+        y = F.embedding_bag(columns, W_dec, offsets, per_sample_weights=values, mode="sum")
         if aux_columns is None:
-            aux_columns = indices.new_empty(0)
+            aux_columns = positions.new_empty(0)
             aux_acts = values.new_empty(0)
             estimate = y.new_zeros(0)
         else:
@@ -60,24 +71,28 @@ class _TopKForward(torch.autograd.Function):
                 aux_acts = torch.zeros_like(aux_acts).scatter_(1, local, chosen)
             aux_acts.relu_()
             estimate = aux_acts @ W_dec.index_select(0, aux_columns)
-        ctx.save_for_backward(x, W_dec, indices, values, aux_columns, aux_acts)
-        ctx.mark_non_differentiable(indices, values)
-        return y, estimate, indices, values
+        # positions in the transposed (d_t, N) matrices of the backward
+        transposed = columns.mul_(n).add_(rows)
+        ctx.save_for_backward(x, W_dec, positions, transposed, values, aux_columns, aux_acts)
+        ctx.mark_non_differentiable(values)
+        return y, estimate, values
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_y: torch.Tensor, grad_estimate: torch.Tensor, *_: Any
     ) -> tuple[Any, ...]:
-        x, W_dec, indices, values, aux_columns, aux_acts = ctx.saved_tensors
+        x, W_dec, positions, transposed, values, aux_columns, aux_acts = ctx.saved_tensors
         # Dense matrices are built transposed, (d_t, N): the weight gradients are then
         # (d_t, N) @ (N, d) products, which run about 25% faster on CPU than the
         # transposed-operand form of the same product.
-        grad_values = (grad_y @ W_dec.T).gather(1, indices).mul_(values > 0)
-        acts_t = values.new_zeros(W_dec.shape[0], x.shape[0]).scatter_(0, indices.T, values.T)
+        grad_values = (grad_y @ W_dec.T).reshape(-1).take(positions).mul_(values > 0)
+        acts_t = values.new_zeros(W_dec.shape[0], x.shape[0])
+        acts_t.view(-1).put_(transposed, values)
         grad_W_dec = acts_t @ grad_y
-        # The activations' nonzeros sit exactly at ``indices`` (distinct per row), so
-        # scattering the gradients there overwrites every one of them: no second zeroing.
-        grad_pre_t = acts_t.scatter_(0, indices.T, grad_values.T)
+        # The activations' nonzeros sit exactly at the selected positions (distinct), so
+        # putting the gradients there overwrites every one of them: no second zeroing.
+        grad_pre_t = acts_t
+        grad_pre_t.view(-1).put_(transposed, grad_values)
         if aux_columns.numel():
             # AuxK's terms over its rows and the dead columns only
             rows = aux_acts.shape[0]
@@ -87,26 +102,33 @@ class _TopKForward(torch.autograd.Function):
             grad_pre_t[:, :rows].index_add_(0, aux_columns, grad_aux.T)
         grad_W_enc = grad_pre_t @ x
         grad_b_enc = grad_pre_t.sum(1)
-        return None, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None
+        return None, None, None, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None
 
 
-def topk_forward(
+def sparse_forward(
     x: torch.Tensor,
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
     W_dec: torch.Tensor,
-    k: int,
+    select: Selector,
     aux_columns: torch.Tensor | None = None,
     k_aux: int = 0,
     aux_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (N, d_in) -> (y (N, d_out) without b_dec, AuxK estimate (min(N, aux_rows) or N,
-    d_out) or empty, indices (N, k), values (N, k)).
+    d_out) or empty, positions (M,) of the active entries in the flattened (N, d_t)
+    pre-activations, their values (M,)).
 
-    ``aux_columns``: the dead latents' ids (None: no AuxK); ``aux_rows``: rows AuxK uses
-    (0: all).
+    ``select``: the activation's choice of positions (:data:`Selector`); ``aux_columns``:
+    the dead latents' ids (None: no AuxK); ``aux_rows``: rows AuxK uses (0: all).
     """
     if x.requires_grad:
-        raise ValueError("topk_forward does not back-propagate to x: pass a detached input")
+        raise ValueError("sparse_forward does not back-propagate to x: pass a detached input")
+    with torch.no_grad():
+        pre = torch.addmm(b_enc, x, W_enc.T)
+        positions = select(pre)
     rows = aux_rows or x.shape[0]
-    return _TopKForward.apply(x, W_enc, b_enc, W_dec, k, aux_columns, k_aux, rows)
+    y, estimate, values = _SparseForward.apply(
+        x, pre, positions, W_enc, b_enc, W_dec, aux_columns, k_aux, rows
+    )
+    return y, estimate, positions, values

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ingest.transcoders.architectures import Activation, TopKActivation, build_activation
+from ingest.transcoders.architectures import Activation, SelectingActivation, build_activation
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.losses import (
     LossParts,
@@ -34,7 +34,7 @@ from ingest.transcoders.losses import (
     aux_k_row_count,
     normalized_mse,
 )
-from ingest.transcoders.sparse import topk_forward
+from ingest.transcoders.sparse import sparse_forward
 
 
 class Transcoder(nn.Module):
@@ -137,11 +137,11 @@ class Transcoder(nn.Module):
         """x: (N, d_in), y: (N, d_out), dead: (d_transcoder,) bool or None, weight: (N,)
         row weights or None (every row counts once).
 
-        TopK runs the sparse step (:mod:`ingest.transcoders.sparse`), every other
-        architecture :meth:`dense_loss`; both compute the same terms.
+        TopK and BatchTopK run the sparse step (:mod:`ingest.transcoders.sparse`), every
+        other architecture :meth:`dense_loss`; both compute the same terms.
         """
-        if isinstance(self.activation, TopKActivation):
-            return self._topk_loss(x, y, dead, weight)
+        if isinstance(self.activation, SelectingActivation):
+            return self._sparse_loss(x, y, dead, weight)
         return self.dense_loss(x, y, dead, weight)
 
     def dense_loss(
@@ -152,7 +152,7 @@ class Transcoder(nn.Module):
         weight: torch.Tensor | None = None,
     ) -> LossParts:
         """The loss through the dense (N, d_transcoder) activations, AuxK when a latent
-        is ``dead``: the formulation of every architecture, and TopK's reference."""
+        is ``dead``: the formulation of every architecture, and the sparse step's reference."""
         dead = aux_k_dead(dead, self.cfg.aux_k_coefficient)
         pre = self.pre_activations(x)
         acts = self.activation.train_forward(pre)
@@ -174,14 +174,14 @@ class Transcoder(nn.Module):
         fired, l0 = activity(acts)
         return LossParts(mse=mse, sparsity=sparsity, aux=aux, fired=fired, l0=l0)
 
-    def _topk_loss(
+    def _sparse_loss(
         self,
         x: torch.Tensor,
         y: torch.Tensor,
         dead: torch.Tensor | None,
         weight: torch.Tensor | None,
     ) -> LossParts:
-        """The same terms as the dense path, from the k active latents (see ``sparse``)."""
+        """The same terms as the dense path, from the selected latents (see ``sparse``)."""
         dead = aux_k_dead(dead, self.cfg.aux_k_coefficient)
         aux_columns = None if dead is None else dead.nonzero().squeeze(1)
         aux_rows = aux_k_row_count(
@@ -190,13 +190,13 @@ class Transcoder(nn.Module):
             self.cfg.d_transcoder,
             x.shape[0],
         )
-        assert isinstance(self.activation, TopKActivation)
-        decoded, estimate, indices, values = topk_forward(
+        assert isinstance(self.activation, SelectingActivation)
+        decoded, estimate, positions, values = sparse_forward(
             x,
             self.W_enc,
             self.b_enc,
             self.W_dec,
-            self.activation.k,
+            self.activation.select,
             aux_columns,
             self.cfg.k_aux,
             aux_rows,
@@ -213,9 +213,10 @@ class Transcoder(nn.Module):
             aux = self.cfg.aux_k_coefficient * normalized_mse(estimate, residual, aux_weight)
         with torch.no_grad():
             # values are >= 0: a latent fired when the values it received sum above zero
-            totals = values.new_zeros(self.cfg.d_transcoder)
-            fired = totals.index_add_(0, indices.flatten(), values.flatten()) > 0
-            l0 = (values > 0).sum() / values.shape[0]
+            width = self.cfg.d_transcoder
+            totals = values.new_zeros(width)
+            fired = totals.index_add_(0, positions % width, values) > 0
+            l0 = (values > 0).sum() / x.shape[0]
         return LossParts(mse=mse, sparsity=mse.new_zeros(()), aux=aux, fired=fired, l0=l0)
 
     @torch.no_grad()

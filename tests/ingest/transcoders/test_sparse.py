@@ -1,10 +1,10 @@
-"""The TopK training step's sparse path computes the dense formulation's loss and gradients."""
+"""The sparse training step (TopK, BatchTopK) computes the dense formulation's loss and grads."""
 
 import pytest
 import torch
 
 from ingest.transcoders.losses import aux_k_row_count
-from ingest.transcoders.sparse import topk_forward
+from ingest.transcoders.sparse import sparse_forward
 from ingest.transcoders.transcoder import Transcoder
 from tests.ingest.transcoders.helpers import D_MODEL, D_T, config, randomize
 
@@ -20,12 +20,13 @@ def grads(module: Transcoder, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: getattr(module, name).grad.clone() for name in names}
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("rows", [0, 2])
 @pytest.mark.parametrize("n_dead", [0, 3, 5, D_T])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_topk_loss_and_gradients_match_the_dense_formulation(skip, rows, n_dead, weighted):
-    cfg = config("topk", skip=skip)
+def test_sparse_loss_and_gradients_match_the_dense_formulation(arch, skip, rows, n_dead, weighted):
+    cfg = config(arch, skip=skip)
     cfg = type(cfg)(**{**cfg.to_dict(), "aux_k_rows": rows, "aux_k_coefficient": 0.5})
     module = Transcoder(cfg)
     randomize(module)
@@ -78,35 +79,43 @@ def test_aux_k_rows_limit_which_tokens_train_the_dead_latents():
     dead = torch.zeros(D_T, dtype=torch.bool)
     dead[:5] = True
     columns = dead.nonzero().squeeze(1)
+    params = (module.W_enc, module.b_enc, module.W_dec, module.activation.select)
     for rows in (4, 32):
-        _, estimate, _, _ = topk_forward(
-            x, module.W_enc, module.b_enc, module.W_dec, 4, columns, 3, rows
-        )
+        _, estimate, _, _ = sparse_forward(x, *params, columns, 3, rows)
         assert estimate.shape == (rows, D_MODEL)
     # an input change outside the first rows leaves AuxK's estimate unchanged
     x2 = x.clone()
     x2[10:] += 1.0
-    a = topk_forward(x, module.W_enc, module.b_enc, module.W_dec, 4, columns, 3, 8)[1]
-    b = topk_forward(x2, module.W_enc, module.b_enc, module.W_dec, 4, columns, 3, 8)[1]
+    a = sparse_forward(x, *params, columns, 3, 8)[1]
+    b = sparse_forward(x2, *params, columns, 3, 8)[1]
     assert torch.equal(a, b)
 
 
-def test_topk_forward_without_aux_returns_the_dense_activations():
-    module = Transcoder(config("topk"))
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_forward_without_aux_returns_the_training_activations(arch):
+    module = Transcoder(config(arch))
     randomize(module)
     x = torch.randn(16, D_MODEL)
-    decoded, estimate, indices, values = topk_forward(
-        x, module.W_enc, module.b_enc, module.W_dec, module.cfg.k
+    select = module.activation.select
+    decoded, estimate, positions, values = sparse_forward(
+        x, module.W_enc, module.b_enc, module.W_dec, select
     )
-    acts = module.encode(x)
-    dense = torch.zeros_like(acts).scatter(1, indices, values)
+    acts = module.activation.train_forward(module.pre_activations(x))
+    dense = torch.zeros(acts.numel()).scatter(0, positions, values).view(acts.shape)
     torch.testing.assert_close(dense, acts)
-    torch.testing.assert_close(decoded + module.b_dec, module(x))
+    torch.testing.assert_close(decoded + module.b_dec, module.decode(acts, x))
     assert estimate.numel() == 0
+    per_row = (dense > 0).sum(1)
+    if arch == "topk":  # k per token
+        assert bool((per_row <= module.cfg.k).all())
+    else:  # N k over the batch, unevenly
+        assert positions.numel() == 16 * module.cfg.k and per_row.unique().numel() > 1
+    rows = positions.div(module.cfg.d_transcoder, rounding_mode="floor")
+    assert bool((rows.diff() >= 0).all())  # grouped by row in row order
 
 
-def test_topk_forward_refuses_an_input_that_needs_a_gradient():
+def test_sparse_forward_refuses_an_input_that_needs_a_gradient():
     module = Transcoder(config("topk"))
     x = torch.randn(4, D_MODEL, requires_grad=True)
     with pytest.raises(ValueError, match="detached input"):
-        topk_forward(x, module.W_enc, module.b_enc, module.W_dec, module.cfg.k)
+        sparse_forward(x, module.W_enc, module.b_enc, module.W_dec, module.activation.select)
