@@ -25,7 +25,7 @@ error by the target variance.
   module encodes a token without its batch.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -208,22 +208,36 @@ def largest_indices(values: torch.Tensor, m: int, slack: float = 1.1) -> torch.T
     return candidates[keep]
 
 
+class Selection(NamedTuple):
+    """The active entries of an (N, w) batch of pre-activations, grouped by row in row
+    order: entry j is at (``rows[j]``, ``columns[j]``); row i's entries start at
+    ``offsets[i]`` (an ``embedding_bag``'s offsets)."""
+
+    rows: torch.Tensor  # (M,)
+    columns: torch.Tensor  # (M,)
+    offsets: torch.Tensor  # (N,)
+
+    def positions(self, width: int) -> torch.Tensor:
+        """(M,) positions in the flattened (N, width) matrix."""
+        return torch.add(self.columns, self.rows, alpha=width)
+
+
 class SelectingActivation(Activation):
-    """An architecture whose training activations are ``relu(pre)`` at positions it
+    """An architecture whose training activations are ``relu(pre)`` at entries it
     selects (TopK, BatchTopK): it trains through the sparse step
     (:func:`ingest.transcoders.sparse.sparse_forward`), and ``train_forward`` is that
     step's dense reference."""
 
-    def select(self, pre: torch.Tensor) -> torch.Tensor:
-        """pre: (N, w), no gradient -> positions (M,) of the active entries in
-        ``pre.reshape(-1)``, grouped by row in row order."""
+    def select(self, pre: torch.Tensor) -> Selection:
+        """pre: (N, w), no gradient -> the active entries."""
         raise NotImplementedError
 
     def train_forward(self, pre: torch.Tensor) -> torch.Tensor:
         # The largest of pre are the largest of relu(pre) up to ties at zero, which the
         # ReLU maps to the same activations (and gradients).
+        width = pre.shape[-1]
         flat = pre.reshape(-1)
-        positions = self.select(pre.detach().reshape(-1, pre.shape[-1]))
+        positions = self.select(pre.detach().reshape(-1, width)).positions(width)
         values = torch.relu(flat.gather(0, positions))
         return torch.zeros_like(flat).scatter(0, positions, values).view(pre.shape)
 
@@ -235,10 +249,11 @@ class TopKActivation(SelectingActivation):
         super().__init__()
         self.k = cfg.k
 
-    def select(self, pre: torch.Tensor) -> torch.Tensor:
-        indices = topk_indices(pre, self.k)  # (N, k)
-        starts = torch.arange(0, pre.numel(), pre.shape[1], device=pre.device)
-        return (indices + starts[:, None]).reshape(-1)
+    def select(self, pre: torch.Tensor) -> Selection:
+        n, k = pre.shape[0], self.k
+        columns = topk_indices(pre, k).reshape(-1)
+        rows = torch.arange(n, device=pre.device)[:, None].expand(n, k).reshape(-1)
+        return Selection(rows, columns, torch.arange(0, n * k, k, device=pre.device))
 
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         return self.train_forward(pre)
@@ -292,13 +307,16 @@ class BatchTopKActivation(SelectingActivation):
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold).to(pre.dtype)
 
-    def select(self, pre: torch.Tensor) -> torch.Tensor:
+    def select(self, pre: torch.Tensor) -> Selection:
         """The batch's ``N k`` largest (k <= width: validated); a training step, so it
         moves the threshold towards the smallest positive value kept."""
+        n, width = pre.shape
         flat = pre.reshape(-1)
-        positions = largest_indices(flat, self.k * pre.shape[0])
-        self._update_threshold(flat.take(positions))
-        return positions
+        positions = largest_indices(flat, self.k * n)  # ascending: grouped by row
+        self._update_threshold(flat.index_select(0, positions))
+        rows = positions.div(width, rounding_mode="floor")
+        counts = torch.bincount(rows, minlength=n)
+        return Selection(rows, positions - rows * width, counts.cumsum(0).sub_(counts))
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:

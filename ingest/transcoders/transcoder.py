@@ -191,7 +191,7 @@ class Transcoder(nn.Module):
             x.shape[0],
         )
         assert isinstance(self.activation, SelectingActivation)
-        decoded, estimate, positions, values = sparse_forward(
+        decoded, estimate, chosen, values = sparse_forward(
             x,
             self.W_enc,
             self.b_enc,
@@ -213,9 +213,8 @@ class Transcoder(nn.Module):
             aux = self.cfg.aux_k_coefficient * normalized_mse(estimate, residual, aux_weight)
         with torch.no_grad():
             # values are >= 0: a latent fired when the values it received sum above zero
-            width = self.cfg.d_transcoder
-            totals = values.new_zeros(width)
-            fired = totals.index_add_(0, positions % width, values) > 0
+            totals = values.new_zeros(self.cfg.d_transcoder)
+            fired = totals.index_add_(0, chosen.columns, values) > 0
             l0 = (values > 0).sum() / x.shape[0]
         return LossParts(mse=mse, sparsity=mse.new_zeros(()), aux=aux, fired=fired, l0=l0)
 

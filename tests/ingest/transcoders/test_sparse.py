@@ -97,11 +97,11 @@ def test_sparse_forward_without_aux_returns_the_training_activations(arch):
     randomize(module)
     x = torch.randn(16, D_MODEL)
     select = module.activation.select
-    decoded, estimate, positions, values = sparse_forward(
+    decoded, estimate, chosen, values = sparse_forward(
         x, module.W_enc, module.b_enc, module.W_dec, select
     )
     acts = module.activation.train_forward(module.pre_activations(x))
-    dense = torch.zeros(acts.numel()).scatter(0, positions, values).view(acts.shape)
+    dense = torch.zeros_like(acts).index_put((chosen.rows, chosen.columns), values)
     torch.testing.assert_close(dense, acts)
     torch.testing.assert_close(decoded + module.b_dec, module.decode(acts, x))
     assert estimate.numel() == 0
@@ -109,9 +109,10 @@ def test_sparse_forward_without_aux_returns_the_training_activations(arch):
     if arch == "topk":  # k per token
         assert bool((per_row <= module.cfg.k).all())
     else:  # N k over the batch, unevenly
-        assert positions.numel() == 16 * module.cfg.k and per_row.unique().numel() > 1
-    rows = positions.div(module.cfg.d_transcoder, rounding_mode="floor")
-    assert bool((rows.diff() >= 0).all())  # grouped by row in row order
+        assert values.numel() == 16 * module.cfg.k and per_row.unique().numel() > 1
+    assert bool((chosen.rows.diff() >= 0).all())  # grouped by row in row order
+    counts = torch.bincount(chosen.rows, minlength=16)
+    assert torch.equal(chosen.offsets, counts.cumsum(0) - counts)
 
 
 def test_sparse_forward_refuses_an_input_that_needs_a_gradient():
