@@ -73,10 +73,10 @@ def zoo_spec(model_dir: Path) -> tuple[str, str]:
     return str(spec["task"]), str(spec["arch"])
 
 
-def sparse_step_difference(device: str, d_model: int) -> float:
+def sparse_step_difference(device: str, d_model: int, arch: str) -> float:
     """Largest |sparse - dense| gradient entry over the largest dense one, with AuxK."""
     gen = torch.Generator().manual_seed(0)
-    cfg = TranscoderConfig(arch="topk", d_in=d_model, d_out=d_model, d_transcoder=256, sparsity=8)
+    cfg = TranscoderConfig(arch=arch, d_in=d_model, d_out=d_model, d_transcoder=256, sparsity=8)
     module = Transcoder(cfg)
     module.reset_parameters(gen)
     module.to(device)
@@ -89,7 +89,9 @@ def sparse_step_difference(device: str, d_model: int) -> float:
         module.zero_grad()
         parts = loss(x, y, dead)
         (parts.mse + parts.aux).backward()
-        grads.append([p.grad.detach().double().cpu() for p in module.parameters()])
+        # BatchTopK's threshold is a running average, not trained by gradient
+        trained = [p.grad for p in module.parameters() if p.grad is not None]
+        grads.append([g.detach().double().cpu() for g in trained])
     for sparse, dense in zip(*grads, strict=True):
         worst = max(worst, float((sparse - dense).abs().max() / dense.abs().max()))
     return worst
@@ -128,7 +130,8 @@ def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[st
     )  # fmt: skip
     row["tc ce_rec"] = json.loads(report.read_text())["mean"]["ce_loss_recovered"]
     d_model = load_any(tc_dir).d_model
-    row["sparse step grad diff / max"] = sparse_step_difference(device, d_model)
+    for arch in ("topk", "batchtopk"):
+        row[f"{arch} sparse step grad diff / max"] = sparse_step_difference(device, d_model, arch)
 
     example = get_task(task_name).examples("heldout")[0]
     cpu = load_model(str(model_dir), device="cpu")

@@ -17,10 +17,11 @@ other flags override them) on every layer, and report
 FLOPs per trained token and layer are those of the dense formulation of the step:
 encoder forward ``2 d w``, encoder weight gradient ``2 d w`` (the input needs no
 gradient), decoder forward ``2 d w``, decoder weight and activation gradients ``4 d w``:
-``10 d w``. The TopK step decodes sparsely (``ingest/transcoders/sparse.py``), so its
-forward decode is ``2 d k``: it performs ``8 d w + 2 d k`` of the counted FLOPs, and the
-ratio is the dense-equivalent rate. A transcoder's skip connection (on by default) adds
-``4 d^2``: its forward product and its weight gradient. The AuxK pass, the model forward
+``10 d w``. The TopK and BatchTopK step decodes sparsely
+(``ingest/transcoders/sparse.py``), so its forward decode is ``2 d k``: it performs
+``8 d w + 2 d k`` of the counted FLOPs, and the ratio is the dense-equivalent rate. A
+transcoder's skip connection (on by default) adds ``4 d^2``: its forward product and its
+weight gradient. The AuxK pass, the model forward
 that collects activations and elementwise work are not counted (they are overhead the
 ratio charges to the trainer).
 
@@ -241,8 +242,9 @@ def main() -> int:
         "- dead: latents that never fire on the first `dead tokens` tokens of the eval split "
         "(mean over layers, and the worst layer)",
         f"- FLOPs: {FLOPS_PER_TOKEN_LAYER} x d_model x width per token and layer (the dense "
-        "formulation's; the TopK step decodes sparsely, so it performs 8 x d_model x width "
-        "of them in matmuls plus 2 x d_model x k), plus 4 x d_model^2 for the transcoders' "
+        "formulation's; the sparse step of TopK and BatchTopK decodes sparsely, so it "
+        "performs 8 x d_model x width of them in matmuls plus 2 x d_model x k), plus "
+        "4 x d_model^2 for the transcoders' "
         f"skip connection (skip: {base.uses_skip}); "
         "matmul GFLOP/s at the step's shapes, the best of 4 half-second windows before and "
         "after the transcoder's training in this run",

@@ -47,13 +47,14 @@ def _demo_dir(ctx: DemoContext) -> Path:
 def _train_config(ctx: DemoContext) -> Any:
     from ingest.transcoders.trainer import TrainConfig
 
+    # TopK: exactly k latents per token, whatever the demo's small batches
     if ctx.tiny:
         return TrainConfig(
-            width=64, sparsity=4, steps=400, batch_size=64, buffer_rows=1024,
+            arch="topk", width=64, sparsity=4, steps=400, batch_size=64, buffer_rows=1024,
             eval_every=400, checkpoint_every=400,
         )  # fmt: skip
     return TrainConfig(
-        width=128, sparsity=16, steps=1500, batch_size=256,
+        arch="topk", width=128, sparsity=16, steps=1500, batch_size=256,
         eval_every=500, checkpoint_every=500,
     )  # fmt: skip
 

@@ -127,10 +127,11 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
 @pytest.mark.parametrize(("flag", "skip"), [(None, True), ("--skip", True), ("--no-skip", False)])
 def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path, flag, skip):
     out = tmp_path / "pareto"
+    # TopK: k latents per token at most, so every point's L0 is at most its sparsity
     args = ["transcoders", "pareto", "--model", str(tiny_zoo_dir), "--out", str(out),
-            "--sparsities", "2,4", "--width", "16", "--steps", "6", "--batch-size", "32",
-            "--buffer-rows", "256", "--eval-every", "6", "--checkpoint-every", "6",
-            *([flag] if flag else [])]  # fmt: skip
+            "--sparsities", "2,4", "--arch", "topk", "--width", "16", "--steps", "6",
+            "--batch-size", "32", "--buffer-rows", "256", "--eval-every", "6",
+            "--checkpoint-every", "6", *([flag] if flag else [])]  # fmt: skip
     assert main(args) == 0
     tables = json.loads((out / "pareto.json").read_text())
     rows = tables["runs"]
