@@ -6,7 +6,8 @@ Interpretable LLM Feature Circuits"; Anthropic 2025, "Circuit Tracing"). The pac
 laid out by pipeline stage:
 
 - ``registry``, ``config``, ``architectures``: the activation functions and their
-  sparsity penalties (ReLU + L1, TopK + AuxK, JumpReLU + L0) behind one registry;
+  sparsity penalties (ReLU + L1, TopK + AuxK, JumpReLU + L0, BatchTopK + AuxK, the
+  default) behind one registry; ``sparse``: the TopK and BatchTopK training step;
 - ``transcoder``, ``clt``, ``transcoder_set``: per-layer and cross-layer modules and the
   set over all layers that the replacement model and attribution use;
 - ``sources``, ``buffer``: prompt sources and the bounded, shuffled activation buffer;

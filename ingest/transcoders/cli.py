@@ -75,7 +75,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=KINDS, default=DEFAULTS.kind)
-    p.add_argument("--arch", choices=ARCHITECTURES.names(), default=DEFAULTS.arch)
+    p.add_argument(
+        "--arch",
+        choices=ARCHITECTURES.names(),
+        default=DEFAULTS.arch,
+        help=f"activation and sparsity mechanism ({DEFAULTS.arch}; docs/transcoders.md)",
+    )
     p.add_argument(
         "--width", type=int, default=None, help="latents per layer (default: --expansion x d_model)"
     )
