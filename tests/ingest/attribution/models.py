@@ -64,10 +64,13 @@ def transcoder_set(
     layers: list[int] | None = None,
     d_transcoder: int = 24,
     seed: int = 0,
+    arch: str = "relu",
 ) -> TranscoderSet:
-    """A random ReLU set whose features are active on roughly half of the tokens."""
-    cfg = TranscoderConfig(arch="relu", d_in=adp.d_model, d_out=adp.d_model,
-                           d_transcoder=d_transcoder, sparsity=0.1, skip=skip)  # fmt: skip
+    """A random set whose ReLU features are active on roughly half of the tokens (TopK: 6
+    per token; JumpReLU and BatchTopK: those above random positive thresholds)."""
+    sparsity = 6 if arch in ("topk", "batchtopk") else 0.1
+    cfg = TranscoderConfig(arch=arch, d_in=adp.d_model, d_out=adp.d_model,
+                           d_transcoder=d_transcoder, sparsity=sparsity, skip=skip)  # fmt: skip
     layers = list(range(adp.n_layers)) if layers is None else layers
     meta = SetMetadata(
         kind=kind, model_id="tiny", model_fingerprint=adp.fingerprint(),
@@ -79,7 +82,8 @@ def transcoder_set(
         with torch.no_grad():
             for name, p in module.named_parameters():
                 scale = {"W_enc": 0.4, "b_enc": 0.2, "W_skip": 0.1}.get(name.split(".")[-1], 0.2)
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+                values = torch.randn(p.shape, generator=gen) * scale
+                p.copy_(values.abs() if name.endswith("threshold") else values)
 
     if kind == "clt":
         clt = CrossLayerTranscoder(cfg, len(layers))

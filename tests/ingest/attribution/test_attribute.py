@@ -72,6 +72,21 @@ def test_interventions_match_edges(family: str, kind: str, skip: bool, dtype) ->
     assert_interventions(adp, tcs, state, result, 1e-5 if dtype == torch.float64 else 1e-4)
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_other_architectures_are_exact(arch: str) -> None:
+    """TopK (k per token) and thresholded sets (JumpReLU, and BatchTopK, which infers as
+    JumpReLU): rows complete and interventions match edges, as for ReLU."""
+    adp = m.adapter("gpt2", torch.float64)
+    tcs = m.transcoder_set(adp, arch=arch)
+    result = attribute(adp, tcs, PROMPT, batch_size=32)
+    state = build_replacement(adp, tcs, torch.tensor([PROMPT]))
+    # the architecture's own selection: fewer features active than a ReLU would keep
+    active = sum(int((a != 0).sum()) for a in state.activations.values())
+    assert 0 < active < sum(int((p > 0).sum()) for p in state.pre_activations.values())
+    assert_row_completeness(adp, tcs, state, result, 1e-5)
+    assert_interventions(adp, tcs, state, result, 1e-5)
+
+
 def test_batching_counts_passes_and_does_not_change_edges() -> None:
     adp = m.adapter("gpt2", torch.float64)
     tcs = m.transcoder_set(adp)
