@@ -53,7 +53,7 @@ class _SparseForward(torch.autograd.Function):
         aux_rows: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, width = pre.shape
-        positions = torch.add(columns, rows, alpha=width)
+        positions = Selection(rows, columns, offsets).positions(width)
         values = pre.view(-1).index_select(0, positions).relu_()
         y = F.embedding_bag(columns, W_dec, offsets, per_sample_weights=values, mode="sum")
         if aux_columns is None:
