@@ -100,7 +100,6 @@ register_architecture(
         description="JumpReLU + L0 with straight-through threshold (Gemma Scope)",
     )
 )
-
 register_architecture(
     ArchitectureSpec(
         name="batchtopk",
@@ -110,8 +109,8 @@ register_architecture(
         integer_sparsity=True,
         unit_norm_decoder=True,
         has_threshold=True,
-        description="BatchTopK in training, JumpReLU at its learned threshold after "
-        "(Bussmann et al. 2024)",
+        description="BatchTopK in training, JumpReLU after at the running average of the "
+        "smallest kept value (Bussmann et al. 2024)",
         enc_init_norm=1.0,
     )
 )
