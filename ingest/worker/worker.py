@@ -199,6 +199,11 @@ class IngestWorker:
             summary.claimed_elsewhere += 1
             return
         try:
+            # Another worker may have stored the graph and released its claim between the
+            # check above and this claim: a finished graph's claim is gone, so look again.
+            if self._is_done(graph_id):
+                summary.already_done += 1
+                return
             started = time.perf_counter()
             result, reused = self._full_result(spec, graph_id)
             summary.reused_artifacts += int(reused)
