@@ -2,7 +2,7 @@
 
 For each zoo model under ``$CIRCUITSCOPE_HOME/zoo`` (never retrained here), train a
 per-layer transcoder and an SAE baseline of the same architecture at the trainer's
-default settings (``TrainConfig()``: TopK, width, k, steps, batch; ``--arch`` and the
+default settings (``TrainConfig()``: BatchTopK, width, k, steps, batch; ``--arch`` and the
 other flags override them) on every layer, and report
 
 - mean L0, CE loss recovered of each layer spliced alone (the worst layer), CE loss
@@ -97,7 +97,7 @@ def zoo_models() -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="", help="comma-separated zoo dirs (default: all)")
-    parser.add_argument("--arch", default=None, help="default: TrainConfig's (topk)")
+    parser.add_argument("--arch", default=None, help="default: TrainConfig's (batchtopk)")
     parser.add_argument("--steps", type=int, default=None, help="default: TrainConfig's")
     parser.add_argument(
         "--sparsity",
@@ -117,6 +117,9 @@ def main() -> int:
     parser.add_argument(
         "--resample-every", type=int, default=None, help="0: never; default: TrainConfig's"
     )
+    parser.add_argument(
+        "--balance-rate", type=float, default=None, help="batchtopk's; default: TrainConfig's"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoders.md"))
     args = parser.parse_args()
@@ -134,6 +137,7 @@ def main() -> int:
             ("width", args.width),
             ("expansion", args.expansion),
             ("resample_every", args.resample_every),
+            ("balance_rate", args.balance_rate),
         )
         if value is not None
     }
@@ -229,7 +233,8 @@ def main() -> int:
         f"{os.getloadavg()[0]:.2f} at the end",
         f"- command: `{command.strip()}`; wall time {wall / 60:.1f} min",
         f"- {base.arch} at sparsity {sparsity:g}, resampling every {base.resample_every} "
-        f"steps (0: never), width {base.width or f'{base.expansion} x d_model'}, "
+        f"steps (0: never), firing floor rate {base.balance_rate} (0: none), "
+        f"width {base.width or f'{base.expansion} x d_model'}, "
         f"{base.steps} steps of {base.batch_size} tokens "
         f"(TrainConfig defaults unless the command overrides them), every layer; the "
         f"answer-predicting rows of answer-only tasks weigh {base.answer_weight}",

@@ -292,31 +292,53 @@ class JumpReLUActivation(Activation):
 
 class BatchTopKActivation(SelectingActivation):
     """Training: the ``N k`` largest of ``relu(pre)`` over the (N, w) batch. Inference:
-    ``pre * H(pre - theta)`` with theta the running average of the smallest kept value."""
+    ``pre * H(pre - theta)`` with theta the running average of the smallest kept value.
+
+    With ``balance_rate`` > 0 every latent has a firing floor, after the bias-only load
+    balancing of mixture-of-experts routers (Wang et al. 2024): after each batch, a
+    latent that fired on fewer than ``FLOOR`` x the mean count ``N k / w`` has its encoder
+    bias raised by ``balance_rate x theta``; one that fired at the mean count or more has
+    what was added so far taken back by as much. ``balance`` (d_transcoder,) holds what
+    was added; :meth:`take_bias_change` hands the change to the module, which applies it
+    after the optimizer step. A latent the others outcompete thus fires on its
+    best-matching tokens at about the floor and gets the reconstruction's gradient
+    there; one that fires on its own keeps its learned bias. Inference and files are
+    unchanged: the bias is the encoder's.
+    """
 
     #: Weight of the previous threshold in the running average (~100 steps remembered).
     momentum = 0.99
+    #: The firing floor as a fraction of the mean firing count per latent (N k / w).
+    FLOOR = 1 / 32
 
     def __init__(self, cfg: TranscoderConfig) -> None:
         super().__init__()
         self.k = cfg.k
+        self.balance_rate = float(cfg.balance_rate)
         # One value for every latent (stored per latent: the files' JumpReLU layout). Zero
         # until the first training batch sets it; not trained by gradient.
         self.threshold = nn.Parameter(torch.zeros(cfg.d_transcoder), requires_grad=False)
+        self.balance: torch.Tensor
+        self.register_buffer("balance", torch.zeros(cfg.d_transcoder))
+        self._pending: torch.Tensor | None = None
 
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold).to(pre.dtype)
 
     def select(self, pre: torch.Tensor) -> Selection:
         """The batch's ``N k`` largest (k <= width: validated); a training step, so it
-        moves the threshold towards the smallest positive value kept."""
+        moves the threshold and, with a firing floor, prepares the bias change."""
         n, width = pre.shape
         flat = pre.reshape(-1)
         positions = largest_indices(flat, self.k * n)  # ascending: grouped by row
-        self._update_threshold(flat.index_select(0, positions))
+        kept = flat.index_select(0, positions)
+        self._update_threshold(kept)
         rows = positions.div(width, rounding_mode="floor")
+        columns = positions - rows * width
+        if self.balance_rate > 0:
+            self._prepare_balance(columns[kept > 0], n)
         counts = torch.bincount(rows, minlength=n)
-        return Selection(rows, positions - rows * width, counts.cumsum(0).sub_(counts))
+        return Selection(rows, columns, counts.cumsum(0).sub_(counts))
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
@@ -328,6 +350,33 @@ class BatchTopKActivation(SelectingActivation):
             self.threshold.fill_(smallest)
         else:
             self.threshold.mul_(self.momentum).add_((1 - self.momentum) * smallest)
+
+    @torch.no_grad()
+    def _prepare_balance(self, fired_columns: torch.Tensor, n: int) -> None:
+        width = self.balance.numel()
+        fired = torch.bincount(fired_columns, minlength=width)
+        step = self.balance_rate * self.threshold[0]
+        mean = n * self.k / width
+        zero = torch.zeros_like(self.balance)
+        change = torch.where(fired < self.FLOOR * mean, step, zero)
+        # Taken back only from a latent that fires at the mean count or more: between the
+        # two a latent keeps its raise, so it does not drop back under the floor.
+        change = torch.where(fired >= mean, -torch.minimum(self.balance, step), change)
+        self._pending = change
+
+    @torch.no_grad()
+    def take_bias_change(self) -> torch.Tensor | None:
+        """The encoder-bias change of the last training batch (recorded in ``balance``),
+        or None; each change is handed out once."""
+        change, self._pending = self._pending, None
+        if change is not None:
+            self.balance.add_(change)
+        return change
+
+    @torch.no_grad()
+    def forget_balance_(self, latents: torch.Tensor) -> None:
+        """Latents given a fresh encoder (resampling) start without an added bias."""
+        self.balance[latents] = 0.0
 
 
 def build_activation(cfg: TranscoderConfig) -> Activation:

@@ -134,6 +134,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS.resample_every,
         help="steps between resamplings (0: never)",
     )
+    dead.add_argument(
+        "--balance-rate",
+        type=float,
+        default=DEFAULTS.balance_rate,
+        help="batchtopk's firing floor: per step, a latent that fired on none of the batch "
+        "lowers its threshold by this fraction of it, one that fired raises it back "
+        f"(0: off; default {DEFAULTS.balance_rate})",
+    )
     p.add_argument(
         "--answer-weight",
         type=float,

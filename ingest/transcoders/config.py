@@ -138,6 +138,9 @@ class TranscoderConfig:
     aux_k_coefficient: float = 1.0 / 32.0
     aux_k: int = 0  # 0 means d_in // 2, as in sparsify
     aux_k_rows: int = 256  # AuxK rows when every latent is dead (losses.aux_k_row_count); 0: all
+    #: BatchTopK's firing floor: a latent's selection bias moves by this fraction of the
+    #: threshold per step, up when it fired on none of the batch, down when it did (0: off)
+    balance_rate: float = 0.0
 
     def __post_init__(self) -> None:
         spec = ARCHITECTURES.get(self.arch)
@@ -163,6 +166,10 @@ class TranscoderConfig:
             raise InvalidArgumentError("jumprelu_init_threshold must be > 0")
         if self.aux_k_coefficient < 0 or self.aux_k < 0 or self.aux_k_rows < 0:
             raise InvalidArgumentError("aux_k_coefficient, aux_k and aux_k_rows must be >= 0")
+        if not math.isfinite(self.balance_rate) or not 0 <= self.balance_rate <= 1:
+            raise InvalidArgumentError(
+                f"balance_rate must be in [0, 1] (0: no firing floor), got {self.balance_rate!r}"
+            )
 
     @property
     def spec(self) -> ArchitectureSpec:
@@ -198,6 +205,7 @@ CLI_FIELDS = frozenset({
     "kind", "arch", "width", "expansion", "sparsity", "skip", "layers", "steps", "batch_size",
     "lr", "buffer_mb", "buffer_rows", "seed", "eval_every", "checkpoint_every",
     "dead_after_tokens", "aux_k_coefficient", "aux_k_rows", "resample_every", "answer_weight",
+    "balance_rate",
 })  # fmt: skip
 
 
@@ -240,6 +248,8 @@ class TrainConfig:
     aux_k_coefficient: float = 1.0 / 32.0
     aux_k_rows: int = 256  # AuxK rows when every latent is dead, more as fewer are; 0: all
     resample_every: int = 250  # 0: never
+    #: BatchTopK's firing floor (TranscoderConfig.balance_rate); other architectures: 0
+    balance_rate: float = 0.0
     #: Loss weight of the answer-predicting rows of an answer-only prompt source (the
     #: other rows weigh 1); sources scored at every token ignore it.
     answer_weight: float = 8.0
@@ -295,6 +305,11 @@ class TrainConfig:
             raise InvalidArgumentError(
                 f"{flagged('eval_every')} and {flagged('checkpoint_every')} must be positive"
             )
+        if self.balance_rate and self.arch != "batchtopk":
+            raise InvalidArgumentError(
+                f"{flagged('balance_rate')} is batchtopk's firing floor: drop it for "
+                f"--arch {self.arch}, or train --arch batchtopk"
+            )
         if not math.isfinite(self.answer_weight) or self.answer_weight <= 0:
             raise InvalidArgumentError(
                 f"{flagged('answer_weight')} must be a finite number > 0 (1: every token "
@@ -324,6 +339,7 @@ class TrainConfig:
             jumprelu_init_threshold=self.jumprelu_init_threshold,
             aux_k_coefficient=self.aux_k_coefficient,
             aux_k_rows=self.aux_k_rows,
+            balance_rate=self.balance_rate,
         )
 
     def to_dict(self) -> dict[str, Any]:

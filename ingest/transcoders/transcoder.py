@@ -228,9 +228,15 @@ class Transcoder(nn.Module):
             self.W_skip.mul_(in_scale / out_scale)
 
     def after_step_(self) -> None:
-        """Constraints restored after every optimizer step."""
+        """Constraints restored after every optimizer step, and the activation's encoder
+        bias change (BatchTopK's firing floor) applied."""
         if self.cfg.spec.unit_norm_decoder:
             self.normalize_decoder_()
         clamp = getattr(self.activation, "clamp_", None)
         if clamp is not None:
             clamp()
+        take = getattr(self.activation, "take_bias_change", None)
+        change = None if take is None else take()
+        if change is not None:
+            with torch.no_grad():
+                self.b_enc.add_(change)

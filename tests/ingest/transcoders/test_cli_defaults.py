@@ -50,6 +50,7 @@ def test_every_flagged_field_has_its_flag(capsys):
         ({"resample_every": -1}, "resample_every (--resample-every)"),
         ({"eval_every": 0}, "eval_every (--eval-every)"),
         ({"buffer_rows": -1}, "buffer_rows (--buffer-rows)"),
+        ({"arch": "topk", "balance_rate": 0.1}, "balance_rate (--balance-rate) is batchtopk's"),
         ({"model_batch_size": -1}, "model_batch_size must be"),  # no flag: the field alone
     ],
 )

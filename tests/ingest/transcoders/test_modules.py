@@ -88,6 +88,54 @@ def test_batchtopk_keeps_n_k_per_batch_and_infers_at_its_threshold():
     assert module.threshold[0].item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_batchtopk_firing_floor_raises_an_outcompeted_latents_bias_until_it_fires(rate):
+    cfg = config("batchtopk")
+    module = Transcoder(type(cfg)(**{**cfg.to_dict(), "balance_rate": rate}))
+    randomize(module)
+    activation = module.activation
+    x = torch.randn(64, D_MODEL, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        module.threshold.zero_()
+        module.b_enc.add_(1.0)
+        module.W_enc[0] *= 0.01
+        module.b_enc[0] = -0.5  # latent 0: negative on every token, never selected
+    learned = module.b_enc.detach().clone()
+    picked = []
+    for _ in range(80):
+        chosen = activation.select(module.pre_activations(x).detach())
+        assert chosen.columns.numel() == 64 * module.cfg.k  # the budget does not change
+        module.after_step_()  # applies the bias change, as the trainer does after a step
+        picked.append(int((chosen.columns == 0).sum()))
+        # the bias is the learned one plus what the floor added, never less
+        torch.testing.assert_close(module.b_enc.detach(), learned + activation.balance)
+        assert (activation.balance >= 0).all()
+    if rate == 0:
+        assert sum(picked) == 0 and (activation.balance == 0).all()
+        return
+    # the bias rises while latent 0 fires on too few tokens, then it fires on its best ones
+    first = next(i for i, n in enumerate(picked) if n)
+    assert 10 < first < 60
+    # from then on it stays about the floor: fired in at least every other batch
+    later = picked[first:]
+    assert sum(n > 0 for n in later) >= len(later) // 2
+    assert activation.balance[0] > 1.0
+    # most latents fire above the floor on their own and keep their learned bias
+    assert (activation.balance[1:] == 0).sum() >= D_T // 2
+    # inference is JumpReLU at the one threshold, through the raised bias
+    acts = module.encode(x).detach()
+    pre = module.pre_activations(x).detach()
+    assert (acts[:, 0] > 0).any()
+    torch.testing.assert_close(acts, pre * (pre > module.threshold[0]))
+
+
+def test_balance_rate_is_validated():
+    base = config("batchtopk").to_dict()
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InvalidArgumentError, match="balance_rate"):
+            TranscoderConfig(**{**base, "balance_rate": bad})
+
+
 def test_jumprelu_threshold_gets_a_gradient_from_both_terms():
     module = Transcoder(config("jumprelu"))
     with torch.no_grad():

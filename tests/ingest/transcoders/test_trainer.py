@@ -68,8 +68,11 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     ],
 )
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch, buffer_rows):
+    # BatchTopK with its firing floor: the balance is state a resume must restore
+    balance = {"balance_rate": 0.2} if arch == "batchtopk" else {}
     cfg = _cfg(kind=kind, arch=arch, sparsity=0.01 if arch == "jumprelu" else 4, skip=True,
-               buffer_rows=buffer_rows, resample_every=3, dead_after_tokens=32)  # fmt: skip
+               buffer_rows=buffer_rows, resample_every=3, dead_after_tokens=32,
+               **balance)  # fmt: skip
     full = _train(tmp_path, "full", cfg)
     # Killed after step 10: its last checkpoint is at step 8, and it exported nothing.
     killed = _train(tmp_path, "killed", cfg, stop_after=10)
@@ -82,6 +85,8 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch, buffer_ro
     assert sorted(a) == sorted(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    if balance:
+        assert any(bool(a[key].any()) for key in a if key.endswith("balance"))
     assert full.history == resumed.history
 
 
