@@ -22,7 +22,7 @@ from typing import Any
 
 from ingest.errors import InvalidArgumentError
 from ingest.paths import check_output
-from ingest.transcoders.config import ARCHITECTURES, KINDS, TrainConfig
+from ingest.transcoders.config import ARCHITECTURES, DEFAULT_BALANCE_RATE, KINDS, TrainConfig
 
 FORMAT_NAMES = ("circuit_tracer", "saelens", "sparsify")
 #: The trainer's defaults, which the train and pareto flags default to.
@@ -138,9 +138,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--balance-rate",
         type=float,
         default=DEFAULTS.balance_rate,
-        help="batchtopk's firing floor: per step, a latent that fired on none of the batch "
-        "lowers its threshold by this fraction of it, one that fired raises it back "
-        f"(0: off; default {DEFAULTS.balance_rate})",
+        help="batchtopk's firing floor: per step, a latent that fired on fewer than 1/32 of "
+        "the mean count has its encoder bias raised by this fraction of the threshold, "
+        f"taken back once it fires at the mean count (0: off; default {DEFAULT_BALANCE_RATE} "
+        "for batchtopk)",
     )
     p.add_argument(
         "--answer-weight",

@@ -8,7 +8,7 @@ import pytest
 
 from ingest.errors import InvalidArgumentError
 from ingest.transcoders.cli import _layers, _train_config
-from ingest.transcoders.config import CLI_FIELDS, TrainConfig, flagged
+from ingest.transcoders.config import CLI_FIELDS, DEFAULT_BALANCE_RATE, TrainConfig, flagged
 from service.cli import build_parser
 
 pytestmark = pytest.mark.unit
@@ -51,9 +51,16 @@ def test_every_flagged_field_has_its_flag(capsys):
         ({"eval_every": 0}, "eval_every (--eval-every)"),
         ({"buffer_rows": -1}, "buffer_rows (--buffer-rows)"),
         ({"arch": "topk", "balance_rate": 0.1}, "balance_rate (--balance-rate) is batchtopk's"),
+        ({"balance_rate": 2.0}, "balance_rate (--balance-rate) must be in [0, 1]"),
         ({"model_batch_size": -1}, "model_batch_size must be"),  # no flag: the field alone
     ],
 )
 def test_config_errors_name_the_flag(change, message):
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         TrainConfig(**change)
+
+
+def test_the_firing_floor_is_on_by_default_for_batchtopk_only():
+    assert TrainConfig().module_config(64).balance_rate == DEFAULT_BALANCE_RATE > 0
+    assert TrainConfig(arch="topk").module_config(64).balance_rate == 0.0
+    assert TrainConfig(balance_rate=0.0).module_config(64).balance_rate == 0.0

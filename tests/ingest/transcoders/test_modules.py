@@ -129,6 +129,20 @@ def test_batchtopk_firing_floor_raises_an_outcompeted_latents_bias_until_it_fire
     torch.testing.assert_close(acts, pre * (pre > module.threshold[0]))
 
 
+def test_cross_layer_firing_floor_raises_its_own_layers_bias():
+    cfg = config("batchtopk")
+    clt = CrossLayerTranscoder(type(cfg)(**{**cfg.to_dict(), "balance_rate": 0.1}), 2)
+    randomize(clt)
+    before = clt.b_enc.detach().clone()
+    pre = torch.rand(32, D_T) + 1.0
+    pre[:, 0] = -1.0  # latent 0 of layer 1 never fires
+    clt.activations[1].select(pre)
+    clt.after_step_()
+    change = clt.b_enc.detach() - before
+    assert change[1, 0] > 0 and (change[1, 1:] == 0).all() and (change[0] == 0).all()
+    torch.testing.assert_close(change[1], clt.activations[1].balance)
+
+
 def test_balance_rate_is_validated():
     base = config("batchtopk").to_dict()
     for bad in (-0.1, 1.5, float("nan")):
