@@ -111,6 +111,14 @@ class Activation(nn.Module):
         Zero here: TopK and BatchTopK fix the sparsity instead of penalizing it."""
         return pre.new_zeros(())
 
+    def take_bias_change(self) -> torch.Tensor | None:
+        """(d_transcoder,) to add to the encoder bias after the optimizer step, or None
+        (BatchTopK's firing floor has one)."""
+        return None
+
+    def forget_balance_(self, latents: torch.Tensor) -> None:
+        """Resampling gave ``latents`` a fresh encoder: drop state kept about the old one."""
+
 
 class ReLUActivation(Activation):
     """``z = relu(pre)`` with a decoder-norm-weighted L1 penalty."""

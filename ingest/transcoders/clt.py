@@ -187,12 +187,12 @@ class CrossLayerTranscoder(nn.Module):
     def after_step_(self) -> None:
         if self.cfg.spec.unit_norm_decoder:
             self.normalize_decoder_()
-        for s, act in enumerate(self.activations):
+        for s in range(self.n_layers):
+            act = self._activation(s)
             clamp = getattr(act, "clamp_", None)
             if clamp is not None:
                 clamp()
-            take = getattr(act, "take_bias_change", None)
-            change = None if take is None else take()
+            change = act.take_bias_change()
             if change is not None:
                 with torch.no_grad():
                     self.b_enc[s].add_(change)

@@ -138,8 +138,8 @@ class TranscoderConfig:
     aux_k_coefficient: float = 1.0 / 32.0
     aux_k: int = 0  # 0 means d_in // 2, as in sparsify
     aux_k_rows: int = 256  # AuxK rows when every latent is dead (losses.aux_k_row_count); 0: all
-    #: BatchTopK's firing floor: a latent's selection bias moves by this fraction of the
-    #: threshold per step, up when it fired on none of the batch, down when it did (0: off)
+    #: BatchTopK's firing floor: per step, the encoder bias of a latent under the floor is
+    #: raised by this fraction of the threshold (architectures.BatchTopKActivation; 0: off)
     balance_rate: float = 0.0
 
     def __post_init__(self) -> None:
@@ -200,7 +200,7 @@ class TranscoderConfig:
 
 
 #: BatchTopK's default firing floor rate (session 14: no dead latents on any layer of the
-#: 8 zoo models, docs/transcoders.md "Dead latents").
+#: 8 zoo models, docs/transcoders.md "Firing floor").
 DEFAULT_BALANCE_RATE = 0.05
 
 

@@ -73,9 +73,7 @@ def resample_transcoder(
     module.W_enc[idx] = x_dir * 0.2 * enc_norm
     module.W_dec[idx] = r_dir * dec_norm
     module.b_enc[idx] = -(module.W_enc[idx] @ mean)
-    forget = getattr(module.activation, "forget_balance_", None)
-    if forget is not None:
-        forget(idx)
+    module.activation.forget_balance_(idx)
     for param in (module.W_enc, module.W_dec, module.b_enc):
         _reset_moments(optimizer, param, idx)
     return int(idx.numel())
@@ -107,9 +105,7 @@ def resample_clt(
         clt.W_dec[s][idx] = 0.0
         clt.W_dec[s][idx, 0] = r_dir * dec_norm
         clt.b_enc[s][idx] = -(clt.W_enc[s][idx] @ mean)
-        forget = getattr(clt.activations[s], "forget_balance_", None)
-        if forget is not None:
-            forget(idx)
+        clt.activations[s].forget_balance_(idx)  # type: ignore[operator]
         state = optimizer.state.get(clt.W_enc, {})
         for name in ("exp_avg", "exp_avg_sq"):
             if name in state:

@@ -235,8 +235,7 @@ class Transcoder(nn.Module):
         clamp = getattr(self.activation, "clamp_", None)
         if clamp is not None:
             clamp()
-        take = getattr(self.activation, "take_bias_change", None)
-        change = None if take is None else take()
+        change = self.activation.take_bias_change()
         if change is not None:
             with torch.no_grad():
                 self.b_enc.add_(change)

@@ -7,6 +7,7 @@ from ingest.errors import InvalidArgumentError
 from ingest.transcoders.clt import CrossLayerTranscoder
 from ingest.transcoders.config import ARCHITECTURES, TranscoderConfig
 from ingest.transcoders.registry import Registry
+from ingest.transcoders.resampling import resample_transcoder
 from ingest.transcoders.transcoder import Transcoder
 from tests.ingest.transcoders.helpers import (
     D_MODEL,
@@ -127,6 +128,12 @@ def test_batchtopk_firing_floor_raises_an_outcompeted_latents_bias_until_it_fire
     pre = module.pre_activations(x).detach()
     assert (acts[:, 0] > 0).any()
     torch.testing.assert_close(acts, pre * (pre > module.threshold[0]))
+    # a resampled latent starts afresh: nothing of the old raise is kept to take back
+    dead = torch.zeros(D_T, dtype=torch.bool)
+    dead[0] = True
+    optimizer = torch.optim.Adam(module.parameters())
+    resample_transcoder(module, optimizer, x, x, dead, torch.Generator().manual_seed(0))
+    assert activation.balance[0] == 0
 
 
 def test_cross_layer_firing_floor_raises_its_own_layers_bias():
