@@ -22,7 +22,13 @@ from typing import Any
 
 from ingest.errors import InvalidArgumentError
 from ingest.paths import check_output
-from ingest.transcoders.config import ARCHITECTURES, DEFAULT_BALANCE_RATE, KINDS, TrainConfig
+from ingest.transcoders.config import (
+    ARCHITECTURES,
+    CLI_FIELDS,
+    DEFAULT_BALANCE_RATE,
+    KINDS,
+    TrainConfig,
+)
 
 FORMAT_NAMES = ("circuit_tracer", "saelens", "sparsify")
 #: The trainer's defaults, which the train and pareto flags default to.
@@ -236,28 +242,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _train_config(args: argparse.Namespace, sparsity: float | None) -> TrainConfig:
-    return TrainConfig(
-        kind=args.kind,
-        arch=args.arch,
-        width=args.width,
-        expansion=args.expansion,
-        sparsity=sparsity,
-        skip=args.skip,
-        layers=args.layers,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        buffer_mb=args.buffer_mb,
-        buffer_rows=args.buffer_rows,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        dead_after_tokens=args.dead_after_tokens,
-        aux_k_coefficient=args.aux_k_coefficient,
-        aux_k_rows=args.aux_k_rows,
-        resample_every=args.resample_every,
-        answer_weight=args.answer_weight,
-    )
+    """The run's config from every flag that sets a TrainConfig field (``CLI_FIELDS``),
+    at ``sparsity`` (the pareto command sweeps it)."""
+    fields = {name: getattr(args, name) for name in CLI_FIELDS if name != "sparsity"}
+    return TrainConfig(**fields, sparsity=sparsity)
 
 
 def _print_report(report: dict[str, Any]) -> None:

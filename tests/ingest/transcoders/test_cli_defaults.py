@@ -23,6 +23,29 @@ def test_command_line_defaults_are_the_trainers(command):
     assert _train_config(args, None) == TrainConfig()
 
 
+#: A value other than the default for every field a train flag sets, as typed and as parsed
+SET_BY_FLAG = {
+    "kind": ("clt", "clt"), "arch": ("topk", "topk"), "width": ("128", 128),
+    "expansion": ("4", 4), "layers": ("0,1", (0, 1)), "steps": ("7", 7),
+    "batch_size": ("64", 64), "lr": ("0.01", 0.01), "buffer_mb": ("64", 64.0),
+    "buffer_rows": ("100", 100), "seed": ("5", 5), "eval_every": ("3", 3),
+    "checkpoint_every": ("4", 4), "dead_after_tokens": ("99", 99),
+    "aux_k_coefficient": ("0.5", 0.5), "aux_k_rows": ("8", 8), "resample_every": ("0", 0),
+    "answer_weight": ("2", 2.0), "balance_rate": ("0.1", 0.1),
+}  # fmt: skip
+
+
+def test_every_flag_reaches_the_train_config():
+    assert set(SET_BY_FLAG) | {"skip", "sparsity"} == CLI_FIELDS  # a new field needs a row
+    base = ["transcoders", "train", "--model", "m", "--out", "o"]
+    for field, (text, value) in SET_BY_FLAG.items():
+        args = build_parser().parse_args([*base, flagged(field).split(" (")[1][:-1], text])
+        assert getattr(_train_config(args, None), field) == value, field
+        assert getattr(TrainConfig(), field) != value, field
+    args = build_parser().parse_args([*base, "--no-skip"])
+    assert _train_config(args, None).skip is False
+
+
 def test_layers_syntax():
     assert _layers("all") is None
     assert _layers("0,2") == (0, 2)
