@@ -20,6 +20,11 @@ tiny error rather than its size. So the comparison also pairs the KL divergence 
 original next-token distribution (mean over layers, each spliced alone; lower is
 better) as the ratio transcoder / SAE, with its own verdict.
 
+Equal sparsity is not always equal L0: BatchTopK's inference L0 follows its threshold
+and lands near k, not on it (greater-than Llama at k 16: 17.9 for the transcoder, 15.7
+for the SAE). ``l0_ratio`` (transcoder / SAE, mean over the paired seeds) says how far
+apart the pair's L0 are; the plot puts each point at its measured L0.
+
 The sweep writes ``pareto.json`` (``runs``, ``summary``, ``comparison``), ``pareto.md``
 and ``pareto.png`` (matplotlib, Agg backend: CE recovered with error bars over the seeds, and
 KL on a log scale, both against L0).
@@ -47,7 +52,7 @@ METRICS = (*LAYER_METRICS, "ce_recovered_all")
 COLUMNS = ("kind", "sparsity", "seed", *METRICS)
 SUMMARY_COLUMNS = ("kind", "sparsity", "seeds", *METRICS, "ce_min", "ce_max")
 COMPARISON_COLUMNS = (
-    "sparsity", "seeds", "ce_diff_mean", "ce_diff_min", "ce_diff_max", "verdict",
+    "sparsity", "seeds", "l0_ratio", "ce_diff_mean", "ce_diff_min", "ce_diff_max", "verdict",
     "kl_ratio_mean", "kl_ratio_min", "kl_ratio_max", "kl_verdict",
 )  # fmt: skip
 
@@ -130,7 +135,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per sparsity, paired by seed: transcoder minus SAE CE recovered and transcoder / SAE
-    KL, each with a verdict.
+    KL, each with a verdict, and the transcoder / SAE L0 ratio.
 
     Empty unless the sweep holds both kinds. "transcoder ahead" / "SAE ahead" need every
     seed to agree; anything else is "level".
@@ -151,9 +156,11 @@ def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             tc["kl"] / sae["kl"] if sae["kl"] > 0 else 1.0 if tc["kl"] == 0 else math.inf
             for tc, sae in pairs
         ]
+        l0_ratios = [tc["l0"] / sae["l0"] if sae["l0"] > 0 else math.inf for tc, sae in pairs]
         comparison.append({
             "sparsity": sparsity,
             "seeds": len(pairs),
+            "l0_ratio": statistics.fmean(l0_ratios),
             "ce_diff_mean": statistics.fmean(diffs),
             "ce_diff_min": min(diffs),
             "ce_diff_max": max(diffs),

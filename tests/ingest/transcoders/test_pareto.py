@@ -7,9 +7,12 @@ from ingest.transcoders.pareto import compare, render_markdown, summarize
 pytestmark = pytest.mark.unit
 
 
-def _run(kind: str, sparsity: float, seed: int, ce: float, kl: float = 0.01) -> dict[str, object]:
+def _run(
+    kind: str, sparsity: float, seed: int, ce: float, kl: float = 0.01, l0: float | None = None
+) -> dict[str, object]:
     return {
-        "kind": kind, "sparsity": sparsity, "seed": seed, "l0": sparsity, "fvu": 0.01,
+        "kind": kind, "sparsity": sparsity, "seed": seed,
+        "l0": sparsity if l0 is None else l0, "fvu": 0.01,
         "dead_fraction": 0.1, "kl": kl, "top1_agreement": 1.0, "ce_loss_recovered": ce,
         "ce_recovered_all": ce,
     }  # fmt: skip
@@ -67,3 +70,16 @@ def test_summary_means_and_ranges():
     assert (tc16["ce_min"], tc16["ce_max"]) == (0.97, 0.99)
     text = render_markdown({"runs": RUNS, "summary": summarize(RUNS), "comparison": compare(RUNS)})
     assert "paired by seed" in text and "| 16 | 2 |" in text and "kl_verdict" in text
+
+
+def test_the_pairs_l0_ratio_is_reported():
+    # BatchTopK lands near k: here the transcoder fires 20% and 10% more than the SAE
+    runs = [
+        _run("transcoder", 16, 0, 0.99, l0=18.0), _run("sae", 16, 0, 0.99, l0=15.0),
+        _run("transcoder", 16, 1, 0.99, l0=16.5), _run("sae", 16, 1, 0.99, l0=15.0),
+    ]  # fmt: skip
+    (only,) = compare(runs)
+    assert only["l0_ratio"] == pytest.approx(1.15)
+    assert "l0_ratio" in render_markdown(
+        {"runs": runs, "summary": summarize(runs), "comparison": compare(runs)}
+    )
