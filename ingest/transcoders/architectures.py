@@ -304,11 +304,15 @@ class BatchTopKActivation(SelectingActivation):
 
     With ``balance_rate`` > 0 every latent has a firing floor, after the bias-only load
     balancing of mixture-of-experts routers (Wang et al. 2024): after each batch, a
-    latent that fired on fewer than ``FLOOR`` x the mean count ``N k / w`` has its encoder
-    bias raised by ``balance_rate x theta``; one that fired at the mean count or more has
-    what was added so far taken back by as much. ``balance`` (d_transcoder,) holds what
-    was added; :meth:`take_bias_change` hands the change to the module, which applies it
-    after the optimizer step. A latent the others outcompete thus fires on its
+    latent whose firing count, averaged over the last batches (``fired_ema``, weight
+    ``EMA_WEIGHT`` on the newest), is under ``FLOOR`` x the mean count ``N k / w`` has its
+    encoder bias raised by ``balance_rate x theta``; one at the mean count or more has
+    what was added so far taken back by as much. The average matters: at a floor of one
+    token per batch a latent that misses it by chance in one batch would be raised again
+    and again, and the raises, shared by nearly every latent, lifted the threshold and
+    with it the step until training diverged (k 4). ``balance`` (d_transcoder,) holds
+    what was added; :meth:`take_bias_change` hands the change to the module, which
+    applies it after the optimizer step. A latent the others outcompete thus fires on its
     best-matching tokens at about the floor and gets the reconstruction's gradient
     there; one that fires on its own keeps its learned bias. Inference and files are
     unchanged: the bias is the encoder's.
@@ -318,6 +322,8 @@ class BatchTopKActivation(SelectingActivation):
     momentum = 0.99
     #: The firing floor as a fraction of the mean firing count per latent (N k / w).
     FLOOR = 1 / 32
+    #: Weight of the newest batch in the running average of firing counts (~10 batches).
+    EMA_WEIGHT = 0.1
 
     def __init__(self, cfg: TranscoderConfig) -> None:
         super().__init__()
@@ -328,6 +334,9 @@ class BatchTopKActivation(SelectingActivation):
         self.threshold = nn.Parameter(torch.zeros(cfg.d_transcoder), requires_grad=False)
         self.balance: torch.Tensor
         self.register_buffer("balance", torch.zeros(cfg.d_transcoder))
+        # firing counts per batch, averaged; negative until the first batch sets them
+        self.fired_ema: torch.Tensor
+        self.register_buffer("fired_ema", torch.full((cfg.d_transcoder,), -1.0))
         self._pending: torch.Tensor | None = None
 
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
@@ -362,7 +371,12 @@ class BatchTopKActivation(SelectingActivation):
     @torch.no_grad()
     def _prepare_balance(self, fired_columns: torch.Tensor, n: int) -> None:
         width = self.balance.numel()
-        fired = torch.bincount(fired_columns, minlength=width)
+        fired = torch.bincount(fired_columns, minlength=width).to(self.fired_ema.dtype)
+        if bool((self.fired_ema < 0).any()):
+            self.fired_ema.copy_(fired)
+        else:
+            self.fired_ema.lerp_(fired, self.EMA_WEIGHT)
+        fired = self.fired_ema
         step = self.balance_rate * self.threshold[0]
         mean = n * self.k / width
         zero = torch.zeros_like(self.balance)

@@ -136,6 +136,27 @@ def test_batchtopk_firing_floor_raises_an_outcompeted_latents_bias_until_it_fire
     assert activation.balance[0] == 0
 
 
+def test_firing_floor_follows_the_average_count_not_one_batchs():
+    cfg = config("batchtopk")  # 16 latents, k 4: at 64 tokens the mean count is 16
+    activation = Transcoder(type(cfg)(**{**cfg.to_dict(), "balance_rate": 0.1})).activation
+    activation.threshold.fill_(1.0)
+    usual = torch.arange(D_T).repeat_interleave(4)  # every latent fires on 4 tokens
+    for _ in range(5):
+        activation._prepare_balance(usual, 64)
+        assert not activation.take_bias_change().any()  # 4 >= the floor (0.5)
+    # one batch in which latent 0 fires on none: its average stays over the floor
+    activation._prepare_balance(usual[usual != 0], 64)
+    assert not activation.take_bias_change().any()
+    # a latent that stops firing is raised once its average falls under the floor
+    raised_after = None
+    for step in range(60):
+        activation._prepare_balance(usual[usual != 0], 64)
+        if activation.take_bias_change()[0] > 0:
+            raised_after = step
+            break
+    assert raised_after is not None and raised_after > 10
+
+
 def test_cross_layer_firing_floor_raises_its_own_layers_bias():
     cfg = config("batchtopk")
     clt = CrossLayerTranscoder(type(cfg)(**{**cfg.to_dict(), "balance_rate": 0.1}), 2)
