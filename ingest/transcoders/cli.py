@@ -25,6 +25,7 @@ from ingest.paths import check_output
 from ingest.transcoders.config import (
     ARCHITECTURES,
     CLI_FIELDS,
+    DEFAULT_BALANCE_RATE,
     KINDS,
     TrainConfig,
 )
@@ -143,10 +144,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--balance-rate",
         type=float,
         default=DEFAULTS.balance_rate,
-        help="batchtopk's firing floor: per step, a latent that fired on fewer than 1/32 of "
-        "the mean count has its encoder bias raised by this fraction of the threshold, "
-        "taken back once it fires at the mean count (0: off, the default; 0.05 left no "
-        "dead latent on the zoo at k 16 but diverged at k 4)",
+        help="batchtopk's firing floor: per step, a latent whose firing count (averaged "
+        "over ~10 batches) is under 1/32 of the mean has its encoder bias raised by this "
+        "fraction of the threshold, taken back once it fires at the mean "
+        f"(0: off; default {DEFAULT_BALANCE_RATE} for batchtopk)",
     )
     p.add_argument(
         "--answer-weight",

@@ -199,6 +199,11 @@ class TranscoderConfig:
         return cls(**data)
 
 
+#: BatchTopK's default firing-floor rate (session 14: at most 0.4% dead latents on any
+#: layer of the 8 zoo models at k 16, none diverging at k 4; docs/transcoders.md).
+DEFAULT_BALANCE_RATE = 0.05
+
+
 #: The TrainConfig fields that ``circuitscope transcoders train`` and ``pareto`` set by a
 #: flag of the same name (``batch_size`` <- ``--batch-size``); ``skip`` is ``--[no-]skip``.
 CLI_FIELDS = frozenset({
@@ -248,9 +253,9 @@ class TrainConfig:
     aux_k_coefficient: float = 1.0 / 32.0
     aux_k_rows: int = 256  # AuxK rows when every latent is dead, more as fewer are; 0: all
     resample_every: int = 250  # 0: never
-    #: BatchTopK's firing floor (TranscoderConfig.balance_rate); 0: none. Off by default:
-    #: it diverged at k 4 (docs/transcoders_measurements.md, "Firing floor")
-    balance_rate: float = 0.0
+    #: BatchTopK's firing floor (TranscoderConfig.balance_rate; 0: none); None:
+    #: DEFAULT_BALANCE_RATE for batchtopk, none for the other architectures
+    balance_rate: float | None = None
     #: Loss weight of the answer-predicting rows of an answer-only prompt source (the
     #: other rows weigh 1); sources scored at every token ignore it.
     answer_weight: float = 8.0
@@ -306,7 +311,7 @@ class TrainConfig:
             raise InvalidArgumentError(
                 f"{flagged('eval_every')} and {flagged('checkpoint_every')} must be positive"
             )
-        if not 0 <= self.balance_rate <= 1:
+        if self.balance_rate is not None and not 0 <= self.balance_rate <= 1:
             raise InvalidArgumentError(
                 f"{flagged('balance_rate')} must be in [0, 1] (0: no firing floor), got "
                 f"{self.balance_rate}"
@@ -327,6 +332,14 @@ class TrainConfig:
         """Whether the modules get W_skip: ``skip``, or by default every kind but SAEs."""
         return self.kind != "sae" if self.skip is None else self.skip
 
+    @property
+    def resolved_balance_rate(self) -> float:
+        """``balance_rate``, or by default :data:`DEFAULT_BALANCE_RATE` for BatchTopK and
+        0 (no firing floor) for the other architectures."""
+        if self.balance_rate is not None:
+            return self.balance_rate
+        return DEFAULT_BALANCE_RATE if self.arch == "batchtopk" else 0.0
+
     def width_for(self, d_model: int) -> int:
         """Latents per layer on a model of width ``d_model``."""
         return self.expansion * d_model if self.width is None else self.width
@@ -345,7 +358,7 @@ class TrainConfig:
             jumprelu_init_threshold=self.jumprelu_init_threshold,
             aux_k_coefficient=self.aux_k_coefficient,
             aux_k_rows=self.aux_k_rows,
-            balance_rate=self.balance_rate,
+            balance_rate=self.resolved_balance_rate,
         )
 
     def to_dict(self) -> dict[str, Any]:

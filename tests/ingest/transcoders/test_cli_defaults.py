@@ -8,7 +8,7 @@ import pytest
 
 from ingest.errors import InvalidArgumentError
 from ingest.transcoders.cli import _layers, _train_config
-from ingest.transcoders.config import CLI_FIELDS, TrainConfig, flagged
+from ingest.transcoders.config import CLI_FIELDS, DEFAULT_BALANCE_RATE, TrainConfig, flagged
 from service.cli import build_parser
 
 pytestmark = pytest.mark.unit
@@ -83,7 +83,7 @@ def test_config_errors_name_the_flag(change, message):
         TrainConfig(**change)
 
 
-def test_the_firing_floor_is_off_by_default_and_for_batchtopk_only():
-    assert TrainConfig().module_config(64).balance_rate == 0.0
-    assert TrainConfig(balance_rate=0.05).module_config(64).balance_rate == 0.05
+def test_the_firing_floor_is_on_by_default_for_batchtopk_only():
+    assert TrainConfig().module_config(64).balance_rate == DEFAULT_BALANCE_RATE > 0
+    assert TrainConfig(balance_rate=0.0).module_config(64).balance_rate == 0.0
     assert TrainConfig(arch="topk").module_config(64).balance_rate == 0.0
