@@ -334,7 +334,8 @@ class BatchTopKActivation(SelectingActivation):
         self.threshold = nn.Parameter(torch.zeros(cfg.d_transcoder), requires_grad=False)
         self.balance: torch.Tensor
         self.register_buffer("balance", torch.zeros(cfg.d_transcoder))
-        # firing counts per batch, averaged; negative until the first batch sets them
+        # firing counts per batch, averaged; negative where unknown (before the first
+        # batch, and for resampled latents): the next batch's count sets them
         self.fired_ema: torch.Tensor
         self.register_buffer("fired_ema", torch.full((cfg.d_transcoder,), -1.0))
         self._pending: torch.Tensor | None = None
@@ -371,12 +372,9 @@ class BatchTopKActivation(SelectingActivation):
     @torch.no_grad()
     def _prepare_balance(self, fired_columns: torch.Tensor, n: int) -> None:
         width = self.balance.numel()
-        fired = torch.bincount(fired_columns, minlength=width).to(self.fired_ema.dtype)
-        if bool((self.fired_ema < 0).any()):
-            self.fired_ema.copy_(fired)
-        else:
-            self.fired_ema.lerp_(fired, self.EMA_WEIGHT)
-        fired = self.fired_ema
+        count = torch.bincount(fired_columns, minlength=width).to(self.fired_ema.dtype)
+        averaged = torch.lerp(self.fired_ema, count, self.EMA_WEIGHT)
+        fired = self.fired_ema.copy_(torch.where(self.fired_ema < 0, count, averaged))
         step = self.balance_rate * self.threshold[0]
         mean = n * self.k / width
         zero = torch.zeros_like(self.balance)
@@ -397,8 +395,10 @@ class BatchTopKActivation(SelectingActivation):
 
     @torch.no_grad()
     def forget_balance_(self, latents: torch.Tensor) -> None:
-        """Latents given a fresh encoder (resampling) start without an added bias."""
+        """Latents given a fresh encoder (resampling) start without an added bias and
+        with their firing average unknown."""
         self.balance[latents] = 0.0
+        self.fired_ema[latents] = -1.0
 
 
 def build_activation(cfg: TranscoderConfig) -> Activation:

@@ -133,7 +133,8 @@ def test_batchtopk_firing_floor_raises_an_outcompeted_latents_bias_until_it_fire
     dead[0] = True
     optimizer = torch.optim.Adam(module.parameters())
     resample_transcoder(module, optimizer, x, x, dead, torch.Generator().manual_seed(0))
-    assert activation.balance[0] == 0
+    assert activation.balance[0] == 0 and activation.fired_ema[0] < 0
+    assert (activation.fired_ema[1:] >= 0).all()
 
 
 def test_firing_floor_follows_the_average_count_not_one_batchs():
