@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 #: Token rows per layer that set the activation scales and the data-dependent init.
 INIT_ROWS = 65_536
+#: Training rows per layer (rounded up to whole batches) that BatchTopK's inference
+#: threshold is calibrated on after the last step.
+CALIBRATION_ROWS = 65_536
 
 
 @dataclass
@@ -121,6 +124,30 @@ class _Trainable(nn.Module):
             fired=torch.stack([p.fired for p in parts]),
             l0=torch.stack([p.l0 for p in parts]).mean(),
         )
+
+    def _encoders(self) -> list[tuple[Any, Any]]:
+        """Per covered layer: its activation and the function from that layer's (B, d)
+        inputs to pre-activations."""
+        if self.clt is not None:
+            clt = self.clt
+            return [
+                (activation, lambda x, s=s: clt.pre_activations(s, x))
+                for s, activation in enumerate(clt.activations)
+            ]
+        return [(m.activation, m.pre_activations) for m in self.per_layer]
+
+    @property
+    def calibrates(self) -> bool:
+        return any(activation.calibrates for activation, _ in self._encoders())
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[torch.Tensor]) -> None:
+        """batches: scaled (n_layers, B, d) inputs of training rows; each activation that
+        calibrates (BatchTopK's threshold) is fitted to them, one batch at a time."""
+        rows = sum(x.shape[1] for x in batches)
+        for i, (activation, pre_activations) in enumerate(self._encoders()):
+            if activation.calibrates:
+                activation.calibrate_((pre_activations(x[i]) for x in batches), rows)
 
     def modules_list(self) -> list[Any]:
         return [self.clt] if self.clt is not None else list(self.per_layer)
@@ -401,6 +428,10 @@ def train_transcoders(
     elapsed = max(loop + collect_before, 1e-9)
     stepping = max(loop - (buffer.collect_seconds - collect_before), 1e-9)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    if step >= cfg.steps and trainable.calibrates:
+        # drawn after the final checkpoint, so a finished run resumed draws the same rows
+        n_batches = -(-CALIBRATION_ROWS // cfg.batch_size)
+        trainable.calibrate([buffer.next_batch()[0] * s_in for _ in range(n_batches)])
     tset = build_set(
         trainable, cfg, module_cfg, layers, in_scales, out_scales, adapter, model_id, fingerprint
     )

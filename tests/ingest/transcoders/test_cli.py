@@ -29,7 +29,9 @@ def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     report = json.loads((out / "eval.json").read_text())
     assert report["task"]["task"] == "greater_than"
     assert set(report["layers"]) == {"0"}
-    assert 0 < report["layers"]["0"]["l0"] <= 4
+    # BatchTopK's threshold is calibrated to fire k per token on training rows: held-out
+    # prompts of the same task land near k
+    assert report["layers"]["0"]["l0"] == pytest.approx(4, rel=0.1)
     tset = load_any(out)
     assert tset.metadata.kind == "transcoder" and tset.config.k == 4
     assert tset.config.aux_k_rows == 8  # the dead-latent flags reach the module config

@@ -89,6 +89,29 @@ def test_batchtopk_keeps_n_k_per_batch_and_infers_at_its_threshold():
     assert module.threshold[0].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_batchtopk_calibration_makes_k_latents_per_row_fire_on_its_rows():
+    module = Transcoder(config("batchtopk"))
+    randomize(module)
+    k = module.cfg.k
+    gen = torch.Generator().manual_seed(1)
+    chunks = [torch.randn(n, D_MODEL, generator=gen) for n in (40, 24, 64)]
+    with torch.no_grad():
+        module.threshold.fill_(0.123)  # a running average's estimate
+        module.activation.calibrate_((module.pre_activations(x) for x in chunks), 128)
+        # exactly k N of the N rows' pre-activations exceed it, wherever they fall
+        pre = torch.cat([module.pre_activations(x) for x in chunks])
+        assert int((pre > module.threshold).sum()) == k * 128
+        assert module.threshold.eq(module.threshold[0]).all()
+        assert float(module.encode(torch.cat(chunks)).gt(0).sum(-1).float().mean()) == k
+        # fewer than k N positive values: the running average is kept
+        calibrated = module.threshold.clone()
+        module.b_enc.fill_(-100.0)
+        module.activation.calibrate_((module.pre_activations(x) for x in chunks), 128)
+        assert torch.equal(module.threshold, calibrated)
+    assert module.activation.calibrates
+    assert not Transcoder(config("topk")).activation.calibrates
+
+
 @pytest.mark.parametrize("rate", [0.0, 0.1])
 def test_batchtopk_firing_floor_raises_an_outcompeted_latents_bias_until_it_fires(rate):
     cfg = config("batchtopk")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ingest.errors import FailedPreconditionError, InvalidArgumentError
+from ingest.transcoders.buffer import collect
 from ingest.transcoders.formats import load_any
 from ingest.transcoders.trainer import TrainConfig, train_transcoders
 from tests.ingest.transcoders.helpers import (
@@ -46,6 +47,19 @@ def test_training_reduces_fvu(tmp_path, kind, arch):
     assert load_any(tmp_path / "run").kind == kind
     # the loop refilled the buffer, and the steps-only rate leaves that time out
     assert result.step_tokens_per_second > result.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "clt"])
+def test_batchtopk_sets_fire_k_latents_per_token_on_their_training_rows(tmp_path, kind):
+    # The whole split is resident (buffer_rows 0), so the calibration rows are the split's
+    # rows, each seen a whole number of times up to the last partial pass.
+    source = random_stream_source()
+    cfg = _cfg(kind=kind, arch="batchtopk", buffer_rows=0, steps=20)
+    tset = _train(tmp_path, "run", cfg, source).tset
+    x, _ = collect(tiny_adapter(), source, tset.layers, n_windows=10_000, split="train")
+    for i, layer in enumerate(tset.layers):
+        acts = tset.clt.encode(i, x[i]) if kind == "clt" else tset.module(layer).encode(x[i])
+        assert float((acts > 0).sum(-1).float().mean()) == pytest.approx(4, rel=0.05)
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path):
