@@ -249,10 +249,21 @@ def hf_dataset_source(
     return StreamSource(f"hf:{name}", tokens, context_len)
 
 
+#: Seed of the fixed order a zoo source lists its prompts in.
+ZOO_ORDER_SEED = 0
+
+
 def zoo_source(model_dir: Path, tokenizer: Any) -> PromptSource:
     """The training prompts (train split) and held-out prompts (eval) of a zoo model's task,
     each followed by its first answer; only the answer is scored unless the task trains
-    on every token (induction)."""
+    on every token (induction).
+
+    Tasks list their examples in generation order (modular addition by the first operand,
+    greater-than by noun and year, IOI by name pair), so a prefix would be a narrow slice:
+    evaluation's first 1,024 modular-addition prompts held only first operands 0-18 of
+    113. Each split is therefore listed in a fixed pseudo-random order (``ZOO_ORDER_SEED``),
+    and any prefix (an eval subset, a streamed refill) samples the whole split.
+    """
     from ingest.zoo.checkpoint import read_manifest, task_for_spec
 
     task = task_for_spec(read_manifest(model_dir).spec)
@@ -266,7 +277,11 @@ def zoo_source(model_dir: Path, tokenizer: Any) -> PromptSource:
         return text
 
     def encode(split: Literal["train", "heldout"]) -> list[list[int]]:
-        texts = [text(e) for e in task.examples(split)]
+        examples = task.examples(split)
+        order = torch.randperm(
+            len(examples), generator=torch.Generator().manual_seed(ZOO_ORDER_SEED)
+        )
+        texts = [text(examples[i]) for i in order.tolist()]
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -192,13 +192,22 @@ def test_zoo_source_windows_end_with_the_answer(tiny_zoo_dir):
     tok = AutoTokenizer.from_pretrained(tiny_zoo_dir)
     task = task_for_spec(read_manifest(tiny_zoo_dir).spec)
     source = zoo_source(tiny_zoo_dir, tok)
-    windows = source.get("eval", 0, 4)
-    for row, mask, example in zip(
-        windows.ids, windows.mask, task.examples("heldout"), strict=False
-    ):
-        last = int(mask.sum()) - 1
-        assert int(row[last]) == tok.get_vocab()[example.answers[0]]
+    heldout = task.examples("heldout")
+    n = len(heldout)
+    windows = source.get("eval", 0, n)
+    # the split in a fixed shuffled order: every example once, each window ending with its
+    # own example's answer, and a prefix not the generation order's
+    rows = [tuple(row[m].tolist()) for row, m in zip(windows.ids, windows.mask, strict=True)]
+    texts = [f"{e.prompt} {e.answers[0]}" for e in heldout]
+    encoded = [tuple(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
+    answer = dict(zip(encoded, heldout, strict=True))
+    assert sorted(rows) == sorted(encoded)
+    for row in rows:
+        assert row[-1] == tok.get_vocab()[answer[row].answers[0]]
+    assert rows[:8] != encoded[:8]
+    assert torch.equal(zoo_source(tiny_zoo_dir, tok).get("eval", 0, n).ids, windows.ids)
     assert source.n_windows("train") == len(task.examples("train"))
+    windows = source.get("eval", 0, 4)
     # Greater-than trains on the answer alone: it is the one scored prediction per window.
     assert not task.loss_on_all_tokens and source.answer_only
     assert torch.equal(windows.scored.sum(1), torch.ones(4, dtype=torch.long))
