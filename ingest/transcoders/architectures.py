@@ -405,7 +405,8 @@ class BatchTopKActivation(SelectingActivation):
         but not on it, and many pre-activations sit close to it (the selection's edge):
         on greater-than GPT-2 at k 4, a threshold 2% above the pooled quantile made the
         inference L0 2.9 on the training rows. Where fewer than ``k rows`` values are
-        positive, the running average is kept.
+        positive, or the rows have no more than ``k rows`` values (width k), the running
+        average is kept.
         """
         m = self.k * rows + 1
         top: torch.Tensor | None = None
@@ -413,7 +414,7 @@ class BatchTopKActivation(SelectingActivation):
             pool = pre.reshape(-1) if top is None else torch.cat([top, pre.reshape(-1)])
             top = pool.index_select(0, largest_indices(pool, min(m, pool.numel())))
         if top is None or top.numel() < m:
-            raise ValueError(f"calibration needs {rows} rows of pre-activations")
+            return
         below, edge = top.topk(2, largest=False).values.tolist()  # (kN+1)-th, kN-th largest
         if edge > 0:
             self.threshold.fill_(max(below, 0.0) / 2 + edge / 2)

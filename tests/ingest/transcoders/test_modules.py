@@ -108,6 +108,8 @@ def test_batchtopk_calibration_makes_k_latents_per_row_fire_on_its_rows():
         module.b_enc.fill_(-100.0)
         module.activation.calibrate_((module.pre_activations(x) for x in chunks), 128)
         assert torch.equal(module.threshold, calibrated)
+        module.activation.calibrate_(iter(()), 0)  # no rows: nothing to fit
+        assert torch.equal(module.threshold, calibrated)
     assert module.activation.calibrates
     assert not Transcoder(config("topk")).activation.calibrates
 
