@@ -233,7 +233,7 @@ def main() -> int:
         f"{os.getloadavg()[0]:.2f} at the end",
         f"- command: `{command.strip()}`; wall time {wall / 60:.1f} min",
         f"- {base.arch} at sparsity {sparsity:g}, resampling every {base.resample_every} "
-        f"steps (0: never), firing floor rate {base.balance_rate} (0: none), "
+        f"steps (0: never), firing floor rate {base.resolved_balance_rate:g} (0: none), "
         f"width {base.width or f'{base.expansion} x d_model'}, "
         f"{base.steps} steps of {base.batch_size} tokens "
         f"(TrainConfig defaults unless the command overrides them), every layer; the "
