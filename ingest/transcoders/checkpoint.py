@@ -95,13 +95,15 @@ def load_checkpoint(directory: Path) -> Checkpoint:
     return out
 
 
-def restore_optimizer(
-    optimizer: torch.optim.Optimizer, module: torch.nn.Module, saved: dict[str, torch.Tensor]
-) -> None:
-    """Put saved per-parameter optimizer tensors back, on the parameters' devices."""
-    params = list(module.parameters())
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, torch.Tensor]) -> None:
+    """Put saved per-parameter optimizer tensors back through ``load_state_dict``, which
+    places each where the optimizer needs it: moments on the parameter's device, and the
+    step count on the CPU for plain Adam but on the parameter's device for fused Adam
+    (whose CUDA kernel refuses a CPU step). Parameters are numbered in the optimizer's
+    order, which is the module's (the trainer builds it from ``module.parameters()``)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in saved.items():
         index, _, name = key.partition(".")
-        param = params[int(index)]
-        target = value if name == "step" else value.to(param.device)
-        optimizer.state[param][name] = target
+        state.setdefault(int(index), {})[name] = value
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -319,7 +319,7 @@ def train_transcoders(
                 f"and model, or choose another --out"
             )
         trainable.load_state_dict({k: v.to(device) for k, v in ckpt.module.items()})
-        restore_optimizer(optimizer, trainable, ckpt.optimizer)
+        restore_optimizer(optimizer, ckpt.optimizer)
         since_fired.copy_(ckpt.counters["all"].to(device))
         torch.set_rng_state(ckpt.rng)
         in_scales, out_scales = saved["in_scales"], saved["out_scales"]
