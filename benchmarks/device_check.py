@@ -15,7 +15,14 @@ For every zoo checkpoint given (default: the ones under ``ingest.paths.home()/zo
 4. **attribution**: the graph of a held-out task prompt through the transcoders of
    step 2, on the device and on the CPU, in float32 and float64: same nodes, the
    adjacency's largest difference relative to its largest entry, and the replacement
-   and completeness scores on both.
+   and completeness scores on both;
+5. **determinism and resumption on the device**: a short training run (per-layer
+   BatchTopK with its firing floor and skip, and a cross-layer TopK) twice with one seed,
+   and once killed mid-run and resumed; the largest weight difference of each against
+   the first (0: bit-identical, as the CPU tests require).
+
+A check that raises gets its error in the table and the script exits 1 after the
+others; each row is printed as it completes.
 
 Prints a Markdown table and writes it to ``--out`` (default
 ``benchmarks/results/device_<device>.md``) with the machine, date and command. Run on a
@@ -49,6 +56,8 @@ from ingest.models import load_model  # noqa: E402
 from ingest.paths import home  # noqa: E402
 from ingest.transcoders.config import TranscoderConfig  # noqa: E402
 from ingest.transcoders.formats import load_any  # noqa: E402
+from ingest.transcoders.sources import zoo_source  # noqa: E402
+from ingest.transcoders.trainer import TrainConfig, train_transcoders  # noqa: E402
 from ingest.transcoders.transcoder import Transcoder  # noqa: E402
 from ingest.zoo.tasks import get_task  # noqa: E402
 
@@ -97,12 +106,45 @@ def sparse_step_difference(device: str, d_model: int, arch: str) -> float:
     return worst
 
 
-def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[str, Any]:
-    task_name, arch = zoo_spec(model_dir)
-    row: dict[str, Any] = {"model": f"{task_name}-{arch}"}
-    scratch = work / row["model"]
-    scratch.mkdir(parents=True, exist_ok=True)
+def determinism_differences(model_dir: Path, device: str, work: Path) -> dict[str, float]:
+    """Largest |weight| difference of a same-seed rerun and of a killed-and-resumed run
+    against one uninterrupted run, per configuration (0.0: bit-identical)."""
+    loaded = load_model(str(model_dir), device=device)
+    source = zoo_source(model_dir, loaded.tokenizer)
+    configs: dict[str, dict[str, Any]] = {
+        "tc batchtopk+skip+floor": dict(kind="transcoder", arch="batchtopk", skip=True,
+                                        balance_rate=0.2),
+        "clt topk": dict(kind="clt", arch="topk"),
+    }  # fmt: skip
+    out: dict[str, float] = {}
+    for name, extra in configs.items():
+        cfg = TrainConfig(
+            width=128, sparsity=4, steps=24, batch_size=256, buffer_rows=2048,
+            warmup_steps=4, seed=5, eval_every=24, checkpoint_every=8, eval_windows=16,
+            resample_every=6, dead_after_tokens=512, **extra,
+        )  # fmt: skip
 
+        def run(
+            tag: str, cfg: TrainConfig = cfg, name: str = name, **kw: Any
+        ) -> dict[str, torch.Tensor]:
+            result = train_transcoders(
+                loaded.adapter, source, cfg, work / f"{name}-{tag}".replace(" ", "_"),
+                model_id=str(model_dir), progress=False, **kw,
+            )  # fmt: skip
+            return result.tset.state_dict()
+
+        first, again = run("first"), run("again")
+        run("killed", stop_after=13)
+        resumed = run("killed", resume=True)
+        for tag, other in (("rerun", again), ("resumed", resumed)):
+            out[f"{name} {tag} diff"] = max(
+                float((first[k].double() - other[k].double()).abs().max()) for k in first
+            )
+    return out
+
+
+def zoo_training(task_name: str, arch: str, device: str, scratch: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {}
     zoo_out = scratch / "zoo-tiny"
     row["zoo train s"] = run_cli(
         ["zoo", "train", task_name, "--arch", arch, "--tiny", "--device", device,
@@ -113,7 +155,14 @@ def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[st
     row["zoo metrics finite"] = bool(metrics) and all(
         isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()
     )
+    return row
 
+
+def parity(
+    model_dir: Path, task_name: str, device: str, scratch: Path, steps: int
+) -> dict[str, Any]:
+    """Transcoder training and eval on the device, the sparse step, logits and graphs."""
+    row: dict[str, Any] = {}
     tc_dir = scratch / "transcoders"
     row["transcoders train s"] = run_cli(
         ["transcoders", "train", "--model", str(model_dir), "--out", str(tc_dir),
@@ -161,6 +210,26 @@ def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[st
     return row
 
 
+def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[str, Any]:
+    """Every check on one zoo model; a check that raises puts its error in the row and
+    the others still run."""
+    task_name, arch = zoo_spec(model_dir)
+    row: dict[str, Any] = {"model": f"{task_name}-{arch}"}
+    scratch = work / row["model"]
+    scratch.mkdir(parents=True, exist_ok=True)
+    checks = {
+        "zoo": lambda: zoo_training(task_name, arch, device, scratch),
+        "parity": lambda: parity(model_dir, task_name, device, scratch, steps),
+        "determinism": lambda: determinism_differences(model_dir, device, scratch / "det"),
+    }
+    for name, check in checks.items():
+        try:
+            row.update(check())
+        except Exception as err:  # reported in the table; main() exits 1
+            row[f"{name} error"] = f"{type(err).__name__}: {err}"[:300]
+    return row
+
+
 def render(rows: list[dict[str, Any]], header: str) -> str:
     keys: list[str] = []
     for row in rows:
@@ -191,7 +260,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         for model_dir in models:
             print(f"checking {model_dir} on {args.device} ...", flush=True)
-            rows.append(check_model(model_dir, args.device, Path(tmp), args.steps))
+            row = check_model(model_dir, args.device, Path(tmp), args.steps)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     header = (
         f"# Device parity: {args.device} against cpu\n\n"
@@ -206,6 +277,8 @@ def main() -> None:
     print(text)
     out = args.out or REPO / "benchmarks" / "results" / f"device_{args.device.replace(':', '')}.md"
     out.write_text(text)
+    if any(key.endswith("error") for row in rows for key in row):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
