@@ -19,7 +19,9 @@ For every zoo checkpoint given (default: the ones under ``ingest.paths.home()/zo
 5. **determinism and resumption on the device**: a short training run (per-layer
    BatchTopK with its firing floor and skip, and a cross-layer TopK) twice with one seed,
    and once killed mid-run and resumed; the largest weight difference of each against
-   the first (0: bit-identical, as the CPU tests require).
+   the first (0: bit-identical, as the CPU tests require);
+6. **exactness on the device**: on a float64 graph computed there, row completeness and
+   intervention agreement (DESIGN 5.4), the test suite's own checks at 1e-5 relative.
 
 A check that raises gets its error in the table and the script exits 1 after the
 others; each row is printed as it completes.
@@ -52,6 +54,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from ingest.attribution.attribute import attribute  # noqa: E402
+from ingest.attribution.prompts import tokenize  # noqa: E402
+from ingest.attribution.replacement import build_replacement  # noqa: E402
 from ingest.models import load_model  # noqa: E402
 from ingest.paths import home  # noqa: E402
 from ingest.transcoders.config import TranscoderConfig  # noqa: E402
@@ -210,7 +214,28 @@ def parity(
     return row
 
 
-def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[str, Any]:
+def exactness(model_dir: Path, device: str, tc_dir: Path) -> dict[str, Any]:
+    """DESIGN 5.4's identities on the device, float64: every target's incoming edges plus
+    its bias terms equal its value, and adding a source's vector in the frozen model moves
+    every target by that source's edge (the test suite's checks, 1e-5 relative)."""
+    from tests.ingest.attribution.checks import assert_interventions, assert_row_completeness
+
+    task_name, _ = zoo_spec(model_dir)
+    prompt = get_task(task_name).examples("heldout")[1].prompt
+    loaded = load_model(str(model_dir), device=device, dtype=torch.float64)
+    tcs = load_any(tc_dir)
+    result = attribute(loaded, tcs, prompt, batch_size=16)  # moves tcs to the device
+    adp = loaded.adapter
+    ids = tokenize(loaded.tokenizer, prompt, adp.vocab_size, adp.n_ctx).to(adp.device)
+    state = build_replacement(adp, tcs, ids)
+    assert_row_completeness(adp, tcs, state, result, 1e-5)
+    assert_interventions(adp, tcs, state, result, 1e-5)
+    return {"float64 rows complete, interventions = edges": True}
+
+
+def check_model(
+    model_dir: Path, device: str, work: Path, steps: int, only: list[str] | None = None
+) -> dict[str, Any]:
     """Every check on one zoo model; a check that raises puts its error in the row and
     the others still run."""
     task_name, arch = zoo_spec(model_dir)
@@ -220,9 +245,12 @@ def check_model(model_dir: Path, device: str, work: Path, steps: int) -> dict[st
     checks = {
         "zoo": lambda: zoo_training(task_name, arch, device, scratch),
         "parity": lambda: parity(model_dir, task_name, device, scratch, steps),
+        "exactness": lambda: exactness(model_dir, device, scratch / "transcoders"),
         "determinism": lambda: determinism_differences(model_dir, device, scratch / "det"),
     }
     for name, check in checks.items():
+        if only and name not in only:
+            continue
         try:
             row.update(check())
         except Exception as err:  # reported in the table; main() exits 1
@@ -250,6 +278,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", type=Path, default=None, help="zoo model dirs")
     parser.add_argument("--steps", type=int, default=200, help="transcoder training steps")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--checks",
+        nargs="*",
+        choices=["zoo", "parity", "exactness", "determinism"],
+        default=None,
+        help="run only these (exactness needs parity's transcoders; default: all)",
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device here: run on a GPU machine, or pass --device cpu")
@@ -260,7 +295,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         for model_dir in models:
             print(f"checking {model_dir} on {args.device} ...", flush=True)
-            row = check_model(model_dir, args.device, Path(tmp), args.steps)
+            row = check_model(model_dir, args.device, Path(tmp), args.steps, args.checks)
             print(json.dumps(row), flush=True)
             rows.append(row)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"

@@ -68,7 +68,7 @@ def assert_row_completeness(adp, tcs, state, result: AttributionResult, tol: flo
     actual = values(adp, tcs, state, result, state.resid0, replacement_constants(state, tcs), None)
     zero = torch.zeros_like(state.resid0)
     bias = values(adp, tcs, state, result, zero, zero_constants(adp, tcs, state), None)
-    rows = target_rows(result).to(actual.dtype)
+    rows = target_rows(result).to(actual)  # the graph lives on the CPU, values on the device
     lay = result.layout
     for node, value in zip(result.nodes[lay.features], actual, strict=False):
         recorded = float(state.pre_activations[node.layer][node.pos, node.feature])
@@ -93,4 +93,4 @@ def assert_interventions(adp, tcs, state, result: AttributionResult, tol: float,
     for s in sources:
         resid0, inj = inject(adp, tcs, state, result, s)
         moved = values(adp, tcs, state, result, resid0, constants, inj) - base
-        assert float((moved - rows[:, s].to(moved.dtype)).abs().max()) <= tol * scale, s
+        assert float((moved - rows[:, s].to(moved)).abs().max()) <= tol * scale, s
