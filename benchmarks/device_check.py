@@ -21,7 +21,10 @@ For every zoo checkpoint given (default: the ones under ``ingest.paths.home()/zo
    and once killed mid-run and resumed; the largest weight difference of each against
    the first (0: bit-identical, as the CPU tests require);
 6. **exactness on the device**: on a float64 graph computed there, row completeness and
-   intervention agreement (DESIGN 5.4), the test suite's own checks at 1e-5 relative.
+   intervention agreement (DESIGN 5.4), the test suite's own checks at 1e-5 relative;
+7. **interventions and faithfulness**: feature interventions (attention frozen and free),
+   ablations (zero, mean, patch from the counterfactual) and the f(k) curves of edge and
+   node patching (attribution and EAP rankings), float64, device against CPU.
 
 A check that raises gets its error in the table and the script exits 1 after the
 others; each row is printed as it completes.
@@ -233,6 +236,59 @@ def exactness(model_dir: Path, device: str, tc_dir: Path) -> dict[str, Any]:
     return {"float64 rows complete, interventions = edges": True}
 
 
+def interventions(model_dir: Path, device: str, tc_dir: Path) -> dict[str, Any]:
+    """Interventions, ablations and MIB faithfulness (DESIGN 5.5) on the device against the
+    CPU, float64, on a held-out example with its counterfactual: the largest logit
+    difference of each run as a fraction of the logit scale, and of the f(k) curves."""
+    from ingest.attribution.faithfulness import compare_methods, logit_diff_metric
+    from ingest.attribution.interventions import FeatureIntervention, ablate, intervene
+    from ingest.attribution.targets import LogitDiffTarget
+    from ingest.graph import NodeKind
+
+    task_name, _ = zoo_spec(model_dir)
+    example = get_task(task_name).examples("heldout")[2]
+    if example.counterfactual_prompt is None:
+        return {"interventions": "no counterfactual in this task"}
+    runs: dict[str, dict[str, torch.Tensor]] = {}
+    for where in ("cpu", device):
+        loaded = load_model(str(model_dir), device=where, dtype=torch.float64)
+        adp, tok = loaded.adapter, loaded.tokenizer
+        tcs = load_any(tc_dir)
+        other = (example.counterfactual_answers or example.wrong_answers)[0]
+        correct, wrong = (int(tok(w, add_special_tokens=False)["input_ids"][0])
+                          for w in (example.answers[0], other))  # fmt: skip
+        target = LogitDiffTarget(correct, wrong)
+        result = attribute(loaded, tcs, example.prompt, batch_size=32, target=target)
+        ids = tokenize(tok, example.prompt, adp.vocab_size, adp.n_ctx).to(adp.device)
+        cf_ids = tokenize(tok, example.counterfactual_prompt, adp.vocab_size, adp.n_ctx)
+        cf_ids = cf_ids.to(adp.device)
+        features = [n for n in result.nodes if n.kind is NodeKind.FEATURE][:4]
+        ablated = features + [n for n in result.nodes if n.kind is NodeKind.ERROR][:2]
+        out: dict[str, torch.Tensor] = {}
+        for frozen in (True, False):
+            ivs = [FeatureIntervention(int(n.layer or 0), n.pos, int(n.feature or 0), scale=0.0)
+                   for n in features[:2]]  # fmt: skip
+            ivs.append(FeatureIntervention(int(features[2].layer or 0), features[2].pos,
+                                           int(features[2].feature or 0), value=3.0))  # fmt: skip
+            run = intervene(adp, tcs, ids, ivs, freeze_attention=frozen)
+            out[f"intervene frozen={frozen}"] = run.logits
+        for mode in ("zero", "mean", "patch"):
+            run = ablate(adp, tcs, ids, ablated, mode=mode,  # type: ignore[arg-type]
+                         counterfactual_ids=cf_ids if mode == "patch" else None)  # fmt: skip
+            out[f"ablate {mode}"] = run.logits
+        for patching in ("edge", "node"):
+            curves = compare_methods(adp, tcs, result, ids, cf_ids,
+                                     logit_diff_metric(correct, wrong), patching=patching,
+                                     methods=("attribution", "eap"))  # fmt: skip
+            out[f"f(k) {patching}"] = torch.tensor([v for c in curves for v in c.faithfulness])
+        runs[where] = {k: v.double().cpu() for k, v in out.items()}
+    row: dict[str, Any] = {}
+    for key, ref in runs["cpu"].items():
+        diff = (runs[device][key] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+        row[f"{key} diff / scale"] = float(diff)
+    return row
+
+
 def check_model(
     model_dir: Path, device: str, work: Path, steps: int, only: list[str] | None = None
 ) -> dict[str, Any]:
@@ -246,6 +302,7 @@ def check_model(
         "zoo": lambda: zoo_training(task_name, arch, device, scratch),
         "parity": lambda: parity(model_dir, task_name, device, scratch, steps),
         "exactness": lambda: exactness(model_dir, device, scratch / "transcoders"),
+        "interventions": lambda: interventions(model_dir, device, scratch / "transcoders"),
         "determinism": lambda: determinism_differences(model_dir, device, scratch / "det"),
     }
     for name, check in checks.items():
@@ -281,9 +338,9 @@ def main() -> None:
     parser.add_argument(
         "--checks",
         nargs="*",
-        choices=["zoo", "parity", "exactness", "determinism"],
+        choices=["zoo", "parity", "exactness", "interventions", "determinism"],
         default=None,
-        help="run only these (exactness needs parity's transcoders; default: all)",
+        help="run only these (exactness and interventions need parity's transcoders; default: all)",
     )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
