@@ -239,7 +239,7 @@ def main() -> int:
         f"(TrainConfig defaults unless the command overrides them), every layer; the "
         f"answer-predicting rows of answer-only tasks weigh {base.answer_weight}",
         "- CE: next-token loss at the predictions each model was trained on (the answer, or "
-        "every token for induction), eval's default prompts (1,024 answers, or 64 windows "
+        "every token for induction), eval's default prompts (up to 4,096 answers, or 64 windows "
         "for induction); `its splice / ablate dCE`: the worst layer's CE change in nats "
         "when spliced and when its MLP is zero-ablated; task metric kept: "
         "(spliced - b) / (clean - b) from the task's no-ability baseline b (0; induction's "

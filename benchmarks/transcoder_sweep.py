@@ -2,7 +2,7 @@
 
 For each value of one ``TrainConfig`` field (``--field``), each kind and each seed, it
 trains a set on every layer of the model at the other defaults and evaluates it at
-eval's defaults (1,024 held-out answers for answer-only tasks, 64 windows otherwise).
+eval's defaults (up to 4,096 held-out answers for answer-only tasks, 64 windows otherwise).
 It writes a table of CE loss recovered per layer spliced alone and their mean, all
 layers spliced, FVU over every token and at the answer-predicting positions
 (``fvu@pred``) and the dead fraction. The figures in docs/transcoders_measurements.md

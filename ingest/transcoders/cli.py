@@ -185,7 +185,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--windows",
         type=int,
         default=None,
-        help="eval windows / prompts (default 64, or 1024 prompts scored at the answer)",
+        help="eval windows / prompts (default 64, or up to 4096 prompts scored at the answer)",
     )
     ev.add_argument(
         "--dead-tokens", type=int, default=65_536,

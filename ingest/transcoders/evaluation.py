@@ -49,10 +49,13 @@ logger = logging.getLogger(__name__)
 
 Replacements = dict[int, Callable[[torch.Tensor], torch.Tensor]]
 
-#: Eval windows when the caller names none: 64 text windows, or 1,024 prompts of a source
-#: that scores only each prompt's answer (about as many scored predictions).
+#: Eval windows when the caller names none: 64 text windows, or up to 4,096 prompts of a
+#: source that scores only each prompt's answer: the whole held-out split of greater-than
+#: (2,716) and IOI (3,480), 4,096 of modular addition's 6,384. A layer whose ablation
+#: barely moves the answer's loss makes CE recovered a ratio of small differences: IOI's
+#: layer 1 (ablation +1.3e-3 nats) read 0.69 on 1,024 prompts and 0.46 on all 3,480.
 DEFAULT_WINDOWS = 64
-DEFAULT_ANSWER_PROMPTS = 1024
+DEFAULT_ANSWER_PROMPTS = 4096
 
 #: The per-layer metrics the report also averages over layers (``report["mean"]``).
 MEAN_METRICS = (
