@@ -213,3 +213,24 @@ def test_zoo_source_windows_end_with_the_answer(tiny_zoo_dir):
     assert torch.equal(windows.scored.sum(1), torch.ones(4, dtype=torch.long))
     last = windows.mask.sum(1) - 1
     assert bool(windows.scored[torch.arange(4), last].all())
+
+
+@pytest.mark.unit
+def test_eval_report_flags_layers_whose_ablation_barely_moves_the_loss(capsys):
+    from ingest.transcoders.cli import _print_report
+
+    def layer(clean, ablate, rec):
+        return dict(l0=16.0, fvu=0.01, fvu_predicting=0.01, dead_fraction=0.0,
+                    ce_loss_recovered=rec, ce_clean=clean, ce_ablate=ablate, delta_loss=7e-4,
+                    kl=6.9e-5, top1_agreement=1.0)  # fmt: skip
+
+    report = dict(set_id="s", tokens=10, split="eval", ce_predictions=5, ce_positions="answer",
+                  layers={"0": layer(0.005, 0.045, 0.99), "1": layer(0.005, 0.0065, 0.46)},
+                  all_layers=dict(ce_loss_recovered=1.0, delta_loss=1e-4, kl=2e-4,
+                                  top1_agreement=1.0))  # fmt: skip
+    _print_report(report)
+    out = capsys.readouterr().out
+    assert "4.00e-02" in out and "1.50e-03" in out  # each layer's ablation effect
+    assert "6.9e-05" in out  # a small KL is printed, not rounded to 0.0000
+    flagged = [line for line in out.splitlines() if "barely moves the loss" in line]
+    assert len(flagged) == 1 and "layer 1 (+1.5e-03 nats)" in flagged[0]
