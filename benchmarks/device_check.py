@@ -241,7 +241,12 @@ def interventions(model_dir: Path, device: str, tc_dir: Path) -> dict[str, Any]:
     CPU, float64, on a held-out example with its counterfactual: the largest logit
     difference of each run as a fraction of the logit scale, and of the f(k) curves."""
     from ingest.attribution.faithfulness import compare_methods, logit_diff_metric
-    from ingest.attribution.interventions import FeatureIntervention, ablate, intervene
+    from ingest.attribution.interventions import (
+        AblationMode,
+        FeatureIntervention,
+        ablate,
+        intervene,
+    )
     from ingest.attribution.targets import LogitDiffTarget
     from ingest.graph import NodeKind
 
@@ -272,8 +277,9 @@ def interventions(model_dir: Path, device: str, tc_dir: Path) -> dict[str, Any]:
                                            int(features[2].feature or 0), value=3.0))  # fmt: skip
             run = intervene(adp, tcs, ids, ivs, freeze_attention=frozen)
             out[f"intervene frozen={frozen}"] = run.logits
-        for mode in ("zero", "mean", "patch"):
-            run = ablate(adp, tcs, ids, ablated, mode=mode,  # type: ignore[arg-type]
+        modes: tuple[AblationMode, ...] = ("zero", "mean", "patch")
+        for mode in modes:
+            run = ablate(adp, tcs, ids, ablated, mode=mode,
                          counterfactual_ids=cf_ids if mode == "patch" else None)  # fmt: skip
             out[f"ablate {mode}"] = run.logits
         for patching in ("edge", "node"):
