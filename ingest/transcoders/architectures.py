@@ -123,9 +123,17 @@ class Activation(nn.Module):
     #: Whether :meth:`calibrate_` sets anything: the trainer draws calibration rows only then.
     calibrates = False
 
+    def calibration_pool(
+        self, pool: torch.Tensor | None, pre: torch.Tensor, rows: int
+    ) -> torch.Tensor | None:
+        """Fold one (B, w) chunk of pre-activations into ``pool``, what :meth:`calibrate_`
+        needs of ``rows`` training rows, so that chunks can be consumed as they come.
+        Nothing is kept here."""
+        return pool
+
     def calibrate_(self, pres: Iterable[torch.Tensor], rows: int) -> None:
         """After training: fit inference state to ``pres``, the pre-activations of
-        ``rows`` training rows in (B, w) chunks. Nothing to fit here."""
+        ``rows`` training rows in (B, w) chunks (or pools of them). Nothing to fit here."""
 
 
 class ReLUActivation(Activation):
@@ -396,6 +404,15 @@ class BatchTopKActivation(SelectingActivation):
         self._pending = change
 
     @torch.no_grad()
+    def calibration_pool(
+        self, pool: torch.Tensor | None, pre: torch.Tensor, rows: int
+    ) -> torch.Tensor:
+        """The ``k rows + 1`` largest values of ``pool`` and ``pre`` together (flat)."""
+        values = pre.reshape(-1) if pool is None else torch.cat([pool, pre.reshape(-1)])
+        m = min(self.k * rows + 1, values.numel())
+        return values.index_select(0, largest_indices(values, m))
+
+    @torch.no_grad()
     def calibrate_(self, pres: Iterable[torch.Tensor], rows: int) -> None:
         """Set the threshold midway between the ``k rows``-th and the next largest of the
         pre-activations, so that exactly ``k`` latents per row fire on these rows on
@@ -411,8 +428,7 @@ class BatchTopKActivation(SelectingActivation):
         m = self.k * rows + 1
         top: torch.Tensor | None = None
         for pre in pres:
-            pool = pre.reshape(-1) if top is None else torch.cat([top, pre.reshape(-1)])
-            top = pool.index_select(0, largest_indices(pool, min(m, pool.numel())))
+            top = self.calibration_pool(top, pre, rows)
         if top is None or top.numel() < m:
             return
         below, edge = top.topk(2, largest=False).values.tolist()  # (kN+1)-th, kN-th largest

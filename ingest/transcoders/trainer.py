@@ -27,6 +27,7 @@ and the set is written in the native layout (``circuit-tracer`` + ``circuitscope
 import copy
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,13 +142,18 @@ class _Trainable(nn.Module):
         return any(activation.calibrates for activation, _ in self._encoders())
 
     @torch.no_grad()
-    def calibrate(self, batches: list[torch.Tensor]) -> None:
-        """batches: scaled (n_layers, B, d) inputs of training rows; each activation that
-        calibrates (BatchTopK's threshold) is fitted to them, one batch at a time."""
-        rows = sum(x.shape[1] for x in batches)
-        for i, (activation, pre_activations) in enumerate(self._encoders()):
-            if activation.calibrates:
-                activation.calibrate_((pre_activations(x[i]) for x in batches), rows)
+    def calibrate(self, batches: Iterable[torch.Tensor], rows: int) -> None:
+        """batches: scaled (n_layers, B, d) inputs of ``rows`` training rows in all; each
+        activation that calibrates (BatchTopK's threshold) is fitted to them. One pass:
+        a batch is folded into each layer's pool and dropped, so only the pools (not
+        the rows of every layer) are held."""
+        fitted = [(i, a, pre) for i, (a, pre) in enumerate(self._encoders()) if a.calibrates]
+        pools: list[torch.Tensor | None] = [None] * len(fitted)
+        for x in batches:
+            for j, (i, activation, pre_activations) in enumerate(fitted):
+                pools[j] = activation.calibration_pool(pools[j], pre_activations(x[i]), rows)
+        for (_, activation, _), pool in zip(fitted, pools, strict=True):
+            activation.calibrate_([] if pool is None else [pool], rows)
 
     def modules_list(self) -> list[Any]:
         return [self.clt] if self.clt is not None else list(self.per_layer)
@@ -431,7 +437,8 @@ def train_transcoders(
     if step >= cfg.steps and trainable.calibrates:
         # drawn after the final checkpoint, so a finished run resumed draws the same rows
         n_batches = -(-CALIBRATION_ROWS // cfg.batch_size)
-        trainable.calibrate([buffer.next_batch()[0] * s_in for _ in range(n_batches)])
+        batches = (buffer.next_batch()[0] * s_in for _ in range(n_batches))
+        trainable.calibrate(batches, n_batches * cfg.batch_size)
     tset = build_set(
         trainable, cfg, module_cfg, layers, in_scales, out_scales, adapter, model_id, fingerprint
     )
