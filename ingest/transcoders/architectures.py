@@ -358,6 +358,9 @@ class BatchTopKActivation(SelectingActivation):
         self.fired_ema: torch.Tensor
         self.register_buffer("fired_ema", torch.full((cfg.d_transcoder,), -1.0))
         self._pending: torch.Tensor | None = None
+        #: Whether training batches move the threshold (the trainer holds it, once
+        #: calibrated, through the end-to-end steps, whose KL runs at the threshold).
+        self.tracks_threshold = True
 
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold).to(pre.dtype)
@@ -379,6 +382,8 @@ class BatchTopKActivation(SelectingActivation):
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
+        if not self.tracks_threshold:
+            return
         positive = kept[kept > 0]
         if positive.numel() == 0:
             return

@@ -156,6 +156,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="loss weight of the position that predicts the answer, for prompt sources "
         "scored only at the answer (zoo tasks); 1: every token weighs the same",
     )
+    e2e = p.add_argument_group("end-to-end phase (after the reconstruction steps)")
+    e2e.add_argument(
+        "--kl-steps",
+        type=int,
+        default=DEFAULTS.kl_steps,
+        help="steps that add the KL of the model with every covered MLP replaced to the "
+        "loss, after --steps (0: none)",
+    )
+    e2e.add_argument("--kl-lr", type=float, default=DEFAULTS.kl_lr, help="their learning rate")
+    e2e.add_argument(
+        "--kl-coefficient", type=float, default=DEFAULTS.kl_coefficient, help="the KL's weight"
+    )
+    e2e.add_argument(
+        "--kl-batch", type=int, default=DEFAULTS.kl_batch, help="training windows per step"
+    )
     p.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
     p.add_argument("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every)
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)

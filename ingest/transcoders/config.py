@@ -210,8 +210,12 @@ CLI_FIELDS = frozenset({
     "kind", "arch", "width", "expansion", "sparsity", "skip", "layers", "steps", "batch_size",
     "lr", "buffer_mb", "buffer_rows", "seed", "eval_every", "checkpoint_every",
     "dead_after_tokens", "aux_k_coefficient", "aux_k_rows", "resample_every", "answer_weight",
-    "balance_rate",
+    "balance_rate", "kl_steps", "kl_lr", "kl_coefficient", "kl_batch",
 })  # fmt: skip
+
+
+#: The end-to-end phase's settings (:attr:`TrainConfig.kl_steps`).
+KL_FIELDS = ("kl_steps", "kl_lr", "kl_coefficient", "kl_batch")
 
 
 def flagged(field: str) -> str:
@@ -259,6 +263,14 @@ class TrainConfig:
     #: Loss weight of the answer-predicting rows of an answer-only prompt source (the
     #: other rows weigh 1); sources scored at every token ignore it.
     answer_weight: float = 8.0
+    #: End-to-end steps after the ``steps`` reconstruction steps: each adds
+    #: ``kl_coefficient`` x KL(model || model with every covered MLP replaced) on
+    #: ``kl_batch`` training windows to the reconstruction loss, at ``kl_lr``
+    #: (:mod:`ingest.transcoders.end_to_end`). 0: none.
+    kl_steps: int = 0
+    kl_lr: float = 1e-4
+    kl_coefficient: float = 1.0
+    kl_batch: int = 64
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.05
 
@@ -321,11 +333,31 @@ class TrainConfig:
                 f"{flagged('balance_rate')} is batchtopk's firing floor: drop it for "
                 f"--arch {self.arch}, or train --arch batchtopk"
             )
+        if self.kl_steps < 0:
+            raise InvalidArgumentError(
+                f"{flagged('kl_steps')} must be >= 0 (0: no end-to-end steps), got {self.kl_steps}"
+            )
+        for name in ("kl_lr", "kl_coefficient"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise InvalidArgumentError(
+                    f"{flagged(name)} must be a finite number > 0, got {value}"
+                )
+        if self.kl_batch <= 0:
+            raise InvalidArgumentError(
+                f"{flagged('kl_batch')} (windows per end-to-end step) must be positive, got "
+                f"{self.kl_batch}"
+            )
         if not math.isfinite(self.answer_weight) or self.answer_weight <= 0:
             raise InvalidArgumentError(
                 f"{flagged('answer_weight')} must be a finite number > 0 (1: every token "
                 f"weighs the same), got {self.answer_weight}"
             )
+
+    @property
+    def total_steps(self) -> int:
+        """Reconstruction steps and end-to-end steps."""
+        return self.steps + self.kl_steps
 
     @property
     def uses_skip(self) -> bool:
@@ -373,4 +405,7 @@ class TrainConfig:
         data = self.to_dict()
         data["width"] = self.width_for(d_model)
         del data["expansion"]
+        if not self.kl_steps:  # no end-to-end phase: its settings change nothing
+            for name in KL_FIELDS:
+                del data[name]
         return data

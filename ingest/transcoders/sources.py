@@ -85,7 +85,12 @@ class Source(ABC):
     def get(self, split: Split, start: int, count: int) -> Windows:
         """Windows ``start .. start + count - 1`` of ``split`` (indices wrap around)."""
         n = self.n_windows(split)
-        rows = [self._window(split, (start + i) % n) for i in range(count)]
+        return self.take(split, [(start + i) % n for i in range(count)])
+
+    def take(self, split: Split, indices: Sequence[int]) -> Windows:
+        """The windows of ``split`` at ``indices`` (each in ``0 .. n_windows - 1``), in order."""
+        rows = [self._window(split, index) for index in indices]
+        count = len(rows)
         width, pad = self.width, self.pad_id()
         # one tensor from padded lists, masks from the lengths: a copy per window cost
         # more than the model forward on short zoo prompts

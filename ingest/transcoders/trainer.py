@@ -17,6 +17,12 @@ the rows at the position that predicts the answer weigh ``answer_weight`` in eve
 term (default 8): that is where such a model's MLPs do the work its CE and task metric
 measure, and it is one row in about a dozen.
 
+With ``kl_steps`` > 0 the run then takes that many end-to-end steps
+(:mod:`ingest.transcoders.end_to_end`): the same loss on the buffer's next batch plus
+``kl_coefficient`` x the KL of the model with every covered MLP replaced, at ``kl_lr``
+(decayed over their last 20%), with BatchTopK's threshold calibrated when they begin and
+held through them; no resampling.
+
 Every ``checkpoint_every`` steps the full state is written atomically
 (:mod:`ingest.transcoders.checkpoint`); ``resume=True`` continues from it, and because the
 buffer re-collects its current refill by index, a resumed run ends bit-identical to an
@@ -47,6 +53,7 @@ from ingest.transcoders.checkpoint import (
 )
 from ingest.transcoders.clt import CrossLayerTranscoder
 from ingest.transcoders.config import TrainConfig, TranscoderConfig, flagged
+from ingest.transcoders.end_to_end import EndToEndLoss
 from ingest.transcoders.formats.circuit_tracer import save_set
 from ingest.transcoders.losses import LossParts
 from ingest.transcoders.resampling import resample_clt, resample_transcoder
@@ -141,6 +148,12 @@ class _Trainable(nn.Module):
     def calibrates(self) -> bool:
         return any(activation.calibrates for activation, _ in self._encoders())
 
+    def hold_thresholds(self, held: bool) -> None:
+        """Whether BatchTopK thresholds stay where they are (the end-to-end steps)."""
+        for activation, _ in self._encoders():
+            if hasattr(activation, "tracks_threshold"):
+                activation.tracks_threshold = not held
+
     @torch.no_grad()
     def calibrate(self, batches: Iterable[torch.Tensor], rows: int) -> None:
         """batches: scaled (n_layers, B, d) inputs of ``rows`` training rows in all; each
@@ -177,13 +190,22 @@ class _Trainable(nn.Module):
         return total
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_start = int(cfg.steps * 0.8)
+def _schedule(base: float, step: int, steps: int, warmup: int) -> float:
+    """``base`` warmed up linearly over ``warmup`` steps, flat, then decayed linearly to
+    zero over the last 20% of ``steps``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    decay_start = int(steps * 0.8)
     if step >= decay_start:
-        return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
-    return cfg.lr
+        return base * max(0.0, (steps - step) / max(1, steps - decay_start))
+    return base
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """The reconstruction steps' schedule, then the end-to-end steps' (no warmup)."""
+    if step >= cfg.steps:
+        return _schedule(cfg.kl_lr, step - cfg.steps, cfg.kl_steps, 0)
+    return _schedule(cfg.lr, step, cfg.steps, cfg.warmup_steps)
 
 
 def _sparsity_ramp(cfg: TrainConfig, step: int) -> float:
@@ -304,6 +326,7 @@ def train_transcoders(
     d_t = module_cfg.d_transcoder
     since_fired = torch.zeros(len(layers), d_t, dtype=torch.long, device=device)
     history: list[dict[str, Any]] = []
+    kl_sum, kl_count = 0.0, 0  # the end-to-end steps' KL since the last evaluation
     run_state = {
         "config": cfg.run_dict(adapter.d_model),
         "model_fingerprint": fingerprint,
@@ -332,6 +355,7 @@ def train_transcoders(
         buffer.load_state_dict(saved["buffer"])
         start = int(saved["step"])
         history = list(saved["history"])
+        kl_sum, kl_count = saved.get("kl_since_eval", (0.0, 0))
         logger.info("resumed from step %d in %s", start, out)
     else:
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -366,19 +390,49 @@ def train_transcoders(
             "in_scales": in_scales,
             "out_scales": out_scales,
             "history": history,
+            "kl_since_eval": [kl_sum, kl_count],
         }
         save_checkpoint(out, state, trainable, optimizer, {"all": since_fired})
 
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    def calibrate() -> None:
+        n_batches = -(-CALIBRATION_ROWS // cfg.batch_size)
+        batches = (buffer.next_batch()[0] * s_in for _ in range(n_batches))
+        trainable.calibrate(batches, n_batches * cfg.batch_size)
+
+    end_to_end = (
+        EndToEndLoss(
+            adapter,
+            source,
+            layers,
+            cfg.kind,
+            list(trainable.per_layer),
+            trainable.clt,
+            in_scales,
+            out_scales,
+            cfg.kl_batch,
+            cfg.seed,
+        )
+        if cfg.kl_steps
+        else None
+    )
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    total_steps = cfg.total_steps
+    end = total_steps if stop_after is None else min(total_steps, stop_after)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="transcoders")
+    bar = tqdm(total=total_steps, initial=start, disable=not progress, desc="transcoders")
     began = time.perf_counter()
     collect_before = buffer.collect_seconds
     trained_tokens = 0
     step = start
     try:
         for step in range(start, end):
+            if step == cfg.steps and trainable.calibrates:
+                # the end-to-end steps' KL runs at the threshold: calibrate it first (on
+                # rows drawn after the checkpoint of step `steps`, so a resume draws them
+                # again), and hold it there
+                calibrate()
+            trainable.hold_thresholds(step >= cfg.steps)
             x, y, weight = buffer.next_batch()
             x, y = x * s_in, y * s_out
             dead = since_fired >= cfg.dead_after_tokens
@@ -387,7 +441,13 @@ def train_transcoders(
             optimizer.zero_grad(set_to_none=True)
             parts = trainable.loss(x, y, dead, weight)
             total = parts.mse + _sparsity_ramp(cfg, step) * parts.sparsity + parts.aux
-            total.backward()
+            if end_to_end is not None and step >= cfg.steps:
+                kl = end_to_end(step)
+                total = total + cfg.kl_coefficient * kl
+                kl_sum, kl_count = kl_sum + float(kl.detach()), kl_count + 1
+                total.backward(inputs=params)  # no gradient for the model's own weights
+            else:
+                total.backward()
             if module_cfg.spec.unit_norm_decoder:
                 for module in trainable.modules_list():
                     module.remove_parallel_grad_()
@@ -399,11 +459,17 @@ def train_transcoders(
             trained_tokens += cfg.batch_size
             done = step + 1
             bar.update(1)
-            if done % cfg.eval_every == 0 or done == cfg.steps:
+            if done % cfg.eval_every == 0 or done in (cfg.steps, total_steps):
                 metrics = _quick_eval(trainable, eval_x, eval_y, since_fired, cfg)
                 metrics["step"] = done
+                if kl_count:  # the mean training KL of the end-to-end steps since the last
+                    metrics["kl_train"] = kl_sum / kl_count
+                    kl_sum, kl_count = 0.0, 0
                 history.append(metrics)
-                bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
+                shown = {"fvu": f"{metrics['fvu']:.3f}", "l0": f"{metrics['l0']:.1f}"}
+                if "kl_train" in metrics:
+                    shown["kl"] = f"{metrics['kl_train']:.2e}"
+                bar.set_postfix(shown)
                 logger.info("step %d: %s", done, metrics)
             # Resampling comes after the evaluation, so that the evaluation reports the
             # latents as trained and the dead fraction before the counters restart (fresh
@@ -422,7 +488,7 @@ def train_transcoders(
                     for module in trainable.modules_list():
                         module.after_step_()
                     logger.info("step %d: resampled %d dead latents", done, n)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if done % cfg.checkpoint_every == 0 or done in (cfg.steps, total_steps):
                 checkpoint(done)
             step = done
     finally:
@@ -434,15 +500,13 @@ def train_transcoders(
     elapsed = max(loop + collect_before, 1e-9)
     stepping = max(loop - (buffer.collect_seconds - collect_before), 1e-9)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    if step >= cfg.steps and trainable.calibrates:
+    if step >= total_steps and trainable.calibrates:
         # drawn after the final checkpoint, so a finished run resumed draws the same rows
-        n_batches = -(-CALIBRATION_ROWS // cfg.batch_size)
-        batches = (buffer.next_batch()[0] * s_in for _ in range(n_batches))
-        trainable.calibrate(batches, n_batches * cfg.batch_size)
+        calibrate()
     tset = build_set(
         trainable, cfg, module_cfg, layers, in_scales, out_scales, adapter, model_id, fingerprint
     )
-    if step >= cfg.steps:
+    if step >= total_steps:
         save_set(tset, out)
     return TrainResult(
         tset=tset,

@@ -31,7 +31,8 @@ SET_BY_FLAG = {
     "buffer_rows": ("100", 100), "seed": ("5", 5), "eval_every": ("3", 3),
     "checkpoint_every": ("4", 4), "dead_after_tokens": ("99", 99),
     "aux_k_coefficient": ("0.5", 0.5), "aux_k_rows": ("8", 8), "resample_every": ("0", 0),
-    "answer_weight": ("2", 2.0), "balance_rate": ("0.1", 0.1),
+    "answer_weight": ("2", 2.0), "balance_rate": ("0.1", 0.1), "kl_steps": ("5", 5),
+    "kl_lr": ("0.001", 0.001), "kl_coefficient": ("2", 2.0), "kl_batch": ("8", 8),
 }  # fmt: skip
 
 
@@ -75,6 +76,9 @@ def test_every_flagged_field_has_its_flag(capsys):
         ({"buffer_rows": -1}, "buffer_rows (--buffer-rows)"),
         ({"arch": "topk", "balance_rate": 0.1}, "balance_rate (--balance-rate) is batchtopk's"),
         ({"balance_rate": 2.0}, "balance_rate (--balance-rate) must be in [0, 1]"),
+        ({"kl_steps": -1}, "kl_steps (--kl-steps) must be >= 0"),
+        ({"kl_lr": 0.0}, "kl_lr (--kl-lr) must be a finite number > 0"),
+        ({"kl_batch": 0}, "kl_batch (--kl-batch) (windows per end-to-end step)"),
         ({"model_batch_size": -1}, "model_batch_size must be"),  # no flag: the field alone
     ],
 )

@@ -1,0 +1,117 @@
+"""End-to-end training: the KL divergence of the model with its MLPs replaced.
+
+Reconstruction alone weighs every direction of an MLP's output by its variance, whatever
+the rest of the model makes of it; end-to-end training (Braun et al. 2024, "Identifying
+functionally important features with end-to-end sparse dictionary learning") weighs it by
+its effect on the next-token distribution. A run with ``kl_steps`` > 0
+(:class:`~ingest.transcoders.config.TrainConfig`) takes that many steps after its
+``steps`` reconstruction steps, each minimizing
+
+    reconstruction loss (as before) + kl_coefficient * KL(p_model || p_replaced)
+
+where ``p_replaced`` is the model with every covered MLP replaced by the modules as they
+run at inference (BatchTopK at its threshold), all layers at once: the replacement model
+that attribution and the all-layers metrics use. Keeping the reconstruction terms keeps
+each layer's output a reconstruction of that layer (Braun et al.'s "e2e + downstream"
+variant keeps a downstream reconstruction term for the same reason). Transcoders, SAEs
+and CLTs are trained the same way, so the comparison of kinds stays fair.
+
+The KL is averaged over the positions the eval's KL counts (every next-token prediction
+of a text window; the answer of a zoo prompt) of ``kl_batch`` training windows drawn at
+random by (seed, step), so a resumed run draws the same windows. The modules train in
+the trainer's scaled units; the replacements here scale their input and unscale their
+output.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ingest.transcoders.sources import Source, predicting_positions
+
+Replacement = Callable[[torch.Tensor], torch.Tensor]
+
+#: Added to the seed of the generator that draws an end-to-end step's windows, so that its
+#: stream differs from the resampler's (seeded by seed and step as well).
+_WINDOW_STREAM = 7_919
+
+
+class EndToEndLoss:
+    """The KL term of an end-to-end step, for the modules being trained.
+
+    ``per_layer``: the per-layer modules by position in ``layers`` (transcoders or SAEs),
+    or ``clt``: one cross-layer transcoder; ``in_scales`` / ``out_scales``: the trainer's
+    per-layer activation scales (the modules map scaled inputs to scaled outputs).
+    """
+
+    def __init__(
+        self,
+        adapter: Any,
+        source: Source,
+        layers: list[int],
+        kind: str,
+        per_layer: list[Any],
+        clt: Any,
+        in_scales: list[float],
+        out_scales: list[float],
+        batch: int,
+        seed: int,
+    ) -> None:
+        self.adapter = adapter
+        self.source = source
+        self.layers = layers
+        self.kind = kind
+        self.per_layer = per_layer
+        self.clt = clt
+        self.in_scales = in_scales
+        self.out_scales = out_scales
+        self.batch = batch
+        self.seed = seed
+        self.n_train = source.n_windows("train")
+
+    def indices(self, step: int) -> list[int]:
+        """The training windows of end-to-end step ``step`` (a function of seed and step)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + _WINDOW_STREAM + step)
+        return torch.randint(self.n_train, (self.batch,), generator=gen).tolist()
+
+    def replacements(self) -> dict[int, Replacement]:
+        """Every covered layer's MLP replaced by its module, on the live activations."""
+        s_in, s_out, adapter = self.in_scales, self.out_scales, self.adapter
+        if self.clt is not None:
+            clt = self.clt
+            acts: dict[int, torch.Tensor] = {}
+
+            def cross(pos: int) -> Replacement:
+                def replace(mlp_in: torch.Tensor) -> torch.Tensor:
+                    x = mlp_in * s_in[pos]
+                    acts[pos] = clt.encode(pos, x)
+                    return clt.decode_layer(pos, [acts[s] for s in range(pos + 1)], x) / s_out[pos]
+
+                return replace
+
+            return {layer: cross(pos) for pos, layer in enumerate(self.layers)}
+
+        def single(pos: int, layer: int) -> Replacement:
+            module = self.per_layer[pos]
+            if self.kind == "sae":
+                return lambda mlp_in: module(adapter.mlp(layer, mlp_in) * s_in[pos]) / s_out[pos]
+            return lambda mlp_in: module(mlp_in * s_in[pos]) / s_out[pos]
+
+        return {layer: single(pos, layer) for pos, layer in enumerate(self.layers)}
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """Mean KL(p_model || p_replaced) over the counted positions of step ``step``'s
+        windows; differentiable in the modules' parameters (the model's own parameters
+        need no gradient: backpropagate with ``inputs=`` the modules' parameters)."""
+        windows = self.source.take("train", self.indices(step))
+        device = self.adapter.device
+        ids = windows.ids.to(device)
+        keep = predicting_positions(windows.mask, windows.scored).to(device)
+        if not bool(keep.any()):
+            return torch.zeros((), device=device)
+        with torch.no_grad():
+            clean = F.log_softmax(self.adapter(ids)[keep], -1)
+        replaced = F.log_softmax(self.adapter(ids, mlp_replacements=self.replacements())[keep], -1)
+        return F.kl_div(replaced, clean, log_target=True, reduction="batchmean")
