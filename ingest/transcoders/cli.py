@@ -268,19 +268,27 @@ def _train_config(args: argparse.Namespace, sparsity: float | None) -> TrainConf
 FRAGILE_ABLATION_NATS = 0.01
 
 
+def _interval(bounds: list[float]) -> str:
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
+
+
 def _print_report(report: dict[str, Any]) -> None:
     print(
         f"set {report['set_id']} on {report['tokens']} tokens of the {report['split']} split; "
         "CE and KL over "
         f"{report['ce_predictions']} predictions ({report['ce_positions']} positions)"
     )
-    print("layer      l0      fvu fvu@pred   dead  ce_rec  ablate_dCE   d_loss       kl   top1")
+    print(
+        "layer      l0      fvu fvu@pred   dead  ce_rec  ce_rec 95% interval  ablate_dCE"
+        "   d_loss       kl   top1"
+    )
     fragile = []
     for layer, r in report["layers"].items():
         effect = r["ce_ablate"] - r["ce_clean"]
         print(
             f"{layer:>5} {r['l0']:7.2f} {r['fvu']:8.4f} {r['fvu_predicting']:8.4f} "
-            f"{r['dead_fraction']:6.3f} {r['ce_loss_recovered']:7.4f} {effect:11.2e} "
+            f"{r['dead_fraction']:6.3f} {r['ce_loss_recovered']:7.4f} "
+            f"{_interval(r['ce_loss_recovered_95']):>19} {effect:11.2e} "
             f"{r['delta_loss']:8.1e} {r['kl']:8.1e} {r['top1_agreement']:6.4f}"
         )
         if abs(effect) < FRAGILE_ABLATION_NATS:
@@ -288,11 +296,12 @@ def _print_report(report: dict[str, Any]) -> None:
     if fragile:
         print(
             f"  zero-ablating the MLP of layer {', '.join(fragile)} barely moves the loss, so "
-            "ce_rec there is a ratio of small differences: read d_loss and kl"
+            "ce_rec there is a ratio of small differences (see its interval): read d_loss and kl"
         )
     a = report["all_layers"]
     print(
-        f"  all layers spliced: ce_rec {a['ce_loss_recovered']:.4f}, "
+        f"  all layers spliced: ce_rec {a['ce_loss_recovered']:.4f} "
+        f"(95% {_interval(a['ce_loss_recovered_95'])}), "
         f"delta loss {a['delta_loss']:.1e}, kl {a['kl']:.1e}, "
         f"top-1 agreement {a['top1_agreement']:.4f}"
     )

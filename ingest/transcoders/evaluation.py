@@ -17,6 +17,9 @@ On the eval split of a prompt source, at real (unpadded) token positions:
   (splice) or by zero (ablate), for each layer alone and for all covered layers together;
   splicing alone uses clean upstream activations, splicing all feeds each estimate the
   spliced model's own activations (for SAEs, the true MLP's output on them);
+  ``ce_loss_recovered_95`` is its 95% bootstrap interval over the eval windows (prompts):
+  where zero-ablation barely moves the loss, CE recovered is a ratio of small differences
+  and the interval shows how little the figure settles;
 - ``kl``: mean KL(clean || spliced) of the next-token distributions;
 - ``top1_agreement``: the fraction of those predictions whose most likely token is the
   clean model's. On a confident model a few flipped answers carry most of the KL, and
@@ -33,7 +36,7 @@ MLPs can lower that loss, which made CE loss recovered over all tokens meaningle
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +77,14 @@ def counted_positions(mask: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
 
 
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, V), ids (B, T), keep (B, T - 1) -> summed CE over kept positions.
+    """logits (B, T, V), ids (B, T), keep (B, T - 1) -> summed CE over kept positions
+    (:func:`window_ce` summed)."""
+    return window_ce(logits, ids, keep).sum()
+
+
+def window_ce(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), ids (B, T), keep (B, T - 1) -> (B,) float64: each window's CE
+    summed over its kept positions.
 
     The log-softmax runs in float64 over the kept positions only. In float32 a confident
     prediction's loss is ``logsumexp - x_answer`` with both terms near the largest logit,
@@ -85,7 +95,9 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -
     float32 rounding, far below that.
     """
     logp = F.log_softmax(logits[:, :-1][keep].double(), -1)  # (n, V)
-    return -logp.gather(-1, ids[:, 1:][keep][:, None]).sum()
+    nll = -logp.gather(-1, ids[:, 1:][keep][:, None]).squeeze(1)
+    windows = keep.nonzero()[:, 0]
+    return nll.new_zeros(keep.shape[0]).index_add_(0, windows, nll)
 
 
 def kl_divergence(clean: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -153,8 +165,7 @@ class _LayerSums:
     fired: torch.Tensor  # (d_transcoder,) bool
     fvu: _FVUSums  # every real token
     fvu_predicting: _FVUSums  # the positions whose next-token prediction is scored
-    ce_splice: float = 0.0
-    ce_ablate: float = 0.0
+    ce: "_WindowCE"
     kl: float = 0.0
     top1: float = 0.0
     l0: float = 0.0
@@ -164,7 +175,27 @@ class _LayerSums:
         def fvu() -> _FVUSums:
             return _FVUSums(torch.zeros(d_model, dtype=torch.float64))
 
-        return cls(torch.zeros(d_transcoder, dtype=torch.bool), fvu(), fvu())
+        return cls(torch.zeros(d_transcoder, dtype=torch.bool), fvu(), fvu(), _WindowCE())
+
+
+@dataclass
+class _WindowCE:
+    """Each eval window's CE summed over its counted positions, spliced and ablated,
+    batch by batch: the totals, and the windows the bootstrap interval resamples."""
+
+    splice: list[torch.Tensor] = field(default_factory=list)
+    ablate: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, splice: torch.Tensor, ablate: torch.Tensor) -> None:
+        """splice, ablate: (B,) this batch's per-window CE."""
+        self.splice.append(splice.cpu())
+        self.ablate.append(ablate.cpu())
+
+    def totals(self) -> tuple[float, float]:
+        return float(torch.cat(self.splice).sum()), float(torch.cat(self.ablate).sum())
+
+    def interval(self, clean: torch.Tensor) -> list[float]:
+        return recovered_interval(clean, torch.cat(self.splice), torch.cat(self.ablate))
 
 
 def _const(value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -200,12 +231,12 @@ def evaluate_set(
         "tokens": 0.0,
         "pred_tokens": 0.0,
         "ce_clean": 0.0,
-        "ce_splice_all": 0.0,
-        "ce_ablate_all": 0.0,
         "kl_all": 0.0,
         "top1_all": 0.0,
     }
     per = {layer: _LayerSums.zeros(tset.d_model, d_t) for layer in layers}
+    clean_windows: list[torch.Tensor] = []
+    windows_all = _WindowCE()  # every covered layer spliced together
     batches = tqdm(range(0, n, batch_size), desc="evaluating", unit="batch", disable=not progress)
     for lo in batches:
         ids = windows.ids[lo : lo + batch_size].to(adapter.device)
@@ -220,7 +251,8 @@ def evaluate_set(
         sums["tokens"] += float(mask.sum())
         keep = counted_positions(mask, scored)
         sums["pred_tokens"] += float(keep.sum())
-        sums["ce_clean"] += float(next_token_ce(clean, ids, keep))
+        clean_windows.append(window_ce(clean, ids, keep).cpu())
+        sums["ce_clean"] += float(clean_windows[-1].sum())
         predicting = torch.zeros_like(mask)  # the same positions, (B, T)
         predicting[:, :-1] = keep
         for layer in layers:
@@ -237,15 +269,13 @@ def evaluate_set(
             stats.fvu_predicting.add(y_true[predicting], y_hat[predicting].double())
             spliced = adapter(ids, mlp_replacements={layer: _const(y_hat)})
             ablated = adapter(ids, mlp_replacements={layer: _const(torch.zeros_like(y_hat))})
-            stats.ce_splice += float(next_token_ce(spliced, ids, keep))
-            stats.ce_ablate += float(next_token_ce(ablated, ids, keep))
+            stats.ce.add(window_ce(spliced, ids, keep), window_ce(ablated, ids, keep))
             stats.kl += float(kl_divergence(clean, spliced, keep))
             stats.top1 += float(top1_matches(clean, spliced, keep))
         spliced_all = adapter(ids, mlp_replacements=all_layer_replacements(adapter, tset))
         zeros = {layer: _const(torch.zeros_like(rec.mlp_out[layer])) for layer in layers}
         ablated_all = adapter(ids, mlp_replacements=zeros)
-        sums["ce_splice_all"] += float(next_token_ce(spliced_all, ids, keep))
-        sums["ce_ablate_all"] += float(next_token_ce(ablated_all, ids, keep))
+        windows_all.add(window_ce(spliced_all, ids, keep), window_ce(ablated_all, ids, keep))
         sums["kl_all"] += float(kl_divergence(clean, spliced_all, keep))
         sums["top1_all"] += float(top1_matches(clean, spliced_all, keep))
 
@@ -260,10 +290,12 @@ def evaluate_set(
         "ce_predictions": int(n_pred),
         "dead_tokens": max(dead_sample, int(n_tok)),
     }
+    clean_ce = torch.cat(clean_windows)
+
     layer_reports = {}
     for layer in layers:
         stats = per[layer]
-        ce_splice, ce_ablate = stats.ce_splice / n_pred, stats.ce_ablate / n_pred
+        ce_splice, ce_ablate = (total / n_pred for total in stats.ce.totals())
         layer_reports[str(layer)] = {
             "l0": stats.l0 / n_tok,
             "fvu": stats.fvu.value(),
@@ -273,17 +305,19 @@ def evaluate_set(
             "ce_splice": ce_splice,
             "ce_ablate": ce_ablate,
             "ce_loss_recovered": recovered(ce_clean, ce_splice, ce_ablate),
+            "ce_loss_recovered_95": stats.ce.interval(clean_ce),
             "delta_loss": ce_splice - ce_clean,
             "kl": stats.kl / n_pred,
             "top1_agreement": stats.top1 / n_pred,
         }
-    ce_all, ce_abl_all = sums["ce_splice_all"] / n_pred, sums["ce_ablate_all"] / n_pred
+    ce_all, ce_abl_all = (total / n_pred for total in windows_all.totals())
     report["layers"] = layer_reports
     report["all_layers"] = {
         "ce_clean": ce_clean,
         "ce_splice": ce_all,
         "ce_ablate": ce_abl_all,
         "ce_loss_recovered": recovered(ce_clean, ce_all, ce_abl_all),
+        "ce_loss_recovered_95": windows_all.interval(clean_ce),
         "delta_loss": ce_all - ce_clean,
         "kl": sums["kl_all"] / n_pred,
         "top1_agreement": sums["top1_all"] / n_pred,
@@ -331,6 +365,42 @@ def recovered(ce_clean: float, ce_splice: float, ce_ablate: float) -> float:
     """(CE_ablate - CE_splice) / (CE_ablate - CE_clean); nan when ablation changes nothing."""
     denom = ce_ablate - ce_clean
     return (ce_ablate - ce_splice) / denom if abs(denom) > 1e-12 else float("nan")
+
+
+#: Bootstrap resamples behind ``ce_loss_recovered_95``.
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def recovered_interval(
+    clean: torch.Tensor,
+    splice: torch.Tensor,
+    ablate: torch.Tensor,
+    level: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> list[float]:
+    """The ``level`` percentile bootstrap interval of CE loss recovered over windows.
+
+    clean, splice, ablate: (n,) each window's summed CE. Windows (prompts) are resampled
+    with replacement, not positions: a text window's predictions share their context.
+    Deterministic under ``seed``; [nan, nan] without windows. A resample whose ablation
+    changes nothing has no ratio and is left out.
+    """
+    n = clean.numel()
+    if n == 0:
+        return [float("nan"), float("nan")]
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(n, (resamples, n), generator=gen)
+    c, s, a = (
+        clean.double()[picks].sum(1),
+        splice.double()[picks].sum(1),
+        ablate.double()[picks].sum(1),
+    )
+    denom = a - c
+    ratios = torch.where(denom.abs() > 1e-12, (a - s) / denom, torch.nan)
+    tail = (1 - level) / 2
+    bounds = torch.nanquantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return [float(bounds[0]), float(bounds[1])]
 
 
 def fraction_kept(clean: float, spliced: float, baseline: float = 0.0) -> float:

@@ -219,18 +219,20 @@ def test_zoo_source_windows_end_with_the_answer(tiny_zoo_dir):
 def test_eval_report_flags_layers_whose_ablation_barely_moves_the_loss(capsys):
     from ingest.transcoders.cli import _print_report
 
-    def layer(clean, ablate, rec):
+    def layer(clean, ablate, rec, interval):
         return dict(l0=16.0, fvu=0.01, fvu_predicting=0.01, dead_fraction=0.0,
-                    ce_loss_recovered=rec, ce_clean=clean, ce_ablate=ablate, delta_loss=7e-4,
-                    kl=6.9e-5, top1_agreement=1.0)  # fmt: skip
+                    ce_loss_recovered=rec, ce_loss_recovered_95=interval, ce_clean=clean,
+                    ce_ablate=ablate, delta_loss=7e-4, kl=6.9e-5, top1_agreement=1.0)  # fmt: skip
 
     report = dict(set_id="s", tokens=10, split="eval", ce_predictions=5, ce_positions="answer",
-                  layers={"0": layer(0.005, 0.045, 0.99), "1": layer(0.005, 0.0065, 0.46)},
-                  all_layers=dict(ce_loss_recovered=1.0, delta_loss=1e-4, kl=2e-4,
-                                  top1_agreement=1.0))  # fmt: skip
+                  layers={"0": layer(0.005, 0.045, 0.99, [0.98, 0.995]),
+                          "1": layer(0.005, 0.0065, 0.46, [-0.12, 1.07])},
+                  all_layers=dict(ce_loss_recovered=1.0, ce_loss_recovered_95=[0.99, 1.01],
+                                  delta_loss=1e-4, kl=2e-4, top1_agreement=1.0))  # fmt: skip
     _print_report(report)
     out = capsys.readouterr().out
     assert "4.00e-02" in out and "1.50e-03" in out  # each layer's ablation effect
     assert "6.9e-05" in out  # a small KL is printed, not rounded to 0.0000
+    assert "[-0.1200, 1.0700]" in out and "(95% [0.9900, 1.0100])" in out
     flagged = [line for line in out.splitlines() if "barely moves the loss" in line]
     assert len(flagged) == 1 and "layer 1 (+1.5e-03 nats)" in flagged[0]

@@ -13,6 +13,8 @@ from ingest.transcoders.evaluation import (
     fraction_kept,
     kl_divergence,
     next_token_ce,
+    recovered_interval,
+    window_ce,
 )
 from ingest.transcoders.formats.common import per_layer_module
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
@@ -202,3 +204,45 @@ def test_confident_predictions_keep_their_loss_and_kl_to_many_digits():
     expected_kl = float((p * (p / q).log()).sum())
     assert expected_kl > 0
     assert float(kl_divergence(logits, shifted, keep)) == pytest.approx(expected_kl, rel=1e-6)
+
+
+def test_ce_recovered_interval_brackets_the_estimate_and_widens_when_ablation_barely_matters():
+    adapter, perfect, zero = _relu_model_and_sets()
+    source = random_stream_source(n_tokens=2048)
+    for tset, value in ((perfect, 1.0), (zero, 0.0)):
+        report = evaluate_set(adapter, tset, source, n_windows=8)
+        for part in (*report["layers"].values(), report["all_layers"]):
+            lo, hi = part["ce_loss_recovered_95"]
+            assert lo - 1e-4 <= part["ce_loss_recovered"] <= hi + 1e-4
+            # a perfect or a zero splice recovers all or nothing in every resample too
+            assert lo == pytest.approx(value, abs=1e-4) and hi == pytest.approx(value, abs=1e-4)
+    # Windows whose ablation moves the loss by 1 nat against ones that move it by 0.01:
+    # a splice that recovers 90% in each window, with noise of 0.005 nats per window.
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand(500, generator=gen, dtype=torch.float64)
+    noise = 0.005 * torch.randn(500, generator=gen, dtype=torch.float64)
+    intervals = {}
+    for effect in (1.0, 0.01):
+        ablate = clean + effect
+        splice = clean + 0.1 * effect + noise
+        intervals[effect] = recovered_interval(clean, splice, ablate)
+        assert intervals[effect][0] < 0.9 < intervals[effect][1]
+    widths = {e: hi - lo for e, (lo, hi) in intervals.items()}
+    assert widths[1.0] < 0.002 and widths[0.01] > 0.05
+    assert recovered_interval(clean, splice, ablate) == intervals[0.01]  # deterministic
+
+
+def test_window_ce_sums_each_windows_counted_positions():
+    adapter, _, _ = _relu_model_and_sets()
+    windows = random_stream_source(n_tokens=2048).get("eval", 0, 4)
+    keep = counted_positions(windows.mask, windows.scored)
+    keep[1] = False  # a window with nothing counted contributes 0
+    with torch.no_grad():
+        logits = adapter(windows.ids)
+    per_window = window_ce(logits, windows.ids, keep)
+    assert per_window.shape == (4,) and per_window[1] == 0
+    for b in (0, 2, 3):
+        one = torch.zeros_like(keep)
+        one[b] = keep[b]
+        assert float(per_window[b]) == pytest.approx(float(next_token_ce(logits, windows.ids, one)))
+    assert float(per_window.sum()) == pytest.approx(float(next_token_ce(logits, windows.ids, keep)))
