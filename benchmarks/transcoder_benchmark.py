@@ -192,6 +192,7 @@ def main() -> int:
                 "width": width,
                 "L0 (tc)": tc["mean"]["l0"],
                 "CE rec min layer (tc)": worst["ce_loss_recovered"],
+                "its 95% interval": "[{:.3f}, {:.3f}]".format(*worst["ce_loss_recovered_95"]),
                 # that layer's CE change when spliced and when its MLP is zero-ablated (nats):
                 # a small ablation change makes its CE recovered a ratio of two small numbers
                 "its splice / ablate dCE": f"{worst['delta_loss']:+.2e} / "
