@@ -115,13 +115,15 @@ def sparse_step_difference(device: str, d_model: int, arch: str) -> float:
 
 def determinism_differences(model_dir: Path, device: str, work: Path) -> dict[str, float]:
     """Largest |weight| difference of a same-seed rerun and of a killed-and-resumed run
-    against one uninterrupted run, per configuration (0.0: bit-identical)."""
+    against one uninterrupted run, per configuration (0.0: bit-identical). The end-to-end
+    configuration is killed inside its end-to-end steps (24 reconstruction steps, then 12)."""
     loaded = load_model(str(model_dir), device=device)
     source = zoo_source(model_dir, loaded.tokenizer)
     configs: dict[str, dict[str, Any]] = {
         "tc batchtopk+skip+floor": dict(kind="transcoder", arch="batchtopk", skip=True,
                                         balance_rate=0.2),
         "clt topk": dict(kind="clt", arch="topk"),
+        "sae batchtopk end-to-end": dict(kind="sae", arch="batchtopk", kl_steps=12, kl_batch=16),
     }  # fmt: skip
     out: dict[str, float] = {}
     for name, extra in configs.items():
@@ -141,7 +143,7 @@ def determinism_differences(model_dir: Path, device: str, work: Path) -> dict[st
             return result.tset.state_dict()
 
         first, again = run("first"), run("again")
-        run("killed", stop_after=13)
+        run("killed", stop_after=30 if cfg.kl_steps else 13)
         resumed = run("killed", resume=True)
         for tag, other in (("rerun", again), ("resumed", resumed)):
             out[f"{name} {tag} diff"] = max(
