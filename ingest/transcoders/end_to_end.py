@@ -24,6 +24,7 @@ output.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,38 +39,30 @@ Replacement = Callable[[torch.Tensor], torch.Tensor]
 _WINDOW_STREAM = 7_919
 
 
+@dataclass
 class EndToEndLoss:
     """The KL term of an end-to-end step, for the modules being trained.
 
     ``per_layer``: the per-layer modules by position in ``layers`` (transcoders or SAEs),
     or ``clt``: one cross-layer transcoder; ``in_scales`` / ``out_scales``: the trainer's
-    per-layer activation scales (the modules map scaled inputs to scaled outputs).
+    per-layer activation scales (the modules map scaled inputs to scaled outputs);
+    ``batch``: training windows per step.
     """
 
-    def __init__(
-        self,
-        adapter: Any,
-        source: Source,
-        layers: list[int],
-        kind: str,
-        per_layer: list[Any],
-        clt: Any,
-        in_scales: list[float],
-        out_scales: list[float],
-        batch: int,
-        seed: int,
-    ) -> None:
-        self.adapter = adapter
-        self.source = source
-        self.layers = layers
-        self.kind = kind
-        self.per_layer = per_layer
-        self.clt = clt
-        self.in_scales = in_scales
-        self.out_scales = out_scales
-        self.batch = batch
-        self.seed = seed
-        self.n_train = source.n_windows("train")
+    adapter: Any
+    source: Source
+    layers: list[int]
+    kind: str
+    per_layer: list[Any]
+    clt: Any
+    in_scales: list[float]
+    out_scales: list[float]
+    batch: int
+    seed: int
+
+    @property
+    def n_train(self) -> int:
+        return self.source.n_windows("train")
 
     def indices(self, step: int) -> list[int]:
         """The training windows of end-to-end step ``step`` (a function of seed and step)."""
