@@ -13,7 +13,8 @@ where ``p_replaced`` is the model with every covered MLP replaced by the modules
 run at inference (BatchTopK at its threshold), all layers at once: the replacement model
 that attribution and the all-layers metrics use. Keeping the reconstruction terms keeps
 each layer's output a reconstruction of that layer (Braun et al.'s "e2e + downstream"
-variant keeps a downstream reconstruction term for the same reason). Transcoders, SAEs
+variant adds terms that keep the later layers' activations on the model's own, to the
+same end). Transcoders, SAEs
 and CLTs are trained the same way, so the comparison of kinds stays fair.
 
 The KL is averaged over the positions the eval's KL counts (every next-token prediction
