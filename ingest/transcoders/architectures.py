@@ -122,6 +122,10 @@ class Activation(nn.Module):
 
     #: Whether :meth:`calibrate_` sets anything: the trainer draws calibration rows only then.
     calibrates = False
+    #: Whether training batches move inference state fitted on the way (BatchTopK's
+    #: threshold); the trainer clears it through the end-to-end steps, whose KL runs at
+    #: that state. Nothing moves here.
+    tracks_threshold = True
 
     def calibration_pool(
         self, pool: torch.Tensor | None, pre: torch.Tensor, rows: int
@@ -358,9 +362,6 @@ class BatchTopKActivation(SelectingActivation):
         self.fired_ema: torch.Tensor
         self.register_buffer("fired_ema", torch.full((cfg.d_transcoder,), -1.0))
         self._pending: torch.Tensor | None = None
-        #: Whether training batches move the threshold (the trainer holds it, once
-        #: calibrated, through the end-to-end steps, whose KL runs at the threshold).
-        self.tracks_threshold = True
 
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold).to(pre.dtype)

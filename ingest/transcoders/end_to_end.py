@@ -24,16 +24,14 @@ the trainer's scaled units; the replacements here scale their input and unscale 
 output.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ingest.transcoders.evaluation import module_replacements
 from ingest.transcoders.sources import Source, predicting_positions
-
-Replacement = Callable[[torch.Tensor], torch.Tensor]
 
 #: Added to the seed of the generator that draws an end-to-end step's windows, so that its
 #: stream differs from the resampler's (seeded by seed and step as well).
@@ -70,31 +68,6 @@ class EndToEndLoss:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + _WINDOW_STREAM + step)
         return torch.randint(self.n_train, (self.batch,), generator=gen).tolist()
 
-    def replacements(self) -> dict[int, Replacement]:
-        """Every covered layer's MLP replaced by its module, on the live activations."""
-        s_in, s_out, adapter = self.in_scales, self.out_scales, self.adapter
-        if self.clt is not None:
-            clt = self.clt
-            acts: dict[int, torch.Tensor] = {}
-
-            def cross(pos: int) -> Replacement:
-                def replace(mlp_in: torch.Tensor) -> torch.Tensor:
-                    x = mlp_in * s_in[pos]
-                    acts[pos] = clt.encode(pos, x)
-                    return clt.decode_layer(pos, [acts[s] for s in range(pos + 1)], x) / s_out[pos]
-
-                return replace
-
-            return {layer: cross(pos) for pos, layer in enumerate(self.layers)}
-
-        def single(pos: int, layer: int) -> Replacement:
-            module = self.per_layer[pos]
-            if self.kind == "sae":
-                return lambda mlp_in: module(adapter.mlp(layer, mlp_in) * s_in[pos]) / s_out[pos]
-            return lambda mlp_in: module(mlp_in * s_in[pos]) / s_out[pos]
-
-        return {layer: single(pos, layer) for pos, layer in enumerate(self.layers)}
-
     def __call__(self, step: int) -> torch.Tensor:
         """Mean KL(p_model || p_replaced) over the counted positions of step ``step``'s
         windows; differentiable in the modules' parameters (the model's own parameters
@@ -107,5 +80,9 @@ class EndToEndLoss:
             return torch.zeros((), device=device)
         with torch.no_grad():
             clean = F.log_softmax(self.adapter(ids)[keep], -1)
-        replaced = F.log_softmax(self.adapter(ids, mlp_replacements=self.replacements())[keep], -1)
+        replacements = module_replacements(
+            self.adapter, self.kind, self.layers, self.per_layer, self.clt, self.in_scales,
+            self.out_scales,
+        )  # fmt: skip
+        replaced = F.log_softmax(self.adapter(ids, mlp_replacements=replacements)[keep], -1)
         return F.kl_div(replaced, clean, log_target=True, reduction="batchmean")

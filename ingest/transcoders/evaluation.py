@@ -115,26 +115,52 @@ def top1_matches(clean: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) -
 
 def all_layer_replacements(adapter: Any, tset: TranscoderSet) -> Replacements:
     """Replacements that run every covered MLP through the set on the live activations."""
-    layers = tset.layers
-    if tset.kind == "sae":
+    per_layer = [] if tset.clt is not None else [tset.module(layer) for layer in tset.layers]
+    return module_replacements(adapter, tset.kind, tset.layers, per_layer, tset.clt)
 
-        def sae(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda mlp_in: tset.module(layer)(adapter.mlp(layer, mlp_in))
 
-        return {layer: sae(layer) for layer in layers}
-    if tset.clt is None:
-        return {layer: tset.module(layer) for layer in layers}
-    clt = tset.clt
-    acts: dict[int, torch.Tensor] = {}
+def module_replacements(
+    adapter: Any,
+    kind: str,
+    layers: list[int],
+    per_layer: list[Any],
+    clt: Any,
+    in_scales: list[float] | None = None,
+    out_scales: list[float] | None = None,
+) -> Replacements:
+    """Every covered MLP (``layers``) run through ``per_layer`` modules (by position) or one
+    ``clt``, on the live activations; an SAE reads the true MLP's output on them. Modules
+    that act on scaled activations (the trainer's units) take ``in_scales`` and
+    ``out_scales``: their input is multiplied by one and their output divided by the other."""
 
-    def cross(pos: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def replace(mlp_in: torch.Tensor) -> torch.Tensor:
-            acts[pos] = clt.encode(pos, mlp_in)
-            return clt.decode_layer(pos, [acts[s] for s in range(pos + 1)], mlp_in)
+    def scaled_in(pos: int, x: torch.Tensor) -> torch.Tensor:
+        return x if in_scales is None else x * in_scales[pos]
 
-        return replace
+    def scaled_out(pos: int, y: torch.Tensor) -> torch.Tensor:
+        return y if out_scales is None else y / out_scales[pos]
 
-    return {layer: cross(pos) for pos, layer in enumerate(layers)}
+    if clt is not None:
+        acts: dict[int, torch.Tensor] = {}
+
+        def cross(pos: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            def replace(mlp_in: torch.Tensor) -> torch.Tensor:
+                x = scaled_in(pos, mlp_in)
+                acts[pos] = clt.encode(pos, x)
+                return scaled_out(pos, clt.decode_layer(pos, [acts[s] for s in range(pos + 1)], x))
+
+            return replace
+
+        return {layer: cross(pos) for pos, layer in enumerate(layers)}
+
+    def single(pos: int, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        module = per_layer[pos]
+        if kind == "sae":
+            return lambda mlp_in: scaled_out(
+                pos, module(scaled_in(pos, adapter.mlp(layer, mlp_in)))
+            )
+        return lambda mlp_in: scaled_out(pos, module(scaled_in(pos, mlp_in)))
+
+    return {layer: single(pos, layer) for pos, layer in enumerate(layers)}
 
 
 @dataclass
@@ -194,8 +220,9 @@ class _WindowCE:
     def totals(self) -> tuple[float, float]:
         return float(torch.cat(self.splice).sum()), float(torch.cat(self.ablate).sum())
 
-    def interval(self, clean: torch.Tensor) -> list[float]:
-        return recovered_interval(clean, torch.cat(self.splice), torch.cat(self.ablate))
+    def interval(self, clean: torch.Tensor, counts: torch.Tensor) -> list[float]:
+        splice, ablate = torch.cat(self.splice), torch.cat(self.ablate)
+        return recovered_interval(clean, splice, ablate, counts=counts)
 
 
 def _const(value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -230,7 +257,6 @@ def evaluate_set(
     sums: dict[str, Any] = {
         "tokens": 0.0,
         "pred_tokens": 0.0,
-        "ce_clean": 0.0,
         "kl_all": 0.0,
         "top1_all": 0.0,
     }
@@ -252,7 +278,6 @@ def evaluate_set(
         keep = counted_positions(mask, scored)
         sums["pred_tokens"] += float(keep.sum())
         clean_windows.append(window_ce(clean, ids, keep).cpu())
-        sums["ce_clean"] += float(clean_windows[-1].sum())
         predicting = torch.zeros_like(mask)  # the same positions, (B, T)
         predicting[:, :-1] = keep
         for layer in layers:
@@ -281,7 +306,9 @@ def evaluate_set(
 
     dead_sample = _count_firing(adapter, tset, source, split, per, dead_tokens, batch_size)
     n_tok, n_pred = max(sums["tokens"], 1.0), max(sums["pred_tokens"], 1.0)
-    ce_clean = sums["ce_clean"] / n_pred
+    clean_ce = torch.cat(clean_windows)
+    ce_clean = float(clean_ce.sum()) / n_pred
+    counts = resample_counts(clean_ce.numel())  # one draw, shared by every interval
     report: dict[str, Any] = {
         "set_id": tset.metadata.set_id,
         "split": split,
@@ -290,8 +317,6 @@ def evaluate_set(
         "ce_predictions": int(n_pred),
         "dead_tokens": max(dead_sample, int(n_tok)),
     }
-    clean_ce = torch.cat(clean_windows)
-
     layer_reports = {}
     for layer in layers:
         stats = per[layer]
@@ -305,7 +330,7 @@ def evaluate_set(
             "ce_splice": ce_splice,
             "ce_ablate": ce_ablate,
             "ce_loss_recovered": recovered(ce_clean, ce_splice, ce_ablate),
-            "ce_loss_recovered_95": stats.ce.interval(clean_ce),
+            "ce_loss_recovered_95": stats.ce.interval(clean_ce, counts),
             "delta_loss": ce_splice - ce_clean,
             "kl": stats.kl / n_pred,
             "top1_agreement": stats.top1 / n_pred,
@@ -317,7 +342,7 @@ def evaluate_set(
         "ce_splice": ce_all,
         "ce_ablate": ce_abl_all,
         "ce_loss_recovered": recovered(ce_clean, ce_all, ce_abl_all),
-        "ce_loss_recovered_95": windows_all.interval(clean_ce),
+        "ce_loss_recovered_95": windows_all.interval(clean_ce, counts),
         "delta_loss": ce_all - ce_clean,
         "kl": sums["kl_all"] / n_pred,
         "top1_agreement": sums["top1_all"] / n_pred,
@@ -371,31 +396,37 @@ def recovered(ce_clean: float, ce_splice: float, ce_ablate: float) -> float:
 BOOTSTRAP_RESAMPLES = 1000
 
 
+def resample_counts(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> torch.Tensor:
+    """(resamples, n) float64: how often each of ``n`` windows is drawn, with replacement,
+    into each bootstrap resample of n windows. Deterministic under ``seed``."""
+    counts = torch.zeros(resamples, n, dtype=torch.float64)
+    if n == 0:
+        return counts
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(n, (resamples, n), generator=gen)
+    return counts.scatter_add_(1, picks, torch.ones_like(counts))
+
+
 def recovered_interval(
     clean: torch.Tensor,
     splice: torch.Tensor,
     ablate: torch.Tensor,
     level: float = 0.95,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = 0,
+    counts: torch.Tensor | None = None,
 ) -> list[float]:
     """The ``level`` percentile bootstrap interval of CE loss recovered over windows.
 
     clean, splice, ablate: (n,) each window's summed CE. Windows (prompts) are resampled
     with replacement, not positions: a text window's predictions share their context.
-    Deterministic under ``seed``; [nan, nan] without windows. A resample whose ablation
-    changes nothing has no ratio and is left out.
+    ``counts``: the resamples (:func:`resample_counts`, drawn when None), so that the
+    intervals of one evaluation share them. [nan, nan] without windows. A resample whose
+    ablation changes nothing has no ratio and is left out.
     """
     n = clean.numel()
     if n == 0:
         return [float("nan"), float("nan")]
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(n, (resamples, n), generator=gen)
-    c, s, a = (
-        clean.double()[picks].sum(1),
-        splice.double()[picks].sum(1),
-        ablate.double()[picks].sum(1),
-    )
+    counts = resample_counts(n) if counts is None else counts
+    c, s, a = (counts @ values.double() for values in (clean, splice, ablate))
     denom = a - c
     ratios = torch.where(denom.abs() > 1e-12, (a - s) / denom, torch.nan)
     tail = (1 - level) / 2

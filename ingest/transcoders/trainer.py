@@ -151,8 +151,7 @@ class _Trainable(nn.Module):
     def hold_thresholds(self, held: bool) -> None:
         """Whether BatchTopK thresholds stay where they are (the end-to-end steps)."""
         for activation, _ in self._encoders():
-            if hasattr(activation, "tracks_threshold"):
-                activation.tracks_threshold = not held
+            activation.tracks_threshold = not held
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[torch.Tensor], rows: int) -> None:
