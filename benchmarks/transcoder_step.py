@@ -13,9 +13,16 @@ job's load falls on both; the table gives the best round of each.
 step time and by this machine's matmul FLOP/s at the step's shapes
 (``transcoder_benchmark.matmul_flops``, best window of the run).
 
+``--device cuda`` times the steps on a GPU (synchronized before each clock reading).
+``--profile N`` then profiles N sparse steps at the first dead fraction with
+``torch.profiler`` and appends the operators that took the most time (device time on a
+GPU, CPU time otherwise), with their call counts: where a step at small shapes spends
+its time (launches, synchronizations, small reductions) rather than what it costs.
+
     python3 benchmarks/transcoder_step.py [--arch topk|batchtopk] [--d-model 64] [--layers 2]
         [--width 512] [--dead 0,0.65] [--aux-rows 0,256] [--rounds 6] [--steps 30]
-        [--out benchmarks/results/transcoder_step[_batchtopk].md]
+        [--device cpu|cuda] [--profile 20]
+        [--out benchmarks/results/transcoder_step[_batchtopk][_cuda].md]
 """
 
 import argparse
@@ -24,7 +31,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +45,7 @@ from transcoder_benchmark import (  # benchmarks/transcoder_benchmark.py
     step_flops,
 )
 
-from ingest.devices import retain_freed_cpu_memory
+from ingest.devices import resolve_device, retain_freed_cpu_memory
 from ingest.transcoders.trainer import TrainConfig, _Trainable
 from ingest.transcoders.transcoder import Transcoder
 
@@ -47,20 +56,24 @@ def measure(
     data_y: torch.Tensor,
     dead_fraction: float,
     aux_rows: int,
-) -> dict[str, float]:
-    """Best seconds per step of each formulation over alternating rounds."""
+    profile: bool = False,
+) -> dict[str, Any]:
+    """Best seconds per step of each formulation over alternating rounds; with
+    ``profile``, the profiler's table of ``args.profile`` sparse steps instead."""
     n_layers, d, width, batch = args.layers, args.d_model, args.width, args.batch
     cfg = TrainConfig(arch=args.arch, width=width, batch_size=batch, aux_k_rows=aux_rows)
+    device = data_x.device
     trainable = _Trainable(cfg.module_config(d), n_layers, False)
     trainable.reset(torch.Generator().manual_seed(0))
+    trainable.to(device)
     modules = trainable.modules_list()
     optimizer = torch.optim.Adam(trainable.parameters(), lr=1e-3, fused=True)
-    dead = torch.zeros(n_layers, width, dtype=torch.bool)
+    dead = torch.zeros(n_layers, width, dtype=torch.bool, device=device)
     dead[:, : int(dead_fraction * width)] = True
-    since = torch.zeros(n_layers, width, dtype=torch.long)
+    since = torch.zeros(n_layers, width, dtype=torch.long, device=device)
 
     def step(i: int, dense: bool) -> None:
-        rows = torch.arange(i * batch, (i + 1) * batch) % data_x.shape[1]
+        rows = torch.arange(i * batch, (i + 1) * batch, device=device) % data_x.shape[1]
         x, y = data_x.index_select(1, rows), data_y.index_select(1, rows)
         optimizer.zero_grad(set_to_none=True)
         loss = Transcoder.dense_loss if dense else Transcoder.loss
@@ -73,16 +86,43 @@ def measure(
             m.after_step_()
         since.add_(batch).masked_fill_(torch.stack([p.fired for p in parts]), 0)
 
+    if profile:
+        return {"profile": profile_steps(step, args.profile, device)}
     best = {"dense": float("inf"), "sparse": float("inf")}
     for _ in range(args.rounds):
         for name in best:
             for i in range(5):
                 step(i, name == "dense")
+            synchronize(device)
             start = time.perf_counter()
             for i in range(args.steps):
                 step(i, name == "dense")
+            synchronize(device)
             best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
     return best
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_steps(step: Callable[[int, bool], None], n: int, device: torch.device) -> str:
+    """The top operators of ``n`` sparse steps (after 5 unprofiled ones) as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(5):
+        step(i, False)
+    synchronize(device)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for i in range(n):
+            step(i, False)
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return str(prof.key_averages().table(sort_by=sort_by, row_limit=25))
 
 
 def main() -> int:
@@ -96,17 +136,24 @@ def main() -> int:
     parser.add_argument("--aux-rows", default="0,256", help="AuxK rows per batch (0: all)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
-        "--out", type=Path, default=None, help="default: results/transcoder_step[_ARCH].md"
+        "--profile", type=int, default=0, help="profile this many sparse steps (0: none)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/transcoder_step[_ARCH][_DEV].md"
     )
     args = parser.parse_args()
-    suffix = "" if args.arch == "topk" else f"_{args.arch}"
+    device = resolve_device(args.device)
+    suffix = ("" if args.arch == "topk" else f"_{args.arch}") + (
+        "" if device.type == "cpu" else f"_{device.type}"
+    )
     args.out = args.out or Path(f"benchmarks/results/transcoder_step{suffix}.md")
     retain_freed_cpu_memory()  # as the trainer does
     d, n_layers, width, batch = args.d_model, args.layers, args.width, args.batch
     gen = torch.Generator().manual_seed(0)
-    data_x = torch.randn(n_layers, 16 * batch, d, generator=gen)
-    data_y = torch.randn(n_layers, 16 * batch, d, generator=gen)
+    data_x = torch.randn(n_layers, 16 * batch, d, generator=gen).to(device)
+    data_y = torch.randn(n_layers, 16 * batch, d, generator=gen).to(device)
     rows = []
     reference = 0.0
     for dead_fraction in [float(v) for v in args.dead.split(",")]:
@@ -114,7 +161,7 @@ def main() -> int:
             if dead_fraction == 0 and aux_rows != int(args.aux_rows.split(",")[0]):
                 continue  # without dead latents AuxK never runs: one row is enough
             best = measure(args, data_x, data_y, dead_fraction, aux_rows)
-            reference = max(reference, matmul_flops(batch, d, width, torch.device("cpu")))
+            reference = max(reference, matmul_flops(batch, d, width, device))
             rows.append((dead_fraction, aux_rows, best["dense"], best["sparse"]))
             print(rows[-1], flush=True)
 
@@ -125,7 +172,8 @@ def main() -> int:
         "",
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- machine: {platform.node()}, {cpu_name()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
         f"- command: `{' '.join(['python3 benchmarks/transcoder_step.py', *sys.argv[1:]])}`",
         f"- d_model {d}, {n_layers} layers, width {width}, batch {batch}, k {module_cfg.k}, "
         f"AuxK k {module_cfg.k_aux}; best of {args.rounds} alternating rounds of "
@@ -142,6 +190,19 @@ def main() -> int:
             f"{sparse * 1e3:.2f} | {dense / sparse:.2f} | {flops / dense / reference:.3f} | "
             f"{flops / sparse / reference:.3f} |"
         )
+    if args.profile:
+        first = float(args.dead.split(",")[0])
+        aux_rows = int(args.aux_rows.split(",")[0])
+        table = measure(args, data_x, data_y, first, aux_rows, profile=True)["profile"]
+        lines += [
+            "",
+            f"## Profile: {args.profile} sparse steps, dead fraction {first:.2f}, "
+            f"AuxK rows {aux_rows or 'all'}",
+            "",
+            "```",
+            table.rstrip(),
+            "```",
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
