@@ -23,11 +23,17 @@ better) as the ratio transcoder / SAE, with its own verdict.
 Equal sparsity is not always equal L0: BatchTopK's inference threshold is calibrated to
 fire k latents per token on training rows, and held-out rows land near k, not on it.
 ``l0_ratio`` (transcoder / SAE, mean over the paired seeds) says how far apart the pair's
-L0 are; the plot puts each point at its measured L0.
+L0 are; the plot puts each point at its measured L0. Where equal sparsity is far from
+equal L0 (ReLU's L1 and JumpReLU's L0 coefficients set L0 only indirectly, and differently
+for the two kinds), the ``equal_l0`` table compares at equal L0 itself: each transcoder
+run against the SAE's curve of the same seed read at the transcoder's L0, interpolated
+linearly in log L0 (KL in log KL) between the two SAE runs around it. A transcoder run
+outside the L0 range of its seed's SAE runs is not compared (no extrapolation), so the
+table needs a sweep of several sparsities.
 
-The sweep writes ``pareto.json`` (``runs``, ``summary``, ``comparison``), ``pareto.md``
-and ``pareto.png`` (matplotlib, Agg backend: CE recovered with error bars over the seeds, and
-KL on a log scale, both against L0).
+The sweep writes ``pareto.json`` (``runs``, ``summary``, ``comparison``, ``equal_l0``),
+``pareto.md`` and ``pareto.png`` (matplotlib, Agg backend: CE recovered with error bars over
+the seeds, and KL on a log scale, both against L0).
 """
 
 import dataclasses
@@ -37,6 +43,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ingest.transcoders.evaluation import evaluate_set
 from ingest.transcoders.formats.common import write_json
@@ -53,6 +61,10 @@ COLUMNS = ("kind", "sparsity", "seed", *METRICS)
 SUMMARY_COLUMNS = ("kind", "sparsity", "seeds", *METRICS, "ce_min", "ce_max")
 COMPARISON_COLUMNS = (
     "sparsity", "seeds", "l0_ratio", "ce_diff_mean", "ce_diff_min", "ce_diff_max", "verdict",
+    "kl_ratio_mean", "kl_ratio_min", "kl_ratio_max", "kl_verdict",
+)  # fmt: skip
+EQUAL_L0_COLUMNS = (
+    "sparsity", "seeds", "l0", "ce_diff_mean", "ce_diff_min", "ce_diff_max", "verdict",
     "kl_ratio_mean", "kl_ratio_min", "kl_ratio_max", "kl_verdict",
 )  # fmt: skip
 
@@ -104,7 +116,12 @@ def run_pareto(
                 }
                 runs.append(row)
                 logger.info("pareto %s", row)
-    tables = {"runs": runs, "summary": summarize(runs), "comparison": compare(runs)}
+    tables = {
+        "runs": runs,
+        "summary": summarize(runs),
+        "comparison": compare(runs),
+        "equal_l0": compare_at_equal_l0(runs),
+    }
     write_json(out / "pareto.json", tables)
     (out / "pareto.md").write_text(render_markdown(tables) + "\n")
     width = base.width_for(adapter.d_model)
@@ -151,26 +168,83 @@ def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if not pairs:
             continue
         diffs = [tc["ce_loss_recovered"] - sae["ce_loss_recovered"] for tc, sae in pairs]
-        # KL 0 on both sides is a tie; on the SAE's side alone, an infinite ratio
-        ratios = [
-            tc["kl"] / sae["kl"] if sae["kl"] > 0 else 1.0 if tc["kl"] == 0 else math.inf
-            for tc, sae in pairs
-        ]
+        ratios = [_kl_ratio(tc["kl"], sae["kl"]) for tc, sae in pairs]
         l0_ratios = [tc["l0"] / sae["l0"] if sae["l0"] > 0 else math.inf for tc, sae in pairs]
         comparison.append({
             "sparsity": sparsity,
             "seeds": len(pairs),
             "l0_ratio": statistics.fmean(l0_ratios),
-            "ce_diff_mean": statistics.fmean(diffs),
-            "ce_diff_min": min(diffs),
-            "ce_diff_max": max(diffs),
-            "verdict": _verdict(min(diffs) > 0, max(diffs) < 0),
-            "kl_ratio_mean": statistics.fmean(ratios),
-            "kl_ratio_min": min(ratios),
-            "kl_ratio_max": max(ratios),
-            "kl_verdict": _verdict(max(ratios) < 1, min(ratios) > 1),
+            **_paired_verdicts(diffs, ratios),
         })  # fmt: skip
     return comparison
+
+
+def compare_at_equal_l0(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per transcoder sparsity, paired by seed: the transcoder's CE recovered minus the
+    SAE's and its KL over the SAE's, the SAE's figures read off that seed's SAE curve at
+    the transcoder's L0 (see the module docstring); ``l0`` is the transcoder's, mean over
+    the compared seeds. Transcoder runs outside their SAE curve's L0 range are left out;
+    a sparsity none of whose runs falls inside is not listed."""
+    curves: dict[int, list[dict[str, Any]]] = {}
+    for run in runs:
+        if not run["kind"].startswith("transcoder"):
+            curves.setdefault(run["seed"], []).append(run)
+    rows = []
+    for sparsity in dict.fromkeys(r["sparsity"] for r in runs):
+        compared = []
+        for tc in runs:
+            if not tc["kind"].startswith("transcoder") or tc["sparsity"] != sparsity:
+                continue
+            sae = _read_curve(curves.get(tc["seed"], []), tc["l0"])
+            if sae is not None:
+                compared.append((tc, *sae))
+        if not compared:
+            continue
+        diffs = [tc["ce_loss_recovered"] - ce for tc, ce, _ in compared]
+        ratios = [_kl_ratio(tc["kl"], kl) for tc, _, kl in compared]
+        rows.append({
+            "sparsity": sparsity,
+            "seeds": len(compared),
+            "l0": statistics.fmean(tc["l0"] for tc, _, _ in compared),
+            **_paired_verdicts(diffs, ratios),
+        })  # fmt: skip
+    return rows
+
+
+def _read_curve(curve: Sequence[dict[str, Any]], l0: float) -> tuple[float, float] | None:
+    """CE recovered and KL of the runs ``curve`` at ``l0``: linear in log L0 (KL in log KL
+    where both ends are positive) between the two runs around it; None outside the range."""
+    points = sorted((r for r in curve if r["l0"] > 0), key=lambda r: r["l0"])
+    if l0 <= 0 or not points or not points[0]["l0"] <= l0 <= points[-1]["l0"]:
+        return None
+    log_l0 = np.log([r["l0"] for r in points])
+    ce = float(np.interp(math.log(l0), log_l0, [r["ce_loss_recovered"] for r in points]))
+    kls = [r["kl"] for r in points]
+    if min(kls) > 0:
+        kl = math.exp(float(np.interp(math.log(l0), log_l0, np.log(kls))))
+    else:
+        kl = float(np.interp(math.log(l0), log_l0, kls))
+    return ce, kl
+
+
+def _kl_ratio(tc: float, sae: float) -> float:
+    """Transcoder KL / SAE KL: KL 0 on both sides is a tie; on the SAE's side alone, an
+    infinite ratio."""
+    return tc / sae if sae > 0 else 1.0 if tc == 0 else math.inf
+
+
+def _paired_verdicts(diffs: Sequence[float], ratios: Sequence[float]) -> dict[str, Any]:
+    """The CE differences' and KL ratios' mean and range, each with its verdict."""
+    return {
+        "ce_diff_mean": statistics.fmean(diffs),
+        "ce_diff_min": min(diffs),
+        "ce_diff_max": max(diffs),
+        "verdict": _verdict(min(diffs) > 0, max(diffs) < 0),
+        "kl_ratio_mean": statistics.fmean(ratios),
+        "kl_ratio_min": min(ratios),
+        "kl_ratio_max": max(ratios),
+        "kl_verdict": _verdict(max(ratios) < 1, min(ratios) > 1),
+    }
 
 
 def _verdict(transcoder_better: bool, sae_better: bool) -> str:
@@ -185,6 +259,12 @@ def render_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
             "## Transcoder against SAE, paired by seed (CE recovered: difference, higher is "
             "better; KL: ratio, lower is better)",
             markdown_table(tables["comparison"], COMPARISON_COLUMNS),
+        ]
+    if tables.get("equal_l0"):
+        parts += [
+            "## Transcoder against SAE at equal L0 (the SAE's curve of the same seed read at "
+            "the transcoder's L0; CE recovered: difference, KL: ratio)",
+            markdown_table(tables["equal_l0"], EQUAL_L0_COLUMNS),
         ]
     return "\n\n".join(parts)
 

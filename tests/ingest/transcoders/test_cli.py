@@ -143,6 +143,10 @@ def test_pareto_writes_table_and_plot(tiny_zoo_dir, tmp_path, flag, skip):
         ("sae", 2.0, 0), ("sae", 4.0, 0), (tc, 2.0, 0), (tc, 4.0, 0)
     ]  # fmt: skip
     assert [c["sparsity"] for c in tables["comparison"]] == [2.0, 4.0]
+    # at equal L0: a transcoder run inside the SAE runs' L0 range, against their curve
+    sae_l0 = sorted(r["l0"] for r in rows if r["kind"] == "sae")
+    inside = [r for r in rows if r["kind"] == tc and sae_l0[0] <= r["l0"] <= sae_l0[-1]]
+    assert [c["sparsity"] for c in tables["equal_l0"]] == [r["sparsity"] for r in inside]
     for row in rows:
         tset = load_any(Path(row["dir"]))
         has_skip = tset.W_skip(tset.layers[0]) is not None

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ingest.transcoders.pareto import compare, render_markdown, summarize
+from ingest.transcoders.pareto import compare, compare_at_equal_l0, render_markdown, summarize
 
 pytestmark = pytest.mark.unit
 
@@ -83,3 +83,36 @@ def test_the_pairs_l0_ratio_is_reported():
     assert "l0_ratio" in render_markdown(
         {"runs": runs, "summary": summarize(runs), "comparison": compare(runs)}
     )
+
+
+def test_equal_l0_reads_the_sae_curve_at_the_transcoders_l0():
+    # L1-style sweeps: equal coefficients, unequal L0. The SAE's seed-0 curve runs from
+    # (L0 4, CE 0.90, KL 0.04) to (L0 16, CE 0.98, KL 0.01); L0 8 is halfway in log L0.
+    runs = [
+        _run("sae", 0.1, 0, 0.98, kl=0.01, l0=16.0), _run("sae", 1.0, 0, 0.90, kl=0.04, l0=4.0),
+        _run("transcoder", 0.1, 0, 0.95, kl=0.01, l0=8.0),
+        _run("transcoder", 1.0, 0, 0.80, kl=0.1, l0=2.0),  # below the SAE's L0 range
+    ]  # fmt: skip
+    (row,) = compare_at_equal_l0(runs)
+    assert row["sparsity"] == 0.1 and row["seeds"] == 1 and row["l0"] == 8.0
+    assert row["ce_diff_mean"] == pytest.approx(0.95 - 0.94)
+    assert row["kl_ratio_mean"] == pytest.approx(0.01 / 0.02)  # the SAE's KL: 0.04 -> 0.01
+    assert row["verdict"] == "transcoder ahead" and row["kl_verdict"] == "transcoder ahead"
+    # paired at equal sparsity the same runs read the other way
+    (by_sparsity,) = (c for c in compare(runs) if c["sparsity"] == 0.1)
+    assert by_sparsity["verdict"] == "SAE ahead"
+
+
+def test_equal_l0_pairs_each_seed_with_its_own_curve():
+    runs = [
+        *(_run("sae", s, 0, ce, l0=l0) for s, ce, l0 in ((1, 0.9, 4.0), (2, 0.95, 16.0))),
+        *(_run("sae", s, 1, ce, l0=l0) for s, ce, l0 in ((1, 0.99, 4.0), (2, 0.995, 16.0))),
+        _run("transcoder", 1, 0, 0.97, l0=8.0), _run("transcoder", 1, 1, 0.97, l0=8.0),
+    ]  # fmt: skip
+    (row,) = compare_at_equal_l0(runs)
+    assert row["seeds"] == 2 and row["verdict"] == "level"
+    assert (row["ce_diff_min"], row["ce_diff_max"]) == pytest.approx((0.97 - 0.9925, 0.97 - 0.925))
+    assert compare_at_equal_l0([_run("transcoder", 1, 0, 0.97)]) == []
+    text = render_markdown({"runs": runs, "summary": summarize(runs), "comparison": [],
+                            "equal_l0": [row]})  # fmt: skip
+    assert "at equal L0" in text
