@@ -29,13 +29,16 @@ for the two kinds), the ``equal_l0`` table compares at equal L0 itself: each tra
 run against the SAE's curve of the same seed read at the transcoder's L0, interpolated
 linearly in log L0 (KL in log KL) between the two SAE runs around it. A transcoder run
 outside the L0 range of its seed's SAE runs is not compared (no extrapolation), so the
-table needs a sweep of several sparsities.
+table needs a sweep of several sparsities; ``sae_bracket`` (the larger L0 of the two SAE
+runs over the smaller, the widest over the seeds) says how far the reading is carried: a
+curve that bends between two runs far apart is misread by a straight line.
 
 The sweep writes ``pareto.json`` (``runs``, ``summary``, ``comparison``, ``equal_l0``),
 ``pareto.md`` and ``pareto.png`` (matplotlib, Agg backend: CE recovered with error bars over
 the seeds, and KL on a log scale, both against L0).
 """
 
+import bisect
 import dataclasses
 import logging
 import math
@@ -64,8 +67,8 @@ COMPARISON_COLUMNS = (
     "kl_ratio_mean", "kl_ratio_min", "kl_ratio_max", "kl_verdict",
 )  # fmt: skip
 EQUAL_L0_COLUMNS = (
-    "sparsity", "seeds", "l0", "ce_diff_mean", "ce_diff_min", "ce_diff_max", "verdict",
-    "kl_ratio_mean", "kl_ratio_min", "kl_ratio_max", "kl_verdict",
+    "sparsity", "seeds", "l0", "sae_bracket", "ce_diff_mean", "ce_diff_min", "ce_diff_max",
+    "verdict", "kl_ratio_mean", "kl_ratio_min", "kl_ratio_max", "kl_verdict",
 )  # fmt: skip
 
 
@@ -183,8 +186,9 @@ def compare_at_equal_l0(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per transcoder sparsity, paired by seed: the transcoder's CE recovered minus the
     SAE's and its KL over the SAE's, the SAE's figures read off that seed's SAE curve at
     the transcoder's L0 (see the module docstring); ``l0`` is the transcoder's, mean over
-    the compared seeds. Transcoder runs outside their SAE curve's L0 range are left out;
-    a sparsity none of whose runs falls inside is not listed."""
+    the compared seeds; ``sae_bracket`` the widest L0 ratio of the SAE runs read between.
+    Transcoder runs outside their SAE curve's L0 range are left out; a sparsity none of
+    whose runs falls inside is not listed."""
     curves: dict[int, list[dict[str, Any]]] = {}
     for run in runs:
         if not run["kind"].startswith("transcoder"):
@@ -200,31 +204,36 @@ def compare_at_equal_l0(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 compared.append((tc, *sae))
         if not compared:
             continue
-        diffs = [tc["ce_loss_recovered"] - ce for tc, ce, _ in compared]
-        ratios = [_kl_ratio(tc["kl"], kl) for tc, _, kl in compared]
+        diffs = [tc["ce_loss_recovered"] - ce for tc, ce, _, _ in compared]
+        ratios = [_kl_ratio(tc["kl"], kl) for tc, _, kl, _ in compared]
         rows.append({
             "sparsity": sparsity,
             "seeds": len(compared),
-            "l0": statistics.fmean(tc["l0"] for tc, _, _ in compared),
+            "l0": statistics.fmean(tc["l0"] for tc, _, _, _ in compared),
+            "sae_bracket": max(bracket for _, _, _, bracket in compared),
             **_paired_verdicts(diffs, ratios),
         })  # fmt: skip
     return rows
 
 
-def _read_curve(curve: Sequence[dict[str, Any]], l0: float) -> tuple[float, float] | None:
+def _read_curve(curve: Sequence[dict[str, Any]], l0: float) -> tuple[float, float, float] | None:
     """CE recovered and KL of the runs ``curve`` at ``l0``: linear in log L0 (KL in log KL
-    where both ends are positive) between the two runs around it; None outside the range."""
+    where both ends are positive) between the two runs around it, and the ratio of those
+    runs' L0; None outside the range."""
     points = sorted((r for r in curve if r["l0"] > 0), key=lambda r: r["l0"])
     if l0 <= 0 or not points or not points[0]["l0"] <= l0 <= points[-1]["l0"]:
         return None
-    log_l0 = np.log([r["l0"] for r in points])
+    l0s = [r["l0"] for r in points]
+    above = min(bisect.bisect_left(l0s, l0), len(l0s) - 1)
+    bracket = l0s[above] / l0s[max(above - 1, 0)] if l0s[above] != l0 else 1.0
+    log_l0 = np.log(l0s)
     ce = float(np.interp(math.log(l0), log_l0, [r["ce_loss_recovered"] for r in points]))
     kls = [r["kl"] for r in points]
     if min(kls) > 0:
         kl = math.exp(float(np.interp(math.log(l0), log_l0, np.log(kls))))
     else:
         kl = float(np.interp(math.log(l0), log_l0, kls))
-    return ce, kl
+    return ce, kl, bracket
 
 
 def _kl_ratio(tc: float, sae: float) -> float:

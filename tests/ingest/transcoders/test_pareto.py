@@ -95,6 +95,7 @@ def test_equal_l0_reads_the_sae_curve_at_the_transcoders_l0():
     ]  # fmt: skip
     (row,) = compare_at_equal_l0(runs)
     assert row["sparsity"] == 0.1 and row["seeds"] == 1 and row["l0"] == 8.0
+    assert row["sae_bracket"] == 4.0  # read between SAE runs at L0 4 and 16
     assert row["ce_diff_mean"] == pytest.approx(0.95 - 0.94)
     assert row["kl_ratio_mean"] == pytest.approx(0.01 / 0.02)  # the SAE's KL: 0.04 -> 0.01
     assert row["verdict"] == "transcoder ahead" and row["kl_verdict"] == "transcoder ahead"
@@ -113,6 +114,11 @@ def test_equal_l0_pairs_each_seed_with_its_own_curve():
     assert row["seeds"] == 2 and row["verdict"] == "level"
     assert (row["ce_diff_min"], row["ce_diff_max"]) == pytest.approx((0.97 - 0.9925, 0.97 - 0.925))
     assert compare_at_equal_l0([_run("transcoder", 1, 0, 0.97)]) == []
+    # a transcoder run at an SAE run's own L0 is read there, not between two runs
+    exact = [*runs[:2], _run("transcoder", 1, 0, 0.97, l0=16.0)]
+    (at_run,) = compare_at_equal_l0(exact)
+    assert at_run["sae_bracket"] == 1.0
+    assert at_run["ce_diff_mean"] == pytest.approx(0.97 - 0.95)
     text = render_markdown({"runs": runs, "summary": summarize(runs), "comparison": [],
                             "equal_l0": [row]})  # fmt: skip
     assert "at equal L0" in text
