@@ -5,6 +5,7 @@
         [--prompts SPEC] [--device D] [--seed S] [--resume]
     circuitscope transcoders eval SET --model DIR [--prompts SPEC] [--windows N]
     circuitscope transcoders pareto --model DIR --out DIR --sparsities 4,8,16 [--seeds 0,1,2]
+        [--sae-sparsities 0.3,0.5]
     circuitscope transcoders stats SET --model DIR [--prompts SPEC] [--windows N]
     circuitscope transcoders convert SRC DST --to saelens|sparsify|circuit_tracer
 
@@ -219,6 +220,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_train_args(pareto)
     pareto.add_argument("--sparsities", type=_floats, required=True, help="e.g. 4,8,16,32")
     pareto.add_argument(
+        "--sae-sparsities", type=_floats, default=None,
+        help="the SAEs' own values (default: --sparsities): under --arch relu or jumprelu "
+        "the kinds reach a given L0 at different coefficients",
+    )  # fmt: skip
+    pareto.add_argument(
         "--seeds", type=_ints, default=None,
         help="train every point at each of these seeds (e.g. 0,1,2) and report the spread; "
         "default: --seed",
@@ -371,6 +377,11 @@ def _pareto(args: argparse.Namespace) -> int:
 
     if not args.sparsities:
         raise InvalidArgumentError("--sparsities needs at least one value, e.g. 4,8,16")
+    if args.sae_sparsities is not None and not args.sae_sparsities:
+        raise InvalidArgumentError(
+            "--sae-sparsities needs at least one value, e.g. 0.3,0.5; leave it out to give "
+            "the SAEs --sparsities"
+        )
     seeds = args.seeds if args.seeds is not None else [args.seed]
     if not seeds or len(set(seeds)) != len(seeds):
         raise InvalidArgumentError(f"--seeds needs distinct integers, e.g. 0,1,2; got {seeds}")
@@ -379,7 +390,7 @@ def _pareto(args: argparse.Namespace) -> int:
     loaded, source = _load(args)
     tables = run_pareto(
         loaded.adapter, source, cfg, args.sparsities, args.out, model_id=loaded.model_id,
-        seeds=seeds,
+        seeds=seeds, sae_sparsities=args.sae_sparsities,
     )  # fmt: skip
     print(render_markdown(tables))
     print(f"wrote {args.out / 'pareto.md'} and {args.out / 'pareto.png'}")

@@ -89,17 +89,22 @@ def run_pareto(
     kinds: tuple[str, ...] = ("transcoder", "sae"),
     eval_windows: int | None = None,
     progress: bool = True,
+    sae_sparsities: Sequence[float] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train and evaluate every (kind, sparsity, seed); return and write the tables.
 
-    ``seeds`` defaults to ``[base.seed]``. A run directory that holds a finished run of
-    the same config is evaluated again, not retrained.
+    ``seeds`` defaults to ``[base.seed]``. ``sae_sparsities`` (default: ``sparsities``)
+    gives the SAEs their own values: under an L1 or L0 coefficient the two kinds reach a
+    given L0 at different coefficients, and the equal-L0 table needs the SAE's curve
+    around every transcoder's L0. A run directory that holds a finished run of the same
+    config is evaluated again, not retrained.
     """
     out = Path(out_dir)
     runs: list[dict[str, Any]] = []
     for seed in seeds if seeds is not None else [base.seed]:
         for kind in kinds:
-            for sparsity in sparsities:
+            values = sae_sparsities if kind == "sae" and sae_sparsities else sparsities
+            for sparsity in values:
                 skip = False if kind == "sae" else base.skip
                 cfg = dataclasses.replace(base, kind=kind, sparsity=sparsity, skip=skip, seed=seed)
                 label = f"{kind}+skip" if cfg.uses_skip else kind
