@@ -187,6 +187,23 @@ def test_pareto_over_seeds_pairs_each_seed(tiny_zoo_dir, tmp_path, capsys):
     assert "distinct" in capsys.readouterr().err
 
 
+def test_pareto_gives_saes_their_own_sparsities(tiny_zoo_dir, tmp_path):
+    out = tmp_path / "pareto"
+    args = ["transcoders", "pareto", "--model", str(tiny_zoo_dir), "--out", str(out),
+            "--sparsities", "2", "--sae-sparsities", "1,4", "--arch", "topk", "--width", "16",
+            "--steps", "6", "--batch-size", "32", "--buffer-rows", "256", "--eval-every", "6",
+            "--checkpoint-every", "6"]  # fmt: skip
+    assert main(args) == 0
+    tables = json.loads((out / "pareto.json").read_text())
+    runs = {(r["kind"], r["sparsity"]): r for r in tables["runs"]}
+    assert sorted(runs) == [("sae", 1.0), ("sae", 4.0), ("transcoder+skip", 2.0)]
+    assert tables["comparison"] == []  # no sparsity has both kinds
+    # but the SAE's curve spans the transcoder's L0 (TopK: L0 <= k), so equal L0 compares
+    tc, low, high = runs["transcoder+skip", 2.0], runs["sae", 1.0], runs["sae", 4.0]
+    inside = low["l0"] <= tc["l0"] <= high["l0"]
+    assert [r["sparsity"] for r in tables["equal_l0"]] == ([2.0] if inside else [])
+
+
 def test_zoo_source_windows_end_with_the_answer(tiny_zoo_dir):
     from transformers import AutoTokenizer
 
