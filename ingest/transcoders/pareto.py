@@ -27,11 +27,13 @@ L0 are; the plot puts each point at its measured L0. Where equal sparsity is far
 equal L0 (ReLU's L1 and JumpReLU's L0 coefficients set L0 only indirectly, and differently
 for the two kinds), the ``equal_l0`` table compares at equal L0 itself: each transcoder
 run against the SAE's curve of the same seed read at the transcoder's L0, interpolated
-linearly in log L0 (KL in log KL) between the two SAE runs around it. A transcoder run
-outside the L0 range of its seed's SAE runs is not compared (no extrapolation), so the
-table needs a sweep of several sparsities; ``sae_bracket`` (the larger L0 of the two SAE
-runs over the smaller, the widest over the seeds) says how far the reading is carried: a
-curve that bends between two runs far apart is misread by a straight line.
+linearly in log L0 (KL in log KL) between the two SAE runs around it on the SAE's Pareto
+frontier (an SAE run that a sparser SAE run beats is not read: L1 sweeps are not always
+monotone). A transcoder run outside the L0 range of its seed's SAE runs is not compared
+(no extrapolation), so the table needs a sweep of several sparsities; ``sae_bracket`` (the
+larger L0 of the two SAE runs over the smaller, the widest over the seeds) says how far
+the reading is carried: a curve that bends between two runs far apart is misread by a
+straight line.
 
 The sweep writes ``pareto.json`` (``runs``, ``summary``, ``comparison``, ``equal_l0``),
 ``pareto.md`` and ``pareto.png`` (matplotlib, Agg backend: CE recovered with error bars over
@@ -222,23 +224,38 @@ def compare_at_equal_l0(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _read_curve(curve: Sequence[dict[str, Any]], l0: float) -> tuple[float, float, float] | None:
-    """CE recovered and KL of the runs ``curve`` at ``l0``: linear in log L0 (KL in log KL
-    where both ends are positive) between the two runs around it, and the ratio of those
-    runs' L0; None outside the range."""
-    points = sorted((r for r in curve if r["l0"] > 0), key=lambda r: r["l0"])
-    if l0 <= 0 or not points or not points[0]["l0"] <= l0 <= points[-1]["l0"]:
+    """CE recovered and KL of the runs ``curve`` at ``l0``, each read off its Pareto
+    frontier (a run that a sparser run beats is dropped) linearly in log L0 (KL in log KL
+    where every KL is positive) between the two frontier runs around it, and the larger
+    L0 ratio of the two pairs of runs read between; None outside the runs' L0 range."""
+    points = sorted((r["l0"], r["ce_loss_recovered"], r["kl"]) for r in curve if r["l0"] > 0)
+    if l0 <= 0 or not points or not points[0][0] <= l0 <= points[-1][0]:
         return None
-    l0s = [r["l0"] for r in points]
-    above = min(bisect.bisect_left(l0s, l0), len(l0s) - 1)
-    bracket = l0s[above] / l0s[max(above - 1, 0)] if l0s[above] != l0 else 1.0
-    log_l0 = np.log(l0s)
-    ce = float(np.interp(math.log(l0), log_l0, [r["ce_loss_recovered"] for r in points]))
-    kls = [r["kl"] for r in points]
-    if min(kls) > 0:
-        kl = math.exp(float(np.interp(math.log(l0), log_l0, np.log(kls))))
-    else:
-        kl = float(np.interp(math.log(l0), log_l0, kls))
-    return ce, kl, bracket
+    ce, ce_bracket = _read_frontier([(x, ce) for x, ce, _ in points], l0, higher_is_better=True)
+    log_kl = all(kl > 0 for _, _, kl in points)
+    kls = [(x, math.log(kl) if log_kl else kl) for x, _, kl in points]
+    kl, kl_bracket = _read_frontier(kls, l0, higher_is_better=False)
+    return ce, math.exp(kl) if log_kl else kl, max(ce_bracket, kl_bracket)
+
+
+def _read_frontier(
+    points: Sequence[tuple[float, float]], l0: float, higher_is_better: bool
+) -> tuple[float, float]:
+    """The value at ``l0`` of the frontier of ``points`` ((L0, value), sorted by L0), and
+    the L0 ratio of the frontier points read between (1: read at a point, or past the
+    last frontier point, whose value a sparser run already reaches)."""
+    front: list[tuple[float, float]] = []
+    for x, v in points:
+        if front and not (v > front[-1][1] if higher_is_better else v < front[-1][1]):
+            continue  # a sparser run does as well
+        if front and x == front[-1][0]:
+            front.pop()
+        front.append((x, v))
+    xs = [x for x, _ in front]
+    value = float(np.interp(math.log(l0), np.log(xs), [v for _, v in front]))
+    above = bisect.bisect_left(xs, l0)
+    bracket = 1.0 if above == len(xs) or xs[above] == l0 else xs[above] / xs[above - 1]
+    return value, bracket
 
 
 def _kl_ratio(tc: float, sae: float) -> float:

@@ -122,3 +122,21 @@ def test_equal_l0_pairs_each_seed_with_its_own_curve():
     text = render_markdown({"runs": runs, "summary": summarize(runs), "comparison": [],
                             "equal_l0": [row]})  # fmt: skip
     assert "at equal L0" in text
+
+
+def test_equal_l0_reads_the_sae_frontier_not_a_dominated_run():
+    # an L1 sweep's run at L0 3 does worse than the sparser run at L0 2: it is not read,
+    # so the transcoder at L0 4 is compared between L0 2 and 8 (halfway in log L0)
+    runs = [
+        _run("sae", 0.7, 0, 0.90, kl=0.04, l0=2.0), _run("sae", 0.8, 0, 0.50, kl=3.0, l0=3.0),
+        _run("sae", 0.5, 0, 0.98, kl=0.01, l0=8.0), _run("transcoder", 0.1, 0, 0.93, l0=4.0),
+    ]  # fmt: skip
+    (row,) = compare_at_equal_l0(runs)
+    assert row["ce_diff_mean"] == pytest.approx(0.93 - 0.94)
+    assert row["kl_ratio_mean"] == pytest.approx(0.01 / 0.02)
+    assert row["sae_bracket"] == 4.0
+    # past the frontier's last run the sparser run's value stands
+    tail = [*runs[:2], _run("transcoder", 0.1, 0, 0.93, kl=0.04, l0=2.5)]
+    (past,) = compare_at_equal_l0(tail)
+    assert past["ce_diff_mean"] == pytest.approx(0.03)
+    assert past["kl_ratio_mean"] == pytest.approx(1.0)
