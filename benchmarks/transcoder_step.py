@@ -33,7 +33,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -50,16 +49,15 @@ from ingest.transcoders.trainer import TrainConfig, _Trainable
 from ingest.transcoders.transcoder import Transcoder
 
 
-def measure(
+def build_step(
     args: argparse.Namespace,
     data_x: torch.Tensor,
     data_y: torch.Tensor,
     dead_fraction: float,
     aux_rows: int,
-    profile: bool = False,
-) -> dict[str, Any]:
-    """Best seconds per step of each formulation over alternating rounds; with
-    ``profile``, the profiler's table of ``args.profile`` sparse steps instead."""
+) -> Callable[[int, bool], None]:
+    """A fresh set of modules and its training step ``step(i, dense)`` on batch ``i``,
+    with the first ``dead_fraction`` of every layer's latents counted dead."""
     n_layers, d, width, batch = args.layers, args.d_model, args.width, args.batch
     cfg = TrainConfig(arch=args.arch, width=width, batch_size=batch, aux_k_rows=aux_rows)
     device = data_x.device
@@ -86,8 +84,13 @@ def measure(
             m.after_step_()
         since.add_(batch).masked_fill_(torch.stack([p.fired for p in parts]), 0)
 
-    if profile:
-        return {"profile": profile_steps(step, args.profile, device)}
+    return step
+
+
+def measure(
+    step: Callable[[int, bool], None], args: argparse.Namespace, device: torch.device
+) -> dict[str, float]:
+    """Best seconds per step of each formulation over alternating rounds."""
     best = {"dense": float("inf"), "sparse": float("inf")}
     for _ in range(args.rounds):
         for name in best:
@@ -154,13 +157,16 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     data_x = torch.randn(n_layers, 16 * batch, d, generator=gen).to(device)
     data_y = torch.randn(n_layers, 16 * batch, d, generator=gen).to(device)
+    dead_fractions = [float(v) for v in args.dead.split(",")]
+    aux_row_counts = [int(v) for v in args.aux_rows.split(",")]
     rows = []
     reference = 0.0
-    for dead_fraction in [float(v) for v in args.dead.split(",")]:
-        for aux_rows in [int(v) for v in args.aux_rows.split(",")]:
-            if dead_fraction == 0 and aux_rows != int(args.aux_rows.split(",")[0]):
+    for dead_fraction in dead_fractions:
+        for aux_rows in aux_row_counts:
+            if dead_fraction == 0 and aux_rows != aux_row_counts[0]:
                 continue  # without dead latents AuxK never runs: one row is enough
-            best = measure(args, data_x, data_y, dead_fraction, aux_rows)
+            step = build_step(args, data_x, data_y, dead_fraction, aux_rows)
+            best = measure(step, args, device)
             reference = max(reference, matmul_flops(batch, d, width, device))
             rows.append((dead_fraction, aux_rows, best["dense"], best["sparse"]))
             print(rows[-1], flush=True)
@@ -191,9 +197,9 @@ def main() -> int:
             f"{flops / sparse / reference:.3f} |"
         )
     if args.profile:
-        first = float(args.dead.split(",")[0])
-        aux_rows = int(args.aux_rows.split(",")[0])
-        table = measure(args, data_x, data_y, first, aux_rows, profile=True)["profile"]
+        first, aux_rows = dead_fractions[0], aux_row_counts[0]
+        step = build_step(args, data_x, data_y, first, aux_rows)
+        table = profile_steps(step, args.profile, device)
         lines += [
             "",
             f"## Profile: {args.profile} sparse steps, dead fraction {first:.2f}, "
