@@ -1,4 +1,4 @@
-"""Ingest jobs: the ingest worker run on request, tracked in memory.
+"""Ingest jobs: the ingest worker run on request, tracked in memory and on disk.
 
 :class:`JobManager` queues a job per SubmitIngest and runs it in the model pool (the
 pool AnalysisService uses, so one torch computation runs at a time). A job runs
@@ -10,9 +10,15 @@ first, as ``circuitscope ingest`` does. Artifacts go under ``artifacts_dir``; gr
 are the worker's content hashes, so resubmitting a prompt does not recompute it.
 
 Jobs live in memory (at most ``max_jobs``; the oldest finished ones are forgotten
-first). ``on_graph_written`` hears the id of every graph a job stores (the server's
-graph cache forgets it). Every read returns a snapshot; a version number counts
-changes for watchers.
+first), and every change is journaled under ``artifacts_dir/jobs``
+(:mod:`service.job_journal`). :meth:`JobManager.restore` reads the journal when a server
+starts: finished jobs answer GetJob again, and unfinished ones resume after the last
+prompt they finished (a job whose model is no longer served fails, saying so). At
+shutdown (:meth:`JobManager.stop`) a running job stops after its current prompt and is
+left queued for the next start; CancelJob is what ends a job for good.
+``on_graph_written`` hears the id of every graph a job stores (the server's graph cache
+forgets it). Every read returns a snapshot; a version number counts changes for
+watchers.
 """
 
 from __future__ import annotations
@@ -28,11 +34,18 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ingest.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from ingest.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from ingest.store.base import GraphStore
+from service.job_journal import JobJournal
 from service.models import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -93,6 +106,11 @@ class JobManager:
         self._max_jobs = max_jobs
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        # set by open(), when this server owns the journal; None: jobs in memory only
+        self._journal: JobJournal | None = None
+        self._journal_root = artifacts_dir / "jobs"
+        self._journal_failed = False
+        self._stopping = False
 
     # ------------------------------------------------------------------ API
     def submit(self, model: str, prompts: list[dict[str, str]], settings: Any) -> Job:
@@ -108,6 +126,15 @@ class JobManager:
         job = Job(uuid.uuid4().hex, model, prompts, settings)
         with self._lock:
             self._evict()
+            if self._journal is not None:
+                try:
+                    self._journal.create(job)
+                except OSError as exc:
+                    self._journal.remove(job.job_id)
+                    raise UnavailableError(
+                        f"cannot record the job under {self._journal.root}: {exc}; "
+                        "the server's artifacts directory needs space and write access"
+                    ) from None
             self._jobs[job.job_id] = job
         self._executor.submit(self._run, job.job_id)
         logger.info("job %s queued: %d prompts on %r", job.job_id, len(prompts), model)
@@ -118,7 +145,8 @@ class JobManager:
             job = self._jobs.get(job_id)
             if job is None:
                 raise NotFoundError(
-                    f"no job {job_id!r} on this server; jobs are kept in memory until restart"
+                    f"no job {job_id!r} on this server (it keeps the last {self._max_jobs} "
+                    "jobs, forgetting the oldest finished ones first)"
                 )
             return copy.deepcopy(job)
 
@@ -126,13 +154,76 @@ class JobManager:
         self._update(job_id, self._request_cancel)
         return self.get(job_id)
 
-    def cancel_all(self) -> int:
-        """Cancel every unfinished job (server shutdown); returns how many."""
+    def open(self) -> int:
+        """Server start: own the journal and take back its jobs, finished ones as they
+        ended, unfinished ones queued again to resume after their last finished prompt.
+        Returns how many were queued again. If another server owns the journal, this
+        one keeps its jobs in memory only (and says so in the log)."""
+        journal = JobJournal(self._journal_root)
+        try:
+            owned = journal.lock()
+        except OSError as exc:
+            logger.error(
+                "cannot open the job journal %s (%s): jobs kept in memory only",
+                self._journal_root,
+                exc,
+            )
+            return 0
+        if not owned:
+            logger.warning(
+                "another server owns the job journal %s: this one keeps its jobs in memory "
+                "only; give each server its own artifacts directory",
+                self._journal_root,
+            )
+            return 0
+        self._journal = journal
+        restored = sorted(journal.load(), key=lambda j: j.updated_at)
+        resumed = []
         with self._lock:
-            ids = [j.job_id for j in self._jobs.values() if not j.state.finished]
-        for job_id in ids:
-            self._update(job_id, self._request_cancel)
-        return len(ids)
+            for job in restored:
+                self._jobs[job.job_id] = job
+            # beyond max_jobs, the oldest finished jobs are forgotten, as on submission
+            while len(self._jobs) > self._max_jobs and self._evict_oldest_finished():
+                pass
+            for job in self._jobs.values():
+                if job.state.finished:
+                    continue
+                if job.cancel_requested:
+                    self._change(job, lambda j: _finish(j, JobState.CANCELLED, "cancelled"))
+                    continue
+                try:
+                    self._registry.spec(job.model)
+                except NotFoundError:
+                    message = (
+                        f"the server restarted without model {job.model!r}; resubmit the job "
+                        "to a server that serves it"
+                    )
+                    self._change(job, partial(_finish, state=JobState.FAILED, message=message))
+                    continue
+                message = (
+                    f"resumed after a server restart, at prompt {job.processed + 1} "
+                    f"of {len(job.prompts)}"
+                )
+                self._change(job, partial(_resume, message=message))
+                resumed.append(job.job_id)
+        for job_id in resumed:
+            self._executor.submit(self._run, job_id)
+        logger.info("restored %d ingest job(s), %d resumed", len(restored), len(resumed))
+        return len(resumed)
+
+    def close(self) -> None:
+        """Give up the journal (after the jobs' threads have ended)."""
+        if self._journal is not None:
+            self._journal.unlock()
+            self._journal = None
+
+    def stop(self) -> int:
+        """Server shutdown: a running job stops after its current prompt and, like a
+        queued one, is left queued in the journal for the next start. Returns how many
+        jobs are unfinished."""
+        with self._lock:
+            self._stopping = True
+            return sum(not j.state.finished for j in self._jobs.values())
 
     # ------------------------------------------------------------------ internals
     def _cancel_requested(self, job_id: str) -> bool:
@@ -148,30 +239,57 @@ class JobManager:
             job.state = JobState.CANCELLED
 
     def _evict(self) -> None:
-        if len(self._jobs) < self._max_jobs:
-            return
-        finished = [j for j in self._jobs.values() if j.state.finished]
-        if not finished:
+        if len(self._jobs) >= self._max_jobs and not self._evict_oldest_finished():
             raise ResourceExhaustedError(
                 f"{self._max_jobs} jobs are queued or running; wait for some to finish"
             )
+
+    def _evict_oldest_finished(self) -> bool:
+        """Forget the finished job changed longest ago, in memory and on disk; False if
+        no job has finished. Under the lock."""
+        finished = [j for j in self._jobs.values() if j.state.finished]
+        if not finished:
+            return False
         oldest = min(finished, key=lambda j: j.updated_at)
         del self._jobs[oldest.job_id]
+        if self._journal is not None:
+            self._journal.remove(oldest.job_id)
+        return True
 
     def _update(self, job_id: str, change: Callable[[Job], None]) -> Job:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
                 raise NotFoundError(f"no job {job_id!r} on this server")
-            change(job)
-            job.version += 1
-            job.updated_at = datetime.now(UTC)
+            self._change(job, change)
             return job
 
-    def _run(self, job_id: str) -> None:
-        job = self._update(job_id, lambda j: None)
-        if job.state is not JobState.QUEUED:
+    def _change(self, job: Job, change: Callable[[Job], None]) -> None:
+        """Apply ``change``, count it, journal it. Under the lock. A journal that cannot
+        be written is logged (once) and the job goes on in memory."""
+        graph_ids, errors = len(job.graph_ids), len(job.errors)
+        change(job)
+        job.version += 1
+        job.updated_at = datetime.now(UTC)
+        if self._journal is None:
             return
+        try:
+            self._journal.record(job, graph_ids_before=graph_ids, errors_before=errors)
+        except OSError as exc:
+            if not self._journal_failed:
+                self._journal_failed = True
+                logger.error(
+                    "cannot journal ingest jobs under %s (%s): they go on in memory and "
+                    "will not survive a restart",
+                    self._journal.root,
+                    exc,
+                )
+
+    def _run(self, job_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.state is not JobState.QUEUED or self._stopping:
+                return
         self._update(job_id, lambda j: setattr(j, "state", JobState.RUNNING))
         try:
             self._ingest(job)
@@ -202,8 +320,17 @@ class JobManager:
         work_dir = self._artifacts_dir / "jobs" / job.job_id
         work_dir.mkdir(parents=True, exist_ok=True)
         for i, record in enumerate(job.prompts, start=1):
+            if i <= job.processed:
+                continue  # finished before a restart
             if self._cancel_requested(job.job_id):
                 self._update(job.job_id, lambda j: _finish(j, JobState.CANCELLED, "cancelled"))
+                return
+            if self._stopping:
+                message = (
+                    f"interrupted by a server shutdown after prompt {i - 1} of "
+                    f"{len(job.prompts)}; it resumes when the server starts again"
+                )
+                self._update(job.job_id, partial(_resume, message=message))
                 return
             path = work_dir / f"prompt-{i:05d}.jsonl"
             path.write_text(json.dumps(record) + "\n", encoding="utf-8")
@@ -225,6 +352,11 @@ class JobManager:
 
 def _finish(job: Job, state: JobState, message: str) -> None:
     job.state = state
+    job.message = message
+
+
+def _resume(job: Job, message: str) -> None:
+    job.state = JobState.QUEUED
     job.message = message
 
 

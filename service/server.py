@@ -103,11 +103,12 @@ class RunningServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish;
-        unfinished ingest jobs are cancelled (they stop after their current prompt)."""
+        unfinished ingest jobs stop after their current prompt and resume at the next
+        start (:meth:`service.jobs.JobManager.stop`)."""
         await self.monitor.stop()
-        cancelled = self.jobs.cancel_all()
-        if cancelled:
-            logger.info("cancelled %d unfinished ingest job(s)", cancelled)
+        unfinished = self.jobs.stop()
+        if unfinished:
+            logger.info("%d unfinished ingest job(s) left to resume at the next start", unfinished)
         await self.server.stop(self.grace_s if grace_s is None else grace_s)
         if self.graph_cache is not None:
             await self.graph_cache.close()
@@ -120,6 +121,25 @@ class RunningServer:
             )
         for executor in self.executors:
             executor.shutdown(wait=False, cancel_futures=True)
+        # A running ingest job stops after its current prompt: wait for that (bounded),
+        # so that the journal says where it stopped before this server lets go of it.
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(_join, self.executors), max(self.grace_s, JOB_STOP_WAIT_S)
+            )
+        except TimeoutError:
+            logger.warning("an ingest job is still on its prompt; its journal is freed at exit")
+            return
+        self.jobs.close()
+
+
+#: Seconds a stopping server waits at least for a running ingest job's current prompt.
+JOB_STOP_WAIT_S = 10.0
+
+
+def _join(executors: tuple[ThreadPoolExecutor, ...]) -> None:
+    for executor in executors:
+        executor.shutdown(wait=True)
 
 
 def _add_port(server: aio.Server, config: ServerConfig) -> int:
@@ -206,6 +226,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         raise UnavailableError(
             f"cannot listen on {config.address}: {exc}; choose another port"
         ) from None
+    jobs.open()  # after the port is ours: a server that cannot start resumes nothing
     monitor = StoreHealthMonitor(
         health_servicer,
         lambda: probe_store(store, min(2.0, config.health_interval_s)),

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from ingest.attribution.artifact import save_artifact
 from ingest.graph import ModelRecord, TranscoderSetRecord
+from ingest.models import load_model
 from ingest.store import open_store
 from ingest.store.base import GraphStore
 from ingest.store.embedded import embedded_server
+from ingest.transcoders.formats import save
 from service.client import CircuitsClient
 from service.config import ServerConfig
 from service.server import RunningServer, serve_in_background
+from tests.ingest.attribution import models as tiny
 from tests.service import builders
 
 TOKEN = secrets.token_urlsafe(24)
@@ -81,3 +85,15 @@ def target(server: RunningServer) -> str:
 def client(target: str) -> Iterator[CircuitsClient]:
     with CircuitsClient(target, token=TOKEN, timeout_s=20.0) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny real GPT-2 and a transcoder set for it, saved for a server to load."""
+    root = tmp_path_factory.mktemp("served-model")
+    hf = tiny.hf_model("gpt2", seed=3)
+    hf.save_pretrained(root / "model")
+    tiny.word_tokenizer().save_pretrained(root / "model")
+    adapter = load_model(str(root / "model")).adapter
+    save(tiny.transcoder_set(adapter, seed=3), root / "transcoders")
+    return root / "model", root / "transcoders"

@@ -12,28 +12,16 @@ from ingest.attribution.attribute import attribute
 from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.models import load_model
 from ingest.store.base import GraphStore
-from ingest.transcoders.formats import load_any, save
+from ingest.transcoders.formats import load_any
 from service.cli import main
 from service.client import CircuitsClient
 from service.config import ServerConfig
 from service.models import ModelSpec
 from service.server import serve_in_background
-from tests.ingest.attribution import models as tiny
 from tests.service.conftest import TOKEN
 
 pytestmark = pytest.mark.integration
 PROMPT = "w2 w5 w7 w3"
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("served-model")
-    hf = tiny.hf_model("gpt2", seed=3)
-    hf.save_pretrained(root / "model")
-    tiny.word_tokenizer().save_pretrained(root / "model")
-    adapter = load_model(str(root / "model")).adapter
-    save(tiny.transcoder_set(adapter, seed=3), root / "transcoders")
-    return root / "model", root / "transcoders"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,230 @@
+"""Ingest jobs survive a server restart: the journal on its own, then real servers on
+loopback over the embedded store, stopped and started again on one artifacts directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ingest.errors import NotFoundError
+from ingest.store.base import GraphStore
+from ingest.worker.keys import GraphSettings
+from service.client import CircuitsClient
+from service.config import ServerConfig
+from service.job_journal import EVENTS_FILE, JOB_FILE, JobJournal
+from service.jobs import Job, JobState
+from service.models import ModelSpec
+from service.results import JobStatus
+from service.server import RunningServer, serve_in_background
+from tests.service.conftest import TOKEN
+
+MODEL = "tiny-gpt2"
+
+
+def _job(n_prompts: int = 3, model: str = MODEL) -> Job:
+    prompts = [{"prompt": f"w{2 + i} w{9 + i} w4", "task": "journal"} for i in range(n_prompts)]
+    return Job(f"job{n_prompts}{model}".replace("-", ""), model, prompts, GraphSettings(0.9))
+
+
+def _progress(journal: JobJournal, job: Job, graph_id: str, error: str | None = None) -> None:
+    before = (len(job.graph_ids), len(job.errors))
+    job.processed += 1
+    job.graph_ids.append(graph_id)
+    if error:
+        job.errors.append(error)
+    job.version += 1
+    journal.record(job, graph_ids_before=before[0], errors_before=before[1])
+
+
+@pytest.mark.unit
+def test_journal_replays_a_job_as_its_last_change_left_it(tmp_path: Path) -> None:
+    journal = JobJournal(tmp_path)
+    job = _job()
+    journal.create(job)
+    job.state = JobState.RUNNING
+    _progress(journal, job, "g1")
+    _progress(journal, job, "g2", error="prompt 2: too long")
+    [loaded] = journal.load()
+    assert loaded == job
+    assert loaded.settings == GraphSettings(0.9)
+    # each line holds only what its change added
+    lines = (tmp_path / job.job_id / EVENTS_FILE).read_text().splitlines()
+    assert [json.loads(line)["graph_ids"] for line in lines] == [[], ["g1"], ["g2"]]
+
+
+@pytest.mark.unit
+def test_journal_cuts_off_a_line_a_crash_left_unfinished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = JobJournal(tmp_path)
+    job = _job()
+    journal.create(job)
+    _progress(journal, job, "g1")
+    events = tmp_path / job.job_id / EVENTS_FILE
+    with events.open("a") as f:
+        f.write('{"version": 9, "state": "succ')  # the process died mid-write
+    with caplog.at_level(logging.WARNING):
+        [loaded] = journal.load()
+    assert loaded == job and "cutting off" in caplog.text
+    # the next change starts a line of its own
+    _progress(journal, loaded, "g2")
+    [again] = journal.load()
+    assert again.graph_ids == ["g1", "g2"] and again.processed == 2
+
+
+@pytest.mark.unit
+def test_journal_skips_unreadable_records_and_keeps_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = JobJournal(tmp_path)
+    good = _job(2)
+    journal.create(good)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / JOB_FILE).write_text("{not json")
+    (tmp_path / "renamed").mkdir()
+    (tmp_path / "renamed" / JOB_FILE).write_text((tmp_path / good.job_id / JOB_FILE).read_text())
+    (tmp_path / "work-only").mkdir()  # a directory without a record is not a job
+    with caplog.at_level(logging.WARNING):
+        loaded = list(journal.load())
+    assert [j.job_id for j in loaded] == [good.job_id]
+    assert "broken" in caplog.text and "renamed" in caplog.text
+    assert "work-only" not in caplog.text
+
+
+@pytest.mark.unit
+def test_one_owner_per_journal(tmp_path: Path) -> None:
+    first, second = JobJournal(tmp_path), JobJournal(tmp_path)
+    assert first.lock()
+    assert not second.lock()
+    first.unlock()
+    assert second.lock()
+    second.unlock()
+
+
+# ---------------------------------------------------------------- real servers
+
+
+def _config(model_dirs: tuple[Path, Path], artifacts: Path, *models: str) -> ServerConfig:
+    specs = tuple(ModelSpec(name, str(model_dirs[0]), model_dirs[1]) for name in models)
+    return ServerConfig(port=0, tokens=frozenset({TOKEN}), models=specs, artifacts_dir=artifacts)
+
+
+def _client(running: RunningServer) -> CircuitsClient:
+    return CircuitsClient(f"127.0.0.1:{running.port}", token=TOKEN, timeout_s=120)
+
+
+@pytest.fixture
+def restartable(
+    store: GraphStore, model_dirs: tuple[Path, Path], tmp_path: Path
+) -> Iterator[tuple[ServerConfig, Path]]:
+    artifacts = tmp_path / "artifacts"
+    yield _config(model_dirs, artifacts, MODEL), artifacts
+
+
+def _final(client: CircuitsClient, job_id: str) -> JobStatus:
+    return list(client.watch_job(job_id))[-1]
+
+
+@pytest.mark.integration
+def test_finished_job_answers_after_a_restart(
+    store: GraphStore, restartable: tuple[ServerConfig, Path]
+) -> None:
+    config, _ = restartable
+    prompts = [
+        {"prompt": "w3 w8 w2 w12"},
+        {"prompt": "w4 w9", "correct": "w2 w3", "incorrect": "w5"},
+    ]
+    with serve_in_background(config, store) as running, _client(running) as client:
+        job = client.submit_ingest(MODEL, prompts, node_threshold=0.9)
+        before = _final(client, job.job_id)
+    assert before.state == "succeeded" and before.processed_count == 2
+    with serve_in_background(config, store) as running, _client(running) as client:
+        assert client.get_job(job.job_id) == before
+
+
+@pytest.mark.integration
+def test_job_stopped_by_a_shutdown_resumes_at_the_next_start(
+    store: GraphStore, restartable: tuple[ServerConfig, Path]
+) -> None:
+    config, artifacts = restartable
+    n = 40
+    prompts = [{"prompt": f"w{2 + i % 30} w{5 + i // 30} w{3 + i % 7} w9"} for i in range(n)]
+    with serve_in_background(config, store) as running, _client(running) as client:
+        job = client.submit_ingest(MODEL, prompts, node_threshold=0.9)
+        while client.get_job(job.job_id).processed_count < 1:
+            time.sleep(0.02)
+    # what the stopped server left: queued, part done, saying why
+    [left] = JobJournal(artifacts / "jobs").load()
+    assert left.state is JobState.QUEUED and 1 <= left.processed < n
+    assert "interrupted by a server shutdown" in left.message
+
+    with serve_in_background(config, store) as running, _client(running) as client:
+        final = _final(client, job.job_id)
+        assert final.state == "succeeded" and final.processed_count == n
+        assert final.message == ""
+        # every prompt's graph is stored once and counted once
+        assert len(set(final.graph_ids)) == len(final.graph_ids)
+        assert len(final.graph_ids) + final.already_stored_count == n
+        assert final.already_stored_count <= 1  # at most the prompt in flight at the stop
+        for graph_id in final.graph_ids:
+            assert client.get_graph(graph_id).graph_id == graph_id
+
+
+@pytest.mark.integration
+def test_jobs_of_a_crashed_server_resume_fail_or_end_as_asked(
+    store: GraphStore, model_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    artifacts = tmp_path / "artifacts"
+    journal = JobJournal(artifacts / "jobs")
+    # what a killed server leaves: a running job one prompt in, its last line cut short
+    running_job = _job(3)
+    journal.create(running_job)
+    running_job.state = JobState.RUNNING
+    _progress(journal, running_job, "not-a-stored-graph")
+    with (journal.job_dir(running_job.job_id) / EVENTS_FILE).open("a") as f:
+        f.write('{"version": 7, "sta')
+    gone = _job(2, model="retired-model")
+    journal.create(gone)
+    cancelling = _job(4)
+    cancelling.job_id = "cancelling"
+    cancelling.cancel_requested = True
+    journal.create(cancelling)
+
+    config = _config(model_dirs, artifacts, MODEL)
+    with serve_in_background(config, store) as running, _client(running) as client:
+        resumed = _final(client, running_job.job_id)
+        assert resumed.state == "succeeded" and resumed.processed_count == 3
+        # the prompt recorded before the crash is not computed again
+        assert resumed.graph_ids[0] == "not-a-stored-graph"
+        assert len(resumed.graph_ids) + resumed.already_stored_count == 3
+        failed = client.get_job(gone.job_id)
+        assert failed.state == "failed" and "'retired-model'" in failed.message
+        assert "resubmit" in failed.message
+        assert client.get_job("cancelling").state == "cancelled"
+
+
+@pytest.mark.integration
+def test_a_second_server_on_the_same_directory_keeps_its_jobs_in_memory(
+    store: GraphStore, restartable: tuple[ServerConfig, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    config, artifacts = restartable
+    with serve_in_background(config, store) as first, _client(first) as client:
+        job = client.submit_ingest(MODEL, [{"prompt": "w7 w3 w5"}])
+        _final(client, job.job_id)
+        with (
+            caplog.at_level(logging.WARNING),
+            serve_in_background(config, store) as second,
+            _client(second) as other,
+        ):
+            with pytest.raises(NotFoundError, match="no job"):
+                other.get_job(job.job_id)  # the first server's job is not taken over
+            mine = other.submit_ingest(MODEL, [{"prompt": "w7 w3 w6"}])
+            assert _final(other, mine.job_id).state == "succeeded"
+        assert "another server owns the job journal" in caplog.text
+        assert not (artifacts / "jobs" / mine.job_id / JOB_FILE).exists()
+        assert client.get_job(job.job_id).state == "succeeded"
