@@ -5,7 +5,9 @@ Bolt) in a temporary directory, a benchmark graph written through the store API,
 and ``circuitscope serve`` in its own process (so clients and server do not share a
 GIL). Then ``--clients`` concurrent callers (asyncio tasks over ``--channels`` grpc.aio
 channels) alternate GetSubgraph and ListGraphs (page of 50) for ``--seconds``
-seconds, after a warm-up.
+seconds, after a warm-up. Before that, one caller times sequential calls of each
+method (what a request costs without queueing), and of GetGraph for the whole
+benchmark graph (from the graph cache, or from the store with ``--graph-cache-edges 0``).
 
 GetSubgraph asks for ~1k-edge neighbourhoods (depth 2, top_k 32, direction out) of a
 24-layer graph with 40 features per layer (~42k edges): every node whose answer has
@@ -124,6 +126,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+#: Sequential GetGraph calls of the whole benchmark graph in the single-caller baseline.
+WHOLE_GRAPH_CALLS = 5
+
+
 async def run_load(
     target: str,
     token: str,
@@ -195,6 +201,14 @@ async def run_load(
             t0 = time.perf_counter()
             await call(req, metadata=metadata, timeout=30)
             baseline[method].append(time.perf_counter() - t0)
+    # The whole benchmark graph, sequentially: from the graph cache (loaded by the
+    # GetSubgraph calls above) or, with --graph-cache-edges 0, from the store.
+    whole = pb.GetGraphRequest(graph_id=GRAPH_ID)
+    baseline["GetGraph (whole graph)"] = []
+    for _ in range(WHOLE_GRAPH_CALLS):
+        t0 = time.perf_counter()
+        await stubs[0].GetGraph(whole, metadata=metadata, timeout=60)
+        baseline["GetGraph (whole graph)"].append(time.perf_counter() - t0)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     measure_from = start + warmup

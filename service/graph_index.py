@@ -292,6 +292,16 @@ class GraphIndex:
             weights=self.weights[ids].astype(np.float32),
         )
 
+    def whole_graph(self) -> AttributionGraph:
+        """The complete graph as the store returned it at load (GetGraph, StreamGraphEdges)."""
+        return AttributionGraph(
+            metadata=self.metadata,
+            nodes=self.nodes,
+            sources=self.sources.astype(np.int64),
+            targets=self.targets.astype(np.int64),
+            weights=self.weights.astype(np.float32),
+        )
+
     # ------------------------------------------------------------------ paths
     def strongest_paths(
         self,

@@ -3,10 +3,12 @@
 Translates each request into one store call (run off the event loop with the call's
 deadline as the store timeout) and the result into a response. Limits and defaults of
 the contract (``proto/circuits/v1/graph_service.proto``) are applied here; everything
-else is the store's job. GetSubgraph and FindPaths are answered from the
-:class:`~service.graph_cache.GraphCache` when the server has one and it holds the
-graph (same answers as the store; small neighbourhoods computed on the event loop,
-larger ones and paths in the cache's threads); otherwise by the store. ListGraphs
+else is the store's job. GetSubgraph, FindPaths, GetGraph (at the stored thresholds)
+and StreamGraphEdges are answered from the :class:`~service.graph_cache.GraphCache`
+when the server has one and it holds the graph (same answers as the store; small
+neighbourhoods computed on the event loop, larger ones and paths in the cache's
+threads); otherwise by the store. GetGraph and StreamGraphEdges still read the graph's
+summary (its creation time) from the store, one indexed lookup. ListGraphs
 pages are kept for a bounded time by a :class:`~service.listing_cache.ListingCache`
 when the server has one.
 
@@ -27,6 +29,7 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc import aio
 
 from ingest.errors import InvalidArgumentError
+from ingest.graph import AttributionGraph
 from ingest.store.base import GraphStore
 from service import convert
 from service._generated.circuits.v1 import graph_service_pb2 as pb
@@ -142,7 +145,7 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
             # The artifact's metadata predates storing; keep the stored identity fields.
             graph.metadata.artifact_uri = stored.artifact_uri
             return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
-        graph = await self._run.call(context, self._store.get_graph, graph_id)
+        graph = await self._whole_graph(context, graph_id)
         return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
 
     async def StreamGraphEdges(
@@ -151,7 +154,7 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         graph_id = _required("graph_id", request.graph_id)
         chunk = bounded("chunk_size", request.chunk_size, DEFAULT_CHUNK, 1, MAX_CHUNK)
         summary = await self._run.call(context, self._store.get_graph_summary, graph_id)
-        graph = await self._run.call(context, self._store.get_graph, graph_id)
+        graph = await self._whole_graph(context, graph_id)
         yield pb.StreamGraphEdgesResponse(
             summary=convert.summary_to_proto(
                 graph.metadata, graph.n_nodes, graph.n_edges, summary.created_at
@@ -163,6 +166,15 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
             yield pb.StreamGraphEdgesResponse(
                 edges=convert.edges_to_proto(graph, start, start + chunk)
             )
+
+    async def _whole_graph(self, context: aio.ServicerContext, graph_id: str) -> AttributionGraph:
+        """The stored graph: from the graph cache when it holds it (at most its
+        ``revalidate_s`` stale, as every cached answer), else read from the store."""
+        cache = self._cache
+        index = await cache.get(graph_id, self._run.timeout_for(context)) if cache else None
+        if index is not None:
+            return index.whole_graph()
+        return await self._run.call(context, self._store.get_graph, graph_id)
 
     async def GetSubgraph(  # type: ignore[override]
         self, request: pb.GetSubgraphRequest, context: aio.ServicerContext

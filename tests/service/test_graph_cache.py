@@ -227,6 +227,39 @@ def test_served_neighbourhoods_and_paths_equal_the_stores(
         )
 
 
+def test_whole_graphs_are_served_from_memory_as_the_store_has_them(
+    store: GraphStore, graphs: dict[str, AttributionGraph], client: CircuitsClient
+) -> None:
+    for graph_id in ("cache-ties", "cache-cyclic", "g-alpha"):
+        expected = store.get_graph(graph_id)
+        client.get_graph(graph_id)  # loads it into the cache if it was not there
+        for answer in (client.get_graph(graph_id), client.stream_graph(graph_id, chunk_size=5)):
+            assert answer.metadata == expected.metadata
+            assert answer.nodes == expected.nodes
+            assert answer.edge_list() == expected.edge_list()  # same order, same float32
+
+
+def test_whole_graph_comes_from_memory_within_the_staleness_bound(store: GraphStore) -> None:
+    """A rewrite by another writer is not seen before ``revalidate_s`` (an hour here):
+    the answers came from the cached copy, not from the store."""
+    first = builders.random_graph("cache-whole", n_nodes=20, n_edges=60, seed=11)
+    second = builders.random_graph("cache-whole", n_nodes=20, n_edges=60, seed=12)
+    store.write_graph(first, replace=True)
+    config = ServerConfig(port=0, tokens=frozenset({TOKEN}), graph_cache_revalidate_s=3600)
+    try:
+        with (
+            serve_in_background(config, store) as running,
+            CircuitsClient(f"127.0.0.1:{running.port}", token=TOKEN) as c,
+        ):
+            assert c.get_graph("cache-whole").edge_list() == first.edge_list()
+            store.write_graph(second, replace=True)
+            assert c.get_graph("cache-whole").edge_list() == first.edge_list()
+            assert c.stream_graph("cache-whole").edge_list() == first.edge_list()
+            assert running.graph_cache is not None and running.graph_cache.stats().hits >= 2
+    finally:
+        store.delete_graph("cache-whole")
+
+
 def test_graph_with_duplicate_edges_is_answered_by_the_store(
     store: GraphStore, client: CircuitsClient
 ) -> None:
@@ -274,6 +307,7 @@ def test_strict_server_serves_a_rewrite_by_another_writer_at_once(store: GraphSt
             after = c.get_subgraph("cache-rewrite", second.nodes[0].node_id, depth=2, top_k=5)
             expected = store.subgraph("cache-rewrite", second.nodes[0].node_id, depth=2, top_k=5)
             assert _edges(after) == _edges(expected) != _edges(before)
+            assert c.get_graph("cache-rewrite").edge_list() == second.edge_list()
             store.delete_graph("cache-rewrite")
             with pytest.raises(NotFoundError):
                 c.get_subgraph("cache-rewrite", node)
