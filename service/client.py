@@ -455,6 +455,38 @@ class CircuitsClient:
         for update in self._stream(self._jobs.WatchJob, request):
             yield convert.job_status_from_proto(update.job)
 
+    def list_jobs(
+        self, *, state: str = "", model: str = "", page_size: int = 0, page_token: str = ""
+    ) -> Page[JobStatus]:
+        """One page of the server's jobs, most recently submitted first, without their
+        graph ids and errors (:meth:`get_job` has them); ``state`` is one of
+        :class:`JobStatus`'s states or empty for all."""
+        if state and state not in convert.JOB_STATES:
+            raise InvalidArgumentError(
+                f"unknown job state {state!r}; use one of {', '.join(convert.JOB_STATES)}"
+            )
+        request = job_service_pb2.ListJobsRequest(
+            state=convert.JOB_STATES.get(state, job_service_pb2.JOB_STATE_UNSPECIFIED),
+            model=model,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response = self._call(self._jobs.ListJobs, request)
+        return Page(
+            [convert.job_status_from_proto(j) for j in response.jobs],
+            response.next_page_token or None,
+        )
+
+    def iter_jobs(self, **filters: Any) -> Iterator[JobStatus]:
+        """Every job matching ``filters`` (as for :meth:`list_jobs`), page by page."""
+        token = ""
+        while True:
+            page = self.list_jobs(page_token=token, **filters)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            token = page.next_cursor
+
     def cancel_job(self, job_id: str) -> JobStatus:
         request = job_service_pb2.CancelJobRequest(job_id=job_id)
         return convert.job_status_from_proto(self._call(self._jobs.CancelJob, request).job)

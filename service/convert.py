@@ -389,14 +389,14 @@ def predictions_to_proto(
 
 # ---------------------------------------------------------------------------- jobs
 
-_JOB_STATES = {
+JOB_STATES = {
     "queued": job_service_pb2.JOB_STATE_QUEUED,
     "running": job_service_pb2.JOB_STATE_RUNNING,
     "succeeded": job_service_pb2.JOB_STATE_SUCCEEDED,
     "failed": job_service_pb2.JOB_STATE_FAILED,
     "cancelled": job_service_pb2.JOB_STATE_CANCELLED,
 }
-JOB_STATE_NAMES = {v: k for k, v in _JOB_STATES.items()}
+JOB_STATE_NAMES = {v: k for k, v in JOB_STATES.items()}
 _PROMPT_FIELDS = (
     ("prompt", "prompt"),
     ("task", "task"),
@@ -416,7 +416,7 @@ def job_to_proto(job: Any) -> job_service_pb2.Job:
     """A :class:`service.jobs.Job` as a message."""
     msg = job_service_pb2.Job(
         job_id=job.job_id,
-        state=_JOB_STATES[str(job.state)],
+        state=JOB_STATES[str(job.state)],
         model=job.model,
         prompt_count=len(job.prompts),
         processed_count=job.processed,

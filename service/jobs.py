@@ -150,6 +150,34 @@ class JobManager:
                 )
             return copy.deepcopy(job)
 
+    def list_jobs(
+        self,
+        *,
+        state: JobState | None,
+        model: str | None,
+        limit: int,
+        after: tuple[datetime, str] | None = None,
+    ) -> tuple[list[Job], tuple[datetime, str] | None]:
+        """A page of jobs, most recently submitted first (ties by id, descending), of the
+        given state and model (None: any), after the keyset ``after`` (the last job's
+        (created_at, job_id) of the previous page). Returns the page, without graph ids
+        and errors, and the keyset of its last job when more follow."""
+        with self._lock:
+            chosen = sorted(
+                (
+                    j
+                    for j in self._jobs.values()
+                    if (state is None or j.state is state)
+                    and (model is None or j.model == model)
+                    and (after is None or (j.created_at, j.job_id) < after)
+                ),
+                key=lambda j: (j.created_at, j.job_id),
+                reverse=True,
+            )
+            page = [dataclasses.replace(j, graph_ids=[], errors=[]) for j in chosen[:limit]]
+        more = len(chosen) > limit
+        return page, ((page[-1].created_at, page[-1].job_id) if more else None)
+
     def cancel(self, job_id: str) -> Job:
         self._update(job_id, self._request_cancel)
         return self.get(job_id)

@@ -3,7 +3,7 @@
 Subcommands mirror the RPCs (``graphs list|get|subgraph|paths``, ``features
 get|search|label|occurrences``, ``models``, ``attribute``, ``intervene``,
 ``evaluate``, ``jobs
-submit|get|watch|cancel``, ``health``) and print JSON on stdout. The target comes
+submit|list|get|watch|cancel``, ``health``) and print JSON on stdout. The target comes
 from ``--target`` or ``CIRCUITSCOPE_TARGET`` (default ``localhost:50051``), the bearer
 token from ``--token-file`` or ``CIRCUITSCOPE_TOKEN``; ``--tls-ca`` switches to TLS,
 ``--tls-cert``/``--tls-key`` add a client certificate for mutual TLS. Failed calls
@@ -157,6 +157,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--edge-threshold", type=float, default=None)
     p.add_argument("--watch", action="store_true", help="follow the job until it finishes")
     p.set_defaults(query_handler=_jobs_submit)
+    p = jobs.add_parser("list", help="list jobs, most recent first, one page")
+    p.add_argument(
+        "--state",
+        default="",
+        choices=("", "queued", "running", "succeeded", "failed", "cancelled"),
+        help="state filter",
+    )
+    p.add_argument("--model", default="", help="served model filter")
+    _paging(p, _jobs_list)
     for name, handler, text in (
         ("get", _jobs_get, "a job's state"),
         ("watch", _jobs_watch, "follow a job until it finishes"),
@@ -427,6 +436,20 @@ def _jobs_submit(args: argparse.Namespace) -> int:
             edge_threshold=args.edge_threshold,
         )
         return _watch(c, job.job_id) if args.watch else _emit(job)
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    with make_client(args) as c:
+        return _emit(
+            _page(
+                c.list_jobs(
+                    state=args.state,
+                    model=args.model,
+                    page_size=args.page_size,
+                    page_token=args.page_token,
+                )
+            )
+        )
 
 
 def _jobs_get(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime
 
 from grpc import aio
 
@@ -16,7 +17,8 @@ from service import convert
 from service._generated.circuits.v1 import job_service_pb2 as pb
 from service._generated.circuits.v1 import job_service_pb2_grpc
 from service.artifacts import check_threshold
-from service.jobs import JobManager, settings_for
+from service.jobs import JobManager, JobState, settings_for
+from service.pagination import decode_page_token, encode_page_token, page_size
 from service.servicers.analysis import MAX_FEATURE_NODES, MAX_PROMPT_CHARS
 
 WATCH_POLL_S = 0.2
@@ -87,3 +89,45 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         return pb.CancelJobResponse(
             job=convert.job_to_proto(self._jobs.cancel(_job_id(request.job_id)))
         )
+
+    async def ListJobs(
+        self, request: pb.ListJobsRequest, context: aio.ServicerContext
+    ) -> pb.ListJobsResponse:
+        state = None
+        if request.state != pb.JOB_STATE_UNSPECIFIED:
+            if request.state not in convert.JOB_STATE_NAMES:
+                raise InvalidArgumentError(f"state {request.state} is not a JobState value")
+            state = JobState(convert.JOB_STATE_NAMES[request.state])
+        filters = {"state": request.state, "model": request.model}
+        after = _job_keyset(decode_page_token(request.page_token, filters))
+        jobs, last = self._jobs.list_jobs(
+            state=state,
+            model=request.model or None,
+            limit=page_size(request.page_size),
+            after=after,
+        )
+        cursor = None if last is None else [last[0].isoformat(), last[1]]
+        return pb.ListJobsResponse(
+            jobs=[convert.job_to_proto(job) for job in jobs],
+            next_page_token=encode_page_token(cursor, filters),
+        )
+
+
+def _job_keyset(cursor: object) -> tuple[datetime, str] | None:
+    """The (created_at, job_id) a page token carries (None: the first page)."""
+    if cursor is None:
+        return None
+    bad = InvalidArgumentError(
+        "page_token is malformed; pass the next_page_token of the previous response unchanged"
+    )
+    if not (
+        isinstance(cursor, list) and len(cursor) == 2 and all(isinstance(c, str) for c in cursor)
+    ):
+        raise bad
+    try:
+        created = datetime.fromisoformat(cursor[0])
+    except ValueError:
+        raise bad from None
+    if created.tzinfo is None:  # the server writes UTC times; a naive one was not ours
+        raise bad
+    return created, cursor[1]

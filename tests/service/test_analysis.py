@@ -138,6 +138,71 @@ def test_cancelled_job_stops_before_its_last_prompt(analysis_client: CircuitsCli
     assert analysis_client.cancel_job(job.job_id).state == "cancelled"
 
 
+def test_list_jobs_pages_newest_first_with_filters(analysis_client: CircuitsClient) -> None:
+    mine = []
+    for i in range(3):
+        job = analysis_client.submit_ingest("tiny-gpt2", [{"prompt": f"w{10 + i} w3 w7"}])
+        mine.append(job.job_id)
+        list(analysis_client.watch_job(job.job_id))
+    seen, token, pages = [], "", 0
+    while True:
+        page = analysis_client.list_jobs(page_size=2, page_token=token)
+        assert len(page.items) <= 2
+        seen += page.items
+        pages += 1
+        if page.next_cursor is None:
+            break
+        token = page.next_cursor
+    ids = [j.job_id for j in seen]
+    assert len(set(ids)) == len(ids) and pages == -(-len(ids) // 2)
+    assert [i for i in ids if i in mine] == mine[::-1]  # newest first
+    assert all(j.graph_ids == [] and j.errors == [] and j.prompt_count >= 1 for j in seen)
+    assert {j.job_id for j in seen} == {j.job_id for j in analysis_client.iter_jobs()}
+    succeeded = list(analysis_client.iter_jobs(state="succeeded", model="tiny-gpt2"))
+    assert {j.state for j in succeeded} == {"succeeded"} and set(mine) <= {
+        j.job_id for j in succeeded
+    }
+    assert analysis_client.list_jobs(model="no-such-model").items == []
+
+
+def _raw_list_jobs(target: str, **fields: object) -> None:
+    import grpc
+
+    from service._generated.circuits.v1 import job_service_pb2, job_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = job_service_pb2_grpc.JobServiceStub(channel)
+        stub.ListJobs(
+            job_service_pb2.ListJobsRequest(**fields),  # type: ignore[arg-type]
+            metadata=[("authorization", f"Bearer {TOKEN}")],
+            timeout=10,
+        )
+
+
+def test_bad_list_jobs_requests_are_invalid_arguments(
+    analysis_client: CircuitsClient, analysis_target: str
+) -> None:
+    import grpc
+
+    from service.pagination import encode_page_token
+
+    with pytest.raises(InvalidArgumentError, match="page_size"):
+        analysis_client.list_jobs(page_size=-1)
+    with pytest.raises(InvalidArgumentError, match="page_token"):
+        analysis_client.list_jobs(page_token="not-a-token")
+    page = analysis_client.list_jobs(page_size=1)
+    assert page.next_cursor is not None
+    with pytest.raises(InvalidArgumentError, match="page_token"):  # issued for other filters
+        analysis_client.list_jobs(page_token=page.next_cursor, state="failed")
+    with pytest.raises(InvalidArgumentError, match="unknown job state"):
+        analysis_client.list_jobs(state="done")
+    naive = encode_page_token(["2026-01-01T00:00:00", "x"], {"state": 0, "model": ""})
+    for fields in ({"state": 99}, {"page_token": naive}):
+        with pytest.raises(grpc.RpcError) as caught:
+            _raw_list_jobs(analysis_target, **fields)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize(
     ("call", "error"),
     [
@@ -181,6 +246,10 @@ def test_query_commands_for_models_attribution_and_jobs(
     assert main([*base, "jobs", "submit", "tiny-gpt2", str(prompts), "--watch"]) == 0
     job = json.loads(capsys.readouterr().out)
     assert job["state"] == "succeeded" and len(job["graph_ids"]) == 1
+    assert main([*base, "jobs", "list", "--state", "succeeded", "--page-size", "1"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [j["job_id"] for j in listed["items"]] == [job["job_id"]]  # the newest
+    assert listed["items"][0]["graph_ids"] == [] and "next_page_token" in listed
 
 
 def test_intervene_matches_the_library_and_the_model(

@@ -145,6 +145,7 @@ def test_finished_job_answers_after_a_restart(
     assert before.state == "succeeded" and before.processed_count == 2
     with serve_in_background(config, store) as running, _client(running) as client:
         assert client.get_job(job.job_id) == before
+        assert [j.job_id for j in client.iter_jobs()] == [job.job_id]
 
 
 @pytest.mark.integration

@@ -56,6 +56,11 @@ class JobServiceStub:
                 request_serializer=circuits_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=circuits_dot_v1_dot_job__service__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/circuits.v1.JobService/ListJobs',
+                request_serializer=circuits_dot_v1_dot_job__service__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=circuits_dot_v1_dot_job__service__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -91,6 +96,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """Lists the server's jobs, most recently submitted first, without their graph ids and
+        errors (GetJob has them). AIP-158 paging.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=circuits_dot_v1_dot_job__service__pb2.CancelJobRequest.FromString,
                     response_serializer=circuits_dot_v1_dot_job__service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=circuits_dot_v1_dot_job__service__pb2.ListJobsRequest.FromString,
+                    response_serializer=circuits_dot_v1_dot_job__service__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +242,33 @@ class JobService:
             '/circuits.v1.JobService/CancelJob',
             circuits_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
             circuits_dot_v1_dot_job__service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/circuits.v1.JobService/ListJobs',
+            circuits_dot_v1_dot_job__service__pb2.ListJobsRequest.SerializeToString,
+            circuits_dot_v1_dot_job__service__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
