@@ -296,180 +296,36 @@ def train_transcoders(
     ``stop_after`` ends the loop after that many steps without a final checkpoint or
     export, as a killed process would (used to test resumption).
     """
-    out = Path(out_dir)
-    device = adapter.device
     retain_freed_cpu_memory()  # the step's matrices are reused, not page-faulted anew
-    layers = resolve_layers(cfg, adapter.n_layers)
-    module_cfg = cfg.module_config(adapter.d_model)
-    fingerprint = adapter.fingerprint()
-    trainable = _Trainable(module_cfg, len(layers), cfg.kind == "clt").to(device)
-    answer_weight = cfg.answer_weight if source.answer_only else 1.0
-    buffer = ActivationBuffer(
-        adapter,
-        source,
-        layers,
-        capacity_rows=cfg.buffer_rows
-        or rows_for_budget(
-            cfg.buffer_mb, len(layers), adapter.d_model, cfg.kind == "sae", answer_weight != 1.0
-        ),
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        input_site="mlp_out" if cfg.kind == "sae" else "mlp_in",
-        model_batch_size=cfg.model_batch_size,
-        device=device,
-        answer_weight=answer_weight,
-    )
-    # fused: one kernel for the whole update (CPU and CUDA), a third of the time of the
-    # multi-tensor (foreach) form on CPU; deterministic, so resumption stays bit-exact.
-    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    d_t = module_cfg.d_transcoder
-    since_fired = torch.zeros(len(layers), d_t, dtype=torch.long, device=device)
-    history: list[dict[str, Any]] = []
-    kl_sum, kl_count = 0.0, 0  # the end-to-end steps' KL since the last evaluation
-    run_state = {
-        "config": cfg.run_dict(adapter.d_model),
-        "model_fingerprint": fingerprint,
-        "layers": layers,
-    }
-
-    if has_checkpoint(out):
+    run = _Run(adapter, source, cfg, Path(out_dir), model_id)
+    if has_checkpoint(run.out):
         if not resume:
             raise FailedPreconditionError(
-                f"{out} already holds a training checkpoint: pass --resume to continue it, "
-                f"or choose another --out"
+                f"{run.out} already holds a training checkpoint: pass --resume to continue "
+                "it, or choose another --out"
             )
-        ckpt = load_checkpoint(out)
-        saved = ckpt.state
-        if saved["run"] != run_state:
-            raise FailedPreconditionError(
-                f"the checkpoint in {out} was made with another configuration or model "
-                f"({_run_differences(saved['run'], run_state)}): resume with the same flags "
-                f"and model, or choose another --out"
-            )
-        trainable.load_state_dict({k: v.to(device) for k, v in ckpt.module.items()})
-        restore_optimizer(optimizer, ckpt.optimizer)
-        since_fired.copy_(ckpt.counters["all"].to(device))
-        torch.set_rng_state(ckpt.rng)
-        in_scales, out_scales = saved["in_scales"], saved["out_scales"]
-        buffer.load_state_dict(saved["buffer"])
-        start = int(saved["step"])
-        history = list(saved["history"])
-        kl_sum, kl_count = saved.get("kl_since_eval", (0.0, 0))
-        logger.info("resumed from step %d in %s", start, out)
+        run.restore()
     else:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        trainable.reset(gen)
-        trainable.to(device)
-        # scales and data-dependent init from a shuffled sample of the first refill, so a
-        # resident split of any size costs no more than a sample of it here
-        x0, y0 = buffer.prime(max_rows=INIT_ROWS)
-        in_scales, out_scales = _scales(x0), _scales(y0)
-        s_in = torch.tensor(in_scales, device=device)[:, None, None]
-        s_out = torch.tensor(out_scales, device=device)[:, None, None]
-        trainable.init_from_data(x0 * s_in, y0 * s_out)
-        start = 0
-    s_in = torch.tensor(in_scales, device=device)[:, None, None]
-    s_out = torch.tensor(out_scales, device=device)[:, None, None]
-
-    eval_x, eval_y = collect(
-        adapter,
-        source,
-        layers,
-        n_windows=cfg.eval_windows,
-        input_site=buffer.input_site,
-        model_batch_size=cfg.model_batch_size,
-    )
-    eval_x, eval_y = eval_x * s_in, eval_y * s_out  # the units the modules train in
-
-    def checkpoint(step: int) -> None:
-        state = {
-            "run": run_state,
-            "step": step,
-            "buffer": buffer.state_dict(),
-            "in_scales": in_scales,
-            "out_scales": out_scales,
-            "history": history,
-            "kl_since_eval": [kl_sum, kl_count],
-        }
-        save_checkpoint(out, state, trainable, optimizer, {"all": since_fired})
-
-    def calibrate() -> None:
-        n_batches = -(-CALIBRATION_ROWS // cfg.batch_size)
-        batches = (buffer.next_batch()[0] * s_in for _ in range(n_batches))
-        trainable.calibrate(batches, n_batches * cfg.batch_size)
-
-    end_to_end = (
-        EndToEndLoss(
-            adapter,
-            source,
-            layers,
-            cfg.kind,
-            list(trainable.per_layer),
-            trainable.clt,
-            in_scales,
-            out_scales,
-            cfg.kl_batch,
-            cfg.seed,
-        )
-        if cfg.kl_steps
-        else None
-    )
-    params = [p for p in trainable.parameters() if p.requires_grad]
+        run.initialize()
+    run.collect_eval()
+    end_to_end = run.end_to_end() if cfg.kl_steps else None
     total_steps = cfg.total_steps
     end = total_steps if stop_after is None else min(total_steps, stop_after)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=total_steps, initial=start, disable=not progress, desc="transcoders")
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    bar = tqdm(total=total_steps, initial=run.start, disable=not progress, desc="transcoders")
     began = time.perf_counter()
-    collect_before = buffer.collect_seconds
+    collect_before = run.buffer.collect_seconds
     trained_tokens = 0
-    step = start
+    step = run.start
     try:
-        for step in range(start, end):
-            if step == cfg.steps and trainable.calibrates:
-                # the end-to-end steps' KL runs at the threshold: calibrate it first (on
-                # rows drawn after the checkpoint of step `steps`, so a resume draws them
-                # again), and hold it there
-                calibrate()
-            trainable.hold_thresholds(step >= cfg.steps)
-            x, y, weight = buffer.next_batch()
-            x, y = x * s_in, y * s_out
-            dead = since_fired >= cfg.dead_after_tokens
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(cfg, step)
-            optimizer.zero_grad(set_to_none=True)
-            parts = trainable.loss(x, y, dead, weight)
-            total = parts.mse + _sparsity_ramp(cfg, step) * parts.sparsity + parts.aux
-            if end_to_end is not None and step >= cfg.steps:
-                kl = end_to_end(step)
-                total = total + cfg.kl_coefficient * kl
-                kl_sum, kl_count = kl_sum + float(kl.detach()), kl_count + 1
-                total.backward(inputs=params)  # no gradient for the model's own weights
-            else:
-                total.backward()
-            if module_cfg.spec.unit_norm_decoder:
-                for module in trainable.modules_list():
-                    module.remove_parallel_grad_()
-            optimizer.step()
-            for module in trainable.modules_list():
-                module.after_step_()
-            with torch.no_grad():
-                since_fired.add_(cfg.batch_size).masked_fill_(parts.fired, 0)
+        for step in range(run.start, end):
+            x, y, weight = run.step(step, end_to_end)
             trained_tokens += cfg.batch_size
             done = step + 1
             bar.update(1)
             if done % cfg.eval_every == 0 or done in (cfg.steps, total_steps):
-                metrics = _quick_eval(trainable, eval_x, eval_y, since_fired, cfg)
-                metrics["step"] = done
-                if kl_count:  # the mean training KL of the end-to-end steps since the last
-                    metrics["kl_train"] = kl_sum / kl_count
-                    kl_sum, kl_count = 0.0, 0
-                history.append(metrics)
-                shown = {"fvu": f"{metrics['fvu']:.3f}", "l0": f"{metrics['l0']:.1f}"}
-                if "kl_train" in metrics:
-                    shown["kl"] = f"{metrics['kl_train']:.2e}"
-                bar.set_postfix(shown)
-                logger.info("step %d: %s", done, metrics)
+                bar.set_postfix(run.evaluate(done))
             # Resampling comes after the evaluation, so that the evaluation reports the
             # latents as trained and the dead fraction before the counters restart (fresh
             # resamples fire on many tokens until trained: FVU read 1-3 right after one
@@ -479,16 +335,9 @@ def train_transcoders(
                 and done % cfg.resample_every == 0
                 and done < int(cfg.steps * 0.8)
             ):
-                dead_now = since_fired >= cfg.dead_after_tokens
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-                n = trainable.resample(optimizer, x, y, dead_now, gen, weight)
-                if n:
-                    since_fired.masked_fill_(dead_now, 0)
-                    for module in trainable.modules_list():
-                        module.after_step_()
-                    logger.info("step %d: resampled %d dead latents", done, n)
+                run.resample(step, x, y, weight)
             if done % cfg.checkpoint_every == 0 or done in (cfg.steps, total_steps):
-                checkpoint(done)
+                run.checkpoint(done)
             step = done
     finally:
         bar.close()
@@ -497,28 +346,246 @@ def train_transcoders(
     # rate leaves all of it out.
     loop = time.perf_counter() - began
     elapsed = max(loop + collect_before, 1e-9)
-    stepping = max(loop - (buffer.collect_seconds - collect_before), 1e-9)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    if step >= total_steps and trainable.calibrates:
+    stepping = max(loop - (run.buffer.collect_seconds - collect_before), 1e-9)
+    peak = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else 0
+    if step >= total_steps and run.trainable.calibrates:
         # drawn after the final checkpoint, so a finished run resumed draws the same rows
-        calibrate()
+        run.calibrate()
     tset = build_set(
-        trainable, cfg, module_cfg, layers, in_scales, out_scales, adapter, model_id, fingerprint
+        run.trainable,
+        cfg,
+        run.module_cfg,
+        run.layers,
+        run.in_scales,
+        run.out_scales,
+        adapter,
+        model_id,
+        run.fingerprint,
     )
     if step >= total_steps:
-        save_set(tset, out)
+        save_set(tset, run.out)
     return TrainResult(
         tset=tset,
-        out_dir=out,
+        out_dir=run.out,
         steps_done=step,
-        history=history,
+        history=run.history,
         tokens_per_second=trained_tokens / elapsed,
         step_tokens_per_second=trained_tokens / stepping,
         peak_memory_bytes=int(peak),
-        buffer_rows=buffer.capacity_rows,
-        buffer_bytes=buffer.nbytes,
-        buffer_resident=buffer.resident,
+        buffer_rows=run.buffer.capacity_rows,
+        buffer_bytes=run.buffer.nbytes,
+        buffer_resident=run.buffer.resident,
     )
+
+
+class _Run:
+    """One training run: its modules, optimizer, buffer and counters, what a checkpoint
+    holds besides, and the parts of the loop (:func:`train_transcoders` drives them)."""
+
+    def __init__(
+        self, adapter: Any, source: Source, cfg: TrainConfig, out: Path, model_id: str
+    ) -> None:
+        self.adapter, self.source, self.cfg, self.out = adapter, source, cfg, out
+        self.device = adapter.device
+        self.layers = resolve_layers(cfg, adapter.n_layers)
+        self.module_cfg = cfg.module_config(adapter.d_model)
+        self.fingerprint = adapter.fingerprint()
+        self.trainable = _Trainable(self.module_cfg, len(self.layers), cfg.kind == "clt").to(
+            self.device
+        )
+        answer_weight = cfg.answer_weight if source.answer_only else 1.0
+        self.buffer = ActivationBuffer(
+            adapter,
+            source,
+            self.layers,
+            capacity_rows=cfg.buffer_rows
+            or rows_for_budget(
+                cfg.buffer_mb,
+                len(self.layers),
+                adapter.d_model,
+                cfg.kind == "sae",
+                answer_weight != 1.0,
+            ),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            input_site="mlp_out" if cfg.kind == "sae" else "mlp_in",
+            model_batch_size=cfg.model_batch_size,
+            device=self.device,
+            answer_weight=answer_weight,
+        )
+        # fused: one kernel for the whole update (CPU and CUDA), a third of the time of
+        # the multi-tensor (foreach) form on CPU; deterministic, so resumption stays
+        # bit-exact.
+        self.optimizer = torch.optim.Adam(
+            self.trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True
+        )
+        d_t = self.module_cfg.d_transcoder
+        self.since_fired = torch.zeros(len(self.layers), d_t, dtype=torch.long, device=self.device)
+        self.history: list[dict[str, Any]] = []
+        self.kl_sum, self.kl_count = 0.0, 0  # the end-to-end steps' KL since the last eval
+        self.run_state = {
+            "config": cfg.run_dict(adapter.d_model),
+            "model_fingerprint": self.fingerprint,
+            "layers": self.layers,
+        }
+        self.start = 0
+        # per layer sqrt(d / E|x|^2) of inputs and targets, and as (n_layers, 1, 1) tensors
+        self.in_scales: list[float] = []
+        self.out_scales: list[float] = []
+        self.s_in = self.s_out = torch.empty(0)
+        self.eval_x = self.eval_y = torch.empty(0)
+
+    # ------------------------------------------------------------------ state
+    def restore(self) -> None:
+        """Continue from the checkpoint in ``out``, made by the same run."""
+        ckpt = load_checkpoint(self.out)
+        saved = ckpt.state
+        if saved["run"] != self.run_state:
+            raise FailedPreconditionError(
+                f"the checkpoint in {self.out} was made with another configuration or model "
+                f"({_run_differences(saved['run'], self.run_state)}): resume with the same "
+                "flags and model, or choose another --out"
+            )
+        self.trainable.load_state_dict({k: v.to(self.device) for k, v in ckpt.module.items()})
+        restore_optimizer(self.optimizer, ckpt.optimizer)
+        self.since_fired.copy_(ckpt.counters["all"].to(self.device))
+        torch.set_rng_state(ckpt.rng)
+        self._set_scales(saved["in_scales"], saved["out_scales"])
+        self.buffer.load_state_dict(saved["buffer"])
+        self.start = int(saved["step"])
+        self.history = list(saved["history"])
+        self.kl_sum, self.kl_count = saved.get("kl_since_eval", (0.0, 0))
+        logger.info("resumed from step %d in %s", self.start, self.out)
+
+    def initialize(self) -> None:
+        """A fresh run: seeded parameters, then the scales and the data-dependent init
+        from a shuffled sample of the first refill (so a resident split of any size
+        costs no more than a sample of it here)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.trainable.reset(gen)
+        self.trainable.to(self.device)
+        x0, y0 = self.buffer.prime(max_rows=INIT_ROWS)
+        self._set_scales(_scales(x0), _scales(y0))
+        self.trainable.init_from_data(x0 * self.s_in, y0 * self.s_out)
+        self.start = 0
+
+    def _set_scales(self, in_scales: list[float], out_scales: list[float]) -> None:
+        self.in_scales, self.out_scales = in_scales, out_scales
+        self.s_in = torch.tensor(in_scales, device=self.device)[:, None, None]
+        self.s_out = torch.tensor(out_scales, device=self.device)[:, None, None]
+
+    def checkpoint(self, step: int) -> None:
+        state = {
+            "run": self.run_state,
+            "step": step,
+            "buffer": self.buffer.state_dict(),
+            "in_scales": self.in_scales,
+            "out_scales": self.out_scales,
+            "history": self.history,
+            "kl_since_eval": [self.kl_sum, self.kl_count],
+        }
+        save_checkpoint(self.out, state, self.trainable, self.optimizer, {"all": self.since_fired})
+
+    # ------------------------------------------------------------------ the loop's parts
+    def collect_eval(self) -> None:
+        """The fixed eval activations of the periodic evaluation, in the units the
+        modules train in."""
+        eval_x, eval_y = collect(
+            self.adapter,
+            self.source,
+            self.layers,
+            n_windows=self.cfg.eval_windows,
+            input_site=self.buffer.input_site,
+            model_batch_size=self.cfg.model_batch_size,
+        )
+        self.eval_x, self.eval_y = eval_x * self.s_in, eval_y * self.s_out
+
+    def end_to_end(self) -> EndToEndLoss:
+        return EndToEndLoss(
+            self.adapter,
+            self.source,
+            self.layers,
+            self.cfg.kind,
+            list(self.trainable.per_layer),
+            self.trainable.clt,
+            self.in_scales,
+            self.out_scales,
+            self.cfg.kl_batch,
+            self.cfg.seed,
+        )
+
+    def calibrate(self) -> None:
+        """Fit BatchTopK thresholds on the buffer's next training rows."""
+        n_batches = -(-CALIBRATION_ROWS // self.cfg.batch_size)
+        batches = (self.buffer.next_batch()[0] * self.s_in for _ in range(n_batches))
+        self.trainable.calibrate(batches, n_batches * self.cfg.batch_size)
+
+    def step(
+        self, step: int, end_to_end: EndToEndLoss | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One optimizer step; returns its scaled batch (x, y, row weights)."""
+        cfg, trainable = self.cfg, self.trainable
+        if step == cfg.steps and trainable.calibrates:
+            # the end-to-end steps' KL runs at the threshold: calibrate it first (on rows
+            # drawn after the checkpoint of step `steps`, so a resume draws them again),
+            # and hold it there
+            self.calibrate()
+        trainable.hold_thresholds(step >= cfg.steps)
+        x, y, weight = self.buffer.next_batch()
+        x, y = x * self.s_in, y * self.s_out
+        dead = self.since_fired >= cfg.dead_after_tokens
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = trainable.loss(x, y, dead, weight)
+        total = parts.mse + _sparsity_ramp(cfg, step) * parts.sparsity + parts.aux
+        if end_to_end is not None and step >= cfg.steps:
+            kl = end_to_end(step)
+            total = total + cfg.kl_coefficient * kl
+            self.kl_sum, self.kl_count = self.kl_sum + float(kl.detach()), self.kl_count + 1
+            params = [p for p in trainable.parameters() if p.requires_grad]
+            total.backward(inputs=params)  # no gradient for the model's own weights
+        else:
+            total.backward()
+        if self.module_cfg.spec.unit_norm_decoder:
+            for module in trainable.modules_list():
+                module.remove_parallel_grad_()
+        self.optimizer.step()
+        for module in trainable.modules_list():
+            module.after_step_()
+        with torch.no_grad():
+            self.since_fired.add_(cfg.batch_size).masked_fill_(parts.fired, 0)
+        return x, y, weight
+
+    def evaluate(self, done: int) -> dict[str, str]:
+        """Record the periodic evaluation after ``done`` steps; returns what the
+        progress bar shows of it."""
+        metrics: dict[str, Any] = _quick_eval(
+            self.trainable, self.eval_x, self.eval_y, self.since_fired, self.cfg
+        )
+        metrics["step"] = done
+        if self.kl_count:  # the mean training KL of the end-to-end steps since the last
+            metrics["kl_train"] = self.kl_sum / self.kl_count
+            self.kl_sum, self.kl_count = 0.0, 0
+        self.history.append(metrics)
+        logger.info("step %d: %s", done, metrics)
+        shown = {"fvu": f"{metrics['fvu']:.3f}", "l0": f"{metrics['l0']:.1f}"}
+        if "kl_train" in metrics:
+            shown["kl"] = f"{metrics['kl_train']:.2e}"
+        return shown
+
+    def resample(
+        self, step: int, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None
+    ) -> None:
+        """Re-initialize the latents dead now on the step's batch (seeded by the step)."""
+        dead_now = self.since_fired >= self.cfg.dead_after_tokens
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        n = self.trainable.resample(self.optimizer, x, y, dead_now, gen, weight)
+        if n:
+            self.since_fired.masked_fill_(dead_now, 0)
+            for module in self.trainable.modules_list():
+                module.after_step_()
+            logger.info("step %d: resampled %d dead latents", step + 1, n)
 
 
 @torch.no_grad()
