@@ -377,27 +377,30 @@ class BatchTopKActivation(SelectingActivation):
         rows = positions.div(width, rounding_mode="floor")
         columns = positions - rows * width
         if self.balance_rate > 0:
-            self._prepare_balance(columns[kept > 0], n)
-        counts = torch.bincount(rows, minlength=n)
-        return Selection(rows, columns, counts.cumsum(0).sub_(counts))
+            self._prepare_balance(columns, kept > 0, n)
+        # rows ascend, so row i's entries start where the first row >= i is
+        offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device))
+        return Selection(rows, columns, offsets)
 
+    # These updates stay on the device: no data-dependent shape and no read back to the
+    # host, which on a GPU would wait for the step's queued kernels.
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
         if not self.tracks_threshold:
             return
-        positive = kept[kept > 0]
-        if positive.numel() == 0:
-            return
-        smallest = positive.min()
-        if bool((self.threshold == 0).all()):
-            self.threshold.fill_(smallest)
-        else:
-            self.threshold.mul_(self.momentum).add_((1 - self.momentum) * smallest)
+        # the smallest positive kept value; +inf when none is (the threshold stays)
+        smallest = torch.where(kept > 0, kept, torch.inf).amin()
+        averaged = self.threshold * self.momentum + (1 - self.momentum) * smallest
+        # zero until the first batch: the first batch's value then sets it
+        updated = torch.where(self.threshold == 0, smallest, averaged)
+        self.threshold.copy_(torch.where(smallest.isfinite(), updated, self.threshold))
 
     @torch.no_grad()
-    def _prepare_balance(self, fired_columns: torch.Tensor, n: int) -> None:
+    def _prepare_balance(self, columns: torch.Tensor, positive: torch.Tensor, n: int) -> None:
+        """columns: (M,) the selected entries' latents; positive: (M,) whether each fired."""
         width = self.balance.numel()
-        count = torch.bincount(fired_columns, minlength=width).to(self.fired_ema.dtype)
+        ones = positive.to(self.fired_ema.dtype)
+        count = self.fired_ema.new_zeros(width).index_add_(0, columns, ones)
         averaged = torch.lerp(self.fired_ema, count, self.EMA_WEIGHT)
         fired = self.fired_ema.copy_(torch.where(self.fired_ema < 0, count, averaged))
         step = self.balance_rate * self.threshold[0]

@@ -87,6 +87,14 @@ def test_batchtopk_keeps_n_k_per_batch_and_infers_at_its_threshold():
     )
     expected = 0.99 * first + 0.01 * later
     assert module.threshold[0].item() == pytest.approx(expected, rel=1e-5)
+    # a batch without a positive pre-activation leaves it where it is
+    before = module.threshold.clone()
+    selection = module.activation.select(-torch.rand(64, module.cfg.d_transcoder) - 0.1)
+    assert torch.equal(module.threshold, before)
+    # the selection is grouped by row: row i's entries start at offsets[i]
+    counts = torch.bincount(selection.rows, minlength=64)
+    assert torch.equal(selection.offsets, counts.cumsum(0) - counts)
+    assert bool((selection.rows.diff() >= 0).all()) and selection.rows.numel() == 64 * module.cfg.k
 
 
 def test_batchtopk_calibration_makes_k_latents_per_row_fire_on_its_rows():
@@ -166,17 +174,18 @@ def test_firing_floor_follows_the_average_count_not_one_batchs():
     cfg = config("batchtopk")  # 16 latents, k 4: at 64 tokens the mean count is 16
     activation = Transcoder(type(cfg)(**{**cfg.to_dict(), "balance_rate": 0.1})).activation
     activation.threshold.fill_(1.0)
-    usual = torch.arange(D_T).repeat_interleave(4)  # every latent fires on 4 tokens
+    usual = torch.arange(D_T).repeat_interleave(4)  # every latent selected on 4 tokens
+    every = torch.ones_like(usual, dtype=torch.bool)  # and fires (value > 0) on each
     for _ in range(5):
-        activation._prepare_balance(usual, 64)
+        activation._prepare_balance(usual, every, 64)
         assert not activation.take_bias_change().any()  # 4 >= the floor (0.5)
     # one batch in which latent 0 fires on none: its average stays over the floor
-    activation._prepare_balance(usual[usual != 0], 64)
+    activation._prepare_balance(usual, usual != 0, 64)
     assert not activation.take_bias_change().any()
     # a latent that stops firing is raised once its average falls under the floor
     raised_after = None
     for step in range(60):
-        activation._prepare_balance(usual[usual != 0], 64)
+        activation._prepare_balance(usual, usual != 0, 64)
         if activation.take_bias_change()[0] > 0:
             raised_after = step
             break
