@@ -345,7 +345,7 @@ class JobManager:
             artifacts_dir=self._artifacts_dir, settings=job.settings, progress=False
         )
         worker = IngestWorker(self._store, computer, options)
-        work_dir = self._artifacts_dir / "jobs" / job.job_id
+        work_dir = self._journal_root / job.job_id  # the job's journal directory too
         work_dir.mkdir(parents=True, exist_ok=True)
         for i, record in enumerate(job.prompts, start=1):
             if i <= job.processed:
