@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from ingest.worker.keys import GraphSettings
 from service.client import CircuitsClient
 from service.config import ServerConfig
 from service.job_journal import EVENTS_FILE, JOB_FILE, JobJournal
-from service.jobs import Job, JobState
-from service.models import ModelSpec
+from service.jobs import Job, JobManager, JobState
+from service.models import ModelRegistry, ModelSpec
 from service.results import JobStatus
 from service.server import RunningServer, serve_in_background
 from tests.service.conftest import TOKEN
@@ -229,3 +230,30 @@ def test_a_second_server_on_the_same_directory_keeps_its_jobs_in_memory(
         assert "another server owns the job journal" in caplog.text
         assert not (artifacts / "jobs" / mine.job_id / JOB_FILE).exists()
         assert client.get_job(job.job_id).state == "succeeded"
+
+
+@pytest.mark.integration
+def test_forgotten_jobs_leave_the_journal_too(
+    store: GraphStore, model_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Beyond ``max_jobs`` the oldest finished job is forgotten on disk as in memory, so
+    the journal stays bounded and a restart brings back only the jobs kept."""
+    registry = ModelRegistry((ModelSpec(MODEL, str(model_dirs[0]), model_dirs[1]),))
+    artifacts = tmp_path / "artifacts"
+    ids = []
+    with ThreadPoolExecutor(1) as pool:
+        jobs = JobManager(store, registry, pool, artifacts, max_jobs=2)
+        jobs.open()
+        for i in range(3):
+            job = jobs.submit(MODEL, [{"prompt": f"w{20 + i} w3"}], GraphSettings())
+            ids.append(job.job_id)
+            while not jobs.get(job.job_id).state.finished:
+                time.sleep(0.02)
+        jobs.close()
+    assert sorted(p.name for p in (artifacts / "jobs").iterdir() if p.is_dir()) == sorted(ids[1:])
+    with ThreadPoolExecutor(1) as pool:
+        again = JobManager(store, registry, pool, artifacts, max_jobs=2)
+        assert again.open() == 0  # nothing to resume
+        listed, _ = again.list_jobs(state=None, model=None, limit=10)
+        assert [j.job_id for j in listed] == ids[:0:-1]
+        again.close()
