@@ -21,8 +21,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -71,6 +71,8 @@ CIRCUIT_PATCHINGS = {
     "edge": analysis_service_pb2.CIRCUIT_PATCHING_EDGE,
     "node": analysis_service_pb2.CIRCUIT_PATCHING_NODE,
 }
+
+T = TypeVar("T")
 
 
 class CircuitsClient:
@@ -150,13 +152,7 @@ class CircuitsClient:
 
     def iter_graphs(self, **filters: Any) -> Iterator[GraphSummary]:
         """Every stored graph matching ``filters`` (as for :meth:`list_graphs`), page by page."""
-        token = ""
-        while True:
-            page = self.list_graphs(page_token=token, **filters)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            token = page.next_cursor
+        return _every_page(self.list_graphs, filters)
 
     def get_graph(
         self,
@@ -479,14 +475,19 @@ class CircuitsClient:
 
     def iter_jobs(self, **filters: Any) -> Iterator[JobStatus]:
         """Every job matching ``filters`` (as for :meth:`list_jobs`), page by page."""
-        token = ""
-        while True:
-            page = self.list_jobs(page_token=token, **filters)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            token = page.next_cursor
+        return _every_page(self.list_jobs, filters)
 
     def cancel_job(self, job_id: str) -> JobStatus:
         request = job_service_pb2.CancelJobRequest(job_id=job_id)
         return convert.job_status_from_proto(self._call(self._jobs.CancelJob, request).job)
+
+
+def _every_page(list_page: Callable[..., Page[T]], filters: dict[str, Any]) -> Iterator[T]:
+    """The items of every page ``list_page(page_token=..., **filters)`` returns, in order."""
+    token = ""
+    while True:
+        page = list_page(page_token=token, **filters)
+        yield from page.items
+        if page.next_cursor is None:
+            return
+        token = page.next_cursor
