@@ -10,7 +10,7 @@ method (what a request costs without queueing), and of GetGraph for the whole
 benchmark graph (from the graph cache, or from the store with ``--graph-cache-edges 0``).
 
 GetSubgraph asks for ~1k-edge neighbourhoods (depth 2, top_k 32, direction out) of a
-24-layer graph with 40 features per layer (~42k edges): every node whose answer has
+24-layer graph with 40 features per layer (~39k edges): every node whose answer has
 1000-1100 edges is a centre (about 900), and each call picks one at random (seeded
 by ``--seed`` and the client's number), so the server's remembered answers
 (``--subgraph-memo-edges``, about 220 such answers at the default) cannot answer
