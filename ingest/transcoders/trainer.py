@@ -297,7 +297,7 @@ def train_transcoders(
     export, as a killed process would (used to test resumption).
     """
     retain_freed_cpu_memory()  # the step's matrices are reused, not page-faulted anew
-    run = _Run(adapter, source, cfg, Path(out_dir), model_id)
+    run = _Run(adapter, source, cfg, Path(out_dir))
     if has_checkpoint(run.out):
         if not resume:
             raise FailedPreconditionError(
@@ -382,9 +382,7 @@ class _Run:
     """One training run: its modules, optimizer, buffer and counters, what a checkpoint
     holds besides, and the parts of the loop (:func:`train_transcoders` drives them)."""
 
-    def __init__(
-        self, adapter: Any, source: Source, cfg: TrainConfig, out: Path, model_id: str
-    ) -> None:
+    def __init__(self, adapter: Any, source: Source, cfg: TrainConfig, out: Path) -> None:
         self.adapter, self.source, self.cfg, self.out = adapter, source, cfg, out
         self.device = adapter.device
         self.layers = resolve_layers(cfg, adapter.n_layers)
