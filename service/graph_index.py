@@ -45,6 +45,7 @@ gives the bytes per budget unit.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import struct
 import time
@@ -82,6 +83,19 @@ def _tag(message: type, field: str, wire_type: int) -> bytes:
 
 _NODES_TAG = _tag(graph_service_pb2.GetSubgraphResponse, "nodes", _WIRE_LEN)
 _EDGES_TAG = _tag(graph_service_pb2.GetSubgraphResponse, "edges", _WIRE_LEN)
+# A Graph and a StreamGraphEdgesResponse share one layout: summary, nodes, edges.
+_GRAPH_SUMMARY_TAG = _tag(types_pb2.Graph, "summary", _WIRE_LEN)
+_GRAPH_NODES_TAG = _tag(types_pb2.Graph, "nodes", _WIRE_LEN)
+_GRAPH_EDGES_TAG = _tag(types_pb2.Graph, "edges", _WIRE_LEN)
+_GET_GRAPH_TAG = _tag(graph_service_pb2.GetGraphResponse, "graph", _WIRE_LEN)
+assert all(
+    _tag(graph_service_pb2.StreamGraphEdgesResponse, name, _WIRE_LEN) == tag
+    for name, tag in (
+        ("summary", _GRAPH_SUMMARY_TAG),
+        ("nodes", _GRAPH_NODES_TAG),
+        ("edges", _GRAPH_EDGES_TAG),
+    )
+)
 _SOURCE_TAG = _tag(types_pb2.Edge, "source_id", _WIRE_LEN)
 _TARGET_TAG = _tag(types_pb2.Edge, "target_id", _WIRE_LEN)
 _WEIGHT_TAG = _tag(types_pb2.Edge, "weight", _WIRE_I64)
@@ -291,6 +305,39 @@ class GraphIndex:
             targets=local[self.targets[ids]],
             weights=self.weights[ids].astype(np.float32),
         )
+
+    @functools.cached_property
+    def _whole_fields(self) -> tuple[bytes, bytes, npt.NDArray[np.int64]]:
+        """The nodes and the edges as fields of a Graph (and of a StreamGraphEdgesResponse):
+        the GetSubgraph fields retagged and joined, with each edge's end offset in the
+        edges' bytes. Made on first use (GetGraph, StreamGraphEdges): about the edges'
+        serialized size again in memory."""
+        nodes = b"".join(_GRAPH_NODES_TAG + f[len(_NODES_TAG) :] for f in self._node_fields)
+        retagged = [_GRAPH_EDGES_TAG + f[len(_EDGES_TAG) :] for f in self._edge_fields]
+        ends = np.cumsum([len(f) for f in retagged], dtype=np.int64)
+        return nodes, b"".join(retagged), ends
+
+    def _edge_bytes(self, start: int, stop: int) -> bytes:
+        _, edges, ends = self._whole_fields
+        stop = min(stop, self.n_edges)
+        if start >= stop:
+            return b""
+        return edges[(int(ends[start - 1]) if start else 0) : int(ends[stop - 1])]
+
+    def graph_response_bytes(self, summary: bytes) -> bytes:
+        """The serialized GetGraphResponse of the whole graph, ``summary`` being its
+        serialized GraphSummary: byte for byte what serializing the message gives."""
+        nodes, edges, _ = self._whole_fields
+        graph = _field(_GRAPH_SUMMARY_TAG, summary) + nodes + edges
+        return _field(_GET_GRAPH_TAG, graph)
+
+    def stream_chunks(self, summary: bytes, chunk: int) -> list[bytes]:
+        """The serialized StreamGraphEdgesResponse messages of the whole graph in chunks
+        of ``chunk`` edges: the summary and the nodes with the first."""
+        nodes, _, _ = self._whole_fields
+        first = _field(_GRAPH_SUMMARY_TAG, summary) + nodes + self._edge_bytes(0, chunk)
+        rest = [self._edge_bytes(s, s + chunk) for s in range(chunk, self.n_edges, chunk)]
+        return [first, *rest]
 
     def whole_graph(self) -> AttributionGraph:
         """The complete graph as the store returned it at load (GetGraph, StreamGraphEdges)."""

@@ -12,30 +12,33 @@ summary (its creation time) from the store, one indexed lookup. ListGraphs
 pages are kept for a bounded time by a :class:`~service.listing_cache.ListingCache`
 when the server has one.
 
-A GetSubgraph answer from the cache is already the serialized response
-(:meth:`GraphIndex.subgraph_bytes`); :func:`add_graph_service` registers the service
-with a GetSubgraph serializer that passes such bytes through unchanged (and
-serializes a message, the store path, as usual), so the bytes are never parsed
-into a message and serialized again.
+GetSubgraph, GetGraph and StreamGraphEdges answers from the cache are serialized
+already (:meth:`GraphIndex.subgraph_bytes`, :meth:`GraphIndex.graph_response_bytes`,
+:meth:`GraphIndex.stream_chunks`); :func:`add_graph_service` registers these methods
+with a serializer that passes such bytes through unchanged (and serializes a message,
+the store path, as usual), so the bytes are never parsed into a message and
+serialized again.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from grpc import aio
 
 from ingest.errors import InvalidArgumentError
-from ingest.graph import AttributionGraph
 from ingest.store.base import GraphStore
 from service import convert
 from service._generated.circuits.v1 import graph_service_pb2 as pb
 from service._generated.circuits.v1 import graph_service_pb2_grpc
 from service.artifacts import check_threshold, reprune
 from service.graph_cache import GraphCache
+from service.graph_index import GraphIndex
 from service.listing_cache import ListingCache
 from service.pagination import decode_page_token, encode_page_token, page_size
 from service.runner import BlockingRunner
@@ -114,9 +117,11 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         key = (*filters.values(), limit, cursor)
         return await self._listings.get(key, load)
 
-    async def GetGraph(
+    async def GetGraph(  # type: ignore[override]
         self, request: pb.GetGraphRequest, context: aio.ServicerContext
-    ) -> pb.GetGraphResponse:
+    ) -> pb.GetGraphResponse | bytes:
+        """The stored graph (serialized already when the cache holds it), or the
+        artifact re-pruned at the requested thresholds."""
         graph_id = _required("graph_id", request.graph_id)
         summary = await self._run.call(context, self._store.get_graph_summary, graph_id)
         if request.HasField("node_threshold") or request.HasField("edge_threshold"):
@@ -145,16 +150,38 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
             # The artifact's metadata predates storing; keep the stored identity fields.
             graph.metadata.artifact_uri = stored.artifact_uri
             return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
-        graph = await self._whole_graph(context, graph_id)
+        index = await self._cached(context, graph_id)
+        if index is not None:
+            # off the event loop: the first call for a graph assembles its fields
+            return await self._run.call(
+                context,
+                index.graph_response_bytes,
+                _summary_bytes(index, summary.created_at),
+                pass_timeout=False,
+            )
+        graph = await self._run.call(context, self._store.get_graph, graph_id)
         return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
 
-    async def StreamGraphEdges(
+    async def StreamGraphEdges(  # type: ignore[override]
         self, request: pb.StreamGraphEdgesRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamGraphEdgesResponse]:
+    ) -> AsyncIterator[pb.StreamGraphEdgesResponse | bytes]:
+        """The stored graph in chunks (serialized already when the cache holds it)."""
         graph_id = _required("graph_id", request.graph_id)
         chunk = bounded("chunk_size", request.chunk_size, DEFAULT_CHUNK, 1, MAX_CHUNK)
         summary = await self._run.call(context, self._store.get_graph_summary, graph_id)
-        graph = await self._whole_graph(context, graph_id)
+        index = await self._cached(context, graph_id)
+        if index is not None:
+            chunks = await self._run.call(
+                context,
+                index.stream_chunks,
+                _summary_bytes(index, summary.created_at),
+                chunk,
+                pass_timeout=False,
+            )
+            for message in chunks:
+                yield message
+            return
+        graph = await self._run.call(context, self._store.get_graph, graph_id)
         yield pb.StreamGraphEdgesResponse(
             summary=convert.summary_to_proto(
                 graph.metadata, graph.n_nodes, graph.n_edges, summary.created_at
@@ -167,14 +194,13 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
                 edges=convert.edges_to_proto(graph, start, start + chunk)
             )
 
-    async def _whole_graph(self, context: aio.ServicerContext, graph_id: str) -> AttributionGraph:
-        """The stored graph: from the graph cache when it holds it (at most its
-        ``revalidate_s`` stale, as every cached answer), else read from the store."""
-        cache = self._cache
-        index = await cache.get(graph_id, self._run.timeout_for(context)) if cache else None
-        if index is not None:
-            return index.whole_graph()
-        return await self._run.call(context, self._store.get_graph, graph_id)
+    async def _cached(self, context: aio.ServicerContext, graph_id: str) -> GraphIndex | None:
+        """The graph cache's copy of the graph (at most its ``revalidate_s`` stale, as
+        every cached answer), or None when the server has no cache or it cannot hold
+        the graph: the store answers then."""
+        if self._cache is None:
+            return None
+        return await self._cache.get(graph_id, self._run.timeout_for(context))
 
     async def GetSubgraph(  # type: ignore[override]
         self, request: pb.GetSubgraphRequest, context: aio.ServicerContext
@@ -241,17 +267,29 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         return pb.FindPathsResponse(paths=[convert.path_to_proto(p) for p in paths])
 
 
-def _serialize_subgraph(response: pb.GetSubgraphResponse | bytes) -> bytes:
-    """GetSubgraph's response serializer: cache answers are serialized already."""
+def _summary_bytes(index: GraphIndex, created_at: Any) -> bytes:
+    """The serialized GraphSummary of a cached graph, with the store's creation time."""
+    summary = convert.summary_to_proto(index.metadata, index.n_nodes, index.n_edges, created_at)
+    return summary.SerializeToString()
+
+
+def _serialize(response: Message | bytes) -> bytes:
+    """The response serializer of the methods the cache answers with bytes (GetSubgraph,
+    GetGraph, StreamGraphEdges): those pass through, messages are serialized."""
     if isinstance(response, bytes):
         return response
     return response.SerializeToString()
 
 
+#: Methods whose responses may be serialized already (:func:`_serialize`).
+_PRESERIALIZED = frozenset({"GetSubgraph", "GetGraph", "StreamGraphEdges"})
+
+
 def add_graph_service(servicer: GraphServicer, server: aio.Server) -> None:
     """Register ``servicer`` as ``circuits.v1.GraphService`` on ``server``, as the
     generated ``add_GraphServiceServicer_to_server`` does (handlers made from the
-    service's descriptor), but with :func:`_serialize_subgraph` for GetSubgraph."""
+    service's descriptor), but with :func:`_serialize` for the methods the cache answers
+    with bytes."""
     service = pb.DESCRIPTOR.services_by_name["GraphService"]
     handlers = {}
     for method in service.methods:
@@ -266,7 +304,7 @@ def add_graph_service(servicer: GraphServicer, server: aio.Server) -> None:
             getattr(servicer, method.name),
             request_deserializer=request.FromString,
             response_serializer=(
-                _serialize_subgraph if method.name == "GetSubgraph" else response.SerializeToString
+                _serialize if method.name in _PRESERIALIZED else response.SerializeToString
             ),
         )
     server.add_generic_rpc_handlers(

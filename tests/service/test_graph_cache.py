@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import random
 import threading
 from collections.abc import Iterator
@@ -143,6 +144,23 @@ def test_pre_serialized_answers_are_the_messages_bytes() -> None:
             raw = index.subgraph_bytes(found)
             assert raw == _serialized(index.subgraph_graph(found)), (node.node_id, direction)
     assert len(index.node_ids[-1]) > 128, "an id must need a two-byte length"
+    # whole-graph answers: GetGraph's response and StreamGraphEdges' chunks
+    created = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
+    summary = convert.summary_to_proto(graph.metadata, graph.n_nodes, graph.n_edges, created)
+    expected = pb.GetGraphResponse(graph=convert.graph_to_proto(graph, created))
+    raw = index.graph_response_bytes(summary.SerializeToString())
+    assert raw == expected.SerializeToString()
+    for chunk in (1, 7, 40, 1000):
+        chunks = index.stream_chunks(summary.SerializeToString(), chunk)
+        messages = [
+            pb.StreamGraphEdgesResponse(
+                summary=summary if start == 0 else None,
+                nodes=[convert.node_to_proto(n) for n in graph.nodes] if start == 0 else [],
+                edges=convert.edges_to_proto(graph, start, start + chunk),
+            )
+            for start in range(0, max(graph.n_edges, 1), chunk)
+        ]
+        assert chunks == [m.SerializeToString() for m in messages], chunk
 
 
 def test_ties_are_broken_by_node_id(store: GraphStore, graphs: dict[str, AttributionGraph]) -> None:
