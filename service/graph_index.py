@@ -45,11 +45,10 @@ gives the bytes per budget unit.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,6 +196,7 @@ class GraphIndex:
             _field(_NODES_TAG, convert.node_to_proto(nd).SerializeToString()) for nd in self.nodes
         ]
         self._edge_fields = _edge_fields(self.node_ids, self.sources, self.targets, self.weights)
+        self._whole: tuple[bytes, bytes, npt.NDArray[np.int64]] | None = None
 
     @property
     def cost(self) -> int:
@@ -306,19 +306,21 @@ class GraphIndex:
             weights=self.weights[ids].astype(np.float32),
         )
 
-    @functools.cached_property
-    def _whole_fields(self) -> tuple[bytes, bytes, npt.NDArray[np.int64]]:
+    def whole_fields(self) -> tuple[bytes, bytes, npt.NDArray[np.int64]]:
         """The nodes and the edges as fields of a Graph (and of a StreamGraphEdgesResponse):
         the GetSubgraph fields retagged and joined, with each edge's end offset in the
-        edges' bytes. Made on first use (GetGraph, StreamGraphEdges): about the edges'
-        serialized size again in memory."""
-        nodes = b"".join(_GRAPH_NODES_TAG + f[len(_NODES_TAG) :] for f in self._node_fields)
-        retagged = [_GRAPH_EDGES_TAG + f[len(_EDGES_TAG) :] for f in self._edge_fields]
-        ends = np.cumsum([len(f) for f in retagged], dtype=np.int64)
-        return nodes, b"".join(retagged), ends
+        edges' bytes. Made on the first call (GetGraph, StreamGraphEdges; the server
+        makes that call off its event loop) and kept: about the edges' serialized size
+        again in memory."""
+        if self._whole is None:
+            nodes = b"".join(_GRAPH_NODES_TAG + f[len(_NODES_TAG) :] for f in self._node_fields)
+            retagged = [_GRAPH_EDGES_TAG + f[len(_EDGES_TAG) :] for f in self._edge_fields]
+            ends = np.cumsum([len(f) for f in retagged], dtype=np.int64)
+            self._whole = (nodes, b"".join(retagged), ends)
+        return self._whole
 
     def _edge_bytes(self, start: int, stop: int) -> bytes:
-        _, edges, ends = self._whole_fields
+        _, edges, ends = self.whole_fields()
         stop = min(stop, self.n_edges)
         if start >= stop:
             return b""
@@ -327,27 +329,17 @@ class GraphIndex:
     def graph_response_bytes(self, summary: bytes) -> bytes:
         """The serialized GetGraphResponse of the whole graph, ``summary`` being its
         serialized GraphSummary: byte for byte what serializing the message gives."""
-        nodes, edges, _ = self._whole_fields
+        nodes, edges, _ = self.whole_fields()
         graph = _field(_GRAPH_SUMMARY_TAG, summary) + nodes + edges
         return _field(_GET_GRAPH_TAG, graph)
 
-    def stream_chunks(self, summary: bytes, chunk: int) -> list[bytes]:
+    def stream_chunks(self, summary: bytes, chunk: int) -> Iterator[bytes]:
         """The serialized StreamGraphEdgesResponse messages of the whole graph in chunks
-        of ``chunk`` edges: the summary and the nodes with the first."""
-        nodes, _, _ = self._whole_fields
-        first = _field(_GRAPH_SUMMARY_TAG, summary) + nodes + self._edge_bytes(0, chunk)
-        rest = [self._edge_bytes(s, s + chunk) for s in range(chunk, self.n_edges, chunk)]
-        return [first, *rest]
-
-    def whole_graph(self) -> AttributionGraph:
-        """The complete graph as the store returned it at load (GetGraph, StreamGraphEdges)."""
-        return AttributionGraph(
-            metadata=self.metadata,
-            nodes=self.nodes,
-            sources=self.sources.astype(np.int64),
-            targets=self.targets.astype(np.int64),
-            weights=self.weights.astype(np.float32),
-        )
+        of ``chunk`` edges, made one at a time: the summary and the nodes with the first."""
+        nodes, _, _ = self.whole_fields()
+        yield _field(_GRAPH_SUMMARY_TAG, summary) + nodes + self._edge_bytes(0, chunk)
+        for start in range(chunk, self.n_edges, chunk):
+            yield self._edge_bytes(start, start + chunk)
 
     # ------------------------------------------------------------------ paths
     def strongest_paths(

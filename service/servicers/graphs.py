@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import datetime
 
 import grpc
 from google.protobuf.message import Message
@@ -171,14 +171,10 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         summary = await self._run.call(context, self._store.get_graph_summary, graph_id)
         index = await self._cached(context, graph_id)
         if index is not None:
-            chunks = await self._run.call(
-                context,
-                index.stream_chunks,
-                _summary_bytes(index, summary.created_at),
-                chunk,
-                pass_timeout=False,
-            )
-            for message in chunks:
+            # off the event loop: the first call for a graph assembles its fields; each
+            # chunk is then a slice of them
+            await self._run.call(context, index.whole_fields, pass_timeout=False)
+            for message in index.stream_chunks(_summary_bytes(index, summary.created_at), chunk):
                 yield message
             return
         graph = await self._run.call(context, self._store.get_graph, graph_id)
@@ -267,7 +263,7 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         return pb.FindPathsResponse(paths=[convert.path_to_proto(p) for p in paths])
 
 
-def _summary_bytes(index: GraphIndex, created_at: Any) -> bytes:
+def _summary_bytes(index: GraphIndex, created_at: datetime | None) -> bytes:
     """The serialized GraphSummary of a cached graph, with the store's creation time."""
     summary = convert.summary_to_proto(index.metadata, index.n_nodes, index.n_edges, created_at)
     return summary.SerializeToString()

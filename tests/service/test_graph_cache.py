@@ -151,7 +151,7 @@ def test_pre_serialized_answers_are_the_messages_bytes() -> None:
     raw = index.graph_response_bytes(summary.SerializeToString())
     assert raw == expected.SerializeToString()
     for chunk in (1, 7, 40, 1000):
-        chunks = index.stream_chunks(summary.SerializeToString(), chunk)
+        chunks = list(index.stream_chunks(summary.SerializeToString(), chunk))
         messages = [
             pb.StreamGraphEdgesResponse(
                 summary=summary if start == 0 else None,
