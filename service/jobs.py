@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.errors import (
+    CircuitscopeError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -323,10 +324,11 @@ class JobManager:
             self._ingest(job)
         except Exception as exc:
             logger.exception("job %s failed", job_id)
+            # domain errors say what is wrong and what to do; anything else stays in the log
             message = (
                 str(exc)
-                if isinstance(exc, InvalidArgumentError | NotFoundError)
-                else (f"{type(exc).__name__}: see the server log")
+                if isinstance(exc, CircuitscopeError)
+                else f"{type(exc).__name__}: see the server log"
             )
             self._update(job_id, lambda j: _finish(j, JobState.FAILED, message))
 

@@ -257,3 +257,18 @@ def test_forgotten_jobs_leave_the_journal_too(
         listed, _ = again.list_jobs(state=None, model=None, limit=10)
         assert [j.job_id for j in listed] == ids[:0:-1]
         again.close()
+
+
+@pytest.mark.integration
+def test_a_job_that_cannot_load_its_model_fails_saying_why(
+    store: GraphStore, model_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-transcoders"
+    spec = ModelSpec("broken", str(model_dirs[0]), missing)
+    config = ServerConfig(
+        port=0, tokens=frozenset({TOKEN}), models=(spec,), artifacts_dir=tmp_path / "a"
+    )
+    with serve_in_background(config, store) as running, _client(running) as client:
+        job = client.submit_ingest("broken", [{"prompt": "w3 w4"}])
+        final = _final(client, job.job_id)
+    assert final.state == "failed" and str(missing) in final.message, final.message
