@@ -79,6 +79,7 @@ class CacheStats:
 class _Entry:
     index: GraphIndex
     checked_at: float
+    cost: int  # what the entry counts in the budget: its index's cost when last counted
 
 
 class GraphCache:
@@ -220,7 +221,7 @@ class GraphCache:
         """Take ``graph_id``'s entry out and give its cost back (hold ``_lock``)."""
         entry = self._entries.pop(graph_id, None)
         if entry is not None:
-            self._cost -= entry.index.cost
+            self._cost -= entry.cost
         return entry
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -302,11 +303,30 @@ class GraphCache:
             if self._generation.get(index.graph_id, 0) != generation:
                 checked_at = _NEVER  # invalidated while loading: check before use
             self._remove(index.graph_id)
-            while self._entries and self._cost + index.cost > self.max_cost:
+            cost = index.cost
+            while self._entries and self._cost + cost > self.max_cost:
                 self._remove(next(iter(self._entries)))  # least recently used
                 self._stats.evicted += 1
-            self._entries[index.graph_id] = _Entry(index, checked_at)
-            self._cost += index.cost
+            self._entries[index.graph_id] = _Entry(index, checked_at, cost)
+            self._cost += cost
+
+    def recount(self, index: GraphIndex) -> None:
+        """Count ``index`` again after it grew (its serialized Graph fields were made):
+        the budget takes the difference, and least recently used other graphs leave
+        while it is exceeded. Nothing happens if ``index`` is no longer the entry."""
+        with self._lock:
+            entry = self._entries.get(index.graph_id)
+            if entry is None or entry.index is not index:
+                return
+            cost = index.cost
+            self._cost += cost - entry.cost
+            entry.cost = cost
+            for graph_id in list(self._entries):
+                if self._cost <= self.max_cost:
+                    break
+                if graph_id != index.graph_id:
+                    self._remove(graph_id)
+                    self._stats.evicted += 1
 
     async def _refresh_forever(self) -> None:
         period = self.revalidate_s / 2

@@ -61,6 +61,9 @@ from service import convert
 from service._generated.circuits.v1 import graph_service_pb2, types_pb2
 
 _WIRE_LEN = 2
+#: Bytes a budget unit (an edge or a node of a cached graph) takes, about: 105-130 measured
+#: with tracemalloc (docs/service.md, "Memory"); memory kept besides counts at this rate.
+BYTES_PER_UNIT = 120
 _WIRE_I64 = 1
 
 
@@ -193,8 +196,14 @@ class GraphIndex:
 
     @property
     def cost(self) -> int:
-        """What the copy counts against the cache's budget: edges plus nodes."""
-        return self.n_edges + self.n_nodes
+        """What the copy counts against the cache's budget: edges plus nodes, plus the
+        serialized Graph fields once made (:meth:`whole_fields`), in units of
+        :data:`BYTES_PER_UNIT` bytes."""
+        extra = 0
+        if self._whole is not None:
+            nodes, edges, ends = self._whole
+            extra = -(-(len(nodes) + len(edges) + ends.nbytes) // BYTES_PER_UNIT)
+        return self.n_edges + self.n_nodes + extra
 
     def _position(self, node_id: str) -> int:
         found = self.position.get(node_id)

@@ -30,7 +30,7 @@ from service._generated.circuits.v1 import graph_service_pb2 as pb
 from service.client import CircuitsClient
 from service.config import ServerConfig
 from service.graph_cache import GraphCache
-from service.graph_index import GraphIndex
+from service.graph_index import BYTES_PER_UNIT, GraphIndex
 from service.server import serve_in_background
 from tests.service import builders
 from tests.service.conftest import TOKEN
@@ -389,6 +389,34 @@ def test_budget_evicts_least_recently_used(
     asyncio.run(main())
     assert "cache-ties" not in cache and "cache-dense" in cache and "cache-cyclic" in cache
     assert cache.cost <= room and cache.stats().evicted == 1
+
+
+def test_serialized_whole_graph_counts_in_the_budget(
+    store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
+) -> None:
+    """Making a graph's Graph fields (GetGraph, StreamGraphEdges) raises its cost, and
+    the least recently used other graph leaves when the budget is exceeded."""
+    dense, ties = graphs["cache-dense"], graphs["cache-ties"]
+    room = dense.n_edges + dense.n_nodes + ties.n_edges + ties.n_nodes
+    cache = _cache(store, pool, max_cost=room)
+
+    async def load() -> tuple[GraphIndex, GraphIndex]:
+        first = await cache.get("cache-ties", 10.0)
+        second = await cache.get("cache-dense", 10.0)
+        assert first is not None and second is not None
+        return first, second
+
+    ties_index, dense_index = asyncio.run(load())
+    assert cache.cost == room
+    nodes, edges, ends = dense_index.whole_fields()
+    extra = -(-(len(nodes) + len(edges) + ends.nbytes) // BYTES_PER_UNIT)
+    assert extra > 0 and dense_index.cost == dense.n_edges + dense.n_nodes + extra
+    cache.recount(dense_index)
+    assert "cache-ties" not in cache and "cache-dense" in cache
+    assert cache.cost == dense_index.cost and cache.stats().evicted == 1
+    cache.recount(dense_index)  # counted once
+    cache.recount(ties_index)  # no longer an entry: nothing happens
+    assert cache.cost == dense_index.cost
 
 
 def test_graph_bigger_than_the_budget_is_left_to_the_store(
