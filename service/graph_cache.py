@@ -13,9 +13,11 @@ complete graph (:meth:`GraphStore.graph_revisions`, one indexed lookup).
   (single-flight). Loads run in the cache's own threads, never on the event loop.
   Graphs that are not complete (``writing``, ``deleting``) have no revision and are
   never cached: asking for them is NOT_FOUND, as the store answers.
-- **Bounded memory**: an LRU over graph ids whose entries' costs (edges plus nodes)
-  sum to at most ``max_cost``; a graph bigger than the whole budget is not loaded
-  (its calls go to the store). ``max_cost`` 0 disables the cache.
+- **Bounded memory**: an LRU over graph ids whose entries' costs (edges plus nodes,
+  plus a graph's serialized Graph fields once GetGraph or StreamGraphEdges made them:
+  :meth:`GraphCache.recount`) sum to at most ``max_cost``; a graph bigger than the
+  whole budget is not loaded (its calls go to the store). ``max_cost`` 0 disables the
+  cache.
 - **Answers remembered**: GetSubgraph responses (serialized bytes) are kept by
   (graph id, revision, request) in an LRU of at most ``memo_cost`` nodes plus edges
   (0: none); :class:`CacheStats` counts answers ``remembered`` and ``computed``. The key
