@@ -417,6 +417,8 @@ class _Run:
         self.optimizer = torch.optim.Adam(
             self.trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True
         )
+        # what the end-to-end steps back-propagate to (the modules', not the model's)
+        self.params = [p for p in self.trainable.parameters() if p.requires_grad]
         d_t = self.module_cfg.d_transcoder
         self.since_fired = torch.zeros(len(self.layers), d_t, dtype=torch.long, device=self.device)
         self.history: list[dict[str, Any]] = []
@@ -541,8 +543,7 @@ class _Run:
             kl = end_to_end(step)
             total = total + cfg.kl_coefficient * kl
             self.kl_sum, self.kl_count = self.kl_sum + float(kl.detach()), self.kl_count + 1
-            params = [p for p in trainable.parameters() if p.requires_grad]
-            total.backward(inputs=params)  # no gradient for the model's own weights
+            total.backward(inputs=self.params)  # no gradient for the model's own weights
         else:
             total.backward()
         if self.module_cfg.spec.unit_norm_decoder:

@@ -150,15 +150,18 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
             # The artifact's metadata predates storing; keep the stored identity fields.
             graph.metadata.artifact_uri = stored.artifact_uri
             return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
-        index = await self._whole_from_cache(context, graph_id)
+        index = await self._cached(context, graph_id)
         if index is not None:
-            # one copy of the whole graph's bytes: off the event loop too
-            return await self._run.call(
+            # off the event loop: the first call for a graph makes its serialized
+            # fields, and every call copies the whole graph's bytes
+            raw = await self._run.call(
                 context,
                 index.graph_response_bytes,
                 _summary_bytes(index, summary.created_at),
                 pass_timeout=False,
             )
+            self._recount(index)
+            return raw
         graph = await self._run.call(context, self._store.get_graph, graph_id)
         return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
 
@@ -169,8 +172,11 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         graph_id = _required("graph_id", request.graph_id)
         chunk = bounded("chunk_size", request.chunk_size, DEFAULT_CHUNK, 1, MAX_CHUNK)
         summary = await self._run.call(context, self._store.get_graph_summary, graph_id)
-        index = await self._whole_from_cache(context, graph_id)
+        index = await self._cached(context, graph_id)
         if index is not None:
+            # off the event loop: the first call for a graph makes its serialized fields
+            await self._run.call(context, index.whole_fields, pass_timeout=False)
+            self._recount(index)
             for message in index.stream_chunks(_summary_bytes(index, summary.created_at), chunk):
                 yield message
             return
@@ -187,21 +193,18 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
                 edges=convert.edges_to_proto(graph, start, start + chunk)
             )
 
-    async def _whole_from_cache(
-        self, context: aio.ServicerContext, graph_id: str
-    ) -> GraphIndex | None:
+    async def _cached(self, context: aio.ServicerContext, graph_id: str) -> GraphIndex | None:
         """The graph cache's copy of the graph (at most its ``revalidate_s`` stale, as
-        every cached answer) with its serialized Graph fields made, or None when the
-        server has no cache or it cannot hold the graph: the store answers then."""
+        every cached answer), or None when the server has no cache or it cannot hold
+        the graph: the store answers then."""
         if self._cache is None:
             return None
-        index = await self._cache.get(graph_id, self._run.timeout_for(context))
-        if index is not None:
-            # off the event loop: the first call for a graph makes the fields, which
-            # then count in the cache's budget
-            await self._run.call(context, index.whole_fields, pass_timeout=False)
+        return await self._cache.get(graph_id, self._run.timeout_for(context))
+
+    def _recount(self, index: GraphIndex) -> None:
+        """Its serialized Graph fields made, ``index`` counts them in the cache's budget."""
+        if self._cache is not None:
             self._cache.recount(index)
-        return index
 
     async def GetSubgraph(  # type: ignore[override]
         self, request: pb.GetSubgraphRequest, context: aio.ServicerContext
