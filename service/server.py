@@ -109,7 +109,13 @@ class RunningServer:
         unfinished = self.jobs.stop()
         if unfinished:
             logger.info("%d unfinished ingest job(s) left to resume at the next start", unfinished)
-        await self.server.stop(self.grace_s if grace_s is None else grace_s)
+        grace = self.grace_s if grace_s is None else grace_s
+        try:
+            # grpc.aio's stop has been seen not to return (rarely, with several servers on
+            # their own event loops in one process); the shutdown goes on regardless
+            await asyncio.wait_for(self.server.stop(grace), grace + SERVER_STOP_SLACK_S)
+        except TimeoutError:
+            logger.warning("the gRPC server did not stop within %.1f s; going on", grace)
         if self.graph_cache is not None:
             await self.graph_cache.close()
             logger.info("graph cache at shutdown: %s", self.graph_cache.stats())
@@ -135,6 +141,8 @@ class RunningServer:
 
 #: Seconds a stopping server waits at least for a running ingest job's current prompt.
 JOB_STOP_WAIT_S = 10.0
+#: Seconds past its grace period a stopping server waits for gRPC to report it stopped.
+SERVER_STOP_SLACK_S = 5.0
 
 
 def _join(executors: tuple[ThreadPoolExecutor, ...]) -> None:
