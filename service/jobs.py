@@ -6,8 +6,10 @@ pool AnalysisService uses, so one torch computation runs at a time). A job runs
 :class:`ingest.worker.compute.AttributionComputer` on a served model, one prompt at a
 time, so progress is reported and cancellation takes effect between prompts. The model
 and transcoder set records and the set's feature catalog are written to the store
-first, as ``circuitscope ingest`` does. Artifacts go under ``artifacts_dir``; graph ids
-are the worker's content hashes, so resubmitting a prompt does not recompute it.
+first, as ``circuitscope ingest`` does. Store outages are waited out with the worker's
+backoff, each wait reported in the job's message; a cancel or a shutdown ends a wait.
+Artifacts go under ``artifacts_dir``; graph ids are the worker's content hashes, so
+resubmitting a prompt does not recompute it.
 
 Jobs live in memory (at most ``max_jobs``; the oldest finished ones are forgotten
 first), and every change is journaled under ``artifacts_dir/jobs``
@@ -338,46 +340,71 @@ class JobManager:
 
         loaded, transcoders = self._registry.get(job.model)
         computer = AttributionComputer(loaded, transcoders, job.settings)
-        self._store.upsert_model(computer.model_record())
-        self._store.upsert_transcoder_set(computer.set_record())
         catalog = feature_records(self._registry.spec(job.model).transcoders_path, computer.set_id)
-        if catalog:
-            self._store.upsert_features(catalog)
         options = IngestOptions(
             artifacts_dir=self._artifacts_dir, settings=job.settings, progress=False
         )
-        worker = IngestWorker(self._store, computer, options)
+        # Store outages are waited out (the worker's backoff, up to its retry budget),
+        # each wait reported as the job's message; a cancel or a shutdown ends a wait.
+        worker = IngestWorker(
+            self._store,
+            computer,
+            options,
+            on_message=partial(self._waiting, job.job_id),
+            interrupted=lambda: self._stopping or self._cancel_requested(job.job_id),
+        )
         work_dir = self._journal_root / job.job_id  # the job's journal directory too
         work_dir.mkdir(parents=True, exist_ok=True)
-        for i, record in enumerate(job.prompts, start=1):
-            if i <= job.processed:
-                continue  # finished before a restart
-            if self._cancel_requested(job.job_id):
-                self._update(job.job_id, lambda j: _finish(j, JobState.CANCELLED, "cancelled"))
-                return
-            if self._stopping:
-                message = (
-                    f"interrupted by a server shutdown after prompt {i - 1} of "
-                    f"{len(job.prompts)}; it resumes when the server starts again"
-                )
-                self._update(job.job_id, partial(_resume, message=message))
-                return
-            path = work_dir / f"prompt-{i:05d}.jsonl"
-            path.write_text(json.dumps(record) + "\n", encoding="utf-8")
-            summary = worker.run(path)
-            path.unlink(missing_ok=True)
-            if self._on_graph_written is not None:
-                for graph_id in summary.computed:
-                    self._on_graph_written(graph_id)
+        done = job.processed
+        try:
+            worker.register(catalog)
+            for i, record in enumerate(job.prompts, start=1):
+                if i <= done:
+                    continue  # finished before a restart
+                if self._leave_if_asked(job, done):
+                    return
+                path = work_dir / f"prompt-{i:05d}.jsonl"
+                path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+                summary = worker.run(path)
+                path.unlink(missing_ok=True)
+                if self._on_graph_written is not None:
+                    for graph_id in summary.computed:
+                        self._on_graph_written(graph_id)
 
-            def progress(j: Job, s: Any = summary, n: int = i) -> None:
-                j.processed = n
-                j.graph_ids.extend(s.computed)
-                j.already_stored += s.already_done
-                j.errors.extend(f"prompt {n}: {bad.reason}" for bad in s.bad_lines)
+                def progress(j: Job, s: Any = summary, n: int = i) -> None:
+                    j.processed = n
+                    j.graph_ids.extend(s.computed)
+                    j.already_stored += s.already_done
+                    j.errors.extend(f"prompt {n}: {bad.reason}" for bad in s.bad_lines)
+                    j.message = ""  # a wait for the store, if any, is over
 
-            self._update(job.job_id, progress)
+                self._update(job.job_id, progress)
+                done = i
+        except UnavailableError:
+            # the store wait was ended by a cancel or a shutdown, not by its budget
+            if self._leave_if_asked(job, done):
+                return
+            raise
         self._update(job.job_id, lambda j: _finish(j, JobState.SUCCEEDED, ""))
+
+    def _leave_if_asked(self, job: Job, done: int) -> bool:
+        """End the job as cancelled, or leave it queued for the next start when the
+        server is stopping, after ``done`` prompts; False when neither was asked."""
+        if self._cancel_requested(job.job_id):
+            self._update(job.job_id, lambda j: _finish(j, JobState.CANCELLED, "cancelled"))
+            return True
+        if self._stopping:
+            message = (
+                f"interrupted by a server shutdown after prompt {done} of "
+                f"{len(job.prompts)}; it resumes when the server starts again"
+            )
+            self._update(job.job_id, partial(_resume, message=message))
+            return True
+        return False
+
+    def _waiting(self, job_id: str, message: str) -> None:
+        """The worker waits for the store: say so in the job's message."""
+        self._update(job_id, lambda j: setattr(j, "message", f"waiting: {message}"))
 
 
 def _finish(job: Job, state: JobState, message: str) -> None:

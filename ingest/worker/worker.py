@@ -128,7 +128,11 @@ def _validate_all(path: Path) -> None:
 
 
 class IngestWorker:
-    """Runs the ingest pipeline over prompt files against one store and one model."""
+    """Runs the ingest pipeline over prompt files against one store and one model.
+
+    ``on_message`` hears each wait for an unreachable store; ``interrupted`` ends such a
+    wait early (the store's error is raised then), for callers that can be cancelled.
+    """
 
     def __init__(
         self,
@@ -137,16 +141,22 @@ class IngestWorker:
         options: IngestOptions,
         *,
         on_message: Callable[[str], None] | None = None,
+        interrupted: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.computer = computer
         self.options = options
         self.on_message = on_message
+        self.interrupted = interrupted
         self.claims = ClaimBook(options.artifacts_dir / "claims", lease_s=options.claim_lease_s)
 
     def _retry(self, call: Callable[[], object], what: str) -> object:
         return with_retry(
-            call, what=what, max_wait_s=self.options.max_retry_s, on_retry=self.on_message
+            call,
+            what=what,
+            max_wait_s=self.options.max_retry_s,
+            on_retry=self.on_message,
+            interrupted=self.interrupted,
         )
 
     def register(self, catalog: Sequence[FeatureRecord] = ()) -> None:

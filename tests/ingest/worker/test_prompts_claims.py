@@ -135,3 +135,18 @@ def test_retry_waits_out_an_outage_and_gives_up_after_the_budget() -> None:
 
     with pytest.raises(UnavailableError):
         with_retry(down, what="w", first_delay_s=0.01, max_wait_s=0.05)
+
+
+def test_retry_wait_ends_when_interrupted() -> None:
+    calls: list[int] = []
+
+    def down() -> None:
+        calls.append(1)
+        raise UnavailableError("down")
+
+    asked = time.monotonic() + 0.3
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match="down"):
+        with_retry(down, what="w", first_delay_s=0.2, interrupted=lambda: time.monotonic() > asked)
+    # two calls (waits of 0.2 s, then the 0.4 s one cut short), not a budget's worth
+    assert len(calls) == 2 and time.monotonic() - started < 1.0
