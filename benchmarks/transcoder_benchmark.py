@@ -120,6 +120,9 @@ def main() -> int:
     parser.add_argument(
         "--balance-rate", type=float, default=None, help="batchtopk's; default: TrainConfig's"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="train with the compiled step (TrainConfig.compile)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoders.md"))
     args = parser.parse_args()
@@ -138,6 +141,7 @@ def main() -> int:
             ("expansion", args.expansion),
             ("resample_every", args.resample_every),
             ("balance_rate", args.balance_rate),
+            ("compile", args.compile or None),
         )
         if value is not None
     }

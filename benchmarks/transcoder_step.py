@@ -13,6 +13,10 @@ job's load falls on both; the table gives the best round of each.
 step time and by this machine's matmul FLOP/s at the step's shapes
 (``transcoder_benchmark.matmul_flops``, best window of the run).
 
+``--compile`` adds a third column: the trainer's compiled step (``TrainConfig.compile``:
+the loss in fixed shapes compiled whole by ``torch.compile``, as CUDA graphs on a GPU),
+with AuxK on a fixed ``--aux-rows`` rows.
+
 ``--device cuda`` times the steps on a GPU (synchronized before each clock reading).
 ``--profile N`` then profiles N sparse steps at the first dead fraction with
 ``torch.profiler`` and appends the operators that took the most time (device time on a
@@ -21,7 +25,7 @@ its time (launches, synchronizations, small reductions) rather than what it cost
 
     python3 benchmarks/transcoder_step.py [--arch topk|batchtopk] [--d-model 64] [--layers 2]
         [--width 512] [--dead 0,0.65] [--aux-rows 0,256] [--rounds 6] [--steps 30]
-        [--device cpu|cuda] [--profile 20]
+        [--device cpu|cuda] [--compile] [--profile 20]
         [--out benchmarks/results/transcoder_step[_batchtopk][_cuda].md]
 """
 
@@ -45,7 +49,7 @@ from transcoder_benchmark import (  # benchmarks/transcoder_benchmark.py
 )
 
 from ingest.devices import resolve_device, retain_freed_cpu_memory
-from ingest.transcoders.trainer import TrainConfig, _Trainable
+from ingest.transcoders.trainer import TrainConfig, _compiled_loss, _Trainable
 from ingest.transcoders.transcoder import Transcoder
 
 
@@ -55,9 +59,10 @@ def build_step(
     data_y: torch.Tensor,
     dead_fraction: float,
     aux_rows: int,
-) -> Callable[[int, bool], None]:
-    """A fresh set of modules and its training step ``step(i, dense)`` on batch ``i``,
-    with the first ``dead_fraction`` of every layer's latents counted dead."""
+) -> Callable[[int, str], None]:
+    """A fresh set of modules and its training step ``step(i, form)`` on batch ``i``
+    (``form``: one of ``FORMS``), with the first ``dead_fraction`` of every layer's
+    latents counted dead."""
     n_layers, d, width, batch = args.layers, args.d_model, args.width, args.batch
     cfg = TrainConfig(arch=args.arch, width=width, batch_size=batch, aux_k_rows=aux_rows)
     device = data_x.device
@@ -69,39 +74,50 @@ def build_step(
     dead = torch.zeros(n_layers, width, dtype=torch.bool, device=device)
     dead[:, : int(dead_fraction * width)] = True
     since = torch.zeros(n_layers, width, dtype=torch.long, device=device)
+    compiled = _compiled_loss(trainable, device) if args.compile else None
 
-    def step(i: int, dense: bool) -> None:
+    def step(i: int, form: str) -> None:
         rows = torch.arange(i * batch, (i + 1) * batch, device=device) % data_x.shape[1]
         x, y = data_x.index_select(1, rows), data_y.index_select(1, rows)
         optimizer.zero_grad(set_to_none=True)
-        loss = Transcoder.dense_loss if dense else Transcoder.loss
-        parts = [loss(m, x[j], y[j], dead[j]) for j, m in enumerate(modules)]
-        torch.stack([p.mse + p.aux for p in parts]).sum().backward()
+        if form == "compiled":
+            assert compiled is not None
+            parts = compiled(x, y, dead, None)
+            (parts.mse + parts.aux).backward()
+            fired = parts.fired
+        else:
+            loss = Transcoder.dense_loss if form == "dense" else Transcoder.loss
+            per_layer = [loss(m, x[j], y[j], dead[j]) for j, m in enumerate(modules)]
+            torch.stack([p.mse + p.aux for p in per_layer]).sum().backward()
+            fired = torch.stack([p.fired for p in per_layer])
         for m in modules:
             m.remove_parallel_grad_()
         optimizer.step()
         for m in modules:
             m.after_step_()
-        since.add_(batch).masked_fill_(torch.stack([p.fired for p in parts]), 0)
+        since.add_(batch).masked_fill_(fired, 0)
 
     return step
 
 
 def measure(
-    step: Callable[[int, bool], None], args: argparse.Namespace, device: torch.device
+    step: Callable[[int, str], None],
+    forms: list[str],
+    args: argparse.Namespace,
+    device: torch.device,
 ) -> dict[str, float]:
-    """Best seconds per step of each formulation over alternating rounds."""
-    best = {"dense": float("inf"), "sparse": float("inf")}
+    """Best seconds per step of each form over alternating rounds."""
+    best = dict.fromkeys(forms, float("inf"))
     for _ in range(args.rounds):
-        for name in best:
+        for form in forms:
             for i in range(5):
-                step(i, name == "dense")
+                step(i, form)
             synchronize(device)
             start = time.perf_counter()
             for i in range(args.steps):
-                step(i, name == "dense")
+                step(i, form)
             synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+            best[form] = min(best[form], (time.perf_counter() - start) / args.steps)
     return best
 
 
@@ -110,19 +126,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_steps(step: Callable[[int, bool], None], n: int, device: torch.device) -> str:
-    """The top operators of ``n`` sparse steps (after 5 unprofiled ones) as a table."""
+def profile_steps(step: Callable[[int, str], None], form: str, n: int, device: torch.device) -> str:
+    """The top operators of ``n`` steps of ``form`` (after 5 unprofiled ones) as a table."""
     from torch.profiler import ProfilerActivity, profile
 
     for i in range(5):
-        step(i, False)
+        step(i, form)
     synchronize(device)
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         for i in range(n):
-            step(i, False)
+            step(i, form)
         synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return str(prof.key_averages().table(sort_by=sort_by, row_limit=25))
@@ -141,7 +157,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
-        "--profile", type=int, default=0, help="profile this many sparse steps (0: none)"
+        "--compile", action="store_true", help="also time the trainer's compiled step"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile this many sparse (with --compile: compiled) steps (0: none)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="default: results/transcoder_step[_ARCH][_DEV].md"
@@ -159,6 +181,7 @@ def main() -> int:
     data_y = torch.randn(n_layers, 16 * batch, d, generator=gen).to(device)
     dead_fractions = [float(v) for v in args.dead.split(",")]
     aux_row_counts = [int(v) for v in args.aux_rows.split(",")]
+    forms = ["dense", "sparse", *(["compiled"] if args.compile else [])]
     rows = []
     reference = 0.0
     for dead_fraction in dead_fractions:
@@ -166,9 +189,9 @@ def main() -> int:
             if dead_fraction == 0 and aux_rows != aux_row_counts[0]:
                 continue  # without dead latents AuxK never runs: one row is enough
             step = build_step(args, data_x, data_y, dead_fraction, aux_rows)
-            best = measure(step, args, device)
+            best = measure(step, forms, args, device)
             reference = max(reference, matmul_flops(batch, d, width, device))
-            rows.append((dead_fraction, aux_rows, best["dense"], best["sparse"]))
+            rows.append((dead_fraction, aux_rows, best))
             print(rows[-1], flush=True)
 
     module_cfg = TrainConfig(arch=args.arch, width=width).module_config(d)
@@ -186,23 +209,28 @@ def main() -> int:
         f"{args.steps} steps; "
         f"matmul reference {reference / 1e9:.0f} GFLOP/s",
         "",
-        "| dead fraction | AuxK rows | dense ms/step | sparse ms/step | speed-up "
-        "| dense ratio | sparse ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| dead fraction | AuxK rows | "
+        + " | ".join(f"{form} ms/step" for form in forms)
+        + " | sparse speed-up | "
+        + " | ".join(f"{form} ratio" for form in forms)
+        + " |",
+        "|---|---|" + "---|" * (2 * len(forms) + 1),
     ]
-    for dead_fraction, aux_rows, dense, sparse in rows:
+    for dead_fraction, aux_rows, best in rows:
+        times = " | ".join(f"{best[form] * 1e3:.2f}" for form in forms)
+        ratios = " | ".join(f"{flops / best[form] / reference:.3f}" for form in forms)
         lines.append(
-            f"| {dead_fraction:.2f} | {aux_rows or 'all'} | {dense * 1e3:.2f} | "
-            f"{sparse * 1e3:.2f} | {dense / sparse:.2f} | {flops / dense / reference:.3f} | "
-            f"{flops / sparse / reference:.3f} |"
+            f"| {dead_fraction:.2f} | {aux_rows or 'all'} | {times} | "
+            f"{best['dense'] / best['sparse']:.2f} | {ratios} |"
         )
     if args.profile:
         first, aux_rows = dead_fractions[0], aux_row_counts[0]
         step = build_step(args, data_x, data_y, first, aux_rows)
-        table = profile_steps(step, args.profile, device)
+        form = forms[-1] if args.compile else "sparse"
+        table = profile_steps(step, form, args.profile, device)
         lines += [
             "",
-            f"## Profile: {args.profile} sparse steps, dead fraction {first:.2f}, "
+            f"## Profile: {args.profile} {form} steps, dead fraction {first:.2f}, "
             f"AuxK rows {aux_rows or 'all'}",
             "",
             "```",

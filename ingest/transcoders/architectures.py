@@ -189,7 +189,12 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     # It pays only when the candidates are at most half the columns: AuxK's k = 32 over
     # ~360 dead latents ran 15% slower chunked. Measured on CPU only; CUDA's topk is a
     # different kernel, so it keeps torch.topk.
-    if scores.device.type != "cpu" or scores.dim() != 2 or 2 * (k * g + w - w0) > w:
+    if (
+        scores.device.type != "cpu"
+        or scores.dim() != 2
+        or 2 * (k * g + w - w0) > w
+        or torch.compiler.is_compiling()
+    ):
         return scores.topk(k, dim=-1, sorted=False).indices
     scores = scores.contiguous()
     # chunk j: columns j, j + chunks, ..., of the first w0 (a view, no copy)
@@ -220,7 +225,9 @@ def largest_indices(values: torch.Tensor, m: int, slack: float = 1.1) -> torch.T
     t, or m is over a quarter of n, it is ``torch.topk`` over everything.
     """
     n = values.numel()
-    if 4 * m > n or values.device.type != "cpu":
+    # A compiled step (TrainConfig.compile) needs fixed shapes: the candidates' count is
+    # data-dependent, so it takes torch.topk.
+    if 4 * m > n or values.device.type != "cpu" or torch.compiler.is_compiling():
         return values.topk(m, sorted=False).indices.sort().values
     sample = values[::SAMPLE_STRIDE]
     rank = min(sample.numel(), int(m / n * sample.numel() * slack) + 16)

@@ -172,6 +172,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     e2e.add_argument(
         "--kl-batch", type=int, default=DEFAULTS.kl_batch, help="training windows per step"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the training step with torch.compile (CUDA graphs on a GPU); AuxK "
+        "then runs on a fixed --aux-k-rows rows (docs/transcoders.md)",
+    )
     p.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
     p.add_argument("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every)
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)

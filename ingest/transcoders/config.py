@@ -210,7 +210,7 @@ CLI_FIELDS = frozenset({
     "kind", "arch", "width", "expansion", "sparsity", "skip", "layers", "steps", "batch_size",
     "lr", "buffer_mb", "buffer_rows", "seed", "eval_every", "checkpoint_every",
     "dead_after_tokens", "aux_k_coefficient", "aux_k_rows", "resample_every", "answer_weight",
-    "balance_rate", "kl_steps", "kl_lr", "kl_coefficient", "kl_batch",
+    "balance_rate", "kl_steps", "kl_lr", "kl_coefficient", "kl_batch", "compile",
 })  # fmt: skip
 
 
@@ -273,6 +273,13 @@ class TrainConfig:
     kl_batch: int = 64
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.05
+    #: Compile the training loss, forward and backward, with ``torch.compile`` (on CUDA
+    #: as CUDA graphs, mode ``reduce-overhead``), for GPUs, where a step of small kernels
+    #: is bound by launches and host syncs. The step then has fixed shapes: AuxK runs on
+    #: the first ``aux_k_rows`` rows over every column, the live ones masked
+    #: (:func:`~ingest.transcoders.losses.static_aux_k_loss`), and selections take
+    #: ``torch.topk``. Per-layer kinds (transcoders, SAEs) only.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -348,6 +355,10 @@ class TrainConfig:
                 f"{flagged('kl_batch')} (windows per end-to-end step) must be positive, got "
                 f"{self.kl_batch}"
             )
+        if self.compile and self.kind == "clt":
+            raise InvalidArgumentError(
+                f"{flagged('compile')} compiles the per-layer step: drop it for --kind clt"
+            )
         if not math.isfinite(self.answer_weight) or self.answer_weight <= 0:
             raise InvalidArgumentError(
                 f"{flagged('answer_weight')} must be a finite number > 0 (1: every token "
@@ -408,4 +419,6 @@ class TrainConfig:
         if not self.kl_steps:  # no end-to-end phase: its settings change nothing
             for name in KL_FIELDS:
                 del data[name]
+        if not self.compile:  # runs from before the flag existed resume as they were
+            del data["compile"]
         return data

@@ -12,6 +12,11 @@
   (:func:`aux_k_row_count`): ``aux_k_rows`` (default 256) when every latent is dead, and
   proportionally more, up to the whole batch, as fewer are.
 
+:func:`static_aux_k_loss` is the same loss in fixed shapes, for a compiled step
+(``TrainConfig.compile``): the first ``aux_k_rows`` rows always, every column with the
+live ones masked out, and no test of whether any latent is dead (its term is multiplied
+by that instead), so it has no data-dependent shape and nothing the host waits for.
+
 Both take optional per-row weights (the trainer's ``answer_weight``): a row of weight w
 counts as w copies of itself, so integer weights give exactly the loss of the batch with
 its rows repeated (tested).
@@ -111,3 +116,26 @@ def aux_k_loss(
     acts = torch.zeros_like(sub).scatter(-1, indices, torch.relu(sub.gather(-1, indices)))
     estimate = acts @ W_dec.index_select(0, columns)
     return normalized_mse(estimate, residual, weight)
+
+
+def static_aux_k_loss(
+    pre: torch.Tensor,
+    dead: torch.Tensor,
+    residual: torch.Tensor,
+    W_dec: torch.Tensor,
+    k: int,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """pre: (R, d_t) the rows AuxK uses; dead: (d_t,) bool; residual: (R, d_out); W_dec:
+    (d_t, d_out); weight: (R,) or None -> the AuxK loss in fixed shapes (module doc).
+
+    Each row's ``k`` largest pre-activations among the dead columns, ReLU'd, decode its
+    estimate of the residual; where fewer than ``k`` latents are dead, the live columns a
+    row's top ``k`` takes in addition count zero. Zero when no latent is dead.
+    """
+    masked = pre.detach().masked_fill(~dead, float("-inf"))
+    picks = masked.topk(min(k, pre.shape[-1]), dim=-1, sorted=False).indices  # (R, k)
+    values = pre.gather(-1, picks).relu() * dead[picks].to(pre.dtype)
+    estimate = torch.einsum("rk,rkd->rd", values, W_dec[picks])
+    any_dead = dead.any().to(pre.dtype)
+    return any_dead * normalized_mse(estimate, residual, weight)

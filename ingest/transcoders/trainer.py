@@ -117,12 +117,14 @@ class _Trainable(nn.Module):
         y: torch.Tensor,
         dead: torch.Tensor | None,
         weight: torch.Tensor | None = None,
+        static: bool = False,
     ) -> LossParts:
-        """x, y: (n_layers, B, d); dead: (n_layers, d_t) bool or None; weight: (B,) or None."""
+        """x, y: (n_layers, B, d); dead: (n_layers, d_t) bool or None; weight: (B,) or None;
+        static: per-layer modules' AuxK in fixed shapes (a compiled step)."""
         if self.clt is not None:
             return self.clt.loss(list(x), list(y), None if dead is None else list(dead), weight)
         parts = [
-            m.loss(x[i], y[i], None if dead is None else dead[i], weight)  # type: ignore[operator]
+            m.loss(x[i], y[i], None if dead is None else dead[i], weight, static=static)  # type: ignore[operator]
             for i, m in enumerate(self.per_layer)
         ]
         return LossParts(
@@ -417,6 +419,7 @@ class _Run:
         self.optimizer = torch.optim.Adam(
             self.trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True
         )
+        self.loss = _compiled_loss(self.trainable, self.device) if cfg.compile else None
         # what the end-to-end steps back-propagate to (the modules', not the model's)
         self.params = [p for p in self.trainable.parameters() if p.requires_grad]
         d_t = self.module_cfg.d_transcoder
@@ -537,7 +540,7 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = _lr_at(cfg, step)
         self.optimizer.zero_grad(set_to_none=True)
-        parts = trainable.loss(x, y, dead, weight)
+        parts = (self.loss or trainable.loss)(x, y, dead, weight)
         total = parts.mse + _sparsity_ramp(cfg, step) * parts.sparsity + parts.aux
         if end_to_end is not None and step >= cfg.steps:
             kl = end_to_end(step)
@@ -585,6 +588,20 @@ class _Run:
             for module in self.trainable.modules_list():
                 module.after_step_()
             logger.info("step %d: resampled %d dead latents", step + 1, n)
+
+
+def _compiled_loss(trainable: _Trainable, device: torch.device) -> Any:
+    """``trainable.loss`` in fixed shapes, compiled whole (``fullgraph``: a graph break,
+    and with it a host sync on CUDA, is an error); on CUDA as CUDA graphs."""
+    logger.info("compiling the training step: the first step takes longer")
+    mode = "reduce-overhead" if device.type == "cuda" else None
+
+    def loss(
+        x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor, weight: torch.Tensor | None
+    ) -> LossParts:
+        return trainable.loss(x, y, dead, weight, static=True)
+
+    return torch.compile(loss, fullgraph=True, mode=mode)
 
 
 @torch.no_grad()

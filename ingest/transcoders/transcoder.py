@@ -33,6 +33,7 @@ from ingest.transcoders.losses import (
     aux_k_loss,
     aux_k_row_count,
     normalized_mse,
+    static_aux_k_loss,
 )
 from ingest.transcoders.sparse import sparse_forward
 
@@ -133,16 +134,20 @@ class Transcoder(nn.Module):
         y: torch.Tensor,
         dead: torch.Tensor | None,
         weight: torch.Tensor | None = None,
+        *,
+        static: bool = False,
     ) -> LossParts:
         """x: (N, d_in), y: (N, d_out), dead: (d_transcoder,) bool or None, weight: (N,)
         row weights or None (every row counts once).
 
         TopK and BatchTopK run the sparse step (:mod:`ingest.transcoders.sparse`), every
-        other architecture :meth:`dense_loss`; both compute the same terms.
+        other architecture :meth:`dense_loss`; both compute the same terms. ``static``:
+        AuxK in fixed shapes (:func:`~ingest.transcoders.losses.static_aux_k_loss`), for a
+        compiled step.
         """
         if isinstance(self.activation, SelectingActivation):
-            return self._sparse_loss(x, y, dead, weight)
-        return self.dense_loss(x, y, dead, weight)
+            return self._sparse_loss(x, y, dead, weight, static)
+        return self.dense_loss(x, y, dead, weight, static=static)
 
     def dense_loss(
         self,
@@ -150,10 +155,11 @@ class Transcoder(nn.Module):
         y: torch.Tensor,
         dead: torch.Tensor | None,
         weight: torch.Tensor | None = None,
+        *,
+        static: bool = False,
     ) -> LossParts:
         """The loss through the dense (N, d_transcoder) activations, AuxK when a latent
         is ``dead``: the formulation of every architecture, and the sparse step's reference."""
-        dead = aux_k_dead(dead, self.cfg.aux_k_coefficient)
         pre = self.pre_activations(x)
         acts = self.activation.train_forward(pre)
         y_hat = self.decode(acts, x)
@@ -161,7 +167,9 @@ class Transcoder(nn.Module):
         norms = self.decoder_norms() if self.activation.uses_decoder_norms else None
         sparsity = self.activation.penalty(pre, acts, norms, weight)
         aux = pre.new_zeros(())
-        if dead is not None:
+        if static:
+            aux = self._static_aux(x, y - y_hat.detach(), dead, weight)
+        elif (dead := aux_k_dead(dead, self.cfg.aux_k_coefficient)) is not None:
             aux = self.cfg.aux_k_coefficient * aux_k_loss(
                 pre,
                 dead,
@@ -174,16 +182,39 @@ class Transcoder(nn.Module):
         fired, l0 = activity(acts)
         return LossParts(mse=mse, sparsity=sparsity, aux=aux, fired=fired, l0=l0)
 
+    def _static_aux(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        dead: torch.Tensor | None,
+        weight: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """AuxK in fixed shapes on the first ``aux_k_rows`` rows (0: all) of the batch
+        ``x`` and its ``residual``; zero without ``dead`` or an AuxK weight."""
+        if dead is None or self.cfg.aux_k_coefficient <= 0:
+            return x.new_zeros(())
+        rows = self.cfg.aux_k_rows or x.shape[0]
+        return self.cfg.aux_k_coefficient * static_aux_k_loss(
+            self.pre_activations(x[:rows]),
+            dead,
+            residual[:rows],
+            self.W_dec,
+            self.cfg.k_aux,
+            None if weight is None else weight[:rows],
+        )
+
     def _sparse_loss(
         self,
         x: torch.Tensor,
         y: torch.Tensor,
         dead: torch.Tensor | None,
         weight: torch.Tensor | None,
+        static: bool = False,
     ) -> LossParts:
         """The same terms as the dense path, from the selected latents (see ``sparse``)."""
-        dead = aux_k_dead(dead, self.cfg.aux_k_coefficient)
-        aux_columns = None if dead is None else dead.nonzero().squeeze(1)
+        # the dynamic AuxK inside the sparse step, or the static one after it
+        aux_dead = None if static else aux_k_dead(dead, self.cfg.aux_k_coefficient)
+        aux_columns = None if aux_dead is None else aux_dead.nonzero().squeeze(1)
         aux_rows = aux_k_row_count(
             self.cfg.aux_k_rows,
             0 if aux_columns is None else int(aux_columns.numel()),
@@ -206,7 +237,9 @@ class Transcoder(nn.Module):
             y_hat = y_hat + self.skip(x)
         mse = normalized_mse(y_hat, y, weight)
         aux = mse.new_zeros(())
-        if aux_columns is not None:
+        if static:
+            aux = self._static_aux(x, y - y_hat.detach(), dead, weight)
+        elif aux_columns is not None:
             rows = estimate.shape[0]
             residual = (y - y_hat.detach())[:rows]
             aux_weight = None if weight is None else weight[:rows]

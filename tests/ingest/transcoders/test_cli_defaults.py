@@ -37,7 +37,8 @@ SET_BY_FLAG = {
 
 
 def test_every_flag_reaches_the_train_config():
-    assert set(SET_BY_FLAG) | {"skip", "sparsity"} == CLI_FIELDS  # a new field needs a row
+    # a new field needs a row; the switches are checked below
+    assert set(SET_BY_FLAG) | {"skip", "sparsity", "compile"} == CLI_FIELDS
     base = ["transcoders", "train", "--model", "m", "--out", "o"]
     for field, (text, value) in SET_BY_FLAG.items():
         args = build_parser().parse_args([*base, flagged(field).split(" (")[1][:-1], text])
@@ -45,6 +46,8 @@ def test_every_flag_reaches_the_train_config():
         assert getattr(TrainConfig(), field) != value, field
     args = build_parser().parse_args([*base, "--no-skip"])
     assert _train_config(args, None).skip is False
+    args = build_parser().parse_args([*base, "--compile"])
+    assert _train_config(args, None).compile is True
 
 
 def test_layers_syntax():

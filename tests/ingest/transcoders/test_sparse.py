@@ -120,3 +120,33 @@ def test_sparse_forward_refuses_an_input_that_needs_a_gradient():
     x = torch.randn(4, D_MODEL, requires_grad=True)
     with pytest.raises(ValueError, match="detached input"):
         sparse_forward(x, module.W_enc, module.b_enc, module.W_dec, module.activation.select)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+@pytest.mark.parametrize("n_dead", [0, 3, 5, D_T])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_static_aux_k_equals_the_dynamic_one_over_the_same_rows(arch, n_dead, weighted):
+    """The compiled step's AuxK (fixed shapes: every column, the live ones masked) is the
+    dynamic AuxK's loss and gradients when both use every row (aux_k_rows 0); with no
+    dead latent it is zero."""
+    cfg = config(arch, skip=True)
+    cfg = type(cfg)(**{**cfg.to_dict(), "aux_k_rows": 0, "aux_k_coefficient": 0.5})
+    module = Transcoder(cfg)
+    randomize(module)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(24, D_MODEL, generator=gen)
+    y = torch.randn(24, D_MODEL, generator=gen)
+    dead = torch.zeros(D_T, dtype=torch.bool)
+    dead[torch.randperm(D_T, generator=gen)[:n_dead]] = True
+    weight = torch.rand(24, generator=gen) * 4 + 0.5 if weighted else None
+
+    static = module.loss(x, y, dead, weight, static=True)
+    dynamic = module.loss(x, y, dead, weight)
+    torch.testing.assert_close(static.mse, dynamic.mse)
+    torch.testing.assert_close(static.aux, dynamic.aux)
+    assert (n_dead > 0) == bool(static.aux > 0)
+    assert torch.equal(static.fired, dynamic.fired)
+    total = grads(module, static.mse + static.aux)
+    reference = grads(module, dynamic.mse + dynamic.aux)
+    for name, grad in reference.items():
+        torch.testing.assert_close(total[name], grad, rtol=1e-5, atol=1e-6, msg=name)
