@@ -135,7 +135,10 @@ def static_aux_k_loss(
     """
     masked = pre.detach().masked_fill(~dead, float("-inf"))
     picks = masked.topk(min(k, pre.shape[-1]), dim=-1, sorted=False).indices  # (R, k)
-    values = pre.gather(-1, picks).relu() * dead[picks].to(pre.dtype)
-    estimate = torch.einsum("rk,rkd->rd", values, W_dec[picks])
+    chosen = torch.zeros(pre.shape, dtype=torch.bool, device=pre.device)
+    chosen = chosen.scatter_(-1, picks, True) & dead
+    # dense over the R rows: a gather of W_dec's rows would back-propagate by a scatter-add
+    # whose order, compiled, varies from run to run; the matmul's does not
+    estimate = (pre.relu() * chosen) @ W_dec
     any_dead = dead.any().to(pre.dtype)
     return any_dead * normalized_mse(estimate, residual, weight)

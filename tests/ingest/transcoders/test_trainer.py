@@ -71,22 +71,24 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kind", "arch", "buffer_rows"),
+    ("kind", "arch", "buffer_rows", "compiled"),
     # 128 rows: refilled from the model every 4 steps; 0: the default budget holds the
-    # whole split, collected once (resident)
+    # whole split, collected once (resident); compiled: the compiled step (--compile),
+    # whose AuxK must back-propagate in a fixed order to be deterministic
     [
-        ("transcoder", "topk", 128),
-        ("clt", "jumprelu", 128),
-        ("transcoder", "topk", 0),
-        ("transcoder", "batchtopk", 128),
+        ("transcoder", "topk", 128, False),
+        ("clt", "jumprelu", 128, False),
+        ("transcoder", "topk", 0, False),
+        ("transcoder", "batchtopk", 128, False),
+        ("transcoder", "batchtopk", 128, True),
     ],
 )
-def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch, buffer_rows):
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch, buffer_rows, compiled):
     # BatchTopK with its firing floor: the balance is state a resume must restore
     balance = {"balance_rate": 0.2} if arch == "batchtopk" else {}
     cfg = _cfg(kind=kind, arch=arch, sparsity=0.01 if arch == "jumprelu" else 4, skip=True,
                buffer_rows=buffer_rows, resample_every=3, dead_after_tokens=32,
-               **balance)  # fmt: skip
+               compile=compiled, **balance)  # fmt: skip
     full = _train(tmp_path, "full", cfg)
     # Killed after step 10: its last checkpoint is at step 8, and it exported nothing.
     killed = _train(tmp_path, "killed", cfg, stop_after=10)
