@@ -419,7 +419,8 @@ class _Run:
         self.optimizer = torch.optim.Adam(
             self.trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True
         )
-        self.loss = _compiled_loss(self.trainable, self.device) if cfg.compile else None
+        # --compile: the loss compiled whole (fixed shapes); None: the eager loss
+        self.compiled_loss = _compiled_loss(self.trainable, self.device) if cfg.compile else None
         # what the end-to-end steps back-propagate to (the modules', not the model's)
         self.params = [p for p in self.trainable.parameters() if p.requires_grad]
         d_t = self.module_cfg.d_transcoder
@@ -540,7 +541,7 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = _lr_at(cfg, step)
         self.optimizer.zero_grad(set_to_none=True)
-        parts = (self.loss or trainable.loss)(x, y, dead, weight)
+        parts = (self.compiled_loss or trainable.loss)(x, y, dead, weight)
         total = parts.mse + _sparsity_ramp(cfg, step) * parts.sparsity + parts.aux
         if end_to_end is not None and step >= cfg.steps:
             kl = end_to_end(step)
