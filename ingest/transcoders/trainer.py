@@ -30,10 +30,11 @@ uninterrupted one on the same device. At the end the scales are folded into the 
 and the set is written in the native layout (``circuit-tracer`` + ``circuitscope.json``).
 """
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,21 @@ class _Trainable(nn.Module):
     @property
     def calibrates(self) -> bool:
         return any(activation.calibrates for activation, _ in self._encoders())
+
+    @contextlib.contextmanager
+    def state_frozen(self) -> Iterator[None]:
+        """Batches that are not training batches (the periodic evaluation's) run through
+        the training loss without moving running state (BatchTopK's threshold and firing
+        counts)."""
+        activations = [activation for activation, _ in self._encoders()]
+        saved = [activation.updates_state for activation in activations]
+        for activation in activations:
+            activation.updates_state = False
+        try:
+            yield
+        finally:
+            for activation, value in zip(activations, saved, strict=True):
+                activation.updates_state = value
 
     def hold_thresholds(self, held: bool) -> None:
         """Whether BatchTopK thresholds stay where they are (the end-to-end steps)."""
@@ -614,7 +630,8 @@ def _quick_eval(
     cfg: TrainConfig,
 ) -> dict[str, float]:
     """FVU, L0 and dead fraction on the fixed eval activations (scaled units)."""
-    parts = trainable.loss(x, y, None)
+    with trainable.state_frozen():
+        parts = trainable.loss(x, y, None)
     n_layers = x.shape[0]
     never_fired = parts.fired.logical_not().float().mean()
     return {

@@ -253,3 +253,28 @@ def test_compiled_step_trains_as_the_eager_one(tmp_path, kind, arch):
 def test_compile_is_refused_for_a_cross_layer_transcoder():
     with pytest.raises(InvalidArgumentError, match="--compile"):
         _cfg(kind="clt", compile=True)
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "clt"])
+def test_periodic_evaluation_leaves_the_training_state_alone(tmp_path, kind):
+    """The evaluation runs BatchTopK's training selection on eval rows: it must not move
+    the running threshold or the firing floor's counts the next training steps use."""
+    from ingest.transcoders.trainer import _Run
+
+    cfg = _cfg(kind=kind, arch="batchtopk", balance_rate=0.2)
+    run = _Run(tiny_adapter(), random_stream_source(), cfg, tmp_path / "run")
+    run.initialize()
+    run.collect_eval()
+    for step in range(5):
+        run.step(step, None)
+    before = {k: v.clone() for k, v in run.trainable.state_dict().items()}
+    metrics = run.evaluate(5)
+    assert float(metrics["fvu"]) > 0
+    after = run.trainable.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved == []
+    assert any(k.endswith("fired_ema") for k in before)  # the state checked is there
+    # and the training steps still move it
+    run.step(5, None)
+    assert any(not torch.equal(before[k], run.trainable.state_dict()[k]) for k in before
+               if k.endswith(("threshold", "fired_ema")))  # fmt: skip
