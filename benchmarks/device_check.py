@@ -17,7 +17,8 @@ For every zoo checkpoint given (default: the ones under ``ingest.paths.home()/zo
    adjacency's largest difference relative to its largest entry, and the replacement
    and completeness scores on both;
 5. **determinism and resumption on the device**: a short training run (per-layer
-   BatchTopK with its firing floor and skip, and a cross-layer TopK) twice with one seed,
+   BatchTopK with its firing floor and skip, eager and compiled (``--compile``, CUDA
+   graphs on a GPU), and a cross-layer TopK) twice with one seed,
    and once killed mid-run and resumed; the largest weight difference of each against
    the first (0: bit-identical, as the CPU tests require);
 6. **exactness on the device**: on a float64 graph computed there, row completeness and
@@ -122,6 +123,8 @@ def determinism_differences(model_dir: Path, device: str, work: Path) -> dict[st
     configs: dict[str, dict[str, Any]] = {
         "tc batchtopk+skip+floor": dict(kind="transcoder", arch="batchtopk", skip=True,
                                         balance_rate=0.2),
+        "tc batchtopk compiled": dict(kind="transcoder", arch="batchtopk", skip=True,
+                                      balance_rate=0.2, compile=True),
         "clt topk": dict(kind="clt", arch="topk"),
         "sae batchtopk end-to-end": dict(kind="sae", arch="batchtopk", kl_steps=12, kl_batch=16),
     }  # fmt: skip
