@@ -193,14 +193,20 @@ def main() -> None:
         "| set | kind | layer | L0 | answer R^2 of latents | answer purity | mass on own answer |"
     )
     print("|---|---|---|---|---|---|---|")
+    encoded = []  # per set: (path, set, {layer: its activations at the answer})
     for path in args.sets:
         tset = load_any(path)
-        for layer in tset.layers:
-            read = outputs if tset.kind == "sae" else inputs
-            x = torch.cat(read[layer]).to(tset.device, torch.float32)
-            with torch.no_grad():
-                acts = tset.encode(layer, x).double().cpu()
-            m = answer_purity(acts, group_ids)
+        read = outputs if tset.kind == "sae" else inputs
+        with torch.no_grad():
+            acts = {
+                layer: tset.encode(layer, torch.cat(read[layer]).to(tset.device, torch.float32))
+                .double()
+                .cpu()
+                for layer in tset.layers
+            }
+        encoded.append((path, tset, acts))
+        for layer, layer_acts in acts.items():
+            m = answer_purity(layer_acts, group_ids)
             print(
                 f"| {path.name} | {tset.kind} | {layer} | {m['l0']:.2f} | {m['r2']:.3f} | "
                 f"{m['purity']:.3f} | {m['answer_share']:.3f} |"
@@ -213,16 +219,11 @@ def main() -> None:
     print("| set | layer | top frequency's share | effective frequencies | top-1 changed | "
           "distances of the changed answers (count) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    for path in args.sets:
-        tset = load_any(path)
+    for path, tset, acts in encoded:
         changed, distances = flip_distances(adapter, tset, chunks, tokenizer, args.cyclic)
         shown = ", ".join(f"{d} ({n})" for d, n in distances.most_common(6))
-        for layer in tset.layers:
-            read = outputs if tset.kind == "sae" else inputs
-            x = torch.cat(read[layer]).to(tset.device, torch.float32)
-            with torch.no_grad():
-                acts = tset.encode(layer, x).double().cpu()
-            top, effective = fourier_spread(acts, group_ids, args.cyclic)
+        for layer, layer_acts in acts.items():
+            top, effective = fourier_spread(layer_acts, group_ids, args.cyclic)
             print(f"| {path.name} | {layer} | {top:.3f} | {effective:.1f} | {changed} | {shown} |")
 
 

@@ -168,7 +168,7 @@ class Transcoder(nn.Module):
         sparsity = self.activation.penalty(pre, acts, norms, weight)
         aux = pre.new_zeros(())
         if static:
-            aux = self._static_aux(x, y - y_hat.detach(), dead, weight)
+            aux = self._static_aux(x, y - y_hat.detach(), dead, weight, pre)
         elif (dead := aux_k_dead(dead, self.cfg.aux_k_coefficient)) is not None:
             aux = self.cfg.aux_k_coefficient * aux_k_loss(
                 pre,
@@ -188,14 +188,17 @@ class Transcoder(nn.Module):
         residual: torch.Tensor,
         dead: torch.Tensor | None,
         weight: torch.Tensor | None,
+        pre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """AuxK in fixed shapes on the first ``aux_k_rows`` rows (0: all) of the batch
-        ``x`` and its ``residual``; zero without ``dead`` or an AuxK weight."""
+        ``x`` and its ``residual``; zero without ``dead`` or an AuxK weight. ``pre``: the
+        batch's pre-activations with their gradient, when the caller has them (the sparse
+        step computes its own without one, so its rows are computed again here)."""
         if dead is None or self.cfg.aux_k_coefficient <= 0:
             return x.new_zeros(())
         rows = self.cfg.aux_k_rows or x.shape[0]
         return self.cfg.aux_k_coefficient * static_aux_k_loss(
-            self.pre_activations(x[:rows]),
+            self.pre_activations(x[:rows]) if pre is None else pre[:rows],
             dead,
             residual[:rows],
             self.W_dec,
