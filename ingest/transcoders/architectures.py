@@ -117,8 +117,9 @@ class Activation(nn.Module):
         (BatchTopK's firing floor has one)."""
         return None
 
-    def forget_balance_(self, latents: torch.Tensor) -> None:
-        """Resampling gave ``latents`` a fresh encoder: drop state kept about the old one."""
+    def reset_latents_(self, latents: torch.Tensor) -> None:
+        """Resampling gave ``latents`` a fresh encoder: drop state kept about the old one.
+        Nothing is kept here."""
 
     #: Whether :meth:`calibrate_` sets anything: the trainer draws calibration rows only then.
     calibrates = False
@@ -306,9 +307,8 @@ class JumpReLUActivation(Activation):
         self.l0_coefficient = float(cfg.sparsity)
         self.bandwidth = float(cfg.jumprelu_bandwidth)
         # Stored directly (not as a log) so files round-trip bit-exactly.
-        self.threshold = nn.Parameter(
-            torch.full((cfg.d_transcoder,), float(cfg.jumprelu_init_threshold))
-        )
+        self.init_threshold = float(cfg.jumprelu_init_threshold)
+        self.threshold = nn.Parameter(torch.full((cfg.d_transcoder,), self.init_threshold))
 
     @torch.no_grad()
     def clamp_(self, floor: float = 1e-6) -> None:
@@ -317,6 +317,12 @@ class JumpReLUActivation(Activation):
 
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
+
+    @torch.no_grad()
+    def reset_latents_(self, latents: torch.Tensor) -> None:
+        """A resampled latent's threshold starts where a new one's does: the old one may
+        lie above every pre-activation of its fresh encoder row."""
+        self.threshold[latents] = self.init_threshold
 
     def penalty(
         self,
@@ -467,7 +473,7 @@ class BatchTopKActivation(SelectingActivation):
         return change
 
     @torch.no_grad()
-    def forget_balance_(self, latents: torch.Tensor) -> None:
+    def reset_latents_(self, latents: torch.Tensor) -> None:
         """Latents given a fresh encoder (resampling) start without an added bias and
         with their firing average unknown."""
         self.balance[latents] = 0.0

@@ -7,10 +7,15 @@ to their squared error (times their row weight, when the batch has weights); the
 latent's encoder row becomes that token's input direction scaled to 0.2 x the mean norm
 of the live encoder rows (centered on the batch mean by its bias, so it fires on the
 chosen token), its decoder row the normalized residual ``y - y_hat`` (norm of the live
-decoder rows, or 1 for unit-norm architectures), and its Adam moments are reset. Draws
-come from a generator seeded by (seed, step), so resampling is deterministic and
-resumable. AuxK (see ``losses``) works alongside: resampling relocates latents, AuxK
-trains them.
+decoder rows, or 1 for unit-norm architectures), its activation state starts afresh
+(``Activation.reset_latents_``: JumpReLU's threshold back at its initial value, BatchTopK's
+firing-floor state dropped), and its Adam moments are reset. Where every latent of a layer
+is dead, the norms are those of all its rows. Draws come from a generator seeded by
+(seed, step), so resampling is deterministic and resumable. AuxK (see ``losses``) works
+alongside: resampling relocates latents, AuxK trains them.
+
+The functions return which latents they re-initialized, so that the trainer restarts
+only those latents' dead counters.
 """
 
 import torch
@@ -51,6 +56,21 @@ def _choose(
     return x_dir, r_dir, mean
 
 
+def _norm_rows(dead: torch.Tensor) -> torch.Tensor:
+    """The rows whose norms new latents take: the live ones, or all when none lives."""
+    alive = ~dead
+    return alive if bool(alive.any()) else torch.ones_like(dead)
+
+
+def _reset_activation(
+    activation: torch.nn.Module, optimizer: torch.optim.Optimizer, latents: torch.Tensor
+) -> None:
+    activation.reset_latents_(latents)  # type: ignore[operator]
+    for param in activation.parameters():
+        if param.requires_grad:
+            _reset_moments(optimizer, param, latents)
+
+
 @torch.no_grad()
 def resample_transcoder(
     module: Transcoder,
@@ -60,23 +80,23 @@ def resample_transcoder(
     dead: torch.Tensor,
     gen: torch.Generator,
     weight: torch.Tensor | None = None,
-) -> int:
+) -> torch.Tensor:
     """x, y: (N, d) scaled batch; dead: (d_t,) bool; weight: (N,) row weights or None.
-    Returns how many were resampled."""
+    Returns the (d_t,) mask of the latents re-initialized (``dead``)."""
     idx = dead.nonzero().squeeze(-1)
-    if idx.numel() == 0 or bool(dead.all()):
-        return 0
-    alive = ~dead
+    if idx.numel() == 0:
+        return dead.clone()
+    rows = _norm_rows(dead)
     x_dir, r_dir, mean = _choose(x, y, module(x), idx.numel(), gen, weight)
-    enc_norm = module.W_enc[alive].norm(dim=-1).mean()
-    dec_norm = 1.0 if module.cfg.spec.unit_norm_decoder else module.W_dec[alive].norm(dim=-1).mean()
+    enc_norm = module.W_enc[rows].norm(dim=-1).mean()
+    dec_norm = 1.0 if module.cfg.spec.unit_norm_decoder else module.W_dec[rows].norm(dim=-1).mean()
     module.W_enc[idx] = x_dir * 0.2 * enc_norm
     module.W_dec[idx] = r_dir * dec_norm
     module.b_enc[idx] = -(module.W_enc[idx] @ mean)
-    module.activation.forget_balance_(idx)
     for param in (module.W_enc, module.W_dec, module.b_enc):
         _reset_moments(optimizer, param, idx)
-    return int(idx.numel())
+    _reset_activation(module.activation, optimizer, idx)
+    return dead.clone()
 
 
 @torch.no_grad()
@@ -88,30 +108,28 @@ def resample_clt(
     dead: torch.Tensor,
     gen: torch.Generator,
     weight: torch.Tensor | None = None,
-) -> int:
+) -> torch.Tensor:
     """xs, ys: (n_layers, N, d); dead: (n_layers, d_t); weight: (N,) or None. Decoders
-    restart at their own layer."""
+    restart at their own layer. Returns the (n_layers, d_t) mask of the latents
+    re-initialized (``dead``)."""
     estimates = clt(list(xs))
-    total = 0
     for s in range(clt.n_layers):
         idx = dead[s].nonzero().squeeze(-1)
-        if idx.numel() == 0 or bool(dead[s].all()):
+        if idx.numel() == 0:
             continue
-        alive = ~dead[s]
+        rows = _norm_rows(dead[s])
         x_dir, r_dir, mean = _choose(xs[s], ys[s], estimates[s], idx.numel(), gen, weight)
-        enc_norm = clt.W_enc[s][alive].norm(dim=-1).mean()
-        dec_norm = 1.0 if clt.cfg.spec.unit_norm_decoder else clt.decoder_norms(s)[alive].mean()
+        enc_norm = clt.W_enc[s][rows].norm(dim=-1).mean()
+        dec_norm = 1.0 if clt.cfg.spec.unit_norm_decoder else clt.decoder_norms(s)[rows].mean()
         clt.W_enc[s][idx] = x_dir * 0.2 * enc_norm
         clt.W_dec[s][idx] = 0.0
         clt.W_dec[s][idx, 0] = r_dir * dec_norm
         clt.b_enc[s][idx] = -(clt.W_enc[s][idx] @ mean)
-        clt.activations[s].forget_balance_(idx)  # type: ignore[operator]
-        state = optimizer.state.get(clt.W_enc, {})
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name in state:
-                state[name][s, idx] = 0.0
-            if name in optimizer.state.get(clt.b_enc, {}):
-                optimizer.state[clt.b_enc][name][s, idx] = 0.0
+        # W_enc and b_enc hold every source layer: their moments are reset on layer s's rows
+        for param in (clt.W_enc, clt.b_enc):
+            for name, moments in optimizer.state.get(param, {}).items():
+                if name in ("exp_avg", "exp_avg_sq"):
+                    moments[s, idx] = 0.0
         _reset_moments(optimizer, clt.W_dec[s], idx)
-        total += int(idx.numel())
-    return total
+        _reset_activation(clt.activations[s], optimizer, idx)
+    return dead.clone()

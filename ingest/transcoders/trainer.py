@@ -196,15 +196,18 @@ class _Trainable(nn.Module):
         dead: torch.Tensor,
         gen: torch.Generator,
         weight: torch.Tensor | None = None,
-    ) -> int:
-        """x, y: (n_layers, B, d) scaled batch; dead: (n_layers, d_t) bool; weight: (B,)."""
+    ) -> torch.Tensor:
+        """x, y: (n_layers, B, d) scaled batch; dead: (n_layers, d_t) bool; weight: (B,).
+        Returns the (n_layers, d_t) mask of the latents re-initialized."""
         if self.clt is not None:
             return resample_clt(self.clt, optimizer, x, y, dead, gen, weight)
-        total = 0
+        resampled = []
         for i, module in enumerate(self.per_layer):
             assert isinstance(module, Transcoder)
-            total += resample_transcoder(module, optimizer, x[i], y[i], dead[i], gen, weight)
-        return total
+            resampled.append(
+                resample_transcoder(module, optimizer, x[i], y[i], dead[i], gen, weight)
+            )
+        return torch.stack(resampled)
 
 
 def _schedule(base: float, step: int, steps: int, warmup: int) -> float:
@@ -599,9 +602,10 @@ class _Run:
         """Re-initialize the latents dead now on the step's batch (seeded by the step)."""
         dead_now = self.since_fired >= self.cfg.dead_after_tokens
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        n = self.trainable.resample(self.optimizer, x, y, dead_now, gen, weight)
+        resampled = self.trainable.resample(self.optimizer, x, y, dead_now, gen, weight)
+        n = int(resampled.sum())
         if n:
-            self.since_fired.masked_fill_(dead_now, 0)
+            self.since_fired.masked_fill_(resampled, 0)
             for module in self.trainable.modules_list():
                 module.after_step_()
             logger.info("step %d: resampled %d dead latents", step + 1, n)

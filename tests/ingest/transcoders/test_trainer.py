@@ -218,14 +218,46 @@ def test_resampling_revives_dead_latents_and_resets_their_moments(cross_layer):
     dead[0, :6] = True
     gen = torch.Generator().manual_seed(0)
     if cross_layer:
-        n = resample_clt(module, opt, x, y, dead, gen)
+        resampled = resample_clt(module, opt, x, y, dead, gen)
         moments = opt.state[module.W_enc]["exp_avg"][0]
     else:
-        n = resample_transcoder(module, opt, x[0], y[0], dead[0], gen)
+        resampled = resample_transcoder(module, opt, x[0], y[0], dead[0], gen)
         moments = opt.state[module.W_enc]["exp_avg"]
-    assert n == 6
+    assert torch.equal(resampled, dead if cross_layer else dead[0])
     assert (moments[:6] == 0).all() and (moments[6:] != 0).any()
     assert (encode(x[0])[:, :6] > 0).any(0).all()
+
+
+@pytest.mark.unit
+def test_resampling_revives_a_layer_whose_latents_are_all_dead():
+    """A layer with no live latent is resampled too (its rows' own norms scale the new
+    ones), and JumpReLU's resampled thresholds and their moments start afresh: a
+    threshold learned on the old encoder row can lie above every pre-activation of
+    the new one."""
+    from ingest.transcoders.resampling import resample_transcoder
+    from ingest.transcoders.transcoder import Transcoder
+    from tests.ingest.transcoders.helpers import config
+
+    torch.manual_seed(0)
+    cfg = config("jumprelu")
+    module = Transcoder(cfg)
+    opt = torch.optim.Adam(module.parameters())
+    x, y = torch.randn(64, cfg.d_in), torch.randn(64, cfg.d_out)
+    module.loss(x, y, None).total.backward()
+    opt.step()
+    with torch.no_grad():  # no latent can fire: every threshold far above the inputs
+        module.activation.threshold.fill_(1e3)
+    assert (module.encode(x) == 0).all()
+    dead = torch.ones(cfg.d_transcoder, dtype=torch.bool)
+    before = module.W_enc.norm(dim=-1).mean()
+    resampled = resample_transcoder(module, opt, x, y, dead, torch.Generator().manual_seed(0))
+    assert resampled.all()
+    expected = (0.2 * before).expand(cfg.d_transcoder)
+    torch.testing.assert_close(module.W_enc.norm(dim=-1), expected)
+    assert (module.activation.threshold == cfg.jumprelu_init_threshold).all()
+    assert (opt.state[module.activation.threshold]["exp_avg"] == 0).all()
+    # each new latent fires on the token it was made from, so some fire on the batch
+    assert (module.encode(x) > 0).any(0).sum() > cfg.d_transcoder // 2
 
 
 @pytest.mark.parametrize(
