@@ -4,6 +4,7 @@ bit-identically wherever a run is killed, and leave runs without them unchanged.
 import pytest
 import torch
 
+from ingest.transcoders.checkpoint import load_checkpoint
 from ingest.transcoders.end_to_end import EndToEndLoss
 from ingest.transcoders.evaluation import evaluate_set
 from ingest.transcoders.trainer import TrainConfig, train_transcoders
@@ -48,6 +49,18 @@ def test_end_to_end_steps_lower_the_spliced_models_kl(tmp_path, kind):
     assert [h["step"] for h in history if "kl_train" in h] == [24, 32, 40]
     # the reconstruction is kept: the last FVU is no worse than twice the control's
     assert history[-1]["fvu"] < 2 * control.history[-1]["fvu"]
+
+
+@pytest.mark.parametrize("kl_steps", [24, 0])
+def test_the_threshold_the_end_to_end_steps_ran_at_is_the_one_saved(tmp_path, kl_steps):
+    """BatchTopK's threshold is calibrated when the end-to-end steps begin and held
+    through them, and the finished set keeps it: it is the final checkpoint's (written
+    after the last step). A run without the phase is calibrated after its last step."""
+    trained = _train(tmp_path, "run", _cfg(kind="transcoder", kl_steps=kl_steps))
+    at_last_step = load_checkpoint(tmp_path / "run").module
+    for i, module in enumerate(trained.tset.per_layer.values()):
+        held = at_last_step[f"per_layer.{i}.activation.threshold"]
+        assert torch.equal(module.activation.threshold, held) == bool(kl_steps)
 
 
 @pytest.mark.parametrize("stop_after", [16, 22])
