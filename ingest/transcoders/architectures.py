@@ -123,14 +123,10 @@ class Activation(nn.Module):
 
     #: Whether :meth:`calibrate_` sets anything: the trainer draws calibration rows only then.
     calibrates = False
-    #: Whether training batches move inference state fitted on the way (BatchTopK's
-    #: threshold); the trainer clears it through the end-to-end steps, whose KL runs at
-    #: that state. Nothing moves here.
+    #: Whether training batches move the threshold inference uses (BatchTopK's running
+    #: average); the trainer clears it through the end-to-end steps, whose KL runs at that
+    #: threshold. Activations without such a threshold ignore it.
     tracks_threshold = True
-    #: Whether the batches :meth:`select`-ing architectures see are training batches whose
-    #: statistics update running state (BatchTopK's threshold and firing counts); the
-    #: trainer clears it while its periodic evaluation runs the training loss on eval rows.
-    updates_state = True
 
     def calibration_pool(
         self, pool: torch.Tensor | None, pre: torch.Tensor, rows: int
@@ -385,17 +381,15 @@ class BatchTopKActivation(SelectingActivation):
 
     def select(self, pre: torch.Tensor) -> Selection:
         """The batch's ``N k`` largest (k <= width: validated); a training step, so it
-        moves the threshold and, with a firing floor, prepares the bias change (unless
-        ``updates_state`` is cleared)."""
+        moves the threshold and, with a firing floor, prepares the bias change."""
         n, width = pre.shape
         flat = pre.reshape(-1)
         positions = largest_indices(flat, self.k * n)  # ascending: grouped by row
         kept = flat.index_select(0, positions)
-        if self.updates_state:
-            self._update_threshold(kept)
+        self._update_threshold(kept)
         rows = positions.div(width, rounding_mode="floor")
         columns = positions - rows * width
-        if self.balance_rate > 0 and self.updates_state:
+        if self.balance_rate > 0:
             self._prepare_balance(columns, kept > 0, n)
         # rows ascend, so row i's entries start where the first row >= i is
         offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device))

@@ -1,13 +1,13 @@
 """Atomic, resumable training checkpoints in safetensors + JSON (no pickle).
 
 One file, ``checkpoint.safetensors``, holds every tensor of the training state: the
-module parameters (``module.*``), the optimizer state (``optim.{i}.{name}`` for parameter
-i in ``module.parameters()`` order), the dead-latent counters (``tokens_since_fired.*``)
-and the torch CPU RNG state (``rng.torch``). Its safetensors metadata carries the JSON
-state (step, buffer position, activation scales, configs, eval history) under
-``state``; a human-readable copy goes to ``checkpoint.json``. The file is written to a
-temporary name and moved into place with ``os.replace``, so a run killed at any moment
-leaves either the previous checkpoint or the new one, never a torn file.
+module parameters (``module.*``), the optimizer state (``optim.{i}.{name}`` for the
+optimizer's parameter i, as its ``state_dict`` numbers them), the dead-latent counters
+(``tokens_since_fired.*``) and the torch CPU RNG state (``rng.torch``). Its safetensors
+metadata carries the JSON state (step, buffer position, activation scales, configs, eval
+history) under ``state``; a human-readable copy goes to ``checkpoint.json``. The file is
+written to a temporary name and moved into place with ``os.replace``, so a run killed at
+any moment leaves either the previous checkpoint or the new one, never a torn file.
 """
 
 import json
@@ -45,12 +45,12 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     for name, value in module.state_dict().items():
         tensors[f"module.{name}"] = value
-    params = list(module.parameters())
-    index = {id(p): i for i, p in enumerate(params)}
-    for param, param_state in optimizer.state.items():
+    # numbered as the optimizer numbers its parameters (over all its groups), which is
+    # what ``restore_optimizer`` hands back to ``load_state_dict``
+    for index, param_state in optimizer.state_dict()["state"].items():
         for name, value in param_state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index[id(param)]}.{name}"] = value
+                tensors[f"optim.{index}.{name}"] = value
     for name, value in counters.items():
         tensors[f"tokens_since_fired.{name}"] = value
     tensors["rng.torch"] = torch.get_rng_state()
@@ -99,8 +99,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, torch.T
     """Put saved per-parameter optimizer tensors back through ``load_state_dict``, which
     places each where the optimizer needs it: moments on the parameter's device, and the
     step count on the CPU for plain Adam but on the parameter's device for fused Adam
-    (whose CUDA kernel refuses a CPU step). Parameters are numbered in the optimizer's
-    order, which is the module's (the trainer builds it from ``module.parameters()``)."""
+    (whose CUDA kernel refuses a CPU step). Parameters are numbered as the optimizer's
+    ``state_dict`` numbers them (``save_checkpoint`` writes them so)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in saved.items():
         index, _, name = key.partition(".")

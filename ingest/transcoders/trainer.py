@@ -30,11 +30,10 @@ uninterrupted one on the same device. At the end the scales are folded into the 
 and the set is written in the native layout (``circuit-tracer`` + ``circuitscope.json``).
 """
 
-import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ from ingest.transcoders.clt import CrossLayerTranscoder
 from ingest.transcoders.config import TrainConfig, TranscoderConfig, flagged
 from ingest.transcoders.end_to_end import EndToEndLoss
 from ingest.transcoders.formats.circuit_tracer import save_set
-from ingest.transcoders.losses import LossParts
+from ingest.transcoders.losses import LossParts, normalized_mse
 from ingest.transcoders.resampling import resample_clt, resample_transcoder
 from ingest.transcoders.sources import Source
 from ingest.transcoders.transcoder import Transcoder
@@ -136,6 +135,21 @@ class _Trainable(nn.Module):
             l0=torch.stack([p.l0 for p in parts]).mean(),
         )
 
+    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (n_layers, B, d) -> the modules as they would be exported: activations
+        (n_layers, B, d_t) and estimates (n_layers, B, d) (BatchTopK at its threshold)."""
+        if self.clt is not None:
+            xs = list(x)
+            acts = [self.clt.encode(s, x_s) for s, x_s in enumerate(xs)]
+            estimates = [self.clt.decode_layer(t, acts, xs[t]) for t in range(len(xs))]
+            return torch.stack(acts), torch.stack(estimates)
+        per_layer = [(m.encode(x[i]), x[i]) for i, m in enumerate(self.per_layer)]  # type: ignore[operator]
+        estimates = [
+            m.decode(acts, x_i)  # type: ignore[operator]
+            for m, (acts, x_i) in zip(self.per_layer, per_layer, strict=True)
+        ]
+        return torch.stack([acts for acts, _ in per_layer]), torch.stack(estimates)
+
     def _encoders(self) -> list[tuple[Any, Any]]:
         """Per covered layer: its activation and the function from that layer's (B, d)
         inputs to pre-activations."""
@@ -150,21 +164,6 @@ class _Trainable(nn.Module):
     @property
     def calibrates(self) -> bool:
         return any(activation.calibrates for activation, _ in self._encoders())
-
-    @contextlib.contextmanager
-    def state_frozen(self) -> Iterator[None]:
-        """Batches that are not training batches (the periodic evaluation's) run through
-        the training loss without moving running state (BatchTopK's threshold and firing
-        counts)."""
-        activations = [activation for activation, _ in self._encoders()]
-        saved = [activation.updates_state for activation in activations]
-        for activation in activations:
-            activation.updates_state = False
-        try:
-            yield
-        finally:
-            for activation, value in zip(activations, saved, strict=True):
-                activation.updates_state = value
 
     def hold_thresholds(self, held: bool) -> None:
         """Whether BatchTopK thresholds stay where they are (the end-to-end steps)."""
@@ -636,14 +635,16 @@ def _quick_eval(
     since_fired: torch.Tensor,
     cfg: TrainConfig,
 ) -> dict[str, float]:
-    """FVU, L0 and dead fraction on the fixed eval activations (scaled units)."""
-    with trainable.state_frozen():
-        parts = trainable.loss(x, y, None)
+    """FVU, L0 and dead fraction on the fixed eval activations (scaled units), of the
+    modules as they would be exported now: BatchTopK at its running threshold, not its
+    batch selection (whose L0 is k by construction). The last evaluation comes before
+    the threshold's calibration after the last step."""
+    acts, estimates = trainable.infer(x)
     n_layers = x.shape[0]
-    never_fired = parts.fired.logical_not().float().mean()
+    fired = (acts > 0).any(1)
     return {
-        "fvu": float(parts.mse) / n_layers,
-        "l0": float(parts.l0),
-        "dead_fraction_eval": float(never_fired),
+        "fvu": sum(float(normalized_mse(estimates[i], y[i])) for i in range(n_layers)) / n_layers,
+        "l0": float((acts > 0).sum(-1).float().mean()),
+        "dead_fraction_eval": float(fired.logical_not().float().mean()),
         "dead_fraction_train": float((since_fired >= cfg.dead_after_tokens).float().mean()),
     }

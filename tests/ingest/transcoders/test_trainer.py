@@ -318,3 +318,28 @@ def test_periodic_evaluation_leaves_the_training_state_alone(tmp_path, kind):
     run.step(5, None)
     assert any(not torch.equal(before[k], run.trainable.state_dict()[k]) for k in before
                if k.endswith(("threshold", "fired_ema")))  # fmt: skip
+
+
+@pytest.mark.unit
+def test_checkpoint_restores_each_parameters_optimizer_state_whatever_the_group_order(tmp_path):
+    """The optimizer's state is saved as the optimizer numbers its parameters, so an
+    optimizer whose groups list them in another order than the module restores each
+    moment onto its own parameter."""
+    from ingest.transcoders.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
+
+    def build():
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+        weights, biases = [module[1].weight, module[0].weight], [module[1].bias, module[0].bias]
+        return module, torch.optim.Adam([{"params": weights}, {"params": biases, "lr": 0.1}])
+
+    module, optimizer = build()
+    module(torch.randn(4, 3)).square().sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path, {"step": 1}, module, optimizer, {})
+    _, restored = build()
+    restore_optimizer(restored, load_checkpoint(tmp_path).optimizer)
+    by_shape = {tuple(p.shape): s["exp_avg_sq"] for p, s in optimizer.state.items()}
+    for param, state in restored.state.items():
+        torch.testing.assert_close(state["exp_avg_sq"], by_shape[tuple(param.shape)])
+    assert len(restored.state) == 4
