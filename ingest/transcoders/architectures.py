@@ -15,8 +15,9 @@ error by the target variance.
   largest ReLU'd pre-activations; no penalty (sparsity is fixed), dead latents are
   revived by the AuxK loss computed by the module.
 - JumpReLU (Rajamanoharan et al. 2024, "Jumping Ahead"): ``z = pre * H(pre - theta)``,
-  ``theta = exp(log_theta)``; the Heaviside step gets a straight-through gradient with
-  a rectangle kernel of width ``bandwidth`` so theta learns;
+  theta learned per latent (stored as it is, so that files round-trip bit-exactly, and
+  clamped positive after each step); the Heaviside step gets a straight-through gradient
+  with a rectangle kernel of width ``bandwidth`` so theta learns;
   ``penalty = lambda * sum_i H(pre_i - theta_i)`` (L0).
 - BatchTopK (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders"): in training keep
   the ``N k`` largest ReLU'd pre-activations of the whole (N, w) batch, so a token may

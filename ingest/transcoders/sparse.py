@@ -37,6 +37,10 @@ Selector = Callable[[torch.Tensor], Selection]
 
 
 class _SparseForward(torch.autograd.Function):
+    # ``pre`` (x W_enc^T + b_enc, computed outside) comes in without a gradient; W_enc and
+    # b_enc come in unused by the forward only so that autograd takes their gradients
+    # from this backward, which forms them straight from the sparse pre-activation
+    # gradient instead of through a dense (N, d_t) gradient of ``pre``.
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,

@@ -80,7 +80,8 @@ class Transcoder(nn.Module):
 
     @property
     def threshold(self) -> torch.Tensor | None:
-        """(d_transcoder,) JumpReLU thresholds, or None for other architectures."""
+        """(d_transcoder,) thresholds of inference's JumpReLU (JumpReLU's learned ones,
+        BatchTopK's fitted one), or None for other architectures."""
         return getattr(self.activation, "threshold", None)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
