@@ -368,11 +368,12 @@ def train_transcoders(
     elapsed = max(loop + collect_before, 1e-9)
     stepping = max(loop - (run.buffer.collect_seconds - collect_before), 1e-9)
     peak = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else 0
-    if step >= total_steps and run.trainable.calibrates and not cfg.kl_steps:
+    if step >= total_steps and run.trainable.calibrates:
         # drawn after the final checkpoint, so a finished run resumed draws the same rows.
-        # End-to-end steps calibrated the threshold when they began and trained the encoder
-        # at it, so it stays (calibrating again on greater-than GPT-2, k 16, 300 steps,
-        # moved it by 1-4% and raised the all-layers KL from 2.5e-4 to 3.2e-4).
+        # After end-to-end steps too: they train the encoder at the threshold held since
+        # they began, and nothing in them keeps L0 at k there (held, greater-than Llama's
+        # transcoder ended at L0 18.3 for k 16); calibrating again restores L0 = k for the
+        # comparisons at equal L0, at some of the KL they gained (docs/transcoders.md).
         run.calibrate()
     tset = build_set(
         run.trainable,
