@@ -49,7 +49,8 @@ from transcoder_benchmark import (  # benchmarks/transcoder_benchmark.py
 )
 
 from ingest.devices import resolve_device, retain_freed_cpu_memory
-from ingest.transcoders.trainer import TrainConfig, _compiled_loss, _Trainable
+from ingest.transcoders.trainable import Trainable, compiled_loss
+from ingest.transcoders.trainer import TrainConfig
 from ingest.transcoders.transcoder import Transcoder
 
 
@@ -66,7 +67,7 @@ def build_step(
     n_layers, d, width, batch = args.layers, args.d_model, args.width, args.batch
     cfg = TrainConfig(arch=args.arch, width=width, batch_size=batch, aux_k_rows=aux_rows)
     device = data_x.device
-    trainable = _Trainable(cfg.module_config(d), n_layers, False)
+    trainable = Trainable(cfg.module_config(d), n_layers, False)
     trainable.reset(torch.Generator().manual_seed(0))
     trainable.to(device)
     modules = trainable.modules_list()
@@ -74,7 +75,7 @@ def build_step(
     dead = torch.zeros(n_layers, width, dtype=torch.bool, device=device)
     dead[:, : int(dead_fraction * width)] = True
     since = torch.zeros(n_layers, width, dtype=torch.long, device=device)
-    compiled = _compiled_loss(trainable, device) if args.compile else None
+    compiled = compiled_loss(trainable, device) if args.compile else None
 
     def step(i: int, form: str) -> None:
         rows = torch.arange(i * batch, (i + 1) * batch, device=device) % data_x.shape[1]

@@ -33,13 +33,11 @@ and the set is written in the native layout (``circuit-tracer`` + ``circuitscope
 import copy
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from ingest.devices import retain_freed_cpu_memory
@@ -51,13 +49,11 @@ from ingest.transcoders.checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
-from ingest.transcoders.clt import CrossLayerTranscoder
 from ingest.transcoders.config import TrainConfig, TranscoderConfig, flagged
 from ingest.transcoders.end_to_end import EndToEndLoss
 from ingest.transcoders.formats.circuit_tracer import save_set
-from ingest.transcoders.losses import LossParts, normalized_mse
-from ingest.transcoders.resampling import resample_clt, resample_transcoder
 from ingest.transcoders.sources import Source
+from ingest.transcoders.trainable import Trainable, compiled_loss, quick_eval
 from ingest.transcoders.transcoder import Transcoder
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
 
@@ -87,126 +83,6 @@ class TrainResult:
     buffer_rows: int = 0
     buffer_bytes: int = 0
     buffer_resident: bool = False
-
-
-class _Trainable(nn.Module):
-    """The modules being trained: per-layer transcoders/SAEs, or one CLT."""
-
-    def __init__(self, cfg: TranscoderConfig, n_layers: int, cross_layer: bool) -> None:
-        super().__init__()
-        self.clt = CrossLayerTranscoder(cfg, n_layers) if cross_layer else None
-        self.per_layer = nn.ModuleList(
-            [] if cross_layer else [Transcoder(cfg) for _ in range(n_layers)]
-        )
-
-    def reset(self, generator: torch.Generator) -> None:
-        if self.clt is not None:
-            self.clt.reset_parameters(generator)
-        for module in self.per_layer:
-            module.reset_parameters(generator)  # type: ignore[operator]
-
-    def init_from_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.clt is not None:
-            self.clt.init_from_data(list(x), list(y))
-        for i, module in enumerate(self.per_layer):
-            module.init_from_data(x[i], y[i])  # type: ignore[operator]
-
-    def loss(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        dead: torch.Tensor | None,
-        weight: torch.Tensor | None = None,
-        static: bool = False,
-    ) -> LossParts:
-        """x, y: (n_layers, B, d); dead: (n_layers, d_t) bool or None; weight: (B,) or None;
-        static: per-layer modules' AuxK in fixed shapes (a compiled step)."""
-        if self.clt is not None:
-            return self.clt.loss(list(x), list(y), None if dead is None else list(dead), weight)
-        parts = [
-            m.loss(x[i], y[i], None if dead is None else dead[i], weight, static=static)  # type: ignore[operator]
-            for i, m in enumerate(self.per_layer)
-        ]
-        return LossParts(
-            mse=torch.stack([p.mse for p in parts]).sum(),
-            sparsity=torch.stack([p.sparsity for p in parts]).sum(),
-            aux=torch.stack([p.aux for p in parts]).sum(),
-            fired=torch.stack([p.fired for p in parts]),
-            l0=torch.stack([p.l0 for p in parts]).mean(),
-        )
-
-    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (n_layers, B, d) -> the modules as they would be exported: activations
-        (n_layers, B, d_t) and estimates (n_layers, B, d) (BatchTopK at its threshold)."""
-        if self.clt is not None:
-            xs = list(x)
-            acts = [self.clt.encode(s, x_s) for s, x_s in enumerate(xs)]
-            estimates = [self.clt.decode_layer(t, acts, xs[t]) for t in range(len(xs))]
-            return torch.stack(acts), torch.stack(estimates)
-        per_layer = [(m.encode(x[i]), x[i]) for i, m in enumerate(self.per_layer)]  # type: ignore[operator]
-        estimates = [
-            m.decode(acts, x_i)  # type: ignore[operator]
-            for m, (acts, x_i) in zip(self.per_layer, per_layer, strict=True)
-        ]
-        return torch.stack([acts for acts, _ in per_layer]), torch.stack(estimates)
-
-    def _encoders(self) -> list[tuple[Any, Any]]:
-        """Per covered layer: its activation and the function from that layer's (B, d)
-        inputs to pre-activations."""
-        if self.clt is not None:
-            clt = self.clt
-            return [
-                (activation, lambda x, s=s: clt.pre_activations(s, x))
-                for s, activation in enumerate(clt.activations)
-            ]
-        return [(m.activation, m.pre_activations) for m in self.per_layer]
-
-    @property
-    def calibrates(self) -> bool:
-        return any(activation.calibrates for activation, _ in self._encoders())
-
-    def hold_thresholds(self, held: bool) -> None:
-        """Whether BatchTopK thresholds stay where they are (the end-to-end steps)."""
-        for activation, _ in self._encoders():
-            activation.tracks_threshold = not held
-
-    @torch.no_grad()
-    def calibrate(self, batches: Iterable[torch.Tensor], rows: int) -> None:
-        """batches: scaled (n_layers, B, d) inputs of ``rows`` training rows in all; each
-        activation that calibrates (BatchTopK's threshold) is fitted to them. One pass:
-        a batch is folded into each layer's pool and dropped, so only the pools (not
-        the rows of every layer) are held."""
-        fitted = [(i, a, pre) for i, (a, pre) in enumerate(self._encoders()) if a.calibrates]
-        pools: list[torch.Tensor | None] = [None] * len(fitted)
-        for x in batches:
-            for j, (i, activation, pre_activations) in enumerate(fitted):
-                pools[j] = activation.calibration_pool(pools[j], pre_activations(x[i]), rows)
-        for (_, activation, _), pool in zip(fitted, pools, strict=True):
-            activation.calibrate_([] if pool is None else [pool], rows)
-
-    def modules_list(self) -> list[Any]:
-        return [self.clt] if self.clt is not None else list(self.per_layer)
-
-    def resample(
-        self,
-        optimizer: torch.optim.Optimizer,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        dead: torch.Tensor,
-        gen: torch.Generator,
-        weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x, y: (n_layers, B, d) scaled batch; dead: (n_layers, d_t) bool; weight: (B,).
-        Returns the (n_layers, d_t) mask of the latents re-initialized."""
-        if self.clt is not None:
-            return resample_clt(self.clt, optimizer, x, y, dead, gen, weight)
-        resampled = []
-        for i, module in enumerate(self.per_layer):
-            assert isinstance(module, Transcoder)
-            resampled.append(
-                resample_transcoder(module, optimizer, x[i], y[i], dead[i], gen, weight)
-            )
-        return torch.stack(resampled)
 
 
 def _schedule(base: float, step: int, steps: int, warmup: int) -> float:
@@ -242,7 +118,7 @@ def _scales(x: torch.Tensor) -> list[float]:
 
 
 def build_set(
-    trainable: _Trainable,
+    trainable: Trainable,
     cfg: TrainConfig,
     module_cfg: TranscoderConfig,
     layers: list[int],
@@ -412,7 +288,7 @@ class _Run:
         self.layers = resolve_layers(cfg, adapter.n_layers)
         self.module_cfg = cfg.module_config(adapter.d_model)
         self.fingerprint = adapter.fingerprint()
-        self.trainable = _Trainable(self.module_cfg, len(self.layers), cfg.kind == "clt").to(
+        self.trainable = Trainable(self.module_cfg, len(self.layers), cfg.kind == "clt").to(
             self.device
         )
         answer_weight = cfg.answer_weight if source.answer_only else 1.0
@@ -442,7 +318,7 @@ class _Run:
             self.trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True
         )
         # --compile: the loss compiled whole (fixed shapes); None: the eager loss
-        self.compiled_loss = _compiled_loss(self.trainable, self.device) if cfg.compile else None
+        self.compiled_loss = compiled_loss(self.trainable, self.device) if cfg.compile else None
         # what the end-to-end steps back-propagate to (the modules', not the model's)
         self.params = [p for p in self.trainable.parameters() if p.requires_grad]
         d_t = self.module_cfg.d_transcoder
@@ -585,7 +461,7 @@ class _Run:
     def evaluate(self, done: int) -> dict[str, str]:
         """Record the periodic evaluation after ``done`` steps; returns what the
         progress bar shows of it."""
-        metrics: dict[str, Any] = _quick_eval(
+        metrics: dict[str, Any] = quick_eval(
             self.trainable, self.eval_x, self.eval_y, self.since_fired, self.cfg
         )
         metrics["step"] = done
@@ -612,40 +488,3 @@ class _Run:
             for module in self.trainable.modules_list():
                 module.after_step_()
             logger.info("step %d: resampled %d dead latents", step + 1, n)
-
-
-def _compiled_loss(trainable: _Trainable, device: torch.device) -> Any:
-    """``trainable.loss`` in fixed shapes, compiled whole (``fullgraph``: a graph break,
-    and with it a host sync on CUDA, is an error); on CUDA as CUDA graphs."""
-    logger.info("compiling the training step: the first step takes longer")
-    mode = "reduce-overhead" if device.type == "cuda" else None
-
-    def loss(
-        x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor, weight: torch.Tensor | None
-    ) -> LossParts:
-        return trainable.loss(x, y, dead, weight, static=True)
-
-    return torch.compile(loss, fullgraph=True, mode=mode)
-
-
-@torch.no_grad()
-def _quick_eval(
-    trainable: _Trainable,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    since_fired: torch.Tensor,
-    cfg: TrainConfig,
-) -> dict[str, float]:
-    """FVU, L0 and dead fraction on the fixed eval activations (scaled units), of the
-    modules as they would be exported now: BatchTopK at its running threshold, not its
-    batch selection (whose L0 is k by construction). The last evaluation comes before
-    the threshold's calibration after the last step."""
-    acts, estimates = trainable.infer(x)
-    n_layers = x.shape[0]
-    fired = (acts > 0).any(1)
-    return {
-        "fvu": sum(float(normalized_mse(estimates[i], y[i])) for i in range(n_layers)) / n_layers,
-        "l0": float((acts > 0).sum(-1).float().mean()),
-        "dead_fraction_eval": float(fired.logical_not().float().mean()),
-        "dead_fraction_train": float((since_fired >= cfg.dead_after_tokens).float().mean()),
-    }

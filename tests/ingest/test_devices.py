@@ -15,11 +15,12 @@ pytestmark = pytest.mark.unit
 _FAULTS = """
 import resource, sys, torch
 from ingest.devices import retain_freed_cpu_memory
-from ingest.transcoders.trainer import TrainConfig, _Trainable
+from ingest.transcoders.trainable import Trainable
+from ingest.transcoders.trainer import TrainConfig
 if sys.argv[1] == "retain":
     assert retain_freed_cpu_memory()
 torch.manual_seed(0)
-trainable = _Trainable(TrainConfig(width=512).module_config(64), 2, False)
+trainable = Trainable(TrainConfig(width=512).module_config(64), 2, False)
 optimizer = torch.optim.Adam(trainable.parameters(), lr=1e-3, fused=True)
 x, y = torch.randn(2, 1024, 64), torch.randn(2, 1024, 64)
 def step():
