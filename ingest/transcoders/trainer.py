@@ -439,6 +439,9 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = _lr_at(cfg, step)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.compiled_loss is not None and self.device.type == "cuda":
+            # a new iteration of the CUDA graphs: the last step's outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         parts = (self.compiled_loss or trainable.loss)(x, y, dead, weight)
         total = parts.mse + _sparsity_ramp(cfg, step) * parts.sparsity + parts.aux
         if end_to_end is not None and step >= cfg.steps:
