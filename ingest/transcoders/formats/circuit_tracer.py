@@ -29,13 +29,13 @@ from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.transcoders.clt import CrossLayerTranscoder
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.formats.common import (
+    StagedFiles,
     infer_arch,
     per_layer_module,
     read_json,
+    read_metadata,
     read_tensors,
     take,
-    write_json,
-    write_tensors,
 )
 from ingest.transcoders.transcoder import Transcoder
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
@@ -47,29 +47,31 @@ _KIND_TO_MODEL_KIND = {"transcoder": "transcoder_set", "sae": "transcoder_set"}
 
 
 def save_set(tset: TranscoderSet, directory: str | Path) -> Path:
-    """Write ``tset`` in the circuit-tracer layout plus ``circuitscope.json``."""
+    """Write ``tset`` in the circuit-tracer layout plus ``circuitscope.json``; every file
+    is staged first, so a failure leaves the directory as it was."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     meta = tset.metadata
-    files: list[str] = []
-    if tset.clt is not None:
-        files = _write_clt(tset.clt, meta.config, out)
-        model_kind = "cross_layer_transcoder"
-    else:
-        for layer in tset.layers:
-            name = f"layer_{layer}.safetensors"
-            write_tensors(out / name, _per_layer_tensors(tset.module(layer)))
-            files.append(name)
-        model_kind = _KIND_TO_MODEL_KIND[meta.kind]
-    config = {
-        "model_kind": model_kind,
-        "model_name": meta.model_id,
-        "feature_input_hook": meta.feature_input_hook,
-        "feature_output_hook": meta.feature_output_hook,
-        "transcoders": files,
-    }
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-    write_json(out / NATIVE_FILE, {"format_version": FORMAT_VERSION, **meta.to_dict()})
+    with StagedFiles() as staged:
+        if tset.clt is not None:
+            files = _write_clt(tset.clt, meta.config, out, staged)
+            model_kind = "cross_layer_transcoder"
+        else:
+            files = []
+            for layer in tset.layers:
+                name = f"layer_{layer}.safetensors"
+                staged.tensors(out / name, _per_layer_tensors(tset.module(layer)))
+                files.append(name)
+            model_kind = _KIND_TO_MODEL_KIND[meta.kind]
+        config = {
+            "model_kind": model_kind,
+            "model_name": meta.model_id,
+            "feature_input_hook": meta.feature_input_hook,
+            "feature_output_hook": meta.feature_output_hook,
+            "transcoders": files,
+        }
+        staged.text(out / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+        staged.json(out / NATIVE_FILE, {"format_version": FORMAT_VERSION, **meta.to_dict()})
     return out
 
 
@@ -89,7 +91,9 @@ def _per_layer_tensors(module: Transcoder) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _write_clt(clt: CrossLayerTranscoder, cfg: TranscoderConfig, out: Path) -> list[str]:
+def _write_clt(
+    clt: CrossLayerTranscoder, cfg: TranscoderConfig, out: Path, staged: StagedFiles
+) -> list[str]:
     files = []
     for p in range(clt.n_layers):
         enc: dict[str, torch.Tensor] = {
@@ -104,8 +108,8 @@ def _write_clt(clt: CrossLayerTranscoder, cfg: TranscoderConfig, out: Path) -> l
             enc[f"W_skip_{p}"] = clt.W_skip[p].T
         if cfg.arch == "topk":
             enc[f"k_{p}"] = torch.tensor(cfg.k)
-        write_tensors(out / f"W_enc_{p}.safetensors", enc)
-        write_tensors(out / f"W_dec_{p}.safetensors", {f"W_dec_{p}": clt.W_dec[p]})
+        staged.tensors(out / f"W_enc_{p}.safetensors", enc)
+        staged.tensors(out / f"W_dec_{p}.safetensors", {f"W_dec_{p}": clt.W_dec[p]})
         files += [f"W_enc_{p}.safetensors", f"W_dec_{p}.safetensors"]
     return files
 
@@ -138,7 +142,7 @@ def load_set(
     native = read_json(root / NATIVE_FILE) if (root / NATIVE_FILE).is_file() else None
     if native is not None:
         native.pop("format_version", None)
-        meta: SetMetadata | None = SetMetadata.from_dict(native)
+        meta: SetMetadata | None = read_metadata(native, root / NATIVE_FILE)
     else:
         meta = None
     if model_kind == "cross_layer_transcoder":

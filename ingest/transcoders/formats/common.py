@@ -3,13 +3,16 @@
 Every reader reports a wrong layout as :class:`InvalidArgumentError` naming the file and
 the problem (missing tensor, wrong shape), and a missing file as :class:`NotFoundError`.
 Writes go to a temporary file and are moved into place with ``os.replace`` so a reader
-never sees half a file.
+never sees half a file; a set's files are staged together (:class:`StagedFiles`) and
+moved into place only once every one of them is written, so a failure while writing a
+set (a full disk, a value that does not serialize) leaves the directory as it was.
 """
 
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -19,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.transcoder import Transcoder
+from ingest.transcoders.transcoder_set import SetMetadata
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -30,11 +34,55 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise InvalidArgumentError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
+class StagedFiles:
+    """Files written to temporary names and moved into place together when the ``with``
+    block ends without an error; on an error the temporary files are removed and nothing
+    is replaced. A write that fails names the file."""
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+
+    def _stage(self, path: Path, write: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        self._staged.append((tmp, path))
+        try:
+            write(tmp)
+        except (OSError, TypeError, ValueError, SafetensorError) as exc:
+            raise InvalidArgumentError(f"cannot write {path}: {exc}") from exc
+
+    def tensors(self, path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+        plain = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+        self._stage(path, lambda tmp: save_file(plain, str(tmp)))
+
+    def json(self, path: Path, data: Any) -> None:
+        text = json.dumps(data, indent=2, sort_keys=True)  # before anything is staged
+        self.text(path, text)
+
+    def text(self, path: Path, text: str) -> None:
+        self._stage(path, lambda tmp: tmp.write_text(text))
+
+    def __enter__(self) -> "StagedFiles":
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            for tmp, path in self._staged:
+                os.replace(tmp, path)
+        else:
+            for tmp, _ in self._staged:
+                if tmp.is_file():
+                    tmp.unlink()
+
+
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with StagedFiles() as files:
+        files.tensors(path, tensors)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -50,10 +98,34 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    with StagedFiles() as files:
+        files.json(path, data)
+
+
+def read_metadata(data: dict[str, Any], path: Path) -> SetMetadata:
+    """The set's circuitscope metadata from ``data`` (read from ``path``), or an error
+    naming the file."""
+    try:
+        return SetMetadata.from_dict(data)
+    except (TypeError, KeyError, ValueError, AttributeError, InvalidArgumentError) as exc:
+        raise InvalidArgumentError(
+            f"{path}: the set's circuitscope metadata is not readable ({exc!r}): the file is "
+            "damaged or was written by another circuitscope version; export the set again"
+        ) from exc
+
+
+def check_no_other_layers(out: Path, weights_file: str, written: set[str]) -> None:
+    """Refuse to write a set of layer directories into ``out`` when it already holds layer
+    directories (with a ``weights_file``) that this set does not write: a reader would
+    take them for part of the set."""
+    others = sorted(
+        p.parent.name for p in out.glob(f"*/{weights_file}") if p.parent.name not in written
+    )
+    if others:
+        raise InvalidArgumentError(
+            f"{out} already holds layer directories of another set ({', '.join(others)}): "
+            "save into an empty directory, or remove them first"
+        )
 
 
 def take(

@@ -22,13 +22,14 @@ import torch
 from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.formats.common import (
+    StagedFiles,
+    check_no_other_layers,
     infer_arch,
     per_layer_module,
     read_json,
+    read_metadata,
     read_tensors,
     take,
-    write_json,
-    write_tensors,
 )
 from ingest.transcoders.transcoder import Transcoder
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
@@ -54,45 +55,51 @@ def save_saelens(tset: TranscoderSet, directory: str | Path) -> Path:
             "circuit-tracer format instead"
         )
     out = Path(directory)
-    meta = tset.metadata
-    for layer in tset.layers:
-        module = tset.module(layer)
-        arch = _ARCH_NAMES[(meta.kind, meta.config.arch)]
-        if meta.config.skip:
-            arch = arch.replace("transcoder", "skip_transcoder")
-        cfg: dict[str, Any] = {
-            "architecture": arch,
-            "d_in": meta.config.d_in,
-            "d_sae": meta.config.d_transcoder,
-            "d_out": meta.config.d_out,
-            "dtype": "float32",
-            "device": "cpu",
-            "apply_b_dec_to_input": False,
-            "normalize_activations": "none",
-            "metadata": {
-                "model_name": meta.model_id,
-                "hook_name": f"blocks.{layer}.{meta.feature_input_hook}",
-                "hook_name_out": f"blocks.{layer}.{meta.feature_output_hook}",
-                "hook_layer": layer,
-                "hook_head_index": None,
-                "circuitscope": meta.to_dict(),
-            },
-        }
-        if meta.config.arch == "topk":
-            cfg["k"] = meta.config.k
-        tensors = {
-            "W_enc": module.W_enc.T,
-            "W_dec": module.W_dec,
-            "b_enc": module.b_enc,
-            "b_dec": module.b_dec,
-        }
-        if module.threshold is not None:
-            tensors["threshold"] = module.threshold
-        if module.W_skip is not None:
-            tensors["W_skip"] = module.W_skip
-        write_json(out / f"layer_{layer}" / CFG_FILE, cfg)
-        write_tensors(out / f"layer_{layer}" / WEIGHTS_FILE, tensors)
+    check_no_other_layers(out, WEIGHTS_FILE, {f"layer_{layer}" for layer in tset.layers})
+    with StagedFiles() as staged:
+        for layer in tset.layers:
+            _stage_layer(staged, out / f"layer_{layer}", tset, layer)
     return out
+
+
+def _stage_layer(staged: StagedFiles, sub: Path, tset: TranscoderSet, layer: int) -> None:
+    meta = tset.metadata
+    module = tset.module(layer)
+    arch = _ARCH_NAMES[(meta.kind, meta.config.arch)]
+    if meta.config.skip:
+        arch = arch.replace("transcoder", "skip_transcoder")
+    cfg: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": meta.config.d_in,
+        "d_sae": meta.config.d_transcoder,
+        "d_out": meta.config.d_out,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {
+            "model_name": meta.model_id,
+            "hook_name": f"blocks.{layer}.{meta.feature_input_hook}",
+            "hook_name_out": f"blocks.{layer}.{meta.feature_output_hook}",
+            "hook_layer": layer,
+            "hook_head_index": None,
+            "circuitscope": meta.to_dict(),
+        },
+    }
+    if meta.config.arch == "topk":
+        cfg["k"] = meta.config.k
+    tensors = {
+        "W_enc": module.W_enc.T,
+        "W_dec": module.W_dec,
+        "b_enc": module.b_enc,
+        "b_dec": module.b_dec,
+    }
+    if module.threshold is not None:
+        tensors["threshold"] = module.threshold
+    if module.W_skip is not None:
+        tensors["W_skip"] = module.W_skip
+    staged.json(sub / CFG_FILE, cfg)
+    staged.tensors(sub / WEIGHTS_FILE, tensors)
 
 
 def is_saelens_dir(path: Path) -> bool:
@@ -118,7 +125,7 @@ def load_saelens(
         cfg = read_json(sub / CFG_FILE)
         cfg_meta = cfg.get("metadata") or {}
         if "circuitscope" in cfg_meta:
-            meta = SetMetadata.from_dict(cfg_meta["circuitscope"])
+            meta = read_metadata(cfg_meta["circuitscope"], sub / CFG_FILE)
             config = meta.config
         layer = _layer_of(sub, cfg, cfg_meta)
         path = sub / WEIGHTS_FILE

@@ -18,12 +18,13 @@ import torch
 from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.formats.common import (
+    StagedFiles,
+    check_no_other_layers,
     per_layer_module,
     read_json,
+    read_metadata,
     read_tensors,
     take,
-    write_json,
-    write_tensors,
 )
 from ingest.transcoders.transcoder import Transcoder
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
@@ -40,31 +41,37 @@ def save_sparsify(tset: TranscoderSet, directory: str | Path) -> Path:
             "circuit-tracer format instead"
         )
     out = Path(directory)
-    for layer in tset.layers:
-        module = tset.module(layer)
-        sub = out / f"layers.{layer}.mlp"
-        cfg = {
-            "num_latents": meta.config.d_transcoder,
-            "expansion_factor": 0,
-            "k": meta.config.k,
-            "normalize_decoder": True,
-            "multi_topk": False,
-            "skip_connection": meta.config.skip,
-            "transcode": True,
-            "d_in": meta.config.d_in,
-            "circuitscope": meta.to_dict(),
-        }
-        tensors = {
-            "encoder.weight": module.W_enc,
-            "encoder.bias": module.b_enc,
-            "W_dec": module.W_dec,
-            "b_dec": module.b_dec,
-        }
-        if module.W_skip is not None:
-            tensors["W_skip"] = module.W_skip
-        write_json(sub / CFG_FILE, cfg)
-        write_tensors(sub / WEIGHTS_FILE, tensors)
+    check_no_other_layers(out, WEIGHTS_FILE, {f"layers.{layer}.mlp" for layer in tset.layers})
+    with StagedFiles() as staged:
+        for layer in tset.layers:
+            _stage_layer(staged, out / f"layers.{layer}.mlp", tset, layer)
     return out
+
+
+def _stage_layer(staged: StagedFiles, sub: Path, tset: TranscoderSet, layer: int) -> None:
+    meta = tset.metadata
+    module = tset.module(layer)
+    cfg = {
+        "num_latents": meta.config.d_transcoder,
+        "expansion_factor": 0,
+        "k": meta.config.k,
+        "normalize_decoder": True,
+        "multi_topk": False,
+        "skip_connection": meta.config.skip,
+        "transcode": True,
+        "d_in": meta.config.d_in,
+        "circuitscope": meta.to_dict(),
+    }
+    tensors = {
+        "encoder.weight": module.W_enc,
+        "encoder.bias": module.b_enc,
+        "W_dec": module.W_dec,
+        "b_dec": module.b_dec,
+    }
+    if module.W_skip is not None:
+        tensors["W_skip"] = module.W_skip
+    staged.json(sub / CFG_FILE, cfg)
+    staged.tensors(sub / WEIGHTS_FILE, tensors)
 
 
 def is_sparsify_dir(path: Path) -> bool:
@@ -94,7 +101,7 @@ def load_sparsify(
         path = sub / WEIGHTS_FILE
         tensors = read_tensors(path)
         if "circuitscope" in cfg:
-            meta = SetMetadata.from_dict(cfg["circuitscope"])
+            meta = read_metadata(cfg["circuitscope"], sub / CFG_FILE)
             config = meta.config
         enc = take(tensors, "encoder.weight", None, path)
         d_t, d_in = enc.shape

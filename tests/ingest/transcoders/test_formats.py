@@ -125,3 +125,54 @@ def test_not_a_set_and_unsupported_layouts(tmp_path):
     (tmp_path / "bad" / "config.yaml").write_text("model_kind: something\n")
     with pytest.raises(InvalidArgumentError, match="model_kind"):
         load_any(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "clt"])
+def test_a_save_that_fails_leaves_the_set_as_it_was(tmp_path, kind):
+    """Every file of a set is staged before any is moved into place: when writing one
+    fails (here the metadata's temporary name is taken by a directory), the error names
+    the file, the old set reads back unchanged, and no temporary file is left."""
+    old, new = make_set(kind, "jumprelu", True), make_set(kind, "jumprelu", True)
+    with torch.no_grad():
+        for param in new.parameters():
+            param.add_(1.0)
+    save(old, tmp_path / "set")
+    (tmp_path / "set" / "circuitscope.json.tmp").mkdir()
+    with pytest.raises(InvalidArgumentError, match=r"circuitscope\.json"):
+        save(new, tmp_path / "set")
+    assert_sets_equal(old, load_any(tmp_path / "set"))
+    left = sorted(p.name for p in (tmp_path / "set").iterdir() if p.name.endswith(".tmp"))
+    assert left == ["circuitscope.json.tmp"]
+
+
+@pytest.mark.parametrize(("fmt", "other"), [("saelens", "layer_2"), ("sparsify", "layers.2.mlp")])
+def test_saving_over_another_sets_layers_is_refused(tmp_path, fmt, other):
+    """A reader takes every layer directory as part of the set, so a set is not written
+    beside layer directories it does not write; writing the same layers again is fine."""
+    arch = "topk" if fmt == "sparsify" else "jumprelu"
+    wide = make_set("transcoder", arch, False, layers=[0, 2])
+    narrow = make_set("transcoder", arch, False, layers=[0])
+    save(wide, tmp_path / "d", fmt)
+    with pytest.raises(InvalidArgumentError, match=f"another set \\({other}\\)"):
+        save(narrow, tmp_path / "d", fmt)
+    assert_sets_equal(wide, load_any(tmp_path / "d"))
+    save(wide, tmp_path / "d", fmt)
+    assert_sets_equal(wide, load_any(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("fmt", ["circuit_tracer", "saelens", "sparsify"])
+def test_unreadable_metadata_names_the_file(tmp_path, fmt):
+    tset = make_set("transcoder", "topk", False)
+    save(tset, tmp_path / "d", fmt)
+    path = {
+        "circuit_tracer": tmp_path / "d" / "circuitscope.json",
+        "saelens": tmp_path / "d" / "layer_0" / "cfg.json",
+        "sparsify": tmp_path / "d" / "layers.0.mlp" / "cfg.json",
+    }[fmt]
+    data = json.loads(path.read_text())
+    meta = data if fmt == "circuit_tracer" else data.get("metadata", data)
+    meta = meta.get("circuitscope", meta)
+    meta["a_field_no_version_writes"] = 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(InvalidArgumentError, match=f"{path}.*export the set again"):
+        load_any(tmp_path / "d")
