@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ingest.transcoders.buffer import check_window_fits, record_sites
+from ingest.transcoders.buffer import FLOATS_PER_FORWARD, check_window_fits, record_sites
 from ingest.transcoders.sources import Source, Split, predicting_positions
 from ingest.transcoders.transcoder_set import TranscoderSet
 
@@ -372,7 +372,11 @@ def _count_firing(
     site = "mlp_out" if tset.kind == "sae" else "mlp_in"
     layers = tset.layers
     total, start, n = 0, 0, source.n_windows(split)
-    chunk = max(batch_size, 256)
+    # windows per forward: up to 256 while the recorded sites of all covered layers stay
+    # within the buffer's per-forward budget (at GPT-2's 1,024-token windows 256 would
+    # record 19 GB), never fewer than the eval's ``batch_size``
+    per_window = source.width * adapter.d_model * len(layers)
+    chunk = max(batch_size, min(256, FLOATS_PER_FORWARD // per_window))
     while total < min_tokens and start < n:
         windows = source.get(split, start, min(chunk, n - start))
         start += windows.ids.shape[0]

@@ -270,15 +270,19 @@ def _paired_verdicts(diffs: Sequence[float], ratios: Sequence[float]) -> dict[st
         "ce_diff_mean": statistics.fmean(diffs),
         "ce_diff_min": min(diffs),
         "ce_diff_max": max(diffs),
-        "verdict": _verdict(min(diffs) > 0, max(diffs) < 0),
+        "verdict": _verdict(diffs, min(diffs) > 0, max(diffs) < 0),
         "kl_ratio_mean": statistics.fmean(ratios),
         "kl_ratio_min": min(ratios),
         "kl_ratio_max": max(ratios),
-        "kl_verdict": _verdict(max(ratios) < 1, min(ratios) > 1),
+        "kl_verdict": _verdict(ratios, max(ratios) < 1, min(ratios) > 1),
     }
 
 
-def _verdict(transcoder_better: bool, sae_better: bool) -> str:
+def _verdict(values: Sequence[float], transcoder_better: bool, sae_better: bool) -> str:
+    """A nan among the seeds' figures (CE recovered where ablation changes nothing) makes
+    min and max depend on its place in the list: no verdict then."""
+    if any(math.isnan(v) for v in values):
+        return "undetermined"
     return "transcoder ahead" if transcoder_better else "SAE ahead" if sae_better else "level"
 
 

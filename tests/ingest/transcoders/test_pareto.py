@@ -140,3 +140,16 @@ def test_equal_l0_reads_the_sae_frontier_not_a_dominated_run():
     (past,) = compare_at_equal_l0(tail)
     assert past["ce_diff_mean"] == pytest.approx(0.03)
     assert past["kl_ratio_mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.unit
+def test_a_nan_among_the_seeds_gives_no_verdict_whatever_its_place():
+    # CE recovered is nan where ablation changes nothing; min and max over a list with a
+    # nan depend on where it sits, so no verdict is drawn from such a list
+    from ingest.transcoders.pareto import _paired_verdicts
+
+    nan = float("nan")
+    for diffs in ([0.1, nan], [nan, 0.1]):
+        verdicts = _paired_verdicts(diffs, [0.5, 0.5])
+        assert verdicts["verdict"] == "undetermined"
+        assert verdicts["kl_verdict"] == "transcoder ahead"
