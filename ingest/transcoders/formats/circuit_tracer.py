@@ -19,6 +19,7 @@ and no fingerprint. Tensors are written as they are held (float32), so a write f
 by a read is bit-exact.
 """
 
+import logging
 import re
 from pathlib import Path
 
@@ -40,6 +41,8 @@ from ingest.transcoders.formats.common import (
 from ingest.transcoders.transcoder import Transcoder
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.yaml"
 NATIVE_FILE = "circuitscope.json"
 FORMAT_VERSION = 1
@@ -54,6 +57,13 @@ def save_set(tset: TranscoderSet, directory: str | Path) -> Path:
     meta = tset.metadata
     with StagedFiles() as staged:
         if tset.clt is not None:
+            if meta.layers != list(range(len(meta.layers))):
+                logger.warning(
+                    "%s: circuit-tracer numbers a cross-layer transcoder's files by model "
+                    "layer from 0, and this one covers layers %s: circuitscope reads it back "
+                    "right (circuitscope.json), other readers would take it for layers 0-%d",
+                    out, meta.layers, len(meta.layers) - 1,
+                )  # fmt: skip
             files = _write_clt(tset.clt, meta.config, out, staged)
             model_kind = "cross_layer_transcoder"
         else:

@@ -176,3 +176,15 @@ def test_unreadable_metadata_names_the_file(tmp_path, fmt):
     path.write_text(json.dumps(data))
     with pytest.raises(InvalidArgumentError, match=f"{path}.*export the set again"):
         load_any(tmp_path / "d")
+
+
+def test_a_cross_layer_set_off_layer_0_warns_and_reads_back_right(tmp_path, caplog):
+    """circuit-tracer numbers a CLT's files by model layer from 0: a CLT over layers 1-2
+    is written with a warning, and the native metadata reads it back on its layers."""
+    tset = make_set("clt", "topk", False, layers=[1, 2], n_layers=4)
+    with caplog.at_level("WARNING"):
+        save(tset, tmp_path / "clt")
+    assert "covers layers [1, 2]" in caplog.text
+    back = load_any(tmp_path / "clt")
+    assert back.layers == [1, 2]
+    assert_sets_equal(tset, back)
