@@ -115,13 +115,13 @@ def run_pareto(
                     adapter, source, cfg, run_dir, model_id=model_id, resume=True,
                     progress=progress,
                 )  # fmt: skip
-                report = evaluate_set(adapter, result.tset, source, n_windows=eval_windows)
+                evaluation = evaluate_set(adapter, result.tset, source, n_windows=eval_windows)
                 row = {
                     "kind": label,
                     "sparsity": float(sparsity),
                     "seed": seed,
-                    **{k: report["mean"][k] for k in LAYER_METRICS},
-                    "ce_recovered_all": report["all_layers"]["ce_loss_recovered"],
+                    **{k: evaluation["mean"][k] for k in LAYER_METRICS},
+                    "ce_recovered_all": evaluation["all_layers"]["ce_loss_recovered"],
                     "dir": str(run_dir),
                 }
                 runs.append(row)
@@ -160,6 +160,16 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
+def _is_transcoder(run: dict[str, Any]) -> bool:
+    """A per-layer transcoder run ("transcoder" or "transcoder+skip")."""
+    return bool(run["kind"].startswith("transcoder"))
+
+
+def _is_sae(run: dict[str, Any]) -> bool:
+    """An SAE run; other kinds (a CLT) are in no comparison."""
+    return bool(run["kind"] == "sae")
+
+
 def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per sparsity, paired by seed: transcoder minus SAE CE recovered and transcoder / SAE
     KL, each with a verdict, and the transcoder / SAE L0 ratio.
@@ -167,7 +177,11 @@ def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     Empty unless the sweep holds both kinds. "transcoder ahead" / "SAE ahead" need every
     seed to agree; anything else is "level".
     """
-    by_key = {(r["kind"].startswith("transcoder"), r["sparsity"], r["seed"]): r for r in runs}
+    by_key = {
+        (_is_transcoder(r), r["sparsity"], r["seed"]): r
+        for r in runs
+        if _is_transcoder(r) or _is_sae(r)
+    }
     comparison = []
     for sparsity in dict.fromkeys(r["sparsity"] for r in runs):
         pairs = [
@@ -198,13 +212,13 @@ def compare_at_equal_l0(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     whose runs falls inside is not listed."""
     curves: dict[int, list[dict[str, Any]]] = {}
     for run in runs:
-        if not run["kind"].startswith("transcoder"):
+        if _is_sae(run):
             curves.setdefault(run["seed"], []).append(run)
     rows = []
     for sparsity in dict.fromkeys(r["sparsity"] for r in runs):
         compared = []
         for tc in runs:
-            if not tc["kind"].startswith("transcoder") or tc["sparsity"] != sparsity:
+            if not _is_transcoder(tc) or tc["sparsity"] != sparsity:
                 continue
             sae = _read_curve(curves.get(tc["seed"], []), tc["l0"])
             if sae is not None:

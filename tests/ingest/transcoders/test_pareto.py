@@ -153,3 +153,11 @@ def test_a_nan_among_the_seeds_gives_no_verdict_whatever_its_place():
         verdicts = _paired_verdicts(diffs, [0.5, 0.5])
         assert verdicts["verdict"] == "undetermined"
         assert verdicts["kl_verdict"] == "transcoder ahead"
+
+
+@pytest.mark.unit
+def test_cross_layer_runs_join_no_comparison():
+    # a CLT run is neither side of the transcoder-against-SAE comparison: with a CLT
+    # beside the SAE at every seed the verdicts are those of the two per-layer kinds
+    with_clt = RUNS + [_run("clt", s, seed, 0.0) for s in (4, 8, 16) for seed in (0, 1)]
+    assert compare(with_clt) == compare(RUNS)
