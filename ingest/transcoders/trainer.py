@@ -213,7 +213,7 @@ def train_transcoders(
     began = time.perf_counter()
     collect_before = run.buffer.collect_seconds
     trained_tokens = 0
-    step = run.start
+    steps_done = run.start
     try:
         for step in range(run.start, end):
             x, y, weight = run.step(step, end_to_end)
@@ -234,7 +234,7 @@ def train_transcoders(
                 run.resample(step, x, y, weight)
             if done % cfg.checkpoint_every == 0 or done in (cfg.steps, total_steps):
                 run.checkpoint(done)
-            step = done
+            steps_done = done
     finally:
         bar.close()
     # End to end counts every activation collection of this run, also the one before the
@@ -244,7 +244,7 @@ def train_transcoders(
     elapsed = max(loop + collect_before, 1e-9)
     stepping = max(loop - (run.buffer.collect_seconds - collect_before), 1e-9)
     peak = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else 0
-    if step >= total_steps and run.trainable.calibrates:
+    if steps_done >= total_steps and run.trainable.calibrates:
         # drawn after the final checkpoint, so a finished run resumed draws the same rows.
         # After end-to-end steps too: they train the encoder at the threshold held since
         # they began, and nothing in them keeps L0 at k there (held, greater-than Llama's
@@ -262,12 +262,12 @@ def train_transcoders(
         model_id,
         run.fingerprint,
     )
-    if step >= total_steps:
+    if steps_done >= total_steps:
         save_set(tset, run.out)
     return TrainResult(
         tset=tset,
         out_dir=run.out,
-        steps_done=step,
+        steps_done=steps_done,
         history=run.history,
         tokens_per_second=trained_tokens / elapsed,
         step_tokens_per_second=trained_tokens / stepping,
