@@ -34,6 +34,8 @@ from ingest.transcoders.sources import Source, Split, predicting_positions
 
 logger = logging.getLogger(__name__)
 
+#: Refill r of a run seeded s shuffles with seed ``s * _SEED_STRIDE + r``: a prime larger
+#: than any refill count, so no two (seed, refill) pairs share a shuffle.
 _SEED_STRIDE = 1_000_003
 
 

@@ -76,6 +76,10 @@ def compute_feature_stats(
     context: int = 8,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
+    """The module docstring's statistics of every latent of ``tset`` over the first
+    ``n_windows`` eval windows of ``source`` (model forwards of ``batch_size`` windows),
+    with ``top_k`` examples of ``context`` tokens before them and ``top_tokens`` tokens
+    each way; ``tokenizer`` decodes tokens (ids are shown without one)."""
     tset.check_fits(adapter)
     layers = tset.layers
     d_t = tset.d_transcoder
