@@ -56,7 +56,10 @@ class StagedFiles:
         self._stage(path, lambda tmp: save_file(plain, str(tmp)))
 
     def json(self, path: Path, data: Any) -> None:
-        text = json.dumps(data, indent=2, sort_keys=True)  # before anything is staged
+        try:
+            text = json.dumps(data, indent=2, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"cannot write {path}: {exc}") from exc
         self.text(path, text)
 
     def text(self, path: Path, text: str) -> None:
