@@ -13,9 +13,6 @@ firing-floor state dropped), and its Adam moments are reset. Where every latent 
 is dead, the norms are those of all its rows. Draws come from a generator seeded by
 (seed, step), so resampling is deterministic and resumable. AuxK (see ``losses``) works
 alongside: resampling relocates latents, AuxK trains them.
-
-The functions return which latents they re-initialized, so that the trainer restarts
-only those latents' dead counters.
 """
 
 import torch
@@ -25,8 +22,11 @@ from ingest.transcoders.transcoder import Transcoder
 
 
 def _reset_moments(
-    optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor
+    optimizer: torch.optim.Optimizer,
+    param: torch.Tensor,
+    rows: torch.Tensor | tuple[int, torch.Tensor],
 ) -> None:
+    """Zero ``param``'s Adam moments at ``rows`` (an index into its first dimensions)."""
     state = optimizer.state.get(param, {})
     for name in ("exp_avg", "exp_avg_sq"):
         if name in state:
@@ -80,12 +80,12 @@ def resample_transcoder(
     dead: torch.Tensor,
     gen: torch.Generator,
     weight: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> int:
     """x, y: (N, d) scaled batch; dead: (d_t,) bool; weight: (N,) row weights or None.
-    Returns the (d_t,) mask of the latents re-initialized (``dead``)."""
+    Every dead latent is re-initialized; returns how many."""
     idx = dead.nonzero().squeeze(-1)
     if idx.numel() == 0:
-        return dead.clone()
+        return 0
     rows = _norm_rows(dead)
     x_dir, r_dir, mean = _choose(x, y, module(x), idx.numel(), gen, weight)
     enc_norm = module.W_enc[rows].norm(dim=-1).mean()
@@ -96,7 +96,7 @@ def resample_transcoder(
     for param in (module.W_enc, module.W_dec, module.b_enc):
         _reset_moments(optimizer, param, idx)
     _reset_activation(module.activation, optimizer, idx)
-    return dead.clone()
+    return int(idx.numel())
 
 
 @torch.no_grad()
@@ -108,11 +108,11 @@ def resample_clt(
     dead: torch.Tensor,
     gen: torch.Generator,
     weight: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> int:
     """xs, ys: (n_layers, N, d); dead: (n_layers, d_t); weight: (N,) or None. Decoders
-    restart at their own layer. Returns the (n_layers, d_t) mask of the latents
-    re-initialized (``dead``)."""
+    restart at their own layer. Every dead latent is re-initialized; returns how many."""
     estimates = clt(list(xs))
+    total = 0
     for s in range(clt.n_layers):
         idx = dead[s].nonzero().squeeze(-1)
         if idx.numel() == 0:
@@ -127,9 +127,8 @@ def resample_clt(
         clt.b_enc[s][idx] = -(clt.W_enc[s][idx] @ mean)
         # W_enc and b_enc hold every source layer: their moments are reset on layer s's rows
         for param in (clt.W_enc, clt.b_enc):
-            for name, moments in optimizer.state.get(param, {}).items():
-                if name in ("exp_avg", "exp_avg_sq"):
-                    moments[s, idx] = 0.0
+            _reset_moments(optimizer, param, (s, idx))
         _reset_moments(optimizer, clt.W_dec[s], idx)
         _reset_activation(clt.activations[s], optimizer, idx)
-    return dead.clone()
+        total += int(idx.numel())
+    return total

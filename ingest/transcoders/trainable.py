@@ -126,18 +126,16 @@ class Trainable(nn.Module):
         dead: torch.Tensor,
         gen: torch.Generator,
         weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> int:
         """x, y: (n_layers, B, d) scaled batch; dead: (n_layers, d_t) bool; weight: (B,).
-        Returns the (n_layers, d_t) mask of the latents re-initialized."""
+        Every dead latent is re-initialized; returns how many."""
         if self.clt is not None:
             return resample_clt(self.clt, optimizer, x, y, dead, gen, weight)
-        resampled = []
+        total = 0
         for i, module in enumerate(self.per_layer):
             assert isinstance(module, Transcoder)
-            resampled.append(
-                resample_transcoder(module, optimizer, x[i], y[i], dead[i], gen, weight)
-            )
-        return torch.stack(resampled)
+            total += resample_transcoder(module, optimizer, x[i], y[i], dead[i], gen, weight)
+        return total
 
 
 def compiled_loss(trainable: Trainable, device: torch.device) -> Any:

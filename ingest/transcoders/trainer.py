@@ -484,10 +484,9 @@ class _Run:
         """Re-initialize the latents dead now on the step's batch (seeded by the step)."""
         dead_now = self.since_fired >= self.cfg.dead_after_tokens
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        resampled = self.trainable.resample(self.optimizer, x, y, dead_now, gen, weight)
-        n = int(resampled.sum())
-        if n:
-            self.since_fired.masked_fill_(resampled, 0)
+        n = self.trainable.resample(self.optimizer, x, y, dead_now, gen, weight)
+        if n:  # every latent dead now was re-initialized
+            self.since_fired.masked_fill_(dead_now, 0)
             for module in self.trainable.modules_list():
                 module.after_step_()
             logger.info("step %d: resampled %d dead latents", step + 1, n)

@@ -218,12 +218,12 @@ def test_resampling_revives_dead_latents_and_resets_their_moments(cross_layer):
     dead[0, :6] = True
     gen = torch.Generator().manual_seed(0)
     if cross_layer:
-        resampled = resample_clt(module, opt, x, y, dead, gen)
+        n = resample_clt(module, opt, x, y, dead, gen)
         moments = opt.state[module.W_enc]["exp_avg"][0]
     else:
-        resampled = resample_transcoder(module, opt, x[0], y[0], dead[0], gen)
+        n = resample_transcoder(module, opt, x[0], y[0], dead[0], gen)
         moments = opt.state[module.W_enc]["exp_avg"]
-    assert torch.equal(resampled, dead if cross_layer else dead[0])
+    assert n == 6
     assert (moments[:6] == 0).all() and (moments[6:] != 0).any()
     assert (encode(x[0])[:, :6] > 0).any(0).all()
 
@@ -250,8 +250,8 @@ def test_resampling_revives_a_layer_whose_latents_are_all_dead():
     assert (module.encode(x) == 0).all()
     dead = torch.ones(cfg.d_transcoder, dtype=torch.bool)
     before = module.W_enc.norm(dim=-1).mean()
-    resampled = resample_transcoder(module, opt, x, y, dead, torch.Generator().manual_seed(0))
-    assert resampled.all()
+    n = resample_transcoder(module, opt, x, y, dead, torch.Generator().manual_seed(0))
+    assert n == cfg.d_transcoder
     expected = (0.2 * before).expand(cfg.d_transcoder)
     torch.testing.assert_close(module.W_enc.norm(dim=-1), expected)
     assert (module.activation.threshold == cfg.jumprelu_init_threshold).all()
