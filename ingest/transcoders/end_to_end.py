@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ingest.transcoders.evaluation import module_replacements
+from ingest.transcoders.evaluation import kl_rows, module_replacements
 from ingest.transcoders.sources import Source, predicting_positions
 
 #: Added to the seed of the generator that draws an end-to-end step's windows, so that its
@@ -85,4 +85,4 @@ class EndToEndLoss:
             self.out_scales,
         )  # fmt: skip
         replaced = F.log_softmax(self.adapter(ids, mlp_replacements=replacements)[keep], -1)
-        return F.kl_div(replaced, clean, log_target=True, reduction="batchmean")
+        return kl_rows(clean, replaced).mean()

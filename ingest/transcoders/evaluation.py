@@ -100,12 +100,22 @@ def window_ce(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> to
     return nll.new_zeros(keep.shape[0]).index_add_(0, windows, nll)
 
 
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of each row of log-probabilities (..., V) -> (...).
+
+    ``0 log 0 = 0``: a token p gives no probability (a model may put -inf in its logits,
+    e.g. for vocabulary padding) adds nothing, where ``p (log p - log q)`` alone is nan;
+    a token q gives none and p some makes the row infinite, as it should."""
+    terms = log_p.exp() * (log_p - log_q)
+    return torch.where(log_p == float("-inf"), 0.0, terms).sum(-1)
+
+
 def kl_divergence(clean: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Summed KL(clean || other) over kept positions; logits (B, T, V), keep (B, T - 1).
     In float64, as :func:`next_token_ce`."""
     p = F.log_softmax(clean[:, :-1][keep].double(), -1)
     q = F.log_softmax(other[:, :-1][keep].double(), -1)
-    return (p.exp() * (p - q)).sum()
+    return kl_rows(p, q).sum()
 
 
 def top1_matches(clean: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

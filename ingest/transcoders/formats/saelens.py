@@ -10,7 +10,11 @@ SAELens stores one dictionary per directory with ``W_enc (d_in, d_sae)``, ``W_de
 A set is written as ``layer_{i}/`` subdirectories; our full metadata travels in
 ``metadata.circuitscope`` so a round trip is exact. Reading accepts one SAELens
 directory or a directory of them; ``apply_b_dec_to_input`` is folded into ``b_enc``.
-Cross-layer sets have no SAELens layout.
+
+Only what SAELens itself can load is written. Its transcoder architectures are
+``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder`` and
+``jumprelu_skip_transcoder``: there is no TopK transcoder, and its SAEs have no skip
+connection. Such sets, and cross-layer sets, are refused with the format to use instead.
 """
 
 import re
@@ -42,7 +46,6 @@ _ARCH_NAMES = {
     ("sae", "jumprelu"): "jumprelu",
     ("sae", "batchtopk"): "jumprelu",  # SAELens saves BatchTopK for inference as JumpReLU
     ("transcoder", "relu"): "transcoder",
-    ("transcoder", "topk"): "topk_transcoder",
     ("transcoder", "jumprelu"): "jumprelu_transcoder",
     ("transcoder", "batchtopk"): "jumprelu_transcoder",
 }
@@ -53,6 +56,18 @@ def save_saelens(tset: TranscoderSet, directory: str | Path) -> Path:
         raise InvalidArgumentError(
             "SAELens has no cross-layer transcoder layout: save a CLT in the "
             "circuit-tracer format instead"
+        )
+    config = tset.metadata.config
+    if (tset.metadata.kind, config.arch) not in _ARCH_NAMES:
+        raise InvalidArgumentError(
+            "SAELens has no TopK transcoder architecture (its transcoders are transcoder, "
+            "skip_transcoder, jumprelu_transcoder and jumprelu_skip_transcoder): save a "
+            "TopK transcoder in the sparsify or circuit-tracer format instead"
+        )
+    if tset.metadata.kind == "sae" and config.skip:
+        raise InvalidArgumentError(
+            "SAELens SAEs have no skip connection (W_skip): save an SAE with a skip "
+            "connection in the circuit-tracer format instead"
         )
     out = Path(directory)
     check_no_other_layers(out, WEIGHTS_FILE, {f"layer_{layer}" for layer in tset.layers})

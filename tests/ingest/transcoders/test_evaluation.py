@@ -12,6 +12,7 @@ from ingest.transcoders.evaluation import (
     evaluate_set,
     fraction_kept,
     kl_divergence,
+    kl_rows,
     next_token_ce,
     recovered_interval,
     window_ce,
@@ -204,6 +205,27 @@ def test_confident_predictions_keep_their_loss_and_kl_to_many_digits():
     expected_kl = float((p * (p / q).log()).sum())
     assert expected_kl > 0
     assert float(kl_divergence(logits, shifted, keep)) == pytest.approx(expected_kl, rel=1e-6)
+
+
+def test_kl_gives_tokens_with_minus_infinite_logits_no_weight():
+    """A model may put -inf in its logits (vocabulary padding): p log(p / q) of such a
+    token is 0 log 0 = 0, so the KL is that over the other tokens, and its gradient is
+    finite (the end-to-end steps train through it)."""
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randn(1, 4, 7, generator=gen)
+    other = torch.randn(1, 4, 7, generator=gen)
+    keep = torch.ones(1, 3, dtype=torch.bool)
+    padded = [torch.cat([x, torch.full((1, 4, 2), float("-inf"))], -1) for x in (clean, other)]
+    expected = float(kl_divergence(clean, other, keep))
+    assert float(kl_divergence(*padded, keep)) == pytest.approx(expected, rel=1e-12)
+    q_logits = padded[1][0, :3].clone().requires_grad_()
+    log_p = torch.log_softmax(padded[0][0, :3], -1)
+    kl_rows(log_p, torch.log_softmax(q_logits, -1)).mean().backward()
+    assert q_logits.grad is not None and bool(q_logits.grad.isfinite().all())
+    # q giving no probability where p gives some: infinitely far, not nan
+    blocked = padded[1].clone()
+    blocked[0, 0, 0] = float("-inf")
+    assert float(kl_divergence(padded[0], blocked, keep)) == float("inf")
 
 
 def test_ce_recovered_interval_brackets_the_estimate_and_widens_when_ablation_barely_matters():

@@ -29,16 +29,31 @@ def test_circuit_tracer_round_trip_is_exact(tmp_path, arch, skip, kind):
         assert torch.equal(tset.encode(layer, x), back.encode(layer, x))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("kind", ["transcoder", "sae"])
-def test_saelens_round_trip_is_exact(tmp_path, arch, skip, kind):
+# The architecture names SAELens registers (sae_lens.saes); it has no TopK transcoder and
+# no SAE with a skip connection.
+SAELENS_ARCHITECTURES = {
+    "standard", "topk", "jumprelu",
+    "transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder",
+}  # fmt: skip
+SAELENS_CASES = [
+    (kind, arch, skip)
+    for kind in ("transcoder", "sae")
+    for arch in ARCHS
+    for skip in (False, True)
+    if not (kind == "transcoder" and arch == "topk") and not (kind == "sae" and skip)
+]
+
+
+@pytest.mark.parametrize(("kind", "arch", "skip"), SAELENS_CASES)
+def test_saelens_round_trip_is_exact(tmp_path, kind, arch, skip):
     tset = make_set(kind, arch, skip, layers=[0, 2])
     save(tset, tmp_path / "sl", "saelens")
     assert detect_format(tmp_path / "sl") == "saelens"
     assert_sets_equal(tset, load_any(tmp_path / "sl"))
     weights = load_file(str(tmp_path / "sl" / "layer_2" / "sae_weights.safetensors"))
     assert weights["W_enc"].shape == (D_MODEL, D_T)
+    cfg = json.loads((tmp_path / "sl" / "layer_2" / "cfg.json").read_text())
+    assert cfg["architecture"] in SAELENS_ARCHITECTURES
     assert torch.equal(weights["W_enc"], tset.W_enc(2).T)
 
 
@@ -121,6 +136,11 @@ def test_not_a_set_and_unsupported_layouts(tmp_path):
         save(make_set("clt", "relu"), tmp_path / "x", "saelens")
     with pytest.raises(InvalidArgumentError, match="TopK"):
         save(make_set("transcoder", "relu"), tmp_path / "y", "sparsify")
+    with pytest.raises(InvalidArgumentError, match=r"no TopK transcoder.*sparsify"):
+        save(make_set("transcoder", "topk"), tmp_path / "z", "saelens")
+    with pytest.raises(InvalidArgumentError, match=r"no skip connection.*circuit-tracer"):
+        save(make_set("sae", "relu", skip=True), tmp_path / "z", "saelens")
+    assert not (tmp_path / "z").exists()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.yaml").write_text("model_kind: something\n")
     with pytest.raises(InvalidArgumentError, match="model_kind"):
@@ -162,7 +182,7 @@ def test_saving_over_another_sets_layers_is_refused(tmp_path, fmt, other):
 
 @pytest.mark.parametrize("fmt", ["circuit_tracer", "saelens", "sparsify"])
 def test_unreadable_metadata_names_the_file(tmp_path, fmt):
-    tset = make_set("transcoder", "topk", False)
+    tset = make_set("transcoder", "topk" if fmt == "sparsify" else "jumprelu", False)
     save(tset, tmp_path / "d", fmt)
     path = {
         "circuit_tracer": tmp_path / "d" / "circuitscope.json",
