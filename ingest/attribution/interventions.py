@@ -4,11 +4,13 @@ The model runs with each covered MLP replaced by its transcoder plus the error r
 the clean prompt (Ameisen et al. 2025, "Circuit Tracing", section on intervention
 experiments; Dunefsky et al. 2024). Features are recomputed from their (possibly
 changed) inputs unless overridden, so an intervention's effect propagates to later
-features and to the logits. Uncovered layers keep their real MLP.
+features and to the logits.
 
 - ``freeze_attention=True``: attention patterns and norm denominators stay at their
-  clean values (the frozen local replacement model, where effects are the graph's
-  direct-plus-indirect linear paths). ``False``: both are recomputed.
+  clean values, and a layer the set does not cover keeps its clean MLP output: the
+  frozen local replacement model, the graph's own, where that output is an error node
+  and effects are the graph's direct-plus-indirect linear paths. ``False``: patterns and
+  denominators are recomputed, and an uncovered layer runs its real MLP.
 - :func:`intervene`: set features to values, or scale them, at given (layer, pos).
 - :func:`ablate`: zero-, mean- or counterfactual-patch a set of graph nodes (features,
   errors, token embeddings). Mean is over the prompt's positions; patch takes the node's
@@ -120,7 +122,20 @@ class ReplacementRunner:
 
             return replace
 
-        mlps = {layer: make(layer) for layer in tcs.layers}
+        def uncovered(layer: int) -> Callable[[Tensor], Tensor]:
+            """The layer's error node is its whole MLP output: held at ``errs[layer]``
+            when frozen; else the real MLP, with the positions whose error node was
+            changed (ablated or patched) taking their given value."""
+            if freeze_attention:
+                return lambda x: errs[layer]
+            changed = (errs[layer] != state.errors[layer]).any(-1, keepdim=True)
+            return lambda x: torch.where(changed, errs[layer], self.adapter.mlp(layer, x))
+
+        covered = set(tcs.layers)
+        mlps = {
+            layer: make(layer) if layer in covered else uncovered(layer)
+            for layer in range(self.adapter.n_layers)
+        }
         logits = self.adapter(
             resid0=state.resid0 if resid0 is None else resid0,
             frozen=state.frozen if freeze_attention else None,

@@ -87,6 +87,48 @@ def test_zero_and_mean_ablation(setup) -> None:
     assert not torch.allclose(ablate(adp, tcs, PROMPT, [err]).logits[0, -1], adp(PROMPT)[0, -1])
 
 
+def test_a_layer_without_a_transcoder_is_its_error_node() -> None:
+    """The set covers layer 0 only: the last layer's MLP output is an error node. Frozen,
+    it is held (the graph's model), so a layer-0 feature moves the logits by its edges;
+    ablating the error node replaces that MLP output, frozen or not."""
+    adp = m.adapter("llama", torch.float64)
+    tcs = m.transcoder_set(adp, "transcoder", layers=[0])
+    last, pos = adp.n_layers - 1, PROMPT.shape[1] - 1
+    result = attribute(adp, tcs, PROMPT)
+    lay = result.layout
+    clean = adp(PROMPT)[0, -1]
+    feats = [(i, n) for i, n in enumerate(result.nodes[lay.features]) if n.pos == pos]
+    assert feats
+    for col, node in feats[:3]:
+        iv = FeatureIntervention(node.layer, pos, node.feature, value=0.0)
+        new = intervene(adp, tcs, PROMPT, [iv]).logits[0, -1]
+        for row, logit in enumerate(result.nodes[lay.logits]):
+            v = logit.token_id
+            moved = (new[v] - new.mean()) - (clean[v] - clean.mean())
+            edge = result.adjacency[lay.logits.start + row, col]
+            assert float(moved) == pytest.approx(-float(edge), abs=1e-9)
+    err = Node(f"err_{last}_{pos}", NodeKind.ERROR, last, pos)
+    err_col = next(i for i, n in enumerate(result.nodes) if n.kind is NodeKind.ERROR
+                   and n.layer == last and n.pos == pos)  # fmt: skip
+    frozen = ablate(adp, tcs, PROMPT, [err], freeze_attention=True).logits[0, -1]
+    for row, logit in enumerate(result.nodes[lay.logits]):
+        v = logit.token_id
+        moved = (frozen[v] - frozen.mean()) - (clean[v] - clean.mean())
+        assert float(moved) == pytest.approx(
+            -float(result.adjacency[lay.logits.start + row, err_col]), abs=1e-9
+        )
+
+    def zero_last_position(x: torch.Tensor) -> torch.Tensor:
+        out = adp.mlp(last, x).clone()
+        out[:, pos] = 0.0
+        return out
+
+    # Not frozen: the real model with that MLP output zeroed (layer 0's transcoder plus
+    # its clean error is its MLP output, and nothing upstream of the ablation changes).
+    expected = adp(PROMPT, mlp_replacements={last: zero_last_position})
+    assert torch.allclose(ablate(adp, tcs, PROMPT, [err]).logits, expected, atol=1e-10)
+
+
 def test_bad_interventions(setup) -> None:
     adp, tcs = setup
     with pytest.raises(InvalidArgumentError, match="exactly one"):
