@@ -5,6 +5,7 @@
 
 import os
 from pathlib import Path
+from typing import Any
 
 from ingest.errors import InvalidArgumentError
 
@@ -51,3 +52,28 @@ def check_output(path: Path, flag: str, *, directory: bool) -> None:
 
 def _writable_dir(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
+
+
+def process_umask() -> int:
+    """This process's file-creation mask, read without changing it where Linux reports it
+    (``os.umask`` can only be read by setting it, which races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(
+    tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, with the file given the permissions any file this
+    process creates gets (safetensors creates it 0600, readable by its writer only)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~process_umask())

@@ -21,17 +21,18 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ingest.attribution.layout import NodeLayout
 from ingest.attribution.result import AttributionResult
 from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.graph import GraphMetadata, Node, NodeKind
+from ingest.paths import save_tensors
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "graph.safetensors"
@@ -111,7 +112,10 @@ def write_atomic_dir(
             f"{final} already exists: choose another output directory or pass overwrite"
         )
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    # Named here rather than by tempfile.mkdtemp, whose 0700 would outlive the rename:
+    # the artifact gets the permissions of any directory this process creates.
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
     try:
         for name, data in files.items():
             if data is not None:
@@ -119,9 +123,13 @@ def write_atomic_dir(
         for name, writer in (writers or {}).items():
             writer(tmp / name)
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
+            old = final.parent / f".{final.name}.{uuid.uuid4().hex}.old"
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # the previous artifact back where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -163,7 +171,7 @@ def save_artifact(
     return write_atomic_dir(
         directory,
         {JSON_FILE: payload},
-        {TENSORS_FILE: lambda path: save_file(tensors, str(path))},
+        {TENSORS_FILE: lambda path: save_tensors(tensors, path)},
         overwrite=overwrite,
     )
 

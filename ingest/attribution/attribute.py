@@ -21,9 +21,11 @@ prompt of T tokens:
    vectorizes the backward over that batch), and reads ``J e_t`` for all sources of all
    those targets at once: the number of backward passes is ``ceil(rows / batch_size)``.
    The forward stays at batch 1, so the logits (T, V) are never held batch-size times.
-5. With more active features than ``max_feature_nodes``, the target rows come first;
-   then features are expanded in batches in order of their current influence on the
-   targets (recomputed as rows arrive), and only expanded features stay nodes.
+5. With more active features than ``max_feature_nodes``, the target rows come first
+   (a :class:`FeatureTarget`'s own row, which is always expanded); then features are
+   expanded in batches in order of their current influence on the targets (recomputed
+   as rows arrive), and only expanded features stay nodes. Only the expanded rows are
+   held, so the budget bounds memory as well as time.
 
 The result is an :class:`~ingest.attribution.result.AttributionResult`: the dense
 adjacency in the layout order (features, errors, tokens, targets), ready to prune.
@@ -153,6 +155,11 @@ def attribute(
     elif isinstance(tgt, LogitDiffTarget):
         a = check_token(tgt.correct, adapter.vocab_size, "correct")
         b = check_token(tgt.counterfactual, adapter.vocab_size, "counterfactual")
+        if a == b:
+            raise InvalidArgumentError(
+                f"the logit difference target compares token {a} with itself (always 0): "
+                "give a different counterfactual token"
+            )
         logit_tokens = [a]
         logit_probs = torch.ones(1, dtype=torch.float64)
         logit_rows = [Row(None, T - 1, W_U[:, a] - W_U[:, b])]
@@ -170,50 +177,51 @@ def attribute(
         )
     ]
     n_feat, n_err, n_tok = len(features), adapter.n_layers * T, T
+    forced = [] if feature_target is None else [_feature_position(features, feature_target, T)]
+    limit = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
+    limit = max(limit, len(forced))  # a feature target is always expanded
     bar = tqdm(
-        total=len(logit_rows) + min(n_feat, cfg.max_feature_nodes or n_feat),
-        desc="attribution rows", unit="row", disable=not cfg.progress,
+        total=len(logit_rows) + limit, desc="attribution rows", unit="row",
+        disable=not cfg.progress,
     )  # fmt: skip
     try:
         target_edges = computer.rows(logit_rows)  # (n_logits, n_sources)
         bar.update(len(logit_rows))
-        feature_edges = torch.zeros(n_feat, computer.n_sources, dtype=adapter.dtype)
-        done = torch.zeros(n_feat, dtype=torch.bool)
-        limit = n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_feat)
-        if limit == n_feat:
-            order = list(range(n_feat))
-            for start in range(0, n_feat, cfg.batch_size):
-                chunk = order[start : start + cfg.batch_size]
-                feature_edges[chunk] = computer.rows([feature_rows[i] for i in chunk])
-                done[chunk] = True
-                bar.update(len(chunk))
-        else:
-            forced = []
-            if feature_target is not None:
-                forced = [_feature_position(features, feature_target, T)]
-            while int(done.sum()) < limit:
+        # Expanded features' rows in the order they were expanded: at most ``limit`` rows,
+        # so the budget bounds memory as well as time.
+        expanded: list[int] = []
+        expanded_edges = torch.zeros(limit, computer.n_sources, dtype=adapter.dtype)
+        while len(expanded) < limit:
+            if limit == n_feat:  # every feature: no ranking needed
+                chunk = list(range(len(expanded), min(len(expanded) + cfg.batch_size, n_feat)))
+            elif forced and forced[0] not in expanded:  # its row first: it is the target
+                chunk = forced
+            else:
                 ranking = _feature_ranking(
-                    feature_edges, target_edges, logit_probs, n_feat, forced, done
-                )
-                chunk = ranking[: min(cfg.batch_size, limit - int(done.sum()))]
-                feature_edges[chunk] = computer.rows([feature_rows[i] for i in chunk])
-                done[chunk] = True
-                bar.update(len(chunk))
+                    expanded_edges[: len(expanded)], expanded, target_edges, logit_probs,
+                    n_feat, forced,
+                )  # fmt: skip
+                chunk = ranking[: min(cfg.batch_size, limit - len(expanded))]
+            rows = computer.rows([feature_rows[i] for i in chunk])
+            expanded_edges[len(expanded) : len(expanded) + len(chunk)] = rows
+            expanded += chunk
+            bar.update(len(chunk))
     finally:
         bar.close()
 
-    keep = torch.nonzero(done).flatten()
+    keep = torch.tensor(sorted(expanded), dtype=torch.long)
+    slot = torch.tensor(expanded, dtype=torch.long).argsort()  # row of each kept feature
     cols = torch.cat([keep, torch.arange(n_feat, computer.n_sources)])
     kept_features = features.subset(keep)
     layout = NodeLayout(len(keep), n_err, n_tok, len(logit_rows))
     adjacency = torch.zeros(layout.n, layout.n, dtype=adapter.dtype)
-    adjacency[layout.features, : layout.n_sources] = feature_edges[keep][:, cols]
+    adjacency[layout.features, : layout.n_sources] = expanded_edges[slot][:, cols]
     adjacency[layout.logits, : layout.n_sources] = target_edges[:, cols]
 
     node_weights = None
     if feature_target is not None:
         node_weights = torch.zeros(layout.n, dtype=torch.float64)
-        target_index = int(torch.nonzero(keep == _feature_position(features, feature_target, T)))
+        target_index = int(torch.nonzero(keep == forced[0]))
         node_weights[target_index] = 1.0
     token_ids = input_ids[0].tolist()
     token_strs = _token_strings(tok, token_ids)
@@ -259,28 +267,30 @@ def _feature_position(features: ActiveFeatures, target: FeatureTarget, T: int) -
 
 
 def _feature_ranking(
-    feature_edges: Tensor,
+    expanded_edges: Tensor,
+    expanded: list[int],
     target_edges: Tensor,
     logit_probs: Tensor,
     n_feat: int,
     forced: list[int],
-    done: Tensor,
 ) -> list[int]:
     """Features not yet expanded, by descending influence on the targets so far.
 
+    ``expanded_edges`` holds the rows of the ``expanded`` features, in that order.
     Influence ``w (A_hat + A_hat^2 + ...)`` over the rows computed so far (targets and
-    expanded features), propagated row by row: rows only reach earlier layers, so this
-    ends after at most ``n_layers + 1`` steps, exactly, and needs only the
-    ``(rows, n_sources)`` block instead of a dense square matrix.
+    expanded features; a forced feature target weighs 1), propagated row by row: rows
+    only reach earlier layers, so this ends after at most ``n_layers + 1`` steps,
+    exactly, and needs only the ``(rows, n_sources)`` block instead of a dense square
+    matrix.
     """
-    n_sources = feature_edges.shape[1]
-    done_idx = torch.nonzero(done).flatten()
-    rows = torch.cat([target_edges.double(), feature_edges[done_idx].double()]).abs()
+    n_sources = expanded_edges.shape[1]
+    done_idx = torch.tensor(expanded, dtype=torch.long)
+    rows = torch.cat([target_edges.double(), expanded_edges.double()]).abs()
     rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     n_targets, n_rows = target_edges.shape[0], rows.shape[0]
     row_of = torch.full((n_sources,), -1, dtype=torch.long)
     row_of[done_idx] = torch.arange(n_targets, n_rows)
-    y = torch.cat([logit_probs.double(), torch.zeros(len(done_idx), dtype=torch.float64)])
+    y = torch.cat([logit_probs.double(), torch.zeros(len(expanded), dtype=torch.float64)])
     for f in forced:
         if int(row_of[f]) >= 0:
             y[int(row_of[f])] = 1.0
@@ -294,7 +304,8 @@ def _feature_ranking(
         if not bool(y.any()):
             break
     ranked = influence[:n_feat].clone()
-    ranked[forced] = float("inf")
+    done = torch.zeros(n_feat, dtype=torch.bool)
+    done[done_idx] = True
     ranked[done] = -1.0
     return [i for i in torch.argsort(ranked, descending=True).tolist() if not bool(done[i])]
 

@@ -77,6 +77,13 @@ def _attribute(args: argparse.Namespace) -> int:
         check_output(args.out, "--out", directory=True)
     if args.json is not None:
         check_output(args.json, "--json", directory=False)
+    if args.out is not None and args.json is not None:
+        out, js = args.out.resolve(), args.json.resolve()
+        if js == out or out in js.parents:
+            raise InvalidArgumentError(
+                f"--json {args.json} is --out's directory or inside it, which the artifact "
+                "replaces: write the JSON elsewhere"
+            )
     if not args.transcoders.exists():
         raise NotFoundError(f"no transcoder set at {args.transcoders}: check the path")
 

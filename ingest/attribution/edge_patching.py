@@ -172,6 +172,7 @@ class LinearizedPatching:
         batch_size: int = 64,
     ) -> LinearizedPatching:
         correct, wrong = logit_diff_tokens(result)
+        result.check_prompt(clean.input_ids)
         _check_lengths(clean, counterfactual)
         lay = result.layout
         deltas = counterfactual_edge_deltas(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +152,15 @@ def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> Path:
         payload = json.dumps(data, allow_nan=False).encode()
     except ValueError as exc:
         raise InvalidArgumentError(f"cannot write {final}: {exc}") from exc
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    # Named here rather than by tempfile.mkstemp, whose 0600 would outlive the rename: the
+    # file gets the permissions of any file this process creates.
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:
             fh.write(payload)
         os.replace(tmp, final)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return final
 

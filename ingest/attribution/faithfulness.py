@@ -178,6 +178,7 @@ class FaithfulnessSetup:
     def __post_init__(self) -> None:
         if self.patching not in PATCHING:
             raise InvalidArgumentError(f"unknown patching {self.patching!r}: use one of {PATCHING}")
+        self.result.check_prompt(self.clean.input_ids)
         if self.patching == "edge":
             all_edges = self.result.adjacency != 0
             self.m_full = self.linear.metric(all_edges, self.metric)

@@ -17,30 +17,12 @@ def tokenize(
 ) -> Tensor:
     """The prompt as token ids (1, T).
 
-    ``prompt`` is text (encoded by ``tokenizer``) or token ids. Raises
-    InvalidArgumentError for an empty prompt, one longer than the context, ids outside
-    the vocabulary, or text with words the tokenizer maps to its unknown token.
+    ``prompt`` is text (encoded by ``tokenizer``) or token ids: one sequence of
+    integers, (T,) or (1, T). Raises InvalidArgumentError for an empty prompt, one longer
+    than the context, ids that are not integers or not one sequence, ids outside the
+    vocabulary, or text with words the tokenizer maps to its unknown token.
     """
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise InvalidArgumentError("the prompt is empty: give at least one token of text")
-        if tokenizer is None:
-            raise InvalidArgumentError("a text prompt needs the model's tokenizer")
-        ids = list(tokenizer(prompt)["input_ids"])
-        unk = getattr(tokenizer, "unk_token_id", None)
-        unk_text = getattr(tokenizer, "unk_token", None)
-        if unk is not None and unk in ids and not (unk_text and unk_text in prompt):
-            words = [
-                w
-                for w in prompt.split()
-                if unk in tokenizer(w, add_special_tokens=False)["input_ids"]
-            ]
-            raise InvalidArgumentError(
-                f"the tokenizer cannot encode {words or prompt!r} (mapped to its unknown "
-                "token): use words from the model's vocabulary"
-            )
-    else:
-        ids = [int(t) for t in torch.as_tensor(prompt).flatten().tolist()]
+    ids = _encode_text(tokenizer, prompt) if isinstance(prompt, str) else _token_ids(prompt)
     if not ids:
         raise InvalidArgumentError("the prompt is empty after tokenization: give more text")
     if len(ids) > n_ctx:
@@ -54,6 +36,56 @@ def tokenize(
             "model's tokenizer"
         )
     return torch.tensor([ids], dtype=torch.long)
+
+
+def _encode_text(tokenizer: Any, prompt: str) -> list[int]:
+    if not prompt.strip():
+        raise InvalidArgumentError("the prompt is empty: give at least one token of text")
+    if tokenizer is None:
+        raise InvalidArgumentError("a text prompt needs the model's tokenizer")
+    ids = list(tokenizer(prompt)["input_ids"])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk not in ids:
+        return ids
+    unk_text = getattr(tokenizer, "unk_token", None) or ""
+    # Word by word, with the unknown token's own text taken out: writing it is fine, an
+    # unknown word beside it is not.
+    words = [
+        w
+        for w in prompt.split()
+        if (rest := w.replace(unk_text, " ") if unk_text else w).strip()
+        and unk in tokenizer(rest, add_special_tokens=False)["input_ids"]
+    ]
+    if words or not (unk_text and unk_text in prompt):
+        raise InvalidArgumentError(
+            f"the tokenizer cannot encode {words or prompt!r} (mapped to its unknown "
+            "token): use words from the model's vocabulary"
+        )
+    return ids
+
+
+def _token_ids(prompt: Sequence[int] | Tensor) -> list[int]:
+    try:
+        ids = torch.as_tensor(prompt)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidArgumentError(
+            f"token ids must be integers, got {type(prompt).__name__} ({exc}): give text or "
+            "a sequence of ints"
+        ) from None
+    if ids.numel() == 0:
+        return []
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InvalidArgumentError(
+            f"token ids must be integers, got {ids.dtype}: give a sequence of ints"
+        )
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise InvalidArgumentError(
+            f"token ids must be one prompt, (T,) or (1, T), got shape {tuple(ids.shape)}: "
+            "attribute one prompt at a time"
+        )
+    return [int(t) for t in ids.tolist()]
 
 
 TOKEN_ID_PREFIX = "id:"

@@ -79,6 +79,18 @@ class AttributionResult:
     def n_nodes(self) -> int:
         return self.layout.n
 
+    def check_prompt(self, input_ids: Tensor) -> None:
+        """Raise InvalidArgumentError unless ``input_ids`` (1, T) is the graph's prompt:
+        interventions and patching against a graph read its nodes at its positions. (A
+        graph that records no token ids cannot be checked.)"""
+        ids, own = input_ids.reshape(-1).tolist(), self.metadata.token_ids
+        if own and ids != own:
+            raise InvalidArgumentError(
+                f"the prompt ({len(ids)} tokens, ids {ids[:6]}...) is not the one graph "
+                f"{self.metadata.graph_id!r} was computed for ({len(own)} tokens, ids "
+                f"{own[:6]}...): give the graph's own prompt"
+            )
+
     def weights(self) -> Tensor:
         """(n,) float64 output weights: ``node_weights`` or the logit probabilities."""
         if self.node_weights is not None:

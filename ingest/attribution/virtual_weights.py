@@ -19,8 +19,11 @@ factorizes into an input-dependent and an input-invariant part:
 De-embeddings (:func:`de_embeddings`): ``W_E r_j``, which input tokens a feature reads
 directly from the embedding (and through a head, ``N_m(W_E) OV_h r_j``);
 :func:`output_logits`: ``N_f(d_i) W_U``, which tokens a feature's output promotes.
-All are exact identities of the frozen model; the tests check them against attribution
-edges.
+Each is one term of an attribution edge, exactly. The edge itself is their sum only
+when no other path joins the two ends: features of adjacent layers (and de-embeddings
+of layer 0) with no skip connection between them. Farther apart, the edge also carries
+compositions (attention after attention, a skip connection in between) that no single
+term here covers; the tests check the sum where it is the whole edge.
 """
 
 from __future__ import annotations
@@ -128,8 +131,13 @@ def de_embeddings(
     reads = read_vectors(adapter, transcoders, layer, indices)
     if attn_layer is None:
         return reads @ adapter.W_E.T
-    if not 0 <= attn_layer <= layer:
-        raise InvalidArgumentError(f"attention layer {attn_layer} is not before layer {layer}")
+    parallel = adapter.parallel_residual[layer]
+    if not 0 <= attn_layer <= layer or (parallel and attn_layer == layer):
+        raise InvalidArgumentError(
+            f"attention of layer {attn_layer} does not lie between the embedding and a "
+            f"feature at layer {layer}"
+            + (" (its block is parallel: the MLP reads the block's input)" if parallel else "")
+        )
     normed = norm_linear(adapter.block(attn_layer).attn_norm, adapter.W_E)  # (V, d)
     moved = torch.einsum("vd,hde->hve", normed, adapter.ov_matrices(attn_layer))
     return torch.einsum("hve,ke->hkv", moved, reads)

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ingest.errors import InvalidArgumentError
+from ingest.paths import save_tensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 STATE_COPY_FILE = "checkpoint.json"
@@ -59,7 +59,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_FILE
     tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"state": text})
+    save_tensors(tensors, tmp, metadata={"state": text})
     os.replace(tmp, path)
     copy_tmp = directory / (STATE_COPY_FILE + ".tmp")
     copy_tmp.write_text(json.dumps(state, indent=2, sort_keys=True))

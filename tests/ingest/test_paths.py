@@ -1,12 +1,14 @@
 """Output paths are checked before any work, with errors that name the flag."""
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from ingest.errors import InvalidArgumentError
-from ingest.paths import check_output
+from ingest.paths import check_output, process_umask, save_tensors
 
 pytestmark = pytest.mark.unit
 
@@ -60,3 +62,13 @@ def test_read_only_directories_are_refused(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(InvalidArgumentError, match="not writable"):
         check_output(locked, "--out", directory=True)
     check_output(tmp_path / "free.json", "--json", directory=False)
+
+
+def test_saved_tensors_take_the_process_umask(tmp_path) -> None:
+    before = os.umask(0o027)
+    try:
+        assert process_umask() == 0o027
+        save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o640

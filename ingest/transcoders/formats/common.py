@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ingest.errors import InvalidArgumentError, NotFoundError
+from ingest.paths import save_tensors
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.transcoder import Transcoder
 from ingest.transcoders.transcoder_set import SetMetadata
@@ -53,7 +54,7 @@ class StagedFiles:
 
     def tensors(self, path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         plain = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-        self._stage(path, lambda tmp: save_file(plain, str(tmp)))
+        self._stage(path, lambda tmp: save_tensors(plain, tmp))
 
     def json(self, path: Path, data: Any) -> None:
         try:

@@ -2,11 +2,15 @@
 
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
 
+from ingest.attribution import artifact
 from ingest.attribution.artifact import JSON_FILE, TENSORS_FILE, load_artifact, save_artifact
+from ingest.attribution.export import write_json_atomic
 from ingest.errors import InvalidArgumentError, NotFoundError
 
 from .helpers import synthetic_result
@@ -72,3 +76,35 @@ def test_load_errors(tmp_path) -> None:
     (out / JSON_FILE).write_text(json.dumps(doc))
     with pytest.raises(InvalidArgumentError, match="format version"):
         load_artifact(out)
+
+
+def test_outputs_take_the_process_umask(tmp_path) -> None:
+    """Temporary names are the writers' own, not tempfile's private 0700/0600 ones, so a
+    service or a user other than the writer can read what it wrote."""
+    before = os.umask(0o022)
+    try:
+        out = save_artifact(synthetic_result(), tmp_path / "g")
+        js = write_json_atomic({"a": 1}, tmp_path / "graph.json")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+    assert stat.S_IMODE(js.stat().st_mode) == 0o644
+
+
+def test_a_failed_replacement_puts_the_old_artifact_back(tmp_path, monkeypatch) -> None:
+    first, second = synthetic_result(seed=0), synthetic_result(seed=1)
+    save_artifact(first, tmp_path / "g")
+    real_replace = os.replace
+
+    def failing(src, dst):  # the new artifact cannot be moved in (e.g. a full disk)
+        if str(src).endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(artifact.os, "replace", failing)
+    with pytest.raises(OSError, match="No space"):
+        save_artifact(second, tmp_path / "g", overwrite=True)
+    monkeypatch.undo()
+    assert torch.equal(load_artifact(tmp_path / "g").adjacency, first.adjacency)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]

@@ -160,3 +160,24 @@ def test_custom_targets() -> None:
     graph = feat.to_graph(pruned=True)
     assert node.node_id in {n.node_id for n in graph.nodes}
     assert graph.n_edges > 0
+
+
+def test_a_feature_target_is_expanded_first_and_ranks_the_budget() -> None:
+    """Under a budget the target's own row comes first, so the rest of the budget goes to
+    the features with the largest edges into it (in one batch: exactly those), and a
+    budget of 0 still keeps the target."""
+    adp = m.adapter("neox", torch.float64)
+    tcs = m.transcoder_set(adp)
+    full = attribute(adp, tcs, PROMPT)
+    node = next(n for n in reversed(full.nodes) if n.kind is NodeKind.FEATURE and n.layer == 1)
+    target = FeatureTarget(1, node.feature, node.pos)
+    whole = attribute(adp, tcs, PROMPT, target=target)
+    row = whole.adjacency[int(torch.nonzero(whole.node_weights).flatten()[0])]
+    features = whole.nodes[whole.layout.features]
+    strongest = row[whole.layout.features].abs().argsort(descending=True)[:5]
+    assert float(row[whole.layout.features].abs()[strongest[-1]]) > 0
+    part = attribute(adp, tcs, PROMPT, target=target, max_feature_nodes=6, batch_size=64)
+    kept = {n.node_id for n in part.nodes[part.layout.features]}
+    assert kept == {node.node_id} | {features[int(i)].node_id for i in strongest}
+    alone = attribute(adp, tcs, PROMPT, target=target, max_feature_nodes=0)
+    assert [n.node_id for n in alone.nodes[alone.layout.features]] == [node.node_id]

@@ -76,6 +76,7 @@ def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
         ("w3 hello w4", [], "cannot encode"),
         (PROMPT, ["--logit-diff", "w3", "id:999"], "outside the vocabulary"),
         (PROMPT, ["--logit-diff", "w3", "zebra"], "not in the vocabulary"),
+        (PROMPT, ["--logit-diff", "w3", "w3"], "with itself"),
         (PROMPT, ["--transcoders-other"], "fingerprint"),
         (PROMPT, ["--dtype", "float64", "--device", "cuda:7"], "cuda"),
         (PROMPT, ["--feature-target", "1", "999", "4"], "feature indices"),
@@ -106,3 +107,15 @@ def test_unwritable_output_paths_fail_before_any_work(saved, tmp_path, capsys, f
     assert code == 2 and "Traceback" not in err
     assert flag in err and "is a file, not a directory" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_json_inside_the_artifact_directory_is_refused_before_any_work(
+    saved, tmp_path, capsys, inside
+) -> None:
+    out = tmp_path / "artifact"
+    js = out / "graph.json" if inside else out
+    assert run(saved, "--out", str(out), "--json", str(js)) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "elsewhere" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -174,3 +174,8 @@ def test_same_prompt_and_counterfactual_is_rejected(setup) -> None:
         compare_methods(adp, tcs, result, PROMPT, COUNTER, metric, methods=["best"])
     with pytest.raises(InvalidArgumentError, match="unknown patching"):
         FaithfulnessSetup.build(adp, tcs, result, PROMPT, COUNTER, metric, patching="head")
+    # A graph is evaluated on its own prompt only: another prompt (of any length) would
+    # read its nodes at positions that mean something else.
+    for other in (COUNTER, PROMPT[:, :-1]):
+        with pytest.raises(InvalidArgumentError, match="graph's own prompt"):
+            FaithfulnessSetup.build(adp, tcs, result, other, PROMPT, metric)

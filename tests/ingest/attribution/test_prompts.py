@@ -1,10 +1,11 @@
 """Prompt text and single tokens to ids, with errors that name the problem."""
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ingest.attribution.prompts import single_token_id
+from ingest.attribution.prompts import single_token_id, tokenize
 from ingest.errors import InvalidArgumentError
 
 pytestmark = pytest.mark.unit
@@ -42,3 +43,24 @@ def test_bad_tokens_name_the_problem(digits, text, message) -> None:
     with pytest.raises(InvalidArgumentError, match=message) as info:
         single_token_id(digits, text, "CORRECT")
     assert "CORRECT" in str(info.value)
+
+
+def test_token_id_prompts_are_one_sequence_of_integers(digits) -> None:
+    assert tokenize(digits, [3, 4], 102, 8).tolist() == [[3, 4]]
+    assert tokenize(digits, torch.tensor([[3, 4]]), 102, 8).tolist() == [[3, 4]]
+    for prompt, message in [
+        (torch.tensor([[3, 4], [5, 6]]), r"one prompt.*\(2, 2\)"),  # a batch, not flattened
+        ([2.9, 3.7], "integers.*float"),  # not truncated
+        (["03", "04"], "integers"),
+        ([], "empty"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            tokenize(digits, prompt, 102, 8)
+
+
+def test_text_with_an_unknown_word_is_refused_even_beside_the_unknown_token(digits) -> None:
+    assert tokenize(digits, "03 <unk> 04", 102, 8).tolist() == [[5, 0, 6]]
+    with pytest.raises(InvalidArgumentError, match="zebra"):
+        tokenize(digits, "03 <unk> zebra", 102, 8)
+    with pytest.raises(InvalidArgumentError, match="zebra"):
+        tokenize(digits, "03 zebra", 102, 8)

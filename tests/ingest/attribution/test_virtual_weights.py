@@ -105,3 +105,15 @@ def test_output_logits_and_top_tokens() -> None:
     assert summaries[0][1] == top_tokens(effects[:1], m.word_tokenizer(), k=4)[0]
     with pytest.raises(InvalidArgumentError, match="between"):
         head_connections(adp, tcs, 1, idx, 1, 1, idx)
+
+
+def test_a_parallel_blocks_own_attention_is_on_no_path_to_its_features() -> None:
+    adp = m.adapter("neox", torch.float64)
+    assert adp.parallel_residual[1]
+    tcs = m.transcoder_set(adp)
+    idx = torch.tensor([0, 1])
+    assert de_embeddings(adp, tcs, 1, idx, attn_layer=0).shape == (adp.n_heads, 2, adp.vocab_size)
+    with pytest.raises(InvalidArgumentError, match="parallel"):
+        de_embeddings(adp, tcs, 1, idx, attn_layer=1)
+    with pytest.raises(InvalidArgumentError, match="between"):
+        head_connections(adp, tcs, 0, idx, 1, 1, idx)
