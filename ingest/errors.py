@@ -22,6 +22,10 @@ class FailedPreconditionError(CircuitscopeError):
     """The request is well-formed but the system is not in a state to serve it."""
 
 
+class AlreadyExistsError(FailedPreconditionError):
+    """The thing to create exists already (e.g. a complete graph with that id)."""
+
+
 class ResourceExhaustedError(CircuitscopeError):
     """A size or rate limit was exceeded."""
 

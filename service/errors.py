@@ -9,6 +9,7 @@ domain error (ingest.errors)   gRPC status
 InvalidArgumentError           INVALID_ARGUMENT
 NotFoundError                  NOT_FOUND
 FailedPreconditionError        FAILED_PRECONDITION
+AlreadyExistsError             ALREADY_EXISTS
 ResourceExhaustedError         RESOURCE_EXHAUSTED
 UnavailableError               UNAVAILABLE
 UnauthenticatedError           UNAUTHENTICATED
@@ -33,6 +34,7 @@ import grpc
 from grpc import aio
 
 from ingest.errors import (
+    AlreadyExistsError,
     CircuitscopeError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -49,6 +51,7 @@ STATUS_BY_ERROR: dict[type[CircuitscopeError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,

@@ -53,13 +53,16 @@ class GraphStatus(StrEnum):
 
 @dataclass(frozen=True)
 class GraphSummary:
-    """A stored graph's metadata and size, without its nodes and edges."""
+    """A stored graph's metadata and size, without its nodes and edges. ``created_at``
+    is when its id was first written (kept when the graph is replaced), ``updated_at``
+    when it was last written."""
 
     metadata: GraphMetadata
     status: GraphStatus
     n_nodes: int
     n_edges: int
     created_at: datetime | None = None
+    updated_at: datetime | None = None
 
     @property
     def graph_id(self) -> str:
@@ -156,8 +159,9 @@ class GraphStore(ABC):
         """Store ``graph``; it becomes visible to readers only once every batch is in.
 
         A graph id left incomplete by an earlier crash is repaired (leftovers deleted,
-        graph rewritten). A complete graph with the same id raises
-        FailedPreconditionError unless ``replace``.
+        graph rewritten). A complete graph with the same id raises AlreadyExistsError
+        (a FailedPreconditionError) unless ``replace``; a write whose claim another
+        writer or a delete took over meanwhile raises FailedPreconditionError.
         """
 
     @abstractmethod

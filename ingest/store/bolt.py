@@ -2,10 +2,12 @@
 
 Connections and transactions are in :mod:`ingest.store.session`, graph writes (atomic
 to readers, repaired on rerun) in :mod:`ingest.store.writes`; this module holds the
-catalog and the reads. ``get_graph`` re-checks the graph's ``write_id`` and counts at
-the end of its read transaction, so a graph rewritten under a reader is never
-returned half. ``subgraph`` expands breadth-first, one query per hop for the whole
-frontier; ``strongest_paths`` is one variable-length match ranked in Cypher.
+catalog and the reads. ``get_graph``, ``subgraph`` and ``strongest_paths`` read the
+graph's ``write_id`` at the start and the end of one read transaction (``get_graph``
+also checks the counts), so an answer never mixes two versions of a graph rewritten
+under the reader: it is retried once, then FailedPreconditionError. ``subgraph``
+expands breadth-first, one query per hop for the whole frontier; ``strongest_paths`` is
+one variable-length match ranked in Cypher.
 
 Every statement comes from :mod:`ingest.store.cypher`; values are parameters; every
 transaction carries the database name and a timeout.
@@ -14,8 +16,8 @@ transaction carries the database name and a timeout.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 from neo4j import ManagedTransaction
@@ -53,6 +55,7 @@ from ingest.store.session import BoltConnection, check_range
 from ingest.store.session import rows as record_rows
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_PAGE = 1000
 
@@ -157,15 +160,23 @@ class BoltGraphStore(BoltConnection, GraphStore):
         return summary_from_props(rows[0]["p"])
 
     def get_graph(self, graph_id: str, *, timeout: float | None = None) -> AttributionGraph:
+        return self._consistent_read(
+            graph_id, lambda tx: self._read_graph(tx, graph_id), timeout, f"read graph {graph_id!r}"
+        )
+
+    def _consistent_read(
+        self,
+        graph_id: str,
+        work: Callable[[ManagedTransaction], T | None],
+        timeout: float | None,
+        what: str,
+    ) -> T:
+        """Run ``work`` (None when it saw the graph change) in a read transaction; once
+        more on a change, then FailedPreconditionError."""
         for _attempt in range(2):
-            graph = self.transaction(
-                lambda tx: self._read_graph(tx, graph_id),
-                write=False,
-                timeout=timeout,
-                what=f"read graph {graph_id!r}",
-            )
-            if graph is not None:
-                return graph
+            got = self.transaction(work, write=False, timeout=timeout, what=what)
+            if got is not None:
+                return got
         raise FailedPreconditionError(
             f"graph {graph_id!r} changed while it was read (rewritten or deleted); retry"
         )
@@ -174,22 +185,16 @@ class BoltGraphStore(BoltConnection, GraphStore):
     def _read_graph(tx: ManagedTransaction, graph_id: str) -> AttributionGraph | None:
         """The graph, or None when a concurrent rewrite or delete was detected."""
         params = {"graph_id": graph_id}
-        head = record_rows(tx.run(cypher.GRAPH_SUMMARY, params))
-        if not head:
-            raise NotFoundError(
-                f"no complete graph {graph_id!r} in the store; list graphs to find its id"
-            )
+        head = _head(tx, graph_id)
         packed = record_rows(tx.run(cypher.GRAPH_NODES, params))
         node_rows = sorted(packed[0]["nodes"] if packed else [], key=lambda row: row[0])
         nodes = [node_from_props(dict(zip(cypher.NODE_COLUMNS, r, strict=True))) for r in node_rows]
         cols = record_rows(tx.run(cypher.GRAPH_EDGES, params))
-        tail = record_rows(tx.run(cypher.GRAPH_SUMMARY, params))
-        summary = summary_from_props(head[0]["p"])
+        summary = summary_from_props(head)
         col = cols[0] if cols else {"s": [], "t": [], "w": [], "i": []}
         order = np.argsort(np.asarray(col["i"], dtype=np.int64), kind="stable")
         if (
-            not tail
-            or tail[0]["p"].get("write_id") != head[0]["p"].get("write_id")
+            not _unchanged(tx, graph_id, head)
             or len(nodes) != summary.n_nodes
             or not len(col["s"]) == len(col["t"]) == len(col["w"]) == summary.n_edges
             or not np.array_equal(np.asarray(col["i"])[order], np.arange(summary.n_edges))
@@ -244,7 +249,7 @@ class BoltGraphStore(BoltConnection, GraphStore):
                 params["after_id"] = "\U0010ffff"
             query = cypher.LIST_GRAPHS_NEWEST
         else:
-            params["after_id"] = cursor or ""
+            params["after_id"] = _check_cursor(cursor) or ""
             query = cypher.LIST_GRAPHS_BY_ID
         rows = self.read_rows(query, params, timeout, "list graphs")
         items = [summary_from_props(r["p"]) for r in rows[:limit]]
@@ -271,18 +276,14 @@ class BoltGraphStore(BoltConnection, GraphStore):
         if direction not in ("out", "in", "both"):
             raise InvalidArgumentError(f"direction must be out, in or both, got {direction!r}")
 
-        def work(
-            tx: ManagedTransaction,
-        ) -> tuple[GraphSummary, list[dict[str, Any]], list[tuple[str, str, float]]]:
-            head = record_rows(tx.run(cypher.GRAPH_SUMMARY, {"graph_id": graph_id}))
-            if not head:
-                raise NotFoundError(
-                    f"no complete graph {graph_id!r} in the store; list graphs to find its id"
-                )
+        def work(tx: ManagedTransaction) -> AttributionGraph | None:
+            head = _head(tx, graph_id)
             centre = record_rows(
                 tx.run(cypher.NODES_BY_ID, {"graph_id": graph_id, "node_ids": [node_id]})
             )
             if not centre:
+                if not _unchanged(tx, graph_id, head):
+                    return None
                 raise NotFoundError(f"graph {graph_id!r} has no node {node_id!r}")
             visited, frontier = {node_id}, [node_id]
             edges: dict[tuple[str, str], float] = {}
@@ -298,24 +299,24 @@ class BoltGraphStore(BoltConnection, GraphStore):
                             visited.add(end)
                             next_frontier.append(end)
                 frontier = next_frontier
-            nodes = record_rows(
+            node_rows = record_rows(
                 tx.run(cypher.NODES_BY_ID, {"graph_id": graph_id, "node_ids": sorted(visited)})
             )
-            summary = summary_from_props(head[0]["p"])
-            return summary, nodes, [(s, t, w) for (s, t), w in edges.items()]
+            nodes = [node_from_props(r["p"]) for r in node_rows]
+            index = {n.node_id: i for i, n in enumerate(nodes)}
+            # On ArcadeDB a rewrite under this transaction shows: nodes of an edge gone,
+            # or a new write_id at the end. Either way the answer would mix versions.
+            if not visited <= index.keys() or not _unchanged(tx, graph_id, head):
+                return None
+            return AttributionGraph(
+                metadata=summary_from_props(head).metadata,
+                nodes=nodes,
+                sources=np.array([index[s] for s, _ in edges], dtype=np.int64),
+                targets=np.array([index[t] for _, t in edges], dtype=np.int64),
+                weights=np.array(list(edges.values()), dtype=np.float32),
+            )
 
-        summary, node_rows, edge_list = self.transaction(
-            work, write=False, timeout=timeout, what=f"read a subgraph of {graph_id!r}"
-        )
-        nodes = [node_from_props(r["p"]) for r in node_rows]
-        index = {n.node_id: i for i, n in enumerate(nodes)}
-        return AttributionGraph(
-            metadata=summary.metadata,
-            nodes=nodes,
-            sources=np.array([index[s] for s, _, _ in edge_list], dtype=np.int64),
-            targets=np.array([index[t] for _, t, _ in edge_list], dtype=np.int64),
-            weights=np.array([w for _, _, w in edge_list], dtype=np.float32),
-        )
+        return self._consistent_read(graph_id, work, timeout, f"read a subgraph of {graph_id!r}")
 
     def strongest_paths(
         self,
@@ -332,14 +333,19 @@ class BoltGraphStore(BoltConnection, GraphStore):
         check_range("max_length", max_length, 1, cypher.MAX_PATH_LENGTH)
         if score not in ("product", "sum"):
             raise InvalidArgumentError(f"score must be product or sum, got {score!r}")
-        self.get_graph_summary(graph_id, timeout=timeout)
-        rows = self.read_rows(
-            cypher.paths_query(max_length, score),
-            {"graph_id": graph_id, "source_id": source_id, "target_id": target_id, "k": top_k},
-            timeout,
-            f"find paths in graph {graph_id!r}",
-        )
-        return [Path(list(r["ids"]), [float(w) for w in r["ws"]], float(r["score"])) for r in rows]
+        query = cypher.paths_query(max_length, score)
+        params = {"graph_id": graph_id, "source_id": source_id, "target_id": target_id, "k": top_k}
+
+        def work(tx: ManagedTransaction) -> list[Path] | None:
+            head = _head(tx, graph_id)
+            found = record_rows(tx.run(query, params))
+            if not _unchanged(tx, graph_id, head):
+                return None
+            return [
+                Path(list(r["ids"]), [float(w) for w in r["ws"]], float(r["score"])) for r in found
+            ]
+
+        return self._consistent_read(graph_id, work, timeout, f"find paths in graph {graph_id!r}")
 
     def graphs_with_feature(
         self,
@@ -358,7 +364,7 @@ class BoltGraphStore(BoltConnection, GraphStore):
                 "set_id": set_id,
                 "layer": layer,
                 "index": index,
-                "after": cursor or "",
+                "after": _check_cursor(cursor) or "",
                 "limit": limit + 1,
             },
             timeout,
@@ -430,19 +436,55 @@ class BoltGraphStore(BoltConnection, GraphStore):
         return self.read_rows(cypher_text, dict(parameters or {}), timeout, "run a query")
 
 
-def _split_cursor(cursor: str | None, default: tuple[Any, Any]) -> tuple[Any, Any]:
-    """Decode an ``a:b`` keyset cursor; InvalidArgumentError on a malformed one."""
-    if cursor is None:
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _malformed(cursor: object) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"malformed page token (cursor) {cursor!r:.100}; pass the next page token (next_cursor) "
+        "of the previous page unchanged, or none for the first page"
+    )
+
+
+def _check_cursor(cursor: object) -> str | None:
+    """``cursor`` when it is None or a string; InvalidArgumentError otherwise."""
+    if cursor is not None and not isinstance(cursor, str):
+        raise _malformed(cursor)
+    return cursor
+
+
+def _split_cursor(cursor: object, default: tuple[Any, Any]) -> tuple[Any, Any]:
+    """Decode an ``a:b`` keyset cursor (``a`` an int64, ``b`` an int64 or a string, as
+    in ``default``); InvalidArgumentError on a malformed one."""
+    checked = _check_cursor(cursor)
+    if checked is None:
         return default
-    head, sep, tail = cursor.partition(":")
+    head, sep, tail = checked.partition(":")
     try:
         if not sep:
             raise ValueError(cursor)
-        return int(head), (tail if isinstance(default[1], str) else int(tail))
+        parts = (int(head), tail if isinstance(default[1], str) else int(tail))
     except ValueError:
-        raise InvalidArgumentError(
-            f"malformed page cursor {cursor!r}; pass the next_cursor of the previous page"
-        ) from None
+        raise _malformed(cursor) from None
+    if not all(_INT64[0] <= v <= _INT64[1] for v in parts if isinstance(v, int)):
+        raise _malformed(cursor)
+    return parts
+
+
+def _head(tx: ManagedTransaction, graph_id: str) -> dict[str, Any]:
+    """The properties of the complete graph ``graph_id``; NotFoundError when there is none."""
+    found = record_rows(tx.run(cypher.GRAPH_SUMMARY, {"graph_id": graph_id}))
+    if not found:
+        raise NotFoundError(
+            f"no complete graph {graph_id!r} in the store; list graphs to find its id"
+        )
+    return dict(found[0]["p"])
+
+
+def _unchanged(tx: ManagedTransaction, graph_id: str, head: Mapping[str, Any]) -> bool:
+    """Whether the graph read as ``head`` is still complete with the same ``write_id``."""
+    tail = record_rows(tx.run(cypher.GRAPH_SUMMARY, {"graph_id": graph_id}))
+    return bool(tail) and tail[0]["p"].get("write_id") == head.get("write_id")
 
 
 def _top_edges(

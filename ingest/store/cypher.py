@@ -13,7 +13,8 @@ Graph model (DESIGN.md section 4):
 
 - ``(:Graph {graph_id, status, write_id, model_id, set_id, task, prompt, tokens,
   token_ids, node_threshold, edge_threshold, replacement_score, completeness_score,
-  artifact_uri, extra_json, n_nodes, n_edges, created_at})``, ``created_at`` in epoch ms;
+  artifact_uri, extra_json, n_nodes, n_edges, created_at, updated_at, batches})``, times in
+  epoch ms;
 - ``(:GNode {graph_id, node_id, idx, kind, layer, pos, feature, set_id, token_id, token,
   activation, influence, token_prob, label})``, ``idx`` the position in the graph's
   node list; feature nodes link to the catalog by (set_id, layer, feature), not by a
@@ -80,39 +81,61 @@ SEARCH_FEATURES: Final = (
 
 # ------------------------------------------------------------------------------ graph writes
 
-GRAPH_STATUS: Final = (
-    "MATCH (g:Graph {graph_id: $graph_id}) RETURN g.status AS status, g.write_id AS write_id"
+# Claims a graph id for one write, in one statement so that no other writer can store
+# a complete graph between the check and the claim: no row comes back when the graph is
+# complete and $replace is false. Readers stop seeing the graph from here on. The first
+# claim's created_at is kept (a replaced graph keeps its place in newest-first listings);
+# updated_at is the latest claim's.
+CLAIM_GRAPH: Final = (
+    "MERGE (g:Graph {graph_id: $graph_id}) "
+    "WITH g, g.status AS old, g.created_at AS created "
+    "WHERE old IS NULL OR old <> 'complete' OR $replace "
+    "SET g = $props, g.created_at = coalesce(created, $now), g.updated_at = $now "
+    "RETURN coalesce(old, '') AS old"
 )
 
-# Claims a graph id for one write: readers stop seeing it from here on.
-CLAIM_GRAPH: Final = "MERGE (g:Graph {graph_id: $graph_id}) SET g = $props"
+# Run first in every transaction that writes or deletes under a claim: takes the write
+# lock on the :Graph node (on Neo4j a concurrent claim waits for this transaction; on
+# ArcadeDB one of two concurrent changes fails and is retried), then reports whether
+# the claim still holds. The caller rolls back when it does not.
+HOLD_CLAIM: Final = (
+    "MATCH (g:Graph {graph_id: $graph_id}) SET g.batches = coalesce(g.batches, 0) + 1 "
+    "RETURN g.write_id = $write_id AS held"
+)
 
 DELETE_GNODES_BATCH: Final = (
-    "MATCH (n:GNode {graph_id: $graph_id}) WITH n LIMIT $limit "
-    "DETACH DELETE n RETURN count(*) AS deleted"
+    "MATCH (n:GNode {graph_id: $graph_id}) WITH n LIMIT $limit DETACH DELETE n RETURN count(*) AS n"
 )
 
-CREATE_GNODES: Final = "UNWIND $rows AS r CREATE (n:GNode) SET n = r"
+CREATE_GNODES: Final = "UNWIND $rows AS r CREATE (n:GNode) SET n = r RETURN count(n) AS n"
 
 # Rows are grouped by source: {s, out: [{t, w, i}, ...]}; endpoints are found by
-# (graph_id, idx), integer keys measured faster than node_id strings.
+# (graph_id, idx), integer keys measured faster than node_id strings. An edge whose
+# endpoints match nothing is not created: the caller compares the count.
 CREATE_ATTR_EDGES: Final = (
     "UNWIND $rows AS r "
     "MATCH (a:GNode {graph_id: $graph_id, idx: r.s}) "
     "UNWIND r.out AS e "
     "MATCH (b:GNode {graph_id: $graph_id, idx: e.t}) "
-    "CREATE (a)-[:ATTR {weight: e.w, idx: e.i}]->(b)"
+    "CREATE (a)-[r2:ATTR {weight: e.w, idx: e.i}]->(b) RETURN count(r2) AS n"
 )
 
+COUNT_GNODES: Final = "MATCH (n:GNode {graph_id: $graph_id}) RETURN count(n) AS n"
+
+COUNT_ATTR_EDGES: Final = "MATCH (a:GNode {graph_id: $graph_id})-[r:ATTR]->() RETURN count(r) AS n"
+
+# Run after HOLD_CLAIM and the counts, in the same transaction.
 COMPLETE_GRAPH: Final = (
     "MATCH (g:Graph {graph_id: $graph_id}) WHERE g.write_id = $write_id "
     "SET g.status = 'complete', g.n_nodes = $n_nodes, g.n_edges = $n_edges "
     "RETURN count(g) AS updated"
 )
 
+# Creates a placeholder when there is no :Graph node, so that nodes left without one
+# can be deleted under a claim too; `old` is null then.
 MARK_DELETING: Final = (
-    "MATCH (g:Graph {graph_id: $graph_id}) SET g.status = 'deleting', g.write_id = $write_id "
-    "RETURN count(g) AS marked"
+    "MERGE (g:Graph {graph_id: $graph_id}) WITH g, g.status AS old "
+    "SET g.status = 'deleting', g.write_id = $write_id RETURN old"
 )
 
 DELETE_GRAPH_NODE: Final = (

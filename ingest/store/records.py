@@ -60,7 +60,8 @@ def node_from_props(p: dict[str, Any]) -> Node:
 
 
 def graph_props(meta: GraphMetadata, status: GraphStatus, write_id: str) -> dict[str, Any]:
-    """The ``:Graph`` properties at the start of a write (sizes are set on completion)."""
+    """The ``:Graph`` properties at the start of a write (sizes are set on completion,
+    ``created_at`` and ``updated_at`` by the claim)."""
     return _compact(
         {
             "graph_id": meta.graph_id,
@@ -78,9 +79,12 @@ def graph_props(meta: GraphMetadata, status: GraphStatus, write_id: str) -> dict
             "completeness_score": meta.completeness_score,
             "artifact_uri": meta.artifact_uri,
             "extra_json": json.dumps(meta.extra, sort_keys=True) if meta.extra else None,
-            "created_at": int(datetime.now(UTC).timestamp() * 1000),
         }
     )
+
+
+def _time(epoch_ms: int | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC) if epoch_ms is not None else None
 
 
 def summary_from_props(p: dict[str, Any]) -> GraphSummary:
@@ -99,13 +103,13 @@ def summary_from_props(p: dict[str, Any]) -> GraphSummary:
         task=p.get("task"),
         extra=json.loads(p["extra_json"]) if p.get("extra_json") else {},
     )
-    created = p.get("created_at")
     return GraphSummary(
         metadata=meta,
         status=GraphStatus(p.get("status", GraphStatus.WRITING)),
         n_nodes=int(p.get("n_nodes") or 0),
         n_edges=int(p.get("n_edges") or 0),
-        created_at=datetime.fromtimestamp(created / 1000, UTC) if created is not None else None,
+        created_at=_time(p.get("created_at")),
+        updated_at=_time(p.get("updated_at")),
     )
 
 

@@ -86,6 +86,12 @@ class BoltConnection:
                 f"({exc.message}); it may be stopping or overloaded: retry"
             ) from exc
         except neo4j_errors.ClientError as exc:
+            if exc.code == "Neo.ClientError.Database.DatabaseNotFound":
+                raise UnavailableError(
+                    f"graph store {self.config.redacted()}: the server has no such "
+                    "database; fix NEO4J_DATABASE (the embedded server's database is "
+                    "'circuitscope', Neo4j Community's 'neo4j')"
+                ) from exc
             if exc.code == "Neo.ClientError.Statement.EntityNotFound":
                 # ArcadeDB reads are not isolated from a concurrent delete: a graph being
                 # rewritten or deleted under this query lost records it was reading.

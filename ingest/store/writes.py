@@ -2,49 +2,105 @@
 
 Follows Neo4j's batching guidance (DESIGN.md section 3): a graph's nodes and edges go
 in ``UNWIND`` batches of ``batch_size`` rows, one transaction each, under a
-``:Graph`` node claimed with status ``writing`` and a fresh ``write_id``; the status
-becomes ``complete`` in a last transaction that also checks the ``write_id`` (so of
-two writers of one graph only the last claimant completes). A crash leaves the graph
-in ``writing``, invisible to readers; the next write of that id deletes the leftovers
-first. Deleting marks the graph ``deleting`` before removing anything.
+``:Graph`` node claimed with status ``writing`` and a fresh ``write_id``. The claim is
+one statement that refuses a complete graph unless replacing, so two writers cannot
+both pass a check. Every batch transaction first locks the ``:Graph`` node and checks
+the ``write_id`` (a writer whose claim was taken over, by another writer or a delete,
+stops at its next batch and writes nothing more); each batch checks how many rows it
+created; the status becomes ``complete`` in a last transaction that counts the stored
+nodes and edges. A crash leaves the graph in ``writing``, invisible to readers; the
+next write of that id deletes the leftovers first. Deleting claims the graph with
+status ``deleting`` before removing anything, and deletes its batches under that claim.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import numpy as np
+from neo4j import ManagedTransaction
 from tqdm.auto import tqdm
 
-from ingest.errors import FailedPreconditionError
+from ingest.errors import AlreadyExistsError, FailedPreconditionError
 from ingest.graph import AttributionGraph
 from ingest.store import cypher
 from ingest.store.base import BatchCallback, GraphStatus
 from ingest.store.records import graph_props, node_props
-from ingest.store.session import BoltConnection, check_range
+from ingest.store.session import BoltConnection, check_range, rows
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _PROGRESS_MIN_ROWS = 50_000
 
 
-def _status(conn: BoltConnection, graph_id: str, timeout: float | None) -> dict[str, Any] | None:
-    rows = conn.read_rows(cypher.GRAPH_STATUS, {"graph_id": graph_id}, timeout, "read graph status")
-    return rows[0] if rows else None
+def _now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
 
 
-def delete_gnodes(conn: BoltConnection, graph_id: str, batch: int, timeout: float | None) -> int:
+def _lost_claim(graph_id: str) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        f"graph {graph_id!r} was claimed by another writer or deleted during this write; "
+        "keep one writer per graph id and rerun"
+    )
+
+
+def _under_claim(
+    conn: BoltConnection,
+    graph_id: str,
+    write_id: str,
+    lost: Callable[[], FailedPreconditionError],
+    work: Callable[[ManagedTransaction], T],
+    timeout: float | None,
+    what: str,
+) -> T:
+    """Run ``work`` in a write transaction that first locks the ``:Graph`` node and checks
+    that ``write_id`` still holds the claim; rolls back and raises ``lost()`` otherwise."""
+
+    def guarded(tx: ManagedTransaction) -> T:
+        held = rows(tx.run(cypher.HOLD_CLAIM, {"graph_id": graph_id, "write_id": write_id}))
+        if not held or not held[0]["held"]:
+            raise lost()
+        return work(tx)
+
+    return conn.transaction(guarded, write=True, timeout=timeout, what=what)
+
+
+def _count(tx: ManagedTransaction, query: str, params: dict[str, Any]) -> int:
+    found = rows(tx.run(query, params))
+    return int(found[0]["n"]) if found else 0
+
+
+def _counting(query: str, params: dict[str, Any]) -> Callable[[ManagedTransaction], int]:
+    """Work that runs ``query`` and returns its count ``n``."""
+    return lambda tx: _count(tx, query, params)
+
+
+def delete_gnodes(
+    conn: BoltConnection,
+    graph_id: str,
+    write_id: str,
+    batch: int,
+    timeout: float | None,
+    lost: Callable[[], FailedPreconditionError],
+) -> int:
+    """Delete the graph's nodes in batches, each under the claim ``write_id``."""
+    params = {"graph_id": graph_id, "limit": batch}
     total = 0
     while True:
-        rows = conn.write_rows(
-            cypher.DELETE_GNODES_BATCH,
-            {"graph_id": graph_id, "limit": batch},
+        deleted = _under_claim(
+            conn,
+            graph_id,
+            write_id,
+            lost,
+            _counting(cypher.DELETE_GNODES_BATCH, params),
             timeout,
             f"delete the nodes of graph {graph_id!r}",
         )
-        deleted = int(rows[0]["deleted"]) if rows else 0
         total += deleted
         if deleted == 0:
             return total
@@ -65,19 +121,29 @@ def write_graph(
     gid = graph.graph_id
     size = batch_size or conn.config.batch_size
     check_range("batch_size", size, 1, 1_000_000)
-    existing = _status(conn, gid, timeout)
-    if existing and existing["status"] == GraphStatus.COMPLETE and not replace:
-        raise FailedPreconditionError(
+    write_id = uuid.uuid4().hex
+    claimed = conn.write_rows(
+        cypher.CLAIM_GRAPH,
+        {
+            "graph_id": gid,
+            "props": graph_props(graph.metadata, GraphStatus.WRITING, write_id),
+            "replace": replace,
+            "now": _now_ms(),
+        },
+        timeout,
+        f"claim graph {gid!r}",
+    )
+    if not claimed:
+        raise AlreadyExistsError(
             f"graph {gid!r} is already stored; delete it first or write with replace=True"
         )
-    if existing and existing["status"] != GraphStatus.COMPLETE:
-        logger.warning("graph %r was left %s; repairing it", gid, existing["status"])
-    write_id = uuid.uuid4().hex
-    props = graph_props(graph.metadata, GraphStatus.WRITING, write_id)
-    conn.write_rows(
-        cypher.CLAIM_GRAPH, {"graph_id": gid, "props": props}, timeout, f"claim graph {gid!r}"
-    )
-    leftovers = delete_gnodes(conn, gid, size, timeout)
+    if claimed[0]["old"] not in ("", GraphStatus.COMPLETE):
+        logger.warning("graph %r was left %s; repairing it", gid, claimed[0]["old"])
+
+    def lost() -> FailedPreconditionError:
+        return _lost_claim(gid)
+
+    leftovers = delete_gnodes(conn, gid, write_id, size, timeout, lost)
     if leftovers:
         logger.info("deleted %d leftover nodes of graph %r", leftovers, gid)
 
@@ -95,52 +161,73 @@ def write_graph(
         unit="row",
         disable=True if total < _PROGRESS_MIN_ROWS else None,
     ) as bar:
-        for phase, query, rows, shape in (
+        for phase, query, rows_, shape in (
             ("nodes", cypher.CREATE_GNODES, node_rows, list),
             ("edges", cypher.CREATE_ATTR_EDGES, edge_rows, _group_by_source),
         ):
             if on_batch is not None:
-                on_batch(phase, 0, len(rows))
-            for start in range(0, len(rows), size):
-                chunk = rows[start : start + size]
-                conn.write_rows(
-                    query,
-                    {"graph_id": gid, "rows": shape(chunk)},
+                on_batch(phase, 0, len(rows_))
+            for start in range(0, len(rows_), size):
+                chunk = rows_[start : start + size]
+                params = {"graph_id": gid, "rows": shape(chunk)}
+                created = _under_claim(
+                    conn,
+                    gid,
+                    write_id,
+                    lost,
+                    _counting(query, params),
                     timeout,
                     f"write the {phase} of graph {gid!r}",
                 )
+                if created != len(chunk):
+                    # The claim held, so the endpoints were deleted by someone who
+                    # ignores claims: never complete a graph with missing edges.
+                    raise FailedPreconditionError(
+                        f"graph {gid!r}: {len(chunk) - created} of {len(chunk)} {phase} of a "
+                        "batch were not written (their nodes were deleted during the write); "
+                        "keep one writer per graph id and rerun"
+                    )
                 bar.update(len(chunk))
                 if on_batch is not None:
-                    on_batch(phase, start + len(chunk), len(rows))
-    done = conn.write_rows(
-        cypher.COMPLETE_GRAPH,
-        {
-            "graph_id": gid,
-            "write_id": write_id,
-            "n_nodes": len(node_rows),
-            "n_edges": len(edge_rows),
-        },
-        timeout,
-        f"complete graph {gid!r}",
-    )
-    if not done or int(done[0]["updated"]) != 1:
-        raise FailedPreconditionError(
-            f"graph {gid!r} was claimed by another writer during this write; "
-            "keep one writer per graph id and rerun"
-        )
+                    on_batch(phase, start + len(chunk), len(rows_))
+
+    def complete(tx: ManagedTransaction) -> None:
+        params = {"graph_id": gid}
+        n_nodes = _count(tx, cypher.COUNT_GNODES, params)
+        n_edges = _count(tx, cypher.COUNT_ATTR_EDGES, params)
+        if (n_nodes, n_edges) != (len(node_rows), len(edge_rows)):
+            raise FailedPreconditionError(
+                f"graph {gid!r} holds {n_nodes} nodes and {n_edges} edges after its write, "
+                f"not {len(node_rows)} and {len(edge_rows)}: another writer or a delete "
+                "changed it meanwhile; keep one writer per graph id and rerun"
+            )
+        tx.run(
+            cypher.COMPLETE_GRAPH,
+            {**params, "write_id": write_id, "n_nodes": n_nodes, "n_edges": n_edges},
+        ).consume()
+
+    _under_claim(conn, gid, write_id, lost, complete, timeout, f"complete graph {gid!r}")
 
 
 def delete_graph(conn: BoltConnection, graph_id: str, *, timeout: float | None = None) -> bool:
-    """Hide the graph from readers, then delete its nodes and its ``:Graph`` node."""
+    """Hide the graph from readers, then delete its nodes and its ``:Graph`` node, each
+    batch under the delete's own claim (a writer claiming the id meanwhile stops it)."""
     write_id = uuid.uuid4().hex
-    rows = conn.write_rows(
+    rows_ = conn.write_rows(
         cypher.MARK_DELETING,
         {"graph_id": graph_id, "write_id": write_id},
         timeout,
         f"delete graph {graph_id!r}",
     )
-    found = bool(rows and int(rows[0]["marked"]))
-    deleted = delete_gnodes(conn, graph_id, conn.config.batch_size, timeout)
+    found = bool(rows_ and rows_[0]["old"] is not None)
+
+    def lost() -> FailedPreconditionError:
+        return FailedPreconditionError(
+            f"graph {graph_id!r} was claimed by a writer while it was being deleted; "
+            "it reappears when that write completes: delete it again then"
+        )
+
+    deleted = delete_gnodes(conn, graph_id, write_id, conn.config.batch_size, timeout, lost)
     conn.write_rows(
         cypher.DELETE_GRAPH_NODE,
         {"graph_id": graph_id, "write_id": write_id},

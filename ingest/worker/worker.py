@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Protocol
 from tqdm import tqdm
 
 from ingest.errors import (
+    AlreadyExistsError,
     CircuitscopeError,
-    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
 )
@@ -239,9 +239,11 @@ class IngestWorker:
             started = time.perf_counter()
 
             def write() -> None:
-                # FailedPrecondition: another worker finished the same graph after our
-                # claim went stale; the stored graph is the same one.
-                with contextlib.suppress(FailedPreconditionError):
+                # AlreadyExists: another worker finished the same graph after our claim
+                # went stale; the stored graph is the same one. Any other failure (a
+                # write taken over by another writer, a constraint violation) leaves the
+                # graph unstored and must not be counted as written.
+                with contextlib.suppress(AlreadyExistsError):
                     self.store.write_graph(graph, batch_size=self.options.store_batch_size)
 
             self._retry(write, f"writing graph {graph_id}")

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.unit
         (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
         (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
         (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
         (errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
         (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ingest.attribution.artifact import load_artifact
-from ingest.errors import NotFoundError
+from ingest.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 from ingest.store import StoreConfig, open_store
 from ingest.store.base import GraphStore
 from ingest.store.embedded import start, stop
@@ -227,3 +227,44 @@ def test_artifacts_of_a_killed_run_are_reused(
         assert summary.reused_artifacts == 1 and gid not in calls and len(calls) == 5
         assert len(summary.computed) == 6 and len(summary.bad_lines) == 1
         _assert_store_matches(store, {gid: _expected(worker_model, prompt_file)[gid]})
+
+
+def test_only_a_graph_already_stored_counts_as_written_when_the_store_refuses(
+    worker_model, prompt_file, worker_store_config, tmp_path, monkeypatch
+):
+    """A write that loses its claim (another writer or a delete took the graph id over)
+    stored nothing: the worker must fail, not count the graph; a graph that another
+    worker completed meanwhile (AlreadyExistsError) is the same graph and counts."""
+    from ingest.worker.worker import IngestOptions, IngestWorker
+
+    model, transcoders = worker_model
+    computer = AttributionComputer.from_paths(str(model), transcoders, GraphSettings())
+    one = tmp_path / "one.jsonl"
+    one.write_text(prompt_file.read_text().splitlines()[0] + "\n")
+    spec = _specs(one)[0]
+    gid = graph_key(computer.model_fingerprint, computer.set_id, spec, GraphSettings())
+    with open_store(worker_store_config) as store:
+        _wipe(store)
+        real = store.write_graph
+
+        def taken_over(graph, **kw):
+            def delete_midway(phase: str, done: int, total: int) -> None:
+                if phase == "nodes" and done == 0:
+                    store.delete_graph(graph.graph_id)
+
+            return real(graph, on_batch=delete_midway, **kw)
+
+        monkeypatch.setattr(store, "write_graph", taken_over)
+        options = IngestOptions(artifacts_dir=tmp_path / "artifacts", progress=False)
+        with pytest.raises(FailedPreconditionError) as lost:
+            IngestWorker(store, computer, options).run(one)
+        assert not isinstance(lost.value, AlreadyExistsError)
+        assert gid not in _complete_ids(store)
+
+        def finished_elsewhere(graph, **kw):
+            real(graph)  # another worker stores the same graph first
+            return real(graph, **kw)
+
+        monkeypatch.setattr(store, "write_graph", finished_elsewhere)
+        summary = IngestWorker(store, computer, options).run(one)
+        assert summary.computed == [gid] and gid in _complete_ids(store)
