@@ -16,8 +16,8 @@ complete graph (:meth:`GraphStore.graph_revisions`, one indexed lookup).
 - **Bounded memory**: an LRU over graph ids whose entries' costs (edges plus nodes,
   plus a graph's serialized Graph fields once GetGraph or StreamGraphEdges made them:
   :meth:`GraphCache.recount`) sum to at most ``max_cost``; a graph bigger than the
-  whole budget is not loaded (its calls go to the store). ``max_cost`` 0 disables the
-  cache.
+  whole budget is not loaded (its calls go to the store), and one that outgrows it
+  when its Graph fields are made leaves the cache. ``max_cost`` 0 disables the cache.
 - **Answers remembered**: GetSubgraph responses (serialized bytes) are kept by
   (graph id, revision, request) in an LRU of at most ``memo_cost`` nodes plus edges
   (0: none); :class:`CacheStats` counts answers ``remembered`` and ``computed``. The key
@@ -31,7 +31,8 @@ complete graph (:meth:`GraphStore.graph_revisions`, one indexed lookup).
   no longer served from memory at most ``revalidate_s`` seconds after the change is
   committed. ``revalidate_s`` 0 checks the revision on every call (no staleness, one
   small store query per call). Writes made through this process call
-  :meth:`GraphCache.invalidate`, which drops the entry at once.
+  :meth:`GraphCache.invalidate`, which drops the entry at once; a call made after it
+  never takes a load begun before it (that load may have read the old graph).
 
 Anything written to a ``:GNode`` or ``:ATTR`` outside the store API (raw Cypher that
 leaves ``write_id`` alone) is invisible to the check; the store never does that.
@@ -59,7 +60,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Neighbourhoods that look at no more edges than this are computed on the event loop.
 INLINE_EDGES = 4096
-_NEVER = float("-inf")
 
 
 @dataclass
@@ -114,7 +114,7 @@ class GraphCache:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._cost = 0
-        self._loads: dict[str, asyncio.Future[GraphIndex | None]] = {}
+        self._loads: dict[str, asyncio.Future[tuple[int, GraphIndex | None]]] = {}
         self._checks: dict[str, asyncio.Future[None]] = {}
         # Bumped by invalidate(): a load that started before it must not install.
         self._generation: dict[str, int] = {}
@@ -143,14 +143,19 @@ class GraphCache:
         """The current index of complete graph ``graph_id``, loaded if needed; None when
         the cache cannot hold it (bigger than the budget, or changing under every
         load). NotFoundError when the store has no complete graph of that id."""
-        asked_at = self._clock()
+        asked_at, generation = self._clock(), self._generation.get(graph_id, 0)
         while True:
             entry = self._entries.get(graph_id)
             if entry is None:
                 self._count("misses")
-                return await self._single_flight(
+                loaded_generation, index = await self._single_flight(
                     self._loads, graph_id, self._load(graph_id, timeout)
                 )
+                # A load begun before an invalidate() this call saw may have read the
+                # old graph: load again (at most once more, the generation being fixed).
+                if loaded_generation >= generation:
+                    return index
+                continue
             with self._lock:
                 current = self._entries.get(graph_id) is entry
                 if current and entry.checked_at >= asked_at - self.revalidate_s:
@@ -191,9 +196,12 @@ class GraphCache:
         return response
 
     def invalidate(self, graph_id: str) -> None:
-        """Forget ``graph_id`` now (it was written or deleted through this process)."""
+        """Forget ``graph_id`` now (it was written or deleted through this process): its
+        entry, and its load in flight, which later calls do not join (it may have read
+        the graph before the write)."""
         with self._lock:
             self._generation[graph_id] = self._generation.get(graph_id, 0) + 1
+            self._loads.pop(graph_id, None)
             if self._remove(graph_id) is not None:
                 self._stats.dropped += 1
 
@@ -239,7 +247,13 @@ class GraphCache:
         if flight is None:
             flight = asyncio.ensure_future(work)
             flights[key] = flight
-            flight.add_done_callback(lambda _: flights.pop(key, None))
+
+            def land(done: asyncio.Future[T]) -> None:
+                # invalidate() may have taken this flight out and a newer one be in
+                if flights.get(key) is done:
+                    flights.pop(key, None)
+
+            flight.add_done_callback(land)
         else:
             work.close()
         # A caller that gives up (deadline, cancel) must not cancel the others' flight.
@@ -265,14 +279,15 @@ class GraphCache:
     def _revisions(self, graph_ids: list[str], timeout: float) -> dict[str, Any]:
         return self._store.graph_revisions(graph_ids, timeout=timeout)
 
-    async def _load(self, graph_id: str, timeout: float) -> GraphIndex | None:
+    async def _load(self, graph_id: str, timeout: float) -> tuple[int, GraphIndex | None]:
+        """(the generation the load began at, the loaded index or None: :meth:`get`)."""
         generation = self._generation.get(graph_id, 0)
         loaded = await self._io(self._read, graph_id, timeout)
         if loaded is None:
-            return None
+            return generation, None
         index, checked_at = loaded
         self._install(index, checked_at, generation)
-        return index
+        return generation, index
 
     def _read(self, graph_id: str, timeout: float) -> tuple[GraphIndex, float] | None:
         """(index, when its revision was confirmed), or None when it is not cacheable.
@@ -303,7 +318,7 @@ class GraphCache:
     def _install(self, index: GraphIndex, checked_at: float, generation: int) -> None:
         with self._lock:
             if self._generation.get(index.graph_id, 0) != generation:
-                checked_at = _NEVER  # invalidated while loading: check before use
+                return  # invalidated while loading: it may be the old graph
             self._remove(index.graph_id)
             cost = index.cost
             while self._entries and self._cost + cost > self.max_cost:
@@ -315,12 +330,18 @@ class GraphCache:
     def recount(self, index: GraphIndex) -> None:
         """Count ``index`` again after it grew (its serialized Graph fields were made):
         the budget takes the difference, and least recently used other graphs leave
-        while it is exceeded. Nothing happens if ``index`` is no longer the entry."""
+        while it is exceeded. Grown bigger than the whole budget, the graph leaves
+        itself instead (counted ``too_big``; the next call loads it again without
+        those fields). Nothing happens if ``index`` is no longer the entry."""
         with self._lock:
             entry = self._entries.get(index.graph_id)
             if entry is None or entry.index is not index:
                 return
             cost = index.cost
+            if cost > self.max_cost:
+                self._remove(index.graph_id)
+                self._stats.too_big += 1
+                return
             self._cost += cost - entry.cost
             entry.cost = cost
             for graph_id in list(self._entries):

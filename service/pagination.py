@@ -5,7 +5,10 @@ the store's cursor in an opaque token bound to the request's filters:
 ``base64url(JSON {"v": 1, "f": sha256(filters)[:16], "c": cursor})``. A token that
 does not decode, has another version, or was issued for different filters is
 INVALID_ARGUMENT. The token is not a secret or a signature: it only carries where the
-previous page ended, and the store re-checks every filter on each page.
+previous page ended, and the store re-checks every filter on each page. Since anyone
+can make a token with the right digest, its cursor is checked before use: a store
+cursor (:func:`decode_store_cursor`) must be a string of at most
+:data:`MAX_CURSOR_CHARS` characters, else INVALID_ARGUMENT as well.
 
 Page sizes: 0 means :data:`DEFAULT_PAGE_SIZE`, negative is INVALID_ARGUMENT, above
 :data:`MAX_PAGE_SIZE` is clamped to it (AIP-158 allows coercing).
@@ -25,6 +28,9 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _VERSION = 1
 _MAX_TOKEN_CHARS = 4096
+#: The longest store cursor a token may carry. The store's are a graph id, a creation
+#: time and a graph id, or a layer and an index: far shorter.
+MAX_CURSOR_CHARS = 1024
 
 
 def page_size(
@@ -53,14 +59,21 @@ def encode_page_token(cursor: Any, filters: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
+def _bad_token() -> InvalidArgumentError:
+    return InvalidArgumentError(
+        "page_token is malformed or was issued for other filters; pass the "
+        "next_page_token of the previous response unchanged, with the same filters, "
+        "or no page_token for the first page"
+    )
+
+
 def decode_page_token(token: str, filters: dict[str, Any]) -> Any:
-    """The store cursor in ``token``; None for an empty token (the first page)."""
+    """The cursor in ``token`` as it was encoded, any JSON value, unchecked; None for an
+    empty token (the first page). The caller checks its shape (ListJobs' keyset);
+    store cursors are read with :func:`decode_store_cursor`."""
     if not token:
         return None
-    bad = InvalidArgumentError(
-        "page_token is malformed or was issued for other filters; pass the "
-        "next_page_token of the previous response unchanged, with the same filters"
-    )
+    bad = _bad_token()
     if len(token) > _MAX_TOKEN_CHARS:
         raise bad
     try:
@@ -76,3 +89,15 @@ def decode_page_token(token: str, filters: dict[str, Any]) -> Any:
     ):
         raise bad
     return payload["c"]
+
+
+def decode_store_cursor(token: str, filters: dict[str, Any]) -> str | None:
+    """The store's keyset cursor in ``token``; None for an empty token (the first page).
+    INVALID_ARGUMENT, as for any bad token, unless the cursor is a non-empty string of
+    at most :data:`MAX_CURSOR_CHARS` characters (what the store hands out)."""
+    cursor = decode_page_token(token, filters)
+    if cursor is None:
+        return None
+    if not isinstance(cursor, str) or not 0 < len(cursor) <= MAX_CURSOR_CHARS:
+        raise _bad_token()
+    return cursor

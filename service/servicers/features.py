@@ -14,7 +14,7 @@ from ingest.store.base import GraphStore
 from service import convert
 from service._generated.circuits.v1 import feature_service_pb2 as pb
 from service._generated.circuits.v1 import feature_service_pb2_grpc
-from service.pagination import decode_page_token, encode_page_token, page_size
+from service.pagination import decode_store_cursor, encode_page_token, page_size
 from service.runner import BlockingRunner
 
 MAX_LABEL_CHARS = 1000
@@ -50,7 +50,7 @@ class FeatureServicer(feature_service_pb2_grpc.FeatureServiceServicer):
             "label_contains": request.label_contains or None,
             "token": request.token or None,
         }
-        cursor = decode_page_token(request.page_token, filters)
+        cursor = decode_store_cursor(request.page_token, filters)
         page = await self._run.call(
             context,
             self._store.search_features,
@@ -84,7 +84,7 @@ class FeatureServicer(feature_service_pb2_grpc.FeatureServiceServicer):
     ) -> pb.ListFeatureOccurrencesResponse:
         set_id, layer, index = convert.feature_key_from_proto(request.key)
         filters = {"set_id": set_id, "layer": layer, "index": index}
-        cursor = decode_page_token(request.page_token, filters)
+        cursor = decode_store_cursor(request.page_token, filters)
         page = await self._run.call(
             context,
             self._store.graphs_with_feature,

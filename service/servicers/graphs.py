@@ -40,7 +40,7 @@ from service.artifacts import check_threshold, reprune
 from service.graph_cache import GraphCache
 from service.graph_index import GraphIndex
 from service.listing_cache import ListingCache
-from service.pagination import decode_page_token, encode_page_token, page_size
+from service.pagination import decode_store_cursor, encode_page_token, page_size
 from service.runner import BlockingRunner
 
 DEFAULT_CHUNK = 5000
@@ -93,7 +93,7 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
             "prompt_contains": request.prompt_contains or None,
             "newest_first": request.newest_first,
         }
-        cursor = decode_page_token(request.page_token, filters)
+        cursor = decode_store_cursor(request.page_token, filters)
         limit = page_size(request.page_size)
 
         async def load() -> pb.ListGraphsResponse:

@@ -419,6 +419,30 @@ def test_serialized_whole_graph_counts_in_the_budget(
     assert cache.cost == dense_index.cost
 
 
+def test_graph_outgrowing_the_budget_with_its_serialized_fields_leaves(
+    store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
+) -> None:
+    """A graph that fits the budget only without its Graph fields leaves the cache once
+    they are made, rather than keeping it over budget; other graphs stay."""
+    dense, paths = graphs["cache-dense"], graphs["cache-paths"]
+    room = dense.n_edges + dense.n_nodes + paths.n_edges + paths.n_nodes
+    cache = _cache(store, pool, max_cost=room)
+
+    async def load() -> GraphIndex:
+        await cache.get("cache-paths", 10.0)
+        index = await cache.get("cache-dense", 10.0)
+        assert index is not None
+        return index
+
+    dense_index = asyncio.run(load())
+    dense_index.whole_fields()
+    assert dense_index.cost > room, "the test graph must outgrow the whole budget"
+    cache.recount(dense_index)
+    assert "cache-dense" not in cache and "cache-paths" in cache
+    assert cache.cost == paths.n_edges + paths.n_nodes <= cache.max_cost
+    assert cache.stats().too_big == 1 and cache.stats().evicted == 0
+
+
 def test_graph_bigger_than_the_budget_is_left_to_the_store(
     store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
 ) -> None:
@@ -523,6 +547,73 @@ def test_invalidate_drops_an_entry_at_once(
     assert "cache-ties" not in cache and cache.cost == 0
     assert asyncio.run(cache.get("cache-ties", 10.0)) is not None
     assert cache.stats().loads == 2
+
+
+class _HeldLoad:
+    """The real store, holding the ``held`` revision reads (counted from 1; a load's
+    second read comes after the graph's) until their ``release`` is set: loads in
+    flight while a write lands."""
+
+    def __init__(self, store: GraphStore, held: tuple[int, ...]) -> None:
+        self._store = store
+        self._reads = 0
+        self.reached = {n: threading.Event() for n in held}
+        self.release = {n: threading.Event() for n in held}
+
+    def graph_revisions(self, graph_ids: list[str], timeout: float | None = None) -> object:
+        found = self._store.graph_revisions(graph_ids, timeout=timeout)
+        self._reads += 1
+        if self._reads in self.reached:
+            self.reached[self._reads].set()
+            self.release[self._reads].wait(30)
+        return found
+
+    def get_graph(self, graph_id: str, timeout: float | None = None) -> AttributionGraph:
+        return self._store.get_graph(graph_id, timeout=timeout)
+
+
+def test_a_call_after_invalidate_does_not_join_a_load_begun_before_it(
+    store: GraphStore, pool: ThreadPoolExecutor
+) -> None:
+    old = builders.random_graph("cache-inflight", n_nodes=15, n_edges=40, seed=21)
+    new = builders.random_graph("cache-inflight", n_nodes=15, n_edges=41, seed=22)
+    store.write_graph(old, replace=True)
+    held = _HeldLoad(store, held=(2, 4))  # both loads, each after reading the graph
+    cache = GraphCache(held, pool, max_cost=1_000_000, revalidate_s=5.0)  # type: ignore[arg-type]
+
+    async def main() -> list[GraphIndex | None]:
+        loop = asyncio.get_running_loop()
+        early = asyncio.ensure_future(cache.get("cache-inflight", 10.0))
+        await loop.run_in_executor(None, held.reached[2].wait, 30)
+        # the graph is rewritten through this process while the old one is loading
+        await loop.run_in_executor(None, lambda: store.write_graph(new, replace=True))
+        cache.invalidate("cache-inflight")
+        late = asyncio.ensure_future(cache.get("cache-inflight", 10.0))
+        await asyncio.sleep(0)  # the late call has started (or joined) its load
+        held.release[2].set()
+        # the old load ends while the late call's own one is in flight
+        while not (late.done() or held.reached[4].is_set()):
+            await asyncio.sleep(0.001)
+        found = [await early]
+        joining = asyncio.ensure_future(cache.get("cache-inflight", 10.0))
+        await asyncio.sleep(0)
+        held.release[4].set()
+        found += [await late, await joining, await cache.get("cache-inflight", 10.0)]
+        return found
+
+    try:
+        early, late, joining, after = asyncio.run(main())
+        assert early is not None and early.n_edges == 40  # asked before the write
+        assert late is not None and late.n_edges == 41, (
+            "a call after invalidate() got the old graph"
+        )
+        assert joining is late, "a call during the new load must join it"
+        assert after is late, "the load begun before invalidate() must not replace the new one"
+        assert cache.stats().loads == 2
+    finally:
+        for release in held.release.values():
+            release.set()
+        store.delete_graph("cache-inflight")
 
 
 def _answer(response: object) -> dict[tuple[str, str], float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 
 import grpc
@@ -20,10 +21,19 @@ from ingest.store.base import GraphStore
 from ingest.store.bolt import BoltGraphStore
 from ingest.store.config import StoreConfig
 from service import convert
-from service._generated.circuits.v1 import graph_service_pb2, graph_service_pb2_grpc
+from service._generated.circuits.v1 import (
+    feature_service_pb2,
+    feature_service_pb2_grpc,
+    graph_service_pb2,
+    graph_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
+)
 from service.client import CircuitsClient, RetryPolicy
 from service.config import ServerConfig
+from service.pagination import MAX_CURSOR_CHARS, encode_page_token
 from service.server import SERVICE_NAMES, RunningServer, serve_in_background
+from tests.service import builders
 from tests.service.conftest import TOKEN
 
 pytestmark = pytest.mark.integration
@@ -156,7 +166,7 @@ def _payloads(rng: random.Random, n: int) -> list[bytes]:
 def test_fuzzed_requests_never_get_internal(
     channel: grpc.Channel, method: str, streaming: bool
 ) -> None:
-    rng = random.Random(hash(method) % 1000)
+    rng = random.Random(zlib.crc32(method.encode()))  # hash() of a str varies per process
     metadata = (("authorization", f"Bearer {TOKEN}"),)
     seen: set[grpc.StatusCode] = set()
     for payload in _payloads(rng, 25):
@@ -179,6 +189,73 @@ def test_fuzzed_requests_never_get_internal(
     assert grpc.StatusCode.INTERNAL not in seen and grpc.StatusCode.UNKNOWN not in seen, seen
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _paginated_calls(channel: grpc.Channel) -> dict[str, tuple[object, object, dict[str, object]]]:
+    """Per paginated RPC: (its stub method, a request, the filters the servicer digests)."""
+    graphs = graph_service_pb2_grpc.GraphServiceStub(channel)
+    features = feature_service_pb2_grpc.FeatureServiceStub(channel)
+    jobs = job_service_pb2_grpc.JobServiceStub(channel)
+    listing = {"model_id": None, "task": "toy", "prompt_contains": None}
+    key = {"set_id": builders.SET_ID, "layer": 1, "index": 2}
+    return {
+        "ListGraphs": (
+            graphs.ListGraphs,
+            graph_service_pb2.ListGraphsRequest(task="toy"),
+            {**listing, "newest_first": False},
+        ),
+        "ListGraphs newest_first": (
+            graphs.ListGraphs,
+            graph_service_pb2.ListGraphsRequest(task="toy", newest_first=True),
+            {**listing, "newest_first": True},
+        ),
+        "SearchFeatures": (
+            features.SearchFeatures,
+            feature_service_pb2.SearchFeaturesRequest(set_id=builders.SET_ID),
+            {"set_id": builders.SET_ID, "layer": None, "label_contains": None, "token": None},
+        ),
+        "ListFeatureOccurrences": (
+            features.ListFeatureOccurrences,
+            feature_service_pb2.ListFeatureOccurrencesRequest(key=key),
+            {"set_id": builders.SET_ID, "layer": 1, "index": 2},
+        ),
+        "ListJobs": (jobs.ListJobs, job_service_pb2.ListJobsRequest(), {"state": 0, "model": ""}),
+    }
+
+
+# Cursors of the right kind for each RPC: with them the forged tokens are accepted,
+# so the digests below are right and only the cursors make the others invalid.
+_GOOD_CURSORS = {
+    "ListGraphs": "g-alpha",
+    "ListGraphs newest_first": "0:g-alpha",
+    "SearchFeatures": "0:0",
+    "ListFeatureOccurrences": "g-alpha",
+    "ListJobs": ["2026-01-01T00:00:00+00:00", "x"],
+}
+
+
+@pytest.mark.parametrize("rpc", list(_GOOD_CURSORS))
+def test_page_tokens_with_forged_cursors_are_invalid_arguments(
+    channel: grpc.Channel, rpc: str
+) -> None:
+    """A well-formed token with the right filter digest (anyone can compute it) but a
+    cursor the server never hands out: INVALID_ARGUMENT, never INTERNAL or a page."""
+    call, request, filters = _paginated_calls(channel)[rpc]
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+
+    def ask(cursor: object) -> None:
+        forged = type(request)()
+        forged.CopyFrom(request)  # type: ignore[attr-defined]
+        forged.page_token = encode_page_token(cursor, filters)  # type: ignore[attr-defined]
+        call(forged, metadata=metadata, timeout=20)  # type: ignore[operator]
+
+    ask(_GOOD_CURSORS[rpc])
+    for cursor in (5, 1.5, True, [1], {"a": 1}, "", "x" * (MAX_CURSOR_CHARS + 1)):
+        with pytest.raises(grpc.RpcError) as info:
+            ask(cursor)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (cursor, info.value)
+        # the service's own advice (a store that rejects the cursor too says otherwise)
+        assert "next_page_token of the previous response" in (info.value.details() or "")
 
 
 def test_fuzzed_reflection_stream_never_gets_internal(channel: grpc.Channel) -> None:
