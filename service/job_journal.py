@@ -12,7 +12,11 @@ holding
 Replaying the lines rebuilds the job. A line cut short by a crash mid-write can only be
 the last one; it is cut off the file (the change it recorded is redone: a resumed job
 recomputes at most the prompt it was on, and graph ids are content hashes, so that prompt
-is found stored).
+is found stored). A write that fails (a full disk) is cut off at once, and the graph ids
+and errors it carried go into the next line that is written, so a later line never
+follows half a line. Should a line in the middle not parse anyway, it is skipped with a
+warning (an event glued after a cut-off one is still read) and the job is kept: each
+line holds the whole state, so only that line's graph ids and errors are lost.
 A directory whose ``job.json`` is missing or unreadable is skipped with a warning; the
 server starts regardless.
 
@@ -43,6 +47,8 @@ JOB_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"
 #: ``job.json``'s format; a different one is skipped with a warning.
 FORMAT_VERSION = 1
+#: how every line of ``events.jsonl`` starts (``record`` writes ``version`` first)
+_EVENT_START = '{"version"'
 
 
 class JobJournal:
@@ -51,6 +57,9 @@ class JobJournal:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._lock_file: IO[bytes] | None = None
+        # per job, how many of its graph ids and errors are on disk: a change whose line
+        # could not be written leaves its additions to the next line
+        self._written: dict[str, tuple[int, int]] = {}
 
     def lock(self) -> bool:
         """Own the journal; False if another process (or server) does."""
@@ -90,11 +99,14 @@ class JobJournal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, directory / JOB_FILE)
-        self.record(job, graph_ids_before=0, errors_before=0)
+        self._written[job.job_id] = (0, 0)
+        self.record(job)
 
-    def record(self, job: Job, *, graph_ids_before: int, errors_before: int) -> None:
-        """Append the job's state after a change; the lists' entries past the given
-        lengths are what the change added."""
+    def record(self, job: Job) -> None:
+        """Append the job's state after a change, with the graph ids and errors added
+        since the last line written. A failed write (OSError, raised) is cut off the
+        file, so the next line starts where this one would have."""
+        graph_ids_before, errors_before = self._written.get(job.job_id, (0, 0))
         event = {
             "version": job.version,
             "state": job.state.value,
@@ -106,10 +118,23 @@ class JobJournal:
             "graph_ids": job.graph_ids[graph_ids_before:],
             "errors": job.errors[errors_before:],
         }
-        with (self.job_dir(job.job_id) / EVENTS_FILE).open("a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
+        line = (json.dumps(event) + "\n").encode("utf-8")
+        fd = os.open(self.job_dir(job.job_id) / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:  # a full disk may take part of the line, then refuse the rest
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                os.ftruncate(fd, size)  # shrinking needs no space
+                raise
+        finally:
+            os.close(fd)
+        self._written[job.job_id] = (len(job.graph_ids), len(job.errors))
 
     def remove(self, job_id: str) -> None:
+        self._written.pop(job_id, None)
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def load(self) -> Iterator[Job]:
@@ -152,6 +177,7 @@ class JobJournal:
             job.updated_at = datetime.fromisoformat(event["updated_at"])
             job.graph_ids.extend(event["graph_ids"])
             job.errors.extend(event["errors"])
+        self._written[job.job_id] = (len(job.graph_ids), len(job.errors))
         return job
 
 
@@ -166,8 +192,25 @@ def _events(path: Path) -> Iterator[dict[str, Any]]:
         with path.open("r+b") as f:
             f.truncate(complete)
         data = data[:complete]
-    for i, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
         try:
             yield json.loads(line)
+            continue
         except json.JSONDecodeError:
-            raise ValueError(f"{path.name} line {i} is not JSON") from None
+            pass
+        # An event always starts with its version, a key no string value can contain
+        # unescaped: a whole event written after a cut-off one is read still.
+        glued = line.rfind(_EVENT_START, 1)
+        try:
+            event = json.loads(line[glued:]) if glued > 0 else None
+        except json.JSONDecodeError:
+            event = None
+        logger.warning(
+            "%s line %d is not JSON: skipping %s (the job's later lines still hold its "
+            "state; graph ids and errors that line added are lost)",
+            path,
+            i,
+            "the cut-off event before the one that follows it" if event else "it",
+        )
+        if event is not None:
+            yield event

@@ -20,12 +20,11 @@ shutdown (:meth:`JobManager.stop`) a running job stops after its current prompt 
 left queued for the next start; CancelJob is what ends a job for good.
 ``on_graph_written`` hears the id of every graph a job stores (the server's graph cache
 forgets it). Every read returns a snapshot; a version number counts changes for
-watchers.
+watchers, who read it (:meth:`JobManager.version`) before taking a snapshot.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -70,7 +69,8 @@ class JobState(StrEnum):
 
 @dataclass
 class Job:
-    """A job's state; :class:`JobManager` hands out copies."""
+    """A job's state; :class:`JobManager` hands out snapshots, which share
+    ``prompts`` (never changed once the job is submitted) and copy the rest."""
 
     job_id: str
     model: str
@@ -116,11 +116,19 @@ class JobManager:
         self._stopping = False
 
     # ------------------------------------------------------------------ API
+    def check_request(self, model: str, n_prompts: int) -> None:
+        """Raise unless a job of ``n_prompts`` prompts on ``model`` can be submitted
+        (cheap: callers check this before looking at the prompts)."""
+        self._registry.spec(model)  # NotFoundError naming the served models
+        if not 1 <= n_prompts <= MAX_PROMPTS:
+            raise InvalidArgumentError(
+                f"give 1 to {MAX_PROMPTS} prompts, got {n_prompts}; split larger sets "
+                "into several jobs"
+            )
+
     def submit(self, model: str, prompts: list[dict[str, str]], settings: Any) -> Job:
         """Queue a job of ``prompts`` (worker JSONL records) on served ``model``."""
-        self._registry.spec(model)  # NotFoundError naming the served models
-        if not 1 <= len(prompts) <= MAX_PROMPTS:
-            raise InvalidArgumentError(f"give 1 to {MAX_PROMPTS} prompts, got {len(prompts)}")
+        self.check_request(model, len(prompts))
         for i, record in enumerate(prompts, start=1):
             if not record.get("prompt", "").strip():
                 raise InvalidArgumentError(f"prompt {i} is empty; every prompt needs text")
@@ -144,14 +152,16 @@ class JobManager:
         return self.get(job.job_id)
 
     def get(self, job_id: str) -> Job:
+        """A snapshot of the job: its lists copied, its prompts shared (never changed
+        after submission), so a poll costs little however many prompts the job has."""
         with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                raise NotFoundError(
-                    f"no job {job_id!r} on this server (it keeps the last {self._max_jobs} "
-                    "jobs, forgetting the oldest finished ones first)"
-                )
-            return copy.deepcopy(job)
+            job = self._find(job_id)
+            return dataclasses.replace(job, graph_ids=list(job.graph_ids), errors=list(job.errors))
+
+    def version(self, job_id: str) -> int:
+        """The job's change count: a watcher takes a snapshot only when it moved."""
+        with self._lock:
+            return self._find(job_id).version
 
     def list_jobs(
         self,
@@ -257,6 +267,16 @@ class JobManager:
             return sum(not j.state.finished for j in self._jobs.values())
 
     # ------------------------------------------------------------------ internals
+    def _find(self, job_id: str) -> Job:
+        """The job itself. Under the lock."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(
+                f"no job {job_id!r} on this server (it keeps the last {self._max_jobs} "
+                "jobs, forgetting the oldest finished ones first)"
+            )
+        return job
+
     def _cancel_requested(self, job_id: str) -> bool:
         with self._lock:
             return self._jobs[job_id].cancel_requested
@@ -289,23 +309,20 @@ class JobManager:
 
     def _update(self, job_id: str, change: Callable[[Job], None]) -> Job:
         with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                raise NotFoundError(f"no job {job_id!r} on this server")
+            job = self._find(job_id)
             self._change(job, change)
             return job
 
     def _change(self, job: Job, change: Callable[[Job], None]) -> None:
         """Apply ``change``, count it, journal it. Under the lock. A journal that cannot
         be written is logged (once) and the job goes on in memory."""
-        graph_ids, errors = len(job.graph_ids), len(job.errors)
         change(job)
         job.version += 1
         job.updated_at = datetime.now(UTC)
         if self._journal is None:
             return
         try:
-            self._journal.record(job, graph_ids_before=graph_ids, errors_before=errors)
+            self._journal.record(job)
         except OSError as exc:
             if not self._journal_failed:
                 self._journal_failed = True
@@ -321,7 +338,8 @@ class JobManager:
             job = self._jobs.get(job_id)
             if job is None or job.state is not JobState.QUEUED or self._stopping:
                 return
-        self._update(job_id, lambda j: setattr(j, "state", JobState.RUNNING))
+            # in the same locked section as the check: a cancel now finds it running
+            self._change(job, lambda j: setattr(j, "state", JobState.RUNNING))
         try:
             self._ingest(job)
         except Exception as exc:
@@ -376,6 +394,8 @@ class JobManager:
                     j.graph_ids.extend(s.computed)
                     j.already_stored += s.already_done
                     j.errors.extend(f"prompt {n}: {bad.reason}" for bad in s.bad_lines)
+                    if s.claimed_elsewhere:
+                        j.errors.append(_claimed_elsewhere(n))
                     j.message = ""  # a wait for the store, if any, is over
 
                 self._update(job.job_id, progress)
@@ -405,6 +425,17 @@ class JobManager:
     def _waiting(self, job_id: str, message: str) -> None:
         """The worker waits for the store: say so in the job's message."""
         self._update(job_id, lambda j: setattr(j, "message", f"waiting: {message}"))
+
+
+def _claimed_elsewhere(n: int) -> str:
+    """The error of prompt ``n`` when another worker (a ``circuitscope ingest`` run or
+    another server on the same artifacts directory) holds its graph's claim: this job
+    did not compute it, and the graph may not be stored yet."""
+    return (
+        f"prompt {n}: another worker is computing its graph (it holds the claim in the "
+        "server's artifacts directory); resubmit the prompt after that worker finishes "
+        "and it is counted as already stored"
+    )
 
 
 def _finish(job: Job, state: JobState, message: str) -> None:

@@ -401,21 +401,30 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _read_prompt_file(path: Path) -> list[dict[str, str]]:
-    from ingest.errors import InvalidArgumentError, NotFoundError
+    """The prompt file as worker records, read as the ingest worker reads it (unset
+    fields left out); any bad line is refused, naming it, before anything is sent."""
+    from ingest.errors import InvalidArgumentError
+    from ingest.worker.prompts import BadLine, read_prompts
 
-    if not path.is_file():
-        raise NotFoundError(f"prompt file {path} does not exist; pass a JSON Lines file")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
+    records, bad = [], []
+    for item in read_prompts(path):
+        if isinstance(item, BadLine):
+            bad.append(str(item))
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgumentError(f"{path} line {n} is not JSON: {exc.msg}") from None
-        if not isinstance(record, dict):
-            raise InvalidArgumentError(f"{path} line {n}: expected a JSON object")
-        records.append({str(k): str(v) for k, v in record.items()})
+        fields = {
+            "prompt": item.prompt,
+            "counterfactual": item.counterfactual,
+            "task": item.task,
+            "id": item.prompt_id,
+            "correct": item.correct,
+            "incorrect": item.incorrect,
+        }
+        records.append({k: v for k, v in fields.items() if v is not None})
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise InvalidArgumentError(
+            f"{path}: {len(bad)} bad line(s): {'; '.join(bad[:5])}{more}; fix them and submit again"
+        )
     return records
 
 

@@ -1,7 +1,9 @@
 """``circuits.v1.JobService`` over :class:`service.jobs.JobManager`.
 
-Submission validates and queues (no model work on the event loop); WatchJob polls the
-job's snapshot and sends it whenever its version changed, until the job finishes.
+Submission validates and queues (no model work on the event loop): the model and the
+number of prompts are checked before any prompt is looked at, then every field's length.
+WatchJob polls the job's version and sends a snapshot whenever it changed, until the job
+finishes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from service.pagination import decode_page_token, encode_page_token, page_size
 from service.servicers.analysis import MAX_FEATURE_NODES, MAX_PROMPT_CHARS
 
 WATCH_POLL_S = 0.2
+#: the longest task label, prompt id and answer tokens (``correct``, ``incorrect``)
+MAX_LABEL_CHARS = 256
+_FIELD_LIMITS = (
+    ("prompt", MAX_PROMPT_CHARS),
+    ("counterfactual", MAX_PROMPT_CHARS),
+    ("task", MAX_LABEL_CHARS),
+    ("prompt_id", MAX_LABEL_CHARS),
+    ("correct", MAX_LABEL_CHARS),
+    ("incorrect", MAX_LABEL_CHARS),
+)
 
 
 def _job_id(value: str) -> str:
@@ -41,11 +53,16 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     ) -> pb.SubmitIngestResponse:
         if not request.model:
             raise InvalidArgumentError("model is required; ListModels names the served models")
+        # the model and the count first: a huge request is refused before its prompts
+        # are looked at (this runs on the event loop)
+        self._jobs.check_request(request.model, len(request.prompts))
         for i, prompt in enumerate(request.prompts, start=1):
-            if len(prompt.prompt) > MAX_PROMPT_CHARS:
-                raise InvalidArgumentError(
-                    f"prompt {i} has {len(prompt.prompt)} characters; keep under {MAX_PROMPT_CHARS}"
-                )
+            for name, limit in _FIELD_LIMITS:
+                size = len(getattr(prompt, name))
+                if size > limit:
+                    raise InvalidArgumentError(
+                        f"prompt {i}: {name} has {size} characters; keep it to at most {limit}"
+                    )
         max_nodes = request.max_feature_nodes if request.HasField("max_feature_nodes") else None
         if max_nodes is not None and not 1 <= max_nodes <= MAX_FEATURE_NODES:
             raise InvalidArgumentError(
@@ -75,12 +92,13 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         job_id = _job_id(request.job_id)
         last_version = -1
         while True:
-            job = self._jobs.get(job_id)
-            if job.version != last_version:
+            # a poll reads one number; a snapshot is taken only when the job changed
+            if self._jobs.version(job_id) != last_version:
+                job = self._jobs.get(job_id)
                 last_version = job.version
                 yield pb.WatchJobResponse(job=convert.job_to_proto(job))
-            if job.state.finished:
-                return
+                if job.state.finished:
+                    return
             await asyncio.sleep(WATCH_POLL_S)
 
     async def CancelJob(

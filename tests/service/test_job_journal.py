@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +35,12 @@ def _job(n_prompts: int = 3, model: str = MODEL) -> Job:
 
 
 def _progress(journal: JobJournal, job: Job, graph_id: str, error: str | None = None) -> None:
-    before = (len(job.graph_ids), len(job.errors))
     job.processed += 1
     job.graph_ids.append(graph_id)
     if error:
         job.errors.append(error)
     job.version += 1
-    journal.record(job, graph_ids_before=before[0], errors_before=before[1])
+    journal.record(job)
 
 
 @pytest.mark.unit
@@ -76,6 +77,76 @@ def test_journal_cuts_off_a_line_a_crash_left_unfinished(
     _progress(journal, loaded, "g2")
     [again] = journal.load()
     assert again.graph_ids == ["g1", "g2"] and again.processed == 2
+
+
+# A child process whose file size limit (RLIMIT_FSIZE) lets the journal write only part
+# of a line, as a full disk does; SIGXFSZ ignored, the write fails with EFBIG.
+_FULL_DISK_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+from ingest.worker.keys import GraphSettings
+from service.job_journal import EVENTS_FILE, JobJournal
+from service.jobs import Job, JobState
+
+journal = JobJournal(Path(sys.argv[1]))
+job = Job("full", "m", [{"prompt": "a"}, {"prompt": "b"}], GraphSettings())
+journal.create(job)
+events = journal.job_dir(job.job_id) / EVENTS_FILE
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (events.stat().st_size + 40, hard))
+job.state, job.processed, job.version = JobState.RUNNING, 1, 1
+job.graph_ids.append("g-first")
+try:
+    journal.record(job)
+except OSError as exc:
+    print("refused:", exc.strerror)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space comes back
+job.processed, job.version = 2, 2
+job.graph_ids.append("g-second")
+journal.record(job)
+"""
+
+
+@pytest.mark.unit
+def test_a_write_the_disk_refuses_part_way_loses_nothing(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused: File too large" in done.stdout  # the write really failed part way
+    lines = (tmp_path / "full" / EVENTS_FILE).read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # no half line left behind
+    [job] = JobJournal(tmp_path).load()
+    assert job.processed == 2 and job.state is JobState.RUNNING
+    # the ids of the change whose line failed came with the next line
+    assert job.graph_ids == ["g-first", "g-second"]
+
+
+@pytest.mark.unit
+def test_a_bad_line_in_the_middle_is_skipped_not_the_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = JobJournal(tmp_path)
+    job = _job()
+    journal.create(job)
+    job.state = JobState.RUNNING
+    _progress(journal, job, "g1")
+    events = tmp_path / job.job_id / EVENTS_FILE
+    with events.open("a") as f:
+        f.write('{"version": 9, "state": "succ')  # half a line an old server left
+    _progress(journal, job, "g2")  # glued to it
+    with events.open("a") as f:
+        f.write("#garbage#\n")
+    _progress(journal, job, "g3")
+    with caplog.at_level(logging.WARNING):
+        [loaded] = journal.load()
+    assert loaded == job and loaded.graph_ids == ["g1", "g2", "g3"]
+    assert "line 3 is not JSON" in caplog.text and "line 4 is not JSON" in caplog.text
 
 
 @pytest.mark.unit
