@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -109,17 +110,23 @@ def _write_state(data_dir: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _alive(pid: int) -> bool:
-    """True when ``pid`` is a live (not zombie) embedded server process."""
+def _alive(pid: int, root: Path) -> bool:
+    """True when ``pid`` is a live (not zombie) embedded server process of the data
+    directory ``root`` (a stale pid file's pid may since be another directory's server,
+    which must not be reused or stopped)."""
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
     state = stat.rsplit(")", 1)[-1].split()[0]
-    return state not in ("Z", "X") and SERVER_MODULE.encode() in cmdline
+    serves_root = any(
+        flag == b"--data-dir" and value == os.fsencode(root)
+        for flag, value in itertools.pairwise(args)
+    )
+    return state not in ("Z", "X") and SERVER_MODULE.encode() in args and serves_root
 
 
 def _pid(data_dir: Path) -> int | None:
@@ -127,7 +134,7 @@ def _pid(data_dir: Path) -> int | None:
         pid = int((data_dir / PID_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if _alive(pid, data_dir) else None
 
 
 def config_for(data_dir: Path | str | None = None, **overrides: Any) -> StoreConfig:
@@ -295,15 +302,15 @@ def _terminate(root: Path, pid: int, timeout_s: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and _alive(pid, root):
         time.sleep(0.2)
-    if _alive(pid):
+    if _alive(pid, root):
         logger.warning(
             "embedded server pid %d ignored SIGTERM for %.0f s; killing it", pid, timeout_s
         )
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
+        while _alive(pid, root):
             time.sleep(0.1)
     (root / PID_FILE).unlink(missing_ok=True)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,22 @@ def test_db_cli_start_status_stop(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert not embedded.status(data_dir).running
     finally:
         embedded.stop(data_dir)
+
+
+def test_a_pid_file_naming_another_directorys_server_is_stale(tmp_path: Path) -> None:
+    """A stale pid file's pid may since belong to the server of another data directory:
+    that server is neither reused nor stopped from here."""
+    one, other = tmp_path / "one", tmp_path / "other"
+    one.mkdir()
+    other.mkdir()
+    # A live process whose command line reads as the server of `one`.
+    command = ["-m", embedded.SERVER_MODULE, "--data-dir", str(one)]
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *command])
+    try:
+        for root in (one, other):
+            (root / embedded.PID_FILE).write_text(str(proc.pid))
+        assert embedded._pid(one) == proc.pid
+        assert embedded._pid(other) is None
+    finally:
+        proc.kill()
+        proc.wait()
