@@ -411,15 +411,7 @@ def _read_prompt_file(path: Path) -> list[dict[str, str]]:
         if isinstance(item, BadLine):
             bad.append(str(item))
             continue
-        fields = {
-            "prompt": item.prompt,
-            "counterfactual": item.counterfactual,
-            "task": item.task,
-            "id": item.prompt_id,
-            "correct": item.correct,
-            "incorrect": item.incorrect,
-        }
-        records.append({k: v for k, v in fields.items() if v is not None})
+        records.append(item.record())
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise InvalidArgumentError(

@@ -21,7 +21,7 @@ from ingest.errors import (
     UnavailableError,
 )
 from ingest.store import cypher
-from ingest.store.config import StoreConfig
+from ingest.store.config import EMBEDDED_DATABASE, StoreConfig
 
 T = TypeVar("T")
 
@@ -90,7 +90,7 @@ class BoltConnection:
                 raise UnavailableError(
                     f"graph store {self.config.redacted()}: the server has no such "
                     "database; fix NEO4J_DATABASE (the embedded server's database is "
-                    "'circuitscope', Neo4j Community's 'neo4j')"
+                    f"{EMBEDDED_DATABASE!r}, Neo4j Community's 'neo4j')"
                 ) from exc
             if exc.code == "Neo.ClientError.Statement.EntityNotFound":
                 # ArcadeDB reads are not isolated from a concurrent delete: a graph being

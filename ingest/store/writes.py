@@ -30,7 +30,8 @@ from ingest.graph import AttributionGraph
 from ingest.store import cypher
 from ingest.store.base import BatchCallback, GraphStatus
 from ingest.store.records import graph_props, node_props
-from ingest.store.session import BoltConnection, check_range, rows
+from ingest.store.session import BoltConnection, check_range
+from ingest.store.session import rows as record_rows
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +63,7 @@ def _under_claim(
     that ``write_id`` still holds the claim; rolls back and raises ``lost()`` otherwise."""
 
     def guarded(tx: ManagedTransaction) -> T:
-        held = rows(tx.run(cypher.HOLD_CLAIM, {"graph_id": graph_id, "write_id": write_id}))
+        held = record_rows(tx.run(cypher.HOLD_CLAIM, {"graph_id": graph_id, "write_id": write_id}))
         if not held or not held[0]["held"]:
             raise lost()
         return work(tx)
@@ -71,7 +72,7 @@ def _under_claim(
 
 
 def _count(tx: ManagedTransaction, query: str, params: dict[str, Any]) -> int:
-    found = rows(tx.run(query, params))
+    found = record_rows(tx.run(query, params))
     return int(found[0]["n"]) if found else 0
 
 
@@ -161,14 +162,14 @@ def write_graph(
         unit="row",
         disable=True if total < _PROGRESS_MIN_ROWS else None,
     ) as bar:
-        for phase, query, rows_, shape in (
+        for phase, query, rows, shape in (
             ("nodes", cypher.CREATE_GNODES, node_rows, list),
             ("edges", cypher.CREATE_ATTR_EDGES, edge_rows, _group_by_source),
         ):
             if on_batch is not None:
-                on_batch(phase, 0, len(rows_))
-            for start in range(0, len(rows_), size):
-                chunk = rows_[start : start + size]
+                on_batch(phase, 0, len(rows))
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
                 params = {"graph_id": gid, "rows": shape(chunk)}
                 created = _under_claim(
                     conn,
@@ -189,7 +190,7 @@ def write_graph(
                     )
                 bar.update(len(chunk))
                 if on_batch is not None:
-                    on_batch(phase, start + len(chunk), len(rows_))
+                    on_batch(phase, start + len(chunk), len(rows))
 
     def complete(tx: ManagedTransaction) -> None:
         params = {"graph_id": gid}
@@ -213,13 +214,13 @@ def delete_graph(conn: BoltConnection, graph_id: str, *, timeout: float | None =
     """Hide the graph from readers, then delete its nodes and its ``:Graph`` node, each
     batch under the delete's own claim (a writer claiming the id meanwhile stops it)."""
     write_id = uuid.uuid4().hex
-    rows_ = conn.write_rows(
+    rows = conn.write_rows(
         cypher.MARK_DELETING,
         {"graph_id": graph_id, "write_id": write_id},
         timeout,
         f"delete graph {graph_id!r}",
     )
-    found = bool(rows_ and rows_[0]["old"] is not None)
+    found = bool(rows and rows[0]["old"] is not None)
 
     def lost() -> FailedPreconditionError:
         return FailedPreconditionError(

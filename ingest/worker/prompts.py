@@ -38,6 +38,18 @@ class PromptSpec:
     correct: str | None = None
     incorrect: str | None = None
 
+    def record(self) -> dict[str, str]:
+        """The JSON Lines record this was parsed from, unset fields left out."""
+        fields = {
+            "prompt": self.prompt,
+            "counterfactual": self.counterfactual,
+            "task": self.task,
+            "id": self.prompt_id,
+            "correct": self.correct,
+            "incorrect": self.incorrect,
+        }
+        return {key: value for key, value in fields.items() if value is not None}
+
 
 @dataclass(frozen=True)
 class BadLine:

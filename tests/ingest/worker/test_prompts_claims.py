@@ -11,7 +11,7 @@ import pytest
 from ingest.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from ingest.worker.claims import ClaimBook
 from ingest.worker.keys import GraphSettings, graph_key
-from ingest.worker.prompts import BadLine, PromptSpec, read_prompts
+from ingest.worker.prompts import BadLine, PromptSpec, parse_line, read_prompts
 from ingest.worker.retry import with_retry
 from ingest.worker.worker import _validate_all
 
@@ -150,3 +150,11 @@ def test_retry_wait_ends_when_interrupted() -> None:
         with_retry(down, what="w", first_delay_s=0.2, interrupted=lambda: time.monotonic() > asked)
     # two calls (waits of 0.2 s, then the 0.4 s one cut short), not a budget's worth
     assert len(calls) == 2 and time.monotonic() - started < 1.0
+
+
+def test_a_prompt_spec_gives_back_the_record_it_was_parsed_from() -> None:
+    full = {"prompt": "a b", "counterfactual": "a c", "task": "t", "id": "p1",
+            "correct": "b", "incorrect": "c"}  # fmt: skip
+    for record in (full, {"prompt": "a b"}):
+        spec = parse_line(1, json.dumps(record))
+        assert isinstance(spec, PromptSpec) and spec.record() == record
