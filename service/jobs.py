@@ -1,10 +1,14 @@
 """Ingest jobs: the ingest worker run on request, tracked in memory and on disk.
 
-:class:`JobManager` queues a job per SubmitIngest and runs it in the model pool (the
-pool AnalysisService uses, so one torch computation runs at a time). A job runs
-:class:`ingest.worker.worker.IngestWorker` with an
+:class:`JobManager` queues a job per SubmitIngest and runs the jobs one at a time on a
+thread of their own. A job runs :class:`ingest.worker.worker.IngestWorker` with an
 :class:`ingest.worker.compute.AttributionComputer` on a served model, one prompt at a
-time, so progress is reported and cancellation takes effect between prompts. The model
+time, so progress is reported and cancellation takes effect between prompts. Its model
+work (loading, each prompt's attribution) is handed to the model pool one prompt at a
+time, the pool AnalysisService uses: one torch computation runs at a time, and an
+Attribute or Intervene call waits for at most one prompt of a job, never for the whole
+job. The job's own thread prunes, writes artifacts and talks to the store, so a slow or
+unreachable store never holds the model pool. The model
 and transcoder set records and the set's feature catalog are written to the store
 first, as ``circuitscope ingest`` does. Store outages are waited out with the worker's
 backoff, each wait reported in the job's message; a cancel or a shutdown ends a wait.
@@ -31,13 +35,13 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import CancelledError, Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ingest.errors import (
     CircuitscopeError,
@@ -50,7 +54,14 @@ from ingest.store.base import GraphStore
 from service.job_journal import JobJournal
 from service.models import ModelRegistry
 
+if TYPE_CHECKING:
+    from ingest.attribution.result import AttributionResult
+    from ingest.graph import ModelRecord, TranscoderSetRecord
+    from ingest.worker.compute import AttributionComputer
+    from ingest.worker.prompts import PromptSpec
+
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_PROMPTS = 10_000
 
@@ -98,13 +109,17 @@ class JobManager:
         executor: Executor,
         artifacts_dir: Path,
         *,
+        model_executor: Executor | None = None,
         max_jobs: int = 1000,
         on_graph_written: Callable[[str], None] | None = None,
     ) -> None:
+        """Jobs run in ``executor`` (give it one thread: jobs run in submission order),
+        their model work in ``model_executor`` (None: in the job's own thread)."""
         self._store = store
         self._on_graph_written = on_graph_written
         self._registry = registry
         self._executor = executor
+        self._model_executor = model_executor
         self._artifacts_dir = artifacts_dir
         self._max_jobs = max_jobs
         self._jobs: dict[str, Job] = {}
@@ -356,8 +371,12 @@ class JobManager:
         from ingest.worker.compute import AttributionComputer, feature_records
         from ingest.worker.worker import IngestOptions, IngestWorker
 
-        loaded, transcoders = self._registry.get(job.model)
-        computer = AttributionComputer(loaded, transcoders, job.settings)
+        def load() -> AttributionComputer:
+            loaded, transcoders = self._registry.get(job.model)
+            return AttributionComputer(loaded, transcoders, job.settings)
+
+        model_computer = self._on_model_pool(load)
+        computer = _OnModelPool(model_computer, self._on_model_pool)
         catalog = feature_records(self._registry.spec(job.model).transcoders_path, computer.set_id)
         options = IngestOptions(
             artifacts_dir=self._artifacts_dir, settings=job.settings, progress=False
@@ -401,7 +420,8 @@ class JobManager:
                 self._update(job.job_id, progress)
                 done = i
         except UnavailableError:
-            # the store wait was ended by a cancel or a shutdown, not by its budget
+            # the store wait was ended by a cancel or a shutdown, not by its budget, or the
+            # model pool shut down under the job
             if self._leave_if_asked(job, done):
                 return
             raise
@@ -422,9 +442,48 @@ class JobManager:
             return True
         return False
 
+    def _on_model_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the model pool, waited for (in this thread without one)."""
+        if self._model_executor is None:
+            return fn(*args)
+        try:
+            future = self._model_executor.submit(fn, *args)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            raise UnavailableError(_MODEL_POOL_GONE) from None
+        try:
+            return future.result()
+        except CancelledError:  # a stopping server cancels what waits in the pool
+            raise UnavailableError(_MODEL_POOL_GONE) from None
+
     def _waiting(self, job_id: str, message: str) -> None:
         """The worker waits for the store: say so in the job's message."""
         self._update(job_id, lambda j: setattr(j, "message", f"waiting: {message}"))
+
+
+_MODEL_POOL_GONE = "the server is shutting down; the job resumes when it starts again"
+
+
+class _OnModelPool:
+    """A job's graph computer whose attributions run in the model pool, one prompt at a
+    time, taking turns with the Attribute and Intervene calls waiting there."""
+
+    def __init__(
+        self, computer: AttributionComputer, run: Callable[..., AttributionResult]
+    ) -> None:
+        self._computer = computer
+        self._run = run
+        self.model_id = computer.model_id
+        self.model_fingerprint = computer.model_fingerprint
+        self.set_id = computer.set_id
+
+    def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult:
+        return self._run(self._computer.compute, spec, graph_id)
+
+    def model_record(self) -> ModelRecord:
+        return self._computer.model_record()
+
+    def set_record(self) -> TranscoderSetRecord:
+        return self._computer.set_record()
 
 
 def _claimed_elsewhere(n: int) -> str:

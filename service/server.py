@@ -170,6 +170,9 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         logger.warning("no bearer tokens configured: every caller is accepted")
     store_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="store")
     model_pool = ThreadPoolExecutor(config.model_workers, thread_name_prefix="model")
+    # Ingest jobs run one at a time on a thread of their own, handing each prompt's
+    # attribution to the model pool: an Attribute call waits for one prompt, not a job.
+    job_pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-job")
     runner = BlockingRunner(store_pool, config.default_timeout_s)
     model_runner = BlockingRunner(model_pool, config.default_timeout_s)
     # The cache loads and re-checks in threads of its own, so a full store pool (slow
@@ -214,8 +217,9 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     jobs = JobManager(
         store,
         registry,
-        model_pool,
+        job_pool,
         artifacts_dir,
+        model_executor=model_pool,
         on_graph_written=forget,
     )
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs), server)
@@ -229,7 +233,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
     try:
         port = _add_port(server, config)
     except RuntimeError as exc:
-        for pool in (store_pool, model_pool, cache_pool):
+        for pool in (store_pool, model_pool, job_pool, cache_pool):
             pool.shutdown(wait=False)
         raise UnavailableError(
             f"cannot listen on {config.address}: {exc}; choose another port"
@@ -258,7 +262,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         health_servicer,
         monitor,
         jobs,
-        (store_pool, model_pool, cache_pool),
+        (store_pool, job_pool, model_pool, cache_pool),
         config.grace_s,
         graph_cache,
         listings,
