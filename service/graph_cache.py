@@ -10,7 +10,11 @@ complete graph (:meth:`GraphStore.graph_revisions`, one indexed lookup).
 - **Loading**: the revision is read, then the graph, then the revision again; the copy
   is kept only when both agree (a write in between retries once, then the call is
   left to the store). Concurrent misses for one graph wait for one load
-  (single-flight). Loads run in the cache's own threads, never on the event loop.
+  (single-flight). A load or check is shared, so it runs under the cache's own time
+  limit (``flight_timeout_s``, the server's store timeout), never one caller's
+  deadline: a caller with a short deadline gives up alone (RESOURCE_EXHAUSTED at its
+  deadline), and the others, and the cache, still get the graph. Loads run in the
+  cache's own threads, never on the event loop.
   Graphs that are not complete (``writing``, ``deleting``) have no revision and are
   never cached: asking for them is NOT_FOUND, as the store answers.
 - **Bounded memory**: an LRU over graph ids whose entries' costs (edges plus nodes,
@@ -51,7 +55,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ingest.errors import FailedPreconditionError, NotFoundError
+from ingest.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
 from ingest.store.base import Direction, GraphStore
 from service.graph_index import GraphIndex
 
@@ -60,6 +64,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Neighbourhoods that look at no more edges than this are computed on the event loop.
 INLINE_EDGES = 4096
+# Seconds a shared load or check may take (the server passes its store timeout).
+FLIGHT_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -90,8 +96,9 @@ class GraphCache:
     Use from one event loop; :meth:`invalidate` may be called from any thread.
     Loads and checks run in ``executor``; neighbourhoods too big for the event loop
     (more than ``inline_edges`` edges looked at) and paths in ``compute_executor``
-    (default ``executor``). ``clock`` (monotonic seconds) is injectable so staleness
-    can be tested.
+    (default ``executor``). Loads and checks, shared by the calls that wait for them,
+    run under ``flight_timeout_s``. ``clock`` (monotonic seconds) is injectable so
+    staleness can be tested.
     """
 
     def __init__(
@@ -104,9 +111,11 @@ class GraphCache:
         memo_cost: int = 0,
         inline_edges: int = INLINE_EDGES,
         compute_executor: Executor | None = None,
+        flight_timeout_s: float = FLIGHT_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
+        self.flight_timeout_s = flight_timeout_s
         self._executor = executor
         self._compute = compute_executor or executor
         self.max_cost = max_cost
@@ -142,14 +151,16 @@ class GraphCache:
     async def get(self, graph_id: str, timeout: float) -> GraphIndex | None:
         """The current index of complete graph ``graph_id``, loaded if needed; None when
         the cache cannot hold it (bigger than the budget, or changing under every
-        load). NotFoundError when the store has no complete graph of that id."""
+        load). NotFoundError when the store has no complete graph of that id;
+        ResourceExhaustedError when a load or check this call waits for takes longer
+        than ``timeout`` seconds (the call's deadline; the load goes on for others)."""
         asked_at, generation = self._clock(), self._generation.get(graph_id, 0)
         while True:
             entry = self._entries.get(graph_id)
             if entry is None:
                 self._count("misses")
                 loaded_generation, index = await self._single_flight(
-                    self._loads, graph_id, self._load(graph_id, timeout)
+                    self._loads, graph_id, lambda: self._load(graph_id), timeout
                 )
                 # A load begun before an invalidate() this call saw may have read the
                 # old graph: load again (at most once more, the generation being fixed).
@@ -162,7 +173,12 @@ class GraphCache:
                     self._entries.move_to_end(graph_id)
                     self._stats.hits += 1
                     return entry.index
-            await self._single_flight(self._checks, graph_id, self._check([graph_id], timeout))
+            await self._single_flight(
+                self._checks,
+                graph_id,
+                lambda: self._check([graph_id], self.flight_timeout_s),
+                timeout,
+            )
 
     async def neighbourhood(
         self, index: GraphIndex, node_id: str, *, depth: int, top_k: int, direction: Direction
@@ -240,12 +256,16 @@ class GraphCache:
 
     @staticmethod
     async def _single_flight(
-        flights: dict[str, asyncio.Future[T]], key: str, work: Coroutine[Any, Any, T]
+        flights: dict[str, asyncio.Future[T]],
+        key: str,
+        work: Callable[[], Coroutine[Any, Any, T]],
+        timeout: float,
     ) -> T:
-        """Await the flight for ``key``, starting ``work`` as it when there is none."""
+        """Await the flight for ``key``, starting ``work()`` as it when there is none, for
+        at most ``timeout`` seconds (the flight goes on for the others)."""
         flight = flights.get(key)
         if flight is None:
-            flight = asyncio.ensure_future(work)
+            flight = asyncio.ensure_future(work())
             flights[key] = flight
 
             def land(done: asyncio.Future[T]) -> None:
@@ -254,10 +274,15 @@ class GraphCache:
                     flights.pop(key, None)
 
             flight.add_done_callback(land)
-        else:
-            work.close()
         # A caller that gives up (deadline, cancel) must not cancel the others' flight.
-        return await asyncio.shield(flight)
+        try:
+            return await asyncio.wait_for(asyncio.shield(flight), timeout)
+        except TimeoutError:
+            raise ResourceExhaustedError(
+                f"reading graph {key!r} from the store took longer than this call's "
+                f"{timeout:.2f} s; retry with a longer deadline (the read goes on, and "
+                "the graph is then answered from memory)"
+            ) from None
 
     async def _check(self, graph_ids: list[str], timeout: float) -> None:
         """Confirm or drop the entries of ``graph_ids`` against the store's revisions."""
@@ -279,10 +304,10 @@ class GraphCache:
     def _revisions(self, graph_ids: list[str], timeout: float) -> dict[str, Any]:
         return self._store.graph_revisions(graph_ids, timeout=timeout)
 
-    async def _load(self, graph_id: str, timeout: float) -> tuple[int, GraphIndex | None]:
+    async def _load(self, graph_id: str) -> tuple[int, GraphIndex | None]:
         """(the generation the load began at, the loaded index or None: :meth:`get`)."""
         generation = self._generation.get(graph_id, 0)
-        loaded = await self._io(self._read, graph_id, timeout)
+        loaded = await self._io(self._read, graph_id, self.flight_timeout_s)
         if loaded is None:
             return generation, None
         index, checked_at = loaded

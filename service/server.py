@@ -186,6 +186,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
             revalidate_s=config.graph_cache_revalidate_s,
             memo_cost=config.subgraph_memo_edges,
             compute_executor=store_pool,
+            flight_timeout_s=config.default_timeout_s,
         )
         if config.graph_cache_edges
         else None

@@ -16,13 +16,14 @@ import dataclasses
 import datetime
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from ingest.errors import NotFoundError
+from ingest.errors import NotFoundError, ResourceExhaustedError
 from ingest.graph import AttributionGraph
 from ingest.store.base import Direction, GraphStore, PathScore
 from service import convert
@@ -371,6 +372,50 @@ def test_concurrent_misses_load_once(
     assert cache.cost == graphs["cache-dense"].n_edges + graphs["cache-dense"].n_nodes
     assert asyncio.run(cache.get("cache-dense", 10.0)) is found[0]
     assert cache.stats().hits == 1
+
+
+class _SlowStore:
+    """The real store, each read taking ``delay_s`` seconds and refused, as the store
+    refuses a transaction past its time limit, when the caller gave less time."""
+
+    def __init__(self, store: GraphStore, delay_s: float) -> None:
+        self._store = store
+        self.delay_s = delay_s
+
+    def _wait(self, timeout: float | None, what: str) -> None:
+        time.sleep(self.delay_s)
+        if timeout is not None and timeout < self.delay_s:
+            raise ResourceExhaustedError(f"{what} ran past its time limit of {timeout} s")
+
+    def graph_revisions(self, graph_ids: list[str], timeout: float | None = None) -> object:
+        self._wait(timeout, "graph_revisions")
+        return self._store.graph_revisions(graph_ids, timeout=timeout)
+
+    def get_graph(self, graph_id: str, timeout: float | None = None) -> AttributionGraph:
+        self._wait(timeout, "get_graph")
+        return self._store.get_graph(graph_id, timeout=timeout)
+
+
+def test_a_shared_load_runs_under_the_caches_time_limit_not_the_first_callers(
+    store: GraphStore, graphs: dict[str, AttributionGraph], pool: ThreadPoolExecutor
+) -> None:
+    slow = _SlowStore(store, delay_s=0.2)
+    cache = GraphCache(slow, pool, max_cost=1_000_000, revalidate_s=5.0, flight_timeout_s=10.0)  # type: ignore[arg-type]
+
+    async def main() -> list[GraphIndex | BaseException | None]:
+        hasty = asyncio.ensure_future(cache.get("cache-dense", 0.1))  # starts the load
+        await asyncio.sleep(0)
+        patient = asyncio.ensure_future(cache.get("cache-dense", 10.0))  # joins it
+        return list(await asyncio.gather(hasty, patient, return_exceptions=True))
+
+    hasty, patient = asyncio.run(main())
+    # the call that joined the load still gets the graph, and the cache keeps it
+    assert isinstance(patient, GraphIndex), patient
+    assert patient.n_edges == graphs["cache-dense"].n_edges
+    assert "cache-dense" in cache and cache.stats().loads == 1
+    # the caller with the short deadline gives up alone, saying why
+    assert isinstance(hasty, ResourceExhaustedError), hasty
+    assert "longer deadline" in str(hasty)
 
 
 def test_budget_evicts_least_recently_used(
