@@ -311,10 +311,9 @@ def faithfulness_curve(
 
 def attribution_scores(result: AttributionResult) -> Tensor:
     """The pruning edge score on the full graph: (n, n)."""
-    adjacency = result.adjacency.double()
-    w = result.weights()
-    norm = normalize_matrix(adjacency)
-    return norm * (compute_influence(norm, w) + w)[:, None]
+    w = result.weights().double()
+    norm = normalize_matrix(result.adjacency, torch.float64)
+    return norm.mul_((compute_influence(norm, w) + w)[:, None])
 
 
 def weight_scores(result: AttributionResult) -> Tensor:

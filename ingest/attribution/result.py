@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ingest.attribution.layout import NodeLayout
-from ingest.attribution.pruning import PruneResult, graph_scores, logit_weights, prune
+from ingest.attribution.pruning import PruneResult, logit_weights, prune
 from ingest.errors import InvalidArgumentError
 from ingest.graph import AttributionGraph, GraphMetadata, Node, NodeKind
 
@@ -100,7 +100,7 @@ class AttributionResult:
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
         """Node and edge masks at the given cumulative-influence thresholds."""
         return prune(
-            self.adjacency.double(),
+            self.adjacency,
             self.layout,
             self.weights(),
             node_threshold=node_threshold,
@@ -121,7 +121,7 @@ class AttributionResult:
         the full graph); the metadata carries the thresholds and the replacement and
         completeness scores of the full graph.
         """
-        adjacency = self.adjacency.double()
+        adjacency = self.adjacency
         result = self.prune(node_threshold, edge_threshold)
         if pruned:
             node_mask = result.node_mask
@@ -141,7 +141,7 @@ class AttributionResult:
         ]
         # Scores of the full graph, as circuit-tracer reports them: pruning drops the
         # low-influence error nodes, so a pruned graph's own scores would read near 1.
-        scores = graph_scores(adjacency, self.layout, self.weights())
+        scores = result.scores
         metadata = dataclasses.replace(
             self.metadata,
             node_threshold=node_threshold if pruned else None,

@@ -166,3 +166,92 @@ def test_prune_invariants_on_random_graph() -> None:
     loose = prune(a, layout, probs, node_threshold=0.99, edge_threshold=0.99)
     assert int(loose.node_mask.sum()) >= int(nm.sum())
     assert int(loose.edge_mask.sum()) >= int(em.sum())
+
+
+def _layered_graph(seed: int) -> tuple[torch.Tensor, NodeLayout]:
+    """A random float32 graph shaped like an attribution graph: tokens, then 3 layers of
+    features and errors reading tokens and earlier layers, then logits reading all."""
+    gen = torch.Generator().manual_seed(seed)
+    per_layer, layers, n_tokens, n_logits = 12, 3, 4, 3
+    layout = NodeLayout(per_layer * layers, 2 * layers, n_tokens, n_logits)
+    a = torch.zeros(layout.n, layout.n)
+    sources = list(range(layout.tokens.start, layout.tokens.stop))
+    for layer in range(layers):
+        nodes = list(range(layer * per_layer, (layer + 1) * per_layer))
+        nodes += [layout.errors.start + 2 * layer, layout.errors.start + 2 * layer + 1]
+        for node in nodes:
+            if node < layout.n_features:  # error nodes have no inputs
+                weights = torch.randn(len(sources), generator=gen)
+                weights[torch.rand(len(sources), generator=gen) < 0.5] = 0.0
+                a[node, sources] = weights
+        sources += nodes
+    a[layout.logits, : layout.n_sources] = torch.randn(n_logits, layout.n_sources, generator=gen)
+    return a, layout
+
+
+def _reference_prune(
+    a: torch.Tensor,
+    layout: NodeLayout,
+    w: torch.Tensor,
+    node_threshold: float,
+    edge_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The algorithm of the module doc written plainly on the whole (n, n) matrix:
+    influence by a matrix inverse, steps 5 and 6 on the masked full matrix."""
+    eye = torch.eye(layout.n, dtype=torch.float64)
+
+    def influence(m: torch.Tensor) -> torch.Tensor:
+        norm = m.abs() / m.abs().sum(1, keepdim=True).clamp_min(1e-300)
+        return w @ (torch.linalg.inv(eye - norm) - eye), norm
+
+    inf, _ = influence(a)
+    node_mask = (inf >= cumulative_threshold(inf, node_threshold)) | (w > 0)
+    node_mask[layout.tokens] = True
+    kept = a * (node_mask[:, None] & node_mask[None, :])
+    kept_inf, kept_norm = influence(kept)
+    scores = kept_norm * (kept_inf + w)[:, None]
+    edge_mask = (scores >= cumulative_threshold(scores, edge_threshold)) & (kept != 0)
+    droppable = torch.zeros(layout.n, dtype=torch.bool)
+    droppable[: layout.n_features + layout.n_errors] = True
+    while True:
+        edge_mask &= node_mask[:, None] & node_mask[None, :]
+        new = node_mask & ~(droppable & ~edge_mask.any(0))
+        new[layout.features] &= edge_mask[layout.features].any(1)
+        new |= w > 0
+        if torch.equal(new, node_mask):
+            return node_mask, edge_mask, inf
+        node_mask = new
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pruning_equals_the_plain_algorithm_on_the_whole_matrix(seed: int) -> None:
+    a, layout = _layered_graph(seed)
+    probs = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    w = logit_weights(layout, probs)
+    for node_threshold, edge_threshold in ((0.8, 0.98), (0.5, 0.7), (1.0, 1.0)):
+        res = prune(a, layout, probs, node_threshold=node_threshold, edge_threshold=edge_threshold)
+        node_mask, edge_mask, inf = _reference_prune(
+            a.double(), layout, w, node_threshold, edge_threshold
+        )
+        torch.testing.assert_close(res.node_influence, inf, rtol=1e-10, atol=1e-12)
+        assert torch.equal(res.node_mask, node_mask)
+        assert torch.equal(res.edge_mask, edge_mask)
+        # the float32 matrix is pruned in float64: as its float64 copy is
+        again = prune(
+            a.double(), layout, probs, node_threshold=node_threshold, edge_threshold=edge_threshold
+        )
+        assert torch.equal(again.node_mask, res.node_mask)
+        assert torch.equal(again.edge_mask, res.edge_mask)
+        assert again.scores == res.scores == graph_scores(a, layout, probs)
+
+
+def test_nan_and_inf_are_refused_but_huge_finite_weights_are_not() -> None:
+    a = hand_graph()
+    huge = a * 5e307  # finite entries whose sum overflows to inf
+    assert bool(torch.isfinite(huge).all()) and not math.isfinite(float(huge.sum()))
+    assert prune(huge, LAYOUT, torch.tensor([1.0], dtype=torch.float64)).node_mask[L0]
+    for bad in (math.nan, math.inf, -math.inf):
+        broken = a.clone()
+        broken[F1, F0] = bad
+        with pytest.raises(InvalidArgumentError, match="NaN or infinite"):
+            prune(broken, LAYOUT, torch.tensor([1.0], dtype=torch.float64))
