@@ -82,7 +82,14 @@ def active_features(state: ReplacementState, extra: FeatureTarget | None = None)
 
 
 class RowComputer:
-    """One batched forward of the frozen replacement model; rows by batched backward."""
+    """One batched forward of the frozen replacement model; rows by batched backward.
+
+    ``gather_entries`` bounds the gradients gathered at once at the features' positions
+    (a (batch, features, d_model) block), so a layer of many active features on a wide
+    model is read in parts instead of one transient of that whole size.
+    """
+
+    gather_entries = 1 << 24
 
     def __init__(
         self,
@@ -172,10 +179,14 @@ class RowComputer:
 
         feature_edges = torch.zeros(B, self.n_features, dtype=self.adapter.dtype,
                                     device=self.adapter.device)  # fmt: skip
+        part = max(1, self.gather_entries // (B * d))  # features read at once
         for sel, pos, weighted in self.feature_groups:
             acc = torch.zeros(B, sel.numel(), dtype=self.adapter.dtype, device=self.adapter.device)
             for target, vectors in weighted.items():
-                acc += torch.einsum("bkd,kd->bk", g_mlp[target][:, pos, :], vectors)
+                for start in range(0, sel.numel(), part):
+                    end = start + part
+                    gathered = g_mlp[target][:, pos[start:end], :]  # (B, part, d)
+                    acc[:, start:end] += torch.einsum("bkd,kd->bk", gathered, vectors[start:end])
             feature_edges[:, sel.to(self.adapter.device)] = acc
         error_edges = [
             (g * e[None]).sum(-1) for g, e in zip(g_mlp, self.error_vectors, strict=True)

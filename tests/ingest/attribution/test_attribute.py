@@ -87,6 +87,19 @@ def test_other_architectures_are_exact(arch: str) -> None:
     assert_interventions(adp, tcs, state, result, 1e-5)
 
 
+def test_reading_features_in_parts_does_not_change_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest.attribution.rows import RowComputer
+
+    adp = m.adapter("llama", torch.float64)
+    tcs = m.transcoder_set(adp, "clt", skip=True)
+    whole = attribute(adp, tcs, PROMPT, batch_size=8)
+    # a budget of 3 features per gather: every layer's features are read in parts
+    monkeypatch.setattr(RowComputer, "gather_entries", 8 * 3 * adp.d_model)
+    parts = attribute(adp, tcs, PROMPT, batch_size=8)
+    assert whole.layout.n_features > 3 * adp.n_layers
+    assert torch.equal(whole.adjacency, parts.adjacency)
+
+
 def test_batching_counts_passes_and_does_not_change_edges() -> None:
     adp = m.adapter("gpt2", torch.float64)
     tcs = m.transcoder_set(adp)
