@@ -70,7 +70,12 @@ from torch import Tensor
 from ingest.attribution.edge_patching import LinearizedPatching, Metric
 from ingest.attribution.interventions import ReplacementRunner, ablation_inputs
 from ingest.attribution.pruning import compute_influence, normalize_matrix
-from ingest.attribution.replacement import ReplacementState, build_replacement, skip_fn
+from ingest.attribution.replacement import (
+    ReplacementState,
+    build_replacement,
+    encode_held,
+    skip_fn,
+)
 from ingest.attribution.result import AttributionResult
 from ingest.errors import InvalidArgumentError
 from ingest.graph import NodeKind
@@ -371,7 +376,7 @@ def _feature_gradients(
         skip = skip_fn(transcoders, layer)
 
         def replace(x: Tensor) -> Tensor:
-            acts[layer] = transcoders.encode(layer, x[0]).to(x.dtype) + leaves[layer]
+            acts[layer] = encode_held(transcoders, state, layer, x[0]) + leaves[layer]
             out = transcoders.b_dec(layer).to(x.dtype).expand_as(x[0])
             for source in transcoders.layers:
                 if source <= layer and layer in transcoders.targets(source):

@@ -28,7 +28,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ingest.attribution.replacement import ReplacementState, build_replacement, skip_fn
+from ingest.attribution.replacement import (
+    ReplacementState,
+    build_replacement,
+    encode_held,
+    skip_fn,
+)
 from ingest.errors import InvalidArgumentError
 from ingest.graph import Node, NodeKind
 from ingest.models import ModelAdapter
@@ -110,7 +115,7 @@ class ReplacementRunner:
             skip = skip_fn(tcs, layer)
 
             def replace(x: Tensor) -> Tensor:
-                z = over.apply(layer, tcs.encode(layer, x[0]).to(x.dtype))  # (T, d_tc)
+                z = over.apply(layer, encode_held(tcs, state, layer, x[0]))  # (T, d_tc)
                 acts[layer] = z
                 out = tcs.b_dec(layer).to(x.dtype).expand_as(x[0])
                 for source in tcs.layers:

@@ -3,7 +3,11 @@
 One recorded forward pass of the real model fixes, at their values on the prompt:
 
 - the attention patterns and every norm denominator (a :class:`FrozenState`);
-- the transcoder activations ``z_l = encode(l, mlp_in_l)`` of every covered layer;
+- the transcoder activations ``z_l = encode(l, mlp_in_l)`` of every covered layer,
+  except at a leading beginning-of-sequence token (the model's ``bos_token_id`` at
+  position 0), where they are held at zero: position 0 is an attention sink whose
+  residual has an outsized norm and whose many active features are artifacts of it, so
+  its whole MLP output is error there (as circuit-tracer zeroes position 0);
 - the error ``err_l = mlp_out_l - transcoder_out_l`` per layer and position, where
   ``transcoder_out_t = sum_{s <= t} z_s W_dec(s, t) + b_dec(t) + skip(t, mlp_in_t)``
   (an uncovered layer has transcoder output 0, so its whole MLP output is error).
@@ -52,10 +56,29 @@ class ReplacementState:
     activations: dict[int, Tensor]
     pre_activations: dict[int, Tensor]
     logits: Tensor
+    # leading positions whose features are held at zero (1 for a BOS token at position 0)
+    zeroed_positions: int = 0
 
     @property
     def n_tokens(self) -> int:
         return int(self.input_ids.shape[1])
+
+
+def zeroed_positions(adapter: ModelAdapter, input_ids: Tensor) -> int:
+    """1 when the prompt (1, T) starts with the model's BOS token, else 0."""
+    bos = getattr(adapter, "bos_token_id", None)
+    return int(bos is not None and int(input_ids[0, 0]) == bos)
+
+
+def encode_held(
+    transcoders: TranscoderSet, state: ReplacementState, layer: int, x: Tensor
+) -> Tensor:
+    """Layer ``layer``'s activations (T, d_transcoder) at MLP input ``x`` (T, d), with the
+    state's zeroed positions held at zero, in ``x``'s dtype."""
+    z = transcoders.encode(layer, x).to(x.dtype)
+    if state.zeroed_positions:
+        z = torch.cat([torch.zeros_like(z[: state.zeroed_positions]), z[state.zeroed_positions :]])
+    return z
 
 
 # Pairs already checked: hashing a large model's weights for every prompt is wasted work.
@@ -118,6 +141,19 @@ def build_replacement(
         layer: transcoders.encode(layer, rec.mlp_in[layer][0]).to(adapter.dtype)
         for layer in transcoders.layers
     }
+    zeroed = zeroed_positions(adapter, input_ids)
+    if zeroed:
+        for layer in transcoders.layers:
+            acts[layer][:zeroed] = 0.0
+            # the estimate there without features: b_dec (+ skip); the error takes the rest
+            x = rec.mlp_in[layer][0, :zeroed]
+            none: Tensor | dict[int, Tensor] = (
+                {} if transcoders.is_cross_layer else torch.zeros_like(acts[layer][:zeroed])
+            )
+            bare = transcoders.decode(layer, none, x)
+            transcoder_out[layer] = transcoder_out[layer].clone()
+            transcoder_out[layer][0, :zeroed] = bare.to(adapter.dtype)
+            errors[layer] = rec.mlp_out[layer] - transcoder_out[layer]
     return ReplacementState(
         input_ids=input_ids,
         frozen=rec.frozen.detach(),
@@ -129,6 +165,7 @@ def build_replacement(
         activations=acts,
         pre_activations=pre,
         logits=rec.logits.detach(),
+        zeroed_positions=zeroed,
     )
 
 

@@ -100,6 +100,10 @@ class ModelAdapter(nn.Module):
         self.n_kv_heads = first.n_kv_heads
         self.d_head = first.d_head
         self.n_ctx = int(weights.n_ctx)
+        # The checkpoint's beginning-of-sequence token (its config's bos_token_id), set by
+        # the loader; not part of the fingerprint. Attribution holds the features of a
+        # prompt's leading BOS at zero (ingest.attribution.replacement).
+        self.bos_token_id: int | None = None
         if self.W_U.shape != (self.d_model, self.vocab_size):
             raise InvalidArgumentError(
                 f"unembedding has shape {tuple(self.W_U.shape)}, expected "

@@ -73,6 +73,9 @@ def adapter_from_hf(model: PreTrainedModel) -> ModelAdapter:
             f"LM ({exc}): pass the model loaded with AutoModelForCausalLM, not the base model"
         ) from exc
     adapter = ModelAdapter(weights)
+    bos = getattr(model.config, "bos_token_id", None)
+    if isinstance(bos, int) and 0 <= bos < adapter.vocab_size:
+        adapter.bos_token_id = bos
     logger.info(
         "adapted %s (%s): %d layers, d_model %d, %d heads (%d kv), vocab %d",
         type(model).__name__,

@@ -72,6 +72,38 @@ def test_interventions_match_edges(family: str, kind: str, skip: bool, dtype) ->
     assert_interventions(adp, tcs, state, result, 1e-5 if dtype == torch.float64 else 1e-4)
 
 
+@pytest.mark.parametrize("family", m.FAMILIES)
+@pytest.mark.parametrize(("kind", "skip"), SETS)
+def test_a_leading_bos_has_no_features_and_graphs_stay_exact(
+    family: str, kind: str, skip: bool
+) -> None:
+    """Position 0 holding the model's BOS token (the tiny models' bos_token_id is 0):
+    its features are held at zero, its MLP output is error, and every identity holds."""
+    adp = m.adapter(family, torch.float64)
+    tcs = m.transcoder_set(adp, kind, skip)
+    prompt = [0, *PROMPT]
+    assert adp.bos_token_id == 0
+    state = build_replacement(adp, tcs, torch.tensor([prompt]))
+    assert state.zeroed_positions == 1
+    plain = build_replacement(adp, tcs, torch.tensor([PROMPT]))
+    assert plain.zeroed_positions == 0
+    for layer in tcs.layers:
+        assert not bool(state.activations[layer][0].any())
+        # the whole MLP output at position 0 is error, apart from b_dec (and the skip)
+        skip_part = tcs.skip(layer, state.mlp_in[layer][0, 0])
+        bare = tcs.b_dec(layer) + skip_part
+        torch.testing.assert_close(state.errors[layer][0, 0], state.mlp_out[layer][0, 0] - bare)
+    # the features the BOS position would have had are real: holding them is a choice
+    assert sum(int(tcs.encode(lyr, state.mlp_in[lyr][0, :1]).count_nonzero()) for lyr in tcs.layers)
+    logits = replacement_logits(adp, tcs, state)
+    assert float((logits - state.logits).abs().max()) <= 1e-10 * float(state.logits.abs().max())
+    result = attribute(adp, tcs, prompt, batch_size=16)
+    assert all(n.pos != 0 for n in result.nodes if n.kind is NodeKind.FEATURE)
+    assert any(n.pos == 0 for n in result.nodes if n.kind is NodeKind.ERROR)
+    assert_row_completeness(adp, tcs, state, result, 1e-5)
+    assert_interventions(adp, tcs, state, result, 1e-5)
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
 def test_other_architectures_are_exact(arch: str) -> None:
     """TopK (k per token) and thresholded sets (JumpReLU, and BatchTopK, which infers as

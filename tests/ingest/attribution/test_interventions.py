@@ -69,6 +69,27 @@ def test_patching_every_node_gives_the_counterfactual_run(setup) -> None:
     assert not torch.allclose(half.logits, adp(COUNTER), atol=1e-3)
 
 
+def test_a_leading_bos_keeps_runs_exact(setup) -> None:
+    """With the model's BOS at position 0 (its features held at zero, its MLP output
+    error), runs without interventions reproduce the model, frozen or not, and patching
+    every graph node gives the counterfactual run."""
+    adp, tcs = setup
+    bos = torch.zeros(1, 1, dtype=torch.long)
+    prompt, counter = torch.cat([bos, PROMPT], 1), torch.cat([bos, COUNTER], 1)
+    state = build_replacement(adp, tcs, prompt)
+    assert state.zeroed_positions == 1
+    for freeze in (True, False):
+        out = intervene(adp, tcs, prompt, [], freeze_attention=freeze)
+        assert torch.allclose(out.logits, adp(prompt), atol=1e-10)
+        for layer, acts in out.activations.items():
+            assert not bool(acts[0].any())
+            assert torch.allclose(acts, state.activations[layer], atol=1e-10)
+    result = attribute(adp, tcs, prompt)
+    nodes = [n for n in result.nodes if n.kind is not NodeKind.LOGIT]
+    out = ablate(adp, tcs, prompt, nodes, mode="patch", counterfactual_ids=counter)
+    assert torch.allclose(out.logits, adp(counter), atol=1e-9)
+
+
 def test_zero_and_mean_ablation(setup) -> None:
     adp, tcs = setup
     state = build_replacement(adp, tcs, PROMPT)
