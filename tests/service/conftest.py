@@ -18,7 +18,8 @@ from ingest.graph import ModelRecord, TranscoderSetRecord
 from ingest.models import load_model
 from ingest.store import open_store
 from ingest.store.base import GraphStore
-from ingest.store.embedded import embedded_server
+from ingest.store.config import StoreConfig
+from ingest.store.embedded import embedded_server, start, stop
 from ingest.transcoders.formats import save
 from service.client import CircuitsClient
 from service.config import ServerConfig
@@ -65,6 +66,17 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GraphStore]:
         pruned.metadata.artifact_uri = artifact.resolve().as_uri()
         graph_store.write_graph(pruned)
         yield graph_store
+
+
+@pytest.fixture
+def own_store(tmp_path: Path) -> Iterator[tuple[StoreConfig, GraphStore]]:
+    """An embedded store of the test's own, for tests that stop and start it."""
+    config = start(tmp_path / "db", heap="512m")
+    try:
+        with open_store(config) as store:
+            yield config, store
+    finally:
+        stop(config.data_dir)
 
 
 @pytest.fixture(scope="session")

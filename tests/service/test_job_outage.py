@@ -5,12 +5,10 @@ again under the job."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ingest.store import open_store
 from ingest.store.base import GraphStore
 from ingest.store.config import StoreConfig
 from ingest.store.embedded import start, stop
@@ -22,16 +20,6 @@ from service.server import serve_in_background
 from tests.service.conftest import TOKEN
 
 MODEL = "tiny-gpt2"
-
-
-@pytest.fixture
-def own_store(tmp_path: Path) -> Iterator[tuple[StoreConfig, GraphStore]]:
-    config = start(tmp_path / "db", heap="512m")
-    try:
-        with open_store(config) as store:
-            yield config, store
-    finally:
-        stop(config.data_dir)
 
 
 def _wait_for(client: CircuitsClient, job_id: str, ready: object, timeout_s: float) -> JobStatus:

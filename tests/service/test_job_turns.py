@@ -8,15 +8,14 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ingest.store import open_store
 from ingest.store.base import GraphStore
 from ingest.store.config import StoreConfig
-from ingest.store.embedded import start, stop
+from ingest.store.embedded import stop
 from service.client import CircuitsClient
 from service.config import ServerConfig
 from service.models import ModelSpec
@@ -27,16 +26,6 @@ from tests.service.conftest import TOKEN
 MODEL = "tiny-gpt2"
 # Far longer than one prompt of the tiny model takes, far shorter than a whole job.
 ATTRIBUTE_TIMEOUT_S = 20.0
-
-
-@pytest.fixture
-def own_store(tmp_path: Path) -> Iterator[tuple[StoreConfig, GraphStore]]:
-    config = start(tmp_path / "db", heap="512m")
-    try:
-        with open_store(config) as store:
-            yield config, store
-    finally:
-        stop(config.data_dir)
 
 
 def _config(model_dirs: tuple[Path, Path], artifacts: Path) -> ServerConfig:
