@@ -237,12 +237,10 @@ def prune(
     sub_edges &= block != 0
     del block, kept_norm, edge_scores
 
-    droppable = torch.zeros(layout.n, dtype=torch.bool, device=adjacency.device)
-    droppable[layout.features] = True
-    droppable[layout.errors] = True
-    is_feature = torch.zeros_like(droppable)
-    is_feature[layout.features] = True
-    droppable, is_feature, weighted = droppable[kept], is_feature[kept], kept_w > 0
+    # the layout orders features, errors, tokens, logits
+    is_feature = kept < layout.n_features
+    droppable = kept < layout.n_features + layout.n_errors  # features and errors
+    weighted = kept_w > 0
     sub_nodes = torch.ones(kept.numel(), dtype=torch.bool, device=adjacency.device)
     iterations = 0
     while True:

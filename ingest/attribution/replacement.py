@@ -66,7 +66,7 @@ class ReplacementState:
 
 def zeroed_positions(adapter: ModelAdapter, input_ids: Tensor) -> int:
     """1 when the prompt (1, T) starts with the model's BOS token, else 0."""
-    bos = getattr(adapter, "bos_token_id", None)
+    bos = adapter.bos_token_id
     return int(bos is not None and int(input_ids[0, 0]) == bos)
 
 
@@ -150,10 +150,9 @@ def build_replacement(
             none: Tensor | dict[int, Tensor] = (
                 {} if transcoders.is_cross_layer else torch.zeros_like(acts[layer][:zeroed])
             )
-            bare = transcoders.decode(layer, none, x)
-            transcoder_out[layer] = transcoder_out[layer].clone()
-            transcoder_out[layer][0, :zeroed] = bare.to(adapter.dtype)
-            errors[layer] = rec.mlp_out[layer] - transcoder_out[layer]
+            bare = transcoders.decode(layer, none, x).to(adapter.dtype)
+            transcoder_out[layer][0, :zeroed] = bare  # tensors of this call: safe to write
+            errors[layer][0, :zeroed] = rec.mlp_out[layer][0, :zeroed] - bare
     return ReplacementState(
         input_ids=input_ids,
         frozen=rec.frozen.detach(),
