@@ -14,13 +14,12 @@ prompt of T tokens:
    the target's read vector, ``J`` the Jacobian of the frozen model between the write
    and read points. Edges go to pre-activations: targets' nonlinearities are not
    differentiated.
-4. One forward pass runs the frozen model on the prompt with leaf tensors at the
-   embedding and at every MLP output. Each backward pass then injects up to
-   ``batch_size`` targets' read vectors, one per element of a batch of gradients (at its
-   layer and position; ``torch.autograd.grad(..., is_grads_batched=True)``, which
-   vectorizes the backward over that batch), and reads ``J e_t`` for all sources of all
-   those targets at once: the number of backward passes is ``ceil(rows / batch_size)``.
-   The forward stays at batch 1, so the logits (T, V) are never held batch-size times.
+4. One forward pass runs the frozen model on ``batch_size`` copies of the prompt with
+   leaf tensors at the embedding and at every MLP output, up to the final norm (no
+   logits). Each backward pass through the kept graph then injects up to ``batch_size``
+   targets' read vectors, one per copy (at its layer and position), and reads ``J e_t``
+   for all sources of all those targets at once: the number of backward passes is
+   ``ceil(rows / batch_size)`` (:mod:`ingest.attribution.rows`).
 5. With more active features than ``max_feature_nodes``, the target rows come first
    (a :class:`FeatureTarget`'s own row, which is always expanded); then features are
    expanded in batches in order of their current influence on the targets (recomputed

@@ -1,15 +1,23 @@
 """Edges into a batch of targets: one forward, one vectorized backward per batch.
 
-:class:`RowComputer` holds the frozen replacement model of one prompt, run once at
-batch 1 with leaf tensors at the embedding (``resid0``) and at every MLP output
-(``inject_l``). A *row* is a target read at one point by one vector ``e_t``: a layer's
-MLP input (a feature's encoder row) or the final normalized residual (a logit's
+:class:`RowComputer` holds the frozen replacement model of one prompt, run once on
+``batch_size`` copies of it with leaf tensors at the embedding (``resid0``) and at every
+MLP output (``inject_l``). A *row* is a target read at one point by one vector ``e_t``: a
+layer's MLP input (a feature's encoder row) or the final normalized residual (a logit's
 unembedding direction). :meth:`RowComputer.rows` injects up to ``batch_size`` read
-vectors as a batch of gradients (``torch.autograd.grad(..., is_grads_batched=True)``)
-and turns the gradients at the write points into edges ``A[t, s] = (a_s d_s)^T J e_t``
-for every source: each active feature (activation times its decoder rows, summed over
-the layers it writes to), each error vector and each token embedding (Ameisen et al.
-2025, "Circuit Tracing", section 2.3).
+vectors, one per copy, as the gradient of one backward pass through the kept graph
+(circuit-tracer's batching), and turns the gradients at the write points into edges
+``A[t, s] = (a_s d_s)^T J e_t`` for every source: each active feature (activation times
+its decoder rows, summed over the layers it writes to), each error vector and each token
+embedding (Ameisen et al. 2025, "Circuit Tracing", section 2.3).
+
+The copies do not interact (attention mixes positions within one sequence), so copy
+``b``'s gradient is row ``b``'s. The frozen model is linear with detached weights, so the
+kept graph holds weights, patterns and norm scales, not activations; what grows with the
+batch is the read points (``n_layers + 1`` tensors of ``(batch_size, T, d)``). Batching by
+copies instead of ``is_grads_batched`` (vmap over a batch-1 graph) keeps every product a
+plain matmul: vmap broadcast each frozen attention pattern ``batch_size`` times per pass,
+which took most of a pass on CPU.
 
 Sources are ordered as in :class:`~ingest.attribution.layout.NodeLayout`: features (the
 order of :class:`ActiveFeatures`), errors by (layer, pos), tokens by pos.
@@ -104,10 +112,11 @@ class RowComputer:
         self.batch_size = batch_size
         self.n_backward = 0
         n_layers, (_, T, d) = adapter.n_layers, state.resid0.shape
-        # Batch 1: the batch of targets lives only in the batched backward (vmap).
-        self.resid0 = state.resid0.detach().clone().requires_grad_(True)  # (1, T, d)
+        B = batch_size
+        # One copy of the prompt per row of a batch; the patterns and scales stay batch 1.
+        self.resid0 = state.resid0.detach().expand(B, T, d).clone().requires_grad_(True)
         self.injections = [
-            torch.zeros(1, T, d, dtype=adapter.dtype, device=adapter.device).requires_grad_(True)
+            torch.zeros(B, T, d, dtype=adapter.dtype, device=adapter.device).requires_grad_(True)
             for _ in range(n_layers)
         ]
         captured: list[Tensor] = []
@@ -115,10 +124,8 @@ class RowComputer:
             transcoders, replacement_constants(state, transcoders), self.injections, captured
         )
         with torch.enable_grad():
-            rec = adapter(
-                resid0=self.resid0, frozen=state.frozen, mlp_replacements=mlps, record=True
-            )
-        self.read_points: list[Tensor] = [*captured, rec.final_normed]  # n_layers + 1
+            final = adapter.frozen_final_normed(self.resid0, state.frozen, mlps)
+        self.read_points: list[Tensor] = [*captured, final]  # n_layers + 1, each (B, T, d)
         # The vector each source writes, by write point: features per (source, target layer).
         self.token_vectors = state.resid0[0].detach()  # (T, d)
         self.error_vectors = [e[0].detach() for e in state.errors]  # n_layers x (T, d)
@@ -149,8 +156,8 @@ class RowComputer:
         return torch.cat(out)
 
     def _batch(self, rows: list[Row]) -> Tensor:
+        copies, T, d = self.resid0.shape  # the copies after the rows get no gradient
         B = len(rows)
-        _, T, d = self.resid0.shape
         n_layers = self.adapter.n_layers
         dev, dtype = self.adapter.device, self.adapter.dtype
         slots = torch.tensor([n_layers if r.layer is None else r.layer for r in rows])
@@ -159,8 +166,8 @@ class RowComputer:
         grads_in: list[Tensor | None] = [None] * (n_layers + 1)
         for slot in torch.unique(slots).tolist():
             sel = torch.nonzero(slots == slot).flatten()
-            g = torch.zeros(B, 1, T, d, dtype=dtype, device=dev)
-            g[sel.to(dev), 0, positions[sel].to(dev)] = vectors[sel.to(dev)]
+            g = torch.zeros(copies, T, d, dtype=dtype, device=dev)
+            g[sel.to(dev), positions[sel].to(dev)] = vectors[sel.to(dev)]
             grads_in[slot] = g
         used = [i for i, g in enumerate(grads_in) if g is not None]
         leaves = [self.resid0, *self.injections]
@@ -170,12 +177,11 @@ class RowComputer:
             [grads_in[i] for i in used],  # type: ignore[misc]
             retain_graph=True,
             allow_unused=True,
-            is_grads_batched=True,
         )
         self.n_backward += 1
-        zero = torch.zeros(B, T, d, dtype=self.adapter.dtype, device=self.adapter.device)
-        g_embed = grads[0][:, 0] if grads[0] is not None else zero  # (B, T, d)
-        g_mlp = [g[:, 0] if g is not None else zero for g in grads[1:]]
+        zero = torch.zeros(B, T, d, dtype=dtype, device=dev)
+        g_embed = grads[0][:B] if grads[0] is not None else zero  # (B, T, d)
+        g_mlp = [g[:B] if g is not None else zero for g in grads[1:]]
 
         feature_edges = torch.zeros(B, self.n_features, dtype=self.adapter.dtype,
                                     device=self.adapter.device)  # fmt: skip
@@ -185,7 +191,7 @@ class RowComputer:
             for target, vectors in weighted.items():
                 for start in range(0, sel.numel(), part):
                     end = start + part
-                    gathered = g_mlp[target][:, pos[start:end], :]  # (B, part, d)
+                    gathered = g_mlp[target].index_select(1, pos[start:end])  # (B, part, d)
                     acc[:, start:end] += torch.einsum("bkd,kd->bk", gathered, vectors[start:end])
             feature_edges[:, sel.to(self.adapter.device)] = acc
         error_edges = [

@@ -271,36 +271,9 @@ class ModelAdapter(nn.Module):
         ``frozen`` tensors and ``mlp_replacements`` outputs may have batch size 1 and are
         broadcast over the batch.
         """
-        if input_ids is not None and resid0 is not None:
-            raise InvalidArgumentError("give exactly one of input_ids and resid0, not both")
-        if resid0 is not None:
-            if resid0.dim() != 3 or resid0.shape[-1] != self.d_model:
-                raise InvalidArgumentError(
-                    f"resid0 must have shape (batch, tokens, {self.d_model}), "
-                    f"got {tuple(resid0.shape)}"
-                )
-            self._check_length(resid0.shape[0], resid0.shape[1])
-            x = resid0
-        elif input_ids is not None:
-            x = self.embed(input_ids)
-        else:
-            raise InvalidArgumentError("give input_ids (batch, tokens) or resid0")
-        batch, tokens = x.shape[0], x.shape[1]
-        replacements = dict(mlp_replacements or {})
-        for layer in replacements:
-            self._layer(layer)
-        if frozen is not None:
-            self._check_frozen(frozen, batch, tokens)
-        rotary = self._rotary(x) if frozen is None else None
-
+        x = self._input(input_ids, resid0)
         rec: defaultdict[str, list[Tensor]] = defaultdict(list)
-        for layer, block in enumerate(self.iter_blocks()):
-            step = self._run_block(layer, block, x, rotary, frozen, replacements.get(layer))
-            x = step["resid_post"]
-            if record:
-                for key, value in step.items():
-                    rec[key].append(value)
-
+        x = self._blocks(x, frozen, mlp_replacements, rec if record else None)
         if frozen is None:
             final_scale = self.final_norm.scale(x)
         else:
@@ -326,6 +299,58 @@ class ModelAdapter(nn.Module):
                 final_norm_scale=final_scale,
             ),
         )
+
+    def frozen_final_normed(
+        self,
+        resid0: Tensor,
+        frozen: FrozenState,
+        mlp_replacements: Mapping[int, MLPReplacement] | None = None,
+    ) -> Tensor:
+        """The final normalized residual (B, T, d) of the frozen forward from ``resid0``:
+        ``forward`` without the unembedding and without a recording, for a caller that
+        differentiates through it at a batch of copies of one prompt (attribution's rows),
+        where logits (B, T, V) and every block's values would cost more than the rest."""
+        x = self._blocks(self._input(None, resid0), frozen, mlp_replacements, None)
+        return self.final_norm(x, frozen.final_norm_scale.detach())
+
+    def _input(self, input_ids: Tensor | None, resid0: Tensor | None) -> Tensor:
+        """The residual stream's start: ``resid0`` checked, or the embedding of ``input_ids``."""
+        if input_ids is not None and resid0 is not None:
+            raise InvalidArgumentError("give exactly one of input_ids and resid0, not both")
+        if resid0 is not None:
+            if resid0.dim() != 3 or resid0.shape[-1] != self.d_model:
+                raise InvalidArgumentError(
+                    f"resid0 must have shape (batch, tokens, {self.d_model}), "
+                    f"got {tuple(resid0.shape)}"
+                )
+            self._check_length(resid0.shape[0], resid0.shape[1])
+            return resid0
+        if input_ids is not None:
+            return self.embed(input_ids)
+        raise InvalidArgumentError("give input_ids (batch, tokens) or resid0")
+
+    def _blocks(
+        self,
+        x: Tensor,
+        frozen: FrozenState | None,
+        mlp_replacements: Mapping[int, MLPReplacement] | None,
+        rec: defaultdict[str, list[Tensor]] | None,
+    ) -> Tensor:
+        """Every block on the residual ``x``: the last block's output; each block's values
+        are appended to ``rec`` under their ``Recording`` names when it is given."""
+        replacements = dict(mlp_replacements or {})
+        for layer in replacements:
+            self._layer(layer)
+        if frozen is not None:
+            self._check_frozen(frozen, x.shape[0], x.shape[1])
+        rotary = self._rotary(x) if frozen is None else None
+        for layer, block in enumerate(self.iter_blocks()):
+            step = self._run_block(layer, block, x, rotary, frozen, replacements.get(layer))
+            x = step["resid_post"]
+            if rec is not None:
+                for key, value in step.items():
+                    rec[key].append(value)
+        return x
 
     def _run_block(
         self,

@@ -148,7 +148,15 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, pattern: Tensor) -> Tensor:
         """Mix values of ``x`` (B, T, d) with ``pattern`` (B or 1, H, T, T): (B, T, d)."""
         v = self._project(x, self.W_V, self.b_V)[:, self.kv_index]  # (B, H, T, e)
-        z = torch.matmul(pattern, v)  # (B, H, T, e)
+        B, H, T, e = v.shape
+        if pattern.shape[0] == 1 and B > 1:
+            # One pattern for the whole batch (a frozen prompt's copies): the batch goes into
+            # the columns of one (T, T) @ (T, B e) product per head. A broadcast matmul would
+            # copy the pattern B times, forward and backward.
+            folded = v.permute(1, 2, 0, 3).reshape(H, T, B * e)
+            z = torch.matmul(pattern[0], folded).reshape(H, T, B, e).permute(2, 0, 1, 3)
+        else:
+            z = torch.matmul(pattern, v)  # (B, H, T, e)
         out = torch.einsum("bhte,hed->btd", z, self.W_O)
         if self.b_O is not None:
             out = out + self.b_O

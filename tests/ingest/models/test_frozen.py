@@ -116,6 +116,21 @@ def test_batch_one_frozen_state_drives_a_batch(arch: str) -> None:
     torch.testing.assert_close(batch[0:1], rec.logits, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_frozen_final_normed_of_copies_is_the_recordings(arch: str) -> None:
+    """What attribution differentiates: copies of one prompt through the frozen model stop
+    at the final norm with the recording's value, each copy alike."""
+    adapter = adapter_from_hf(cached(arch, torch.float64))
+    with torch.no_grad():
+        rec = adapter(random_ids(batch=1), record=True)
+        constants = {layer: (lambda _x, c=out: c) for layer, out in enumerate(rec.mlp_out)}
+        copies = rec.resid_pre[0].expand(3, -1, -1)
+        final = adapter.frozen_final_normed(copies, rec.frozen, constants)
+    assert final.shape == (3, *rec.final_normed.shape[1:])
+    for i in range(3):
+        torch.testing.assert_close(final[i : i + 1], rec.final_normed, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ov_matrices_reconstruct_attention(arch: str, dtype: torch.dtype) -> None:
