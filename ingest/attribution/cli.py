@@ -37,7 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--graph-id", default=None, help="graph id (default: random)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="default: float32")
-    p.add_argument("--batch-size", type=int, default=64, help="target rows per backward pass")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="target rows per backward pass; the frozen forward holds this many copies of "
+        "the prompt's residual stream (n_layers + 1 tensors of batch x tokens x d_model)",
+    )
     p.add_argument("--max-feature-nodes", type=int, default=None, help="expand at most N")
     p.add_argument("--max-n-logits", type=int, default=10, help="at most N target logits")
     p.add_argument("--desired-logit-prob", type=float, default=0.95, help="cumulative prob")
