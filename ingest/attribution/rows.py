@@ -19,6 +19,13 @@ copies instead of ``is_grads_batched`` (vmap over a batch-1 graph) keeps every p
 plain matmul: vmap broadcast each frozen attention pattern ``batch_size`` times per pass,
 which took most of a pass on CPU.
 
+A batch's edges are read only where they can be non-zero: from sources before its last
+read position (attention is causal) and at the write points its reads depend on (a
+layer's MLP output lies after that layer's input, so a batch of layer-l feature rows
+reaches no MLP output of layer l or later: autograd returns None there). Without a
+feature budget, feature rows come in the sources' order (layer, then position), so most
+batches read a prefix of the prompt and the layers below their own.
+
 Sources are ordered as in :class:`~ingest.attribution.layout.NodeLayout`: features (the
 order of :class:`ActiveFeatures`), errors by (layer, pos), tokens by pos.
 """
@@ -89,6 +96,18 @@ def active_features(state: ReplacementState, extra: FeatureTarget | None = None)
     return ActiveFeatures(torch.cat(layers), torch.cat(poss), torch.cat(idxs), torch.cat(acts))
 
 
+@dataclass(frozen=True)
+class _FeatureGroup:
+    """The active features of one layer, by position: where they sit in the source order
+    (``sel``), their positions (``pos_cpu`` and on the model's device ``pos``), and the
+    vector each writes to each target layer's MLP output ({target: (k, d)})."""
+
+    sel: Tensor
+    pos_cpu: Tensor
+    pos: Tensor
+    weighted: dict[int, Tensor]
+
+
 class RowComputer:
     """One batched forward of the frozen replacement model; rows by batched backward.
 
@@ -129,16 +148,19 @@ class RowComputer:
         # The vector each source writes, by write point: features per (source, target layer).
         self.token_vectors = state.resid0[0].detach()  # (T, d)
         self.error_vectors = [e[0].detach() for e in state.errors]  # n_layers x (T, d)
-        self.feature_groups: list[tuple[Tensor, Tensor, dict[int, Tensor]]] = []
+        self.feature_groups: list[_FeatureGroup] = []
         for layer in transcoders.layers:
             sel = torch.nonzero(features.layer == layer).flatten()
             if sel.numel() == 0:
                 continue
-            idx = features.index[sel]
-            decs = transcoders.decoder_vectors(layer, idx)  # {target: (k, d)}
+            sel = sel[torch.argsort(features.pos[sel], stable=True)]  # by position
+            decs = transcoders.decoder_vectors(layer, features.index[sel])  # {target: (k, d)}
             scale = features.activation[sel].to(adapter.device)[:, None]
             weighted = {t: (v.to(adapter.dtype) * scale).detach() for t, v in decs.items()}
-            self.feature_groups.append((sel, features.pos[sel].to(adapter.device), weighted))
+            pos = features.pos[sel].cpu()
+            self.feature_groups.append(
+                _FeatureGroup(sel.to(adapter.device), pos, pos.to(adapter.device), weighted)
+            )
         self.n_features = len(features)
 
     @property
@@ -179,24 +201,32 @@ class RowComputer:
             allow_unused=True,
         )
         self.n_backward += 1
-        zero = torch.zeros(B, T, d, dtype=dtype, device=dev)
-        g_embed = grads[0][:B] if grads[0] is not None else zero  # (B, T, d)
-        g_mlp = [g[:B] if g is not None else zero for g in grads[1:]]
+        # Only sources before the batch's last read position, and only write points the
+        # reads depend on, can have non-zero edges (causal attention; a layer's MLP output
+        # lies after its input): the rest stay zero without being read. None: not reached.
+        P = int(positions.max()) + 1
+        g_embed = grads[0][:B, :P]  # (B, P, d)
+        g_mlp = [None if g is None else g[:B, :P] for g in grads[1:]]
 
-        feature_edges = torch.zeros(B, self.n_features, dtype=self.adapter.dtype,
-                                    device=self.adapter.device)  # fmt: skip
+        feature_edges = torch.zeros(B, self.n_features, dtype=dtype, device=dev)
         part = max(1, self.gather_entries // (B * d))  # features read at once
-        for sel, pos, weighted in self.feature_groups:
-            acc = torch.zeros(B, sel.numel(), dtype=self.adapter.dtype, device=self.adapter.device)
-            for target, vectors in weighted.items():
-                for start in range(0, sel.numel(), part):
-                    end = start + part
-                    gathered = g_mlp[target].index_select(1, pos[start:end])  # (B, part, d)
+        for group in self.feature_groups:
+            reached = [(g, v) for t, v in group.weighted.items() if (g := g_mlp[t]) is not None]
+            k = int(torch.searchsorted(group.pos_cpu, P))  # features at positions < P
+            if not reached or k == 0:
+                continue
+            acc = torch.zeros(B, k, dtype=dtype, device=dev)
+            for g, vectors in reached:
+                for start in range(0, k, part):
+                    end = min(start + part, k)
+                    gathered = g.index_select(1, group.pos[start:end])  # (B, part, d)
                     acc[:, start:end] += torch.einsum("bkd,kd->bk", gathered, vectors[start:end])
-            feature_edges[:, sel.to(self.adapter.device)] = acc
-        error_edges = [
-            (g * e[None]).sum(-1) for g, e in zip(g_mlp, self.error_vectors, strict=True)
-        ]
-        token_edges = (g_embed * self.token_vectors[None]).sum(-1)  # (B, T)
-        edges = torch.cat([feature_edges, *error_edges, token_edges], dim=1)
+            feature_edges[:, group.sel[:k]] = acc
+        error_edges = torch.zeros(B, len(g_mlp), T, dtype=dtype, device=dev)
+        for layer, (g, e) in enumerate(zip(g_mlp, self.error_vectors, strict=True)):
+            if g is not None:
+                error_edges[:, layer, :P] = (g * e[None, :P]).sum(-1)
+        token_edges = torch.zeros(B, T, dtype=dtype, device=dev)
+        token_edges[:, :P] = (g_embed * self.token_vectors[None, :P]).sum(-1)
+        edges = torch.cat([feature_edges, error_edges.flatten(1), token_edges], dim=1)
         return edges.detach().cpu()
