@@ -1,4 +1,4 @@
-"""Edges into a batch of targets: one forward, one vectorized backward per batch.
+"""Edges into a batch of targets: one forward on copies of the prompt, one backward per batch.
 
 :class:`RowComputer` holds the frozen replacement model of one prompt, run once on
 ``batch_size`` copies of it with leaf tensors at the embedding (``resid0``) and at every
