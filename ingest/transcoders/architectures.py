@@ -430,9 +430,16 @@ class BatchTopKActivation(SelectingActivation):
     def calibration_pool(
         self, pool: torch.Tensor | None, pre: torch.Tensor, rows: int
     ) -> torch.Tensor:
-        """The ``k rows + 1`` largest values of ``pool`` and ``pre`` together (flat)."""
+        """Values of ``pool`` and ``pre`` (flat) that hold their ``k rows + 1`` largest.
+
+        The pool is cut to those largest only once it holds twice as many: cutting at
+        every chunk made a run with small batches sort the whole pool per batch (4,098
+        sorts of 262,145 values for 65,536 rows at k 4 and batches of 32).
+        """
         values = pre.reshape(-1) if pool is None else torch.cat([pool, pre.reshape(-1)])
-        m = min(self.k * rows + 1, values.numel())
+        m = self.k * rows + 1
+        if values.numel() <= 2 * m:
+            return values
         return values.index_select(0, largest_indices(values, m))
 
     @torch.no_grad()
@@ -454,6 +461,7 @@ class BatchTopKActivation(SelectingActivation):
             top = self.calibration_pool(top, pre, rows)
         if top is None or top.numel() < m:
             return
+        top = top.index_select(0, largest_indices(top, m))
         below, edge = top.topk(2, largest=False).values.tolist()  # (kN+1)-th, kN-th largest
         if edge > 0:
             self.threshold.fill_(max(below, 0.0) / 2 + edge / 2)

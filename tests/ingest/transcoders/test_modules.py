@@ -111,6 +111,15 @@ def test_batchtopk_calibration_makes_k_latents_per_row_fire_on_its_rows():
         assert int((pre > module.threshold).sum()) == k * 128
         assert module.threshold.eq(module.threshold[0]).all()
         assert float(module.encode(torch.cat(chunks)).gt(0).sum(-1).float().mean()) == k
+        # the same rows in chunks of any size give the same threshold (the pool of the
+        # largest values is cut lazily, at twice what it must hold)
+        exact = module.threshold.clone()
+        module.activation.calibrate_([pre], 128)
+        assert torch.equal(module.threshold, exact)
+        for size in (1, 3, 8):
+            module.threshold.fill_(0.123)
+            module.activation.calibrate_(pre.split(size), 128)
+            assert torch.equal(module.threshold, exact)
         # fewer than k N positive values: the running average is kept
         calibrated = module.threshold.clone()
         module.b_enc.fill_(-100.0)
