@@ -169,18 +169,10 @@ def build_replacement(
 
 
 def skip_fn(transcoders: TranscoderSet, layer: int) -> Callable[[Tensor], Tensor] | None:
-    """``x -> skip(layer, x)`` when the layer's transcoder has a skip connection.
-
-    The weights are detached: no caller differentiates them, and an undetached weight
-    would make autograd keep every input ``x`` it is applied to.
-    """
-    if layer not in transcoders.layers:
+    """``x -> skip(layer, x)`` when the layer's transcoder has a skip connection."""
+    if layer not in transcoders.layers or transcoders.W_skip(layer) is None:
         return None
-    W_skip = transcoders.W_skip(layer)
-    if W_skip is None:
-        return None
-    weight = W_skip.detach()
-    return lambda x: (x @ weight.T).to(x.dtype)
+    return lambda x: transcoders.skip(layer, x).to(x.dtype)
 
 
 def replacement_mlps(

@@ -12,12 +12,13 @@ its decoder rows, summed over the layers it writes to), each error vector and ea
 embedding (Ameisen et al. 2025, "Circuit Tracing", section 2.3).
 
 The copies do not interact (attention mixes positions within one sequence), so copy
-``b``'s gradient is row ``b``'s. The frozen model is linear with detached weights, so the
-kept graph holds weights, patterns and norm scales, not activations; what grows with the
-batch is the read points (``n_layers + 1`` tensors of ``(batch_size, T, d)``). Batching by
-copies instead of ``is_grads_batched`` (vmap over a batch-1 graph) keeps every product a
-plain matmul: vmap broadcast each frozen attention pattern ``batch_size`` times per pass,
-which took most of a pass on CPU.
+``b``'s gradient is row ``b``'s. The frozen model is linear and its weights are detached
+(a skip connection's weights are not, but what they save is the MLP input, a read point),
+so the kept graph holds weights, patterns and norm scales, not activations; what grows
+with the batch is the read points (``n_layers + 1`` tensors of ``(batch_size, T, d)``).
+Batching by copies instead of ``is_grads_batched`` (vmap over a batch-1 graph) keeps
+every product a plain matmul: vmap broadcast each frozen attention pattern
+``batch_size`` times per pass, which took most of a pass on CPU.
 
 A batch's edges are read only where they can be non-zero: from sources before its last
 read position (attention is causal) and at the write points its reads depend on (a
