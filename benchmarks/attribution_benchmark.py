@@ -451,7 +451,9 @@ def main() -> int:
         "",
         "Model: 4-layer GPT-2 zoo architecture (d_model 64, 4 heads, d_mlp 256, random "
         f"weights); transcoders: per-layer TopK, d_transcoder {args.d_transcoder}, "
-        f"k = {args.k}. One forward pass, then one backward pass per batch of target rows.",
+        f"k = {args.k}. The frozen forward on up to 4 prompt prefixes (each when a batch "
+        "first needs it), then one backward pass per batch of target rows, through the "
+        "shortest prefix that holds its reads.",
         "Peak memory: maximum resident set of the measuring process (CPU) or peak CUDA allocation.",
         "",
         "| tokens | seconds | active features | nodes | edges | backward passes | peak MB |",

@@ -187,11 +187,18 @@ def attribute(
         target_edges = computer.rows(logit_rows)  # (n_logits, n_sources)
         bar.update(len(logit_rows))
         # Expanded features' rows in the order they were expanded: at most ``limit`` rows,
-        # so the budget bounds memory as well as time.
+        # so the budget bounds memory as well as time. Every feature expanded comes in
+        # source order, so its rows land in the adjacency in place (no gathered copy).
         expanded: list[int] = []
-        expanded_edges = torch.zeros(limit, computer.n_sources, dtype=adapter.dtype)
+        every = limit == n_feat
+        if every:
+            layout = NodeLayout(n_feat, n_err, n_tok, len(logit_rows))
+            adjacency = torch.zeros(layout.n, layout.n, dtype=adapter.dtype)
+            expanded_edges = adjacency[layout.features, : layout.n_sources]
+        else:
+            expanded_edges = torch.zeros(limit, computer.n_sources, dtype=adapter.dtype)
         while len(expanded) < limit:
-            if limit == n_feat:  # every feature: no ranking needed
+            if every:  # no ranking needed
                 chunk = list(range(len(expanded), min(len(expanded) + cfg.batch_size, n_feat)))
             elif forced and forced[0] not in expanded:  # its row first: it is the target
                 chunk = forced
@@ -209,13 +216,16 @@ def attribute(
         bar.close()
 
     keep = torch.tensor(sorted(expanded), dtype=torch.long)
-    slot = torch.tensor(expanded, dtype=torch.long).argsort()  # row of each kept feature
-    cols = torch.cat([keep, torch.arange(n_feat, computer.n_sources)])
     kept_features = features.subset(keep)
-    layout = NodeLayout(len(keep), n_err, n_tok, len(logit_rows))
-    adjacency = torch.zeros(layout.n, layout.n, dtype=adapter.dtype)
-    adjacency[layout.features, : layout.n_sources] = expanded_edges[slot][:, cols]
-    adjacency[layout.logits, : layout.n_sources] = target_edges[:, cols]
+    if every:
+        adjacency[layout.logits, : layout.n_sources] = target_edges
+    else:
+        slot = torch.tensor(expanded, dtype=torch.long).argsort()  # row of each kept feature
+        cols = torch.cat([keep, torch.arange(n_feat, computer.n_sources)])
+        layout = NodeLayout(len(keep), n_err, n_tok, len(logit_rows))
+        adjacency = torch.zeros(layout.n, layout.n, dtype=adapter.dtype)
+        adjacency[layout.features, : layout.n_sources] = expanded_edges[slot][:, cols]
+        adjacency[layout.logits, : layout.n_sources] = target_edges[:, cols]
 
     node_weights = None
     if feature_target is not None:
@@ -228,7 +238,7 @@ def attribute(
                    labels, tok)  # fmt: skip
     elapsed = time.perf_counter() - started
     stats = {
-        "n_forward_passes": 1,
+        "n_forward_passes": 1 + computer.n_forward,  # the recording, then the frozen ones
         "n_backward_passes": computer.n_backward,
         "batch_size": cfg.batch_size,
         "n_active_features": n_feat,

@@ -186,7 +186,7 @@ class LinearizedPatching:
         )
         basis = _rows(adapter, transcoders, result, clean)[lay.n_features :]
         out_clean = _to_layout(computer.rows(basis).double(), result)
-        final = computer.read_points[-1][0, -1].detach().double().cpu()  # (d,)
+        final = computer.final_normed()[-1].double().cpu()  # (d,)
         W_U = adapter.W_U.detach().double().cpu()
         direction = W_U[:, correct] - W_U[:, wrong]
         delta = _to_layout(deltas.features, result)

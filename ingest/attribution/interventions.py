@@ -21,6 +21,7 @@ With no override the run reproduces the clean logits exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -58,6 +59,13 @@ class FeatureIntervention:
             raise InvalidArgumentError(
                 f"intervention on feature {self.layer}/{self.index} at {self.pos}: give "
                 "exactly one of value and scale"
+            )
+        number = self.value if self.value is not None else self.scale
+        if not math.isfinite(float(number or 0.0)):
+            raise InvalidArgumentError(
+                f"intervention on feature {self.layer}/{self.index} at {self.pos}: its "
+                f"{'value' if self.value is not None else 'scale'} {number} is not a finite "
+                "number"
             )
 
 
@@ -184,6 +192,14 @@ def intervene(
     over = _empty_overrides(state)
     for iv in interventions:
         _check_feature(state, iv.layer, iv.pos, iv.index)
+        largest = torch.finfo(over.scale[iv.layer].dtype).max
+        if abs(float(iv.value if iv.value is not None else iv.scale or 0.0)) > largest:
+            raise InvalidArgumentError(
+                f"intervention on feature {iv.layer}/{iv.index} at {iv.pos}: "
+                f"{iv.value if iv.value is not None else iv.scale} exceeds the largest "
+                f"{str(over.scale[iv.layer].dtype).removeprefix('torch.')} the model computes "
+                f"in ({largest:.4g})"
+            )
         if iv.value is not None:
             over.set_mask[iv.layer][iv.pos, iv.index] = True
             over.set_values[iv.layer][iv.pos, iv.index] = iv.value

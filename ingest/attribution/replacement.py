@@ -66,8 +66,7 @@ class ReplacementState:
 
 def zeroed_positions(adapter: ModelAdapter, input_ids: Tensor) -> int:
     """1 when the prompt (1, T) starts with the model's BOS token, else 0."""
-    bos = adapter.bos_token_id
-    return int(bos is not None and int(input_ids[0, 0]) == bos)
+    return int(adapter.leading_bos(input_ids)[0])
 
 
 def encode_held(

@@ -19,6 +19,8 @@ softmax computed in float32, as the HF implementations do.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -29,6 +31,20 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _detached(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
+
+
+def _normalized(
+    x: Tensor, scale: Tensor, weight: Tensor, bias: Tensor | None, center: bool
+) -> Tensor:
+    """``(x - mean(x)) / scale * weight + bias`` (centered for LayerNorm only), in float32
+    for half-precision inputs, as HF does."""
+    dtype = x.dtype
+    if dtype in _HALF:
+        x, scale = x.float(), scale.float()
+    if center:
+        x = x - x.mean(dim=-1, keepdim=True)
+    y = (x / scale).to(dtype) * weight
+    return y if bias is None else y + bias
 
 
 class Norm(nn.Module):
@@ -56,18 +72,44 @@ class Norm(nn.Module):
 
     def forward(self, x: Tensor, scale: Tensor) -> Tensor:
         """Normalize ``x`` (B, T, d) with denominator ``scale`` (B or 1, T, 1): (B, T, d)."""
-        dtype = x.dtype
-        if dtype in _HALF:  # normalize in float32, as HF does
-            x, scale = x.float(), scale.float()
-        if self.kind == "layernorm":
-            x = x - x.mean(dim=-1, keepdim=True)
-        y = (x / scale).to(dtype) * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        if not scale.requires_grad and x.requires_grad and torch.is_grad_enabled():
+            # a held denominator: the norm is affine in x, and one function's backward
+            # costs three passes over x's gradient instead of autograd's six
+            return _HeldNorm.apply(x, scale, self.weight, self.bias, self.kind == "layernorm")
+        return self._normalize(x, scale)
+
+    def _normalize(self, x: Tensor, scale: Tensor) -> Tensor:
+        return _normalized(x, scale, self.weight, self.bias, self.kind == "layernorm")
 
     def extra_repr(self) -> str:
         return f"{self.kind}, d={self.weight.shape[0]}, eps={self.eps}"
+
+
+class _HeldNorm(torch.autograd.Function):
+    """:meth:`Norm.forward` with a held denominator, as one autograd node: the gradient
+    ``g`` becomes ``center(g * weight / scale)`` (``center`` for LayerNorm only)."""
+
+    @staticmethod
+    def forward(
+        x: Tensor, scale: Tensor, weight: Tensor, bias: Tensor | None, center: bool
+    ) -> Tensor:
+        return _normalized(x, scale, weight, bias, center)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, scale, weight, _, center = inputs
+        ctx.save_for_backward(scale, weight)
+        ctx.center = center
+        ctx.dtype = x.dtype
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        scale, weight = ctx.saved_tensors
+        g = grads[0] * weight
+        g = g.float() / scale.float() if ctx.dtype in _HALF else g / scale
+        if ctx.center:
+            g = g - g.mean(dim=-1, keepdim=True)
+        return g.to(ctx.dtype), None, None, None, None
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -123,18 +165,25 @@ class Attention(nn.Module):
         return self.W_Q.shape[2]
 
     def _project(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-        out = torch.einsum("btd,hde->bhte", x, W)  # (B, heads, T, e)
+        """``x`` (B, T, d) through per-head weights ``W`` (n, d, e), repeated to one per
+        query head: (B, T, H, e), heads in the last two dimensions."""
+        n, d, e = W.shape
+        out = torch.matmul(x, W.permute(1, 0, 2).reshape(d, n * e)).unflatten(-1, (n, e))
         if b is not None:
-            out = out + b[None, :, None, :]
-        return out
+            out = out + b
+        if n == self.n_heads:
+            return out
+        # query head h reads key/value head h // (H // K): a view, summed in the backward
+        B, T = x.shape[:2]
+        group = self.n_heads // n
+        return out.unsqueeze(3).expand(B, T, n, group, e).reshape(B, T, self.n_heads, e)
 
     def pattern(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
         """Attention probabilities for the normalized input ``x`` (B, T, d): (B, H, T, T)."""
-        q = self._project(x, self.W_Q, self.b_Q)  # (B, H, T, e)
-        k = self._project(x, self.W_K, self.b_K)  # (B, K, T, e)
+        q = self._project(x, self.W_Q, self.b_Q).transpose(1, 2)  # (B, H, T, e)
+        k = self._project(x, self.W_K, self.b_K).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        k = k[:, self.kv_index]  # (B, H, T, e)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, H, T, T)
         T = x.shape[1]
         visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -147,17 +196,18 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, pattern: Tensor) -> Tensor:
         """Mix values of ``x`` (B, T, d) with ``pattern`` (B or 1, H, T, T): (B, T, d)."""
-        v = self._project(x, self.W_V, self.b_V)[:, self.kv_index]  # (B, H, T, e)
-        B, H, T, e = v.shape
+        v = self._project(x, self.W_V, self.b_V)  # (B, T, H, e)
+        B, T, H, e = v.shape
         if pattern.shape[0] == 1 and B > 1:
             # One pattern for the whole batch (a frozen prompt's copies): the batch goes into
             # the columns of one (T, T) @ (T, B e) product per head. A broadcast matmul would
             # copy the pattern B times, forward and backward.
-            folded = v.permute(1, 2, 0, 3).reshape(H, T, B * e)
-            z = torch.matmul(pattern[0], folded).reshape(H, T, B, e).permute(2, 0, 1, 3)
+            folded = v.permute(2, 1, 0, 3).reshape(H, T, B * e)
+            mixed = torch.matmul(pattern[0], folded)  # (H, T, B e)
+            z = mixed.unflatten(-1, (B, e)).permute(2, 1, 0, 3)  # (B, T, H, e)
         else:
-            z = torch.matmul(pattern, v)  # (B, H, T, e)
-        out = torch.einsum("bhte,hed->btd", z, self.W_O)
+            z = torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)  # (B, T, H, e)
+        out = torch.matmul(z.reshape(B, T, H * e), self.W_O.reshape(H * e, -1))
         if self.b_O is not None:
             out = out + self.b_O
         return out

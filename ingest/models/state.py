@@ -42,6 +42,16 @@ class FrozenState:
             final_norm_scale=self.final_norm_scale.detach(),
         )
 
+    def prefix(self, length: int) -> FrozenState:
+        """The state of the prompt's first ``length`` positions (views, not copies): what a
+        causal model's frozen forward on that prefix uses."""
+        return FrozenState(
+            patterns=[p[..., :length, :length] for p in self.patterns],
+            attn_norm_scale=[s[:, :length] for s in self.attn_norm_scale],
+            mlp_norm_scale=[s[:, :length] for s in self.mlp_norm_scale],
+            final_norm_scale=self.final_norm_scale[:, :length],
+        )
+
 
 @dataclass
 class Recording:

@@ -16,6 +16,7 @@ from ingest.attribution.replacement import (
     build_replacement,
     replacement_logits,
 )
+from ingest.attribution.rows import RowComputer
 from ingest.attribution.targets import FeatureTarget, LogitDiffTarget
 from ingest.graph import NodeKind
 
@@ -120,7 +121,6 @@ def test_other_architectures_are_exact(arch: str) -> None:
 
 
 def test_reading_features_in_parts_does_not_change_edges(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ingest.attribution.rows import RowComputer
 
     adp = m.adapter("llama", torch.float64)
     tcs = m.transcoder_set(adp, "clt", skip=True)
@@ -132,6 +132,22 @@ def test_reading_features_in_parts_does_not_change_edges(monkeypatch: pytest.Mon
     assert torch.equal(whole.adjacency, parts.adjacency)
 
 
+def test_prefix_forwards_do_not_change_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches backpropagate through the forward on a prefix of the prompt that holds their
+    reads: the edges equal those of the whole prompt's forward, for any number of prefixes."""
+    adp = m.adapter("neox", torch.float64)
+    tcs = m.transcoder_set(adp, skip=True)
+    monkeypatch.setattr(RowComputer, "prefix_parts", 1)
+    whole = attribute(adp, tcs, PROMPT, batch_size=4)
+    assert whole.stats["n_forward_passes"] == 2
+    for parts in (3, len(PROMPT)):
+        monkeypatch.setattr(RowComputer, "prefix_parts", parts)
+        prefixes = attribute(adp, tcs, PROMPT, batch_size=4)
+        assert 2 < prefixes.stats["n_forward_passes"] <= 1 + parts
+        assert torch.allclose(whole.adjacency, prefixes.adjacency, rtol=0, atol=1e-12)
+    assert whole.adjacency.abs().max() > 1e-3
+
+
 def test_batching_counts_passes_and_does_not_change_edges() -> None:
     adp = m.adapter("gpt2", torch.float64)
     tcs = m.transcoder_set(adp)
@@ -141,7 +157,8 @@ def test_batching_counts_passes_and_does_not_change_edges() -> None:
     n_f, n_l = one.layout.n_features, one.layout.n_logits
     assert one.stats["n_backward_passes"] == n_f + n_l
     assert big.stats["n_backward_passes"] == math.ceil(n_f / 50) + math.ceil(n_l / 50)
-    assert big.stats["n_forward_passes"] == 1
+    # the recording, then the frozen forward on each prompt prefix the batches needed
+    assert 2 <= big.stats["n_forward_passes"] <= 1 + RowComputer.prefix_parts
     # Causality: no edge from a later position or a same-or-later layer.
     lay = big.layout
     for t in list(range(lay.n_features)):
