@@ -57,6 +57,17 @@ def _buffer(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
+def _check_frozen_shape(name: str, value: Tensor, batch: int, shape: tuple[int, ...]) -> None:
+    """``value`` is ``(1 or batch, *shape)``; else :class:`InvalidArgumentError` naming it."""
+    if value.dim() == len(shape) + 1 and value.shape[0] in (1, batch) and value.shape[1:] == shape:
+        return
+    lead = "1" if batch == 1 else f"1 or {batch}"
+    raise InvalidArgumentError(
+        f"frozen {name} has shape {tuple(value.shape)} but this input needs "
+        f"({', '.join([lead, *map(str, shape)])}): freeze on the same prompt, with this model"
+    )
+
+
 class ModelAdapter(nn.Module):
     """A family-independent view of a causal LM; see the module docstring."""
 
@@ -208,18 +219,25 @@ class ModelAdapter(nn.Module):
         return cos.to(x.dtype), sin.to(x.dtype)
 
     def _check_frozen(self, frozen: FrozenState, batch: int, tokens: int) -> None:
+        """Every frozen tensor has the shape a recording of this model on a ``(batch,
+        tokens)`` input has, or batch size 1: patterns ``(B, H, T, T)``, norm scales
+        ``(B, T, 1)``. Anything else would broadcast silently or fail deep in the forward."""
         lists = (frozen.patterns, frozen.attn_norm_scale, frozen.mlp_norm_scale)
         if any(len(v) != self.n_layers for v in lists):
             raise InvalidArgumentError(
                 f"frozen state must hold {self.n_layers} layers of patterns and norm scales: "
                 "record it with this model"
             )
-        for p in frozen.patterns:
-            if p.shape[-1] != tokens or p.shape[0] not in (1, batch):
-                raise InvalidArgumentError(
-                    f"frozen pattern has shape {tuple(p.shape)} but the input has batch {batch} "
-                    f"and {tokens} tokens: freeze on the same prompt"
-                )
+        pattern, per_token = (self.n_heads, tokens, tokens), (tokens, 1)
+        for layer in range(self.n_layers):
+            _check_frozen_shape(f"patterns[{layer}]", frozen.patterns[layer], batch, pattern)
+            _check_frozen_shape(
+                f"attn_norm_scale[{layer}]", frozen.attn_norm_scale[layer], batch, per_token
+            )
+            _check_frozen_shape(
+                f"mlp_norm_scale[{layer}]", frozen.mlp_norm_scale[layer], batch, per_token
+            )
+        _check_frozen_shape("final_norm_scale", frozen.final_norm_scale, batch, per_token)
 
     # -- the forward pass ---------------------------------------------------------------
 
@@ -397,6 +415,15 @@ class ModelAdapter(nn.Module):
             "attn_norm_scale": attn_scale,
             "mlp_norm_scale": mlp_scale,
         }
+
+    def leading_bos(self, input_ids: Tensor) -> Tensor:
+        """Per row of ``input_ids`` (B, T): 1 where it starts with this model's BOS token,
+        else 0 (long, on the CPU). Attribution holds that position's features at zero, and
+        the feature catalog does not count it."""
+        ids = input_ids.detach().cpu()
+        if self.bos_token_id is None or ids.shape[-1] == 0:
+            return torch.zeros(ids.shape[0], dtype=torch.long)
+        return (ids[:, 0] == self.bos_token_id).long()
 
     def mlp_sites(
         self, input_ids: Tensor, layers: Sequence[int]

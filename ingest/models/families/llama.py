@@ -1,7 +1,11 @@
 """Llama (Touvron et al. 2023): RMSNorm, rotary embeddings on the full head, SwiGLU MLP,
 grouped-query attention, optionally tied embeddings. Mistral (Jiang et al. 2023) and
 Qwen2 share the module layout and add a sliding attention window (Qwen2 also has
-query/key/value biases), so they are read by the same converter.
+query/key/value biases), so they are read by the same converter. Which layers slide is
+read per ``model_type``, as HF's own modules read it: Llama never, Mistral every layer
+(``sliding_window``), Qwen2 the layers ``layer_types`` names ``sliding_attention``. A key
+another type would use (a ``sliding_window`` in a Llama config, ``layer_types`` in a
+Mistral one) is ignored by HF, and so here.
 
 HF's projections are ``nn.Linear`` (out, in). ``q_proj`` has ``H * e`` outputs and
 ``k_proj``/``v_proj`` ``K * e``; query head h reads key/value head ``h // (H / K)``
@@ -12,6 +16,7 @@ scaling and attention scaling). The MLP is ``down(act(gate(x)) * up(x))``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from transformers import PreTrainedModel
@@ -39,17 +44,41 @@ def _heads_in(linear, n: int, e: int) -> tuple:
     return W, b
 
 
-def _windows(cfg: Any) -> list[int | None]:
-    """Per layer, the sliding window or None: Qwen2 names each layer's kind in
-    ``layer_types``; Mistral applies ``sliding_window`` to every layer."""
+def _no_window(cfg: Any) -> list[int | None]:
+    """Llama: full causal attention in every layer (``LlamaAttention`` has no window)."""
+    return [None] * cfg.num_hidden_layers
+
+
+def _window_every_layer(cfg: Any) -> list[int | None]:
+    """Mistral: ``sliding_window`` (None: no window) in every layer; ``MistralModel``
+    builds one mask for all layers and ignores ``layer_types``."""
+    return [getattr(cfg, "sliding_window", None)] * cfg.num_hidden_layers
+
+
+def _window_by_layer_type(cfg: Any) -> list[int | None]:
+    """Qwen2: ``sliding_window`` in the layers ``layer_types`` marks ``sliding_attention``.
+    ``Qwen2Config`` has already set ``sliding_window`` to None unless
+    ``use_sliding_window``, and derived ``layer_types`` from ``max_window_layers`` (the
+    layers from that index on slide) when the config named none."""
     window = getattr(cfg, "sliding_window", None)
     kinds = getattr(cfg, "layer_types", None)
     if kinds is None:
-        return [window] * cfg.num_hidden_layers
+        kinds = [
+            "sliding_attention" if window is not None and i >= cfg.max_window_layers else "full"
+            for i in range(cfg.num_hidden_layers)
+        ]
     return [window if kind == "sliding_attention" else None for kind in kinds]
 
 
-@register_family("llama", "llama", "mistral", "qwen2")
+# model_type -> per-layer sliding windows, as that type's HF modules read them
+_WINDOWS: dict[str, Callable[[Any], list[int | None]]] = {
+    "llama": _no_window,
+    "mistral": _window_every_layer,
+    "qwen2": _window_by_layer_type,
+}
+
+
+@register_family("llama", *_WINDOWS)
 def convert_llama(model: PreTrainedModel) -> CanonicalWeights:
     m: Any = model  # the HF module tree is untyped
     cfg = m.config
@@ -57,7 +86,7 @@ def convert_llama(model: PreTrainedModel) -> CanonicalWeights:
     d, H = cfg.hidden_size, cfg.num_attention_heads
     K = cfg.num_key_value_heads or H
     e = getattr(cfg, "head_dim", None) or d // H
-    windows = _windows(cfg)
+    windows = _WINDOWS[cfg.model_type](cfg)
     layers = []
     for idx, layer in enumerate(base.layers):
         sa = layer.self_attn

@@ -103,6 +103,24 @@ VARIANTS: dict[str, Callable[[], PreTrainedModel]] = {
         **_SMALL, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
         max_window_layers=1,
     )),
+    # keys HF reads for another model_type only: each must be ignored, as HF ignores it
+    "llama_stray_window": lambda: LlamaForCausalLM(LlamaConfig(
+        **_SMALL, num_key_value_heads=2, sliding_window=3,
+    )),
+    "mistral_window_layer_types": lambda: MistralForCausalLM(MistralConfig(
+        **_SMALL, num_key_value_heads=2, sliding_window=3,
+        layer_types=["full_attention", "full_attention"],
+    )),
+    # explicit layer_types win over max_window_layers (which would slide layer 1 only)
+    "qwen2_layer_types": lambda: Qwen2ForCausalLM(Qwen2Config(
+        **_SMALL, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+        max_window_layers=1, layer_types=["sliding_attention", "full_attention"],
+    )),
+    # use_sliding_window off: no window, whatever sliding_window and max_window_layers say
+    "qwen2_window_off": lambda: Qwen2ForCausalLM(Qwen2Config(
+        **_SMALL, num_key_value_heads=2, use_sliding_window=False, sliding_window=3,
+        max_window_layers=0,
+    )),
 }  # fmt: skip
 
 

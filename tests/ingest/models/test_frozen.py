@@ -142,3 +142,42 @@ def test_ov_matrices_reconstruct_attention(arch: str, dtype: torch.dtype) -> Non
         mixed = torch.einsum("bhqk,bhke->bqe", rec.frozen.patterns[layer], per_head)
         expected = mixed + adapter.attn_bias(layer)
         torch.testing.assert_close(rec.attn_out[layer], expected, atol=tolerance(dtype), rtol=0)
+
+
+def test_frozen_state_of_the_wrong_shape_is_refused() -> None:
+    """Every frozen tensor must be (1 or B, H, T, T) or (1 or B, T, 1): a pattern averaged
+    over heads or one position's norm scale would broadcast silently, a state recorded on
+    another prompt length would fail deep in the forward."""
+    from ingest.errors import InvalidArgumentError
+
+    adapter = adapter_from_hf(cached("llama_gqa"))
+    ids = random_ids(batch=2, tokens=9)
+    with torch.no_grad():
+        frozen = adapter(ids, record=True).frozen.detach()
+
+    def longer(s: torch.Tensor) -> torch.Tensor:  # the scale of a 10-token prompt
+        return torch.cat([s, s[:, :1]], dim=1)
+
+    P, A, M, F = (
+        frozen.patterns, frozen.attn_norm_scale, frozen.mlp_norm_scale, frozen.final_norm_scale
+    )  # fmt: skip
+    cases = {
+        "patterns\\[0\\]": ([p.mean(1, keepdim=True) for p in P], A, M, F),  # one head
+        "patterns\\[1\\]": ([P[0], P[1][:, :, -1:]], A, M, F),  # one query row
+        "patterns\\[0\\] has shape \\(4, 9, 9\\)": ([p[0] for p in P], A, M, F),  # no batch
+        "attn_norm_scale\\[0\\]": (P, [s[:1, :1] for s in A], M, F),  # one position
+        "attn_norm_scale\\[1\\]": (P, [A[0], longer(A[1])], M, F),
+        "mlp_norm_scale\\[0\\]": (P, A, [s.expand(-1, -1, 32) for s in M], F),
+        "final_norm_scale has shape \\(2, 10, 1\\)": (P, A, M, longer(F)),
+        "final_norm_scale has shape \\(3, 9, 1\\)": (P, A, M, torch.cat([F, F[:1]])),
+    }
+    for message, fields in cases.items():
+        bad = FrozenState(*fields)
+        with pytest.raises(InvalidArgumentError, match=message):
+            adapter(ids, frozen=bad)
+        with pytest.raises(InvalidArgumentError, match=message):
+            adapter.frozen_final_normed(adapter.embed(ids), bad)
+    # batch 1 still broadcasts
+    one = FrozenState([p[:1] for p in P], [s[:1] for s in A], [s[:1] for s in M], F[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids, frozen=one)[:1], adapter(ids[:1]))

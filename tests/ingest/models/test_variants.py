@@ -46,3 +46,19 @@ def test_sliding_window_limits_the_pattern() -> None:
     assert adapter.block(0).attn.window is None and adapter.block(1).attn.window == 3
     assert torch.all(windowed.tril(-3) == 0) and torch.all(windowed.diagonal(-2, -2, -1) > 0)
     assert torch.all(full[..., -1, :] > 0)
+
+
+@pytest.mark.parametrize(
+    ("variant", "windows"),
+    [
+        ("mistral_window", [4, 4]),
+        ("mistral_window_layer_types", [3, 3]),  # Mistral slides every layer
+        ("qwen2_window", [None, 3]),  # from max_window_layers=1
+        ("qwen2_layer_types", [3, None]),
+        ("qwen2_window_off", [None, None]),
+        ("llama_stray_window", [None, None]),  # Llama has no window
+    ],
+)
+def test_sliding_windows_are_read_per_model_type(variant: str, windows: list[int | None]) -> None:
+    adapter = adapter_from_hf(build(variant))
+    assert [adapter.block(layer).attn.window for layer in range(adapter.n_layers)] == windows
