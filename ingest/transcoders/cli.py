@@ -6,7 +6,7 @@
     circuitscope transcoders eval SET --model DIR [--prompts SPEC] [--windows N]
     circuitscope transcoders pareto --model DIR --out DIR --sparsities 4,8,16 [--seeds 0,1,2]
         [--sae-sparsities 0.3,0.5]
-    circuitscope transcoders stats SET --model DIR [--prompts SPEC] [--windows N]
+    circuitscope transcoders stats SET --model DIR [--prompts SPEC] [--windows N] [--top-k K]
     circuitscope transcoders convert SRC DST --to saelens|sparsify|circuit_tracer
 
 Architecture and kind choices come from :data:`ingest.transcoders.config.ARCHITECTURES`
@@ -240,8 +240,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats = commands.add_parser("stats", help="per-latent statistics (feature_stats.json)")
     stats.add_argument("set", type=Path, help="transcoder set directory")
     _add_model_args(stats)
-    stats.add_argument("--windows", type=int, default=128)
-    stats.add_argument("--top-k", type=int, default=10, help="top examples per latent")
+    stats.add_argument("--windows", type=int, default=128, help="eval windows (at least 1)")
+    stats.add_argument("--top-k", type=int, default=10, help="top examples per latent (0: none)")
     stats.set_defaults(handler=_stats)
 
     convert = commands.add_parser("convert", help="convert between transcoder file formats")
@@ -404,10 +404,11 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from ingest.transcoders.feature_stats import compute_feature_stats
+    from ingest.transcoders.feature_stats import check_stats_options, compute_feature_stats
     from ingest.transcoders.formats import load_any
     from ingest.transcoders.formats.common import write_json
 
+    check_stats_options(args.windows, args.top_k)
     loaded, source = _load(args)
     tset = load_any(args.set, device=loaded.adapter.device)
     stats = compute_feature_stats(
@@ -415,6 +416,8 @@ def _stats(args: argparse.Namespace) -> int:
         top_k=args.top_k, progress=True,
     )  # fmt: skip
     path = args.set / "feature_stats.json"
+    if not stats:  # never replace a catalog with nothing
+        raise InvalidArgumentError(f"no statistics computed: {path} is left as it was")
     write_json(path, stats)
     alive = sum(1 for s in stats if s["density"] > 0)
     print(f"wrote statistics of {len(stats)} latents ({alive} active) to {path}")

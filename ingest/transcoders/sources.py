@@ -21,12 +21,17 @@ loss, which made CE loss recovered meaningless on such models).
 :func:`resolve_source` turns a CLI spec into a source: ``zoo`` (the model directory's
 task), ``text:PATH``, ``jsonl:PATH[:FIELD]``, ``hf:NAME[:CONFIG]`` or a path ending in
 ``.txt`` / ``.jsonl``. ``datasets`` is imported only for ``hf:`` specs.
+
+Text and JSONL files are UTF-8 (a leading byte order mark is dropped), read one line at
+a time, and no further than ``max_tokens`` needs; a line that is not UTF-8 is an error
+that names it.
 """
 
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -175,39 +180,104 @@ class PromptSource(Source):
         return self._rows[split][index]
 
 
-def _stream(texts: Iterable[str], tokenizer: Any, max_tokens: int | None) -> list[int]:
+def _append(tokens: list[int], tokenizer: Any, text: str) -> None:
+    """Append the document ``text``'s tokens to ``tokens``, then EOS when the tokenizer has one."""
+    tokens.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
     eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        tokens.append(int(eos))
+
+
+def _stream(texts: Iterable[str], tokenizer: Any, max_tokens: int | None) -> list[int]:
+    """Documents tokenized into one stream; ``texts`` is read no further once the stream
+    holds ``max_tokens`` tokens."""
     tokens: list[int] = []
     for text in texts:
         if not text:
             continue
-        tokens.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            tokens.append(int(eos))
+        _append(tokens, tokenizer, text)
         if max_tokens is not None and len(tokens) >= max_tokens:
             return tokens[:max_tokens]
     return tokens
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line end) of a UTF-8 file, read one line at a time.
+
+    Lines end at LF or CRLF only: ``str.splitlines`` would also break at U+2028, U+2029,
+    U+0085 and others, which a JSON string may hold unescaped. A leading byte order mark
+    is dropped (``utf-8-sig``). Each line is decoded on its own, so an error names the
+    line that is not UTF-8, and lines after the last one read are never decoded.
+    """
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidArgumentError(
+                    f"{path}:{number} is not UTF-8 text (byte {exc.start + 1} of the line, "
+                    f"{raw[exc.start : exc.end]!r}): convert the file to UTF-8, for example "
+                    f"with iconv -f latin1 -t utf-8"
+                ) from exc
+            yield number, line.rstrip("\r\n")
+
+
+#: Characters of one paragraph after which a text source with ``max_tokens`` tokenizes
+#: what it has read so far (then again at twice as many, and so on), so that a file
+#: without blank lines, one paragraph, is not read whole for a few tokens.
+LONG_PARAGRAPH_CHARS = 1 << 16
+#: Tokens beyond ``max_tokens`` that a paragraph's first lines must give before the rest
+#: is left unread: the last tokens of a cut text can differ from the whole paragraph's
+#: (a tokenizer merges across the cut), never the earlier ones.
+CUT_MARGIN_TOKENS = 64
+
+
+def _paragraph_stream(path: Path, tokenizer: Any, max_tokens: int | None) -> list[int]:
+    """The stream of a text file's paragraphs (runs of lines up to a blank or
+    whitespace-only line), read no further than ``max_tokens`` needs."""
+    tokens: list[int] = []
+    paragraph: list[str] = []
+    chars, check_at = 0, LONG_PARAGRAPH_CHARS
+    for _, line in _lines(path):
+        if line.strip():
+            paragraph.append(line)
+            chars += len(line) + 1
+            if max_tokens is not None and chars >= check_at:
+                text = "\n".join(paragraph).strip()
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if len(tokens) + len(ids) >= max_tokens + CUT_MARGIN_TOKENS:
+                    return (tokens + list(ids))[:max_tokens]
+                check_at = 2 * chars
+            continue
+        if paragraph:
+            _append(tokens, tokenizer, "\n".join(paragraph).strip())
+            paragraph, chars, check_at = [], 0, LONG_PARAGRAPH_CHARS
+            if max_tokens is not None and len(tokens) >= max_tokens:
+                return tokens[:max_tokens]
+    if paragraph:
+        _append(tokens, tokenizer, "\n".join(paragraph).strip())
+    return tokens if max_tokens is None else tokens[:max_tokens]
+
+
 def text_file_source(
     path: Path, tokenizer: Any, context_len: int, max_tokens: int | None = None
 ) -> StreamSource:
-    """Each blank-line-separated paragraph of a UTF-8 text file is one document."""
+    """Each paragraph of a UTF-8 text file (lines up to a blank or whitespace-only line)
+    is one document."""
     if not path.is_file():
         raise NotFoundError(f"text file {path} does not exist")
-    docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
-    return StreamSource(f"text:{path}", _stream(docs, tokenizer, max_tokens), context_len)
+    return StreamSource(f"text:{path}", _paragraph_stream(path, tokenizer, max_tokens), context_len)
 
 
 def jsonl_source(
     path: Path, tokenizer: Any, context_len: int, field: str = "text", max_tokens: int | None = None
 ) -> StreamSource:
-    """One JSON object per line; ``field`` holds the document text."""
+    """One JSON object per line of a UTF-8 file; ``field`` holds the document text."""
     if not path.is_file():
         raise NotFoundError(f"JSONL file {path} does not exist")
 
-    def texts() -> Iterable[str]:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    def texts() -> Generator[str, None, None]:
+        for number, line in _lines(path):
             if not line.strip():
                 continue
             try:
@@ -221,7 +291,51 @@ def jsonl_source(
                 )
             yield record[field]
 
-    return StreamSource(f"jsonl:{path}", _stream(texts(), tokenizer, max_tokens), context_len)
+    with closing(texts()) as docs:
+        tokens = _stream(docs, tokenizer, max_tokens)
+    return StreamSource(f"jsonl:{path}", tokens, context_len)
+
+
+def dataset_texts(
+    rows: Iterable[Any], name: str, field: str = "text"
+) -> Generator[str, None, None]:
+    """The text of each row (a mapping) of dataset ``name``, its string ``field``."""
+    for index, row in enumerate(rows):
+        text = row.get(field) if isinstance(row, Mapping) else None
+        if not isinstance(text, str):
+            if not isinstance(row, Mapping):
+                found = f"the row is of type {type(row).__name__}"
+            else:
+                found = "missing" if text is None else f"{field!r} is of type {type(text).__name__}"
+            raise InvalidArgumentError(
+                f"dataset {name!r} row {index} has no string field {field!r} ({found}): each "
+                f"row must hold its text as a string in {field!r}"
+            )
+        yield text
+
+
+def _hub_rows(datasets: Any, name: str, config: str | None) -> Iterator[Any]:
+    """The rows of a hub dataset's ``train`` split, streamed; a failure to load or to
+    fetch a row is an UnavailableError."""
+
+    def unavailable(exc: Exception) -> UnavailableError:
+        return UnavailableError(
+            f"cannot stream dataset {name!r} from the Hugging Face hub ({exc}): check the "
+            f"network and the name, or use a local text/JSONL file"
+        )
+
+    try:  # the hub raises many kinds when unreachable
+        rows = iter(datasets.load_dataset(name, config, split="train", streaming=True))
+    except Exception as exc:
+        raise unavailable(exc) from exc
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise unavailable(exc) from exc
+        yield row
 
 
 def hf_dataset_source(
@@ -240,17 +354,8 @@ def hf_dataset_source(
             "the 'datasets' package is not installed: pip install 'circuitscope[datasets]', "
             "or use a local text/JSONL file as the prompt source"
         ) from exc
-    try:
-        stream = datasets.load_dataset(name, config, split="train", streaming=True)
-        texts = (row[field] for row in stream)
+    with closing(dataset_texts(_hub_rows(datasets, name, config), name, field)) as texts:
         tokens = _stream(texts, tokenizer, max_tokens)
-    except KeyError as exc:
-        raise InvalidArgumentError(f"dataset {name!r} rows have no field {field!r}") from exc
-    except Exception as exc:  # the hub raises many kinds when unreachable
-        raise UnavailableError(
-            f"cannot stream dataset {name!r} from the Hugging Face hub ({exc}): check the "
-            f"network and the name, or use a local text/JSONL file"
-        ) from exc
     return StreamSource(f"hf:{name}", tokens, context_len)
 
 
@@ -299,6 +404,22 @@ def zoo_source(model_dir: Path, tokenizer: Any) -> PromptSource:
     )
 
 
+def jsonl_path_and_field(spec: str) -> tuple[Path, str]:
+    """The file and field of ``jsonl:PATH[:FIELD]``'s ``PATH[:FIELD]``.
+
+    A path may hold ':' itself. ``spec`` as a whole names the file when it is one; else
+    the field is split off the last ':' when the part before it is a file (any field name,
+    ``raw-content`` or ``meta.text`` too) or, for a file not there yet (its error names
+    it), when what follows is a Python identifier or nothing (the default ``text``).
+    """
+    path, colon, field = spec.rpartition(":")
+    if Path(spec).is_file() or not colon or not path:
+        return Path(spec), "text"
+    if Path(path).is_file() or not field or field.isidentifier():
+        return Path(path), field or "text"
+    return Path(spec), "text"
+
+
 def resolve_source(
     spec: str | None,
     model_dir: str | Path | None,
@@ -319,8 +440,8 @@ def resolve_source(
     if kind == "text" and rest:
         return text_file_source(Path(rest), tokenizer, context_len, max_tokens)
     if kind == "jsonl" and rest:
-        path, _, field = rest.partition(":")
-        return jsonl_source(Path(path), tokenizer, context_len, field or "text", max_tokens)
+        path, field = jsonl_path_and_field(rest)
+        return jsonl_source(path, tokenizer, context_len, field, max_tokens)
     if kind == "hf" and rest:
         name, _, config = rest.partition(":")
         return hf_dataset_source(
