@@ -22,12 +22,13 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ingest.errors import InvalidArgumentError, UnavailableError
+from ingest.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from ingest.graph import AttributionGraph, FeatureRecord
 from ingest.store.base import Direction, FeatureOccurrence, GraphSummary, Page, Path, PathScore
 from service import convert
@@ -121,7 +122,15 @@ class CircuitsClient:
     # ------------------------------------------------------------------ health
     def health(self, service: str = "") -> str:
         """The health status name of ``service`` ("" for the server): SERVING, NOT_SERVING, ..."""
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        with _fields("Health.Check"):
+            request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = self._call(self._health.Check, request)
+        except NotFoundError:
+            raise NotFoundError(
+                f"no health status for service {service!r}: ask for '' (the server) or a "
+                "circuits.v1 service such as 'circuits.v1.GraphService'"
+            ) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # ------------------------------------------------------------------ graphs
@@ -136,14 +145,15 @@ class CircuitsClient:
         newest_first: bool = False,
     ) -> Page[GraphSummary]:
         """One page of stored graphs; ``next_cursor`` is the next page's token (None at the end)."""
-        request = graph_service_pb2.ListGraphsRequest(
-            model_id=model_id,
-            task=task,
-            prompt_contains=prompt_contains,
-            page_size=page_size,
-            page_token=page_token,
-            newest_first=newest_first,
-        )
+        with _fields("ListGraphs"):
+            request = graph_service_pb2.ListGraphsRequest(
+                model_id=model_id,
+                task=task,
+                prompt_contains=prompt_contains,
+                page_size=page_size,
+                page_token=page_token,
+                newest_first=newest_first,
+            )
         response = self._call(self._graphs.ListGraphs, request)
         return Page(
             [convert.summary_from_proto(g) for g in response.graphs],
@@ -162,19 +172,21 @@ class CircuitsClient:
         edge_threshold: float | None = None,
     ) -> AttributionGraph:
         """The stored pruned graph (or the artifact re-pruned at the given thresholds)."""
-        request = graph_service_pb2.GetGraphRequest(graph_id=graph_id)
-        if node_threshold is not None:
-            request.node_threshold = node_threshold
-        if edge_threshold is not None:
-            request.edge_threshold = edge_threshold
+        with _fields("GetGraph"):
+            request = graph_service_pb2.GetGraphRequest(graph_id=graph_id)
+            if node_threshold is not None:
+                request.node_threshold = node_threshold
+            if edge_threshold is not None:
+                request.edge_threshold = edge_threshold
         response = self._call(self._graphs.GetGraph, request)
         return convert.graph_from_proto(response.graph)
 
     def stream_graph(self, graph_id: str, *, chunk_size: int = 0) -> AttributionGraph:
         """The stored graph, received as a stream of edge chunks and reassembled."""
-        request = graph_service_pb2.StreamGraphEdgesRequest(
-            graph_id=graph_id, chunk_size=chunk_size
-        )
+        with _fields("StreamGraphEdges"):
+            request = graph_service_pb2.StreamGraphEdgesRequest(
+                graph_id=graph_id, chunk_size=chunk_size
+            )
         summary: types_pb2.GraphSummary | None = None
         nodes: list[types_pb2.Node] = []
         edges: list[types_pb2.Edge] = []
@@ -201,13 +213,14 @@ class CircuitsClient:
             raise InvalidArgumentError(
                 f"direction must be one of {sorted(_DIRECTIONS)}, got {direction!r}"
             )
-        request = graph_service_pb2.GetSubgraphRequest(
-            graph_id=graph_id,
-            node_id=node_id,
-            depth=depth,
-            top_k=top_k,
-            direction=_DIRECTIONS[direction],
-        )
+        with _fields("GetSubgraph"):
+            request = graph_service_pb2.GetSubgraphRequest(
+                graph_id=graph_id,
+                node_id=node_id,
+                depth=depth,
+                top_k=top_k,
+                direction=_DIRECTIONS[direction],
+            )
         response = self._call(self._graphs.GetSubgraph, request)
         summary = types_pb2.GraphSummary(graph_id=graph_id)
         return convert.graph_from_parts(
@@ -227,23 +240,23 @@ class CircuitsClient:
         """The strongest paths from source to target, strongest first."""
         if score not in _SCORES:
             raise InvalidArgumentError(f"score must be one of {sorted(_SCORES)}, got {score!r}")
-        request = graph_service_pb2.FindPathsRequest(
-            graph_id=graph_id,
-            source_node_id=source_node_id,
-            target_node_id=target_node_id,
-            top_k=top_k,
-            max_length=max_length,
-            score=_SCORES[score],
-        )
+        with _fields("FindPaths"):
+            request = graph_service_pb2.FindPathsRequest(
+                graph_id=graph_id,
+                source_node_id=source_node_id,
+                target_node_id=target_node_id,
+                top_k=top_k,
+                max_length=max_length,
+                score=_SCORES[score],
+            )
         response = self._call(self._graphs.FindPaths, request)
         return [convert.path_from_proto(p) for p in response.paths]
 
     # ------------------------------------------------------------------ features
     def get_feature(self, set_id: str, layer: int, index: int) -> FeatureRecord:
-        key = types_pb2.FeatureKey(set_id=set_id, layer=layer, index=index)
-        response = self._call(
-            self._features.GetFeature, feature_service_pb2.GetFeatureRequest(key=key)
-        )
+        with _fields("GetFeature"):
+            request = feature_service_pb2.GetFeatureRequest(key=_feature_key(set_id, layer, index))
+        response = self._call(self._features.GetFeature, request)
         return convert.feature_from_proto(response.feature)
 
     def search_features(
@@ -256,15 +269,16 @@ class CircuitsClient:
         page_size: int = 0,
         page_token: str = "",
     ) -> Page[FeatureRecord]:
-        request = feature_service_pb2.SearchFeaturesRequest(
-            set_id=set_id,
-            label_contains=label_contains,
-            token=token,
-            page_size=page_size,
-            page_token=page_token,
-        )
-        if layer is not None:
-            request.layer = layer
+        with _fields("SearchFeatures"):
+            request = feature_service_pb2.SearchFeaturesRequest(
+                set_id=set_id,
+                label_contains=label_contains,
+                token=token,
+                page_size=page_size,
+                page_token=page_token,
+            )
+            if layer is not None:
+                request.layer = layer
         response = self._call(self._features.SearchFeatures, request)
         return Page(
             [convert.feature_from_proto(f) for f in response.features],
@@ -272,8 +286,9 @@ class CircuitsClient:
         )
 
     def set_feature_label(self, set_id: str, layer: int, index: int, label: str) -> FeatureRecord:
-        key = types_pb2.FeatureKey(set_id=set_id, layer=layer, index=index)
-        request = feature_service_pb2.SetFeatureLabelRequest(key=key, label=label)
+        with _fields("SetFeatureLabel"):
+            key = _feature_key(set_id, layer, index)
+            request = feature_service_pb2.SetFeatureLabelRequest(key=key, label=label)
         return convert.feature_from_proto(
             self._call(self._features.SetFeatureLabel, request).feature
         )
@@ -281,10 +296,10 @@ class CircuitsClient:
     def feature_occurrences(
         self, set_id: str, layer: int, index: int, *, page_size: int = 0, page_token: str = ""
     ) -> Page[FeatureOccurrence]:
-        key = types_pb2.FeatureKey(set_id=set_id, layer=layer, index=index)
-        request = feature_service_pb2.ListFeatureOccurrencesRequest(
-            key=key, page_size=page_size, page_token=page_token
-        )
+        with _fields("ListFeatureOccurrences"):
+            request = feature_service_pb2.ListFeatureOccurrencesRequest(
+                key=_feature_key(set_id, layer, index), page_size=page_size, page_token=page_token
+            )
         response = self._call(self._features.ListFeatureOccurrences, request)
         return Page(
             [convert.occurrence_from_proto(o) for o in response.occurrences],
@@ -315,24 +330,25 @@ class CircuitsClient:
         Target: the top logits (default; ``max_n_logits``), a logit difference
         ``(correct, counterfactual)`` token ids, or a feature ``(layer, index, pos)``.
         """
-        request = analysis_service_pb2.AttributeRequest(model=model, prompt=prompt)
         if logit_diff is not None and feature is not None:
             raise InvalidArgumentError("give at most one of logit_diff and feature")
-        if logit_diff is not None:
-            request.logit_diff.correct_token_id = logit_diff[0]
-            request.logit_diff.counterfactual_token_id = logit_diff[1]
-        elif feature is not None:
-            request.feature.layer, request.feature.index = feature[0], feature[1]
-            if feature[2] is not None:
-                request.feature.position = feature[2]
-        else:
-            request.logits.max_n_logits = max_n_logits
-        if max_feature_nodes is not None:
-            request.max_feature_nodes = max_feature_nodes
-        if node_threshold is not None:
-            request.node_threshold = node_threshold
-        if edge_threshold is not None:
-            request.edge_threshold = edge_threshold
+        with _fields("Attribute"):
+            request = analysis_service_pb2.AttributeRequest(model=model, prompt=prompt)
+            if logit_diff is not None:
+                request.logit_diff.correct_token_id = logit_diff[0]
+                request.logit_diff.counterfactual_token_id = logit_diff[1]
+            elif feature is not None:
+                request.feature.layer, request.feature.index = feature[0], feature[1]
+                if feature[2] is not None:
+                    request.feature.position = feature[2]
+            else:
+                request.logits.max_n_logits = max_n_logits
+            if max_feature_nodes is not None:
+                request.max_feature_nodes = max_feature_nodes
+            if node_threshold is not None:
+                request.node_threshold = node_threshold
+            if edge_threshold is not None:
+                request.edge_threshold = edge_threshold
         response = self._call(self._analysis.Attribute, request, timeout_s)
         return convert.attribution_from_proto(response)
 
@@ -348,16 +364,19 @@ class CircuitsClient:
     ) -> InterventionResult:
         """Next-token predictions with features changed: each intervention is
         ``(layer, position, index, "value" | "scale", number)``."""
-        request = analysis_service_pb2.InterveneRequest(
-            model=model, prompt=prompt, freeze_attention=freeze_attention, top_k=top_k
-        )
-        for layer, position, index, kind, number in interventions:
+        interventions = list(interventions)  # read twice: an iterator would be spent
+        for *_, kind, _number in interventions:
             if kind not in ("value", "scale"):
                 raise InvalidArgumentError(
                     f"intervention kind must be value or scale, got {kind!r}"
                 )
-            iv = request.interventions.add(layer=layer, position=position, index=index)
-            setattr(iv, kind, number)
+        with _fields("Intervene"):
+            request = analysis_service_pb2.InterveneRequest(
+                model=model, prompt=prompt, freeze_attention=freeze_attention, top_k=top_k
+            )
+            for layer, position, index, kind, number in interventions:
+                iv = request.interventions.add(layer=layer, position=position, index=index)
+                setattr(iv, kind, number)
         response = self._call(self._analysis.Intervene, request, timeout_s)
         return convert.intervention_from_proto(response)
 
@@ -385,18 +404,19 @@ class CircuitsClient:
             raise InvalidArgumentError(
                 f"patching must be one of {sorted(CIRCUIT_PATCHINGS)}, got {patching!r}"
             )
-        request = analysis_service_pb2.EvaluateCircuitRequest(
-            model=model,
-            prompt=prompt,
-            counterfactual=counterfactual,
-            correct_token_id=correct_token_id,
-            counterfactual_token_id=counterfactual_token_id,
-            scoring=EDGE_SCORINGS[scoring],
-            patching=CIRCUIT_PATCHINGS[patching],
-            fractions=fractions or [],
-        )
-        if max_feature_nodes is not None:
-            request.max_feature_nodes = max_feature_nodes
+        with _fields("EvaluateCircuit"):
+            request = analysis_service_pb2.EvaluateCircuitRequest(
+                model=model,
+                prompt=prompt,
+                counterfactual=counterfactual,
+                correct_token_id=correct_token_id,
+                counterfactual_token_id=counterfactual_token_id,
+                scoring=EDGE_SCORINGS[scoring],
+                patching=CIRCUIT_PATCHINGS[patching],
+                fractions=fractions or [],
+            )
+            if max_feature_nodes is not None:
+                request.max_feature_nodes = max_feature_nodes
         response = self._call(self._analysis.EvaluateCircuit, request, timeout_s)
         return convert.faithfulness_from_proto(response)
 
@@ -412,42 +432,45 @@ class CircuitsClient:
     ) -> JobStatus:
         """Queue an ingest job; ``prompts`` are worker records (``prompt``, ``task``,
         ``id``, ``counterfactual``, ``correct``, ``incorrect``)."""
-        request = job_service_pb2.SubmitIngestRequest(model=model)
-        for record in prompts:
-            unknown = set(record) - {
-                "prompt",
-                "task",
-                "id",
-                "counterfactual",
-                "correct",
-                "incorrect",
-            }
-            if unknown:
-                raise InvalidArgumentError(f"unknown prompt field(s) {sorted(unknown)}")
-            request.prompts.add(
-                prompt=record.get("prompt", ""),
-                task=record.get("task", ""),
-                prompt_id=record.get("id", ""),
-                counterfactual=record.get("counterfactual", ""),
-                correct=record.get("correct", ""),
-                incorrect=record.get("incorrect", ""),
-            )
-        if node_threshold is not None:
-            request.node_threshold = node_threshold
-        if edge_threshold is not None:
-            request.edge_threshold = edge_threshold
-        if max_feature_nodes is not None:
-            request.max_feature_nodes = max_feature_nodes
+        with _fields("SubmitIngest"):
+            request = job_service_pb2.SubmitIngestRequest(model=model)
+            for record in prompts:
+                unknown = set(record) - {
+                    "prompt",
+                    "task",
+                    "id",
+                    "counterfactual",
+                    "correct",
+                    "incorrect",
+                }
+                if unknown:
+                    raise InvalidArgumentError(f"unknown prompt field(s) {sorted(unknown)}")
+                request.prompts.add(
+                    prompt=record.get("prompt", ""),
+                    task=record.get("task", ""),
+                    prompt_id=record.get("id", ""),
+                    counterfactual=record.get("counterfactual", ""),
+                    correct=record.get("correct", ""),
+                    incorrect=record.get("incorrect", ""),
+                )
+            if node_threshold is not None:
+                request.node_threshold = node_threshold
+            if edge_threshold is not None:
+                request.edge_threshold = edge_threshold
+            if max_feature_nodes is not None:
+                request.max_feature_nodes = max_feature_nodes
         return convert.job_status_from_proto(self._call(self._jobs.SubmitIngest, request).job)
 
     def get_job(self, job_id: str) -> JobStatus:
-        request = job_service_pb2.GetJobRequest(job_id=job_id)
+        with _fields("GetJob"):
+            request = job_service_pb2.GetJobRequest(job_id=job_id)
         return convert.job_status_from_proto(self._call(self._jobs.GetJob, request).job)
 
     def watch_job(self, job_id: str) -> Iterator[JobStatus]:
         """The job's states as they change, until it finishes (the client's timeout
         bounds the whole watch)."""
-        request = job_service_pb2.WatchJobRequest(job_id=job_id)
+        with _fields("WatchJob"):
+            request = job_service_pb2.WatchJobRequest(job_id=job_id)
         for update in self._stream(self._jobs.WatchJob, request):
             yield convert.job_status_from_proto(update.job)
 
@@ -461,12 +484,13 @@ class CircuitsClient:
             raise InvalidArgumentError(
                 f"unknown job state {state!r}; use one of {', '.join(convert.JOB_STATES)}"
             )
-        request = job_service_pb2.ListJobsRequest(
-            state=convert.JOB_STATES.get(state, job_service_pb2.JOB_STATE_UNSPECIFIED),
-            model=model,
-            page_size=page_size,
-            page_token=page_token,
-        )
+        with _fields("ListJobs"):
+            request = job_service_pb2.ListJobsRequest(
+                state=convert.JOB_STATES.get(state, job_service_pb2.JOB_STATE_UNSPECIFIED),
+                model=model,
+                page_size=page_size,
+                page_token=page_token,
+            )
         response = self._call(self._jobs.ListJobs, request)
         return Page(
             [convert.job_status_from_proto(j) for j in response.jobs],
@@ -478,8 +502,26 @@ class CircuitsClient:
         return _every_page(self.list_jobs, filters)
 
     def cancel_job(self, job_id: str) -> JobStatus:
-        request = job_service_pb2.CancelJobRequest(job_id=job_id)
+        with _fields("CancelJob"):
+            request = job_service_pb2.CancelJobRequest(job_id=job_id)
         return convert.job_status_from_proto(self._call(self._jobs.CancelJob, request).job)
+
+
+@contextmanager
+def _fields(method: str) -> Iterator[None]:
+    """Protobuf refuses a value its field cannot hold (an integer beyond the field's
+    range, a string that is not valid text): the caller's mistake, a domain error."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(
+            f"bad value in the {method} request ({exc}): integers must fit the field "
+            "(int32 for sizes, depths, layers and positions; int64 for indices and token ids)"
+        ) from None
+
+
+def _feature_key(set_id: str, layer: int, index: int) -> types_pb2.FeatureKey:
+    return types_pb2.FeatureKey(set_id=set_id, layer=layer, index=index)
 
 
 def _every_page(list_page: Callable[..., Page[T]], filters: dict[str, Any]) -> Iterator[T]:

@@ -11,13 +11,22 @@ second ``circuitscope demo`` takes seconds:
    statistics for the catalog.
 3. ``ingest``: held-out greater-than prompts attributed by the ingest worker into the
    graph store (``NEO4J_URI``, or the embedded server) with full-graph artifacts.
-4. ``queries``: a few cookbook-style queries over what was stored.
+4. ``queries``: a few cookbook-style queries over what was stored (every page of the
+   model's graphs is read, keeping this run's transcoder set).
 5. ``serve``: the gRPC server started in the background on the same store, and a
-   client command that works against it.
+   client command that works against it. A server an earlier run left is stopped
+   first, and waited for, but only when its pid still names that server (``/proc``
+   command line: ``-m service serve`` with the demo's token file): a stale pid file
+   never signals another process. The stage succeeds only when its own server says it
+   listens, stays alive and answers a call made with the demo's token; otherwise it
+   raises :class:`~ingest.errors.UnavailableError` (one line, exit code 2) with the end
+   of the server's log. The store is closed either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -27,15 +36,26 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ingest.errors import CircuitscopeError, FailedPreconditionError
+from ingest.processes import live_command_line
 
 if TYPE_CHECKING:
     from service.demo_cli import DemoContext
 
 #: What the queries stage prints for a listing the pruned graphs leave empty.
 NO_FEATURES = "  (none: pruning kept no feature nodes; only token, error and logit nodes)"
+#: Graphs per store page read by the queries stage.
+QUERY_PAGE = 100
+#: What ``circuitscope serve`` writes to its log once it listens (service/server.py).
+ANNOUNCED = "serving circuits.v1 on"
+#: How long the serve stage waits for its server to answer, and for an old one to stop.
+START_TIMEOUT_S = 120.0
+STOP_WAIT_S = 15.0
 
 
 def _demo_dir(ctx: DemoContext) -> Path:
@@ -167,9 +187,13 @@ def queries_stage(ctx: DemoContext) -> list[str]:
     from ingest.graph import NodeKind
 
     store = ctx.results["store"]
-    page = store.list_graphs(task="greater_than", model_id=ctx.results["model_id"], limit=100)
-    # This run's transcoder set only: the store keeps graphs of earlier sets too.
-    graphs = [g for g in page.items if g.metadata.set_id == ctx.results["set_id"]]
+    # This run's transcoder set only: the store keeps graphs of earlier sets too, so
+    # every page of the model's graphs is read (this set's may come after them).
+    graphs = [
+        g
+        for g in _every_graph(store, task="greater_than", model_id=ctx.results["model_id"])
+        if g.metadata.set_id == ctx.results["set_id"]
+    ]
     if not graphs:
         return ["no graphs stored"]
     lines = [f"{len(graphs)} greater-than graphs stored for this set; the first three:"]
@@ -210,34 +234,90 @@ def queries_stage(ctx: DemoContext) -> list[str]:
     return lines
 
 
+def _every_graph(store: Any, **filters: Any) -> Iterator[Any]:
+    """The summaries of every stored graph matching ``filters``, page by page."""
+    cursor = None
+    while True:
+        page = store.list_graphs(limit=QUERY_PAGE, cursor=cursor, **filters)
+        yield from page.items
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _is_demo_server(pid: int, token_file: Path) -> bool:
+    """True when ``pid`` is a live (not zombie) ``python -m service serve`` process
+    started with ``token_file``, i.e. a server an earlier demo run left behind. A stale
+    pid file's pid may since belong to any other process, which must not be signalled
+    (on a system without ``/proc`` nothing is recognised, so nothing is stopped)."""
+    args = live_command_line(pid)
+    if args is None:
         return False
+    serves = (b"-m", b"service", b"serve") in zip(args, args[1:], args[2:], strict=False)
+    with_token = (b"--tokens-file", os.fsencode(token_file)) in itertools.pairwise(args)
+    return serves and with_token
+
+
+def _stop_old_server(pid_file: Path, token_file: Path) -> str | None:
+    """Stop the server an earlier demo run left (SIGTERM, then SIGKILL after its grace
+    period) and wait until it is gone; a line saying so, or None when there was none."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not _is_demo_server(pid, token_file):
+        return None
+    os.kill(pid, signal.SIGTERM)  # the server drains its calls for 5 s, then exits
+    if not _gone(pid, token_file, STOP_WAIT_S):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not _gone(pid, token_file, STOP_WAIT_S):
+            raise FailedPreconditionError(
+                f"the previous demo server (pid {pid}) does not stop: stop it (kill -9 {pid}) "
+                "and run the demo again"
+            )
+    return f"stopped the previous demo server (pid {pid})"
+
+
+def _gone(pid: int, token_file: Path, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the demo server ``pid`` to exit; whether it did."""
+    deadline = time.monotonic() + seconds
+    while _is_demo_server(pid, token_file):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
     return True
 
 
 def serve_stage(ctx: DemoContext) -> list[str]:
-    from service.client import CircuitsClient
+    """Start the server; the store the earlier stages used is closed either way."""
+    try:
+        return _serve(ctx)
+    finally:
+        ctx.results["store"].close()
 
-    run_dir = _demo_dir(ctx) / "serve"
+
+def _serve(ctx: DemoContext) -> list[str]:
+    from ingest.errors import UnavailableError
+    from service.client import CircuitsClient, RetryPolicy
+
+    run_dir = _demo_dir(ctx).resolve() / "serve"
     run_dir.mkdir(parents=True, exist_ok=True)
     token_file, pid_file, log_file = (run_dir / n for n in ("token", "server.pid", "server.log"))
     if not token_file.is_file():
-        token_file.write_text(secrets.token_urlsafe(24) + "\n")
-        token_file.chmod(0o600)
-    if pid_file.is_file() and _alive(int(pid_file.read_text())):
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        time.sleep(2.0)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")
+    lines = [line for line in [_stop_old_server(pid_file, token_file)] if line]
     port = ctx.port or _free_port()
     target = f"127.0.0.1:{port}"
+    log_start = log_file.stat().st_size if log_file.exists() else 0
     with log_file.open("ab") as log:
         proc = subprocess.Popen(
             [
@@ -259,28 +339,57 @@ def serve_stage(ctx: DemoContext) -> list[str]:
         )
     pid_file.write_text(str(proc.pid))
     token = token_file.read_text().strip()
-    deadline = time.monotonic() + 120
+
+    def failed(why: str) -> UnavailableError:
+        last = [ln for ln in _log_since(log_file, log_start).splitlines() if ln.strip()][-1:]
+        said = f" Its log ends with: {last[0].strip()}" if last else ""
+        return UnavailableError(
+            f"the demo's gRPC server did not start on {target}: {why}.{said} (log: {log_file}); "
+            "if another server holds the port, pass --port 0 for a free one"
+        )
+
+    deadline = time.monotonic() + START_TIMEOUT_S
     status = "UNKNOWN"
-    while time.monotonic() < deadline:
+    while True:
         if proc.poll() is not None:
-            tail = log_file.read_text(errors="replace").splitlines()[-10:]
-            return ["the server exited while starting; its log ends with:", *tail]
-        try:
-            with CircuitsClient(target, token=token, timeout_s=5.0) as client:
-                status = client.health()
-                if status == "SERVING":
+            raise failed(f"it exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise failed(f"it did not answer within {START_TIMEOUT_S:.0f} s and was stopped")
+        # Ours once it says it listens (a port is never shared) and takes our token.
+        if ANNOUNCED in _log_since(log_file, log_start):
+            try:
+                with CircuitsClient(
+                    target, token=token, timeout_s=5.0, retry=RetryPolicy(max_attempts=1)
+                ) as client:
+                    client.list_graphs(page_size=1)
+                    status = client.health()
+            except CircuitscopeError:
+                pass  # not answering yet: keep polling until the deadline
+            else:
+                if status == "SERVING" and proc.poll() is None:
                     break
-        except Exception:
-            pass  # not up yet: keep polling until the deadline
-        time.sleep(1.0)
-    ctx.results["store"].close()
+        time.sleep(0.5)
     ctx.results["server_pid"] = proc.pid
     ctx.results["target"] = target
     ctx.results["token_file"] = token_file
     return [
+        *lines,
         f"gRPC server pid {proc.pid} on {target}: {status} (log: {log_file})",
         "try it:",
         f"  circuitscope query --target {target} --token-file {token_file} graphs list "
         "--task greater_than",
         f"stop it with: kill {proc.pid}",
     ]
+
+
+def _log_since(log_file: Path, offset: int) -> str:
+    """What the server wrote to its log after ``offset`` bytes (the log is appended to)."""
+    with log_file.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")

@@ -6,8 +6,13 @@ get|search|label|occurrences``, ``models``, ``attribute``, ``intervene``,
 submit|list|get|watch|cancel``, ``health``) and print JSON on stdout. The target comes
 from ``--target`` or ``CIRCUITSCOPE_TARGET`` (default ``localhost:50051``), the bearer
 token from ``--token-file`` or ``CIRCUITSCOPE_TOKEN``; ``--tls-ca`` switches to TLS,
-``--tls-cert``/``--tls-key`` add a client certificate for mutual TLS. Failed calls
-raise domain errors, which the console script prints as one line (exit 2).
+``--tls-cert``/``--tls-key`` (both or neither) add a client certificate for mutual
+TLS. Failed calls raise domain errors, which the console script prints as one line
+(exit 2).
+
+Numbers are checked before anything is sent: integers must fit the request's field
+(argparse refuses others, exit 2) and floats must be finite. The JSON on stdout is
+strict (RFC 8259): a non-finite number in an answer is written as ``null``.
 """
 
 from __future__ import annotations
@@ -15,13 +20,48 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 TARGET_ENV = "CIRCUITSCOPE_TARGET"
 TOKEN_ENV = "CIRCUITSCOPE_TOKEN"
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+def _bounded_int(high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in ``0..high`` (the range of the request's field)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not 0 <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in 0..{high}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+_count = _bounded_int(INT32_MAX)  # sizes, depths, layers, positions (int32 fields)
+_id = _bounded_int(INT64_MAX)  # feature indices and token ids (int64 fields)
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite float (NaN and infinities mean nothing to the server)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -60,16 +100,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = graphs.add_parser("subgraph", help="the neighbourhood of a node")
     p.add_argument("graph_id")
     p.add_argument("node_id")
-    p.add_argument("--depth", type=int, default=0, help="hops (default 1)")
-    p.add_argument("--top-k", type=int, default=0, help="edges kept per node (default 10)")
+    p.add_argument("--depth", type=_count, default=0, help="hops (default 1)")
+    p.add_argument("--top-k", type=_count, default=0, help="edges kept per node (default 10)")
     p.add_argument("--direction", choices=("both", "out", "in"), default="both")
     p.set_defaults(query_handler=_graphs_subgraph)
     p = graphs.add_parser("paths", help="strongest paths between two nodes")
     p.add_argument("graph_id")
     p.add_argument("source_node_id")
     p.add_argument("target_node_id")
-    p.add_argument("--top-k", type=int, default=0, help="paths (default 5)")
-    p.add_argument("--max-length", type=int, default=0, help="edges per path (default 6)")
+    p.add_argument("--top-k", type=_count, default=0, help="paths (default 5)")
+    p.add_argument("--max-length", type=_count, default=0, help="edges per path (default 6)")
     p.add_argument("--score", choices=("product", "sum"), default="product")
     p.set_defaults(query_handler=_graphs_paths)
 
@@ -81,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(query_handler=_features_get)
     p = features.add_parser("search", help="search features of a transcoder set, one page")
     p.add_argument("set_id")
-    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--layer", type=_count, default=None)
     p.add_argument("--label", default="", help="label text filter")
     p.add_argument("--token", default="", help="top-token filter")
     _paging(p, _features_search)
@@ -98,10 +138,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = groups.add_parser("attribute", help="compute a prompt's pruned attribution graph")
     p.add_argument("model")
     p.add_argument("prompt")
-    p.add_argument("--logit-diff", nargs=2, type=int, metavar=("CORRECT", "COUNTER"))
-    p.add_argument("--max-feature-nodes", type=int, default=None)
-    p.add_argument("--node-threshold", type=float, default=None)
-    p.add_argument("--edge-threshold", type=float, default=None)
+    p.add_argument("--logit-diff", nargs=2, type=_id, metavar=("CORRECT", "COUNTER"))
+    p.add_argument("--max-feature-nodes", type=_count, default=None)
+    p.add_argument("--node-threshold", type=_finite, default=None)
+    p.add_argument("--edge-threshold", type=_finite, default=None)
     p.set_defaults(query_handler=_attribute)
 
     p = groups.add_parser("intervene", help="next-token predictions with features changed")
@@ -124,14 +164,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="scale a feature's activation; 0 ablates it (repeatable)",
     )
     p.add_argument("--freeze-attention", action="store_true")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=_count, default=0)
     p.set_defaults(query_handler=_intervene)
     p = groups.add_parser("evaluate", help="circuit faithfulness f(k), CPR and CMD (MIB)")
     p.add_argument("model")
     p.add_argument("prompt")
     p.add_argument("counterfactual", help="a prompt of the same token length")
-    p.add_argument("correct_token_id", type=int)
-    p.add_argument("counterfactual_token_id", type=int)
+    p.add_argument("correct_token_id", type=_id)
+    p.add_argument("counterfactual_token_id", type=_id)
     p.add_argument(
         "--scoring",
         choices=("attribution", "weight", "random", "eap", "eap_signed"),
@@ -144,7 +184,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default="edge",
         help="edge: MIB edge patching in the linearized model; node: node patching",
     )
-    p.add_argument("--fractions", type=float, nargs="+", default=None)
+    p.add_argument("--fractions", type=_finite, nargs="+", default=None)
     p.set_defaults(query_handler=_evaluate)
 
     jobs = groups.add_parser("jobs", help="ingest jobs").add_subparsers(
@@ -153,8 +193,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = jobs.add_parser("submit", help="queue an ingest job from a JSON Lines prompt file")
     p.add_argument("model")
     p.add_argument("prompts", type=Path, help="JSONL: one {prompt, task, id, ...} per line")
-    p.add_argument("--node-threshold", type=float, default=None)
-    p.add_argument("--edge-threshold", type=float, default=None)
+    p.add_argument("--node-threshold", type=_finite, default=None)
+    p.add_argument("--edge-threshold", type=_finite, default=None)
     p.add_argument("--watch", action="store_true", help="follow the job until it finishes")
     p.set_defaults(query_handler=_jobs_submit)
     p = jobs.add_parser("list", help="list jobs, most recent first, one page")
@@ -193,15 +233,31 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _paging(parser: argparse.ArgumentParser, handler: Any) -> None:
-    parser.add_argument("--page-size", type=int, default=0, help="items per page (default 50)")
+    parser.add_argument("--page-size", type=_count, default=0, help="items per page (default 50)")
     parser.add_argument("--page-token", default="", help="next_page_token of the previous page")
     parser.set_defaults(query_handler=handler)
 
 
 def _feature_key(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("set_id")
-    parser.add_argument("layer", type=int)
-    parser.add_argument("index", type=int)
+    parser.add_argument("layer", type=_count)
+    parser.add_argument("index", type=_id)
+
+
+def _read_token(path: Path) -> str:
+    """The one bearer token in ``path``, read as the server reads its tokens file: a
+    ``#`` starts a comment, blank lines are skipped."""
+    from ingest.errors import InvalidArgumentError
+
+    tokens = [t for line in path.read_text().splitlines() if (t := line.split("#", 1)[0].strip())]
+    if len(tokens) != 1:
+        raise InvalidArgumentError(
+            f"token file {path} holds {len(tokens)} tokens (outside # comments): the client "
+            "sends one, so pass a file that holds exactly one"
+        )
+    if any(c.isspace() for c in tokens[0]):
+        raise InvalidArgumentError(f"the token in {path} contains whitespace: a token is one word")
+    return tokens[0]
 
 
 def make_client(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Any:
@@ -210,28 +266,54 @@ def make_client(args: argparse.Namespace, environ: dict[str, str] | None = None)
     from service.client import CircuitsClient, ClientTls
 
     env = os.environ if environ is None else environ
-    if not args.timeout > 0:
-        raise InvalidArgumentError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise InvalidArgumentError(f"--timeout must be > 0 seconds and finite, got {args.timeout}")
     token = env.get(TOKEN_ENV) or None
     if args.token_file is not None:
+        if args.token_file.is_dir():
+            raise InvalidArgumentError(
+                f"--token-file {args.token_file} is a directory: pass the file holding the token"
+            )
         if not args.token_file.is_file():
             raise NotFoundError(f"token file {args.token_file} does not exist")
-        token = args.token_file.read_text().strip()
+        token = _read_token(args.token_file)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise InvalidArgumentError(
+            "--tls-cert and --tls-key go together (the client certificate and its private "
+            "key, for mutual TLS): give both, or neither"
+        )
     tls = None
-    if args.tls_ca or args.tls_cert or args.tls_key:
+    if args.tls_ca or args.tls_cert:
         tls = ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.server_name)
+    elif args.server_name:
+        raise InvalidArgumentError(
+            "--server-name only applies to TLS: add --tls-ca (or --tls-cert and --tls-key)"
+        )
     target = args.target or env.get(TARGET_ENV) or "localhost:50051"
+    _check_target(target)
     return CircuitsClient(target, token=token, tls=tls, timeout_s=args.timeout)
 
 
+def _check_target(target: str) -> None:
+    """Refuse a ``host:port`` whose port is out of range (gRPC would wrap it silently)."""
+    from ingest.errors import InvalidArgumentError
+
+    _, colon, port = target.rpartition(":")
+    if colon and port.isdigit() and not 1 <= int(port) <= 65535:
+        raise InvalidArgumentError(f"target {target!r}: the port must lie in 1..65535, got {port}")
+
+
 def _jsonable(value: Any) -> Any:
+    """``value`` as JSON types; non-finite floats become None (strict JSON has no NaN)."""
     from ingest.graph import AttributionGraph
 
     if isinstance(value, AttributionGraph):
         return {
             "metadata": _jsonable(value.metadata),
             "nodes": [_jsonable(n) for n in value.nodes],
-            "edges": [{"source": s, "target": t, "weight": w} for s, t, w in value.edge_list()],
+            "edges": [
+                {"source": s, "target": t, "weight": _jsonable(w)} for s, t, w in value.edge_list()
+            ],
         }
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -239,13 +321,15 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return value
 
 
 def _emit(value: Any) -> int:
-    sys.stdout.write(json.dumps(_jsonable(value), indent=2) + "\n")
+    sys.stdout.write(json.dumps(_jsonable(value), indent=2, allow_nan=False) + "\n")
     return 0
 
 
@@ -366,12 +450,14 @@ def _intervene(args: argparse.Namespace) -> int:
     changes: list[tuple[int, int, int, str, float]] = []
     for kind, specs in (("value", args.set), ("scale", args.scale)):
         for layer, pos, index, number in specs:
+            flag = "--set" if kind == "value" else "--scale"
             try:
-                changes.append((int(layer), int(pos), int(index), kind, float(number)))
-            except ValueError:
+                change = (_count(layer), _count(pos), _id(index), kind, _finite(number))
+            except argparse.ArgumentTypeError as exc:
                 raise InvalidArgumentError(
-                    f"--{'set' if kind == 'value' else 'scale'} takes LAYER POS INDEX NUMBER"
+                    f"{flag} takes LAYER POS INDEX NUMBER (a finite number): {exc}"
                 ) from None
+            changes.append(change)
     with make_client(args) as c:
         return _emit(
             c.intervene(

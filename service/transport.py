@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ingest.errors import CircuitscopeError, UnavailableError
+from ingest.errors import CircuitscopeError, InvalidArgumentError, UnavailableError
 from service.auth import bearer_metadata
 from service.config import DEFAULT_MAX_MESSAGE_BYTES
 from service.errors import STATUS_BY_ERROR
@@ -56,6 +56,14 @@ class ClientTls:
     client_key: bytes | None = None
     server_name: str | None = None
 
+    def __post_init__(self) -> None:
+        # gRPC's C core aborts the whole process on a certificate without its key.
+        if (self.client_cert is None) != (self.client_key is None):
+            raise InvalidArgumentError(
+                "a client certificate and its private key go together (mutual TLS): "
+                "give both client_cert and client_key, or neither"
+            )
+
     @classmethod
     def from_files(
         cls,
@@ -73,7 +81,9 @@ class ClientTls:
 def error_from_rpc(exc: grpc.RpcError) -> CircuitscopeError:
     """The domain error a failed call stands for."""
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(code)
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or (
+        f"the server answered {code.name} without details"
+    )
     cls = _ERROR_BY_STATUS.get(code)
     if cls is not None:
         return cls(details)

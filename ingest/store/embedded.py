@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.errors import FailedPreconditionError, UnavailableError
+from ingest.processes import live_command_line
 from ingest.store.config import EMBEDDED_DATABASE, StoreConfig, default_data_dir
 
 logger = logging.getLogger(__name__)
@@ -114,19 +115,14 @@ def _alive(pid: int, root: Path) -> bool:
     """True when ``pid`` is a live (not zombie) embedded server process of the data
     directory ``root`` (a stale pid file's pid may since be another directory's server,
     which must not be reused or stopped)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+    args = live_command_line(pid)
+    if args is None:
         return False
-    state = stat.rsplit(")", 1)[-1].split()[0]
     serves_root = any(
         flag == b"--data-dir" and value == os.fsencode(root)
         for flag, value in itertools.pairwise(args)
     )
-    return state not in ("Z", "X") and SERVER_MODULE.encode() in args and serves_root
+    return SERVER_MODULE.encode() in args and serves_root
 
 
 def _pid(data_dir: Path) -> int | None:

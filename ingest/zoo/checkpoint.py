@@ -15,6 +15,8 @@ equal specs are interchangeable, which is how ``circuitscope demo`` reuses a mod
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from ingest.zoo.task import ModelShape, Task, TrainingConfig
 log = logging.getLogger(__name__)
 
 MANIFEST = "zoo.json"
+#: What a trained checkpoint holds besides the manifest (what ``reuse`` requires).
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 FORMAT = "circuitscope-zoo"
 FORMAT_VERSION = 1
 
@@ -182,6 +186,7 @@ class LoadedZooModel:
 def load_zoo_model(directory: str | Path, device: str | None = "cpu") -> LoadedZooModel:
     """Load a zoo checkpoint with ``AutoTokenizer`` / ``AutoModelForCausalLM`` (eager attention)."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ingest.devices import resolve_device
@@ -192,26 +197,67 @@ def load_zoo_model(directory: str | Path, device: str | None = "cpu") -> LoadedZ
     target = resolve_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
-            directory, attn_implementation="eager", dtype=torch.float32
-        )
-    except (OSError, ValueError) as exc:
+        # transformers would log a multi-line load report; the mismatch is reported here.
+        with _transformers_quiet():
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                directory,
+                attn_implementation="eager",
+                dtype=torch.float32,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+            )
+        model: torch.nn.Module = loaded[0]
+        _check_loading_info(loaded[1])
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        # Missing files (OSError), a bad config, tokenizer or weight names (ValueError),
+        # weights transformers cannot load (RuntimeError) or a truncated file
+        # (SafetensorError). One line: transformers' messages can span several.
+        why = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
         raise InvalidArgumentError(
             f"{str(directory)!r} has a zoo.json but its model or tokenizer cannot be loaded "
-            f"({exc}): retrain it with 'circuitscope zoo train'"
+            f"({why}): retrain it with 'circuitscope zoo train'"
         ) from exc
     model.to(target).eval()
     return LoadedZooModel(model, tokenizer, task, manifest, directory)
 
 
+@contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' own logging at ERROR only and no progress bars, for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_loading_info(info: dict[str, Any]) -> None:
+    """A zoo checkpoint's weights match its config exactly: any missing, unexpected or
+    mis-shaped tensor (which transformers would initialise at random) is an error."""
+    problems = [
+        f"{len(info[kind])} {kind.replace('_', ' ')} (e.g. {sorted(map(str, info[kind]))[0]})"
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        if info.get(kind)
+    ]
+    if problems:
+        raise ValueError(f"its weights do not fit its config.json: {'; '.join(problems)}")
+
+
 def evaluate_checkpoint(
     directory: str | Path, device: str | None = "cpu", max_examples: int | None = None
 ) -> dict[str, float]:
-    """Held-out task metrics of the checkpoint in ``directory``."""
-    from ingest.zoo.evaluation import evaluate
+    """Held-out task metrics of the checkpoint in ``directory``; ``max_examples``: at most
+    that many, spread evenly over the split (as the trainer's periodic evaluation)."""
+    from ingest.zoo.evaluation import evaluate, spread_subset
 
     loaded = load_zoo_model(directory, device)
     examples = loaded.task.examples("heldout")
     if max_examples is not None:
-        examples = examples[:max_examples]
+        examples = spread_subset(examples, max_examples)
     return evaluate(loaded.model, loaded.tokenizer, loaded.task, examples)

@@ -39,7 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev = commands.add_parser("eval", help="held-out task metrics of a checkpoint directory")
     ev.add_argument("directory", type=Path, help="a directory made by 'circuitscope zoo train'")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    ev.add_argument("--max-examples", type=int, default=None, help="evaluate on at most N")
+    ev.add_argument(
+        "--max-examples",
+        type=int,
+        default=None,
+        help="evaluate on at most N held-out examples, spread evenly over the split",
+    )
     ev.set_defaults(handler=_eval)
 
 

@@ -17,6 +17,20 @@ from ingest.errors import InvalidArgumentError
 from ingest.zoo.task import EncodedBatch, Task, TaskExample
 
 
+def spread_subset(examples: Sequence[TaskExample], n: int) -> list[TaskExample]:
+    """``n`` examples spread evenly over ``examples`` (all of them when there are at most
+    ``n``), deterministically. A split is ordered by key, so its first ``n`` examples would
+    all share the key's leading parts (one noun of greater-than, say)."""
+    if n < 0:
+        raise InvalidArgumentError(f"cannot take {n} examples: give a count >= 0")
+    if len(examples) <= n:
+        return list(examples)
+    if n == 0:
+        return []
+    step = len(examples) / n
+    return [examples[int(i * step)] for i in range(n)]
+
+
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), max(width, 1)), value, dtype=torch.long)

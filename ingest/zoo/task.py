@@ -43,7 +43,9 @@ class TaskExample:
     counterfactual_prompt: str
     counterfactual_answers: tuple[str, ...]
     key: tuple[int, ...] = field(default=())
-    """The generating variables (indices into the task's word lists); unique per example."""
+    """The generating variables (indices into the task's word lists): equal keys give equal
+    examples. No two examples of a split share a key unless the task says otherwise
+    (:attr:`Task.unique_keys`)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class TrainingConfig:
             raise ValueError("lr must be a positive finite number")
         if self.weight_decay < 0:
             raise ValueError("weight_decay must be non-negative")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be non-negative")
+        if self.eval_every <= 0 or self.eval_examples <= 0:
+            raise ValueError("eval_every and eval_examples must be positive")
 
     def lr_at(self, step: int) -> float:
         """Learning rate at ``step`` (0-based): linear warmup, then cosine to 10% of peak."""
@@ -158,6 +164,8 @@ class Task(ABC):
     loss_on_all_tokens: ClassVar[bool] = False
     #: Split digit runs into two-digit tokens when tokenizing (years "1732" -> "17" "32").
     split_digit_pairs: ClassVar[bool] = False
+    #: No two examples of a split share a key (and so none is repeated).
+    unique_keys: ClassVar[bool] = True
 
     @abstractmethod
     def vocabulary(self) -> list[str]:

@@ -6,10 +6,14 @@ and punctuation (the ``tokenizers`` ``Whitespace`` pre-tokenizer, ``\\w+|[^\\w\\
 with years split digit runs into two-digit pieces (``"1732"`` -> ``"17" "32"``). Every
 encoding starts with ``<bos>``, so position 0 is an attention sink on every prompt.
 
-The result is a :class:`transformers.PreTrainedTokenizerFast` saved next to the model,
-so ``AutoTokenizer.from_pretrained(directory)`` loads it like a hub tokenizer. Decoding
-joins tokens with single spaces.
+The result is a :class:`transformers.PreTrainedTokenizerFast`, saved next to the model
+by :func:`save_tokenizer`, so ``AutoTokenizer.from_pretrained(directory)`` loads it like
+a hub tokenizer under transformers 4.x and 5.x. Decoding joins tokens with single
+spaces.
 """
+
+import json
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -18,6 +22,10 @@ from ingest.zoo.task import Task
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+#: The class ``tokenizer_config.json`` names. transformers 5 writes its own
+#: ``TokenizersBackend``, which 4.x cannot resolve; both load this one (5.x maps it to
+#: the same backend).
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 
 def task_vocabulary(task: Task) -> dict[str, int]:
@@ -46,3 +54,13 @@ def build_tokenizer(task: Task) -> PreTrainedTokenizerFast:
         padding_side="right",
     )
     return fast
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> None:
+    """``tokenizer.save_pretrained(directory)``, naming :data:`TOKENIZER_CLASS` in
+    ``tokenizer_config.json`` so that every supported transformers version loads it."""
+    tokenizer.save_pretrained(directory)
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = TOKENIZER_CLASS
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

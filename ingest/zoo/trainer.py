@@ -33,13 +33,21 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from ingest.devices import resolve_device
 from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.zoo.architectures import SpecialIds, get_architecture
-from ingest.zoo.checkpoint import TrainSpec, ZooManifest, default_root, read_manifest
-from ingest.zoo.evaluation import evaluate, token_ids
+from ingest.zoo.checkpoint import (
+    CHECKPOINT_FILES,
+    TrainSpec,
+    ZooManifest,
+    default_root,
+    read_manifest,
+)
+from ingest.zoo.evaluation import evaluate, spread_subset, token_ids
 from ingest.zoo.task import Task, TaskExample, TrainingConfig
 from ingest.zoo.tasks import get_task
-from ingest.zoo.tokenizer import build_tokenizer
+from ingest.zoo.tokenizer import build_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes 64-bit seeds
 
 
 @dataclass
@@ -118,14 +126,6 @@ def _optimizer(model: PreTrainedModel, cfg: TrainingConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def _eval_subset(examples: list[TaskExample], n: int) -> list[TaskExample]:
-    """``n`` examples spread evenly over the list (deterministic)."""
-    if len(examples) <= n:
-        return examples
-    step = len(examples) / n
-    return [examples[int(i * step)] for i in range(n)]
-
-
 def _versions() -> dict[str, str]:
     import safetensors
     import tokenizers
@@ -155,6 +155,8 @@ def resolve_spec(
     defaults) of the task, then the overrides; unknown override names are errors."""
     task_obj = get_task(task) if isinstance(task, str) else task
     get_architecture(arch)  # fail early on an unknown family
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidArgumentError(f"seed must lie in 0..{MAX_SEED} (torch's range), got {seed}")
     if task_overrides:
         try:
             task_obj = type(task_obj)(**{**task_obj.config(), **task_overrides})  # type: ignore[call-arg]
@@ -246,7 +248,7 @@ def train_zoo_model(
     model = model.to(device=target).train()
     optimizer = _optimizer(model, cfg)
     generator = torch.Generator().manual_seed(spec.seed)
-    eval_examples = _eval_subset(heldout, cfg.eval_examples)
+    eval_examples = spread_subset(heldout, cfg.eval_examples)
     history: list[dict[str, float]] = []
     n_parameters = sum(p.numel() for p in model.parameters())
     log.info(
@@ -283,7 +285,7 @@ def train_zoo_model(
     out.mkdir(parents=True, exist_ok=True)
     (out / "zoo.json").unlink(missing_ok=True)  # an interrupted save leaves no manifest
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     manifest = ZooManifest(
         spec=spec,
         metrics=metrics,
@@ -301,10 +303,12 @@ def train_zoo_model(
 
 
 def _reusable(out: Path, spec: TrainSpec) -> ZooTrainResult | None:
-    """The checkpoint in ``out`` if it was trained with exactly ``spec``."""
-    from ingest.zoo.tasks import get_task as _get
-
+    """The checkpoint in ``out`` if it was trained with exactly ``spec`` and has all its files."""
     if not (out / "zoo.json").is_file():
+        return None
+    missing = [name for name in CHECKPOINT_FILES if not (out / name).is_file()]
+    if missing:
+        log.warning("not reusing %s: %s missing, retraining", out, ", ".join(missing))
         return None
     try:
         manifest = read_manifest(out)
@@ -314,7 +318,7 @@ def _reusable(out: Path, spec: TrainSpec) -> ZooTrainResult | None:
     if manifest.spec.to_json() != spec.to_json():
         log.info("not reusing %s: it was trained with another configuration", out)
         return None
-    passed = {b.describe(): b.passes(manifest.metrics) for b in _get(spec.task).quality_bars()}
+    passed = {b.describe(): b.passes(manifest.metrics) for b in get_task(spec.task).quality_bars()}
     return ZooTrainResult(
         out, manifest.metrics, manifest.train_seconds, manifest.n_parameters, spec, True, passed
     )

@@ -23,6 +23,7 @@ from ingest.store.embedded import embedded_server, start, stop
 from ingest.transcoders.formats import save
 from service.client import CircuitsClient
 from service.config import ServerConfig
+from service.models import ModelSpec
 from service.server import RunningServer, serve_in_background
 from tests.ingest.attribution import models as tiny
 from tests.service import builders
@@ -109,3 +110,17 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     adapter = load_model(str(root / "model")).adapter
     save(tiny.transcoder_set(adapter, seed=3), root / "transcoders")
     return root / "model", root / "transcoders"
+
+
+@pytest.fixture(scope="session")
+def analysis_target(store: GraphStore, model_dirs: tuple[Path, Path]) -> Iterator[str]:
+    """A server with the tiny model and its transcoders loaded: the analysis calls."""
+    spec = ModelSpec("tiny-gpt2", str(model_dirs[0]), model_dirs[1])
+    config = ServerConfig(
+        port=0,
+        tokens=frozenset({TOKEN}),
+        models=(spec,),
+        artifacts_dir=model_dirs[0].parent / "artifacts",
+    )
+    with serve_in_background(config, store) as running:
+        yield f"127.0.0.1:{running.port}"

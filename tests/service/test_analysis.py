@@ -11,30 +11,13 @@ import pytest
 from ingest.attribution.attribute import attribute
 from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.models import load_model
-from ingest.store.base import GraphStore
 from ingest.transcoders.formats import load_any
 from service.cli import main
 from service.client import CircuitsClient
-from service.config import ServerConfig
-from service.models import ModelSpec
-from service.server import serve_in_background
 from tests.service.conftest import TOKEN
 
 pytestmark = pytest.mark.integration
 PROMPT = "w2 w5 w7 w3"
-
-
-@pytest.fixture(scope="module")
-def analysis_target(store: GraphStore, model_dirs: tuple[Path, Path]) -> Iterator[str]:
-    spec = ModelSpec("tiny-gpt2", str(model_dirs[0]), model_dirs[1])
-    config = ServerConfig(
-        port=0,
-        tokens=frozenset({TOKEN}),
-        models=(spec,),
-        artifacts_dir=model_dirs[0].parent / "artifacts",
-    )
-    with serve_in_background(config, store) as running:
-        yield f"127.0.0.1:{running.port}"
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +272,8 @@ def test_intervene_matches_the_library_and_the_model(
         direct[clean_ids].tolist(), abs=1e-4
     )
     assert [p.token_id for p in served.intervened] == direct.topk(5).indices.tolist()
+    from_iterator = analysis_client.intervene("tiny-gpt2", PROMPT, iter([change]), top_k=5)
+    assert from_iterator.intervened == served.intervened  # an iterator is read once, whole
     unchanged = analysis_client.intervene(
         "tiny-gpt2", PROMPT, [(*change[:3], "scale", 1.0)], top_k=5
     )
@@ -377,6 +362,19 @@ def test_unknown_scoring_or_patching_is_invalid(analysis_client: CircuitsClient)
             InvalidArgumentError,
         ),
         (lambda c: c.intervene("nope", PROMPT, [(0, 0, 0, "value", 1.0)]), NotFoundError),
+        # not finite, or past what the model's dtype holds: refused, not an INTERNAL error
+        (
+            lambda c: c.intervene("tiny-gpt2", PROMPT, [(0, 1, 0, "value", float("nan"))]),
+            InvalidArgumentError,
+        ),
+        (
+            lambda c: c.intervene("tiny-gpt2", PROMPT, [(0, 1, 0, "scale", float("inf"))]),
+            InvalidArgumentError,
+        ),
+        (
+            lambda c: c.intervene("tiny-gpt2", PROMPT, [(0, 1, 0, "value", 1e308)]),
+            InvalidArgumentError,
+        ),
         (lambda c: c.evaluate_circuit("tiny-gpt2", PROMPT, "w2 w5", 5, 9), InvalidArgumentError),
         (lambda c: c.evaluate_circuit("tiny-gpt2", PROMPT, "", 5, 9), InvalidArgumentError),
         (

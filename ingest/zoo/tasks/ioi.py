@@ -10,8 +10,13 @@ Metrics: logit difference ``logit(IO) - logit(S)`` (Wang et al. report 3.55 for 
 small) and accuracy (the arg-max token is IO). Counterfactual: the IO's mention replaced
 by a third name C, so the answer becomes C.
 
-Examples are keyed by ``(template, io, s, order, place, object)``; a fixed 20% of the
-unordered name pairs are held out, so held-out prompts pair names never seen together.
+Examples are keyed by ``(template, io, s, order, place, object, third)``; a fixed 20% of
+the unordered name pairs are held out, so held-out prompts pair names never seen
+together. Each pair's 40 examples are drawn at random (seeded by the pair), with
+replacement: a key can repeat within a split (2 keys in train, 3 held out), and a
+prompt more often (its counterfactual's third name differing). The repeats are kept:
+drawing them again would change every later example, and with it the data that
+trained checkpoints and recorded results were made from.
 """
 
 import random
@@ -57,6 +62,7 @@ SPLIT_SEED = 2023
 class IOI(Task):
     name = "ioi"
     description = "'When Mary and John went to the store, John gave a drink to' -> Mary"
+    unique_keys = False  # random draws per name pair, repeats kept (see the module doc)
 
     def vocabulary(self) -> list[str]:
         words: list[str] = []

@@ -1,8 +1,10 @@
 """The ``zoo`` and ``demo`` commands, called through ``service.cli.main``."""
 
+import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from ingest.paths import home
 from ingest.zoo.trainer import ZooTrainResult
@@ -27,6 +29,8 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
         (["zoo", "train", "ioi", "--device", "cuda:99", "--tiny"], ["cuda:99"]),
         (["zoo", "train", "ioi", "--device", "tpu", "--tiny"], ["'tpu'"]),
         (["zoo", "train", "ioi", "--steps", "0"], ["--steps must be positive"]),
+        (["zoo", "train", "ioi", "--tiny", "--seed", str(10**20)], ["seed must lie in 0.."]),
+        (["zoo", "train", "ioi", "--tiny", "--seed", "-1"], ["seed must lie in 0.."]),
         (["demo", "--device", "cuda:99"], ["cuda:99"]),
     ],
 )
@@ -57,6 +61,47 @@ def test_eval_prints_the_heldout_metrics(
     assert main(["zoo", "eval", str(tiny_greater_than.out_dir), "--max-examples", "64"]) == 0
     out = capsys.readouterr().out
     assert "greater_than on gpt2" in out and "prob_diff" in out and "prob_diff >= 0.8" in out
+
+
+def _damaged_copy(source: Path, target: Path, damage: str) -> Path:
+    shutil.copytree(source, target)
+    weights = target / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        tensors = load_file(weights)
+        if damage == "reshaped":  # a position table one row short
+            tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"][:-1].clone()
+        elif damage == "missing":
+            del tensors["transformer.h.0.mlp.c_fc.weight"]
+        else:  # a tensor the architecture does not have
+            tensors["transformer.h.7.attn.c_attn.weight"] = tensors[
+                "transformer.wpe.weight"
+            ].clone()
+        save_file(tensors, weights, metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("truncated", "deserializing header"),
+        ("reshaped", "mismatched keys"),
+        ("missing", "missing keys"),
+        ("unexpected", "unexpected keys"),
+    ],
+)
+def test_eval_of_damaged_weights_is_one_line(
+    damage: str,
+    needle: str,
+    tiny_greater_than: ZooTrainResult,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    directory = _damaged_copy(tiny_greater_than.out_dir, tmp_path / damage, damage)
+    assert main(["zoo", "eval", str(directory), "--max-examples", "4"]) == 2
+    _one_line_error(capsys, "cannot be loaded", needle, "circuitscope zoo train")
 
 
 @pytest.mark.slow

@@ -32,6 +32,23 @@ def test_generator_is_deterministic_and_splits_are_disjoint(name: str) -> None:
 
 @pytest.mark.unit
 @pytest.mark.parametrize("name", TASKS.names())
+def test_keys_determine_examples_and_repeat_only_where_documented(name: str) -> None:
+    task = TASKS.get(name)
+    for split in ("train", "heldout"):
+        examples = task.examples(split)
+        by_key: dict[tuple[int, ...], object] = {}
+        for example in examples:
+            assert by_key.setdefault(example.key, example) == example  # equal key, equal example
+        repeats = len(examples) - len(by_key)
+        if task.unique_keys:
+            assert repeats == 0, (name, split)
+        else:
+            # IOI keeps its random draws' rare repeats (module doc): these exact counts.
+            assert (name, repeats) == ("ioi", {"train": 2, "heldout": 3}[split])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", TASKS.names())
 def test_counterfactuals_change_the_answer_and_keep_the_length(name: str) -> None:
     task = TASKS.get(name)
     tokenizer = build_tokenizer(task)

@@ -1,8 +1,18 @@
+import json
+
 import pytest
 from transformers import AutoTokenizer
 
 from ingest.zoo.tasks import TASKS
-from ingest.zoo.tokenizer import BOS, SPECIAL_TOKENS, UNK, build_tokenizer, task_vocabulary
+from ingest.zoo.tokenizer import (
+    BOS,
+    SPECIAL_TOKENS,
+    TOKENIZER_CLASS,
+    UNK,
+    build_tokenizer,
+    save_tokenizer,
+    task_vocabulary,
+)
 
 
 @pytest.mark.unit
@@ -13,13 +23,17 @@ def test_tokenizer_splits_prompts_into_vocabulary_words(name: str, tmp_path) -> 
     vocab = task_vocabulary(task)
     assert list(vocab)[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS)
     assert len(tokenizer) == len(vocab)
-    tokenizer.save_pretrained(tmp_path)
+    save_tokenizer(tokenizer, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == TOKENIZER_CLASS == "PreTrainedTokenizerFast"
     loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.padding_side == "right" and len(loaded) == len(vocab)
     for ex in task.examples("heldout")[:20]:
         ids = tokenizer(ex.prompt)["input_ids"]
         tokens = tokenizer.convert_ids_to_tokens(ids)
         assert tokens[0] == BOS and UNK not in tokens
         assert loaded(ex.prompt)["input_ids"] == ids
+        assert loaded(loaded.decode(ids, skip_special_tokens=True))["input_ids"] == ids
         # Decoding joins the words with spaces.
         assert tokenizer.decode(ids, skip_special_tokens=True).split() == tokens[1:]
 
