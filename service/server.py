@@ -29,9 +29,10 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -104,20 +105,18 @@ class RunningServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish;
         unfinished ingest jobs stop after their current prompt and resume at the next
-        start (:meth:`service.jobs.JobManager.stop`)."""
-        await self.monitor.stop()
+        start (:meth:`service.jobs.JobManager.stop`). Every step is bounded
+        (:func:`_bounded`): a step that hangs is logged and left behind."""
+        await _bounded(self.monitor.stop(), STEP_WAIT_S, "stopping the health monitor")
         unfinished = self.jobs.stop()
         if unfinished:
             logger.info("%d unfinished ingest job(s) left to resume at the next start", unfinished)
         grace = self.grace_s if grace_s is None else grace_s
-        try:
-            # grpc.aio's stop has been seen not to return (rarely, with several servers on
-            # their own event loops in one process); the shutdown goes on regardless
-            await asyncio.wait_for(self.server.stop(grace), grace + SERVER_STOP_SLACK_S)
-        except TimeoutError:
-            logger.warning("the gRPC server did not stop within %.1f s; going on", grace)
+        # grpc.aio's stop has been seen not to return (rarely, with several servers on
+        # their own event loops in one process), ignoring its cancellation too
+        await _bounded(self.server.stop(grace), grace + STEP_WAIT_S, "stopping the gRPC server")
         if self.graph_cache is not None:
-            await self.graph_cache.close()
+            await _bounded(self.graph_cache.close(), STEP_WAIT_S, "closing the graph cache")
             logger.info("graph cache at shutdown: %s", self.graph_cache.stats())
         if self.listings is not None:
             logger.info(
@@ -129,20 +128,35 @@ class RunningServer:
             executor.shutdown(wait=False, cancel_futures=True)
         # A running ingest job stops after its current prompt: wait for that (bounded),
         # so that the journal says where it stopped before this server lets go of it.
-        try:
-            await asyncio.wait_for(
-                asyncio.to_thread(_join, self.executors), max(self.grace_s, JOB_STOP_WAIT_S)
-            )
-        except TimeoutError:
-            logger.warning("an ingest job is still on its prompt; its journal is freed at exit")
-            return
-        self.jobs.close()
+        joined = await _bounded(
+            asyncio.to_thread(_join, self.executors),
+            max(self.grace_s, JOB_STOP_WAIT_S),
+            "waiting for the server's threads (an ingest job's prompt, a store call)",
+        )
+        if joined:
+            self.jobs.close()
+        else:
+            logger.warning("the ingest journal stays locked until this process exits")
+
+
+async def _bounded(work: Coroutine[Any, Any, object], seconds: float, what: str) -> bool:
+    """Await ``work`` for at most ``seconds``; return whether it finished. On time out,
+    log ``what`` and cancel it without waiting: ``asyncio.wait_for`` would wait for the
+    cancellation to be honoured, which work that ignores it never does."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if task in done:
+        task.result()
+        return True
+    task.cancel()
+    logger.warning("%s did not finish within %.1f s; shutdown goes on without it", what, seconds)
+    return False
 
 
 #: Seconds a stopping server waits at least for a running ingest job's current prompt.
 JOB_STOP_WAIT_S = 10.0
-#: Seconds past its grace period a stopping server waits for gRPC to report it stopped.
-SERVER_STOP_SLACK_S = 5.0
+#: Seconds a stopping server gives each other step (past its grace period for gRPC's).
+STEP_WAIT_S = 5.0
 
 
 def _join(executors: tuple[ThreadPoolExecutor, ...]) -> None:

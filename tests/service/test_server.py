@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -394,3 +396,35 @@ def test_call_deadlines_become_store_timeouts() -> None:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def test_shutdown_is_bounded_when_grpc_stop_never_returns(
+    store: GraphStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpc.aio's stop has been seen to hang, ignoring its cancellation too; the server's
+    shutdown leaves it behind after the grace period and its slack, and the rest runs."""
+    import asyncio
+
+    from service import server as server_module
+
+    release = threading.Event()
+
+    with serve_in_background(ServerConfig(port=0), store) as running:
+        real_stop = running.server.stop
+
+        async def stuck_stop(grace: float | None) -> None:
+            await real_stop(grace)
+            while not release.is_set():  # what asyncio.wait_for would wait for forever
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.05)
+
+        running.server.stop = stuck_stop  # type: ignore[method-assign]
+        stopping = time.monotonic()
+    elapsed = time.monotonic() - stopping
+    release.set()
+    # every step's bound (no hang: asyncio.wait_for waits on such a stop for ever)
+    bound = 0.5 + 3 * server_module.STEP_WAIT_S + server_module.JOB_STOP_WAIT_S
+    assert elapsed < bound, (elapsed, caplog.text)
+    assert "stopping the gRPC server did not finish" in caplog.text, caplog.text
+    # the steps after it ran: the threads were joined and the journal let go
+    assert "ingest journal stays locked" not in caplog.text, caplog.text
