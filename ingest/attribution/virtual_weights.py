@@ -33,19 +33,7 @@ from torch import Tensor
 
 from ingest.errors import InvalidArgumentError
 from ingest.models import ModelAdapter
-from ingest.models.components import Norm
 from ingest.transcoders.transcoder_set import TranscoderSet
-
-
-def norm_linear(norm: Norm, v: Tensor) -> Tensor:
-    """The linear part of ``norm`` with its denominator taken out: (..., d) -> (..., d).
-
-    LayerNorm: ``(v - mean(v)) * weight``; RMSNorm: ``v * weight``. The norm itself is
-    ``norm_linear(x) / sigma + bias``.
-    """
-    if norm.kind == "layernorm":
-        v = v - v.mean(dim=-1, keepdim=True)
-    return v * norm.weight.to(v.dtype)
 
 
 @torch.no_grad()
@@ -55,8 +43,9 @@ def read_vectors(
     """Residual-space read vectors of features ``indices`` (k,) of ``layer``: (k, d).
 
     ``pre_j = r_j . x / sigma + const`` for the residual ``x`` the MLP norm reads: the
-    transpose of :func:`norm_linear` applied to the encoder row, the weight first and the
-    (symmetric) mean-centring after it.
+    transpose of the norm's linear part (:meth:`ingest.models.components.Norm.linear`)
+    applied to the encoder row, the weight first and the (symmetric) mean-centring after
+    it.
     """
     enc = transcoders.encoder_vectors(layer, indices).to(adapter.dtype)  # (k, d)
     norm = adapter.block(layer).mlp_norm
@@ -113,7 +102,7 @@ def head_connections(
             f"{source_layer} and a target at layer {target_layer}"
         )
     writes = _writes(transcoders, source_layer, source_indices, attn_layer).to(adapter.dtype)
-    normed = norm_linear(adapter.block(attn_layer).attn_norm, writes)  # (k_s, d)
+    normed = adapter.block(attn_layer).attn_norm.linear(writes)  # (k_s, d)
     moved = torch.einsum("kd,hde->hke", normed, adapter.ov_matrices(attn_layer))
     reads = read_vectors(adapter, transcoders, target_layer, target_indices)  # (k_t, d)
     return moved @ reads.T
@@ -138,7 +127,7 @@ def de_embeddings(
             f"feature at layer {layer}"
             + (" (its block is parallel: the MLP reads the block's input)" if parallel else "")
         )
-    normed = norm_linear(adapter.block(attn_layer).attn_norm, adapter.W_E)  # (V, d)
+    normed = adapter.block(attn_layer).attn_norm.linear(adapter.W_E)  # (V, d)
     moved = torch.einsum("vd,hde->hve", normed, adapter.ov_matrices(attn_layer))
     return torch.einsum("hve,ke->hkv", moved, reads)
 
@@ -150,7 +139,7 @@ def output_logits(
     """Direct logit effect of features' decoders through the final norm's linear part
     and the unembedding: (k, V), up to the final norm's denominator."""
     writes = _writes(transcoders, layer, indices, adapter.n_layers).to(adapter.dtype)
-    return norm_linear(adapter.final_norm, writes) @ adapter.W_U
+    return adapter.final_norm.linear(writes) @ adapter.W_U
 
 
 def top_tokens(scores: Tensor, tokenizer: object, k: int = 10) -> list[list[str]]:

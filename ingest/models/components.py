@@ -81,6 +81,17 @@ class Norm(nn.Module):
     def _normalize(self, x: Tensor, scale: Tensor) -> Tensor:
         return _normalized(x, scale, self.weight, self.bias, self.kind == "layernorm")
 
+    def linear(self, v: Tensor) -> Tensor:
+        """The norm's linear part, its denominator taken out: (..., d) -> (..., d).
+
+        LayerNorm: ``(v - mean(v)) * weight``; RMSNorm: ``v * weight``. The norm itself is
+        ``linear(x) / scale(x) + bias``: a direction's effect through the norm with the
+        denominator held (weights-based readings: de-embeddings, direct logit effects).
+        """
+        if self.kind == "layernorm":
+            v = v - v.mean(dim=-1, keepdim=True)
+        return v * self.weight.to(v.dtype)
+
     def extra_repr(self) -> str:
         return f"{self.kind}, d={self.weight.shape[0]}, eps={self.eps}"
 

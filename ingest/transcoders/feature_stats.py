@@ -13,10 +13,13 @@ shows an activation that no graph contains:
   (prompts made from templates repeat the same context in many windows: each context
   counts once, at its highest activation, so a latent gets ``top_k`` examples whenever it
   fires in that many distinct contexts); ``top_k`` 0 gives none;
-- ``top_tokens``: vocabulary tokens whose embeddings most excite the latent,
-  the "de-embedding" ``W_E W_enc[i]`` (Dunefsky et al. 2024);
-- ``output_tokens``: tokens the latent's decoder most promotes, ``W_dec[i] W_U``
-  (decoder into its own layer for a CLT).
+- ``top_tokens``: vocabulary tokens whose embeddings most excite the latent, the
+  "de-embedding" (Dunefsky et al. 2024) ``N(W_E) W_enc[i]``, with ``N`` the linear part
+  of the MLP norm the encoder reads through (:meth:`ingest.models.components.Norm.linear`:
+  its weight, and the centering of a LayerNorm; the per-token denominator is left out);
+- ``output_tokens``: tokens the latent's decoder most promotes, its direct logit effect
+  ``N_f(W_dec[i]) W_U`` through the final norm's linear part (for a CLT, the sum of its
+  decoders into every layer it writes to).
 
 Examples are kept in a running pool of ``top_k`` distinct contexts per latent. Each
 batch's positions get a key of the context shown with them (:func:`context_keys`); per
@@ -205,10 +208,11 @@ def compute_feature_stats(
     all_ids = windows.ids
     out: list[dict[str, Any]] = []
     for layer in layers:
-        W_enc = tset.W_enc(layer).float()  # (d_t, d)
-        W_dec = tset.W_dec(layer, layer).float()  # (d_t, d)
-        de_embed = _token_list(tokenizer, W_enc, adapter.W_E.float().T, top_tokens)
-        promoted = _token_list(tokenizer, W_dec, adapter.W_U.float(), top_tokens)
+        reads = adapter.block(layer).mlp_norm.linear(adapter.W_E.float())  # (V, d)
+        writes = sum(tset.W_dec(layer, t).float() for t in tset.targets(layer))  # (d_t, d)
+        written = adapter.final_norm.linear(writes)
+        de_embed = _token_list(tokenizer, tset.W_enc(layer).float(), reads.T, top_tokens)
+        promoted = _token_list(tokenizer, written, adapter.W_U.float(), top_tokens)
         vals, _, locs = (t.cpu() for t in pool[layer])
         density = (count[layer].double() / tokens).cpu()
         maxima = peak[layer].cpu()

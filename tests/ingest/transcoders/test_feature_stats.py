@@ -196,3 +196,46 @@ def test_stats_cli_refuses_bad_counts_and_keeps_the_old_catalog(tiny_zoo_dir, tm
     written = json.loads(catalog.read_text())
     assert len(written) == 16 and any(s["max_activation"] > 0 for s in written)
     assert all(s["top_examples"] == [] for s in written)
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "clt"])
+def test_token_readings_go_through_the_norms_as_the_model_does(kind):
+    """De-embedding and output tokens through HF's own LayerNorms (random weights and
+    biases): a token's embedding as layer l's ln_2 makes of it, bias removed and the
+    denominator taken out, read by the encoder; a latent's decoders (all of a CLT's) as
+    ln_f makes of them, read by the unembedding."""
+    torch.manual_seed(3)
+    hf = tiny_gpt2(vocab=40, n_layers=2)
+    with torch.no_grad():
+        for ln in [*(b.ln_2 for b in hf.transformer.h), hf.transformer.ln_f]:
+            ln.weight.copy_(torch.rand_like(ln.weight) * 3 - 1)  # some negative
+            ln.bias.copy_(torch.randn_like(ln.bias))
+    adapter = adapter_from_hf(hf)
+    tset = make_set(kind=kind, n_layers=2, fingerprint="")
+    source = PromptSource("random", _prompts(4, [], seed=2), _prompts(8, [], seed=4))
+    top = 5
+    stats = _stats(adapter, tset, source, top_tokens=top)
+
+    def through(ln, v):
+        """What ``ln`` makes of each row of ``v``, without its bias or denominator."""
+        sigma = (v.var(-1, keepdim=True, unbiased=False) + ln.eps).sqrt()
+        return (ln(v) - ln.bias) * sigma
+
+    E, W_U = hf.transformer.wte.weight, hf.lm_head.weight
+    with torch.no_grad():
+        for layer in tset.layers:
+            reads = through(hf.transformer.h[layer].ln_2, E) @ tset.W_enc(layer).T  # (V, d_t)
+            decoders = sum(tset.W_dec(layer, t) for t in tset.targets(layer))
+            writes = through(hf.transformer.ln_f, decoders) @ W_U.T  # (d_t, V)
+            for i in range(tset.d_transcoder):
+                s = stats[layer, i]
+                want_in = reads[:, i].topk(top)
+                want_out = writes[i].topk(top)
+                assert [t["id"] for t in s["top_tokens"]] == want_in.indices.tolist()
+                assert [t["score"] for t in s["top_tokens"]] == pytest.approx(
+                    want_in.values.tolist(), rel=1e-4, abs=1e-5
+                )
+                assert [t["id"] for t in s["output_tokens"]] == want_out.indices.tolist()
+                assert [t["score"] for t in s["output_tokens"]] == pytest.approx(
+                    want_out.values.tolist(), rel=1e-4, abs=1e-5
+                )
