@@ -97,17 +97,35 @@ def context_keys(ids: torch.Tensor, context: int) -> torch.Tensor:
     return keys[0] * 2**31 + keys[1]
 
 
+#: Latent-by-position entries :func:`_best_per_context` works on at once: its temporaries
+#: cost about 13 bytes an entry (a gathered float, a comparison, a position), so a chunk
+#: of latents bounds them to about 200 MB whatever the width and batch.
+_CHUNK_ENTRIES = 1 << 24
+
+
 def _best_per_context(
     acts: torch.Tensor, keys: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """acts: (d_t, N) activations at N positions with context keys (N,) -> per latent the
     ``k`` (or fewer) highest of its best activation per distinct key: values, keys and the
-    position (index into N) of each, all (d_t, min(k, distinct keys))."""
+    position (index into N) of each, all (d_t, min(k, distinct keys)). Latents are taken
+    in chunks of :data:`_CHUNK_ENTRIES` entries."""
     d_t, n = acts.shape
     unique, inverse = torch.unique(keys, return_inverse=True)  # (U,), (N,)
-    group = inverse.expand(d_t, n)
-    best = acts.new_full((d_t, len(unique)), -torch.inf).scatter_reduce(1, group, acts, "amax")
-    position = torch.arange(n, device=acts.device).expand(d_t, n)
+    rows = max(1, _CHUNK_ENTRIES // max(n, 1))
+    parts = [_best_of_chunk(acts[lo : lo + rows], unique, inverse, k) for lo in range(0, d_t, rows)]
+    vals, picked, where = (torch.cat(p) for p in zip(*parts, strict=True))
+    return vals, picked, where
+
+
+def _best_of_chunk(
+    acts: torch.Tensor, unique: torch.Tensor, inverse: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_best_per_context` for a chunk of latents (c, N), keys already grouped."""
+    c, n = acts.shape
+    group = inverse.expand(c, n)
+    best = acts.new_full((c, len(unique)), -torch.inf).scatter_reduce(1, group, acts, "amax")
+    position = torch.arange(n, device=acts.device).expand(c, n)
     at_best = torch.where(acts == best.gather(1, group), position, n)
     where = torch.full_like(best, n, dtype=torch.long).scatter_reduce(1, group, at_best, "amin")
     vals, pick = best.topk(min(k, len(unique)), dim=-1)

@@ -239,3 +239,18 @@ def test_token_readings_go_through_the_norms_as_the_model_does(kind):
                 assert [t["score"] for t in s["output_tokens"]] == pytest.approx(
                     want_out.values.tolist(), rel=1e-4, abs=1e-5
                 )
+
+
+def test_examples_are_the_same_when_latents_are_taken_a_few_at_a_time(monkeypatch):
+    from ingest.transcoders import feature_stats
+
+    adapter = tiny_adapter()
+    tset = make_set(n_layers=2, fingerprint="")
+    source = PromptSource(
+        "shared prefix", _prompts(4, [5, 6], seed=2), _prompts(24, [5, 6], seed=5)
+    )
+    whole = _stats(adapter, tset, source)
+    # 3 latents a chunk: positions per batch are 8 windows x 8 tokens at most
+    monkeypatch.setattr(feature_stats, "_CHUNK_ENTRIES", 3 * 8 * 8)
+    chunked = _stats(adapter, tset, source)
+    assert tset.d_transcoder > 3 and chunked == whole
