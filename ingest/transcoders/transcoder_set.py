@@ -31,9 +31,12 @@ from ingest.transcoders.transcoder import Transcoder
 
 logger = logging.getLogger(__name__)
 
-# Hook names in TransformerLens spelling, as circuit-tracer configs use them.
-MLP_IN_HOOK = "ln2.hook_normalized"
+# Hook names as circuit-tracer configs spell them. A transcoder reads the MLP's input
+# after the norm's weight and bias (circuit-tracer's ``mlp.hook_in``); TransformerLens'
+# ``ln2.hook_normalized`` is before them, which sets written before 2026-11-26 named.
+MLP_IN_HOOK = "mlp.hook_in"
 MLP_OUT_HOOK = "hook_mlp_out"
+PRE_WEIGHT_HOOK = "ln2.hook_normalized"
 KIND_HOOKS: dict[str, tuple[str, str]] = {
     "transcoder": (MLP_IN_HOOK, MLP_OUT_HOOK),
     "clt": (MLP_IN_HOOK, MLP_OUT_HOOK),
@@ -96,6 +99,8 @@ class SetMetadata:
         data = dict(data)
         data["config"] = TranscoderConfig.from_dict(data["config"])
         data["layers"] = [int(x) for x in data["layers"]]
+        if data.get("feature_input_hook") == PRE_WEIGHT_HOOK:  # the old name of the same input
+            data["feature_input_hook"] = MLP_IN_HOOK
         return cls(**data)
 
 

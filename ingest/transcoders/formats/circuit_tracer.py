@@ -22,6 +22,7 @@ by a read is bit-exact.
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -31,6 +32,7 @@ from ingest.transcoders.clt import CrossLayerTranscoder
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.formats.common import (
     StagedFiles,
+    foreign_input_hook,
     infer_arch,
     per_layer_module,
     read_json,
@@ -55,15 +57,10 @@ def save_set(tset: TranscoderSet, directory: str | Path) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     meta = tset.metadata
+    for problem in _circuit_tracer_limits(tset):
+        logger.warning("%s: %s; circuitscope reads it back right (circuitscope.json)", out, problem)
     with StagedFiles() as staged:
         if tset.clt is not None:
-            if meta.layers != list(range(len(meta.layers))):
-                logger.warning(
-                    "%s: circuit-tracer numbers a cross-layer transcoder's files by model "
-                    "layer from 0, and this one covers layers %s: circuitscope reads it back "
-                    "right (circuitscope.json), other readers would take it for layers 0-%d",
-                    out, meta.layers, len(meta.layers) - 1,
-                )  # fmt: skip
             files = _write_clt(tset.clt, meta.config, out, staged)
             model_kind = "cross_layer_transcoder"
         else:
@@ -73,16 +70,36 @@ def save_set(tset: TranscoderSet, directory: str | Path) -> Path:
                 staged.tensors(out / name, _per_layer_tensors(tset.module(layer)))
                 files.append(name)
             model_kind = _KIND_TO_MODEL_KIND[meta.kind]
-        config = {
+        config: dict[str, Any] = {
             "model_kind": model_kind,
             "model_name": meta.model_id,
             "feature_input_hook": meta.feature_input_hook,
             "feature_output_hook": meta.feature_output_hook,
-            "transcoders": files,
         }
+        if tset.clt is not None:
+            config["transcoders"] = files
         staged.text(out / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
         staged.json(out / NATIVE_FILE, {"format_version": FORMAT_VERSION, **meta.to_dict()})
     return out
+
+
+def _circuit_tracer_limits(tset: TranscoderSet) -> list[str]:
+    """What circuit-tracer itself would load wrong from this set, one phrase each."""
+    meta, problems = tset.metadata, []
+    if meta.layers != list(range(len(meta.layers))):
+        problems.append(
+            f"circuit-tracer numbers a set's files by model layer from 0, and this one covers "
+            f"layers {meta.layers}: it would take a cross-layer set for layers "
+            f"0-{len(meta.layers) - 1} and refuse a per-layer one"
+        )
+    if meta.config.arch == "topk":
+        problems.append(
+            "circuit-tracer has no TopK loader: it refuses a per-layer set's 'k' tensor and "
+            "runs a cross-layer set as ReLU (save as batchtopk, read as JumpReLU, instead)"
+        )
+    if tset.clt is not None and meta.config.skip:
+        problems.append("circuit-tracer's cross-layer loader drops the skip weights (W_skip_p)")
+    return problems
 
 
 def _per_layer_tensors(module: Transcoder) -> dict[str, torch.Tensor]:
@@ -163,9 +180,16 @@ def load_set(
 
 
 def _file_layers(root: Path, config: dict, pattern: str) -> list[tuple[int, Path]]:
+    """The listed files (``transcoders``), or without a list the directory's files that
+    match ``pattern`` (as circuit-tracer lists them itself)."""
     files = config.get("transcoders")
     if not isinstance(files, list) or not files:
-        raise InvalidArgumentError(f"{root / CONFIG_FILE}: 'transcoders' must list the files")
+        files = sorted(p.name for p in root.glob("*.safetensors") if re.fullmatch(pattern, p.name))
+    if not files:
+        raise InvalidArgumentError(
+            f"{root / CONFIG_FILE}: no 'transcoders' file list and no file matching "
+            f"{pattern!r} beside it: list the files, or put them in {root}"
+        )
     out = []
     for name in files:
         # Hub configs may hold URIs; the layer file name is the last path component.
@@ -220,7 +244,7 @@ def _load_per_layer(
             d_model=cfg.d_in,
             layers=layers,
             config=cfg,
-            feature_input_hook=str(config.get("feature_input_hook", "")),
+            feature_input_hook=foreign_input_hook(str(config.get("feature_input_hook", "")), root),
             feature_output_hook=str(config.get("feature_output_hook", "")),
         )
     return TranscoderSet(meta, modules)
@@ -288,7 +312,7 @@ def _load_clt(
             d_model=d_in,
             layers=list(range(count)),
             config=cfg,
-            feature_input_hook=str(config.get("feature_input_hook", "")),
+            feature_input_hook=foreign_input_hook(str(config.get("feature_input_hook", "")), root),
             feature_output_hook=str(config.get("feature_output_hook", "")),
         )
     elif len(meta.layers) != count:

@@ -9,6 +9,7 @@ set (a full disk, a value that does not serialize) leaves the directory as it wa
 """
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +24,9 @@ from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.paths import save_tensors
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.transcoder import Transcoder
-from ingest.transcoders.transcoder_set import SetMetadata
+from ingest.transcoders.transcoder_set import PRE_WEIGHT_HOOK, SetMetadata
+
+logger = logging.getLogger(__name__)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -179,3 +182,18 @@ def per_layer_module(
     if module.threshold is not None and threshold is not None:
         module.threshold.copy_(threshold.reshape(-1))
     return module
+
+
+def foreign_input_hook(hook: str, where: Path) -> str:
+    """The input hook a set from elsewhere names, with a warning when it is the norm's
+    output before its weight and bias: circuitscope gives a transcoder the MLP's input
+    after them, which is the same only for a norm with weight 1 and bias 0."""
+    if hook.endswith(PRE_WEIGHT_HOOK):
+        logger.warning(
+            "%s: the set reads %r, the MLP input before the norm's weight and bias; "
+            "circuitscope applies it to the input after them (mlp.hook_in), so its "
+            "activations differ unless those are 1 and 0 (fold them into W_enc and b_enc)",
+            where,
+            hook,
+        )
+    return hook

@@ -8,8 +8,15 @@ SAELens stores one dictionary per directory with ``W_enc (d_in, d_sae)``, ``W_de
 ``hook_name_out``, ``hook_layer``).
 
 A set is written as ``layer_{i}/`` subdirectories; our full metadata travels in
-``metadata.circuitscope`` so a round trip is exact. Reading accepts one SAELens
-directory or a directory of them; ``apply_b_dec_to_input`` is folded into ``b_enc``.
+``metadata.circuitscope`` so a round trip is exact, and ``metadata.sae_lens_version``
+marks the config as SAELens 6's layout (without it SAELens rebuilds ``metadata`` from
+the top-level keys and drops the hook names). Reading accepts one SAELens directory or a
+directory of them (one layer of a set read alone is a set of that layer). Folded into
+the weights on reading, so that the set computes what SAELens computes:
+``apply_b_dec_to_input`` into ``b_enc``; ``rescale_acts_by_decoder_norm`` (SAELens
+scales pre-activations by the decoder rows' norms and divides them out before decoding)
+into ``W_enc``, ``b_enc`` and ``W_dec``; a negative JumpReLU threshold is raised to 0
+(SAELens' JumpReLU is ``relu(pre) * (pre > threshold)``).
 
 Only what SAELens itself can load is written. Its transcoder architectures are
 ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder`` and
@@ -17,6 +24,7 @@ Only what SAELens itself can load is written. Its transcoder architectures are
 connection. Such sets, and cross-layer sets, are refused with the format to use instead.
 """
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,7 @@ from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.formats.common import (
     StagedFiles,
     check_no_other_layers,
+    foreign_input_hook,
     infer_arch,
     per_layer_module,
     read_json,
@@ -39,6 +48,8 @@ from ingest.transcoders.transcoder import Transcoder
 from ingest.transcoders.transcoder_set import SetMetadata, TranscoderSet
 
 CFG_FILE = "cfg.json"
+#: ``metadata.sae_lens_version`` written: the config layout of SAELens 6 and later.
+SAELENS_LAYOUT_VERSION = "6.0.0"
 WEIGHTS_FILE = "sae_weights.safetensors"
 _ARCH_NAMES = {
     ("sae", "relu"): "standard",
@@ -98,6 +109,7 @@ def _stage_layer(staged: StagedFiles, sub: Path, tset: TranscoderSet, layer: int
             "hook_name_out": f"blocks.{layer}.{meta.feature_output_hook}",
             "hook_layer": layer,
             "hook_head_index": None,
+            "sae_lens_version": SAELENS_LAYOUT_VERSION,
             "circuitscope": meta.to_dict(),
         },
     }
@@ -163,21 +175,32 @@ def load_saelens(
             kind = "transcoder" if "transcoder" in arch_name or d_in != d_out else "sae"
             model_name = str(cfg_meta.get("model_name", "unknown"))
             hooks = (
-                _hook_suffix(cfg_meta.get("hook_name")),
+                foreign_input_hook(_hook_suffix(cfg_meta.get("hook_name")), sub / CFG_FILE),
                 _hook_suffix(cfg_meta.get("hook_name_out") or cfg_meta.get("hook_name")),
             )
         W_enc = take(tensors, "W_enc", (d_in, d_sae), path).T
         b_enc = take(tensors, "b_enc", (d_sae,), path)
         b_dec = take(tensors, "b_dec", (d_out,), path)
+        W_dec = take(tensors, "W_dec", (d_sae, d_out), path)
         if cfg.get("apply_b_dec_to_input"):
             b_enc = b_enc - W_enc @ b_dec
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            norms = W_dec.norm(dim=1)
+            W_enc, b_enc = W_enc * norms[:, None], b_enc * norms
+            W_dec = W_dec / norms.clamp_min(torch.finfo(norms.dtype).tiny)[:, None]
+        threshold = (
+            take(tensors, "threshold", (d_sae,), path).clamp_min(0)
+            if config.spec.has_threshold
+            else None
+        )
         modules[layer] = per_layer_module(
-            config, W_enc, b_enc,
-            take(tensors, "W_dec", (d_sae, d_out), path), b_dec,
+            config, W_enc, b_enc, W_dec, b_dec,
             take(tensors, "W_skip", (d_out, d_in), path) if config.skip else None,
-            take(tensors, "threshold", (d_sae,), path) if config.spec.has_threshold else None,
+            threshold,
         )  # fmt: skip
     assert config is not None
+    if meta is not None and dirs == [root]:  # one layer of a set, read alone
+        meta = dataclasses.replace(meta, layers=sorted(modules))
     if meta is None:
         layers = sorted(modules)
         meta = SetMetadata(

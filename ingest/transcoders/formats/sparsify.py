@@ -10,6 +10,7 @@ folded into ``b_enc`` on reading. The layer is the first integer in the hookpoin
 and exports; it always writes ``transcode: true`` so no bias is folded.
 """
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def load_sparsify(
         if "circuitscope" in cfg:
             meta = read_metadata(cfg["circuitscope"], sub / CFG_FILE)
             config = meta.config
+        activation = cfg.get("activation", "topk")
+        if activation != "topk":
+            raise InvalidArgumentError(
+                f"{sub / CFG_FILE}: activation {activation!r} is not supported: circuitscope "
+                "reads sparsify's TopK coders (activation 'topk') only"
+            )
         enc = take(tensors, "encoder.weight", None, path)
         d_t, d_in = enc.shape
         if config is None:
@@ -122,16 +129,20 @@ def load_sparsify(
         b_dec = take(tensors, "b_dec", (config.d_out,), path)
         if not transcode:
             b_enc = b_enc - enc @ b_dec
-        match = re.search(r"(\d+)", sub.name)
+        match = re.search(r"(\d+)\.mlp$", sub.name)
         if match is None:
             raise InvalidArgumentError(
-                f"{sub}: the hookpoint name must contain its layer number (e.g. layers.3.mlp)"
+                f"{sub}: the hookpoint name must be an MLP's, with its layer number (e.g. "
+                "layers.3.mlp): a coder of another site (the residual stream, attention) "
+                "does not replace an MLP"
             )
         modules[int(match.group(1))] = per_layer_module(
             config, enc, b_enc, take(tensors, "W_dec", (d_t, config.d_out), path), b_dec,
             take(tensors, "W_skip", (config.d_out, d_in), path) if config.skip else None,
         )  # fmt: skip
     assert config is not None
+    if meta is not None and dirs == [root]:  # one layer of a set, read alone
+        meta = dataclasses.replace(meta, layers=sorted(modules))
     if meta is None:
         layers = sorted(modules)
         meta = SetMetadata(

@@ -77,6 +77,31 @@ def test_foreign_circuit_tracer_set_without_native_metadata_infers_architecture(
         assert torch.equal(tset.reconstruct([x] * 3)[layer], back.reconstruct([x] * 3)[layer])
 
 
+def test_the_input_hook_is_the_mlp_input_after_the_norms_weight(tmp_path, caplog):
+    """mlp.hook_in, not TransformerLens' ln2.hook_normalized (before the weight and bias);
+    our older sets named the latter for the same input and read back renamed, silently;
+    a set from elsewhere that names it gets a warning."""
+    import yaml
+
+    tset = make_set("transcoder", "relu")
+    save(tset, tmp_path / "ct")
+    config = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
+    assert config["feature_input_hook"] == "mlp.hook_in"
+    native_path = tmp_path / "ct" / "circuitscope.json"
+    native = json.loads(native_path.read_text())
+    native["feature_input_hook"] = "ln2.hook_normalized"
+    native_path.write_text(json.dumps(native))
+    config["feature_input_hook"] = "ln2.hook_normalized"
+    (tmp_path / "ct" / "config.yaml").write_text(yaml.safe_dump(config))
+    with caplog.at_level("WARNING"):
+        assert load_any(tmp_path / "ct").metadata.feature_input_hook == "mlp.hook_in"
+    assert "before the norm's weight" not in caplog.text
+    native_path.unlink()
+    with caplog.at_level("WARNING"):
+        assert load_any(tmp_path / "ct").metadata.feature_input_hook == "ln2.hook_normalized"
+    assert "before the norm's weight and bias" in caplog.text
+
+
 def test_foreign_clt_infers_topk(tmp_path):
     tset = make_set("clt", "topk")
     save(tset, tmp_path / "clt")
@@ -101,6 +126,64 @@ def test_saelens_apply_b_dec_to_input_is_folded(tmp_path):
     module = tset.module(1)
     expected = torch.relu((x - module.b_dec) @ module.W_enc.T + module.b_enc)
     torch.testing.assert_close(back.encode(1, x), expected)
+
+
+def _foreign_saelens(tmp_path, tset, layer, **cfg_changes):
+    """``tset`` saved for SAELens, its circuitscope metadata removed and ``cfg_changes``
+    applied: a set as SAELens itself would have written it."""
+    save(tset, tmp_path / "sl", "saelens")
+    cfg_path = tmp_path / "sl" / f"layer_{layer}" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(cfg_changes)
+    del cfg["metadata"]["circuitscope"]
+    cfg_path.write_text(json.dumps(cfg))
+    return tmp_path / "sl"
+
+
+def test_saelens_rescale_acts_by_decoder_norm_is_folded(tmp_path):
+    """SAELens (rescale_acts_by_decoder_norm): TopK of relu(pre * |W_dec rows|), then the
+    activations divided by those norms before decoding."""
+    tset = make_set("sae", "topk", layers=[0])
+    module = tset.module(0)
+    with torch.no_grad():
+        module.W_dec.mul_(torch.rand(D_T, 1) * 3 + 0.1)  # rows of other norms than 1
+    back = load_any(_foreign_saelens(tmp_path, tset, 0, rescale_acts_by_decoder_norm=True))
+    x = torch.randn(6, D_MODEL)
+    norms = module.W_dec.norm(dim=1)
+    pre = torch.relu((x @ module.W_enc.T + module.b_enc) * norms)
+    top = pre.topk(tset.metadata.config.k, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    expected = (acts / norms) @ module.W_dec + module.b_dec
+    torch.testing.assert_close(back.decode(0, back.encode(0, x)), expected)
+
+
+def test_saelens_negative_thresholds_read_as_saelens_applies_them(tmp_path):
+    """SAELens' JumpReLU is relu(pre) * (pre > threshold): below 0 nothing fires."""
+    tset = make_set("sae", "jumprelu", layers=[0])
+    module = tset.module(0)
+    with torch.no_grad():
+        module.threshold.copy_(torch.linspace(-0.5, 0.5, D_T))
+    back = load_any(_foreign_saelens(tmp_path, tset, 0))
+    x = torch.randn(64, D_MODEL)
+    pre = x @ module.W_enc.T + module.b_enc
+    expected = torch.relu(pre) * (pre > module.threshold)
+    torch.testing.assert_close(back.encode(0, x), expected)
+
+
+def test_saelens_config_keeps_its_metadata_and_one_layer_reads_alone(tmp_path):
+    tset = make_set("transcoder", "jumprelu", layers=[0, 1, 2])
+    save(tset, tmp_path / "sl", "saelens")
+    cfg = json.loads((tmp_path / "sl" / "layer_1" / "cfg.json").read_text())
+    # without a version SAELens rebuilds metadata from the top level and drops the hooks
+    assert cfg["metadata"]["sae_lens_version"] >= "6"
+    assert cfg["metadata"]["hook_name"] == "blocks.1.mlp.hook_in"
+    one = load_any(tmp_path / "sl" / "layer_1")
+    assert one.layers == [1] and one.metadata.set_id == tset.metadata.set_id
+    x = torch.randn(6, D_MODEL)
+    torch.testing.assert_close(one.encode(1, x), tset.encode(1, x), rtol=0, atol=0)
+    (tmp_path / "sl" / "layer_2" / "sae_weights.safetensors").unlink()
+    with pytest.raises(InvalidArgumentError):  # a set with a layer missing is not a subset
+        load_any(tmp_path / "sl")
 
 
 def test_wrong_shape_names_file_and_tensor(tmp_path):
@@ -208,3 +291,39 @@ def test_a_cross_layer_set_off_layer_0_warns_and_reads_back_right(tmp_path, capl
     back = load_any(tmp_path / "clt")
     assert back.layers == [1, 2]
     assert_sets_equal(tset, back)
+
+
+def test_sparsify_coders_that_are_not_topk_mlp_coders_are_refused(tmp_path):
+    tset = make_set("transcoder", "topk", layers=[0, 1])
+    save(tset, tmp_path / "sp", "sparsify")
+    one = load_any(tmp_path / "sp" / "layers.1.mlp")  # one layer of the set, read alone
+    assert one.layers == [1]
+    cfg_path = tmp_path / "sp" / "layers.0.mlp" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "activation": "groupmax"}))
+    with pytest.raises(InvalidArgumentError, match="activation 'groupmax'"):
+        load_any(tmp_path / "sp")
+    cfg_path.write_text(json.dumps(cfg))
+    (tmp_path / "sp" / "layers.1.mlp").rename(tmp_path / "sp" / "layers.1")  # residual stream
+    with pytest.raises(InvalidArgumentError, match="must be an MLP's"):
+        load_any(tmp_path / "sp")
+
+
+def test_circuit_tracer_files_found_without_a_list_and_its_limits_warned(tmp_path, caplog):
+    """circuit-tracer's own configs may leave out the file list (it lists the directory);
+    what circuit-tracer would load wrong is named when saving."""
+    import yaml
+
+    tset = make_set("transcoder", "relu")
+    save(tset, tmp_path / "ct")
+    config = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
+    assert "transcoders" not in config  # bare names would resolve against a hub reader's cwd
+    (tmp_path / "ct" / "circuitscope.json").unlink()
+    back = load_any(tmp_path / "ct")
+    x = torch.randn(4, D_MODEL)
+    assert back.layers == tset.layers
+    assert torch.equal(back.encode(2, x), tset.encode(2, x))
+    with caplog.at_level("WARNING"):
+        save(make_set("transcoder", "topk"), tmp_path / "topk")
+        save(make_set("clt", "relu", skip=True), tmp_path / "clt")
+    assert "no TopK loader" in caplog.text and "drops the skip weights" in caplog.text
