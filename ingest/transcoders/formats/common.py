@@ -8,6 +8,7 @@ moved into place only once every one of them is written, so a failure while writ
 set (a full disk, a value that does not serialize) leaves the directory as it was.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -197,3 +198,18 @@ def foreign_input_hook(hook: str, where: Path) -> str:
             hook,
         )
     return hook
+
+
+def some_layers(meta: SetMetadata, layers: list[int], where: Path) -> SetMetadata:
+    """``meta`` for the ``layers`` a directory of per-layer directories holds: formats
+    that save a directory per hook are read (and re-saved by their own tools) a layer at a
+    time; a set's layers missing from ``where`` are named in a warning."""
+    if layers == meta.layers:
+        return meta
+    missing = sorted(set(meta.layers) - set(layers))
+    if missing:
+        logger.warning(
+            "%s holds layers %s of a set of layers %s: read as a set of those", where, layers,
+            meta.layers,
+        )  # fmt: skip
+    return dataclasses.replace(meta, layers=layers)

@@ -24,7 +24,6 @@ Only what SAELens itself can load is written. Its transcoder architectures are
 connection. Such sets, and cross-layer sets, are refused with the format to use instead.
 """
 
-import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from ingest.transcoders.formats.common import (
     read_json,
     read_metadata,
     read_tensors,
+    some_layers,
     take,
 )
 from ingest.transcoders.transcoder import Transcoder
@@ -199,8 +199,8 @@ def load_saelens(
             threshold,
         )  # fmt: skip
     assert config is not None
-    if meta is not None and dirs == [root]:  # one layer of a set, read alone
-        meta = dataclasses.replace(meta, layers=sorted(modules))
+    if meta is not None:
+        meta = some_layers(meta, sorted(modules), root)
     if meta is None:
         layers = sorted(modules)
         meta = SetMetadata(

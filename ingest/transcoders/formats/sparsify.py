@@ -10,7 +10,6 @@ folded into ``b_enc`` on reading. The layer is the first integer in the hookpoin
 and exports; it always writes ``transcode: true`` so no bias is folded.
 """
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ingest.transcoders.formats.common import (
     read_json,
     read_metadata,
     read_tensors,
+    some_layers,
     take,
 )
 from ingest.transcoders.transcoder import Transcoder
@@ -141,8 +141,8 @@ def load_sparsify(
             take(tensors, "W_skip", (config.d_out, d_in), path) if config.skip else None,
         )  # fmt: skip
     assert config is not None
-    if meta is not None and dirs == [root]:  # one layer of a set, read alone
-        meta = dataclasses.replace(meta, layers=sorted(modules))
+    if meta is not None:
+        meta = some_layers(meta, sorted(modules), root)
     if meta is None:
         layers = sorted(modules)
         meta = SetMetadata(
