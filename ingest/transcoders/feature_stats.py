@@ -225,12 +225,13 @@ def compute_feature_stats(
         )
     all_ids = windows.ids
     out: list[dict[str, Any]] = []
+    W_E, W_U = adapter.W_E.float(), adapter.W_U.float()
     for layer in layers:
-        reads = adapter.block(layer).mlp_norm.linear(adapter.W_E.float())  # (V, d)
+        reads = adapter.block(layer).mlp_norm.linear(W_E)  # (V, d)
         writes = sum(tset.W_dec(layer, t).float() for t in tset.targets(layer))  # (d_t, d)
         written = adapter.final_norm.linear(writes)
         de_embed = _token_list(tokenizer, tset.W_enc(layer).float(), reads.T, top_tokens)
-        promoted = _token_list(tokenizer, written, adapter.W_U.float(), top_tokens)
+        promoted = _token_list(tokenizer, written, W_U, top_tokens)
         vals, _, locs = (t.cpu() for t in pool[layer])
         density = (count[layer].double() / tokens).cpu()
         maxima = peak[layer].cpu()

@@ -25,7 +25,7 @@ from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.paths import save_tensors
 from ingest.transcoders.config import TranscoderConfig
 from ingest.transcoders.transcoder import Transcoder
-from ingest.transcoders.transcoder_set import PRE_WEIGHT_HOOK, SetMetadata
+from ingest.transcoders.transcoder_set import MLP_IN_HOOK, PRE_WEIGHT_HOOK, SetMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -192,10 +192,11 @@ def foreign_input_hook(hook: str, where: Path) -> str:
     if hook.endswith(PRE_WEIGHT_HOOK):
         logger.warning(
             "%s: the set reads %r, the MLP input before the norm's weight and bias; "
-            "circuitscope applies it to the input after them (mlp.hook_in), so its "
-            "activations differ unless those are 1 and 0 (fold them into W_enc and b_enc)",
+            "circuitscope applies it to the input after them (%s), so its activations "
+            "differ unless those are 1 and 0 (fold them into W_enc and b_enc)",
             where,
             hook,
+            MLP_IN_HOOK,
         )
     return hook
 
@@ -206,10 +207,8 @@ def some_layers(meta: SetMetadata, layers: list[int], where: Path) -> SetMetadat
     time; a set's layers missing from ``where`` are named in a warning."""
     if layers == meta.layers:
         return meta
-    missing = sorted(set(meta.layers) - set(layers))
-    if missing:
-        logger.warning(
-            "%s holds layers %s of a set of layers %s: read as a set of those", where, layers,
-            meta.layers,
-        )  # fmt: skip
+    logger.warning(
+        "%s holds layers %s of a set of layers %s: read as a set of those", where, layers,
+        meta.layers,
+    )  # fmt: skip
     return dataclasses.replace(meta, layers=layers)

@@ -11,7 +11,8 @@ A set is written as ``layer_{i}/`` subdirectories; our full metadata travels in
 ``metadata.circuitscope`` so a round trip is exact, and ``metadata.sae_lens_version``
 marks the config as SAELens 6's layout (without it SAELens rebuilds ``metadata`` from
 the top-level keys and drops the hook names). Reading accepts one SAELens directory or a
-directory of them (one layer of a set read alone is a set of that layer). Folded into
+directory of them (some of a set's layer directories read as those layers, with a
+warning: :func:`~ingest.transcoders.formats.common.some_layers`). Folded into
 the weights on reading, so that the set computes what SAELens computes:
 ``apply_b_dec_to_input`` into ``b_enc``; ``rescale_acts_by_decoder_norm`` (SAELens
 scales pre-activations by the decoder rows' norms and divides them out before decoding)
