@@ -7,7 +7,9 @@ line, where other users could read it), starts an ArcadeDB server
 (``arcadedb_embedded``: a JVM through JPype, which is why it never shares a process
 with torch) listening on loopback only, creates the database if missing, writes its
 pid to ``DIR/server.pid`` and serves until SIGTERM or SIGINT, then stops the server
-cleanly (flushing the database) and removes the pid file the starter wrote.
+cleanly (flushing the database), removes the pid file the starter wrote and exits at
+once: ArcadeDB's per-connection Bolt threads are not daemons, so with a client still
+connected the JVM would otherwise keep the stopped server's process alive.
 
 Readiness is not signalled here: the starter connects over Bolt until it answers.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -87,5 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args.data_dir, args.heap, args.command_timeout_s)
 
 
+def _exit_now(code: int) -> None:
+    """Leave without waiting for the JVM's non-daemon threads (the database is closed)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as exit_:  # argparse: 0 for --help, 2 for a usage error
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    except BaseException:
+        logger.exception("the embedded graph server failed")
+        code = 1
+    _exit_now(code)

@@ -50,7 +50,9 @@ def test_state_file_is_private_and_server_is_reused(arcadedb_config: StoreConfig
     assert embedded.status(data_dir).pid == before.pid
 
 
-def test_db_cli_start_status_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_db_cli_start_status_stop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     data_dir = tmp_path / "db"
     try:
         start = ["db", "start", "--data-dir", str(data_dir), "--heap", "512m"]
@@ -70,8 +72,11 @@ def test_db_cli_start_status_stop(tmp_path: Path, capsys: pytest.CaptureFixture[
                     "UNWIND range(1, 4000) AS a UNWIND range(1, 4000) AS b "
                     "WITH a, b WHERE a + b = -1 RETURN count(*) AS c"
                 )
-        assert main(["db", "stop", "--data-dir", str(data_dir)]) == 0
-        assert "stopped" in capsys.readouterr().out
+            # A client still holding Bolt connections does not keep the server alive:
+            # SIGTERM stops it (no SIGKILL after the wait).
+            assert main(["db", "stop", "--data-dir", str(data_dir)]) == 0
+            assert "stopped" in capsys.readouterr().out
+            assert "ignored SIGTERM" not in caplog.text
         assert main(["db", "status", "--data-dir", str(data_dir)]) == 3
         assert "stopped" in capsys.readouterr().out
         assert not (data_dir / embedded.PID_FILE).exists()
