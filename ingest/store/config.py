@@ -37,6 +37,9 @@ class StoreConfig:
     ``uri`` None means the embedded server in ``data_dir``. ``query_timeout_s`` is the
     default per-transaction time limit (each call may pass its own, e.g. a gRPC
     deadline); ``connect_timeout_s`` bounds connecting and the readiness check.
+    ``retry_time_s`` is how long the driver keeps retrying a transaction that failed
+    transiently (a dropped connection, a deadlock) before the call fails; callers that
+    must outlast an outage (the ingest worker) wait it out themselves.
     """
 
     uri: str | None = None
@@ -47,6 +50,7 @@ class StoreConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     query_timeout_s: float | None = 60.0
     connect_timeout_s: float = 10.0
+    retry_time_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -55,6 +59,8 @@ class StoreConfig:
             raise InvalidArgumentError(
                 f"query_timeout_s must be > 0 or None, got {self.query_timeout_s}"
             )
+        if not self.retry_time_s >= 0:
+            raise InvalidArgumentError(f"retry_time_s must be >= 0, got {self.retry_time_s}")
         if not self.database:
             raise InvalidArgumentError("the database name must not be empty")
 

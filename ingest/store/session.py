@@ -53,7 +53,7 @@ class BoltConnection:
             auth=(config.user, config.password or ""),
             connection_timeout=config.connect_timeout_s,
             connection_acquisition_timeout=max(config.connect_timeout_s, 30.0),
-            max_transaction_retry_time=15.0,
+            max_transaction_retry_time=config.retry_time_s,
         )
 
     @contextlib.contextmanager

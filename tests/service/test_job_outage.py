@@ -64,7 +64,7 @@ def test_a_job_waits_out_a_store_outage_and_a_cancel_ends_the_wait(
 
         # A cancel ends a wait, instead of the retry budget (minutes) running out: at
         # once during a backoff sleep, or when the store call in flight gives up (the
-        # driver's own retries bound it at 15 s).
+        # driver's own retries bound it at StoreConfig.retry_time_s, 5 s).
         stop(data_dir, timeout_s=10.0)
         other = client.submit_ingest(MODEL, [{"prompt": "w5 w6 w7"}], node_threshold=0.9)
         _wait_for(client, other.job_id, waiting, 60)

@@ -85,14 +85,9 @@ def _free_port() -> int:
 
 def test_unreachable_store_means_not_serving_and_unavailable() -> None:
     # A real Bolt store object whose server is not there: connections are refused.
-    from neo4j import GraphDatabase
-
-    config = StoreConfig(uri=f"bolt://127.0.0.1:{_free_port()}", password="x")
-    # The driver's own retries would outlast the test; give up after half a second.
-    driver = GraphDatabase.driver(
-        config.uri or "", auth=("neo4j", "x"), max_transaction_retry_time=0.5
-    )
-    store = BoltGraphStore(config, driver=driver)
+    # The driver's retries give up after half a second, well inside the call's deadline.
+    config = StoreConfig(uri=f"bolt://127.0.0.1:{_free_port()}", password="x", retry_time_s=0.5)
+    store = BoltGraphStore(config)
     server_config = ServerConfig(port=0, health_interval_s=0.5, default_timeout_s=5.0)
     try:
         with serve_in_background(server_config, store) as running:
@@ -101,8 +96,12 @@ def test_unreachable_store_means_not_serving_and_unavailable() -> None:
             with CircuitsClient(target, retry=retry, timeout_s=20) as client:
                 assert client.health() == "NOT_SERVING"
                 assert client.health(SERVICE_NAMES[0]) == "NOT_SERVING"
+                asked = time.monotonic()
                 with pytest.raises(UnavailableError, match="unreachable"):
                     client.get_graph("g-alpha")
+                # Two attempts, each ending when the driver's retries give up (not the
+                # 15 s the driver would retry for by default).
+                assert time.monotonic() - asked < 10
     finally:
         store.close()
 
