@@ -387,8 +387,9 @@ def test_call_deadlines_become_store_timeouts() -> None:
             (with_deadline,) = struct.unpack("d", call(b"", timeout=3.0))
             (capped,) = struct.unpack("d", call(b"", timeout=60.0))
             (without,) = struct.unpack("d", call(b""))
-        # The server measures the remaining time on its own clock: allow it 0.1 s of skew.
-        assert 2.0 < with_deadline <= 3.1
+        # The server measures the remaining time on its own clock: allow it 0.1 s of skew
+        # (and a loaded machine most of the 3 s to deliver the call).
+        assert 0.0 < with_deadline <= 3.1
         assert capped == without == 10.0
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result()

@@ -127,8 +127,8 @@ def test_concurrent_reader_never_sees_half_a_graph(store: GraphStore, uid: str) 
             continue
         assert_same_graph(got, graph)
         outcomes.append("whole")
-    thread.join()
-    assert not errors, errors
+    thread.join(120)
+    assert not thread.is_alive() and not errors, errors
     assert "absent" in outcomes  # the reader did run while batches were being written
     assert_same_graph(store.get_graph(gid), graph)
 
