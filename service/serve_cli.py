@@ -10,6 +10,7 @@ and the store are imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -154,5 +155,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.store_data_dir:
         overrides["data_dir"] = args.store_data_dir
     with open_store(StoreConfig.from_env(None, **overrides)) as store:
-        asyncio.run(serve(config, store, announce=_say))
+        if not asyncio.run(serve(config, store, announce=_say)):
+            # A thread is still in a computation or a store call: the interpreter (and
+            # closing the store under it) would wait for it, however long it takes. Its
+            # ingest job resumes at the next start.
+            _say("shutdown left busy threads behind; exiting without waiting for them")
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(0)
     return 0

@@ -102,11 +102,13 @@ class RunningServer:
     graph_cache: GraphCache | None = None
     listings: ListingCache[graph_service_pb2.ListGraphsResponse] | None = None
 
-    async def stop(self, grace_s: float | None = None) -> None:
+    async def stop(self, grace_s: float | None = None) -> bool:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish;
         unfinished ingest jobs stop after their current prompt and resume at the next
         start (:meth:`service.jobs.JobManager.stop`). Every step is bounded
-        (:func:`_bounded`): a step that hangs is logged and left behind."""
+        (:func:`_bounded`): a step that hangs is logged and left behind. Returns whether
+        the server's threads all finished; when not, the caller should exit without
+        joining them (the interpreter would wait for them at exit)."""
         await _bounded(self.monitor.stop(), STEP_WAIT_S, "stopping the health monitor")
         unfinished = self.jobs.stop()
         if unfinished:
@@ -129,7 +131,7 @@ class RunningServer:
         # A running ingest job stops after its current prompt: wait for that (bounded),
         # so that the journal says where it stopped before this server lets go of it.
         joined = await _bounded(
-            asyncio.to_thread(_join, self.executors),
+            _join(self.executors),
             max(self.grace_s, JOB_STOP_WAIT_S),
             "waiting for the server's threads (an ingest job's prompt, a store call)",
         )
@@ -137,6 +139,7 @@ class RunningServer:
             self.jobs.close()
         else:
             logger.warning("the ingest journal stays locked until this process exits")
+        return joined
 
 
 async def _bounded(work: Coroutine[Any, Any, object], seconds: float, what: str) -> bool:
@@ -159,9 +162,24 @@ JOB_STOP_WAIT_S = 10.0
 STEP_WAIT_S = 5.0
 
 
-def _join(executors: tuple[ThreadPoolExecutor, ...]) -> None:
-    for executor in executors:
-        executor.shutdown(wait=True)
+async def _join(executors: tuple[ThreadPoolExecutor, ...]) -> None:
+    """Wait for the executors' threads to finish, joining them on a daemon thread of its
+    own: not the loop's default executor, which ``asyncio.run`` waits for at exit."""
+    loop = asyncio.get_running_loop()
+    joined: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not joined.done():
+            joined.set_result(None)
+
+    def join() -> None:
+        for executor in executors:
+            executor.shutdown(wait=True)
+        with contextlib.suppress(RuntimeError):  # the loop closed while we waited
+            loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=join, name="server-threads-join", daemon=True).start()
+    await joined
 
 
 def _add_port(server: aio.Server, config: ServerConfig) -> int:
@@ -286,9 +304,9 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
 
 async def serve(
     config: ServerConfig, store: GraphStore, announce: Callable[[str], object] | None = None
-) -> None:
+) -> bool:
     """Run until SIGTERM or SIGINT, then shut down gracefully; ``announce`` gets one line
-    saying where it listens once it does."""
+    saying where it listens once it does. Returns :meth:`RunningServer.stop`'s answer."""
     running = await start_server(config, store)
     if announce is not None:
         where = config.address_on(running.port)
@@ -301,7 +319,8 @@ async def serve(
         await stop.wait()
         logger.info("shutting down: draining in-flight calls for up to %.1f s", running.grace_s)
     finally:
-        await running.stop()
+        finished = await running.stop()
+    return finished
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -428,3 +429,33 @@ def test_shutdown_is_bounded_when_grpc_stop_never_returns(
     assert "stopping the gRPC server did not finish" in caplog.text, caplog.text
     # the steps after it ran: the threads were joined and the journal let go
     assert "ingest journal stays locked" not in caplog.text, caplog.text
+
+
+def test_shutdown_says_when_it_left_a_busy_thread_behind(
+    store: GraphStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that could not join its threads says so, so that ``circuitscope serve``
+    exits without the interpreter waiting for them; a stop that could says that too."""
+    import asyncio
+
+    from service import server as server_module
+
+    monkeypatch.setattr(server_module, "JOB_STOP_WAIT_S", 0.5)
+    release = threading.Event()
+
+    async def stop_one(busy: bool) -> bool:
+        config = ServerConfig(port=0, grace_s=0.1, artifacts_dir=tmp_path / str(busy))
+        running = await server_module.start_server(config, store)
+        if busy:  # a store call that does not return in time
+            running.executors[0].submit(release.wait, 60)
+        return await running.stop()
+
+    stopping = time.monotonic()
+    try:
+        assert asyncio.run(stop_one(busy=True)) is False
+        # not held until the busy thread ends (60 s): the join runs off the loop's
+        # default executor, which asyncio.run waits for
+        assert time.monotonic() - stopping < 30
+    finally:
+        release.set()
+    assert asyncio.run(stop_one(busy=False)) is True
