@@ -209,6 +209,10 @@ def main() -> int:
                 "L0 (sae)": sae["mean"]["l0"],
                 "CE rec mean (sae)": sae["mean"]["ce_loss_recovered"],
                 "CE rec mean (tc)": tc["mean"]["ce_loss_recovered"],
+                # the sign-safe comparison (CE recovered reads inverted on a layer whose
+                # ablation lowers the loss): mean delta loss over layers, lower is better
+                "dloss mean (sae)": sae["mean"]["delta_loss"],
+                "dloss mean (tc)": tc["mean"]["delta_loss"],
                 "dead (sae)": sae["mean"]["dead_fraction"],
                 "tokens/s": tc_result.tokens_per_second,
                 "matmul GFLOP/s": peak_matmul / 1e9,

@@ -294,7 +294,7 @@ def _print_report(report: dict[str, Any]) -> None:
         "layer      l0      fvu fvu@pred   dead  ce_rec  ce_rec 95% interval  ablate_dCE"
         "   d_loss       kl   top1"
     )
-    fragile = []
+    fragile, inverted = [], []
     for layer, r in report["layers"].items():
         effect = r["ce_ablate"] - r["ce_clean"]
         print(
@@ -305,10 +305,17 @@ def _print_report(report: dict[str, Any]) -> None:
         )
         if abs(effect) < FRAGILE_ABLATION_NATS:
             fragile.append(f"{layer} ({effect:+.1e} nats)")
+        elif effect < 0:
+            inverted.append(f"{layer} ({effect:+.1e} nats)")
     if fragile:
         print(
             f"  zero-ablating the MLP of layer {', '.join(fragile)} barely moves the loss, so "
             "ce_rec there is a ratio of small differences (see its interval): read d_loss and kl"
+        )
+    if inverted:
+        print(
+            f"  zero-ablating the MLP of layer {', '.join(inverted)} lowers the loss, so ce_rec "
+            "there reads the other way (above 1: the splice raises the loss): read d_loss and kl"
         )
     a = report["all_layers"]
     print(

@@ -2,23 +2,31 @@
 
 For each sparsity value, each kind (``transcoder`` and the ``sae`` baseline, same
 architecture, width and steps) and each seed a set is trained and evaluated; each run's
-row records the mean over covered layers of L0, FVU, dead fraction, KL, top-1 agreement
-and CE loss recovered (each layer spliced alone) and the all-layers CE loss recovered.
+row records the mean over covered layers of L0, FVU, dead fraction, KL, top-1 agreement,
+CE loss recovered and delta loss (each layer spliced alone) and the all-layers CE loss
+recovered.
 Transcoders get the skip connection unless the base config turns it off (``--no-skip``;
 rows ``transcoder+skip``), SAEs never: an SAE with one could copy its input.
 
-On the small zoo tasks the CE-recovered difference between the two kinds is often
-smaller than the spread between seeds, so a sweep over several seeds also reports, per
-(kind, sparsity), the mean with its range, and per sparsity the paired difference
-transcoder minus SAE at each seed. The verdict reads "transcoder ahead" or "SAE ahead"
-only when every seed agrees, otherwise "level". Dunefsky et al. (2024) compare the two
-kinds the same way: at equal L0 the better replacement recovers more loss.
+The loss comparison reads delta loss (the spliced model's loss minus the model's, lower
+is better), not CE loss recovered: the two agree where zero-ablating a layer's MLP raises
+the loss, but where it lowers it (greater-than GPT-2's layer 1 by 0.08 nats) CE recovered
+``(CE_ablate - CE_splice) / (CE_ablate - CE_clean)`` has a negative denominator and
+grows as the splice gets *worse*, and a mean over layers mixes the two readings. Each
+row's ``loss_lead`` is the SAE's delta loss minus the transcoder's (nats; positive: the
+transcoder's splice loses less). Dunefsky et al. (2024) compare the two kinds this way:
+at equal L0 the better replacement leaves the lower loss.
 
-CE loss recovered is signed: a splice's error can raise or lower the loss of the answer,
-and where both kinds recover 99% of it, which one wins can follow the direction of a
-tiny error rather than its size. So the comparison also pairs the KL divergence from the
-original next-token distribution (mean over layers, each spliced alone; lower is
-better) as the ratio transcoder / SAE, with its own verdict.
+On the small zoo tasks the difference between the two kinds is often smaller than the
+spread between seeds, so a sweep over several seeds also reports, per (kind, sparsity),
+the mean with its range, and per sparsity the paired lead at each seed. The verdict
+reads "transcoder ahead" or "SAE ahead" only when every seed agrees, otherwise "level".
+
+Delta loss is signed: a splice's error can raise or lower the loss of the answer, and
+where both kinds are within a hundredth of a nat of the model, which one wins can follow
+the direction of a tiny error rather than its size. So the comparison also pairs the KL
+divergence from the original next-token distribution (mean over layers, each spliced
+alone; lower is better) as the ratio transcoder / SAE, with its own verdict.
 
 Equal sparsity is not always equal L0: BatchTopK's inference threshold is calibrated to
 fire k latents per token on training rows, and held-out rows land near k, not on it.
@@ -37,7 +45,7 @@ straight line.
 
 The sweep writes ``pareto.json`` (``runs``, ``summary``, ``comparison``, ``equal_l0``),
 ``pareto.md`` and ``pareto.png`` (matplotlib, Agg backend: CE recovered with error bars over
-the seeds, and KL on a log scale, both against L0).
+the seeds, delta loss, and KL on a log scale, each against L0).
 """
 
 import bisect
@@ -60,16 +68,18 @@ from ingest.zoo import report
 logger = logging.getLogger(__name__)
 
 #: Each run's means over layers (each spliced alone), then CE recovered with all spliced.
-LAYER_METRICS = ("l0", "fvu", "dead_fraction", "kl", "top1_agreement", "ce_loss_recovered")
+LAYER_METRICS = (
+    "l0", "fvu", "dead_fraction", "kl", "top1_agreement", "ce_loss_recovered", "delta_loss",
+)  # fmt: skip
 METRICS = (*LAYER_METRICS, "ce_recovered_all")
 COLUMNS = ("kind", "sparsity", "seed", *METRICS)
 SUMMARY_COLUMNS = ("kind", "sparsity", "seeds", *METRICS, "ce_min", "ce_max")
 COMPARISON_COLUMNS = (
-    "sparsity", "seeds", "l0_ratio", "ce_diff_mean", "ce_diff_min", "ce_diff_max", "verdict",
+    "sparsity", "seeds", "l0_ratio", "loss_lead_mean", "loss_lead_min", "loss_lead_max", "verdict",
     "kl_ratio_mean", "kl_ratio_min", "kl_ratio_max", "kl_verdict",
 )  # fmt: skip
 EQUAL_L0_COLUMNS = (
-    "sparsity", "seeds", "l0", "sae_bracket", "ce_diff_mean", "ce_diff_min", "ce_diff_max",
+    "sparsity", "seeds", "l0", "sae_bracket", "loss_lead_mean", "loss_lead_min", "loss_lead_max",
     "verdict", "kl_ratio_mean", "kl_ratio_min", "kl_ratio_max", "kl_verdict",
 )  # fmt: skip
 
@@ -171,8 +181,8 @@ def _is_sae(run: dict[str, Any]) -> bool:
 
 
 def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per sparsity, paired by seed: transcoder minus SAE CE recovered and transcoder / SAE
-    KL, each with a verdict, and the transcoder / SAE L0 ratio.
+    """Per sparsity, paired by seed: the SAE's delta loss minus the transcoder's and
+    transcoder / SAE KL, each with a verdict, and the transcoder / SAE L0 ratio.
 
     Empty unless the sweep holds both kinds. "transcoder ahead" / "SAE ahead" need every
     seed to agree; anything else is "level".
@@ -191,21 +201,21 @@ def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ]
         if not pairs:
             continue
-        diffs = [tc["ce_loss_recovered"] - sae["ce_loss_recovered"] for tc, sae in pairs]
+        leads = [sae["delta_loss"] - tc["delta_loss"] for tc, sae in pairs]
         ratios = [_kl_ratio(tc["kl"], sae["kl"]) for tc, sae in pairs]
         l0_ratios = [tc["l0"] / sae["l0"] if sae["l0"] > 0 else math.inf for tc, sae in pairs]
         comparison.append({
             "sparsity": sparsity,
             "seeds": len(pairs),
             "l0_ratio": statistics.fmean(l0_ratios),
-            **_paired_verdicts(diffs, ratios),
+            **_paired_verdicts(leads, ratios),
         })  # fmt: skip
     return comparison
 
 
 def compare_at_equal_l0(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per transcoder sparsity, paired by seed: the transcoder's CE recovered minus the
-    SAE's and its KL over the SAE's, the SAE's figures read off that seed's SAE curve at
+    """Per transcoder sparsity, paired by seed: the SAE's delta loss minus the
+    transcoder's and its KL over the SAE's, the SAE's figures read off that seed's SAE curve at
     the transcoder's L0 (see the module docstring); ``l0`` is the transcoder's, mean over
     the compared seeds; ``sae_bracket`` the widest L0 ratio of the SAE runs read between.
     Transcoder runs outside their SAE curve's L0 range are left out; a sparsity none of
@@ -225,31 +235,32 @@ def compare_at_equal_l0(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 compared.append((tc, *sae))
         if not compared:
             continue
-        diffs = [tc["ce_loss_recovered"] - ce for tc, ce, _, _ in compared]
+        leads = [loss - tc["delta_loss"] for tc, loss, _, _ in compared]
         ratios = [_kl_ratio(tc["kl"], kl) for tc, _, kl, _ in compared]
         rows.append({
             "sparsity": sparsity,
             "seeds": len(compared),
             "l0": statistics.fmean(tc["l0"] for tc, _, _, _ in compared),
             "sae_bracket": max(bracket for _, _, _, bracket in compared),
-            **_paired_verdicts(diffs, ratios),
+            **_paired_verdicts(leads, ratios),
         })  # fmt: skip
     return rows
 
 
 def _read_curve(curve: Sequence[dict[str, Any]], l0: float) -> tuple[float, float, float] | None:
-    """CE recovered and KL of the runs ``curve`` at ``l0``, each read off its Pareto
+    """Delta loss and KL of the runs ``curve`` at ``l0``, each read off its Pareto
     frontier (a run that a sparser run beats is dropped) linearly in log L0 (KL in log KL
     where every KL is positive) between the two frontier runs around it, and the larger
     L0 ratio of the two pairs of runs read between; None outside the runs' L0 range."""
-    points = sorted((r["l0"], r["ce_loss_recovered"], r["kl"]) for r in curve if r["l0"] > 0)
+    points = sorted((r["l0"], r["delta_loss"], r["kl"]) for r in curve if r["l0"] > 0)
     if l0 <= 0 or not points or not points[0][0] <= l0 <= points[-1][0]:
         return None
-    ce, ce_bracket = _read_frontier([(x, ce) for x, ce, _ in points], l0, higher_is_better=True)
+    losses = [(x, loss) for x, loss, _ in points]
+    loss, loss_bracket = _read_frontier(losses, l0, higher_is_better=False)
     log_kl = all(kl > 0 for _, _, kl in points)
     kls = [(x, math.log(kl) if log_kl else kl) for x, _, kl in points]
     kl, kl_bracket = _read_frontier(kls, l0, higher_is_better=False)
-    return ce, math.exp(kl) if log_kl else kl, max(ce_bracket, kl_bracket)
+    return loss, math.exp(kl) if log_kl else kl, max(loss_bracket, kl_bracket)
 
 
 def _read_frontier(
@@ -278,13 +289,14 @@ def _kl_ratio(tc: float, sae: float) -> float:
     return tc / sae if sae > 0 else 1.0 if tc == 0 else math.inf
 
 
-def _paired_verdicts(diffs: Sequence[float], ratios: Sequence[float]) -> dict[str, Any]:
-    """The CE differences' and KL ratios' mean and range, each with its verdict."""
+def _paired_verdicts(leads: Sequence[float], ratios: Sequence[float]) -> dict[str, Any]:
+    """The loss leads' (SAE's delta loss minus the transcoder's) and KL ratios' mean and
+    range, each with its verdict."""
     return {
-        "ce_diff_mean": statistics.fmean(diffs),
-        "ce_diff_min": min(diffs),
-        "ce_diff_max": max(diffs),
-        "verdict": _verdict(diffs, min(diffs) > 0, max(diffs) < 0),
+        "loss_lead_mean": statistics.fmean(leads),
+        "loss_lead_min": min(leads),
+        "loss_lead_max": max(leads),
+        "verdict": _verdict(leads, min(leads) > 0, max(leads) < 0),
         "kl_ratio_mean": statistics.fmean(ratios),
         "kl_ratio_min": min(ratios),
         "kl_ratio_max": max(ratios),
@@ -293,8 +305,8 @@ def _paired_verdicts(diffs: Sequence[float], ratios: Sequence[float]) -> dict[st
 
 
 def _verdict(values: Sequence[float], transcoder_better: bool, sae_better: bool) -> str:
-    """A nan among the seeds' figures (CE recovered where ablation changes nothing) makes
-    min and max depend on its place in the list: no verdict then."""
+    """A nan among the seeds' figures (a loss no window scored) makes min and max depend
+    on its place in the list: no verdict then."""
     if any(math.isnan(v) for v in values):
         return "undetermined"
     return "transcoder ahead" if transcoder_better else "SAE ahead" if sae_better else "level"
@@ -305,28 +317,30 @@ def render_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
     parts += ["## Mean over seeds", markdown_table(tables["summary"], SUMMARY_COLUMNS)]
     if tables["comparison"]:
         parts += [
-            "## Transcoder against SAE, paired by seed (CE recovered: difference, higher is "
-            "better; KL: ratio, lower is better)",
+            "## Transcoder against SAE, paired by seed (loss_lead: the SAE's delta loss minus "
+            "the transcoder's, nats, positive when the transcoder's splice loses less; KL: "
+            "ratio, lower is better)",
             markdown_table(tables["comparison"], COMPARISON_COLUMNS),
         ]
     if tables.get("equal_l0"):
         parts += [
             "## Transcoder against SAE at equal L0 (the SAE's curve of the same seed read at "
-            "the transcoder's L0; CE recovered: difference, KL: ratio)",
+            "the transcoder's L0; loss_lead: the SAE's delta loss minus the transcoder's, KL: "
+            "ratio)",
             markdown_table(tables["equal_l0"], EQUAL_L0_COLUMNS),
         ]
     return "\n\n".join(parts)
 
 
 def plot_pareto(summary: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Two panels against mean L0 per kind: CE loss recovered and KL to the model (log
-    scale), each layer spliced alone; error bars span the seeds."""
+    """Three panels against mean L0 per kind: CE loss recovered (error bars span the
+    seeds), delta loss and KL to the model (log scale), each layer spliced alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ce_ax, kl_ax) = plt.subplots(1, 2, figsize=(9, 4))
+    fig, (ce_ax, loss_ax, kl_ax) = plt.subplots(1, 3, figsize=(13, 4))
     markers = "os^Dv"
     for i, kind in enumerate(dict.fromkeys(r["kind"] for r in summary)):
         points = sorted((r for r in summary if r["kind"] == kind), key=lambda r: r["l0"])
@@ -338,11 +352,13 @@ def plot_pareto(summary: Sequence[dict[str, Any]], path: Path, title: str = "") 
         label = kind if seeds == 1 else f"{kind} ({seeds} seeds)"
         style = {"marker": markers[i % len(markers)], "label": label}
         ce_ax.errorbar(xs, ys, yerr=spread, capsize=3, **style)
+        loss_ax.plot(xs, [r["delta_loss"] for r in points], **style)
         kl_ax.plot(xs, [r["kl"] for r in points], **style)
     ce_ax.set_ylabel("CE loss recovered (layer spliced alone)")
+    loss_ax.set_ylabel("delta loss, nats (layer spliced alone)")
     kl_ax.set_ylabel("KL to the model (layer spliced alone)")
     kl_ax.set_yscale("log")
-    for ax in (ce_ax, kl_ax):
+    for ax in (ce_ax, loss_ax, kl_ax):
         ax.set_xlabel("L0 (mean active latents per token)")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -176,11 +176,9 @@ def test_pareto_over_seeds_pairs_each_seed(tiny_zoo_dir, tmp_path, capsys):
         assert row["ce_min"] == min(ce) and row["ce_max"] == max(ce)
         assert row["ce_loss_recovered"] == pytest.approx(sum(ce) / 2)
     (cmp,) = tables["comparison"]
-    diffs = [
-        runs["transcoder+skip", s]["ce_loss_recovered"] - runs["sae", s]["ce_loss_recovered"]
-        for s in (3, 5)
-    ]
-    assert (cmp["ce_diff_min"], cmp["ce_diff_max"]) == (min(diffs), max(diffs))
+    tc_loss = {s: runs["transcoder+skip", s]["delta_loss"] for s in (3, 5)}
+    leads = [runs["sae", s]["delta_loss"] - tc_loss[s] for s in (3, 5)]
+    assert (cmp["loss_lead_min"], cmp["loss_lead_max"]) == (min(leads), max(leads))
     printed = capsys.readouterr().out
     assert "paired by seed" in printed and cmp["verdict"] in printed
     assert main([*args[:-2], "--seeds", "1,1"]) == 2
@@ -247,7 +245,8 @@ def test_eval_report_flags_layers_whose_ablation_barely_moves_the_loss(capsys):
 
     report = dict(set_id="s", tokens=10, split="eval", ce_predictions=5, ce_positions="answer",
                   layers={"0": layer(0.005, 0.045, 0.99, [0.98, 0.995]),
-                          "1": layer(0.005, 0.0065, 0.46, [-0.12, 1.07])},
+                          "1": layer(0.005, 0.0065, 0.46, [-0.12, 1.07]),
+                          "2": layer(0.085, 0.005, 1.01, [1.005, 1.02])},
                   all_layers=dict(ce_loss_recovered=1.0, ce_loss_recovered_95=[0.99, 1.01],
                                   delta_loss=1e-4, kl=2e-4, top1_agreement=1.0))  # fmt: skip
     _print_report(report)
@@ -257,3 +256,6 @@ def test_eval_report_flags_layers_whose_ablation_barely_moves_the_loss(capsys):
     assert "[-0.1200, 1.0700]" in out and "(95% [0.9900, 1.0100])" in out
     flagged = [line for line in out.splitlines() if "barely moves the loss" in line]
     assert len(flagged) == 1 and "layer 1 (+1.5e-03 nats)" in flagged[0]
+    # an ablation that lowers the loss inverts the ratio: said, with the layer
+    inverted = [line for line in out.splitlines() if "reads the other way" in line]
+    assert len(inverted) == 1 and "layer 2 (-8.0e-02 nats) lowers the loss" in inverted[0]

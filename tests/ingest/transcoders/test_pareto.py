@@ -8,13 +8,21 @@ pytestmark = pytest.mark.unit
 
 
 def _run(
-    kind: str, sparsity: float, seed: int, ce: float, kl: float = 0.01, l0: float | None = None
+    kind: str,
+    sparsity: float,
+    seed: int,
+    ce: float,
+    kl: float = 0.01,
+    l0: float | None = None,
+    ablation: float = 1.0,
 ) -> dict[str, object]:
+    """A run whose layers' zero-ablation changes the loss by ``ablation`` nats: its splice
+    raises the loss by (1 - ce) * ablation (CE recovered ``ce``)."""
     return {
         "kind": kind, "sparsity": sparsity, "seed": seed,
         "l0": sparsity if l0 is None else l0, "fvu": 0.01,
         "dead_fraction": 0.1, "kl": kl, "top1_agreement": 1.0, "ce_loss_recovered": ce,
-        "ce_recovered_all": ce,
+        "delta_loss": (1 - ce) * ablation, "ce_recovered_all": ce,
     }  # fmt: skip
 
 
@@ -34,9 +42,24 @@ def test_verdict_needs_every_seed_to_agree():
     assert verdicts == {4: "transcoder ahead", 8: "SAE ahead", 16: "level"}
     (at4,) = (c for c in compare(RUNS) if c["sparsity"] == 4)
     assert at4["seeds"] == 2
-    assert at4["ce_diff_min"] == pytest.approx(0.005)
-    assert at4["ce_diff_max"] == pytest.approx(0.01)
-    assert at4["ce_diff_mean"] == pytest.approx(0.0075)
+    assert at4["loss_lead_min"] == pytest.approx(0.005)
+    assert at4["loss_lead_max"] == pytest.approx(0.01)
+    assert at4["loss_lead_mean"] == pytest.approx(0.0075)
+
+
+def test_the_loss_verdict_reads_delta_loss_not_an_inverted_ce_recovered():
+    # Zero-ablation lowers the loss by 0.08 nats: CE recovered above 1 is a splice that
+    # raises it. The SAE's 1.05 (+0.004 nats) beats the transcoder's 1.02 (+0.0016 nats)
+    # by CE recovered; by the loss the transcoder is ahead.
+    runs = [_run("transcoder", 4, s, 1.02, ablation=-0.08) for s in (0, 1)] + [
+        _run("sae", 4, s, 1.05, ablation=-0.08) for s in (0, 1)
+    ]
+    (row,) = compare(runs)
+    assert row["verdict"] == "transcoder ahead"
+    assert row["loss_lead_mean"] == pytest.approx(0.004 - 0.0016)
+    curve = [_run("sae", k, 0, 1.05, l0=l0, ablation=-0.08) for k, l0 in ((2, 2.0), (8, 8.0))]
+    (at_l0,) = compare_at_equal_l0([*curve, runs[0]])
+    assert at_l0["verdict"] == "transcoder ahead"
 
 
 def test_kl_verdict_is_lower_is_better_and_separate_from_ce():
@@ -58,7 +81,7 @@ def test_pairs_only_matching_seeds():
     # a seed that only one kind has is left out of the pairing
     runs = [_run("transcoder", 4, 0, 0.9), _run("sae", 4, 1, 0.95), _run("sae", 4, 0, 0.8)]
     (only,) = compare(runs)
-    assert only["seeds"] == 1 and only["ce_diff_mean"] == pytest.approx(0.1)
+    assert only["seeds"] == 1 and only["loss_lead_mean"] == pytest.approx(0.1)
     assert compare([_run("sae", 4, 0, 0.9)]) == []
 
 
@@ -96,7 +119,7 @@ def test_equal_l0_reads_the_sae_curve_at_the_transcoders_l0():
     (row,) = compare_at_equal_l0(runs)
     assert row["sparsity"] == 0.1 and row["seeds"] == 1 and row["l0"] == 8.0
     assert row["sae_bracket"] == 4.0  # read between SAE runs at L0 4 and 16
-    assert row["ce_diff_mean"] == pytest.approx(0.95 - 0.94)
+    assert row["loss_lead_mean"] == pytest.approx(0.95 - 0.94)
     assert row["kl_ratio_mean"] == pytest.approx(0.01 / 0.02)  # the SAE's KL: 0.04 -> 0.01
     assert row["verdict"] == "transcoder ahead" and row["kl_verdict"] == "transcoder ahead"
     # paired at equal sparsity the same runs read the other way
@@ -112,13 +135,14 @@ def test_equal_l0_pairs_each_seed_with_its_own_curve():
     ]  # fmt: skip
     (row,) = compare_at_equal_l0(runs)
     assert row["seeds"] == 2 and row["verdict"] == "level"
-    assert (row["ce_diff_min"], row["ce_diff_max"]) == pytest.approx((0.97 - 0.9925, 0.97 - 0.925))
+    leads = (row["loss_lead_min"], row["loss_lead_max"])
+    assert leads == pytest.approx((0.97 - 0.9925, 0.97 - 0.925))
     assert compare_at_equal_l0([_run("transcoder", 1, 0, 0.97)]) == []
     # a transcoder run at an SAE run's own L0 is read there, not between two runs
     exact = [*runs[:2], _run("transcoder", 1, 0, 0.97, l0=16.0)]
     (at_run,) = compare_at_equal_l0(exact)
     assert at_run["sae_bracket"] == 1.0
-    assert at_run["ce_diff_mean"] == pytest.approx(0.97 - 0.95)
+    assert at_run["loss_lead_mean"] == pytest.approx(0.97 - 0.95)
     text = render_markdown({"runs": runs, "summary": summarize(runs), "comparison": [],
                             "equal_l0": [row]})  # fmt: skip
     assert "at equal L0" in text
@@ -132,13 +156,13 @@ def test_equal_l0_reads_the_sae_frontier_not_a_dominated_run():
         _run("sae", 0.5, 0, 0.98, kl=0.01, l0=8.0), _run("transcoder", 0.1, 0, 0.93, l0=4.0),
     ]  # fmt: skip
     (row,) = compare_at_equal_l0(runs)
-    assert row["ce_diff_mean"] == pytest.approx(0.93 - 0.94)
+    assert row["loss_lead_mean"] == pytest.approx(0.93 - 0.94)
     assert row["kl_ratio_mean"] == pytest.approx(0.01 / 0.02)
     assert row["sae_bracket"] == 4.0
     # past the frontier's last run the sparser run's value stands
     tail = [*runs[:2], _run("transcoder", 0.1, 0, 0.93, kl=0.04, l0=2.5)]
     (past,) = compare_at_equal_l0(tail)
-    assert past["ce_diff_mean"] == pytest.approx(0.03)
+    assert past["loss_lead_mean"] == pytest.approx(0.03)
     assert past["kl_ratio_mean"] == pytest.approx(1.0)
 
 
