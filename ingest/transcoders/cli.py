@@ -17,6 +17,7 @@ only when a subcommand runs.
 
 import argparse
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", choices=KINDS, default=DEFAULTS.kind)
+def _add_train_args(p: argparse.ArgumentParser, *, kind: bool = True) -> None:
+    """The training flags; ``kind=False`` leaves out ``--kind`` (pareto trains both)."""
+    if kind:
+        p.add_argument("--kind", choices=KINDS, default=DEFAULTS.kind)
     p.add_argument(
         "--arch",
         choices=ARCHITECTURES.names(),
@@ -223,7 +226,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     pareto = commands.add_parser("pareto", help="sweep sparsity; transcoders vs SAEs")
     _add_model_args(pareto)
-    _add_train_args(pareto)
+    _add_train_args(pareto, kind=False)
     pareto.add_argument("--sparsities", type=_floats, required=True, help="e.g. 4,8,16,32")
     pareto.add_argument(
         "--sae-sparsities", type=_floats, default=None,
@@ -271,7 +274,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def _train_config(args: argparse.Namespace, sparsity: float | None) -> TrainConfig:
     """The run's config from every flag that sets a TrainConfig field (``CLI_FIELDS``),
     at ``sparsity`` (the pareto command sweeps it)."""
-    fields = {name: getattr(args, name) for name in CLI_FIELDS if name != "sparsity"}
+    fields = {
+        name: getattr(args, name, getattr(DEFAULTS, name))
+        for name in CLI_FIELDS
+        if name != "sparsity"
+    }
     return TrainConfig(**fields, sparsity=sparsity)
 
 
@@ -333,12 +340,15 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ingest.transcoders.checkpoint import has_checkpoint
     from ingest.transcoders.evaluation import evaluate_set
     from ingest.transcoders.formats.common import write_json
     from ingest.transcoders.trainer import train_transcoders
 
     cfg = _train_config(args, args.sparsity)
     check_output(args.out, "--out", directory=True)
+    if args.resume and not has_checkpoint(args.out):
+        print(f"no checkpoint in {args.out} to resume: starting a new run", file=sys.stderr)
     loaded, source = _load(args)
     result = train_transcoders(
         loaded.adapter, source, cfg, args.out, model_id=loaded.model_id, resume=args.resume
@@ -370,6 +380,12 @@ def _eval(args: argparse.Namespace) -> int:
     from ingest.transcoders.formats import load_any
     from ingest.transcoders.formats.common import write_json
 
+    if args.windows is not None and args.windows < 1:
+        raise InvalidArgumentError(
+            f"--windows must be at least 1, got {args.windows} (leave it out for the default)"
+        )
+    if args.dead_tokens < 1:
+        raise InvalidArgumentError(f"--dead-tokens must be at least 1, got {args.dead_tokens}")
     if args.json is not None:
         check_output(args.json, "--json", directory=False)
     loaded, source = _load(args)
@@ -395,6 +411,12 @@ def _pareto(args: argparse.Namespace) -> int:
             "--sae-sparsities needs at least one value, e.g. 0.3,0.5; leave it out to give "
             "the SAEs --sparsities"
         )
+    for flag, values in (
+        ("--sparsities", args.sparsities),
+        ("--sae-sparsities", args.sae_sparsities),
+    ):
+        if values and len(set(values)) != len(values):
+            raise InvalidArgumentError(f"{flag} needs distinct values, got {values}")
     seeds = args.seeds if args.seeds is not None else [args.seed]
     if not seeds or len(set(seeds)) != len(seeds):
         raise InvalidArgumentError(f"--seeds needs distinct integers, e.g. 0,1,2; got {seeds}")
@@ -406,7 +428,9 @@ def _pareto(args: argparse.Namespace) -> int:
         seeds=seeds, sae_sparsities=args.sae_sparsities,
     )  # fmt: skip
     print(render_markdown(tables))
-    print(f"wrote {args.out / 'pareto.md'} and {args.out / 'pareto.png'}")
+    print(
+        f"wrote {args.out / 'pareto.md'}, {args.out / 'pareto.json'} and {args.out / 'pareto.png'}"
+    )
     return 0
 
 

@@ -287,6 +287,10 @@ class TrainConfig:
                 f"unknown kind {self.kind!r} (--kind): choose one of {KINDS}"
             )
         ARCHITECTURES.get(self.arch)
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgumentError(f"{flagged(item.name)} must be finite, got {value}")
         for name in ("steps", "batch_size", "buffer_mb", "eval_windows", "expansion"):
             if getattr(self, name) <= 0:
                 raise InvalidArgumentError(
@@ -404,18 +408,31 @@ class TrainConfig:
             balance_rate=self.resolved_balance_rate,
         )
 
+    @classmethod
+    def from_run_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """The config a :meth:`run_dict` was made from (up to what it resolved)."""
+        known = {item.name for item in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("layers") is not None:
+            values["layers"] = tuple(values["layers"])
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["layers"] = None if self.layers is None else list(self.layers)
         return data
 
     def run_dict(self, d_model: int) -> dict[str, Any]:
-        """:meth:`to_dict` with the width resolved for ``d_model`` and no ``expansion``:
-        what a checkpoint compares on resume, so that ``--width 512`` and the default
-        expansion on a 64-wide model are the same run."""
+        """:meth:`to_dict` with the width, sparsity, skip and firing floor resolved for
+        ``d_model`` and no ``expansion``: what a checkpoint compares on resume, so that
+        ``--width 512`` and the default expansion on a 64-wide model are the same run, as
+        are ``--sparsity 16`` and batchtopk's default."""
         data = self.to_dict()
         data["width"] = self.width_for(d_model)
         del data["expansion"]
+        data["sparsity"] = self.module_config(d_model).sparsity
+        data["skip"] = self.uses_skip
+        data["balance_rate"] = self.resolved_balance_rate
         if not self.kl_steps:  # no end-to-end phase: its settings change nothing
             for name in KL_FIELDS:
                 del data[name]

@@ -151,6 +151,16 @@ def build_set(
     return TranscoderSet(meta, modules)
 
 
+def _resolved(run: dict[str, Any], d_model: int) -> dict[str, Any]:
+    """A checkpoint's run state with its config resolved as :meth:`TrainConfig.run_dict`
+    resolves it now (checkpoints of earlier versions kept ``None`` for a default)."""
+    try:
+        config = TrainConfig.from_run_dict(run["config"]).run_dict(d_model)
+    except (InvalidArgumentError, TypeError, KeyError):
+        return run  # not a config this version reads: compared as it is
+    return {**run, "config": config}
+
+
 def _run_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
     """What differs between a checkpoint's run state and this run's, for the error."""
     saved_cfg, current_cfg = saved.get("config", {}), current["config"]
@@ -221,6 +231,7 @@ def train_transcoders(
             done = step + 1
             bar.update(1)
             if done % cfg.eval_every == 0 or done in (cfg.steps, total_steps):
+                run.check_finite(done)
                 bar.set_postfix(run.evaluate(done))
             # Resampling comes after the evaluation, so that the evaluation reports the
             # latents as trained and the dead fraction before the counters restart (fresh
@@ -263,6 +274,7 @@ def train_transcoders(
         run.fingerprint,
     )
     if steps_done >= total_steps:
+        run.check_finite(steps_done)
         save_set(tset, run.out)
     return TrainResult(
         tset=tset,
@@ -342,10 +354,11 @@ class _Run:
         """Continue from the checkpoint in ``out``, made by the same run."""
         ckpt = load_checkpoint(self.out)
         saved = ckpt.state
-        if saved["run"] != self.run_state:
+        saved_run = _resolved(saved["run"], self.adapter.d_model)
+        if saved_run != self.run_state:
             raise FailedPreconditionError(
                 f"the checkpoint in {self.out} was made with another configuration or model "
-                f"({_run_differences(saved['run'], self.run_state)}): resume with the same "
+                f"({_run_differences(saved_run, self.run_state)}): resume with the same "
                 "flags and model, or choose another --out"
             )
         self.trainable.load_state_dict({k: v.to(self.device) for k, v in ckpt.module.items()})
@@ -376,7 +389,21 @@ class _Run:
         self.s_in = torch.tensor(in_scales, device=self.device)[:, None, None]
         self.s_out = torch.tensor(out_scales, device=self.device)[:, None, None]
 
+    def check_finite(self, done: int) -> None:
+        """Refuse to go on (and to checkpoint or save) once training has diverged: a
+        non-finite weight stays so, and a set of them evaluates to nan everywhere."""
+        bad = [name for name, p in self.trainable.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            cfg = self.cfg
+            lr = f"--kl-lr (now {cfg.kl_lr:g})" if done > cfg.steps else f"--lr (now {cfg.lr:g})"
+            raise InvalidArgumentError(
+                f"training diverged by step {done}: {len(bad)} weight tensor(s) hold nan or inf "
+                f"(e.g. {bad[0]}); train again into a new --out with a lower {lr}. "
+                f"{self.out} keeps the last checkpoint written before it"
+            )
+
     def checkpoint(self, step: int) -> None:
+        self.check_finite(step)
         state = {
             "run": self.run_state,
             "step": step,

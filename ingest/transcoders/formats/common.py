@@ -31,12 +31,21 @@ logger = logging.getLogger(__name__)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file, every floating-point value finite (a set with
+    nan or inf weights, e.g. from a diverged run, computes nan everywhere)."""
     if not path.is_file():
         raise NotFoundError(f"transcoder file {path} does not exist")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise InvalidArgumentError(f"{path} is not a readable safetensors file: {exc}") from exc
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InvalidArgumentError(
+                f"{path}: tensor {name!r} holds nan or inf values (a diverged training run?); "
+                "this transcoder set cannot be used: train it again"
+            )
+    return tensors
 
 
 class StagedFiles:

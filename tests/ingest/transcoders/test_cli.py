@@ -86,6 +86,14 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     assert "--dead-after-tokens" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "a"), "--answer-weight", "0"]) == 2
     assert "--answer-weight" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "a"), "--lr", "nan"]) == 2
+    assert "--lr) must be finite" in capsys.readouterr().err
+    # A learning rate the weights overflow at: refused once seen, nothing non-finite saved.
+    diverged = tmp_path / "diverged"
+    assert main([*base, "--out", str(diverged), "--lr", "1e30"]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged by step 8" in err and "lower --lr (now 1e+30)" in err
+    assert not list(diverged.glob("layer_*.safetensors"))
     blocker = tmp_path / "afile"
     blocker.write_text("")
     assert main([*base, "--out", str(blocker / "tc")]) == 2
@@ -95,6 +103,17 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     evaluate = ["transcoders", "eval", str(tmp_path / "b"), "--model", str(tiny_zoo_dir)]
     assert main([*evaluate, "--json", str(blocker / "e.json")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+    for flag in ("--windows", "--dead-tokens"):
+        assert main([*evaluate, flag, "0"]) == 2
+        assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    # --resume where there is nothing to resume says so, and trains
+    assert main([*base, "--out", str(tmp_path / "fresh"), "--resume"]) == 0
+    assert "no checkpoint in" in capsys.readouterr().err
+    pareto = ["transcoders", "pareto", "--model", str(tiny_zoo_dir), "--out", str(tmp_path / "p")]
+    assert main([*pareto, "--sparsities", "4,4"]) == 2
+    assert "--sparsities needs distinct values" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # pareto trains both kinds: no --kind
+        main([*pareto, "--sparsities", "4", "--kind", "sae"])
     # convert: a missing source, and a destination that already holds files
     convert = ["transcoders", "convert", "--to", "saelens"]
     assert main([*convert, str(tmp_path / "nope"), str(tmp_path / "c")]) == 2

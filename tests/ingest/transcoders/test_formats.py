@@ -200,6 +200,19 @@ def test_wrong_shape_names_file_and_tensor(tmp_path):
         load_any(tmp_path / "ct")
 
 
+@pytest.mark.parametrize("fmt", ["circuit_tracer", "saelens"])
+def test_non_finite_weights_name_file_and_tensor(tmp_path, fmt):
+    # a diverged run's weights: refused on reading, not evaluated to nan everywhere
+    save(make_set("transcoder", "relu"), tmp_path / "set", fmt=fmt)
+    path = sorted((tmp_path / "set").rglob("*.safetensors"))[-1]
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.startswith("W_enc"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(path))
+    with pytest.raises(InvalidArgumentError, match=rf"{path.name}: tensor '{name}' holds nan"):
+        load_any(tmp_path / "set")
+
+
 def test_missing_tensor_and_missing_file(tmp_path):
     tset = make_set("clt", "relu")
     save(tset, tmp_path / "clt")

@@ -158,6 +158,29 @@ def test_width_defaults_to_an_expansion_of_d_model_and_resumes_as_the_same_run(t
         _train(tmp_path, "other", _cfg(width=None, expansion=2), resume=True)
 
 
+def test_a_default_given_explicitly_resumes_as_the_same_run(tmp_path):
+    """--sparsity 16 and --balance-rate at batchtopk's defaults are the run started without
+    them, also for a checkpoint that recorded the defaults as None (earlier versions)."""
+    from ingest.transcoders.checkpoint import load_checkpoint
+    from ingest.transcoders.config import DEFAULT_BALANCE_RATE
+    from ingest.transcoders.trainer import _resolved
+
+    implicit = _cfg(arch="batchtopk", sparsity=None, width=64)
+    _train(tmp_path, "run", implicit, stop_after=4)
+    saved = load_checkpoint(tmp_path / "run").state["run"]
+    assert saved["config"]["sparsity"] == 16
+    assert saved["config"]["balance_rate"] == DEFAULT_BALANCE_RATE
+    explicit = _cfg(arch="batchtopk", sparsity=16, balance_rate=DEFAULT_BALANCE_RATE, width=64)
+    assert _train(tmp_path, "run", explicit, resume=True).steps_done == 12
+    # as earlier versions wrote the run: the defaults as None, read as what they resolve to
+    earlier = {**saved, "config": {**saved["config"], "sparsity": None, "balance_rate": None}}
+    assert _resolved(earlier, tiny_adapter().d_model) == saved
+    # what the run is still decides: another k is refused
+    _train(tmp_path, "other", implicit, stop_after=4)
+    with pytest.raises(FailedPreconditionError, match=r"sparsity \(--sparsity\): 16"):
+        _train(tmp_path, "other", _cfg(arch="batchtopk", sparsity=8, width=64), resume=True)
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("field", ["width", "expansion"])
 def test_width_and_expansion_must_be_positive(field):
