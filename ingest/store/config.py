@@ -12,6 +12,7 @@ points with :meth:`StoreConfig.from_env`:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,8 +60,10 @@ class StoreConfig:
             raise InvalidArgumentError(
                 f"query_timeout_s must be > 0 or None, got {self.query_timeout_s}"
             )
-        if not self.retry_time_s >= 0:
-            raise InvalidArgumentError(f"retry_time_s must be >= 0, got {self.retry_time_s}")
+        if not 0 <= self.retry_time_s < math.inf:
+            raise InvalidArgumentError(
+                f"retry_time_s must be a finite number >= 0, got {self.retry_time_s}"
+            )
         if not self.database:
             raise InvalidArgumentError("the database name must not be empty")
 

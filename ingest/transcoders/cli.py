@@ -274,12 +274,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def _train_config(args: argparse.Namespace, sparsity: float | None) -> TrainConfig:
     """The run's config from every flag that sets a TrainConfig field (``CLI_FIELDS``),
     at ``sparsity`` (the pareto command sweeps it)."""
-    fields = {
-        name: getattr(args, name, getattr(DEFAULTS, name))
-        for name in CLI_FIELDS
-        if name != "sparsity"
-    }
-    return TrainConfig(**fields, sparsity=sparsity)
+    fields = {name: getattr(args, name) for name in CLI_FIELDS if name not in ("sparsity", "kind")}
+    # pareto has no --kind: it trains both kinds
+    return TrainConfig(**fields, kind=vars(args).get("kind", DEFAULTS.kind), sparsity=sparsity)
 
 
 #: Below this change of the loss under zero-ablation (nats), a layer's CE recovered is

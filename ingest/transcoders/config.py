@@ -410,9 +410,9 @@ class TrainConfig:
 
     @classmethod
     def from_run_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """The config a :meth:`run_dict` was made from (up to what it resolved)."""
-        known = {item.name for item in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        """The config a :meth:`run_dict` was made from (up to what it resolved); keys
+        that are not fields are refused."""
+        values = dict(data)
         if values.get("layers") is not None:
             values["layers"] = tuple(values["layers"])
         return cls(**values)

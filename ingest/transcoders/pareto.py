@@ -9,10 +9,12 @@ Transcoders get the skip connection unless the base config turns it off (``--no-
 rows ``transcoder+skip``), SAEs never: an SAE with one could copy its input.
 
 The loss comparison reads delta loss (the spliced model's loss minus the model's, lower
-is better), not CE loss recovered: the two agree where zero-ablating a layer's MLP raises
-the loss, but where it lowers it (greater-than GPT-2's layer 1 by 0.08 nats) CE recovered
-``(CE_ablate - CE_splice) / (CE_ablate - CE_clean)`` has a negative denominator and
-grows as the splice gets *worse*, and a mean over layers mixes the two readings. Each
+is better), not CE loss recovered: layer by layer the two agree where zero-ablating the
+MLP raises the loss (their means over layers need not: CE recovered weighs each layer by
+one over its ablation effect), but where it lowers it (greater-than GPT-2's layer 1 by
+0.08 nats) CE recovered ``(CE_ablate - CE_splice) / (CE_ablate - CE_clean)`` has a
+negative denominator and grows as the splice gets *worse*, and a mean over layers mixes
+the two readings. Each
 row's ``loss_lead`` is the SAE's delta loss minus the transcoder's (nats; positive: the
 transcoder's splice loses less). Dunefsky et al. (2024) compare the two kinds this way:
 at equal L0 the better replacement leaves the lower loss.

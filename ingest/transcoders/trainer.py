@@ -31,6 +31,7 @@ and the set is written in the native layout (``circuit-tracer`` + ``circuitscope
 """
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -153,7 +154,12 @@ def build_set(
 
 def _resolved(run: dict[str, Any], d_model: int) -> dict[str, Any]:
     """A checkpoint's run state with its config resolved as :meth:`TrainConfig.run_dict`
-    resolves it now (checkpoints of earlier versions kept ``None`` for a default)."""
+    resolves it now (checkpoints of earlier versions kept ``None`` for a default). A
+    config with a setting this version does not know is compared as it is (and so
+    differs): dropping the setting would resume another run."""
+    known = {item.name for item in dataclasses.fields(TrainConfig)}
+    if not isinstance(run.get("config"), dict) or set(run["config"]) - known:
+        return run
     try:
         config = TrainConfig.from_run_dict(run["config"]).run_dict(d_model)
     except (InvalidArgumentError, TypeError, KeyError):
@@ -396,10 +402,14 @@ class _Run:
         if bad:
             cfg = self.cfg
             lr = f"--kl-lr (now {cfg.kl_lr:g})" if done > cfg.steps else f"--lr (now {cfg.lr:g})"
+            kept = (
+                f"{self.out} keeps the checkpoint of an earlier step"
+                if has_checkpoint(self.out)
+                else "no checkpoint was written"
+            )
             raise InvalidArgumentError(
                 f"training diverged by step {done}: {len(bad)} weight tensor(s) hold nan or inf "
-                f"(e.g. {bad[0]}); train again into a new --out with a lower {lr}. "
-                f"{self.out} keeps the last checkpoint written before it"
+                f"(e.g. {bad[0]}); train again into a new --out with a lower {lr} ({kept})"
             )
 
     def checkpoint(self, step: int) -> None:

@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file, every floating-point value finite (a set with
-    nan or inf weights, e.g. from a diverged run, computes nan everywhere)."""
+    """The tensors of one safetensors file, refused when a floating-point one holds nan,
+    or inf outside a threshold (a set with such weights, e.g. from a diverged run,
+    computes nan everywhere; an infinite JumpReLU threshold turns its latent off)."""
     if not path.is_file():
         raise NotFoundError(f"transcoder file {path} does not exist")
     try:
@@ -40,7 +41,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError) as exc:
         raise InvalidArgumentError(f"{path} is not a readable safetensors file: {exc}") from exc
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            continue
+        bad = tensor.isnan() if "threshold" in name else ~torch.isfinite(tensor)
+        if bad.any():
             raise InvalidArgumentError(
                 f"{path}: tensor {name!r} holds nan or inf values (a diverged training run?); "
                 "this transcoder set cannot be used: train it again"

@@ -114,7 +114,7 @@ def test_store_config_from_env() -> None:
     assert StoreConfig.from_env({"NEO4J_URI": "bolt://x"}).database == "neo4j"
     with pytest.raises(InvalidArgumentError):
         StoreConfig(batch_size=0)
-    for retry_time_s in (-1.0, float("nan")):
+    for retry_time_s in (-1.0, float("nan"), float("inf")):
         with pytest.raises(InvalidArgumentError, match="retry_time_s"):
             StoreConfig(retry_time_s=retry_time_s)
 

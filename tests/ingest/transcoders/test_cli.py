@@ -93,6 +93,7 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     assert main([*base, "--out", str(diverged), "--lr", "1e30"]) == 2
     err = capsys.readouterr().err
     assert "training diverged by step 8" in err and "lower --lr (now 1e+30)" in err
+    assert "no checkpoint was written" in err
     assert not list(diverged.glob("layer_*.safetensors"))
     blocker = tmp_path / "afile"
     blocker.write_text("")

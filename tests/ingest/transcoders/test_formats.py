@@ -213,6 +213,19 @@ def test_non_finite_weights_name_file_and_tensor(tmp_path, fmt):
         load_any(tmp_path / "set")
 
 
+def test_an_infinite_threshold_reads_as_a_latent_that_never_fires(tmp_path):
+    tset = make_set("transcoder", "jumprelu")
+    save(tset, tmp_path / "set")
+    path = tmp_path / "set" / "layer_1.safetensors"
+    tensors = load_file(str(path))
+    tensors["activation_function.threshold"][0] = float("inf")
+    save_file(tensors, str(path))
+    back = load_any(tmp_path / "set")
+    x = torch.randn(64, D_MODEL) * 100
+    acts = back.encode(1, x)
+    assert torch.isfinite(acts).all() and not acts[:, 0].any()
+
+
 def test_missing_tensor_and_missing_file(tmp_path):
     tset = make_set("clt", "relu")
     save(tset, tmp_path / "clt")

@@ -175,6 +175,9 @@ def test_a_default_given_explicitly_resumes_as_the_same_run(tmp_path):
     # as earlier versions wrote the run: the defaults as None, read as what they resolve to
     earlier = {**saved, "config": {**saved["config"], "sparsity": None, "balance_rate": None}}
     assert _resolved(earlier, tiny_adapter().d_model) == saved
+    # a setting this version does not know is not dropped: that run is another run
+    newer = {**saved, "config": {**saved["config"], "future_setting": 7}}
+    assert _resolved(newer, tiny_adapter().d_model) == newer
     # what the run is still decides: another k is refused
     _train(tmp_path, "other", implicit, stop_after=4)
     with pytest.raises(FailedPreconditionError, match=r"sparsity \(--sparsity\): 16"):
