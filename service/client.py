@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -74,6 +74,7 @@ CIRCUIT_PATCHINGS = {
 }
 
 T = TypeVar("T")
+E = TypeVar("E")  # a proto enum's value type
 
 
 class CircuitsClient:
@@ -209,17 +210,13 @@ class CircuitsClient:
         direction: Direction = "both",
     ) -> AttributionGraph:
         """The neighbourhood of ``node_id`` (0 for the server's defaults: depth 1, top_k 10)."""
-        if direction not in _DIRECTIONS:
-            raise InvalidArgumentError(
-                f"direction must be one of {sorted(_DIRECTIONS)}, got {direction!r}"
-            )
         with _fields("GetSubgraph"):
             request = graph_service_pb2.GetSubgraphRequest(
                 graph_id=graph_id,
                 node_id=node_id,
                 depth=depth,
                 top_k=top_k,
-                direction=_DIRECTIONS[direction],
+                direction=_choice("direction", direction, _DIRECTIONS),
             )
         response = self._call(self._graphs.GetSubgraph, request)
         summary = types_pb2.GraphSummary(graph_id=graph_id)
@@ -238,8 +235,6 @@ class CircuitsClient:
         score: PathScore = "product",
     ) -> list[Path]:
         """The strongest paths from source to target, strongest first."""
-        if score not in _SCORES:
-            raise InvalidArgumentError(f"score must be one of {sorted(_SCORES)}, got {score!r}")
         with _fields("FindPaths"):
             request = graph_service_pb2.FindPathsRequest(
                 graph_id=graph_id,
@@ -247,7 +242,7 @@ class CircuitsClient:
                 target_node_id=target_node_id,
                 top_k=top_k,
                 max_length=max_length,
-                score=_SCORES[score],
+                score=_choice("score", score, _SCORES),
             )
         response = self._call(self._graphs.FindPaths, request)
         return [convert.path_from_proto(p) for p in response.paths]
@@ -396,14 +391,6 @@ class CircuitsClient:
     ) -> CircuitFaithfulness:
         """Faithfulness f(k) of the prompt's circuits (MIB protocol); ``scoring`` is one
         of :data:`EDGE_SCORINGS`, ``patching`` ``edge`` or ``node``."""
-        if scoring not in EDGE_SCORINGS:
-            raise InvalidArgumentError(
-                f"scoring must be one of {sorted(EDGE_SCORINGS)}, got {scoring!r}"
-            )
-        if patching not in CIRCUIT_PATCHINGS:
-            raise InvalidArgumentError(
-                f"patching must be one of {sorted(CIRCUIT_PATCHINGS)}, got {patching!r}"
-            )
         with _fields("EvaluateCircuit"):
             request = analysis_service_pb2.EvaluateCircuitRequest(
                 model=model,
@@ -411,8 +398,8 @@ class CircuitsClient:
                 counterfactual=counterfactual,
                 correct_token_id=correct_token_id,
                 counterfactual_token_id=counterfactual_token_id,
-                scoring=EDGE_SCORINGS[scoring],
-                patching=CIRCUIT_PATCHINGS[patching],
+                scoring=_choice("scoring", scoring, EDGE_SCORINGS),
+                patching=_choice("patching", patching, CIRCUIT_PATCHINGS),
                 fractions=fractions or [],
             )
             if max_feature_nodes is not None:
@@ -518,6 +505,13 @@ def _fields(method: str) -> Iterator[None]:
             f"bad value in the {method} request ({exc}): integers must fit the field "
             "(int32 for sizes, depths, layers and positions; int64 for indices and token ids)"
         ) from None
+
+
+def _choice(name: str, value: str, choices: Mapping[str, E]) -> E:
+    """``choices[value]`` (a proto enum value), or an error naming ``name`` and the choices."""
+    if value not in choices:
+        raise InvalidArgumentError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return choices[value]
 
 
 def _feature_key(set_id: str, layer: int, index: int) -> types_pb2.FeatureKey:

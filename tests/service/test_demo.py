@@ -3,32 +3,16 @@ against the server it leaves running, and a second run that reuses everything.""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from ingest.store.embedded import stop
 from service.cli import main
+from tests.service.processes import stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
 
 
 def test_demo_runs_every_stage_and_leaves_a_working_server(capsys):
@@ -60,5 +44,5 @@ def test_demo_runs_every_stage_and_leaves_a_working_server(capsys):
         assert "graphs written:        0" in again
     finally:
         for pid in pids:
-            _kill(pid)
+            stop_process(pid)
         stop(Path(home()) / "db")

@@ -5,11 +5,7 @@ however many others the store holds."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,32 +20,10 @@ from service.demo_cli import DemoContext
 from service.demo_pipeline import queries_stage, serve_stage
 from service.server import RunningServer
 from tests.service import builders
+from tests.service.processes import gone, stop_process
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _stop(pid: int) -> None:
-    """Stop a process this test started, and wait for it."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    for _ in range(150):
-        if _gone(pid):
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-
-
-def _gone(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @pytest.fixture
@@ -96,7 +70,7 @@ def test_a_port_held_by_another_server_is_an_error_not_serving(
     assert "server_pid" not in ctx.results
     assert _store_is_closed(ctx)
     pid = int((demo_home / "demo-tiny" / "serve" / "server.pid").read_text())
-    assert _gone(pid)
+    assert gone(pid)
 
 
 def test_a_stale_pid_file_never_signals_another_process_and_old_servers_are_waited_for(
@@ -124,11 +98,11 @@ def test_a_stale_pid_file_never_signals_another_process_and_old_servers_are_wait
         lines = serve_stage(again)
         started.append(again.results["server_pid"])
         assert lines[0] == f"stopped the previous demo server (pid {started[0]})"
-        assert _gone(started[0])
+        assert gone(started[0])
         assert ": SERVING" in lines[1]
     finally:
         for pid in started:
-            _stop(pid)
+            stop_process(pid)
         unrelated.kill()
         unrelated.wait()
 
