@@ -4,6 +4,7 @@
         [--width N | --expansion F] [--sparsity S] [--layers 0,1|all] [--steps N]
         [--prompts SPEC] [--device D] [--seed S] [--resume]
     circuitscope transcoders eval SET --model DIR [--prompts SPEC] [--windows N]
+        [--task-examples N] [--split eval|train] [--json PATH]
     circuitscope transcoders pareto --model DIR --out DIR --sparsities 4,8,16 [--seeds 0,1,2]
         [--sae-sparsities 0.3,0.5]
     circuitscope transcoders stats SET --model DIR [--prompts SPEC] [--windows N] [--top-k K]
@@ -221,6 +222,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the prompt source's split to measure on: held out (eval) or the training "
         "split, to see how much of the error is generalization",
     )  # fmt: skip
+    ev.add_argument(
+        "--task-examples", type=int, default=512,
+        help="examples of a zoo model's task metric (of --split), clean and spliced",
+    )  # fmt: skip
     ev.add_argument("--json", type=Path, default=None, help="also write the report here")
     ev.set_defaults(handler=_eval)
 
@@ -331,7 +336,8 @@ def _print_report(report: dict[str, Any]) -> None:
     if "task" in report:
         t = report["task"]
         print(
-            f"  task {t['task']} {t['metric']}: clean {t['clean'][t['metric']]:.4f}, "
+            f"  task {t['task']} {t['metric']} on {t['examples']} examples: "
+            f"clean {t['clean'][t['metric']]:.4f}, "
             f"spliced {t['spliced'][t['metric']]:.4f} ({100 * t['fraction_kept']:.1f}% kept)"
         )
 
@@ -350,13 +356,13 @@ def _train(args: argparse.Namespace) -> int:
     result = train_transcoders(
         loaded.adapter, source, cfg, args.out, model_id=loaded.model_id, resume=args.resume
     )
-    print(f"trained {result.steps_done} steps, {result.tokens_per_second:.0f} tokens/s")
     mode = "the whole split, collected once" if result.buffer_resident else "streamed"
     size = result.buffer_bytes
     shown = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{max(1, round(size / 2**10))} KiB"
     print(
         f"activation buffer: {result.buffer_rows} rows per layer in whole windows, {shown} ({mode})"
     )
+    print(f"trained {result.steps_done} steps, {result.tokens_per_second:.0f} tokens/s")
     print(f"saved transcoder set to {args.out}")
     if not args.no_eval:
         report = evaluate_set(
@@ -383,6 +389,8 @@ def _eval(args: argparse.Namespace) -> int:
         )
     if args.dead_tokens < 1:
         raise InvalidArgumentError(f"--dead-tokens must be at least 1, got {args.dead_tokens}")
+    if args.task_examples < 1:
+        raise InvalidArgumentError(f"--task-examples must be at least 1, got {args.task_examples}")
     if args.json is not None:
         check_output(args.json, "--json", directory=False)
     loaded, source = _load(args)
@@ -390,7 +398,7 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate_set(
         loaded.adapter, tset, source, n_windows=args.windows, zoo_dir=args.model,
         tokenizer=loaded.tokenizer, dead_tokens=args.dead_tokens, split=args.split,
-        progress=True,
+        max_task_examples=args.task_examples, progress=True,
     )  # fmt: skip
     if args.json is not None:
         write_json(args.json, report)

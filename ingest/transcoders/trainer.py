@@ -186,7 +186,7 @@ def resolve_layers(cfg: TrainConfig, n_layers: int) -> list[int]:
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise InvalidArgumentError(
-            f"layers {bad or layers} are out of range for a model with {n_layers} layers: "
+            f"layers {bad or layers} are out of range for a {n_layers}-layer model: "
             f"use 0..{n_layers - 1}"
         )
     return layers
@@ -510,7 +510,12 @@ class _Run:
             self.kl_sum, self.kl_count = 0.0, 0
         self.history.append(metrics)
         logger.info("step %d: %s", done, metrics)
-        shown = {"fvu": f"{metrics['fvu']:.3f}", "l0": f"{metrics['l0']:.1f}"}
+        # the bar keeps these until the next evaluation: "eval" names the step they are of
+        shown = {
+            "eval": f"step {done}",
+            "fvu": f"{metrics['fvu']:.3f}",
+            "l0": f"{metrics['l0']:.1f}",
+        }
         if "kl_train" in metrics:
             shown["kl"] = f"{metrics['kl_train']:.2e}"
         return shown

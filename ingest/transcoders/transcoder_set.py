@@ -76,7 +76,7 @@ class SetMetadata:
             )
         if self.layers[0] < 0 or self.layers[-1] >= self.n_layers:
             raise InvalidArgumentError(
-                f"layers {self.layers} out of range for a model with {self.n_layers} layers: "
+                f"layers {self.layers} out of range for a {self.n_layers}-layer model: "
                 f"use 0..{self.n_layers - 1}"
             )
         hooks = KIND_HOOKS[self.kind]

@@ -38,11 +38,13 @@ def test_train_eval_stats_convert(tiny_zoo_dir, tmp_path, capsys):
     assert tset.metadata.extra["train_config"]["answer_weight"] == 2.5
 
     assert main(["transcoders", "eval", str(out), "--model", str(tiny_zoo_dir), "--windows", "8",
-                 "--json", str(tmp_path / "e.json"), "--split", "train"]) == 0  # fmt: skip
-    assert "of the train split" in capsys.readouterr().out
+                 "--json", str(tmp_path / "e.json"), "--split", "train",
+                 "--task-examples", "5"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "of the train split" in printed and " on 5 examples: " in printed
     on_train = json.loads((tmp_path / "e.json").read_text())
     assert on_train["split"] == "train" and report["split"] == "eval"
-    assert on_train["task"]["examples"] > 0
+    assert on_train["task"]["examples"] == 5
     assert on_train["layers"]["0"]["ce_clean"] != report["layers"]["0"]["ce_clean"]
 
     assert main(["transcoders", "stats", str(out), "--model", str(tiny_zoo_dir),
@@ -104,7 +106,7 @@ def test_user_errors_exit_2(tiny_zoo_dir, tmp_path, capsys):
     evaluate = ["transcoders", "eval", str(tmp_path / "b"), "--model", str(tiny_zoo_dir)]
     assert main([*evaluate, "--json", str(blocker / "e.json")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
-    for flag in ("--windows", "--dead-tokens"):
+    for flag in ("--windows", "--dead-tokens", "--task-examples"):
         assert main([*evaluate, flag, "0"]) == 2
         assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
     # --resume where there is nothing to resume says so, and trains
