@@ -4,6 +4,7 @@
 """
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,16 @@ def check_output(path: Path, flag: str, *, directory: bool) -> None:
 
 
 def _writable_dir(path: Path) -> bool:
-    return os.access(path, os.W_OK | os.X_OK)
+    """Whether a file can be created in ``path``, found by creating (and at once
+    removing) one: permission bits do not tell, for root, that /proc or a read-only
+    mount refuses it."""
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
 def process_umask() -> int:

@@ -64,6 +64,15 @@ def test_read_only_directories_are_refused(tmp_path: Path, monkeypatch: pytest.M
     check_output(tmp_path / "free.json", "--json", directory=False)
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_directories_that_refuse_new_files_are_refused_whatever_the_permission_bits() -> None:
+    # /proc's permission bits let root write; creating a file there still fails
+    with pytest.raises(InvalidArgumentError, match="cannot write in /proc"):
+        check_output(Path("/proc/circuitscope-report.json"), "--json", directory=False)
+    with pytest.raises(InvalidArgumentError, match="not writable"):
+        check_output(Path("/proc"), "--out", directory=True)
+
+
 def test_saved_tensors_take_the_process_umask(tmp_path) -> None:
     before = os.umask(0o027)
     try:
