@@ -23,9 +23,10 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ingest.arguments import finite, int_in
 
 TARGET_ENV = "CIRCUITSCOPE_TARGET"
 TOKEN_ENV = "CIRCUITSCOPE_TOKEN"
@@ -33,35 +34,8 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
 
-def _bounded_int(high: int) -> Callable[[str], int]:
-    """An argparse type: an integer in ``0..high`` (the range of the request's field)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not 0 <= value <= high:
-            raise argparse.ArgumentTypeError(f"must lie in 0..{high}, got {value}")
-        return value
-
-    parse.__name__ = "integer"  # argparse names the type in its messages
-    return parse
-
-
-_count = _bounded_int(INT32_MAX)  # sizes, depths, layers, positions (int32 fields)
-_id = _bounded_int(INT64_MAX)  # feature indices and token ids (int64 fields)
-
-
-def _finite(text: str) -> float:
-    """An argparse type: a finite float (NaN and infinities mean nothing to the server)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
+_count = int_in(0, INT32_MAX)  # sizes, depths, layers, positions (int32 fields)
+_id = int_in(0, INT64_MAX)  # feature indices and token ids (int64 fields)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -140,8 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("prompt")
     p.add_argument("--logit-diff", nargs=2, type=_id, metavar=("CORRECT", "COUNTER"))
     p.add_argument("--max-feature-nodes", type=_count, default=None)
-    p.add_argument("--node-threshold", type=_finite, default=None)
-    p.add_argument("--edge-threshold", type=_finite, default=None)
+    p.add_argument("--node-threshold", type=finite, default=None)
+    p.add_argument("--edge-threshold", type=finite, default=None)
     p.set_defaults(query_handler=_attribute)
 
     p = groups.add_parser("intervene", help="next-token predictions with features changed")
@@ -184,7 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default="edge",
         help="edge: MIB edge patching in the linearized model; node: node patching",
     )
-    p.add_argument("--fractions", type=_finite, nargs="+", default=None)
+    p.add_argument("--fractions", type=finite, nargs="+", default=None)
     p.set_defaults(query_handler=_evaluate)
 
     jobs = groups.add_parser("jobs", help="ingest jobs").add_subparsers(
@@ -193,8 +167,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = jobs.add_parser("submit", help="queue an ingest job from a JSON Lines prompt file")
     p.add_argument("model")
     p.add_argument("prompts", type=Path, help="JSONL: one {prompt, task, id, ...} per line")
-    p.add_argument("--node-threshold", type=_finite, default=None)
-    p.add_argument("--edge-threshold", type=_finite, default=None)
+    p.add_argument("--node-threshold", type=finite, default=None)
+    p.add_argument("--edge-threshold", type=finite, default=None)
     p.add_argument("--watch", action="store_true", help="follow the job until it finishes")
     p.set_defaults(query_handler=_jobs_submit)
     p = jobs.add_parser("list", help="list jobs, most recent first, one page")
@@ -452,7 +426,7 @@ def _intervene(args: argparse.Namespace) -> int:
         for layer, pos, index, number in specs:
             flag = "--set" if kind == "value" else "--scale"
             try:
-                change = (_count(layer), _count(pos), _id(index), kind, _finite(number))
+                change = (_count(layer), _count(pos), _id(index), kind, finite(number))
             except argparse.ArgumentTypeError as exc:
                 raise InvalidArgumentError(
                     f"{flag} takes LAYER POS INDEX NUMBER (a finite number): {exc}"

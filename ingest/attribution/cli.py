@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ingest.arguments import finite, int_in, share
+
 DTYPES = ("float32", "float64")
 
 
@@ -39,14 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="default: float32")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=int_in(1),
         default=64,
         help="target rows per backward pass; the frozen forward holds this many copies of "
         "the prompt's residual stream (n_layers + 1 tensors of batch x tokens x d_model)",
     )
-    p.add_argument("--max-feature-nodes", type=int, default=None, help="expand at most N")
-    p.add_argument("--max-n-logits", type=int, default=10, help="at most N target logits")
-    p.add_argument("--desired-logit-prob", type=float, default=0.95, help="cumulative prob")
+    p.add_argument("--max-feature-nodes", type=int_in(0), default=None, help="expand at most N")
+    p.add_argument("--max-n-logits", type=int_in(1), default=10, help="at most N target logits")
+    p.add_argument("--desired-logit-prob", type=finite, default=0.95, help="cumulative prob")
     p.add_argument(
         "--logit-diff",
         nargs=2,
@@ -62,10 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="explain one transcoder feature's pre-activation instead",
     )
-    p.add_argument("--node-threshold", type=float, default=0.8, help="pruning (default 0.8)")
-    p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning (default 0.98)")
+    p.add_argument("--node-threshold", type=share, default=0.8, help="pruning, 0..1 (0.8)")
+    p.add_argument("--edge-threshold", type=share, default=0.98, help="pruning, 0..1 (0.98)")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (1 suits small models)"
+        "--threads", type=int_in(1), default=None, help="torch CPU threads (1 suits small models)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_attribute)
@@ -104,8 +106,6 @@ def _attribute(args: argparse.Namespace) -> int:
     from ingest.transcoders.formats import load_any
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidArgumentError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     loaded = load_model(args.model, device=args.device, dtype=dtype)

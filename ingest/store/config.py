@@ -22,6 +22,8 @@ from ingest.errors import InvalidArgumentError
 
 EMBEDDED_DATABASE = "circuitscope"
 DEFAULT_BATCH_SIZE = 10_000
+#: the most rows one UNWIND may carry
+MAX_BATCH_SIZE = 1_000_000
 
 
 def default_data_dir() -> Path:

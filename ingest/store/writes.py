@@ -29,6 +29,7 @@ from ingest.errors import AlreadyExistsError, FailedPreconditionError
 from ingest.graph import AttributionGraph
 from ingest.store import cypher
 from ingest.store.base import BatchCallback, GraphStatus
+from ingest.store.config import MAX_BATCH_SIZE
 from ingest.store.records import graph_props, node_props
 from ingest.store.session import BoltConnection, check_range
 from ingest.store.session import rows as record_rows
@@ -121,7 +122,7 @@ def write_graph(
     graph.validate()
     gid = graph.graph_id
     size = batch_size or conn.config.batch_size
-    check_range("batch_size", size, 1, 1_000_000)
+    check_range("batch_size", size, 1, MAX_BATCH_SIZE)
     write_id = uuid.uuid4().hex
     claimed = conn.write_rows(
         cypher.CLAIM_GRAPH,

@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ingest.arguments import finite_at_least, int_in, share
+from ingest.store.config import MAX_BATCH_SIZE
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -28,18 +31,23 @@ def register(subparsers: Any) -> None:
         default=None,
         help="where full-graph artifacts go (default: $CIRCUITSCOPE_HOME/artifacts)",
     )
-    parser.add_argument("--node-threshold", type=float, default=0.8)
-    parser.add_argument("--edge-threshold", type=float, default=0.98)
-    parser.add_argument("--max-feature-nodes", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64, help="backward batch (rows)")
-    parser.add_argument("--store-batch-size", type=int, default=None, help="rows per UNWIND")
+    parser.add_argument("--node-threshold", type=share, default=0.8, help="pruning (0..1)")
+    parser.add_argument("--edge-threshold", type=share, default=0.98, help="pruning (0..1)")
+    parser.add_argument("--max-feature-nodes", type=int_in(0), default=None)
+    parser.add_argument("--batch-size", type=int_in(1), default=64, help="backward batch (rows)")
+    parser.add_argument(
+        "--store-batch-size",
+        type=int_in(1, MAX_BATCH_SIZE),
+        default=None,
+        help="rows per UNWIND",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--strict", action="store_true", help="abort on the first bad line instead of skipping"
     )
     parser.add_argument(
         "--max-retry-seconds",
-        type=float,
+        type=finite_at_least(0.0),
         default=300.0,
         help="how long to keep retrying while the store is unreachable",
     )
@@ -50,7 +58,6 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ingest.errors import InvalidArgumentError
     from ingest.paths import check_output, home
     from ingest.store import open_store
     from ingest.worker.compute import AttributionComputer, feature_records
@@ -58,11 +65,6 @@ def run(args: argparse.Namespace) -> int:
     from ingest.worker.prompts import check_prompt_file
     from ingest.worker.worker import IngestOptions, IngestWorker
 
-    for name in ("node_threshold", "edge_threshold"):
-        value = getattr(args, name)
-        if not 0.0 < value <= 1.0:
-            flag = "--" + name.replace("_", "-")
-            raise InvalidArgumentError(f"{flag} must lie in (0, 1], got {value}")
     check_prompt_file(args.prompts)
     if args.artifacts is not None:
         check_output(args.artifacts, "--artifacts", directory=True)

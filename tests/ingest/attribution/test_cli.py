@@ -81,7 +81,6 @@ def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
         (PROMPT, ["--dtype", "float64", "--device", "cuda:7"], "cuda"),
         (PROMPT, ["--feature-target", "1", "999", "4"], "feature indices"),
         (PROMPT, ["--feature-target", "1", "3", "9"], "outside the prompt"),
-        (PROMPT, ["--threads", "0"], "threads"),
     ],
 )
 def test_bad_input_fails_cleanly(saved, tmp_path, capsys, prompt, extra, message) -> None:
@@ -95,6 +94,29 @@ def test_bad_input_fails_cleanly(saved, tmp_path, capsys, prompt, extra, message
     assert code == 2
     assert message in err.lower() or message in err
     assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--threads", "0", "must be at least 1, got 0"),
+        ("--batch-size", "0", "must be at least 1, got 0"),
+        ("--max-feature-nodes", "-1", "must be at least 0, got -1"),
+        ("--max-n-logits", "0", "must be at least 1, got 0"),
+        ("--node-threshold", "1.5", "must lie in [0, 1], got 1.5"),
+        ("--edge-threshold", "nan", "must be a finite number"),
+        ("--desired-logit-prob", "inf", "must be a finite number"),
+    ],
+)
+def test_bad_settings_are_refused_by_the_parser_naming_the_flag(
+    saved, tmp_path, capsys, flag, value, message
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(saved, "--out", str(tmp_path / "artifact"), flag, value)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -112,6 +112,28 @@ def test_ingest_is_idempotent_and_matches_a_clean_computation(
     assert not (tmp_path / "a2" / "graphs").exists()
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--batch-size", "0", "must be at least 1, got 0"),
+        ("--store-batch-size", "-5", "must lie in 1..1000000, got -5"),
+        ("--max-feature-nodes", "-1", "must be at least 0, got -1"),
+        ("--node-threshold", "2", "must lie in [0, 1], got 2"),
+        ("--max-retry-seconds", "nan", "must be a finite number"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_prompt_is_read(
+    worker_model, prompt_file, tmp_path, capsys, flag, value, message
+):
+    # Refused by the parser, not once per prompt line as a bad line with exit code 0.
+    with pytest.raises(SystemExit) as exit_info:
+        main(_ingest_args(worker_model, prompt_file, tmp_path / "artifacts", flag, value))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in err and "line 1" not in err
+    assert not (tmp_path / "artifacts").exists()
+
+
 def _spawn_worker(worker_model, prompt_file, artifacts, config: StoreConfig, *extra: str):
     env = {**os.environ, **store_env(config), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "service", *_ingest_args(worker_model, prompt_file, artifacts,

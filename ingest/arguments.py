@@ -1,0 +1,57 @@
+"""argparse types shared by the command lines: a bad value is refused by the parser, with
+the flag named and exit code 2, before any model loads or any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``low..high`` (no upper bound when ``high`` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            wanted = f"be at least {low}" if high is None else f"lie in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must {wanted}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite float (NaN and infinities mean nothing as settings)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def finite_at_least(low: float) -> Callable[[str], float]:
+    """An argparse type: a finite float no smaller than ``low``."""
+
+    def parse(text: str) -> float:
+        value = finite(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {value:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def share(text: str) -> float:
+    """An argparse type: a fraction in [0, 1] (pruning's cumulative thresholds)."""
+    value = finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value:g}")
+    return value
