@@ -178,7 +178,9 @@ class GraphStore(ABC):
         *,
         timeout: float | None = None,
     ) -> FeatureRecord:
-        """Set (or clear with None/"") a feature's label, creating its catalog entry if absent."""
+        """Set (or clear with None/"") a feature's label, creating its catalog entry if
+        absent: NotFoundError when neither the entry nor its transcoder set is in the
+        store, InvalidArgumentError for a layer or index outside the set."""
 
     # ------------------------------------------------------------------ reads
     @abstractmethod

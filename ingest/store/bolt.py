@@ -117,6 +117,7 @@ class BoltGraphStore(BoltConnection, GraphStore):
     ) -> FeatureRecord:
         if label is not None and len(label) > 1000:
             raise InvalidArgumentError("a feature label holds at most 1000 characters")
+        self._check_labelable(set_id, layer, index, timeout)
         rows = self.write_rows(
             cypher.SET_FEATURE_LABEL,
             {"set_id": set_id, "layer": layer, "index": index, "label": label or None},
@@ -124,6 +125,33 @@ class BoltGraphStore(BoltConnection, GraphStore):
             "label a feature",
         )
         return feature_from_props(rows[0]["p"])
+
+    def _check_labelable(
+        self, set_id: str, layer: int, index: int, timeout: float | None
+    ) -> None:
+        """A label goes on a catalog entry, or on a latent of a registered set that
+        exists (index below its width, layer below its model's depth, where recorded)."""
+        key = {"set_id": set_id, "layer": layer, "index": index}
+        if self.read_rows(cypher.GET_FEATURE, key, timeout, "read a feature"):
+            return
+        scope = self.read_rows(cypher.FEATURE_SET_SCOPE, key, timeout, "read a transcoder set")
+        name = f"feature ({set_id!r}, layer {layer}, index {index})"
+        if not scope:
+            raise NotFoundError(
+                f"{name} is not in the catalog, and no transcoder set {set_id!r} is "
+                "registered: check the set id (ingesting graphs registers their set)"
+            )
+        width, n_layers = scope[0]["width"], scope[0]["n_layers"]
+        if width is not None and index >= width:
+            raise InvalidArgumentError(
+                f"{name}: set {set_id!r} has {width} latents per layer; use index "
+                f"0..{width - 1}"
+            )
+        if n_layers is not None and layer >= n_layers:
+            raise InvalidArgumentError(
+                f"{name}: set {set_id!r} is for a {n_layers}-layer model; use layer "
+                f"0..{n_layers - 1}"
+            )
 
     # ------------------------------------------------------------------ graph writes
     def write_graph(

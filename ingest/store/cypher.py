@@ -66,6 +66,12 @@ SET_FEATURE_LABEL: Final = (
     "SET f.label = $label RETURN properties(f) AS p"
 )
 
+FEATURE_SET_SCOPE: Final = (
+    "MATCH (t:TranscoderSet {set_id: $set_id}) "
+    "OPTIONAL MATCH (m:Model {model_id: t.model_id}) "
+    "RETURN t.d_transcoder AS width, m.n_layers AS n_layers"
+)
+
 GET_FEATURE: Final = (
     "MATCH (f:Feature {set_id: $set_id, layer: $layer, index: $index}) RETURN properties(f) AS p"
 )

@@ -61,6 +61,7 @@ def test_feature_occurrences_list_graphs_where_it_is_active(client: CircuitsClie
         (lambda c: c.search_features(SET, layer=-2), InvalidArgumentError),
         (lambda c: c.search_features(SET, page_token="%%%"), InvalidArgumentError),
         (lambda c: c.set_feature_label(SET, 0, 0, "x" * 1001), InvalidArgumentError),
+        (lambda c: c.set_feature_label("no-such-set", 0, 0, "x"), NotFoundError),
         (lambda c: c.feature_occurrences(SET, 0, 0, page_size=-3), InvalidArgumentError),
     ],
 )

@@ -272,6 +272,19 @@ def test_feature_catalog(store: GraphStore, uid: str) -> None:
     again = store.get_feature(set_id, 0, 1)
     assert (again.label, again.density, again.top_tokens) == (labelled.label, 0.5, ["t1", "t2"])
     assert store.set_feature_label(set_id, 0, 1, "").label is None
+    # A latent of the registered set without statistics yet gets a catalog entry; one
+    # outside the set (or of a set the store does not know) is refused and creates none.
+    assert store.set_feature_label(set_id, 2, 127, "late").label == "late"
+    with pytest.raises(InvalidArgumentError, match="128 latents per layer; use index 0..127"):
+        store.set_feature_label(set_id, 0, 128, "x")
+    with pytest.raises(InvalidArgumentError, match="3-layer model; use layer 0..2"):
+        store.set_feature_label(set_id, 3, 0, "x")
+    with pytest.raises(NotFoundError, match="no transcoder set"):
+        store.set_feature_label(f"{uid}-nosuchset", 0, 1, "x")
+    count = store.query(
+        "MATCH (f:Feature) WHERE f.set_id STARTS WITH $u RETURN count(f) AS c", {"u": uid}
+    )
+    assert count == [{"c": len(records) + 1}]
 
 
 def test_list_graphs_keyset_pagination(store: GraphStore, uid: str) -> None:
