@@ -126,9 +126,7 @@ class BoltGraphStore(BoltConnection, GraphStore):
         )
         return feature_from_props(rows[0]["p"])
 
-    def _check_labelable(
-        self, set_id: str, layer: int, index: int, timeout: float | None
-    ) -> None:
+    def _check_labelable(self, set_id: str, layer: int, index: int, timeout: float | None) -> None:
         """A label goes on a catalog entry, or on a latent of a registered set that
         exists (index below its width, layer below its model's depth, where recorded)."""
         key = {"set_id": set_id, "layer": layer, "index": index}
@@ -144,8 +142,7 @@ class BoltGraphStore(BoltConnection, GraphStore):
         width, n_layers = scope[0]["width"], scope[0]["n_layers"]
         if width is not None and index >= width:
             raise InvalidArgumentError(
-                f"{name}: set {set_id!r} has {width} latents per layer; use index "
-                f"0..{width - 1}"
+                f"{name}: set {set_id!r} has {width} latents per layer; use index 0..{width - 1}"
             )
         if n_layers is not None and layer >= n_layers:
             raise InvalidArgumentError(

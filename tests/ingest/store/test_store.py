@@ -275,9 +275,9 @@ def test_feature_catalog(store: GraphStore, uid: str) -> None:
     # A latent of the registered set without statistics yet gets a catalog entry; one
     # outside the set (or of a set the store does not know) is refused and creates none.
     assert store.set_feature_label(set_id, 2, 127, "late").label == "late"
-    with pytest.raises(InvalidArgumentError, match="128 latents per layer; use index 0..127"):
+    with pytest.raises(InvalidArgumentError, match=r"128 latents per layer; use index 0\.\.127"):
         store.set_feature_label(set_id, 0, 128, "x")
-    with pytest.raises(InvalidArgumentError, match="3-layer model; use layer 0..2"):
+    with pytest.raises(InvalidArgumentError, match=r"3-layer model; use layer 0\.\.2"):
         store.set_feature_label(set_id, 3, 0, "x")
     with pytest.raises(NotFoundError, match="no transcoder set"):
         store.set_feature_label(f"{uid}-nosuchset", 0, 1, "x")
