@@ -7,6 +7,9 @@ import argparse
 import math
 from collections.abc import Callable
 
+#: how a command line names a token by its id instead of its text: ``id:42``
+TOKEN_ID_PREFIX = "id:"
+
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in ``low..high`` (no upper bound when ``high`` is None)."""
@@ -55,3 +58,16 @@ def share(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value:g}")
     return value
+
+
+def token_id(text: str) -> int:
+    """An argparse type for commands that reach the vocabulary only by id (a client of
+    the server): ``id:N``. Bare text is refused rather than read as a number, because
+    where a tokenizer is at hand (``circuitscope attribute``) ``99`` is the token "99"."""
+    number = text.removeprefix(TOKEN_ID_PREFIX)
+    if number == text:
+        raise argparse.ArgumentTypeError(
+            f"give a token id as {TOKEN_ID_PREFIX}N, got {text!r} (this command cannot "
+            "encode text; `circuitscope attribute` takes tokens as text)"
+        )
+    return int_in(0, 2**63 - 1)(number)  # an int64 field of the request

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ingest.arguments import finite, int_in
+from ingest.arguments import finite, int_in, token_id
 
 TARGET_ENV = "CIRCUITSCOPE_TARGET"
 TOKEN_ENV = "CIRCUITSCOPE_TOKEN"
@@ -112,7 +112,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = groups.add_parser("attribute", help="compute a prompt's pruned attribution graph")
     p.add_argument("model")
     p.add_argument("prompt")
-    p.add_argument("--logit-diff", nargs=2, type=_id, metavar=("CORRECT", "COUNTER"))
+    p.add_argument(
+        "--logit-diff",
+        nargs=2,
+        type=token_id,
+        metavar=("id:CORRECT", "id:COUNTER"),
+        help="explain logit(CORRECT) - logit(COUNTER) instead: token ids, as id:N",
+    )
     p.add_argument("--max-feature-nodes", type=_count, default=None)
     p.add_argument("--node-threshold", type=finite, default=None)
     p.add_argument("--edge-threshold", type=finite, default=None)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ingest.arguments import TOKEN_ID_PREFIX
 from ingest.errors import InvalidArgumentError
 
 
@@ -86,9 +87,6 @@ def _token_ids(prompt: Sequence[int] | Tensor) -> list[int]:
             "attribute one prompt at a time"
         )
     return [int(t) for t in ids.tolist()]
-
-
-TOKEN_ID_PREFIX = "id:"
 
 
 def single_token_id(tokenizer: Any, text: str, what: str = "token") -> int:

@@ -218,6 +218,12 @@ def test_query_commands_for_models_attribution_and_jobs(
     assert main([*base, "attribute", "tiny-gpt2", PROMPT, "--node-threshold", "0.9"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["graph"]["metadata"]["prompt"] == PROMPT and result["graph"]["edges"]
+    # token ids as id:N, as `circuitscope attribute` names ids (bare "5" would be text there)
+    assert main([*base, "attribute", "tiny-gpt2", PROMPT, "--logit-diff", "id:5", "id:9"]) == 0
+    logits = [
+        n for n in json.loads(capsys.readouterr().out)["graph"]["nodes"] if n["kind"] == "logit"
+    ]
+    assert [(n["token_id"], n["label"]) for n in logits] == [(5, "logit diff 5 - 9")]
     assert main([*base, "intervene", "tiny-gpt2", PROMPT, "--scale", "0", "3", "1", "0"]) == 0
     changed = json.loads(capsys.readouterr().out)
     assert len(changed["clean"]) == 10 and len(changed["clean_after"]) == 10

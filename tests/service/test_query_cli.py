@@ -133,6 +133,17 @@ def test_numbers_outside_their_field_are_usage_errors(
     assert "Traceback" not in err and ("must lie in" in err or "finite" in err), err
 
 
+def test_logit_diff_tokens_are_ids_written_id_n(
+    target: str, token_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a bare "99" is the token text "99" for `circuitscope attribute`: refused here
+    with pytest.raises(SystemExit) as exit_info:
+        main(["query", "--target", target, "attribute", "m", "p", "--logit-diff", "99", "id:3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --logit-diff: give a token id as id:N, got '99'" in err
+
+
 def test_the_client_turns_unrepresentable_values_into_invalid_argument(
     client: CircuitsClient,
 ) -> None:
