@@ -77,7 +77,8 @@ class StoreConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> StoreConfig:
         """Build the config from ``NEO4J_*`` variables; keyword overrides win."""
         env = os.environ if environ is None else environ
-        uri = env.get("NEO4J_URI") or None
+        # the database's default follows the URI in use, also one given as an override
+        uri = overrides["uri"] if "uri" in overrides else env.get("NEO4J_URI") or None
         values: dict[str, object] = {
             "uri": uri,
             "user": env.get("NEO4J_USER") or "neo4j",

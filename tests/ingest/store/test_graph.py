@@ -112,6 +112,9 @@ def test_store_config_from_env() -> None:
     )
     assert "pw" not in remote.redacted()
     assert StoreConfig.from_env({"NEO4J_URI": "bolt://x"}).database == "neo4j"
+    # a URI given as an override (serve's --store-uri) picks the database as NEO4J_URI does
+    assert StoreConfig.from_env({}, uri="bolt://x").database == "neo4j"
+    assert StoreConfig.from_env({"NEO4J_URI": "bolt://x"}, uri=None).database == EMBEDDED_DATABASE
     with pytest.raises(InvalidArgumentError):
         StoreConfig(batch_size=0)
     for retry_time_s in (-1.0, float("nan"), float("inf")):
