@@ -23,7 +23,9 @@ import fcntl
 import itertools
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -36,7 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ingest.errors import FailedPreconditionError, UnavailableError
+from ingest.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from ingest.processes import live_command_line
 from ingest.store.config import EMBEDDED_DATABASE, StoreConfig, default_data_dir
 
@@ -213,6 +215,24 @@ def _log_tail(data_dir: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+HEAP_PATTERN = re.compile(r"[1-9][0-9]*[kKmMgG]?")
+
+
+def check_settings(heap: str, command_timeout_s: float) -> None:
+    """InvalidArgumentError for a heap the JVM would refuse (``-Xmx`` takes a number
+    with an optional k, m or g) or a query bound that is not a finite number >= 0."""
+    if not HEAP_PATTERN.fullmatch(heap):
+        raise InvalidArgumentError(
+            f"heap size {heap!r} is not one the JVM takes: a whole number with an optional "
+            "k, m or g suffix, e.g. 2g or 512m (--heap, or CIRCUITSCOPE_DB_HEAP)"
+        )
+    if not math.isfinite(command_timeout_s) or command_timeout_s < 0:
+        raise InvalidArgumentError(
+            f"the query time limit must be a finite number of seconds >= 0 (0: none), got "
+            f"{command_timeout_s} (--command-timeout-s)"
+        )
+
+
 def start(
     data_dir: Path | str | None = None,
     *,
@@ -230,6 +250,7 @@ def start(
     Raises UnavailableError, with the end of the server log, when it does not answer
     within ``timeout_s``.
     """
+    check_settings(heap, command_timeout_s)
     root = _resolve(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)

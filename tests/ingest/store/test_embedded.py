@@ -91,6 +91,24 @@ def test_db_cli_start_status_stop(
         embedded.stop(data_dir)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--heap", "bogus", "heap size 'bogus' is not one the JVM takes"),
+        ("--heap", "2gb", "e.g. 2g or 512m"),
+        ("--command-timeout-s", "-5", "got -5.0 (--command-timeout-s)"),
+        ("--command-timeout-s", "nan", "finite number of seconds"),
+    ],
+)
+def test_db_start_refuses_bad_settings_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    assert main(["db", "start", "--data-dir", str(tmp_path / "db"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "db").exists()
+
+
 def test_a_pid_file_naming_another_directorys_server_is_stale(tmp_path: Path) -> None:
     """A stale pid file's pid may since belong to the server of another data directory:
     that server is neither reused nor stopped from here."""
