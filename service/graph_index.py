@@ -355,11 +355,9 @@ class GraphIndex:
         deadline: float | None = None,
     ) -> list[Path]:
         """The store's strongest paths (see :meth:`GraphStore.strongest_paths`);
-        empty when either node is unknown. Only for :attr:`acyclic` graphs.
+        NotFoundError for an unknown node. Only for :attr:`acyclic` graphs.
         ``deadline`` (``time.monotonic()``) bounds the work as the store's timeout does."""
-        source, target = self.position.get(source_id), self.position.get(target_id)
-        if source is None or target is None:
-            return []
+        source, target = self._position(source_id), self._position(target_id)
         reach = self._distance_to(target, max_length)
         if source not in reach:
             return []

@@ -238,7 +238,8 @@ class GraphStore(ABC):
         timeout: float | None = None,
     ) -> list[Path]:
         """The ``top_k`` directed paths of at most ``max_length`` edges from source to
-        target, by the product (or sum) of their edges' |weight|, strongest first."""
+        target, by the product (or sum) of their edges' |weight|, strongest first; empty
+        when there is none. NotFoundError when the graph, or either node, is not there."""
 
     @abstractmethod
     def graphs_with_feature(

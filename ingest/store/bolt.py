@@ -363,9 +363,17 @@ class BoltGraphStore(BoltConnection, GraphStore):
 
         def work(tx: ManagedTransaction) -> list[Path] | None:
             head = _head(tx, graph_id)
+            ends = [source_id, target_id]
+            known = record_rows(
+                tx.run(cypher.NODES_BY_ID, {"graph_id": graph_id, "node_ids": ends})
+            )
             found = record_rows(tx.run(query, params))
             if not _unchanged(tx, graph_id, head):
                 return None
+            missing = sorted(set(ends) - {r["p"]["node_id"] for r in known})
+            if missing:
+                named = " or ".join(repr(m) for m in missing)
+                raise NotFoundError(f"graph {graph_id!r} has no node {named}")
             return [
                 Path(list(r["ids"]), [float(w) for w in r["ws"]], float(r["score"])) for r in found
             ]

@@ -218,7 +218,8 @@ def test_unknown_node_is_not_found(store: GraphStore, graphs: dict[str, Attribut
     index = _index(store, "cache-dense")
     with pytest.raises(NotFoundError, match="has no node"):
         index.subgraph("no-such-node", depth=1, top_k=3, direction="both")
-    assert index.strongest_paths("no-such-node", "x", top_k=1, max_length=2, score="sum") == []
+    with pytest.raises(NotFoundError, match="has no node 'no-such-node'"):
+        index.strongest_paths("no-such-node", "x", top_k=1, max_length=2, score="sum")
 
 
 # ---------------------------------------------------------------------------- over gRPC

@@ -124,8 +124,9 @@ def test_bad_requests_get_their_status(client: CircuitsClient, call, error) -> N
         call(client)
 
 
-def test_find_paths_between_unknown_nodes_is_empty(client: CircuitsClient) -> None:
-    assert client.find_paths("g-alpha", "E_100_0", "no-such-node") == []
+def test_find_paths_to_an_unknown_node_is_not_found(client: CircuitsClient) -> None:
+    with pytest.raises(NotFoundError, match="has no node 'no-such-node'"):
+        client.find_paths("g-alpha", "E_100_0", "no-such-node")
 
 
 def test_page_token_is_bound_to_its_filters(client: CircuitsClient) -> None:

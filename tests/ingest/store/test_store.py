@@ -207,6 +207,11 @@ def test_strongest_paths_match_networkx(store: GraphStore, uid: str, score: str)
     for p in got:
         assert p.score == pytest.approx(value(p.node_ids), rel=1e-9)
         assert p.weights == [g.edges[a, b]["weight"] for a, b in itertools.pairwise(p.node_ids)]
+    # an unknown end is an error (a typo would otherwise read as "no path")
+    with pytest.raises(NotFoundError, match="has no node 'no-such-node'"):
+        store.strongest_paths(graph.graph_id, source, "no-such-node", score=score)  # type: ignore[arg-type]
+    # a target that exists but cannot be reached from itself: empty
+    assert store.strongest_paths(graph.graph_id, target, target, score=score) == []  # type: ignore[arg-type]
 
 
 def test_graphs_with_feature(store: GraphStore, uid: str) -> None:
