@@ -476,6 +476,9 @@ class _OnModelPool:
         self.model_fingerprint = computer.model_fingerprint
         self.set_id = computer.set_id
 
+    def check(self, spec: PromptSpec) -> None:
+        self._computer.check(spec)  # tokenizes only: no turn in the model pool needed
+
     def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult:
         return self._run(self._computer.compute, spec, graph_id)
 

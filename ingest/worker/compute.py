@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ingest.attribution.attribute import attribute
-from ingest.attribution.prompts import single_token_id
+from ingest.attribution.prompts import single_token_id, tokenize
 from ingest.attribution.result import AttributionResult
 from ingest.attribution.targets import LogitDiffTarget, LogitTargets
 from ingest.errors import InvalidArgumentError
@@ -72,15 +72,32 @@ class AttributionComputer:
         tset = load_any(transcoders)
         return cls(loaded, tset, settings, batch_size=batch_size)
 
+    def check(self, spec: PromptSpec) -> None:
+        """InvalidArgumentError when ``spec`` cannot be attributed: its prompt or
+        counterfactual does not tokenize for this model (empty, too long, unknown words),
+        or its correct/incorrect token is not one token. Cheap: no model runs."""
+        adapter, tokenizer = self.loaded.adapter, self.loaded.tokenizer
+        tokenize(tokenizer, spec.prompt, adapter.vocab_size, adapter.n_ctx)
+        if spec.counterfactual is not None:
+            try:
+                tokenize(tokenizer, spec.counterfactual, adapter.vocab_size, adapter.n_ctx)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"counterfactual: {exc}") from None
+        self._logit_diff(spec)
+
+    def _logit_diff(self, spec: PromptSpec) -> LogitDiffTarget | None:
+        if spec.correct is None or spec.incorrect is None:
+            return None
+        tokenizer = self.loaded.tokenizer
+        return LogitDiffTarget(
+            correct=single_token_id(tokenizer, spec.correct, "correct token"),
+            counterfactual=single_token_id(tokenizer, spec.incorrect, "incorrect token"),
+        )
+
     def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult:
-        if spec.correct is not None and spec.incorrect is not None:
-            target: LogitTargets | LogitDiffTarget = LogitDiffTarget(
-                correct=single_token_id(self.loaded.tokenizer, spec.correct, "correct token"),
-                counterfactual=single_token_id(
-                    self.loaded.tokenizer, spec.incorrect, "incorrect token"
-                ),
-            )
-        else:
+        self.check(spec)
+        target: LogitTargets | LogitDiffTarget | None = self._logit_diff(spec)
+        if target is None:
             target = LogitTargets(
                 max_n_logits=self.settings.max_n_logits,
                 desired_logit_prob=self.settings.desired_logit_prob,

@@ -60,6 +60,9 @@ class GraphComputer(Protocol):
     model_fingerprint: str
     set_id: str
 
+    def check(self, spec: PromptSpec) -> None:
+        """InvalidArgumentError when ``spec`` cannot be attributed (cheap: no model runs)."""
+
     def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult: ...
 
     def model_record(self) -> ModelRecord: ...
@@ -117,8 +120,20 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def _validate_all(path: Path) -> None:
-    bad = [item for item in read_prompts(path) if isinstance(item, BadLine)]
+def _validate_all(path: Path, computer: GraphComputer | None = None) -> None:
+    """Every line of ``path``: JSON and fields, then (given ``computer``) each prompt
+    against the model: its tokens, its answer tokens. InvalidArgumentError listing the
+    bad lines."""
+    bad: list[BadLine] = []
+    for item in read_prompts(path):
+        if isinstance(item, BadLine):
+            bad.append(item)
+            continue
+        try:
+            if computer is not None:
+                computer.check(item)
+        except InvalidArgumentError as exc:
+            bad.append(BadLine(item.line, str(exc)))
     if bad:
         listed = "; ".join(str(b) for b in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -255,7 +270,7 @@ class IngestWorker:
     def run(self, prompts: Path) -> IngestSummary:
         """Ingest every prompt of ``prompts``; returns what was done."""
         if self.options.strict:
-            _validate_all(prompts)
+            _validate_all(prompts, self.computer)
         summary = IngestSummary()
         started = time.perf_counter()
         total = _count_lines(prompts) if prompts.is_file() else None

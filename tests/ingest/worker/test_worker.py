@@ -3,6 +3,7 @@ graph server, the console script; idempotent reruns, SIGKILL mid-write, a store 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,6 +111,39 @@ def test_ingest_is_idempotent_and_matches_a_clean_computation(
     assert main(_ingest_args(worker_model, prompt_file, tmp_path / "a2", "--strict")) == 2
     assert "line 3" in capsys.readouterr().err
     assert not (tmp_path / "a2" / "graphs").exists()
+
+
+def test_strict_checks_every_prompt_against_the_model_before_any_work(
+    worker_model, worker_store_config, tmp_path, monkeypatch, capsys
+):
+    from ingest.zoo.tasks import get_task
+
+    for key, value in store_env(worker_store_config).items():
+        monkeypatch.setenv(key, value)
+    good = [ex.prompt for ex in get_task("greater_than").examples("heldout")[6:8]]
+    records = [
+        {"prompt": good[0], "task": "strict-check"},
+        {"prompt": "\U0001f389 \U0001f389", "task": "strict-check"},  # no token for it
+        {"prompt": good[1], "counterfactual": "\U0001f389", "task": "strict-check"},
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    artifacts = tmp_path / "artifacts"
+    query = "MATCH (g:Graph {task: 'strict-check'}) RETURN count(g) AS c"
+
+    assert main(_ingest_args(worker_model, prompts, artifacts, "--strict")) == 2
+    err = capsys.readouterr().err
+    assert "2 bad line(s): line 2: " in err and "line 3: counterfactual: " in err
+    assert not (artifacts / "graphs").exists()
+    with open_store(worker_store_config) as store:
+        assert store.query(query) == [{"c": 0}]
+
+    # without --strict the same lines are skipped and the good one is written
+    assert main(_ingest_args(worker_model, prompts, artifacts)) == 0
+    out = capsys.readouterr().out
+    assert "graphs written:        1" in out and "bad lines skipped:     2" in out
+    with open_store(worker_store_config) as store:
+        assert store.query(query) == [{"c": 1}]
 
 
 @pytest.mark.parametrize(
