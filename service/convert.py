@@ -6,8 +6,8 @@ domain types, so neither side touches the other's representation. The domain
 (``ingest/``) never imports generated code.
 
 Round trips are exact for every field the contract carries (``GraphMetadata.extra``
-is not part of the contract); edge weights travel as doubles, so float32 weights
-survive unchanged.
+travels as a ``Struct``, so its numbers come back as floats); edge weights travel as
+doubles, so float32 weights survive unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 
 from ingest.errors import InvalidArgumentError
 from ingest.graph import AttributionGraph, FeatureRecord, GraphMetadata, Node, NodeKind
@@ -177,6 +178,7 @@ def summary_to_proto(
     node_count: int,
     edge_count: int,
     created_at: datetime | None = None,
+    updated_at: datetime | None = None,
 ) -> types_pb2.GraphSummary:
     msg = types_pb2.GraphSummary(
         graph_id=metadata.graph_id,
@@ -196,11 +198,17 @@ def summary_to_proto(
             setattr(msg, name, value)
     if created_at is not None:
         msg.create_time.CopyFrom(_timestamp(created_at))
+    if updated_at is not None:
+        msg.update_time.CopyFrom(_timestamp(updated_at))
+    if metadata.extra:
+        msg.extra.update(metadata.extra)
     return msg
 
 
 def stored_summary_to_proto(summary: GraphSummary) -> types_pb2.GraphSummary:
-    return summary_to_proto(summary.metadata, summary.n_nodes, summary.n_edges, summary.created_at)
+    return summary_to_proto(
+        summary.metadata, summary.n_nodes, summary.n_edges, summary.created_at, summary.updated_at
+    )
 
 
 def metadata_from_proto(msg: types_pb2.GraphSummary) -> GraphMetadata:
@@ -217,23 +225,30 @@ def metadata_from_proto(msg: types_pb2.GraphSummary) -> GraphMetadata:
         completeness_score=_opt(msg, "completeness_score"),
         artifact_uri=msg.artifact_uri or None,
         task=msg.task or None,
+        extra=json_format.MessageToDict(msg.extra) if msg.HasField("extra") else {},
     )
 
 
 def summary_from_proto(msg: types_pb2.GraphSummary) -> GraphSummary:
-    created = msg.create_time.ToDatetime(tzinfo=UTC) if msg.HasField("create_time") else None
     return GraphSummary(
         metadata=metadata_from_proto(msg),
         status=GraphStatus.COMPLETE,
         n_nodes=msg.node_count,
         n_edges=msg.edge_count,
-        created_at=created,
+        created_at=_time(msg, "create_time"),
+        updated_at=_time(msg, "update_time"),
     )
 
 
-def graph_to_proto(graph: AttributionGraph, created_at: datetime | None = None) -> types_pb2.Graph:
+def _time(msg: Message, name: str) -> datetime | None:
+    return getattr(msg, name).ToDatetime(tzinfo=UTC) if msg.HasField(name) else None
+
+
+def graph_to_proto(graph: AttributionGraph, stored: GraphSummary | None = None) -> types_pb2.Graph:
+    """``graph`` as a message; ``stored``, its summary in the store, gives its times."""
+    times = (stored.created_at, stored.updated_at) if stored is not None else (None, None)
     return types_pb2.Graph(
-        summary=summary_to_proto(graph.metadata, graph.n_nodes, graph.n_edges, created_at),
+        summary=summary_to_proto(graph.metadata, graph.n_nodes, graph.n_edges, *times),
         nodes=[node_to_proto(n) for n in graph.nodes],
         edges=edges_to_proto(graph),
     )

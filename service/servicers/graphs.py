@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
 
 import grpc
 from google.protobuf.message import Message
@@ -32,7 +31,7 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc import aio
 
 from ingest.errors import InvalidArgumentError
-from ingest.store.base import GraphStore
+from ingest.store.base import GraphStore, GraphSummary
 from service import convert
 from service._generated.circuits.v1 import graph_service_pb2 as pb
 from service._generated.circuits.v1 import graph_service_pb2_grpc
@@ -149,7 +148,7 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
             )
             # The artifact's metadata predates storing; keep the stored identity fields.
             graph.metadata.artifact_uri = stored.artifact_uri
-            return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
+            return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary))
         index = await self._cached(context, graph_id)
         if index is not None:
             # off the event loop: the first call for a graph makes its serialized
@@ -157,13 +156,13 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
             raw = await self._run.call(
                 context,
                 index.graph_response_bytes,
-                _summary_bytes(index, summary.created_at),
+                _summary_bytes(index, summary),
                 pass_timeout=False,
             )
             self._recount(index)
             return raw
         graph = await self._run.call(context, self._store.get_graph, graph_id)
-        return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary.created_at))
+        return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary))
 
     async def StreamGraphEdges(  # type: ignore[override]
         self, request: pb.StreamGraphEdgesRequest, context: aio.ServicerContext
@@ -177,7 +176,7 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
             # off the event loop: the first call for a graph makes its serialized fields
             await self._run.call(context, index.whole_fields, pass_timeout=False)
             self._recount(index)
-            for message in index.stream_chunks(_summary_bytes(index, summary.created_at), chunk):
+            for message in index.stream_chunks(_summary_bytes(index, summary), chunk):
                 yield message
             return
         graph = await self._run.call(context, self._store.get_graph, graph_id)
@@ -271,9 +270,11 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         return pb.FindPathsResponse(paths=[convert.path_to_proto(p) for p in paths])
 
 
-def _summary_bytes(index: GraphIndex, created_at: datetime | None) -> bytes:
-    """The serialized GraphSummary of a cached graph, with the store's creation time."""
-    summary = convert.summary_to_proto(index.metadata, index.n_nodes, index.n_edges, created_at)
+def _summary_bytes(index: GraphIndex, stored: GraphSummary) -> bytes:
+    """The serialized GraphSummary of a cached graph, with the store's times."""
+    summary = convert.summary_to_proto(
+        index.metadata, index.n_nodes, index.n_edges, stored.created_at, stored.updated_at
+    )
     return summary.SerializeToString()
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from ingest.errors import NotFoundError, ResourceExhaustedError
 from ingest.graph import AttributionGraph
-from ingest.store.base import Direction, GraphStore, PathScore
+from ingest.store.base import Direction, GraphStatus, GraphStore, GraphSummary, PathScore
 from service import convert
 from service._generated.circuits.v1 import graph_service_pb2 as pb
 from service.client import CircuitsClient
@@ -147,8 +147,11 @@ def test_pre_serialized_answers_are_the_messages_bytes() -> None:
     assert len(index.node_ids[-1]) > 128, "an id must need a two-byte length"
     # whole-graph answers: GetGraph's response and StreamGraphEdges' chunks
     created = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
-    summary = convert.summary_to_proto(graph.metadata, graph.n_nodes, graph.n_edges, created)
-    expected = pb.GetGraphResponse(graph=convert.graph_to_proto(graph, created))
+    stored = GraphSummary(
+        graph.metadata, GraphStatus.COMPLETE, graph.n_nodes, graph.n_edges, created
+    )
+    summary = convert.stored_summary_to_proto(stored)
+    expected = pb.GetGraphResponse(graph=convert.graph_to_proto(graph, stored))
     raw = index.graph_response_bytes(summary.SerializeToString())
     assert raw == expected.SerializeToString()
     for chunk in (1, 7, 40, 1000):

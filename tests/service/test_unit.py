@@ -140,18 +140,22 @@ def test_serve_flags_set_the_cache_settings() -> None:
 
 def test_graph_round_trips_through_proto() -> None:
     graph = builders.layered_graph("g", n_layers=2, width=3)
+    # what an ingest records with a prompt travels too (strings and nulls exactly)
+    graph.metadata.extra = {"counterfactual": "The war ended", "prompt_id": "p7", "x": None}
     created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    message = convert.graph_to_proto(graph, created)
+    updated = datetime(2026, 1, 3, 0, 0, 0, tzinfo=UTC)
+    summary = GraphSummary(
+        graph.metadata, GraphStatus.COMPLETE, graph.n_nodes, graph.n_edges, created, updated
+    )
+    message = convert.graph_to_proto(graph, summary)
     back = convert.graph_from_proto(type(message).FromString(message.SerializeToString()))
     assert back.nodes == graph.nodes
     assert back.metadata == graph.metadata
     np.testing.assert_array_equal(back.sources, graph.sources)
     np.testing.assert_array_equal(back.targets, graph.targets)
     np.testing.assert_array_equal(back.weights, graph.weights)
-    summary = GraphSummary(
-        graph.metadata, GraphStatus.COMPLETE, graph.n_nodes, graph.n_edges, created
-    )
     assert convert.summary_from_proto(convert.stored_summary_to_proto(summary)) == summary
+    assert convert.summary_from_proto(message.summary) == summary
 
 
 def test_feature_and_occurrence_round_trip() -> None:

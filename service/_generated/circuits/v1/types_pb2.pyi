@@ -72,7 +72,7 @@ class Edge(_message.Message):
     def __init__(self, source_id: _Optional[str] = ..., target_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class GraphSummary(_message.Message):
-    __slots__ = ("graph_id", "model_id", "set_id", "task", "prompt", "tokens", "token_ids", "node_threshold", "edge_threshold", "replacement_score", "completeness_score", "artifact_uri", "node_count", "edge_count", "create_time")
+    __slots__ = ("graph_id", "model_id", "set_id", "task", "prompt", "tokens", "token_ids", "node_threshold", "edge_threshold", "replacement_score", "completeness_score", "artifact_uri", "node_count", "edge_count", "create_time", "update_time", "extra")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class GraphSummary(_message.Message):
     NODE_COUNT_FIELD_NUMBER: _ClassVar[int]
     EDGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     model_id: str
     set_id: str
@@ -103,7 +105,9 @@ class GraphSummary(_message.Message):
     node_count: int
     edge_count: int
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, graph_id: _Optional[str] = ..., model_id: _Optional[str] = ..., set_id: _Optional[str] = ..., task: _Optional[str] = ..., prompt: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., node_threshold: _Optional[float] = ..., edge_threshold: _Optional[float] = ..., replacement_score: _Optional[float] = ..., completeness_score: _Optional[float] = ..., artifact_uri: _Optional[str] = ..., node_count: _Optional[int] = ..., edge_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    update_time: _timestamp_pb2.Timestamp
+    extra: _struct_pb2.Struct
+    def __init__(self, graph_id: _Optional[str] = ..., model_id: _Optional[str] = ..., set_id: _Optional[str] = ..., task: _Optional[str] = ..., prompt: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., node_threshold: _Optional[float] = ..., edge_threshold: _Optional[float] = ..., replacement_score: _Optional[float] = ..., completeness_score: _Optional[float] = ..., artifact_uri: _Optional[str] = ..., node_count: _Optional[int] = ..., edge_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., extra: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Graph(_message.Message):
     __slots__ = ("summary", "nodes", "edges")
