@@ -31,7 +31,15 @@ class ResourceExhaustedError(CircuitscopeError):
 
 
 class UnavailableError(CircuitscopeError):
-    """A dependency (the graph store, a device, the hub) cannot be reached right now."""
+    """A dependency (the graph store, a device, the hub) cannot be reached right now.
+
+    ``retried_for_s``: how long the raiser already retried (the store driver's retry
+    time), so that its callers need not retry again at once; None when it did not.
+    """
+
+    def __init__(self, message: str = "", *, retried_for_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retried_for_s = retried_for_s
 
 
 class PermissionDeniedError(CircuitscopeError):

@@ -8,9 +8,11 @@ the class the server mapped from, with the server's message; any other status
 
 Retries: calls answered UNAVAILABLE are retried with bounded exponential backoff
 with full jitter (:class:`RetryPolicy`, in :mod:`service.transport`); a stream is
-retried only if it failed before its first message. Every read is idempotent,
-SetFeatureLabel sets a value and CancelJob is idempotent, so retrying is safe; a
-retried SubmitIngest may queue a second job, which then finds its graphs stored.
+retried only if it failed before its first message, and an answer the server gave
+after retrying the graph store itself (trailer ``circuitscope-retried-s``) is not
+retried. Every read is idempotent, SetFeatureLabel sets a value and CancelJob is
+idempotent, so retrying is safe; a retried SubmitIngest may queue a second job, which
+then finds its graphs stored.
 
 Example::
 

@@ -58,6 +58,9 @@ STATUS_BY_ERROR: dict[type[CircuitscopeError], grpc.StatusCode] = {
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }
 INTERNAL_MESSAGE = "internal error; the server logged the details"
+#: Trailing metadata of an UNAVAILABLE answer the server gave after retrying itself (its
+#: value: for how many seconds); the client does not retry such an answer.
+RETRIED_KEY = "circuitscope-retried-s"
 _MAX_DETAILS = 1000
 
 
@@ -67,7 +70,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         for cls in type(exc).__mro__:
             code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
             if code is not None:
-                return code, str(exc)[:_MAX_DETAILS] or cls.__name__
+                # one line: a driver's message may carry newlines
+                return code, " ".join(str(exc).split())[:_MAX_DETAILS] or cls.__name__
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
@@ -97,7 +101,16 @@ async def _abort(context: aio.ServicerContext, method: str, exc: BaseException) 
         logger.exception("unexpected error in %s", method, exc_info=exc)
     else:
         logger.info("%s -> %s: %s", method, code.name, message)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=retried_metadata(exc))
+
+
+def retried_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailer that tells a client the server already retried (:data:`RETRIED_KEY`,
+    in seconds), for an UnavailableError raised after its own retries."""
+    retried = getattr(exc, "retried_for_s", None)
+    if isinstance(exc, UnavailableError) and retried is not None:
+        return ((RETRIED_KEY, f"{retried:g}"),)
+    return ()
 
 
 async def _check(request: Any, context: aio.ServicerContext) -> None:

@@ -3,8 +3,9 @@
 :class:`Transport` owns one gRPC channel (plaintext, TLS or mutual TLS, with the same
 message-size limits as the server), sends the bearer token with every call, retries
 calls answered UNAVAILABLE with bounded exponential backoff and full jitter
-(:class:`RetryPolicy`; a stream only before its first message), and turns a failed
-call back into the domain error the server mapped from (:func:`error_from_rpc`).
+(:class:`RetryPolicy`; a stream only before its first message; not an answer whose
+trailer says the server retried already, :data:`service.errors.RETRIED_KEY`), and turns
+a failed call back into the domain error the server mapped from (:func:`error_from_rpc`).
 :class:`service.client.CircuitsClient` builds the typed API on it.
 """
 
@@ -23,7 +24,7 @@ import grpc
 from ingest.errors import CircuitscopeError, InvalidArgumentError, UnavailableError
 from service.auth import bearer_metadata
 from service.config import DEFAULT_MAX_MESSAGE_BYTES
-from service.errors import STATUS_BY_ERROR
+from service.errors import RETRIED_KEY, STATUS_BY_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,20 @@ def error_from_rpc(exc: grpc.RpcError) -> CircuitscopeError:
     cls = _ERROR_BY_STATUS.get(code)
     if cls is not None:
         return cls(details)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return UnavailableError(
+            f"the call ran past its deadline ({details}): the server, or the graph store "
+            "behind it, is slow or not answering; check it, or allow more time (--timeout)"
+        )
     return UnavailableError(f"call failed with {code.name}: {details}")
+
+
+def _retryable(exc: grpc.RpcError) -> bool:
+    """UNAVAILABLE, unless the server says it retried already (:data:`RETRIED_KEY`):
+    the graph store behind it was down for the whole of its own retries."""
+    if not isinstance(exc, grpc.Call) or exc.code() is not grpc.StatusCode.UNAVAILABLE:
+        return False
+    return not any(key == RETRIED_KEY for key, _ in exc.trailing_metadata() or ())
 
 
 class Transport:
@@ -150,8 +164,7 @@ class Transport:
                 timeout = self._timeout_s if timeout_s is None else timeout_s
                 return method(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else None
-                if code is grpc.StatusCode.UNAVAILABLE and attempt < self._retry.max_attempts:
+                if _retryable(exc) and attempt < self._retry.max_attempts:
                     delay = self._retry.backoff(attempt)
                     logger.info("UNAVAILABLE, retry %d in %.2f s", attempt, delay)
                     time.sleep(delay)
@@ -170,9 +183,7 @@ class Transport:
                     yield response
                 return
             except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else None
-                retryable = code is grpc.StatusCode.UNAVAILABLE and not received
-                if retryable and attempt < self._retry.max_attempts:
+                if _retryable(exc) and not received and attempt < self._retry.max_attempts:
                     time.sleep(self._retry.backoff(attempt))
                     attempt += 1
                     continue

@@ -62,9 +62,11 @@ class BoltConnection:
         try:
             yield
         except (neo4j_errors.ServiceUnavailable, neo4j_errors.SessionExpired) as exc:
+            # the driver retried the transaction for up to retry_time_s before this
             raise UnavailableError(
                 f"graph store {self.config.redacted()} is unreachable while trying to {what} "
-                f"({exc}); start it (`circuitscope db start`) or fix NEO4J_URI"
+                f"({exc}); start it (`circuitscope db start`) or fix NEO4J_URI",
+                retried_for_s=self.config.retry_time_s,
             ) from exc
         except neo4j_errors.AuthError as exc:
             raise UnavailableError(

@@ -3,6 +3,7 @@ against the server it leaves running, and a second run that reuses everything.""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -33,8 +34,11 @@ def test_demo_runs_every_stage_and_leaves_a_working_server(capsys):
         command = next(line for line in out.splitlines() if "circuitscope query" in line)
         argv = command.split()[1:]
         assert main(argv) == 0
-        listing = capsys.readouterr().out
-        assert listing.count("The war lasted") == 4
+        listing = json.loads(capsys.readouterr().out)
+        prompts = [g["metadata"]["prompt"] for g in listing["items"]]
+        assert len(prompts) == 4 and all(p.startswith("The war lasted") for p in prompts)
+        # what the ingest recorded with each prompt comes back with it
+        assert all(g["metadata"]["extra"]["counterfactual"] for g in listing["items"])
 
         # A second run reuses the model, the transcoders and the stored graphs.
         assert main(["demo", "--tiny", "--port", "0"]) == 0

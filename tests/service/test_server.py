@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import socket
 import threading
@@ -34,6 +35,7 @@ from service._generated.circuits.v1 import (
 )
 from service.client import CircuitsClient, RetryPolicy
 from service.config import ServerConfig
+from service.errors import RETRIED_KEY
 from service.pagination import MAX_CURSOR_CHARS, encode_page_token
 from service.server import SERVICE_NAMES, RunningServer, serve_in_background
 from tests.service import builders
@@ -84,25 +86,36 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_unreachable_store_means_not_serving_and_unavailable() -> None:
+def test_unreachable_store_means_not_serving_and_unavailable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # A real Bolt store object whose server is not there: connections are refused.
     # The driver's retries give up after half a second, well inside the call's deadline.
     config = StoreConfig(uri=f"bolt://127.0.0.1:{_free_port()}", password="x", retry_time_s=0.5)
     store = BoltGraphStore(config)
     server_config = ServerConfig(port=0, health_interval_s=0.5, default_timeout_s=5.0)
+    caplog.set_level(logging.INFO, logger="service.errors")
     try:
         with serve_in_background(server_config, store) as running:
             target = f"127.0.0.1:{running.port}"
-            retry = RetryPolicy(max_attempts=2, initial_backoff_s=0.01)
+            retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
             with CircuitsClient(target, retry=retry, timeout_s=20) as client:
                 assert client.health() == "NOT_SERVING"
                 assert client.health(SERVICE_NAMES[0]) == "NOT_SERVING"
                 asked = time.monotonic()
-                with pytest.raises(UnavailableError, match="unreachable"):
+                with pytest.raises(UnavailableError, match="unreachable") as info:
                     client.get_graph("g-alpha")
-                # Two attempts, each ending when the driver's retries give up (not the
-                # 15 s the driver would retry for by default).
+                # One attempt, ending when the driver's retries give up (not the 15 s the
+                # driver would retry for by default): the answer says the server retried
+                # for 0.5 s already, so the client does not call again.
                 assert time.monotonic() - asked < 10
+                assert "\n" not in str(info.value)
+            answers = [r for r in caplog.records if "GetGraph -> UNAVAILABLE" in r.getMessage()]
+            assert len(answers) == 1
+            stub = graph_service_pb2_grpc.GraphServiceStub(grpc.insecure_channel(target))
+            with pytest.raises(grpc.RpcError) as raw:
+                stub.GetGraph(graph_service_pb2.GetGraphRequest(graph_id="g-alpha"), timeout=20)
+            assert (RETRIED_KEY, "0.5") in tuple(raw.value.trailing_metadata())
     finally:
         store.close()
 
