@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model checkpoint directory or hub id")
     p.add_argument("--transcoders", required=True, type=Path, help="transcoder set directory")
     p.add_argument("--out", type=Path, default=None, help="write the full-graph artifact here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --json")
     p.add_argument("--json", type=Path, default=None, help="write circuit-tracer graph JSON")
     p.add_argument("--full-json", action="store_true", help="export the full graph, not pruned")
     p.add_argument("--graph-id", default=None, help="graph id (default: random)")
@@ -77,10 +77,11 @@ def _attribute(args: argparse.Namespace) -> int:
     from ingest.errors import InvalidArgumentError, NotFoundError
     from ingest.paths import check_output
 
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise InvalidArgumentError(
-            f"{args.out} already exists: choose another --out or pass --overwrite"
-        )
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path is not None and path.exists() and not args.overwrite:
+            raise InvalidArgumentError(
+                f"{path} already exists: choose another {flag} or pass --overwrite"
+            )
     if args.out is not None:
         check_output(args.out, "--out", directory=True)
     if args.json is not None:
@@ -108,7 +109,7 @@ def _attribute(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    loaded = load_model(args.model, device=args.device, dtype=dtype)
+    loaded = load_model(args.model, device=args.device, dtype=dtype, progress=not args.no_progress)
     transcoders = load_any(args.transcoders)
     target: Target = LogitTargets(args.max_n_logits, args.desired_logit_prob)
     if args.logit_diff is not None and args.feature_target is not None:
@@ -145,7 +146,8 @@ def _attribute(args: argparse.Namespace) -> int:
     print(f"graph {result.metadata.graph_id}: {len(result.metadata.tokens)} tokens")
     print(
         f"full: {result.n_nodes} nodes ({stats['n_active_features']} active features, "
-        f"{result.layout.n_logits} targets), {int((result.adjacency != 0).sum())} edges; "
+        f"{_count(result.layout.n_logits, 'target')}), "
+        f"{int((result.adjacency != 0).sum())} edges; "
         f"{stats['n_backward_passes']} backward passes in {stats['seconds']:.2f}s"
     )
     print(
@@ -157,3 +159,7 @@ def _attribute(args: argparse.Namespace) -> int:
     if args.json is not None:
         print(f"json: {args.json}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -42,6 +42,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from ingest.devices import resolve_device
 from ingest.errors import (
@@ -424,12 +425,20 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    progress: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local directory or a hub id.
 
     ``device``: ``cpu``, ``cuda[:N]`` or ``auto``. ``dtype``: float32 (default), float64
-    (exactness tests), bfloat16 or float16. See the module docstring for errors.
+    (exactness tests), bfloat16 or float16. ``progress`` False hides transformers'
+    weight-loading bar. See the module docstring for errors.
     """
+    if not progress and hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        try:
+            return load_model(name_or_path, device=device, dtype=dtype)
+        finally:
+            hf_logging.enable_progress_bar()
     if dtype not in SUPPORTED_DTYPES:
         raise InvalidArgumentError(
             f"unsupported dtype {dtype}: use one of {', '.join(map(str, SUPPORTED_DTYPES))}"

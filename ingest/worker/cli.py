@@ -86,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr)
 
     computer = AttributionComputer.from_paths(
-        args.model, args.transcoders, settings, device=args.device, batch_size=args.batch_size
+        args.model,
+        args.transcoders,
+        settings,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     with open_store() as store:
         worker = IngestWorker(store, computer, options, on_message=say)

@@ -67,8 +67,9 @@ class AttributionComputer:
         *,
         device: str = "cpu",
         batch_size: int = 64,
+        progress: bool = True,
     ) -> AttributionComputer:
-        loaded = load_model(model, device=device)
+        loaded = load_model(model, device=device, progress=progress)
         tset = load_any(transcoders)
         return cls(loaded, tset, settings, batch_size=batch_size)
 

@@ -83,6 +83,9 @@ def parse_line(line_no: int, text: str) -> PromptSpec | BadLine | None:
     if not isinstance(record, dict):
         return BadLine(line_no, "expected a JSON object with a 'prompt' field")
     prompt = record.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        kind = type(prompt).__name__
+        return BadLine(line_no, f"'prompt' must be a string, got a JSON {kind}: quote it")
     if not isinstance(prompt, str) or not prompt.strip():
         return BadLine(line_no, "missing or empty 'prompt' (a non-empty string is required)")
     unknown = sorted(set(record) - _KNOWN_FIELDS)

@@ -116,8 +116,9 @@ class IngestSummary:
 
 
 def _count_lines(path: Path) -> int:
+    """The lines that hold a prompt (or a bad line): not blank, not a ``#`` comment."""
     with path.open("rb") as handle:
-        return sum(1 for line in handle if line.strip())
+        return sum(1 for line in handle if line.strip() and not line.lstrip().startswith(b"#"))
 
 
 def _validate_all(path: Path, computer: GraphComputer | None = None) -> None:

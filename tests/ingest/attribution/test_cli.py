@@ -40,8 +40,9 @@ def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
     out, js = tmp_path / "artifact", tmp_path / "graph.json"
     assert run(saved, "--out", str(out), "--json", str(js), "--batch-size", "8",
                "--threads", "1") == 0  # fmt: skip
-    printed = capsys.readouterr().out
-    assert "pruned:" in printed and "backward passes" in printed
+    printed = capsys.readouterr()
+    assert "pruned:" in printed.out and "backward passes" in printed.out
+    assert "Loading weights" not in printed.err  # --no-progress hides transformers' bar too
     result = load_artifact(out)
     assert result.metadata.tokens == PROMPT.split()
     assert result.metadata.artifact_uri == out.resolve().as_uri()
@@ -54,9 +55,15 @@ def test_attribute_writes_artifact_and_json(saved, tmp_path, capsys) -> None:
     pruned = result.to_graph(pruned=True)
     assert len(doc["nodes"]) == pruned.n_nodes and len(doc["links"]) == pruned.n_edges
     assert doc["metadata"]["prompt"] == PROMPT
-    # A second run into the same directory is refused before any work.
+    # A second run into the same directory, or onto the same JSON file, is refused
+    # before any work.
     assert run(saved, "--out", str(out)) == 2
+    assert run(saved, "--json", str(js)) == 2
+    assert f"{js} already exists: choose another --json or pass --overwrite" in (
+        capsys.readouterr().err
+    )
     assert run(saved, "--out", str(out), "--overwrite", "--logit-diff", "w3", "id:4") == 0
+    assert " active features, 1 target), " in capsys.readouterr().out
     diff = load_artifact(out)
     assert diff.layout.n_logits == 1
     assert run(saved, "--out", str(out), "--overwrite", "--logit-diff", "w3", "w4") == 0

@@ -37,6 +37,7 @@ def test_reader_reports_bad_lines_with_numbers_and_keeps_going(tmp_path: Path) -
             json.dumps({"prompt": "x", "task": 3}),
             json.dumps(["a list"]),
             json.dumps({"prompt": "last one", "counterfactual": "other", "id": "p9"}),
+            json.dumps({"prompt": 42}),
         ],
     )
     items = list(read_prompts(path))
@@ -45,9 +46,10 @@ def test_reader_reports_bad_lines_with_numbers_and_keeps_going(tmp_path: Path) -
     assert [(g.line, g.prompt) for g in good] == [(1, "a b c"), (10, "last one")]
     assert good[0].task == "t" and good[1].counterfactual == "other"
     assert good[1].prompt_id == "p9"
-    assert sorted(bad) == [4, 5, 6, 7, 8, 9]
+    assert sorted(bad) == [4, 5, 6, 7, 8, 9, 11]
     assert "JSON" in bad[4] and "prompt" in bad[5] and "together" in bad[7]
     assert "string" in bad[8]
+    assert "'prompt' must be a string, got a JSON int" in bad[11]
 
 
 def test_strict_validation_names_every_bad_line(tmp_path: Path) -> None:
