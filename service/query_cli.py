@@ -132,15 +132,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         nargs=4,
         action="append",
         default=[],
-        metavar=("LAYER", "POS", "INDEX", "VALUE"),
-        help="set a feature's activation (repeatable)",
+        metavar=("LAYER", "INDEX", "POS", "VALUE"),
+        help="set a feature's activation (repeatable); the order of node ids LAYER_INDEX_POS",
     )
     p.add_argument(
         "--scale",
         nargs=4,
         action="append",
         default=[],
-        metavar=("LAYER", "POS", "INDEX", "FACTOR"),
+        metavar=("LAYER", "INDEX", "POS", "FACTOR"),
         help="scale a feature's activation; 0 ablates it (repeatable)",
     )
     p.add_argument("--freeze-attention", action="store_true")
@@ -429,13 +429,13 @@ def _intervene(args: argparse.Namespace) -> int:
 
     changes: list[tuple[int, int, int, str, float]] = []
     for kind, specs in (("value", args.set), ("scale", args.scale)):
-        for layer, pos, index, number in specs:
+        for layer, index, pos, number in specs:
             flag = "--set" if kind == "value" else "--scale"
             try:
                 change = (_count(layer), _count(pos), _id(index), kind, finite(number))
             except argparse.ArgumentTypeError as exc:
                 raise InvalidArgumentError(
-                    f"{flag} takes LAYER POS INDEX NUMBER (a finite number): {exc}"
+                    f"{flag} takes LAYER INDEX POS NUMBER (a finite number): {exc}"
                 ) from None
             changes.append(change)
     with make_client(args) as c:

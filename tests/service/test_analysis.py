@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +207,7 @@ def test_bad_job_requests(analysis_client: CircuitsClient, call, error) -> None:
 
 
 def test_query_commands_for_models_attribution_and_jobs(
+    analysis_client: CircuitsClient,
     analysis_target: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -224,8 +226,11 @@ def test_query_commands_for_models_attribution_and_jobs(
         n for n in json.loads(capsys.readouterr().out)["graph"]["nodes"] if n["kind"] == "logit"
     ]
     assert [(n["token_id"], n["label"]) for n in logits] == [(5, "logit diff 5 - 9")]
+    # LAYER INDEX POS, as node ids: feature 3 at position 1 of layer 0
     assert main([*base, "intervene", "tiny-gpt2", PROMPT, "--scale", "0", "3", "1", "0"]) == 0
     changed = json.loads(capsys.readouterr().out)
+    direct = analysis_client.intervene("tiny-gpt2", PROMPT, [(0, 1, 3, "scale", 0.0)])
+    assert changed == json.loads(json.dumps(dataclasses.asdict(direct)))
     assert len(changed["clean"]) == 10 and len(changed["clean_after"]) == 10
     evaluate = [*base, "evaluate", "tiny-gpt2", PROMPT, "w9 w5 w7 w3", "5", "9"]
     assert main([*evaluate, "--fractions", "0.5", "1.0"]) == 0
