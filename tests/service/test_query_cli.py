@@ -178,7 +178,7 @@ def test_intervene_output_is_strict_json(
     argv = ["query", "--target", analysis_target, "intervene", "tiny-gpt2", PROMPT]
     # A finite but huge activation drives the logits past float range: the answer
     # holds NaN and infinities, which strict JSON writes as null.
-    assert main([*argv, "--set", "0", "3", "0", "3e38", "--top-k", "2"]) == 0
+    assert main([*argv, "--set", "0", "0", "3", "3e38", "--top-k", "2"]) == 0  # index 0, pos 3
     out = _strict_json(capsys.readouterr().out)
     assert isinstance(out, dict)
     values = [t[key] for t in out["intervened"] for key in ("logit", "probability")]
