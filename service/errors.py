@@ -107,9 +107,8 @@ async def _abort(context: aio.ServicerContext, method: str, exc: BaseException) 
 def retried_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """The trailer that tells a client the server already retried (:data:`RETRIED_KEY`,
     in seconds), for an UnavailableError raised after its own retries."""
-    retried = getattr(exc, "retried_for_s", None)
-    if isinstance(exc, UnavailableError) and retried is not None:
-        return ((RETRIED_KEY, f"{retried:g}"),)
+    if isinstance(exc, UnavailableError) and exc.retried_for_s is not None:
+        return ((RETRIED_KEY, f"{exc.retried_for_s:g}"),)
     return ()
 
 
