@@ -50,13 +50,22 @@ class ModelSpec:
                 f"--model {text!r}: write NAME=MODEL_DIR,TRANSCODERS_DIR "
                 "(a checkpoint directory or hub id, and a transcoder set directory)"
             )
+        model_path = model_path.strip()
+        if (
+            model_path.startswith(("/", "./", "../", "~"))
+            and not Path(model_path).expanduser().is_dir()
+        ):
+            # written as a path, not a hub id: found missing now, not on the first call
+            raise NotFoundError(
+                f"--model {text!r}: no model directory at {model_path}; check the path after '='"
+            )
         transcoders_path = Path(transcoders.strip())
         if not transcoders_path.is_dir():
             raise NotFoundError(
                 f"--model {text!r}: no transcoder set directory at {transcoders_path}; "
                 "check the path after the comma"
             )
-        return cls(name.strip(), model_path.strip(), transcoders_path, device)
+        return cls(name.strip(), model_path, transcoders_path, device)
 
 
 class ModelRegistry:

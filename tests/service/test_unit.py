@@ -200,3 +200,7 @@ def test_model_spec_refuses_a_missing_transcoder_directory(tmp_path: Path) -> No
     assert (spec.name, spec.model_path, spec.transcoders_path) == ("m", "gpt2", tmp_path / "tc")
     with pytest.raises(errors.NotFoundError, match=r"no transcoder set directory at .*missing"):
         ModelSpec.parse(f"m=gpt2,{tmp_path / 'missing'}")
+    # a model written as a path must exist (a hub id such as gpt2 is looked up on load)
+    with pytest.raises(errors.NotFoundError, match=r"no model directory at .*nope"):
+        ModelSpec.parse(f"m={tmp_path / 'nope'},{tmp_path / 'tc'}")
+    assert ModelSpec.parse(f"m={tmp_path},{tmp_path / 'tc'}").model_path == str(tmp_path)
