@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ingest.worker.compute import AttributionComputer, feature_records
     from ingest.worker.keys import GraphSettings
     from ingest.worker.prompts import check_prompt_file
-    from ingest.worker.worker import IngestOptions, IngestWorker
+    from ingest.worker.worker import IngestOptions, IngestSummary, IngestWorker
 
     check_prompt_file(args.prompts)
     if args.artifacts is not None:
@@ -96,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
     with open_store() as store:
         worker = IngestWorker(store, computer, options, on_message=say)
         worker.register(feature_records(args.transcoders, computer.set_id))
-        summary = worker.run(args.prompts)
+        summary = IngestSummary()
+        try:
+            worker.run(args.prompts, summary)
+        except KeyboardInterrupt:
+            # what is stored stays stored (a rerun skips it); say how far the run got
+            say("interrupted after:\n" + "\n".join(summary.lines()))
+            raise
     print("\n".join(summary.lines()))
     return 0

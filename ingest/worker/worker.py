@@ -268,13 +268,21 @@ class IngestWorker:
         finally:
             claim.release()
 
-    def run(self, prompts: Path) -> IngestSummary:
-        """Ingest every prompt of ``prompts``; returns what was done."""
+    def run(self, prompts: Path, summary: IngestSummary | None = None) -> IngestSummary:
+        """Ingest every prompt of ``prompts``; returns what was done. Given ``summary``,
+        fills it in as the run goes, so a caller interrupted midway can tell what was."""
         if self.options.strict:
             _validate_all(prompts, self.computer)
-        summary = IngestSummary()
+        summary = IngestSummary() if summary is None else summary
         started = time.perf_counter()
         total = _count_lines(prompts) if prompts.is_file() else None
+        try:
+            self._run(prompts, summary, total)
+        finally:
+            summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _run(self, prompts: Path, summary: IngestSummary, total: int | None) -> None:
         with tqdm(
             total=total, desc="ingest", unit="prompt", disable=not self.options.progress
         ) as bar:
@@ -294,5 +302,3 @@ class IngestWorker:
                         log.warning("skipping %s", bad)
                 bar.update(1)
                 bar.set_postfix(written=len(summary.computed), bad=len(summary.bad_lines))
-        summary.seconds = time.perf_counter() - started
-        return summary
