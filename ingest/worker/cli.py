@@ -56,8 +56,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+    import signal
     import sys
+    import threading
 
+    from ingest.errors import UnavailableError
     from ingest.paths import check_output, home
     from ingest.store import open_store
     from ingest.worker.compute import AttributionComputer, feature_records
@@ -93,15 +97,31 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
-    with open_store() as store:
-        worker = IngestWorker(store, computer, options, on_message=say)
-        worker.register(feature_records(args.transcoders, computer.set_id))
-        summary = IngestSummary()
-        try:
-            worker.run(args.prompts, summary)
-        except KeyboardInterrupt:
-            # what is stored stays stored (a rerun skips it); say how far the run got
-            say("interrupted after:\n" + "\n".join(summary.lines()))
-            raise
+    stop = threading.Event()
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        if stop.is_set():
+            # a second Ctrl-C: leave now; a graph cut off midway is repaired by a rerun
+            say("circuitscope: stopped at once; rerun the same command to finish")
+            os._exit(130)
+        stop.set()
+        say("stopping after the current prompt (Ctrl-C again stops at once)")
+
+    summary = IngestSummary()
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        with open_store() as store:
+            worker = IngestWorker(store, computer, options, on_message=say, interrupted=stop.is_set)
+            worker.register(feature_records(args.transcoders, computer.set_id))
+            try:
+                worker.run(args.prompts, summary, stop=stop.is_set)
+            except UnavailableError:
+                if not stop.is_set():
+                    raise  # else: Ctrl-C ended a wait for the store
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print("\n".join(summary.lines()))
+    if stop.is_set():
+        say("circuitscope: interrupted; rerun the same command to finish the file")
+        return 130
     return 0

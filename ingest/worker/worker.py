@@ -268,25 +268,40 @@ class IngestWorker:
         finally:
             claim.release()
 
-    def run(self, prompts: Path, summary: IngestSummary | None = None) -> IngestSummary:
+    def run(
+        self,
+        prompts: Path,
+        summary: IngestSummary | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+    ) -> IngestSummary:
         """Ingest every prompt of ``prompts``; returns what was done. Given ``summary``,
-        fills it in as the run goes, so a caller interrupted midway can tell what was."""
+        fills it in as the run goes. ``stop`` is asked before each prompt: when it turns
+        true the run ends there (a Ctrl-C that lets the current graph finish)."""
         if self.options.strict:
             _validate_all(prompts, self.computer)
         summary = IngestSummary() if summary is None else summary
         started = time.perf_counter()
         total = _count_lines(prompts) if prompts.is_file() else None
         try:
-            self._run(prompts, summary, total)
+            self._run(prompts, summary, total, stop)
         finally:
             summary.seconds = time.perf_counter() - started
         return summary
 
-    def _run(self, prompts: Path, summary: IngestSummary, total: int | None) -> None:
+    def _run(
+        self,
+        prompts: Path,
+        summary: IngestSummary,
+        total: int | None,
+        stop: Callable[[], bool] | None,
+    ) -> None:
         with tqdm(
             total=total, desc="ingest", unit="prompt", disable=not self.options.progress
         ) as bar:
             for item in read_prompts(prompts):
+                if stop is not None and stop():
+                    return
                 if isinstance(item, BadLine):
                     summary.bad_lines.append(item)
                     log.warning("skipping %s", item)
