@@ -267,7 +267,10 @@ def test_store_outage_is_waited_out(worker_model, prompt_file, tmp_path):
         # The worker holds connections open, which the server may wait out before it
         # stops: kill it after 10 s as a crashed server would be.
         stop(data_dir, timeout_s=10.0)
-        time.sleep(3.0)
+        # Longer than the driver's own retries (StoreConfig.retry_time_s, 5 s, whose last
+        # backoff may end near 7 s): the outage must reach the worker's retry loop. The
+        # server stops in a fraction of a second, so a 3 s pause was sometimes absorbed.
+        time.sleep(StoreConfig().retry_time_s + 5.0)
         restarted = start(data_dir, heap="512m")
         assert restarted.uri == config.uri
         _, err = proc.communicate(timeout=300)
