@@ -60,6 +60,15 @@ def share(text: str) -> float:
     return value
 
 
+def positive_share(text: str) -> float:
+    """An argparse type: a fraction in (0, 1], the thresholds a stored graph may carry
+    (the server's re-pruning reads 0 as unset)."""
+    value = finite(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value:g}")
+    return value
+
+
 def token_id(text: str) -> int:
     """An argparse type for commands that reach the vocabulary only by id (a client of
     the server): ``id:N``. Bare text is refused rather than read as a number, because

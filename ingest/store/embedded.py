@@ -215,7 +215,7 @@ def _log_tail(data_dir: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-HEAP_PATTERN = re.compile(r"[1-9][0-9]*[kKmMgG]?")
+HEAP_PATTERN = re.compile(r"[1-9][0-9]*[kKmMgGtT]?")
 
 
 def check_settings(heap: str, command_timeout_s: float) -> None:
@@ -224,7 +224,7 @@ def check_settings(heap: str, command_timeout_s: float) -> None:
     if not HEAP_PATTERN.fullmatch(heap):
         raise InvalidArgumentError(
             f"heap size {heap!r} is not one the JVM takes: a whole number with an optional "
-            "k, m or g suffix, e.g. 2g or 512m (--heap, or CIRCUITSCOPE_DB_HEAP)"
+            "k, m, g or t suffix, e.g. 2g or 512m (--heap, or CIRCUITSCOPE_DB_HEAP)"
         )
     if not math.isfinite(command_timeout_s) or command_timeout_s < 0:
         raise InvalidArgumentError(

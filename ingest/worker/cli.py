@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ingest.arguments import finite_at_least, int_in, share
+from ingest.arguments import finite_at_least, int_in, positive_share
 from ingest.store.config import MAX_BATCH_SIZE
 
 
@@ -31,8 +31,8 @@ def register(subparsers: Any) -> None:
         default=None,
         help="where full-graph artifacts go (default: $CIRCUITSCOPE_HOME/artifacts)",
     )
-    parser.add_argument("--node-threshold", type=share, default=0.8, help="pruning (0..1)")
-    parser.add_argument("--edge-threshold", type=share, default=0.98, help="pruning (0..1)")
+    parser.add_argument("--node-threshold", type=positive_share, default=0.8, help="(0, 1]")
+    parser.add_argument("--edge-threshold", type=positive_share, default=0.98, help="(0, 1]")
     parser.add_argument("--max-feature-nodes", type=int_in(0), default=None)
     parser.add_argument("--batch-size", type=int_in(1), default=64, help="backward batch (rows)")
     parser.add_argument(
@@ -100,20 +100,21 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_ctrl_c(signum: int, frame: object) -> None:
+        # os.write, not print: the signal may arrive inside another write to stderr
         if stop.is_set():
             # a second Ctrl-C: leave now; a graph cut off midway is repaired by a rerun
-            say("circuitscope: stopped at once; rerun the same command to finish")
+            os.write(2, b"\ncircuitscope: stopped at once; rerun the same command to finish\n")
             os._exit(130)
         stop.set()
-        say("stopping after the current prompt (Ctrl-C again stops at once)")
+        os.write(2, b"\nstopping after the current prompt (Ctrl-C again stops at once)\n")
 
     summary = IngestSummary()
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         with open_store() as store:
             worker = IngestWorker(store, computer, options, on_message=say, interrupted=stop.is_set)
-            worker.register(feature_records(args.transcoders, computer.set_id))
             try:
+                worker.register(feature_records(args.transcoders, computer.set_id))
                 worker.run(args.prompts, summary, stop=stop.is_set)
             except UnavailableError:
                 if not stop.is_set():

@@ -17,7 +17,7 @@ import torch
 from ingest.attribution.attribute import attribute
 from ingest.attribution.prompts import single_token_id, tokenize
 from ingest.attribution.result import AttributionResult
-from ingest.attribution.targets import LogitDiffTarget, LogitTargets
+from ingest.attribution.targets import LogitDiffTarget, LogitTargets, check_token
 from ingest.errors import InvalidArgumentError
 from ingest.graph import FeatureRecord, ModelRecord, TranscoderSetRecord
 from ingest.models import LoadedModel, load_model
@@ -89,11 +89,18 @@ class AttributionComputer:
     def _logit_diff(self, spec: PromptSpec) -> LogitDiffTarget | None:
         if spec.correct is None or spec.incorrect is None:
             return None
-        tokenizer = self.loaded.tokenizer
-        return LogitDiffTarget(
-            correct=single_token_id(tokenizer, spec.correct, "correct token"),
-            counterfactual=single_token_id(tokenizer, spec.incorrect, "incorrect token"),
+        tokenizer, vocab = self.loaded.tokenizer, self.loaded.adapter.vocab_size
+        correct = check_token(
+            single_token_id(tokenizer, spec.correct, "correct token"), vocab, "correct"
         )
+        incorrect = check_token(
+            single_token_id(tokenizer, spec.incorrect, "incorrect token"), vocab, "incorrect"
+        )
+        if correct == incorrect:
+            raise InvalidArgumentError(
+                f"correct and incorrect are the same token ({correct}): give two different tokens"
+            )
+        return LogitDiffTarget(correct=correct, counterfactual=incorrect)
 
     def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult:
         self.check(spec)
@@ -131,6 +138,7 @@ class AttributionComputer:
             set_id=self.set_id,
             model_id=self.model_id,
             kind=meta.kind,
+            d_transcoder=self.transcoders.d_transcoder,  # labels check indices against it
         )
 
 

@@ -146,8 +146,11 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
                 edge_threshold,
                 pass_timeout=False,
             )
-            # The artifact's metadata predates storing; keep the stored identity fields.
+            # The artifact's metadata predates storing; keep the stored identity fields
+            # and what the ingest recorded with the prompt.
             graph.metadata.artifact_uri = stored.artifact_uri
+            graph.metadata.task = stored.task
+            graph.metadata.extra = {**graph.metadata.extra, **stored.extra}
             return pb.GetGraphResponse(graph=convert.graph_to_proto(graph, summary))
         index = await self._cached(context, graph_id)
         if index is not None:
@@ -182,7 +185,7 @@ class GraphServicer(graph_service_pb2_grpc.GraphServiceServicer):
         graph = await self._run.call(context, self._store.get_graph, graph_id)
         yield pb.StreamGraphEdgesResponse(
             summary=convert.summary_to_proto(
-                graph.metadata, graph.n_nodes, graph.n_edges, summary.created_at
+                graph.metadata, graph.n_nodes, graph.n_edges, summary.created_at, summary.updated_at
             ),
             nodes=[convert.node_to_proto(n) for n in graph.nodes],
             edges=convert.edges_to_proto(graph, 0, chunk),

@@ -18,6 +18,7 @@ from ingest.errors import AlreadyExistsError, FailedPreconditionError, NotFoundE
 from ingest.store import StoreConfig, open_store
 from ingest.store.base import GraphStore
 from ingest.store.embedded import start, stop
+from ingest.transcoders.formats import load_any
 from ingest.worker.compute import AttributionComputer
 from ingest.worker.keys import GraphSettings, graph_key
 from ingest.worker.prompts import PromptSpec, read_prompts
@@ -98,6 +99,9 @@ def test_ingest_is_idempotent_and_matches_a_clean_computation(
             artifact = load_artifact(Path(summary.metadata.artifact_uri.removeprefix("file://")))
             assert _edges(artifact.to_graph(pruned=True)) == _edges(graph)
             assert artifact.to_graph(pruned=False).n_edges >= graph.n_edges
+        # The set is registered with its width, which feature labels are checked against.
+        widths = store.query("MATCH (t:TranscoderSet) RETURN t.d_transcoder AS w")
+        assert {"w": load_any(worker_model[1]).d_transcoder} in widths
         # Feature nodes name their catalog entry's set.
         one = store.get_graph(next(iter(expected)))
         assert one.metadata.set_id.startswith(one.metadata.set_id.split("@")[0])
@@ -125,6 +129,7 @@ def test_strict_checks_every_prompt_against_the_model_before_any_work(
         {"prompt": good[0], "task": "strict-check"},
         {"prompt": "\U0001f389 \U0001f389", "task": "strict-check"},  # no token for it
         {"prompt": good[1], "counterfactual": "\U0001f389", "task": "strict-check"},
+        {"prompt": good[1], "correct": "id:99999999", "incorrect": "id:1", "task": "strict-check"},
     ]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -133,7 +138,8 @@ def test_strict_checks_every_prompt_against_the_model_before_any_work(
 
     assert main(_ingest_args(worker_model, prompts, artifacts, "--strict")) == 2
     err = capsys.readouterr().err
-    assert "2 bad line(s): line 2: " in err and "line 3: counterfactual: " in err
+    assert "3 bad line(s): line 2: " in err and "line 3: counterfactual: " in err
+    assert "line 4: " in err and "outside the vocabulary" in err
     assert not (artifacts / "graphs").exists()
     with open_store(worker_store_config) as store:
         assert store.query(query) == [{"c": 0}]
@@ -141,7 +147,7 @@ def test_strict_checks_every_prompt_against_the_model_before_any_work(
     # without --strict the same lines are skipped and the good one is written
     assert main(_ingest_args(worker_model, prompts, artifacts)) == 0
     out = capsys.readouterr().out
-    assert "graphs written:        1" in out and "bad lines skipped:     2" in out
+    assert "graphs written:        1" in out and "bad lines skipped:     3" in out
     with open_store(worker_store_config) as store:
         assert store.query(query) == [{"c": 1}]
 
@@ -152,7 +158,8 @@ def test_strict_checks_every_prompt_against_the_model_before_any_work(
         ("--batch-size", "0", "must be at least 1, got 0"),
         ("--store-batch-size", "-5", "must lie in 1..1000000, got -5"),
         ("--max-feature-nodes", "-1", "must be at least 0, got -1"),
-        ("--node-threshold", "2", "must lie in [0, 1], got 2"),
+        ("--node-threshold", "2", "must lie in (0, 1], got 2"),
+        ("--edge-threshold", "0", "must lie in (0, 1], got 0"),
         ("--max-retry-seconds", "nan", "must be a finite number"),
     ],
 )
