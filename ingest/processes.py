@@ -1,8 +1,12 @@
-"""Recognising a process by its pid, for pid files that may be stale."""
+"""Recognising a process by its pid, for pid files that may be stale; leaving a process
+without waiting for its threads."""
 
 import contextlib
+import logging
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 
 def live_command_line(pid: int) -> list[bytes] | None:
@@ -21,3 +25,13 @@ def live_command_line(pid: int) -> list[bytes] | None:
         return None
     state = stat.rsplit(")", 1)[-1].split()[0]
     return None if state in ("Z", "X") else args
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush the logs and standard streams, then leave without waiting for other threads
+    (``os._exit``): for a process whose work is done or safely abandoned while a thread
+    it cannot stop (a JVM's, a busy worker's) would keep it alive."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

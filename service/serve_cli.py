@@ -10,7 +10,6 @@ and the store are imported when the command runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -145,6 +144,7 @@ def _say(line: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from ingest.processes import exit_now
     from ingest.store import StoreConfig, open_store
     from service.server import serve
 
@@ -160,7 +160,5 @@ def _serve(args: argparse.Namespace) -> int:
             # closing the store under it) would wait for it, however long it takes. Its
             # ingest job resumes at the next start.
             _say("shutdown left busy threads behind; exiting without waiting for them")
-            logging.shutdown()
-            sys.stdout.flush()
-            os._exit(0)
+            exit_now(0)
     return 0

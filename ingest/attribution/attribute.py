@@ -52,7 +52,6 @@ from ingest.attribution.targets import (
     LogitDiffTarget,
     LogitTargets,
     Target,
-    check_token,
     demeaned_unembedding,
     select_logits,
 )
@@ -152,13 +151,7 @@ def attribute(
         logit_rows = [Row(None, T - 1, v) for v in vectors]
         labels = [None] * len(logit_rows)
     elif isinstance(tgt, LogitDiffTarget):
-        a = check_token(tgt.correct, adapter.vocab_size, "correct")
-        b = check_token(tgt.counterfactual, adapter.vocab_size, "counterfactual")
-        if a == b:
-            raise InvalidArgumentError(
-                f"the logit difference target compares token {a} with itself (always 0): "
-                "give a different counterfactual token"
-            )
+        a, b = tgt.checked(adapter.vocab_size)
         logit_tokens = [a]
         logit_probs = torch.ones(1, dtype=torch.float64)
         logit_rows = [Row(None, T - 1, W_U[:, a] - W_U[:, b])]

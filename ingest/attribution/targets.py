@@ -48,6 +48,18 @@ class LogitDiffTarget:
     correct: int
     counterfactual: int
 
+    def checked(self, vocab_size: int) -> tuple[int, int]:
+        """``(correct, counterfactual)``; InvalidArgumentError for an id outside the
+        vocabulary or two equal ids (the difference would always be 0)."""
+        a = check_token(self.correct, vocab_size, "correct")
+        b = check_token(self.counterfactual, vocab_size, "counterfactual")
+        if a == b:
+            raise InvalidArgumentError(
+                f"the logit difference target compares token {a} with itself (always 0): "
+                "give a different counterfactual token"
+            )
+        return a, b
+
 
 @dataclass(frozen=True)
 class FeatureTarget:

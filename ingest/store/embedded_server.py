@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
-import sys
 import threading
 from pathlib import Path
+
+from ingest.processes import exit_now
 
 logger = logging.getLogger("ingest.store.embedded_server")
 
@@ -90,14 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args.data_dir, args.heap, args.command_timeout_s)
 
 
-def _exit_now(code: int) -> None:
-    """Leave without waiting for the JVM's non-daemon threads (the database is closed)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
     try:
         code = main()
@@ -106,4 +98,4 @@ if __name__ == "__main__":
     except BaseException:
         logger.exception("the embedded graph server failed")
         code = 1
-    _exit_now(code)
+    exit_now(code)  # the JVM's non-daemon threads would keep it alive

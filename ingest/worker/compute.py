@@ -17,7 +17,7 @@ import torch
 from ingest.attribution.attribute import attribute
 from ingest.attribution.prompts import single_token_id, tokenize
 from ingest.attribution.result import AttributionResult
-from ingest.attribution.targets import LogitDiffTarget, LogitTargets, check_token
+from ingest.attribution.targets import LogitDiffTarget, LogitTargets
 from ingest.errors import InvalidArgumentError
 from ingest.graph import FeatureRecord, ModelRecord, TranscoderSetRecord
 from ingest.models import LoadedModel, load_model
@@ -77,39 +77,40 @@ class AttributionComputer:
         """InvalidArgumentError when ``spec`` cannot be attributed: its prompt or
         counterfactual does not tokenize for this model (empty, too long, unknown words),
         or its correct/incorrect token is not one token. Cheap: no model runs."""
-        adapter, tokenizer = self.loaded.adapter, self.loaded.tokenizer
-        tokenize(tokenizer, spec.prompt, adapter.vocab_size, adapter.n_ctx)
-        if spec.counterfactual is not None:
-            try:
-                tokenize(tokenizer, spec.counterfactual, adapter.vocab_size, adapter.n_ctx)
-            except InvalidArgumentError as exc:
-                raise InvalidArgumentError(f"counterfactual: {exc}") from None
-        self._logit_diff(spec)
+        adapter = self.loaded.adapter
+        tokenize(self.loaded.tokenizer, spec.prompt, adapter.vocab_size, adapter.n_ctx)
+        self._check_counterfactual(spec)
+        self._target(spec)
 
-    def _logit_diff(self, spec: PromptSpec) -> LogitDiffTarget | None:
+    def _check_counterfactual(self, spec: PromptSpec) -> None:
+        if spec.counterfactual is None:
+            return
+        adapter = self.loaded.adapter
+        try:
+            tokenize(self.loaded.tokenizer, spec.counterfactual, adapter.vocab_size, adapter.n_ctx)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"counterfactual: {exc}") from None
+
+    def _target(self, spec: PromptSpec) -> LogitTargets | LogitDiffTarget:
+        """The logit difference of ``correct`` and ``incorrect`` (checked against the
+        vocabulary) when both are given, else the top logits of the settings."""
         if spec.correct is None or spec.incorrect is None:
-            return None
-        tokenizer, vocab = self.loaded.tokenizer, self.loaded.adapter.vocab_size
-        correct = check_token(
-            single_token_id(tokenizer, spec.correct, "correct token"), vocab, "correct"
-        )
-        incorrect = check_token(
-            single_token_id(tokenizer, spec.incorrect, "incorrect token"), vocab, "incorrect"
-        )
-        if correct == incorrect:
-            raise InvalidArgumentError(
-                f"correct and incorrect are the same token ({correct}): give two different tokens"
-            )
-        return LogitDiffTarget(correct=correct, counterfactual=incorrect)
-
-    def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult:
-        self.check(spec)
-        target: LogitTargets | LogitDiffTarget | None = self._logit_diff(spec)
-        if target is None:
-            target = LogitTargets(
+            return LogitTargets(
                 max_n_logits=self.settings.max_n_logits,
                 desired_logit_prob=self.settings.desired_logit_prob,
             )
+        tokenizer = self.loaded.tokenizer
+        target = LogitDiffTarget(
+            correct=single_token_id(tokenizer, spec.correct, "correct token"),
+            counterfactual=single_token_id(tokenizer, spec.incorrect, "incorrect token"),
+        )
+        target.checked(self.loaded.adapter.vocab_size)
+        return target
+
+    def compute(self, spec: PromptSpec, graph_id: str) -> AttributionResult:
+        # attribute() checks the prompt itself; the counterfactual is only stored
+        self._check_counterfactual(spec)
+        target = self._target(spec)
         result = attribute(
             self.loaded,
             self.transcoders,
