@@ -34,7 +34,10 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
 
-_count = int_in(0, INT32_MAX)  # sizes, depths, layers, positions (int32 fields)
+_count = int_in(0, INT32_MAX)  # layers and positions (int32 fields)
+# Sizes and depths: the API reads 0 as "the default", so a 0 typed on the command line
+# is refused rather than silently replaced; leaving the flag out asks for the default.
+_size = int_in(1, INT32_MAX)
 _id = int_in(0, INT64_MAX)  # feature indices and token ids (int64 fields)
 
 
@@ -74,16 +77,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = graphs.add_parser("subgraph", help="the neighbourhood of a node")
     p.add_argument("graph_id")
     p.add_argument("node_id")
-    p.add_argument("--depth", type=_count, default=0, help="hops (default 1)")
-    p.add_argument("--top-k", type=_count, default=0, help="edges kept per node (default 10)")
+    p.add_argument("--depth", type=_size, default=0, help="hops (default 1)")
+    p.add_argument("--top-k", type=_size, default=0, help="edges kept per node (default 10)")
     p.add_argument("--direction", choices=("both", "out", "in"), default="both")
     p.set_defaults(query_handler=_graphs_subgraph)
     p = graphs.add_parser("paths", help="strongest paths between two nodes")
     p.add_argument("graph_id")
     p.add_argument("source_node_id")
     p.add_argument("target_node_id")
-    p.add_argument("--top-k", type=_count, default=0, help="paths (default 5)")
-    p.add_argument("--max-length", type=_count, default=0, help="edges per path (default 6)")
+    p.add_argument("--top-k", type=_size, default=0, help="paths (default 5)")
+    p.add_argument("--max-length", type=_size, default=0, help="edges per path (default 6)")
     p.add_argument("--score", choices=("product", "sum"), default="product")
     p.set_defaults(query_handler=_graphs_paths)
 
@@ -119,7 +122,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar=("id:CORRECT", "id:COUNTER"),
         help="explain logit(CORRECT) - logit(COUNTER) instead: token ids, as id:N",
     )
-    p.add_argument("--max-feature-nodes", type=_count, default=None)
+    p.add_argument("--max-feature-nodes", type=_size, default=None)
     p.add_argument("--node-threshold", type=finite, default=None)
     p.add_argument("--edge-threshold", type=finite, default=None)
     p.set_defaults(query_handler=_attribute)
@@ -144,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="scale a feature's activation; 0 ablates it (repeatable)",
     )
     p.add_argument("--freeze-attention", action="store_true")
-    p.add_argument("--top-k", type=_count, default=0)
+    p.add_argument("--top-k", type=_size, default=0, help="next tokens shown (default 10)")
     p.set_defaults(query_handler=_intervene)
     p = groups.add_parser("evaluate", help="circuit faithfulness f(k), CPR and CMD (MIB)")
     p.add_argument("model")
@@ -213,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _paging(parser: argparse.ArgumentParser, handler: Any) -> None:
-    parser.add_argument("--page-size", type=_count, default=0, help="items per page (default 50)")
+    parser.add_argument("--page-size", type=_size, default=0, help="items per page (default 50)")
     parser.add_argument("--page-token", default="", help="next_page_token of the previous page")
     parser.set_defaults(query_handler=handler)
 

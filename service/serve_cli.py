@@ -154,7 +154,9 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["uri"] = args.store_uri
     if args.store_data_dir:
         overrides["data_dir"] = args.store_data_dir
-    with open_store(StoreConfig.from_env(None, **overrides)) as store:
+    store_config = StoreConfig.from_env(None, **overrides)
+    with open_store(store_config) as store:
+        _say(f"graph store: {store_config.describe(store.config)}")
         if not asyncio.run(serve(config, store, announce=_say)):
             # A thread is still in a computation or a store call: the interpreter (and
             # closing the store under it) would wait for it, however long it takes. Its

@@ -88,6 +88,17 @@ class StoreConfig:
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
+    def describe(self, reached: StoreConfig) -> str:
+        """The store this config asked for, once opened as ``reached``, for a command's
+        first line: the embedded server is started on demand and outlives the command,
+        so the line says how to stop it."""
+        if self.embedded:
+            return (
+                f"the embedded server at {reached.uri}, data in {reached.data_dir} (it keeps "
+                "running for later commands; `circuitscope db stop` stops it)"
+            )
+        return reached.redacted()
+
     def redacted(self) -> str:
         """A description safe to log (no password)."""
         where = self.uri or f"embedded server in {self.data_dir or default_data_dir()}"

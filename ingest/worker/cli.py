@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ingest.errors import UnavailableError
     from ingest.paths import check_output, home
-    from ingest.store import open_store
+    from ingest.store import StoreConfig, open_store
     from ingest.worker.compute import AttributionComputer, feature_records
     from ingest.worker.keys import GraphSettings
     from ingest.worker.prompts import check_prompt_file
@@ -111,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     summary = IngestSummary()
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        with open_store() as store:
+        config = StoreConfig.from_env()
+        with open_store(config) as store:
+            say(f"graph store: {config.describe(store.config)}")
             worker = IngestWorker(store, computer, options, on_message=say, interrupted=stop.is_set)
             try:
                 worker.register(feature_records(args.transcoders, computer.set_id))

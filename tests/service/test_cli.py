@@ -106,3 +106,4 @@ def test_serve_runs_until_sigterm_then_exits_cleanly(store: GraphStore, tmp_path
     text = log.read_text()
     assert "Traceback" not in text
     assert f"serving circuits.v1 on 127.0.0.1:{port}" in text  # said without -v
+    assert f"graph store: {config.uri} (database {config.database!r}" in text

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -111,6 +114,12 @@ def test_store_config_from_env() -> None:
         1000,
     )
     assert "pw" not in remote.redacted()
+    # a command's first line names the store; the embedded one says how to stop it
+    reached = replace(embedded, uri="bolt://127.0.0.1:7000", data_dir=Path("/data/db"))
+    line = embedded.describe(reached)
+    assert "bolt://127.0.0.1:7000" in line and "/data/db" in line
+    assert "`circuitscope db stop` stops it" in line
+    assert remote.describe(remote) == remote.redacted() and "db stop" not in remote.describe(remote)
     assert StoreConfig.from_env({"NEO4J_URI": "bolt://x"}).database == "neo4j"
     # a URI given as an override (serve's --store-uri) picks the database as NEO4J_URI does
     assert StoreConfig.from_env({}, uri="bolt://x").database == "neo4j"

@@ -85,6 +85,7 @@ def test_ingest_is_idempotent_and_matches_a_clean_computation(
     artifacts = tmp_path / "artifacts"
     assert main(_ingest_args(worker_model, prompt_file, artifacts)) == 0
     out = capsys.readouterr()
+    assert f"graph store: {worker_store_config.redacted()}" in out.err
     assert "graphs written:        6" in out.out
     assert "bad lines skipped:     1" in out.out and "line 3: not valid JSON" in out.out
 
