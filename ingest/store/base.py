@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ingest.graph import (
     AttributionGraph,
@@ -34,6 +34,9 @@ from ingest.graph import (
     ModelRecord,
     TranscoderSetRecord,
 )
+
+if TYPE_CHECKING:
+    from ingest.store.config import StoreConfig
 
 T = TypeVar("T")
 
@@ -109,6 +112,10 @@ class Page(Generic[T]):
 
 class GraphStore(ABC):
     """Storage and queries of attribution graphs and the shared feature catalog."""
+
+    #: how the store was reached: the server's uri, database and user (for an embedded
+    #: server, those it was started with) and the batch size and timeouts in use
+    config: StoreConfig
 
     # ------------------------------------------------------------------ lifecycle
     @abstractmethod
