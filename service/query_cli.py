@@ -65,7 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         dest="query_command", metavar="COMMAND", required=True
     )
     p = graphs.add_parser("list", help="list graphs, one page")
-    p.add_argument("--model", default="", help="model id filter")
+    p.add_argument(
+        "--model",
+        type=_model_id,
+        default="",
+        help="model id filter: a hub id, or a local model directory (matched by its "
+        "absolute path, the id ingest stores)",
+    )
     p.add_argument("--task", default="", help="task filter")
     p.add_argument("--prompt-contains", default="", help="prompt text filter")
     p.add_argument("--newest-first", action="store_true", help="order newest first")
@@ -213,6 +219,14 @@ def _run(args: argparse.Namespace) -> int:
         raise UnauthenticatedError(
             f"{exc} (from the command line: --token-file FILE, or the token itself in ${TOKEN_ENV})"
         ) from None
+
+
+def _model_id(text: str) -> str:
+    """A model id as ingest stores it: a directory that exists here is its absolute path
+    (``./zoo/x`` and ``~/zoo/x`` find the graphs of ``/home/me/zoo/x``); anything else,
+    a hub id or a path on another machine, is kept as written."""
+    path = Path(text).expanduser()
+    return str(path.resolve()) if text and path.is_dir() else text
 
 
 def _paging(parser: argparse.ArgumentParser, handler: Any) -> None:

@@ -214,3 +214,18 @@ def test_a_token_file_is_read_as_the_server_reads_its_tokens_file(
     two.write_text(f"{TOKEN}\n{TOKEN}x\n")
     assert main(["query", "--target", target, "--token-file", str(two), "graphs", "list"]) == 2
     _one_line_error(capsys, "holds 2 tokens", str(two))
+
+
+def test_a_local_model_directory_filters_by_the_id_ingest_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ingest stores a local model under its absolute path (load_model's model_id)
+    (tmp_path / "zoo" / "greater_than-gpt2").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    stored = str((tmp_path / "zoo" / "greater_than-gpt2").resolve())
+    assert query_cli._model_id("zoo/greater_than-gpt2") == stored
+    assert query_cli._model_id("./zoo/../zoo/greater_than-gpt2") == stored
+    # a hub id, or a path of the machine that ingested, is sent as written
+    assert query_cli._model_id("gpt2") == "gpt2"
+    assert query_cli._model_id("/elsewhere/model") == "/elsewhere/model"
+    assert query_cli._model_id("") == ""
