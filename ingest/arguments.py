@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 #: how a command line names a token by its id instead of its text: ``id:42``
 TOKEN_ID_PREFIX = "id:"
@@ -80,3 +81,12 @@ def token_id(text: str) -> int:
             "encode text; `circuitscope attribute` takes tokens as text)"
         )
     return int_in(0, 2**63 - 1)(number)  # an int64 field of the request
+
+
+def path(text: str) -> Path:
+    """An argparse type: a file system path, ``~`` expanded (a quoted ``"~/x"`` reaches
+    the program unexpanded). An empty string is refused: ``Path("")`` would silently be
+    the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: give a file or directory")
+    return Path(text).expanduser()

@@ -99,7 +99,12 @@ class ZooManifest:
 
 def read_manifest(directory: str | Path) -> ZooManifest:
     """Parse ``directory/zoo.json``; errors say why the directory is not a zoo checkpoint."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
+    if directory.is_file():
+        raise InvalidArgumentError(
+            f"{str(directory)!r} is a file: pass a checkpoint directory made by "
+            "'circuitscope zoo train' (see 'circuitscope zoo list')"
+        )
     if not directory.is_dir():
         raise NotFoundError(
             f"checkpoint directory {str(directory)!r} does not exist: pass a directory made by "
@@ -113,6 +118,8 @@ def read_manifest(directory: str | Path) -> ZooManifest:
         )
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
         if data.get("format") != FORMAT:
             raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
         if data.get("format_version") != FORMAT_VERSION:
@@ -198,7 +205,7 @@ def load_zoo_model(directory: str | Path, device: str | None = "cpu") -> LoadedZ
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         # transformers would log a multi-line load report; the mismatch is reported here.
-        with _transformers_quiet():
+        with transformers_quiet():
             loaded: Any = AutoModelForCausalLM.from_pretrained(
                 directory,
                 attn_implementation="eager",
@@ -207,6 +214,7 @@ def load_zoo_model(directory: str | Path, device: str | None = "cpu") -> LoadedZ
                 output_loading_info=True,
             )
         model: torch.nn.Module = loaded[0]
+        model_type = str(loaded[0].config.model_type)
         _check_loading_info(loaded[1])
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         # Missing files (OSError), a bad config, tokenizer or weight names (ValueError),
@@ -217,12 +225,13 @@ def load_zoo_model(directory: str | Path, device: str | None = "cpu") -> LoadedZ
             f"{str(directory)!r} has a zoo.json but its model or tokenizer cannot be loaded "
             f"({why}): retrain it with 'circuitscope zoo train'"
         ) from exc
+    _check_family(directory, manifest.spec.arch, model_type)
     model.to(target).eval()
     return LoadedZooModel(model, tokenizer, task, manifest, directory)
 
 
 @contextmanager
-def _transformers_quiet() -> Iterator[None]:
+def transformers_quiet() -> Iterator[None]:
     """transformers' own logging at ERROR only and no progress bars, for the duration."""
     from transformers.utils import logging as hf_logging
 
@@ -235,6 +244,23 @@ def _transformers_quiet() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _check_family(directory: Path, arch: str, model_type: str) -> None:
+    """The manifest's architecture is a registered one, and the family config.json holds."""
+    from ingest.zoo.architectures import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise InvalidArgumentError(
+            f"{str(directory / MANIFEST)!r} names the architecture {arch!r}, which the zoo "
+            f"does not have ({', '.join(ARCHITECTURES)}): retrain it with 'circuitscope zoo train'"
+        )
+    expected = ARCHITECTURES.get(arch).model_type
+    if model_type != expected:
+        raise InvalidArgumentError(
+            f"{str(directory)!r}: {MANIFEST} says {arch!r} (a {expected} model) but "
+            f"config.json holds a {model_type} model: retrain it with 'circuitscope zoo train'"
+        )
 
 
 def _check_loading_info(info: dict[str, Any]) -> None:

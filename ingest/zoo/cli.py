@@ -12,7 +12,8 @@ subcommand runs.
 """
 
 import argparse
-from pathlib import Path
+
+from ingest.arguments import int_in, path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,23 +26,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = commands.add_parser("train", help="train a task-zoo model and save it")
     train.add_argument("task", help="task name (see 'circuitscope zoo list')")
-    train.add_argument("--arch", default="gpt2", help="architecture name (default: gpt2)")
-    train.add_argument("--steps", type=int, default=None, help="training steps (task default)")
+    train.add_argument(
+        "--arch",
+        default="gpt2",
+        help="architecture, e.g. gpt2, neox or llama (all: 'circuitscope zoo list'; default: gpt2)",
+    )
+    train.add_argument(
+        "--steps", type=int_in(1), default=None, help="training steps (the task's default)"
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    train.add_argument("--out", type=Path, default=None, help="output directory")
+    train.add_argument(
+        "--out",
+        type=path,
+        default=None,
+        help="output directory (default: $CIRCUITSCOPE_HOME/zoo/TASK-ARCH, with -tiny "
+        "appended for --tiny)",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a zoo model already in --out"
+    )
     train.add_argument("--tiny", action="store_true", help="tiny model, a few seconds")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
 
     listing = commands.add_parser("list", help="tasks, architectures and trained checkpoints")
     listing.set_defaults(handler=_list)
 
     ev = commands.add_parser("eval", help="held-out task metrics of a checkpoint directory")
-    ev.add_argument("directory", type=Path, help="a directory made by 'circuitscope zoo train'")
+    ev.add_argument("directory", type=path, help="a directory made by 'circuitscope zoo train'")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ev.add_argument(
         "--max-examples",
-        type=int,
+        type=int_in(1),
         default=None,
         help="evaluate on at most N held-out examples, spread evenly over the split",
     )
@@ -50,15 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from ingest.devices import resolve_device
-    from ingest.errors import InvalidArgumentError
-    from ingest.paths import check_output
     from ingest.zoo.report import bar_table
     from ingest.zoo.trainer import train_zoo_model
 
-    if args.steps is not None and args.steps <= 0:
-        raise InvalidArgumentError(f"--steps must be positive, not {args.steps}")
-    if args.out is not None:
-        check_output(args.out, "--out", directory=True)
     resolve_device(args.device)
     result = train_zoo_model(
         args.task,
@@ -68,6 +79,8 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
         out_dir=args.out,
         tiny=args.tiny,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     print(f"saved {result.spec.task} on {result.spec.arch} to {result.out_dir}")
     print(f"{result.n_parameters} parameters, trained in {result.train_seconds:.1f} s")
@@ -109,16 +122,14 @@ def _list(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ingest.devices import resolve_device
-    from ingest.errors import InvalidArgumentError
     from ingest.zoo.checkpoint import evaluate_checkpoint, read_manifest
     from ingest.zoo.report import bar_table
 
-    if args.max_examples is not None and args.max_examples <= 0:
-        raise InvalidArgumentError(f"--max-examples must be positive, not {args.max_examples}")
     manifest = read_manifest(args.directory)
     resolve_device(args.device)
     metrics = evaluate_checkpoint(args.directory, args.device, args.max_examples)
     spec = manifest.spec
-    print(f"{args.directory}: {spec.task} on {spec.arch}, seed {spec.seed}")
+    sample = "" if args.max_examples is None else f"; on at most {args.max_examples} examples"
+    print(f"{args.directory}: {spec.task} on {spec.arch}, seed {spec.seed}{sample}")
     print(bar_table(spec.task, metrics))
     return 0

@@ -10,14 +10,18 @@ The loop, top to bottom (nanoGPT-style):
    answer position (at every position for tasks with ``loss_on_all_tokens``);
 4. AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient
    clipping; every ``eval_every`` steps a held-out subset is evaluated;
-5. the model, tokenizer and ``zoo.json`` (written last) go to ``out_dir``.
+5. the model, tokenizer and ``zoo.json`` (written last) go to a fresh directory beside
+   ``out_dir``, which then takes its place: a failed or interrupted save leaves
+   ``out_dir`` as it was.
 
 Only the training split is ever trained on. On CPU, the same seed gives bit-identical
 weights (single process, same thread count).
 """
 
 import logging
+import os
 import platform
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -31,14 +35,22 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from ingest.devices import resolve_device
-from ingest.errors import InvalidArgumentError, NotFoundError
+from ingest.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from ingest.paths import check_output
 from ingest.zoo.architectures import SpecialIds, get_architecture
 from ingest.zoo.checkpoint import (
     CHECKPOINT_FILES,
+    MANIFEST,
     TrainSpec,
     ZooManifest,
     default_root,
     read_manifest,
+    transformers_quiet,
 )
 from ingest.zoo.evaluation import evaluate, spread_subset, token_ids
 from ingest.zoo.task import Task, TaskExample, TrainingConfig
@@ -200,13 +212,17 @@ def train_zoo_model(
     training_overrides: Mapping[str, Any] | None = None,
     task_overrides: Mapping[str, Any] | None = None,
     reuse: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> ZooTrainResult:
     """Train ``task`` on architecture ``arch`` and save it as an HF checkpoint in ``out_dir``.
 
     ``tiny=True`` uses the task's tiny shape and schedule (a few seconds on a CPU; for
     tests of code that needs a real trained checkpoint). With ``reuse=True`` an existing
-    checkpoint in ``out_dir`` with the same :class:`TrainSpec` is returned untouched.
+    checkpoint in ``out_dir`` with the same :class:`TrainSpec` is returned untouched,
+    and one trained otherwise is replaced. Without ``reuse``, a zoo model already in
+    ``out_dir`` is replaced only with ``overwrite``; a non-empty ``out_dir`` that holds
+    no zoo model is always refused (before any training).
     Returns the held-out metrics (whole held-out split) and where the model went.
     """
     task_obj, spec = resolve_spec(
@@ -225,6 +241,8 @@ def train_zoo_model(
         existing = _reusable(out, spec)
         if existing is not None:
             return existing
+    check_output(out, "--out", directory=True)
+    _check_replaceable(out, overwrite=overwrite or reuse)
 
     cfg = spec.training
     tokenizer = build_tokenizer(task_obj)
@@ -282,10 +300,6 @@ def train_zoo_model(
     bar.close()
 
     metrics = evaluate(model, tokenizer, task_obj, heldout, device=target)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "zoo.json").unlink(missing_ok=True)  # an interrupted save leaves no manifest
-    model.save_pretrained(out)
-    save_tokenizer(tokenizer, out)
     manifest = ZooManifest(
         spec=spec,
         metrics=metrics,
@@ -297,9 +311,55 @@ def train_zoo_model(
         model_config=hf_config.to_dict(),
         history=history,
     )
-    manifest.write(out)
+    _save(out, model, tokenizer, manifest)
     passed = {bar_.describe(): bar_.passes(metrics) for bar_ in task_obj.quality_bars()}
     return ZooTrainResult(out, metrics, train_seconds, n_parameters, spec, False, passed)
+
+
+def _check_replaceable(out: Path, *, overwrite: bool) -> None:
+    """Refuse to write over what ``out`` holds: another zoo model unless ``overwrite``,
+    and never files that are not a zoo model's."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
+        raise FailedPreconditionError(
+            f"--out {out} is not empty and holds no zoo model ({MANIFEST}): choose a new or "
+            "empty directory"
+        )
+    if not overwrite:
+        raise AlreadyExistsError(
+            f"--out {out} already holds a zoo model: pass --overwrite to replace it, or "
+            "choose another --out"
+        )
+
+
+def _save(
+    out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, manifest: ZooManifest
+) -> None:
+    """Write the checkpoint into a fresh directory beside ``out``, then swap it in."""
+    staging = out.parent / f".{out.name}.saving-{os.getpid()}"
+    replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with transformers_quiet():  # no "Writing model shards" bar after training's own
+            model.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
+        for file in staging.iterdir():
+            file.chmod(0o644)  # transformers writes the weights 0600; checkpoints are shared
+        manifest.write(staging)
+        if out.exists():
+            out.rename(replaced)
+        staging.rename(out)
+    except Exception as exc:  # OSError, or the tokenizers/safetensors writers' own errors
+        if replaced.exists() and not out.exists():
+            replaced.rename(out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FailedPreconditionError(
+            f"could not save the model to {out} ({exc}): check the free space and "
+            f"permissions of {out.parent}; nothing in {out} was changed"
+        ) from exc
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _reusable(out: Path, spec: TrainSpec) -> ZooTrainResult | None:

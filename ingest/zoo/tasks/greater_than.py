@@ -46,7 +46,7 @@ YEAR_TOKENS = tuple(f"{year:02d}" for year in range(100))
 
 class GreaterThan(Task):
     name = "greater_than"
-    description = "year spans 'from the year 17YY to the year 17' -> a later two-digit year"
+    description = "'from the year CCYY to the year CC' (CC 11..17) -> a later two-digit year"
     split_digit_pairs = True
 
     def vocabulary(self) -> list[str]:

@@ -7,6 +7,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from ingest.paths import home
+from ingest.zoo.checkpoint import read_manifest
 from ingest.zoo.trainer import ZooTrainResult
 from service.cli import main
 from service.demo_cli import STAGES, DemoContext
@@ -28,7 +29,9 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
         (["zoo", "train", "ioi", "--arch", "bert", "--tiny"], ["unknown architecture", "llama"]),
         (["zoo", "train", "ioi", "--device", "cuda:99", "--tiny"], ["cuda:99"]),
         (["zoo", "train", "ioi", "--device", "tpu", "--tiny"], ["'tpu'"]),
-        (["zoo", "train", "ioi", "--steps", "0"], ["--steps must be positive"]),
+        (["zoo", "train", "ioi", "--steps", "0"], ["--steps: must be at least 1, got 0"]),
+        (["zoo", "eval", "x", "--max-examples", "0"], ["--max-examples: must be at least 1"]),
+        (["zoo", "train", "ioi", "--out", ""], ["--out: an empty path"]),
         (["zoo", "train", "ioi", "--tiny", "--seed", str(10**20)], ["seed must lie in 0.."]),
         (["zoo", "train", "ioi", "--tiny", "--seed", "-1"], ["seed must lie in 0.."]),
         (["demo", "--device", "cuda:99"], ["cuda:99"]),
@@ -37,8 +40,15 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
 def test_bad_input_is_one_line_and_exit_code_2(
     argv: list[str], needles: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(argv) == 2
-    _one_line_error(capsys, *needles)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals (a flag's type)
+        code = exc.code
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and all(n in err for n in needles), err
+    else:
+        _one_line_error(capsys, *needles)
+    assert code == 2
 
 
 @pytest.mark.unit
@@ -52,6 +62,12 @@ def test_eval_of_a_directory_that_is_not_a_checkpoint(
     (tmp_path / "zoo.json").write_text("{not json")
     assert main(["zoo", "eval", str(tmp_path)]) == 2
     _one_line_error(capsys, "not a valid zoo manifest")
+    for not_an_object in ("null", "[1, 2]"):
+        (tmp_path / "zoo.json").write_text(not_an_object)
+        assert main(["zoo", "eval", str(tmp_path)]) == 2
+        _one_line_error(capsys, "not a valid zoo manifest", "not an object")
+    assert main(["zoo", "eval", str(tmp_path / "zoo.json")]) == 2
+    _one_line_error(capsys, "is a file", "checkpoint directory")
 
 
 @pytest.mark.slow
@@ -135,3 +151,66 @@ def test_demo_zoo_model_stage_trains_then_reuses(
     assert ctx.results["zoo_model"].metrics["prob_diff"] > 0
     again = "\n".join(stage.run(DemoContext(device="cpu", tiny=True, progress=False)))
     assert "reused" in again
+
+
+@pytest.mark.slow
+def test_train_refuses_to_write_over_a_model_or_other_files(
+    tiny_greater_than: ZooTrainResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = shutil.copytree(tiny_greater_than.out_dir, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    train = ["zoo", "train", "greater_than", "--tiny", "--steps", "2", "--no-progress", "--out"]
+    assert main([*train, str(model)]) == 2
+    _one_line_error(capsys, "already holds a zoo model", "--overwrite")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    assert main([*train, str(other), "--overwrite"]) == 2
+    _one_line_error(capsys, "not empty and holds no zoo model")
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+    # --overwrite replaces the model whole; the new files are readable by others
+    assert main([*train, str(model), "--overwrite"]) == 0
+    assert read_manifest(model).spec.training.steps == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes"]  # no staging left
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in model.iterdir())
+
+
+@pytest.mark.slow
+def test_a_failed_save_leaves_the_old_model_and_no_traceback(
+    tiny_greater_than: ZooTrainResult,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ingest.zoo import trainer
+
+    model = shutil.copytree(tiny_greater_than.out_dir, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+
+    def fail(tokenizer: object, directory: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "save_tokenizer", fail)
+    argv = ["zoo", "train", "greater_than", "--tiny", "--steps", "2", "--no-progress"]
+    argv.append("--overwrite")
+    assert main([*argv, "--out", str(model)]) == 2
+    _one_line_error(capsys, "could not save the model", "No space left", "nothing in")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.mark.slow
+def test_eval_refuses_a_manifest_naming_another_family(
+    tiny_greater_than: ZooTrainResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    model = shutil.copytree(tiny_greater_than.out_dir, tmp_path / "model")
+    manifest = json.loads((model / "zoo.json").read_text())
+    for arch, needles in (("llama", ["says 'llama'", "holds a gpt2 model"]), ("bert", ["'bert'"])):
+        manifest["spec"]["arch"] = arch
+        (model / "zoo.json").write_text(json.dumps(manifest))
+        assert main(["zoo", "eval", str(model), "--max-examples", "4"]) == 2
+        _one_line_error(capsys, *needles, "circuitscope zoo train")
