@@ -6,7 +6,8 @@ Cheap to import: the server machinery is imported by the handlers.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from ingest.arguments import path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         sub = actions.add_parser(name, help=text, description=text)
         sub.add_argument(
             "--data-dir",
-            type=Path,
+            type=path,
             default=None,
             help="the server's data directory (default: $CIRCUITSCOPE_HOME/db)",
         )
@@ -42,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _start(args: argparse.Namespace) -> int:
     from ingest.store import embedded
 
-    heap = args.heap or embedded.DEFAULT_HEAP
+    heap = embedded.DEFAULT_HEAP if args.heap is None else args.heap
     limit = args.command_timeout_s
+    before = embedded.status(args.data_dir)
     config = embedded.start(
         args.data_dir,
         heap=heap,
@@ -52,7 +54,26 @@ def _start(args: argparse.Namespace) -> int:
     print(embedded.status(config.data_dir).describe())
     print(f"NEO4J_URI={config.uri} NEO4J_USER={config.user} NEO4J_DATABASE={config.database}")
     print(f"(password in {config.data_dir}/{embedded.STATE_FILE})")
+    if before.running and before.answers and (args.heap is not None or limit is not None):
+        print(
+            "the server was already running: --heap and --command-timeout-s apply at its "
+            "next start (`circuitscope db stop`, then `circuitscope db start`)"
+        )
+    _say_if_unused()
     return 0
+
+
+def _say_if_unused() -> None:
+    """With NEO4J_URI set, commands use that server and never this one: say so."""
+    import os
+
+    from ingest.store.config import StoreConfig
+
+    if os.environ.get("NEO4J_URI"):
+        print(
+            f"note: NEO4J_URI is set, so circuitscope commands use "
+            f"{StoreConfig.from_env().redacted()}, not this embedded server"
+        )
 
 
 def _stop(args: argparse.Namespace) -> int:
@@ -68,4 +89,5 @@ def _status(args: argparse.Namespace) -> int:
 
     st = embedded.status(args.data_dir)
     print(st.describe())
+    _say_if_unused()
     return 0 if st.running and st.answers else 3

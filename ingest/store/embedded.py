@@ -96,11 +96,66 @@ def _free_port(preferred: int | None = None) -> int:
         return int(s.getsockname()[1])
 
 
+#: the keys of ``server.json`` every reader needs
+STATE_KEYS = ("bolt_port", "password", "database")
+#: the subdirectory that holds the databases
+DATABASES = "arcadedb"
+#: what a data directory may hold before its first start (a server's own files)
+_OWN_FILES = {STATE_FILE, "server.tmp", PID_FILE, LOG_FILE, DATABASES, ".lock", "log"}
+
+
 def _read_state(data_dir: Path) -> dict[str, Any] | None:
+    """``server.json``, or None when no server was started here. A damaged file is an
+    error naming it: it holds the only copy of the databases' root password."""
     path = data_dir / STATE_FILE
     if not path.exists():
         return None
-    return dict(json.loads(path.read_text()))
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON {type(state).__name__}, not an object")
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except (OSError, ValueError) as exc:
+        raise FailedPreconditionError(
+            f"{path} is damaged ({exc}); it holds the root password of the databases in "
+            f"{data_dir / DATABASES}: restore it from a backup, or remove {data_dir} to start "
+            "with an empty store"
+        ) from exc
+    return dict(state)
+
+
+def _data_dir(data_dir: Path | str | None, *, create: bool) -> Path | None:
+    """The resolved data directory; None when it does not exist and ``create`` is
+    False. A file, or (to create) a directory holding other things, is refused: the
+    server's files never go in with someone else's, and an existing directory's mode is
+    left alone (a new one is made 0700: ``server.json`` holds a password)."""
+    root = _resolve(data_dir)
+    if root.exists() and not root.is_dir():
+        raise InvalidArgumentError(
+            f"the data directory {root} is a file: give a directory (--data-dir)"
+        )
+    if not root.exists():
+        if not create:
+            return None
+        try:
+            root.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"cannot create the data directory {root} ({exc.strerror or exc}): choose "
+                "another --data-dir"
+            ) from exc
+        return root
+    if create:
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in _OWN_FILES)
+        if foreign:
+            raise InvalidArgumentError(
+                f"{root} holds other files ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}), not an embedded server's: give a new "
+                "or empty directory (--data-dir)"
+            )
+    return root
 
 
 def _write_state(data_dir: Path, state: dict[str, Any]) -> None:
@@ -190,7 +245,7 @@ def _probe(config: StoreConfig, timeout: float) -> bool:
 
 
 def status(data_dir: Path | str | None = None) -> ServerStatus:
-    root = _resolve(data_dir)
+    root = _data_dir(data_dir, create=False) or _resolve(data_dir)
     pid = _pid(root)
     if pid is None or _read_state(root) is None:
         return ServerStatus(root, False, None, None, False)
@@ -251,9 +306,8 @@ def start(
     within ``timeout_s``.
     """
     check_settings(heap, command_timeout_s)
-    root = _resolve(data_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
+    root = _data_dir(data_dir, create=True)
+    assert root is not None
     with _lock(root):
         pid = _pid(root)
         if pid is not None:
@@ -263,10 +317,15 @@ def start(
                 return config
             logger.warning("embedded server pid %d does not answer; restarting it", pid)
             _terminate(root, pid, 60.0)
-        state = _read_state(root) or {
-            "password": secrets.token_urlsafe(24),
-            "database": EMBEDDED_DATABASE,
-        }
+        state = _read_state(root)
+        if state is None:
+            if (root / DATABASES).is_dir() and any((root / DATABASES).iterdir()):
+                raise FailedPreconditionError(
+                    f"{root} holds databases but no {STATE_FILE}, the file with their root "
+                    f"password: restore it, or remove {root / DATABASES} to start with an "
+                    "empty store"
+                )
+            state = {"password": secrets.token_urlsafe(24), "database": EMBEDDED_DATABASE}
         for key in ("bolt_port", "http_port", "https_port"):
             state[key] = _free_port(state.get(key))
         _write_state(root, state)
@@ -297,16 +356,22 @@ def start(
         (root / PID_FILE).write_text(str(proc.pid))
         config = config_for(root, **overrides)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise UnavailableError(
-                    f"the embedded graph server exited with status {proc.returncode} while "
-                    f"starting; its log ({root / LOG_FILE}) ends with:\n{_log_tail(root)}"
-                )
-            if _answers(config, 5.0):
-                logger.info("embedded graph server pid %d ready at %s", proc.pid, config.uri)
-                return config
-            time.sleep(0.5)
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise UnavailableError(
+                        f"the embedded graph server exited with status {proc.returncode} "
+                        f"while starting; its log ({root / LOG_FILE}) ends with:\n"
+                        f"{_log_tail(root)}"
+                    )
+                if _answers(config, 5.0):
+                    logger.info("embedded graph server pid %d ready at %s", proc.pid, config.uri)
+                    return config
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            # A start cut short leaves no server behind (it runs detached otherwise).
+            _terminate(root, proc.pid, 30.0)
+            raise
         _terminate(root, proc.pid, 30.0)
         raise UnavailableError(
             f"the embedded graph server did not answer within {timeout_s:.0f} s; "
@@ -334,8 +399,8 @@ def _terminate(root: Path, pid: int, timeout_s: float) -> None:
 
 def stop(data_dir: Path | str | None = None, *, timeout_s: float = 60.0) -> bool:
     """Stop the embedded server in ``data_dir``; False when none was running."""
-    root = _resolve(data_dir)
-    if not root.exists():
+    root = _data_dir(data_dir, create=False)
+    if root is None:
         return False
     with _lock(root):
         pid = _pid(root)

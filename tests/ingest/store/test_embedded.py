@@ -61,6 +61,11 @@ def test_db_cli_start_status_stop(
         assert "running" in out and "NEO4J_URI=bolt://127.0.0.1:" in out
         assert main(["db", "status", "--data-dir", str(data_dir)]) == 0
         pid = embedded.status(data_dir).pid
+        capsys.readouterr()
+        # a second start reuses the server and says its new settings wait for a restart
+        assert main(["db", "start", "--data-dir", str(data_dir), "--heap", "1g"]) == 0
+        assert "--heap and --command-timeout-s apply at its next start" in capsys.readouterr().out
+        assert embedded.status(data_dir).pid == pid
         assert pid is not None and os.path.exists(f"/proc/{pid}")
         graph = make_graph("persisted", seed=1, n_layers=1, n_pos=2)
         with open_store(embedded.config_for(data_dir)) as store:
@@ -98,6 +103,7 @@ def test_db_cli_start_status_stop(
         ("--heap", "2gb", "e.g. 2g or 512m"),
         ("--command-timeout-s", "-5", "got -5.0 (--command-timeout-s)"),
         ("--command-timeout-s", "nan", "finite number of seconds"),
+        ("--heap", "", "heap size '' is not one the JVM takes"),
     ],
 )
 def test_db_start_refuses_bad_settings_before_starting_anything(
@@ -107,6 +113,86 @@ def test_db_start_refuses_bad_settings_before_starting_anything(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "db").exists()
+
+
+def test_db_commands_refuse_data_dirs_that_are_not_theirs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def one_line(*needles: str) -> None:
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        assert all(needle in err for needle in needles), err
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for action in ("start", "stop", "status"):
+        assert main(["db", action, "--data-dir", str(a_file)]) == 2
+        one_line(f"the data directory {a_file} is a file")
+    # somebody else's directory: refused, its mode and contents untouched
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "notes.txt").write_text("keep")
+    assert main(["db", "start", "--data-dir", str(shared)]) == 2
+    one_line("holds other files (notes.txt)", "new or empty directory")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert [p.name for p in shared.iterdir()] == ["notes.txt"]
+    assert main(["db", "start", "--data-dir", str(a_file / "db")]) == 2
+    one_line("cannot create the data directory", "choose another --data-dir")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["db", "start", "--data-dir", ""])
+    assert exit_info.value.code == 2
+    assert "--data-dir: an empty path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("{broken", "server.json is damaged"),
+        ("null", "a JSON NoneType, not an object"),
+        ('{"database": "circuitscope"}', "no bolt_port, password"),
+    ],
+)
+def test_a_damaged_state_file_is_named_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, needle: str
+) -> None:
+    data_dir = tmp_path / "db"
+    data_dir.mkdir()
+    (data_dir / embedded.STATE_FILE).write_text(content)
+    assert main(["db", "start", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "restore it from a backup" in err and "Traceback" not in err, err
+    assert (data_dir / embedded.STATE_FILE).read_text() == content  # never rewritten
+
+
+def test_databases_without_their_password_file_are_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A new password would not open the old databases: the start would wait out its
+    # whole timeout and blame an unanswering server.
+    data_dir = tmp_path / "db"
+    (data_dir / embedded.DATABASES / "circuitscope").mkdir(parents=True)
+    assert main(["db", "start", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "holds databases but no server.json" in err and "Traceback" not in err, err
+    assert not (data_dir / embedded.STATE_FILE).exists()
+
+
+def test_a_start_cut_short_by_ctrl_c_leaves_no_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "db"
+    started: list[int] = []
+
+    def interrupted(config: StoreConfig, timeout: float) -> bool:
+        started.append(int((data_dir / embedded.PID_FILE).read_text()))
+        raise KeyboardInterrupt  # as Ctrl-C during the wait for Bolt
+
+    monkeypatch.setattr(embedded, "_answers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embedded.start(data_dir, heap="256m")
+    assert started and not embedded._alive(started[0], data_dir.resolve())
+    assert not embedded.status(data_dir).running
 
 
 def test_a_pid_file_naming_another_directorys_server_is_stale(tmp_path: Path) -> None:
