@@ -113,7 +113,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     demo.add_argument(
-        "--port", type=int, default=50051, help="port of the demo gRPC server (0: a free one)"
+        "--port",
+        type=int,
+        default=50051,
+        help="port of the demo gRPC server (default 50051; 0: a free one)",
     )
     demo.add_argument(
         "--retrain", action="store_true", help="train again even if a matching model exists"

@@ -81,7 +81,7 @@ def _train_config(ctx: DemoContext) -> Any:
 
 def transcoders_stage(ctx: DemoContext) -> list[str]:
     from ingest.models import load_model
-    from ingest.transcoders.evaluation import evaluate_set
+    from ingest.transcoders.evaluation import describe_task, evaluate_set
     from ingest.transcoders.feature_stats import compute_feature_stats
     from ingest.transcoders.formats import load_any
     from ingest.transcoders.formats.common import write_json
@@ -137,9 +137,8 @@ def transcoders_stage(ctx: DemoContext) -> list[str]:
             f"{layer:>5} {r['l0']:6.1f} {r['fvu']:7.3f} {r['dead_fraction']:6.2f}"
             f" {r['ce_loss_recovered']:10.3f}"
         )
-    task = report.get("task") or {}
-    if task:
-        lines.append(f"task metric with every MLP replaced: {json.dumps(task)}")
+    if report.get("task"):
+        lines.append(f"every MLP replaced: {describe_task(report['task'])}")
     return lines
 
 

@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     info.add_argument("--dtype", choices=DTYPES, default="float32", help="load precision")
     info.add_argument("--prompt", default=None, help="check the adapter against HF on this prompt")
+    info.add_argument(
+        "--no-progress", action="store_true", help="no progress bar while the weights load"
+    )
     info.set_defaults(handler=_info)
 
 
@@ -66,9 +69,17 @@ def _families(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import torch
 
+    from ingest.errors import InvalidArgumentError
     from ingest.models.loading import load_model
 
-    loaded = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.prompt is not None and not args.prompt.strip():
+        raise InvalidArgumentError("--prompt is empty: give text to check the adapter on")
+    loaded = load_model(
+        args.model,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        progress=not args.no_progress,
+    )
     adapter = loaded.adapter
     arch = adapter.architecture()
     parallel = sorted({bool(p) for p in adapter.parallel_residual})

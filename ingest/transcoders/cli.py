@@ -294,6 +294,8 @@ def _interval(bounds: list[float]) -> str:
 
 
 def _print_report(report: dict[str, Any]) -> None:
+    from ingest.transcoders.evaluation import describe_task
+
     print(
         f"set {report['set_id']} on {report['tokens']} tokens of the {report['split']} split; "
         "CE and KL over "
@@ -334,12 +336,7 @@ def _print_report(report: dict[str, Any]) -> None:
         f"top-1 agreement {a['top1_agreement']:.4f}"
     )
     if "task" in report:
-        t = report["task"]
-        print(
-            f"  task {t['task']} {t['metric']} on {t['examples']} examples: "
-            f"clean {t['clean'][t['metric']]:.4f}, "
-            f"spliced {t['spliced'][t['metric']]:.4f} ({100 * t['fraction_kept']:.1f}% kept)"
-        )
+        print(f"  {describe_task(report['task'])}")
 
 
 def _train(args: argparse.Namespace) -> int:

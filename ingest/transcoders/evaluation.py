@@ -503,3 +503,13 @@ def task_metric(
         out["bar"] = bars[0].describe()
         out["spliced_passes_bar"] = bars[0].passes(out["spliced"])
     return out
+
+
+def describe_task(task: dict[str, Any]) -> str:
+    """One line of :func:`task_metric`'s result, as the command lines print it."""
+    metric = task["metric"]
+    return (
+        f"task {task['task']} {metric} on {task['examples']} examples: "
+        f"clean {task['clean'][metric]:.4f}, spliced {task['spliced'][metric]:.4f} "
+        f"({100 * task['fraction_kept']:.1f}% kept)"
+    )

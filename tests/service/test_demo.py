@@ -25,6 +25,7 @@ def test_demo_runs_every_stage_and_leaves_a_working_server(capsys):
         out = capsys.readouterr().out
         for i, stage in enumerate(["zoo-model", "transcoders", "ingest", "queries", "serve"], 1):
             assert f"[{i}/5] {stage}" in out
+        assert re.search(r"every MLP replaced: task greater_than prob_diff on \d+ examples", out)
         assert "graphs written:        4" in out
         assert "4 greater-than graphs stored for this set" in out
         assert ": SERVING" in out

@@ -37,6 +37,13 @@ def test_info_and_check_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["model", "info", str(tmp_path), "--prompt", "w2 zebra crossing"]) == 0
     out = capsys.readouterr().out
     assert "unknown-token ids          2 " in out and "check                      pass" in out
+    # an empty prompt is refused before anything loads; --no-progress leaves stderr quiet
+    for empty in ("", "   "):
+        assert main(["model", "info", str(tmp_path), "--prompt", empty]) == 2
+        err = capsys.readouterr().err
+        assert err == "circuitscope: error: --prompt is empty: give text to check the adapter on\n"
+    assert main(["model", "info", str(tmp_path), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_info_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
