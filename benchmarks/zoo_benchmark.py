@@ -63,7 +63,12 @@ def train_one(task_name: str, arch: str, args: argparse.Namespace) -> dict[str, 
     out_root = args.out_root or home() / "zoo"
     load_before = os.getloadavg()[0]
     result = train_zoo_model(
-        task_name, arch, seed=0, device=args.device, out_dir=out_root / f"{task_name}-{arch}"
+        task_name,
+        arch,
+        seed=0,
+        device=args.device,
+        out_dir=out_root / f"{task_name}-{arch}",
+        overwrite=True,  # the benchmark rebuilds the zoo
     )
     return {
         "run": args.run,

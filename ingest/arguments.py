@@ -89,4 +89,7 @@ def path(text: str) -> Path:
     the working directory."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path: give a file or directory")
-    return Path(text).expanduser()
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:  # ~name of an unknown user
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None

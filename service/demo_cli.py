@@ -65,6 +65,7 @@ def _zoo_model(ctx: DemoContext) -> list[str]:
         device=ctx.device,
         out_dir=out_dir,
         reuse=not ctx.retrain,
+        overwrite=ctx.retrain,
         progress=ctx.progress,
     )
     ctx.results["zoo_model"] = result

@@ -225,7 +225,10 @@ def _model_id(text: str) -> str:
     """A model id as ingest stores it: a directory that exists here is its absolute path
     (``./zoo/x`` and ``~/zoo/x`` find the graphs of ``/home/me/zoo/x``); anything else,
     a hub id or a path on another machine, is kept as written."""
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~name of an unknown user: not a directory here
+        return text
     return str(path.resolve()) if text and path.is_dir() else text
 
 

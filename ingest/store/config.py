@@ -93,9 +93,12 @@ class StoreConfig:
         first line: the embedded server is started on demand and outlives the command,
         so the line says how to stop it."""
         if self.embedded:
+            stop = "circuitscope db stop"
+            if reached.data_dir is not None and reached.data_dir != default_data_dir().resolve():
+                stop += f" --data-dir {reached.data_dir}"
             return (
                 f"the embedded server at {reached.uri}, data in {reached.data_dir} (it keeps "
-                "running for later commands; `circuitscope db stop` stops it)"
+                f"running for later commands; `{stop}` stops it)"
             )
         return reached.redacted()
 

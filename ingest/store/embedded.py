@@ -100,8 +100,9 @@ def _free_port(preferred: int | None = None) -> int:
 STATE_KEYS = ("bolt_port", "password", "database")
 #: the subdirectory that holds the databases
 DATABASES = "arcadedb"
-#: what a data directory may hold before its first start (a server's own files)
-_OWN_FILES = {STATE_FILE, "server.tmp", PID_FILE, LOG_FILE, DATABASES, ".lock", "log"}
+#: what a data directory may hold before its first start (a server's own files, and a
+#: mounted volume's lost+found)
+_OWN_FILES = {STATE_FILE, "server.tmp", PID_FILE, LOG_FILE, DATABASES, ".lock", "log", "lost+found"}
 
 
 def _read_state(data_dir: Path) -> dict[str, Any] | None:
@@ -128,14 +129,14 @@ def _read_state(data_dir: Path) -> dict[str, Any] | None:
 
 def _data_dir(data_dir: Path | str | None, *, create: bool) -> Path | None:
     """The resolved data directory; None when it does not exist and ``create`` is
-    False. A file, or (to create) a directory holding other things, is refused: the
-    server's files never go in with someone else's, and an existing directory's mode is
-    left alone (a new one is made 0700: ``server.json`` holds a password)."""
+    False. A file is refused; so is, at a first start (no ``server.json`` yet), a
+    directory holding anything but the server's own files: they never go in with someone
+    else's. A directory the server takes is made 0700 (``server.json`` holds a password);
+    a used one keeps the mode it has."""
     root = _resolve(data_dir)
+    where = "choose another data directory (--data-dir; default $CIRCUITSCOPE_HOME/db)"
     if root.exists() and not root.is_dir():
-        raise InvalidArgumentError(
-            f"the data directory {root} is a file: give a directory (--data-dir)"
-        )
+        raise InvalidArgumentError(f"the data directory {root} is a file: {where}")
     if not root.exists():
         if not create:
             return None
@@ -143,18 +144,17 @@ def _data_dir(data_dir: Path | str | None, *, create: bool) -> Path | None:
             root.mkdir(mode=0o700, parents=True)
         except OSError as exc:
             raise InvalidArgumentError(
-                f"cannot create the data directory {root} ({exc.strerror or exc}): choose "
-                "another --data-dir"
+                f"cannot create the data directory {root} ({exc.strerror or exc}): {where}"
             ) from exc
         return root
-    if create:
+    if create and not (root / STATE_FILE).exists():
         foreign = sorted(p.name for p in root.iterdir() if p.name not in _OWN_FILES)
         if foreign:
             raise InvalidArgumentError(
                 f"{root} holds other files ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}), not an embedded server's: give a new "
-                "or empty directory (--data-dir)"
+                f"{', ...' if len(foreign) > 3 else ''}), not an embedded server's: {where}"
             )
+        os.chmod(root, 0o700)
     return root
 
 
@@ -353,10 +353,10 @@ def start(
                 env=env,
                 start_new_session=True,  # detached: survives its starter, no terminal signals
             )
-        (root / PID_FILE).write_text(str(proc.pid))
-        config = config_for(root, **overrides)
-        deadline = time.monotonic() + timeout_s
         try:
+            (root / PID_FILE).write_text(str(proc.pid))
+            config = config_for(root, **overrides)
+            deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
                     raise UnavailableError(

@@ -164,7 +164,9 @@ def list_checkpoints(root: str | Path) -> list[tuple[Path, ZooManifest]]:
     found: list[tuple[Path, ZooManifest]] = []
     if not root.is_dir():
         return found
-    for directory in sorted(p for p in root.iterdir() if (p / MANIFEST).is_file()):
+    for directory in sorted(
+        p for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()
+    ):
         try:
             found.append((directory, read_manifest(directory)))
         except (InvalidArgumentError, NotFoundError) as exc:
@@ -198,7 +200,7 @@ def load_zoo_model(directory: str | Path, device: str | None = "cpu") -> LoadedZ
 
     from ingest.devices import resolve_device
 
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     manifest = read_manifest(directory)
     task = task_for_spec(manifest.spec)
     target = resolve_device(device)

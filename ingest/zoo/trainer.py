@@ -10,9 +10,9 @@ The loop, top to bottom (nanoGPT-style):
    answer position (at every position for tasks with ``loss_on_all_tokens``);
 4. AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient
    clipping; every ``eval_every`` steps a held-out subset is evaluated;
-5. the model, tokenizer and ``zoo.json`` (written last) go to a fresh directory beside
-   ``out_dir``, which then takes its place: a failed or interrupted save leaves
-   ``out_dir`` as it was.
+5. the model, tokenizer and ``zoo.json`` are written to a staging directory inside
+   ``out_dir`` and then moved into place, ``zoo.json`` last: a failed or interrupted
+   write leaves the model that was there whole.
 
 Only the training split is ever trained on. On CPU, the same seed gives bit-identical
 weights (single process, same thread count).
@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -311,55 +312,96 @@ def train_zoo_model(
         model_config=hf_config.to_dict(),
         history=history,
     )
-    _save(out, model, tokenizer, manifest)
+    _save(out, model, tokenizer, manifest, overwrite=overwrite or reuse)
     passed = {bar_.describe(): bar_.passes(metrics) for bar_ in task_obj.quality_bars()}
     return ZooTrainResult(out, metrics, train_seconds, n_parameters, spec, False, passed)
 
 
+#: files a zoo checkpoint directory may hold without its manifest: what a save
+#: interrupted before ``zoo.json`` leaves (replaceable like a finished model)
+_CHECKPOINT_NAMES = {*CHECKPOINT_FILES, "generation_config.json", MANIFEST}
+#: the prefix of a save's staging directory inside ``out``
+_STAGING = ".saving-"
+
+
 def _check_replaceable(out: Path, *, overwrite: bool) -> None:
-    """Refuse to write over what ``out`` holds: another zoo model unless ``overwrite``,
-    and never files that are not a zoo model's."""
-    if not out.is_dir() or not any(out.iterdir()):
+    """Refuse to write over what ``out`` holds: a zoo model (or an interrupted save's
+    files) unless ``overwrite``, and never files that are not a checkpoint's."""
+    if not out.is_dir():
         return
-    if not (out / MANIFEST).is_file():
+    names = {p.name for p in out.iterdir() if not p.name.startswith(_STAGING)}
+    if not names:
+        return
+    foreign = sorted(names - _CHECKPOINT_NAMES)
+    if foreign:
         raise FailedPreconditionError(
-            f"--out {out} is not empty and holds no zoo model ({MANIFEST}): choose a new or "
-            "empty directory"
+            f"--out {out} holds files that are not a zoo model's ({', '.join(foreign[:3])}): "
+            "choose a new or empty directory"
         )
     if not overwrite:
         raise AlreadyExistsError(
-            f"--out {out} already holds a zoo model: pass --overwrite to replace it, or "
-            "choose another --out"
+            f"--out {out} already holds a zoo model: pass --overwrite (overwrite=True) to "
+            "replace it, or choose another --out"
         )
 
 
 def _save(
-    out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, manifest: ZooManifest
+    out: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    manifest: ZooManifest,
+    *,
+    overwrite: bool,
 ) -> None:
-    """Write the checkpoint into a fresh directory beside ``out``, then swap it in."""
-    staging = out.parent / f".{out.name}.saving-{os.getpid()}"
-    replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    """Write the checkpoint into a staging directory inside ``out``, then move its files
+    into place, ``zoo.json`` last. A failed or interrupted write leaves the model that was
+    there whole; ``out`` itself is never renamed, so it may be the working directory, a
+    mount point or a symbolic link."""
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=out))
+    moving = False
     try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         with transformers_quiet():  # no "Writing model shards" bar after training's own
             model.save_pretrained(staging)
         save_tokenizer(tokenizer, staging)
-        for file in staging.iterdir():
-            file.chmod(0o644)  # transformers writes the weights 0600; checkpoints are shared
         manifest.write(staging)
-        if out.exists():
-            out.rename(replaced)
-        staging.rename(out)
+        names = [*sorted(p.name for p in staging.iterdir() if p.name != MANIFEST), MANIFEST]
+        for name in names:
+            (staging / name).chmod(0o644)  # transformers writes the weights 0600
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                raise IsADirectoryError(f"{out / name} is a directory")
+        # Another trainer may have saved here since training began.
+        _check_replaceable(out, overwrite=overwrite)
+        moving = True
+        (out / MANIFEST).unlink(missing_ok=True)  # no zoo model here until the last move
+        for name in names:
+            os.replace(staging / name, out / name)
     except Exception as exc:  # OSError, or the tokenizers/safetensors writers' own errors
-        if replaced.exists() and not out.exists():
-            replaced.rename(out)
+        if not isinstance(exc, FailedPreconditionError):
+            state = (
+                "it holds a partial save: train again"
+                if moving
+                else "the model that was there, if any, is unchanged"
+            )
+            raise FailedPreconditionError(
+                f"could not save the model to {out} ({exc}); {state}"
+            ) from exc
+        raise
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise FailedPreconditionError(
-            f"could not save the model to {out} ({exc}): check the free space and "
-            f"permissions of {out.parent}; nothing in {out} was changed"
-        ) from exc
-    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging directories of saves whose process is gone (killed mid-save)."""
+    for staging in out.glob(f"{_STAGING}*"):
+        pid = staging.name.removeprefix(_STAGING).split("-")[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(staging, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not a name this code made, or another user's live process
 
 
 def _reusable(out: Path, spec: TrainSpec) -> ZooTrainResult | None:

@@ -88,7 +88,9 @@ def test_db_cli_start_status_stop(
         # SIGTERM reached the server program, which stopped ArcadeDB itself.
         assert "INFO stopped" in (data_dir / embedded.LOG_FILE).read_text()
         assert not embedded.stop(data_dir)
-        # The data directory persists: a restarted server serves the same graph.
+        # The data directory persists: a restarted server serves the same graph. A used
+        # directory is the server's: a file put beside its own does not block the start.
+        (data_dir / "server.json.bak").write_text("{}")
         with embedded.embedded_server(data_dir, heap="512m") as config, open_store(config) as store:
             assert store.get_graph("persisted").nodes == graph.nodes
         assert not embedded.status(data_dir).running
@@ -134,11 +136,11 @@ def test_db_commands_refuse_data_dirs_that_are_not_theirs(
     shared.chmod(0o1777)
     (shared / "notes.txt").write_text("keep")
     assert main(["db", "start", "--data-dir", str(shared)]) == 2
-    one_line("holds other files (notes.txt)", "new or empty directory")
+    one_line("holds other files (notes.txt)", "choose another data directory")
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
     assert [p.name for p in shared.iterdir()] == ["notes.txt"]
     assert main(["db", "start", "--data-dir", str(a_file / "db")]) == 2
-    one_line("cannot create the data directory", "choose another --data-dir")
+    one_line("cannot create the data directory", "choose another data directory")
     with pytest.raises(SystemExit) as exit_info:
         main(["db", "start", "--data-dir", ""])
     assert exit_info.value.code == 2

@@ -22,7 +22,7 @@ from ingest.graph import (
     token_node_id,
 )
 from ingest.store import cypher
-from ingest.store.config import EMBEDDED_DATABASE, StoreConfig
+from ingest.store.config import EMBEDDED_DATABASE, StoreConfig, default_data_dir
 from tests.ingest.store.helpers import make_graph
 
 pytestmark = pytest.mark.unit
@@ -118,7 +118,9 @@ def test_store_config_from_env() -> None:
     reached = replace(embedded, uri="bolt://127.0.0.1:7000", data_dir=Path("/data/db"))
     line = embedded.describe(reached)
     assert "bolt://127.0.0.1:7000" in line and "/data/db" in line
-    assert "`circuitscope db stop` stops it" in line
+    assert "`circuitscope db stop --data-dir /data/db` stops it" in line
+    default = replace(reached, data_dir=default_data_dir().resolve())
+    assert "`circuitscope db stop` stops it" in embedded.describe(default)
     assert remote.describe(remote) == remote.redacted() and "db stop" not in remote.describe(remote)
     assert StoreConfig.from_env({"NEO4J_URI": "bolt://x"}).database == "neo4j"
     # a URI given as an override (serve's --store-uri) picks the database as NEO4J_URI does

@@ -32,6 +32,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
         (["zoo", "train", "ioi", "--steps", "0"], ["--steps: must be at least 1, got 0"]),
         (["zoo", "eval", "x", "--max-examples", "0"], ["--max-examples: must be at least 1"]),
         (["zoo", "train", "ioi", "--out", ""], ["--out: an empty path"]),
+        (["zoo", "eval", "~nosuchuser29/x"], ["'~nosuchuser29/x'", "home directory"]),
         (["zoo", "train", "ioi", "--tiny", "--seed", str(10**20)], ["seed must lie in 0.."]),
         (["zoo", "train", "ioi", "--tiny", "--seed", "-1"], ["seed must lie in 0.."]),
         (["demo", "--device", "cuda:99"], ["cuda:99"]),
@@ -151,6 +152,11 @@ def test_demo_zoo_model_stage_trains_then_reuses(
     assert ctx.results["zoo_model"].metrics["prob_diff"] > 0
     again = "\n".join(stage.run(DemoContext(device="cpu", tiny=True, progress=False)))
     assert "reused" in again
+    # --retrain trains over the demo's own model
+    retrained = "\n".join(
+        stage.run(DemoContext(device="cpu", tiny=True, progress=False, retrain=True))
+    )
+    assert "trained in" in retrained and "reused" not in retrained
 
 
 @pytest.mark.slow
@@ -166,15 +172,44 @@ def test_train_refuses_to_write_over_a_model_or_other_files(
     other.mkdir()
     (other / "mine.txt").write_text("keep")
     assert main([*train, str(other), "--overwrite"]) == 2
-    _one_line_error(capsys, "not empty and holds no zoo model")
+    _one_line_error(capsys, "holds files that are not a zoo model's (mine.txt)")
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
 
-    # --overwrite replaces the model whole; the new files are readable by others
+    # --overwrite replaces the model; the new files are readable by others, and nothing
+    # of the save is left beside them
     assert main([*train, str(model), "--overwrite"]) == 0
     assert read_manifest(model).spec.training.steps == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes"]  # no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes"]
+    assert sorted(p.name for p in model.iterdir()) == sorted(before)
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in model.iterdir())
+
+    # what a save interrupted before zoo.json left (no manifest) is replaced, with --overwrite
+    (model / "zoo.json").unlink()
+    assert main([*train, str(model)]) == 2
+    _one_line_error(capsys, "already holds a zoo model")
+    assert main([*train, str(model), "--overwrite"]) == 0
+    assert read_manifest(model).spec.training.steps == 2
+
+
+@pytest.mark.slow
+def test_train_saves_into_the_working_directory_and_through_a_link(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train = ["zoo", "train", "greater_than", "--tiny", "--steps", "2", "--no-progress", "--out"]
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main([*train, "."]) == 0  # the working directory cannot be renamed
+    assert read_manifest(here).spec.training.steps == 2
+    # a link: the model goes where it points, and the link stays a link
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main([*train, str(link)]) == 0
+    assert link.is_symlink() and read_manifest(target).spec.training.steps == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "link", "target"]
 
 
 @pytest.mark.slow
@@ -196,9 +231,19 @@ def test_a_failed_save_leaves_the_old_model_and_no_traceback(
     argv = ["zoo", "train", "greater_than", "--tiny", "--steps", "2", "--no-progress"]
     argv.append("--overwrite")
     assert main([*argv, "--out", str(model)]) == 2
-    _one_line_error(capsys, "could not save the model", "No space left", "nothing in")
-    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    _one_line_error(capsys, "could not save the model", "No space left", "is unchanged")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # no staging left
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    monkeypatch.undo()
+
+    # a directory where a file goes is found before any file is moved
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").mkdir()
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    assert main([*argv, "--out", str(model)]) == 2
+    _one_line_error(capsys, "tokenizer.json is a directory", "is unchanged")
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    assert read_manifest(model).spec == tiny_greater_than.spec
 
 
 @pytest.mark.slow
