@@ -160,7 +160,7 @@ def zoo_training(task_name: str, arch: str, device: str, scratch: Path) -> dict[
     zoo_out = scratch / "zoo-tiny"
     row["zoo train s"] = run_cli(
         ["zoo", "train", task_name, "--arch", arch, "--tiny", "--device", device,
-         "--out", str(zoo_out)],
+         "--out", str(zoo_out), "--overwrite"],
         scratch / "zoo.log",
     )  # fmt: skip
     metrics = json.loads((zoo_out / "zoo.json").read_text()).get("metrics", {})
