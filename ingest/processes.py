@@ -27,6 +27,17 @@ def live_command_line(pid: int) -> list[bytes] | None:
     return None if state in ("Z", "X") else args
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def exit_now(code: int) -> NoReturn:
     """Flush the logs and standard streams, then leave without waiting for other threads
     (``os._exit``): for a process whose work is done or safely abandoned while a thread

@@ -24,15 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from ingest.processes import pid_alive
 
 
 @dataclass
@@ -78,7 +70,7 @@ def _is_stale(path: Path) -> bool:
             return False
     if float(record.get("expires", 0.0)) < time.time():
         return True
-    return record.get("host") == socket.gethostname() and not _pid_alive(int(record["pid"]))
+    return record.get("host") == socket.gethostname() and not pid_alive(int(record["pid"]))
 
 
 class ClaimBook:

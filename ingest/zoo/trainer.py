@@ -43,6 +43,7 @@ from ingest.errors import (
     NotFoundError,
 )
 from ingest.paths import check_output
+from ingest.processes import pid_alive
 from ingest.zoo.architectures import SpecialIds, get_architecture
 from ingest.zoo.checkpoint import (
     CHECKPOINT_FILES,
@@ -377,17 +378,16 @@ def _save(
         (out / MANIFEST).unlink(missing_ok=True)  # no zoo model here until the last move
         for name in names:
             os.replace(staging / name, out / name)
+    except FailedPreconditionError:
+        raise  # another trainer saved here meanwhile: said as such
     except Exception as exc:  # OSError, or the tokenizers/safetensors writers' own errors
-        if not isinstance(exc, FailedPreconditionError):
-            state = (
-                "it holds a partial save: train again"
-                if moving
-                else "the model that was there, if any, is unchanged"
-            )
-            raise FailedPreconditionError(
-                f"could not save the model to {out} ({exc}); {state}"
-            ) from exc
-        raise
+        state = (
+            "it holds a partial save: train again"
+            if moving
+            else "the model that was there, if any, is unchanged"
+        )
+        message = f"could not save the model to {out} ({exc}); {state}"
+        raise FailedPreconditionError(message) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -396,17 +396,13 @@ def _remove_stale_staging(out: Path) -> None:
     """Remove the staging directories of saves whose process is gone (killed mid-save)."""
     for staging in out.glob(f"{_STAGING}*"):
         pid = staging.name.removeprefix(_STAGING).split("-")[0]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass  # not a name this code made, or another user's live process
 
 
 def _reusable(out: Path, spec: TrainSpec) -> ZooTrainResult | None:
     """The checkpoint in ``out`` if it was trained with exactly ``spec`` and has all its files."""
-    if not (out / "zoo.json").is_file():
+    if not (out / MANIFEST).is_file():
         return None
     missing = [name for name in CHECKPOINT_FILES if not (out / name).is_file()]
     if missing:

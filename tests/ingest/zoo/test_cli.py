@@ -1,5 +1,6 @@
 """The ``zoo`` and ``demo`` commands, called through ``service.cli.main``."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -202,6 +203,13 @@ def test_train_saves_into_the_working_directory_and_through_a_link(
     monkeypatch.chdir(here)
     assert main([*train, "."]) == 0  # the working directory cannot be renamed
     assert read_manifest(here).spec.training.steps == 2
+    # a killed save's staging is removed at the next save; a live process's is not
+    dead, live = here / ".saving-999999999-x", here / f".saving-{os.getpid()}-y"
+    dead.mkdir()
+    live.mkdir()
+    assert main([*train, ".", "--overwrite"]) == 0
+    assert not dead.exists() and live.is_dir()
+    live.rmdir()
     # a link: the model goes where it points, and the link stays a link
     target = tmp_path / "target"
     target.mkdir()
