@@ -29,6 +29,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.serve_cli",
 )
 
+VERBOSE_HELP = "more logging (-v info, -vv debug)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -38,13 +40,34 @@ def build_parser() -> argparse.ArgumentParser:
             "compute attribution graphs, store them in a graph database, serve them over gRPC."
         ),
     )
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
-    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    _verbose_after_command(parser)
     return parser
+
+
+def _verbose_after_command(parser: argparse.ArgumentParser) -> None:
+    """Accept ``-v`` after the command too (``circuitscope ingest ... -v``): every command
+    below ``parser`` that takes no subcommand gets the option, which sets the count."""
+    for command in _subcommands(parser):
+        if _subcommands(command):
+            _verbose_after_command(command)
+        else:
+            command.add_argument(
+                "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP
+            )
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = {
+        id(command): command
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for command in action.choices.values()
+    }
+    return list(found.values())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -192,6 +192,22 @@ def test_cli_prints_file_system_errors_as_one_line(
     assert err == "circuitscope: error: /data/zoo/out.json: No space left on device\n"
 
 
+@pytest.mark.parametrize(
+    ("argv", "count"),
+    [
+        (["db", "status"], 0),
+        (["-v", "db", "status"], 1),
+        (["db", "status", "-vv"], 2),
+        (["transcoders", "eval", "set", "--model", "m", "--verbose"], 1),
+        (["query", "graphs", "list", "-v"], 1),
+    ],
+)
+def test_verbose_goes_before_or_after_the_command(argv: list[str], count: int) -> None:
+    from service.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose == count
+
+
 def test_model_spec_refuses_a_missing_transcoder_directory(tmp_path: Path) -> None:
     from service.models import ModelSpec
 
