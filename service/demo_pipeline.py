@@ -67,14 +67,16 @@ def _demo_dir(ctx: DemoContext) -> Path:
 def _train_config(ctx: DemoContext) -> Any:
     from ingest.transcoders.trainer import TrainConfig
 
-    # TopK: exactly k latents per token, whatever the demo's small batches
+    # The default architecture, BatchTopK (a JumpReLU at its calibrated threshold once
+    # trained), whose saved set circuit-tracer loads as it is; it trains well at these
+    # batch sizes (docs/transcoders.md).
     if ctx.tiny:
         return TrainConfig(
-            arch="topk", width=64, sparsity=4, steps=400, batch_size=64, buffer_rows=1024,
+            arch="batchtopk", width=64, sparsity=4, steps=400, batch_size=64, buffer_rows=1024,
             eval_every=400, checkpoint_every=400,
         )  # fmt: skip
     return TrainConfig(
-        arch="topk", width=128, sparsity=16, steps=1500, batch_size=256,
+        arch="batchtopk", width=128, sparsity=16, steps=1500, batch_size=256,
         eval_every=500, checkpoint_every=500,
     )  # fmt: skip
 
@@ -302,6 +304,15 @@ def serve_stage(ctx: DemoContext) -> list[str]:
         ctx.results["store"].close()
 
 
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _serve(ctx: DemoContext) -> list[str]:
     from ingest.errors import UnavailableError
     from service.client import CircuitsClient, RetryPolicy
@@ -347,33 +358,35 @@ def _serve(ctx: DemoContext) -> list[str]:
             "if another server holds the port, pass --port 0 for a free one"
         )
 
-    deadline = time.monotonic() + START_TIMEOUT_S
-    status = "UNKNOWN"
-    while True:
-        if proc.poll() is not None:
-            raise failed(f"it exited with code {proc.returncode}")
-        if time.monotonic() > deadline:
-            proc.terminate()
-            try:
-                proc.wait(timeout=STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise failed(f"it did not answer within {START_TIMEOUT_S:.0f} s and was stopped")
-        # Ours once it says it listens (a port is never shared) and takes our token.
-        if ANNOUNCED in _log_since(log_file, log_start):
-            try:
-                with CircuitsClient(
-                    target, token=token, timeout_s=5.0, retry=RetryPolicy(max_attempts=1)
-                ) as client:
-                    client.list_graphs(page_size=1)
-                    status = client.health()
-            except CircuitscopeError:
-                pass  # not answering yet: keep polling until the deadline
-            else:
-                if status == "SERVING" and proc.poll() is None:
-                    break
-        time.sleep(0.5)
+    def wait_until_serving() -> str:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise failed(f"it exited with code {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise failed(f"it did not answer within {START_TIMEOUT_S:.0f} s and was stopped")
+            # Ours once it says it listens (a port is never shared) and takes our token.
+            if ANNOUNCED in _log_since(log_file, log_start):
+                try:
+                    with CircuitsClient(
+                        target, token=token, timeout_s=5.0, retry=RetryPolicy(max_attempts=1)
+                    ) as client:
+                        client.list_graphs(page_size=1)
+                        status = client.health()
+                except CircuitscopeError:
+                    pass  # not answering yet: keep polling until the deadline
+                else:
+                    if status == "SERVING" and proc.poll() is None:
+                        return status
+            time.sleep(0.5)
+
+    try:
+        status = wait_until_serving()
+    except BaseException:
+        # A server that never came up, or a Ctrl-C while waiting for it: it runs in a
+        # session of its own, so it would outlive the demo unless stopped here.
+        _terminate(proc)
+        raise
     ctx.results["server_pid"] = proc.pid
     ctx.results["target"] = target
     ctx.results["token_file"] = token_file

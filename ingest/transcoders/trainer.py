@@ -52,7 +52,7 @@ from ingest.transcoders.checkpoint import (
 )
 from ingest.transcoders.config import TrainConfig, TranscoderConfig, flagged
 from ingest.transcoders.end_to_end import EndToEndLoss
-from ingest.transcoders.formats.circuit_tracer import save_set
+from ingest.transcoders.formats.circuit_tracer import load_set, save_set
 from ingest.transcoders.sources import Source
 from ingest.transcoders.trainable import Trainable, compiled_loss, quick_eval
 from ingest.transcoders.transcoder import Transcoder
@@ -282,6 +282,10 @@ def train_transcoders(
     if steps_done >= total_steps:
         run.check_finite(steps_done)
         save_set(tset, run.out)
+        # The set as saved, without the training-only state (BatchTopK's firing counts):
+        # this set and a later read of the directory are one set, with one weights
+        # fingerprint, so attributing with either gives the same graph ids.
+        tset = load_set(run.out, device=run.device)
     return TrainResult(
         tset=tset,
         out_dir=run.out,

@@ -15,6 +15,7 @@ from ingest.errors import UnavailableError
 from ingest.store import open_store
 from ingest.store.base import GraphStore
 from ingest.store.config import StoreConfig
+from service import demo_pipeline
 from service.client import CircuitsClient
 from service.demo_cli import DemoContext
 from service.demo_pipeline import queries_stage, serve_stage
@@ -105,6 +106,27 @@ def test_a_stale_pid_file_never_signals_another_process_and_old_servers_are_wait
             stop_process(pid)
         unrelated.kill()
         unrelated.wait()
+
+
+def test_a_ctrl_c_while_waiting_for_the_server_stops_it(
+    demo_home: Path, store: GraphStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interrupt lands in the wait for the server's first answer, as a Ctrl-C does
+    # (the server runs in a session of its own, so the terminal's SIGINT misses it).
+    def interrupted(*args: object) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_pipeline, "_log_since", interrupted)
+    ctx = _ctx(store, 0)
+    pid_file = demo_home / "demo-tiny" / "serve" / "server.pid"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            serve_stage(ctx)
+        assert gone(int(pid_file.read_text()))
+        assert _store_is_closed(ctx)
+    finally:
+        if pid_file.is_file():
+            stop_process(int(pid_file.read_text()))
 
 
 @pytest.fixture

@@ -5,8 +5,10 @@ import torch
 
 from ingest.errors import FailedPreconditionError, InvalidArgumentError
 from ingest.transcoders.buffer import collect
+from ingest.transcoders.checkpoint import load_checkpoint
 from ingest.transcoders.formats import load_any
 from ingest.transcoders.trainer import TrainConfig, train_transcoders
+from ingest.worker.compute import weights_fingerprint
 from tests.ingest.transcoders.helpers import (
     random_prompt_source,
     random_stream_source,
@@ -47,6 +49,14 @@ def test_training_reduces_fvu(tmp_path, kind, arch):
     assert load_any(tmp_path / "run").kind == kind
     # the loop refilled the buffer, and the steps-only rate leaves that time out
     assert result.step_tokens_per_second > result.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "clt"])
+def test_a_set_fresh_from_training_and_read_back_have_one_fingerprint(tmp_path, kind):
+    # BatchTopK modules carry training-only state (firing counts) that a set file does
+    # not hold: it must not make the two sets' graphs two sets of ids.
+    result = _train(tmp_path, "run", _cfg(kind=kind, arch="batchtopk"))
+    assert weights_fingerprint(result.tset) == weights_fingerprint(load_any(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("kind", ["transcoder", "clt"])
@@ -101,8 +111,15 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, kind, arch, buffer_ro
     assert sorted(a) == sorted(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the final checkpoints: the whole training state, which the set leaves out
+    first, second = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "killed")
+    assert first.state == second.state
+    for part in ("module", "optimizer", "counters"):
+        x, y = getattr(first, part), getattr(second, part)
+        assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x), part
+    assert torch.equal(first.rng, second.rng)
     if balance:
-        assert any(bool(a[key].any()) for key in a if key.endswith("balance"))
+        assert any(bool(v.any()) for k, v in first.module.items() if k.endswith("balance"))
     assert full.history == resumed.history
 
 
