@@ -17,6 +17,17 @@ def home() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "circuitscope"
 
 
+def model_id(name_or_path: str) -> str:
+    """The id a checkpoint's graphs and transcoder sets are stored under: a directory that
+    exists here is its absolute path (``./zoo/x``, ``zoo/x/`` and ``~/zoo/x`` are one
+    model); anything else, a hub id or a path on another machine, is kept as written."""
+    try:
+        path = Path(name_or_path).expanduser()
+    except RuntimeError:  # ~name of an unknown user: not a directory here
+        return name_or_path
+    return str(path.resolve()) if name_or_path and path.is_dir() else name_or_path
+
+
 def check_output(path: Path, flag: str, *, directory: bool) -> None:
     """Fail before any work when ``path`` cannot be written as a file (or, with
     ``directory``, as a directory) with an :class:`~ingest.errors.InvalidArgumentError`

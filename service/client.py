@@ -51,6 +51,7 @@ from service.results import (
     CircuitFaithfulness,
     InterventionResult,
     JobStatus,
+    ServedModel,
 )
 from service.transport import ClientTls, RetryPolicy, Transport, error_from_rpc
 
@@ -306,8 +307,12 @@ class CircuitsClient:
     # ------------------------------------------------------------------ analysis
     def list_models(self) -> list[str]:
         """The names of the models the server analyses on request."""
+        return [m.name for m in self.served_models()]
+
+    def served_models(self) -> list[ServedModel]:
+        """The served models with the ids their stored graphs and features carry."""
         response = self._call(self._analysis.ListModels, analysis_service_pb2.ListModelsRequest())
-        return [m.name for m in response.models]
+        return [ServedModel(m.name, m.loaded, m.model_id, m.set_id) for m in response.models]
 
     def attribute(
         self,

@@ -78,6 +78,7 @@ class ModelRegistry:
             raise InvalidArgumentError(f"model names {sorted(duplicate)} are given more than once")
         self._specs = {s.name: s for s in specs}
         self._loaded: dict[str, tuple[LoadedModel, TranscoderSet]] = {}
+        self._set_ids: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -94,6 +95,18 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
+    def model_id(self, name: str) -> str:
+        """The id the store keeps served model ``name``'s graphs under (ListGraphs'
+        ``model_id``)."""
+        from ingest.paths import model_id
+
+        return model_id(self.spec(name).model_path)
+
+    def set_id(self, name: str) -> str | None:
+        """The catalog id of ``name``'s transcoder set (graphs' and features' ``set_id``),
+        or None until the model is loaded (hashing the set reads all of its weights)."""
+        return self._set_ids.get(name)
+
     def get(self, name: str) -> tuple[LoadedModel, TranscoderSet]:
         """The loaded model and transcoder set named ``name``."""
         spec = self.spec(name)
@@ -101,11 +114,13 @@ class ModelRegistry:
             if name not in self._loaded:
                 from ingest.models import load_model
                 from ingest.transcoders.formats import load_any
+                from ingest.worker.compute import catalog_set_id
 
                 logger.info("loading model %r from %s", name, spec.model_path)
                 model = load_model(spec.model_path, device=spec.device)
                 transcoders = load_any(spec.transcoders_path)
                 adapter = model.adapter
                 transcoders.to(device=adapter.device, dtype=adapter.dtype)
+                self._set_ids[name] = catalog_set_id(transcoders)
                 self._loaded[name] = (model, transcoders)
             return self._loaded[name]

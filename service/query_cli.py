@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.arguments import finite, int_in, token_id
+from ingest.paths import model_id
 
 TARGET_ENV = "CIRCUITSCOPE_TARGET"
 TOKEN_ENV = "CIRCUITSCOPE_TOKEN"
@@ -67,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = graphs.add_parser("list", help="list graphs, one page")
     p.add_argument(
         "--model",
-        type=_model_id,
+        type=model_id,
         default="",
         help="model id filter: a hub id, or a local model directory (matched by its "
         "absolute path, the id ingest stores)",
@@ -116,7 +117,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _feature_key(p)
     _paging(p, _features_occurrences)
 
-    p = groups.add_parser("models", help="the models the server analyses on request")
+    p = groups.add_parser(
+        "models",
+        help="the models the server analyses on request, with the model and set ids "
+        "their stored graphs carry",
+    )
     p.set_defaults(query_handler=_models)
     p = groups.add_parser("attribute", help="compute a prompt's pruned attribution graph")
     p.add_argument("model")
@@ -219,17 +224,6 @@ def _run(args: argparse.Namespace) -> int:
         raise UnauthenticatedError(
             f"{exc} (from the command line: --token-file FILE, or the token itself in ${TOKEN_ENV})"
         ) from None
-
-
-def _model_id(text: str) -> str:
-    """A model id as ingest stores it: a directory that exists here is its absolute path
-    (``./zoo/x`` and ``~/zoo/x`` find the graphs of ``/home/me/zoo/x``); anything else,
-    a hub id or a path on another machine, is kept as written."""
-    try:
-        path = Path(text).expanduser()
-    except RuntimeError:  # ~name of an unknown user: not a directory here
-        return text
-    return str(path.resolve()) if text and path.is_dir() else text
 
 
 def _paging(parser: argparse.ArgumentParser, handler: Any) -> None:
@@ -428,7 +422,7 @@ def _health(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     with make_client(args) as c:
-        return _emit(c.list_models())
+        return _emit(c.served_models())
 
 
 def _attribute(args: argparse.Namespace) -> int:

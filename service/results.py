@@ -13,6 +13,18 @@ from ingest.graph import AttributionGraph
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """A model the server analyses: the name requests use, whether it is loaded, the
+    ``model_id`` its stored graphs carry and its transcoder set's catalog ``set_id``
+    (empty until loaded)."""
+
+    name: str
+    loaded: bool
+    model_id: str
+    set_id: str
+
+
+@dataclass(frozen=True)
 class Attribution:
     """What Attribute returns: the pruned graph, the full graph's size, server seconds."""
 

@@ -55,6 +55,7 @@ from ingest.errors import (
 )
 from ingest.models.adapter import ModelAdapter
 from ingest.models.registry import get_family
+from ingest.paths import model_id
 
 logger = logging.getLogger(__name__)
 
@@ -471,13 +472,10 @@ def load_model(
             adapter.vocab_size,
             adapter.vocab_size - 1,
         )
-    # a local checkpoint is named by its absolute path, so that "./zoo/x", "zoo/x/" and
-    # "~/…/zoo/x" store graphs and transcoder sets under one model id
-    model_id = str(Path(source.target).resolve()) if source.is_dir else name_or_path
     return LoadedModel(
         adapter=adapter,
         tokenizer=tokenizer,
-        model_id=model_id,
+        model_id=model_id(name_or_path),
         hf_config=source.config,
         hf_model=model,
     )

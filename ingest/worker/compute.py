@@ -37,6 +37,12 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
+def catalog_set_id(transcoders: TranscoderSet) -> str:
+    """The id a set's graphs and catalog entries are stored under: its name plus a hash
+    of its weights, so that two training runs never share graph ids."""
+    return f"{transcoders.metadata.set_id}@{weights_fingerprint(transcoders)[:12]}"
+
+
 class AttributionComputer:
     """Attributes prompts with one model and one transcoder set."""
 
@@ -55,8 +61,7 @@ class AttributionComputer:
         self.batch_size = batch_size
         self.model_id = loaded.model_id
         self.model_fingerprint = loaded.adapter.fingerprint()
-        # The set's name plus its weights: two training runs never share graph ids.
-        self.set_id = f"{transcoders.metadata.set_id}@{weights_fingerprint(transcoders)[:12]}"
+        self.set_id = catalog_set_id(transcoders)
 
     @classmethod
     def from_paths(

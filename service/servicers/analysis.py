@@ -12,6 +12,7 @@ passes gets DEADLINE_EXCEEDED while the computation finishes in the background.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -185,6 +186,8 @@ def _attribute(
         target=target,  # type: ignore[arg-type]
         max_feature_nodes=max_feature_nodes,
     )
+    # the set as the store and the catalog name it, so GetFeature finds its features
+    result.metadata = dataclasses.replace(result.metadata, set_id=registry.set_id(name) or "")
     graph = result.to_graph(
         pruned=True, node_threshold=node_threshold, edge_threshold=edge_threshold
     )
@@ -211,7 +214,12 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
-                pb.ServedModel(name=n, loaded=self._registry.is_loaded(n))
+                pb.ServedModel(
+                    name=n,
+                    loaded=self._registry.is_loaded(n),
+                    model_id=self._registry.model_id(n),
+                    set_id=self._registry.set_id(n) or "",
+                )
                 for n in self._registry.names()
             ]
         )

@@ -13,6 +13,7 @@ from ingest.attribution.attribute import attribute
 from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.models import load_model
 from ingest.transcoders.formats import load_any
+from ingest.worker.compute import catalog_set_id
 from service.cli import main
 from service.client import CircuitsClient
 from tests.service.conftest import TOKEN
@@ -37,6 +38,11 @@ def test_served_attribution_equals_the_library_result(
         pruned=True, node_threshold=0.9, edge_threshold=0.98
     )
     assert [n.node_id for n in served.graph.nodes] == [n.node_id for n in direct.nodes]
+    # the ids ingest stores the model's graphs and the set's features under
+    (model,) = analysis_client.served_models()
+    assert model.loaded and model.model_id == str(model_dirs[0].resolve())
+    assert served.graph.metadata.set_id == model.set_id == catalog_set_id(load_any(model_dirs[1]))
+    assert served.graph.metadata.model_id == model.model_id
     served_edges = {(s, t): w for s, t, w in served.graph.edge_list()}
     direct_edges = {(s, t): w for s, t, w in direct.edge_list()}
     assert served_edges.keys() == direct_edges.keys()
@@ -216,7 +222,9 @@ def test_query_commands_for_models_attribution_and_jobs(
     monkeypatch.setenv("CIRCUITSCOPE_TOKEN", TOKEN)
     base = ["query", "--target", analysis_target, "--timeout", "120"]
     assert main([*base, "models"]) == 0
-    assert json.loads(capsys.readouterr().out) == ["tiny-gpt2"]
+    (model,) = json.loads(capsys.readouterr().out)
+    assert model == dataclasses.asdict(analysis_client.served_models()[0])
+    assert model["name"] == "tiny-gpt2" and model["set_id"].startswith("tiny")
     assert main([*base, "attribute", "tiny-gpt2", PROMPT, "--node-threshold", "0.9"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["graph"]["metadata"]["prompt"] == PROMPT and result["graph"]["edges"]

@@ -26,47 +26,47 @@ _sym_db = _symbol_database.Default()
 from service._generated.circuits.v1 import types_pb2 as circuits_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"circuits/v1/analysis_service.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/types.proto\"\x13\n\x11ListModelsRequest\"+\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.circuits.v1.ServedModel\"@\n\x0cLogitTargets\x12\x14\n\x0cmax_n_logits\x18\x01 \x01(\x05\x12\x1a\n\x12\x64\x65sired_logit_prob\x18\x02 \x01(\x01\"L\n\x0fLogitDiffTarget\x12\x18\n\x10\x63orrect_token_id\x18\x01 \x01(\x03\x12\x1f\n\x17\x63ounterfactual_token_id\x18\x02 \x01(\x03\"Q\n\rFeatureTarget\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x15\n\x08position\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_position\"\xe1\x02\n\x10\x41ttributeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x06logits\x18\x03 \x01(\x0b\x32\x19.circuits.v1.LogitTargetsH\x00\x12\x32\n\nlogit_diff\x18\x04 \x01(\x0b\x32\x1c.circuits.v1.LogitDiffTargetH\x00\x12-\n\x07\x66\x65\x61ture\x18\x05 \x01(\x0b\x32\x1a.circuits.v1.FeatureTargetH\x00\x12\x1e\n\x11max_feature_nodes\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0enode_threshold\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0e\x65\x64ge_threshold\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\x08\n\x06targetB\x14\n\x12_max_feature_nodesB\x11\n\x0f_node_thresholdB\x11\n\x0f_edge_threshold\"`\n\x11\x41ttributeResponse\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.circuits.v1.Graph\x12\x17\n\x0f\x66ull_node_count\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"q\n\x13\x46\x65\x61tureIntervention\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x10\n\x08position\x18\x02 \x01(\x05\x12\r\n\x05index\x18\x03 \x01(\x03\x12\x0f\n\x05value\x18\x04 \x01(\x01H\x00\x12\x0f\n\x05scale\x18\x05 \x01(\x01H\x00\x42\x08\n\x06\x63hange\"V\n\x0fTokenPrediction\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x13\n\x0bprobability\x18\x04 \x01(\x01\"\x93\x01\n\x10InterveneRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x37\n\rinterventions\x18\x03 \x03(\x0b\x32 .circuits.v1.FeatureIntervention\x12\x18\n\x10\x66reeze_attention\x18\x04 \x01(\x08\x12\r\n\x05top_k\x18\x05 \x01(\x05\"\xa5\x01\n\x11InterveneResponse\x12+\n\x05\x63lean\x18\x01 \x03(\x0b\x32\x1c.circuits.v1.TokenPrediction\x12\x30\n\nintervened\x18\x02 \x03(\x0b\x32\x1c.circuits.v1.TokenPrediction\x12\x31\n\x0b\x63lean_after\x18\x03 \x03(\x0b\x32\x1c.circuits.v1.TokenPrediction\"\xae\x02\n\x16\x45valuateCircuitRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0e\x63ounterfactual\x18\x03 \x01(\t\x12\x18\n\x10\x63orrect_token_id\x18\x04 \x01(\x03\x12\x1f\n\x17\x63ounterfactual_token_id\x18\x05 \x01(\x03\x12)\n\x07scoring\x18\x06 \x01(\x0e\x32\x18.circuits.v1.EdgeScoring\x12\x11\n\tfractions\x18\x07 \x03(\x01\x12\x1e\n\x11max_feature_nodes\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12.\n\x08patching\x18\t \x01(\x0e\x32\x1c.circuits.v1.CircuitPatchingB\x14\n\x12_max_feature_nodes\"O\n\x11\x46\x61ithfulnessPoint\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x12\n\nedge_count\x18\x02 \x01(\x03\x12\x14\n\x0c\x66\x61ithfulness\x18\x03 \x01(\x01\"\x8e\x01\n\x17\x45valuateCircuitResponse\x12.\n\x06points\x18\x01 \x03(\x0b\x32\x1e.circuits.v1.FaithfulnessPoint\x12\x0b\n\x03\x63pr\x18\x02 \x01(\x01\x12\x0b\n\x03\x63md\x18\x03 \x01(\x01\x12\x13\n\x0bmetric_full\x18\x04 \x01(\x01\x12\x14\n\x0cmetric_empty\x18\x05 \x01(\x01*\xae\x01\n\x0b\x45\x64geScoring\x12\x1c\n\x18\x45\x44GE_SCORING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45\x44GE_SCORING_ATTRIBUTION\x10\x01\x12\x17\n\x13\x45\x44GE_SCORING_RANDOM\x10\x02\x12\x14\n\x10\x45\x44GE_SCORING_EAP\x10\x03\x12\x17\n\x13\x45\x44GE_SCORING_WEIGHT\x10\x04\x12\x1b\n\x17\x45\x44GE_SCORING_EAP_SIGNED\x10\x05*i\n\x0f\x43ircuitPatching\x12 \n\x1c\x43IRCUIT_PATCHING_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43IRCUIT_PATCHING_EDGE\x10\x01\x12\x19\n\x15\x43IRCUIT_PATCHING_NODE\x10\x02\x32\xd6\x02\n\x0f\x41nalysisService\x12M\n\nListModels\x12\x1e.circuits.v1.ListModelsRequest\x1a\x1f.circuits.v1.ListModelsResponse\x12J\n\tAttribute\x12\x1d.circuits.v1.AttributeRequest\x1a\x1e.circuits.v1.AttributeResponse\x12J\n\tIntervene\x12\x1d.circuits.v1.InterveneRequest\x1a\x1e.circuits.v1.InterveneResponse\x12\\\n\x0f\x45valuateCircuit\x12#.circuits.v1.EvaluateCircuitRequest\x1a$.circuits.v1.EvaluateCircuitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"circuits/v1/analysis_service.proto\x12\x0b\x63ircuits.v1\x1a\x17\x63ircuits/v1/types.proto\"\x13\n\x11ListModelsRequest\"M\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x0e\n\x06set_id\x18\x04 \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.circuits.v1.ServedModel\"@\n\x0cLogitTargets\x12\x14\n\x0cmax_n_logits\x18\x01 \x01(\x05\x12\x1a\n\x12\x64\x65sired_logit_prob\x18\x02 \x01(\x01\"L\n\x0fLogitDiffTarget\x12\x18\n\x10\x63orrect_token_id\x18\x01 \x01(\x03\x12\x1f\n\x17\x63ounterfactual_token_id\x18\x02 \x01(\x03\"Q\n\rFeatureTarget\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x15\n\x08position\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_position\"\xe1\x02\n\x10\x41ttributeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x06logits\x18\x03 \x01(\x0b\x32\x19.circuits.v1.LogitTargetsH\x00\x12\x32\n\nlogit_diff\x18\x04 \x01(\x0b\x32\x1c.circuits.v1.LogitDiffTargetH\x00\x12-\n\x07\x66\x65\x61ture\x18\x05 \x01(\x0b\x32\x1a.circuits.v1.FeatureTargetH\x00\x12\x1e\n\x11max_feature_nodes\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0enode_threshold\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0e\x65\x64ge_threshold\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\x08\n\x06targetB\x14\n\x12_max_feature_nodesB\x11\n\x0f_node_thresholdB\x11\n\x0f_edge_threshold\"`\n\x11\x41ttributeResponse\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.circuits.v1.Graph\x12\x17\n\x0f\x66ull_node_count\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"q\n\x13\x46\x65\x61tureIntervention\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x10\n\x08position\x18\x02 \x01(\x05\x12\r\n\x05index\x18\x03 \x01(\x03\x12\x0f\n\x05value\x18\x04 \x01(\x01H\x00\x12\x0f\n\x05scale\x18\x05 \x01(\x01H\x00\x42\x08\n\x06\x63hange\"V\n\x0fTokenPrediction\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x13\n\x0bprobability\x18\x04 \x01(\x01\"\x93\x01\n\x10InterveneRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x37\n\rinterventions\x18\x03 \x03(\x0b\x32 .circuits.v1.FeatureIntervention\x12\x18\n\x10\x66reeze_attention\x18\x04 \x01(\x08\x12\r\n\x05top_k\x18\x05 \x01(\x05\"\xa5\x01\n\x11InterveneResponse\x12+\n\x05\x63lean\x18\x01 \x03(\x0b\x32\x1c.circuits.v1.TokenPrediction\x12\x30\n\nintervened\x18\x02 \x03(\x0b\x32\x1c.circuits.v1.TokenPrediction\x12\x31\n\x0b\x63lean_after\x18\x03 \x03(\x0b\x32\x1c.circuits.v1.TokenPrediction\"\xae\x02\n\x16\x45valuateCircuitRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0e\x63ounterfactual\x18\x03 \x01(\t\x12\x18\n\x10\x63orrect_token_id\x18\x04 \x01(\x03\x12\x1f\n\x17\x63ounterfactual_token_id\x18\x05 \x01(\x03\x12)\n\x07scoring\x18\x06 \x01(\x0e\x32\x18.circuits.v1.EdgeScoring\x12\x11\n\tfractions\x18\x07 \x03(\x01\x12\x1e\n\x11max_feature_nodes\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12.\n\x08patching\x18\t \x01(\x0e\x32\x1c.circuits.v1.CircuitPatchingB\x14\n\x12_max_feature_nodes\"O\n\x11\x46\x61ithfulnessPoint\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x12\n\nedge_count\x18\x02 \x01(\x03\x12\x14\n\x0c\x66\x61ithfulness\x18\x03 \x01(\x01\"\x8e\x01\n\x17\x45valuateCircuitResponse\x12.\n\x06points\x18\x01 \x03(\x0b\x32\x1e.circuits.v1.FaithfulnessPoint\x12\x0b\n\x03\x63pr\x18\x02 \x01(\x01\x12\x0b\n\x03\x63md\x18\x03 \x01(\x01\x12\x13\n\x0bmetric_full\x18\x04 \x01(\x01\x12\x14\n\x0cmetric_empty\x18\x05 \x01(\x01*\xae\x01\n\x0b\x45\x64geScoring\x12\x1c\n\x18\x45\x44GE_SCORING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45\x44GE_SCORING_ATTRIBUTION\x10\x01\x12\x17\n\x13\x45\x44GE_SCORING_RANDOM\x10\x02\x12\x14\n\x10\x45\x44GE_SCORING_EAP\x10\x03\x12\x17\n\x13\x45\x44GE_SCORING_WEIGHT\x10\x04\x12\x1b\n\x17\x45\x44GE_SCORING_EAP_SIGNED\x10\x05*i\n\x0f\x43ircuitPatching\x12 \n\x1c\x43IRCUIT_PATCHING_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43IRCUIT_PATCHING_EDGE\x10\x01\x12\x19\n\x15\x43IRCUIT_PATCHING_NODE\x10\x02\x32\xd6\x02\n\x0f\x41nalysisService\x12M\n\nListModels\x12\x1e.circuits.v1.ListModelsRequest\x1a\x1f.circuits.v1.ListModelsResponse\x12J\n\tAttribute\x12\x1d.circuits.v1.AttributeRequest\x1a\x1e.circuits.v1.AttributeResponse\x12J\n\tIntervene\x12\x1d.circuits.v1.InterveneRequest\x1a\x1e.circuits.v1.InterveneResponse\x12\\\n\x0f\x45valuateCircuit\x12#.circuits.v1.EvaluateCircuitRequest\x1a$.circuits.v1.EvaluateCircuitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'circuits.v1.analysis_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EDGESCORING']._serialized_start=1940
-  _globals['_EDGESCORING']._serialized_end=2114
-  _globals['_CIRCUITPATCHING']._serialized_start=2116
-  _globals['_CIRCUITPATCHING']._serialized_end=2221
+  _globals['_EDGESCORING']._serialized_start=1974
+  _globals['_EDGESCORING']._serialized_end=2148
+  _globals['_CIRCUITPATCHING']._serialized_start=2150
+  _globals['_CIRCUITPATCHING']._serialized_end=2255
   _globals['_LISTMODELSREQUEST']._serialized_start=76
   _globals['_LISTMODELSREQUEST']._serialized_end=95
   _globals['_SERVEDMODEL']._serialized_start=97
-  _globals['_SERVEDMODEL']._serialized_end=140
-  _globals['_LISTMODELSRESPONSE']._serialized_start=142
-  _globals['_LISTMODELSRESPONSE']._serialized_end=204
-  _globals['_LOGITTARGETS']._serialized_start=206
-  _globals['_LOGITTARGETS']._serialized_end=270
-  _globals['_LOGITDIFFTARGET']._serialized_start=272
-  _globals['_LOGITDIFFTARGET']._serialized_end=348
-  _globals['_FEATURETARGET']._serialized_start=350
-  _globals['_FEATURETARGET']._serialized_end=431
-  _globals['_ATTRIBUTEREQUEST']._serialized_start=434
-  _globals['_ATTRIBUTEREQUEST']._serialized_end=787
-  _globals['_ATTRIBUTERESPONSE']._serialized_start=789
-  _globals['_ATTRIBUTERESPONSE']._serialized_end=885
-  _globals['_FEATUREINTERVENTION']._serialized_start=887
-  _globals['_FEATUREINTERVENTION']._serialized_end=1000
-  _globals['_TOKENPREDICTION']._serialized_start=1002
-  _globals['_TOKENPREDICTION']._serialized_end=1088
-  _globals['_INTERVENEREQUEST']._serialized_start=1091
-  _globals['_INTERVENEREQUEST']._serialized_end=1238
-  _globals['_INTERVENERESPONSE']._serialized_start=1241
-  _globals['_INTERVENERESPONSE']._serialized_end=1406
-  _globals['_EVALUATECIRCUITREQUEST']._serialized_start=1409
-  _globals['_EVALUATECIRCUITREQUEST']._serialized_end=1711
-  _globals['_FAITHFULNESSPOINT']._serialized_start=1713
-  _globals['_FAITHFULNESSPOINT']._serialized_end=1792
-  _globals['_EVALUATECIRCUITRESPONSE']._serialized_start=1795
-  _globals['_EVALUATECIRCUITRESPONSE']._serialized_end=1937
-  _globals['_ANALYSISSERVICE']._serialized_start=2224
-  _globals['_ANALYSISSERVICE']._serialized_end=2566
+  _globals['_SERVEDMODEL']._serialized_end=174
+  _globals['_LISTMODELSRESPONSE']._serialized_start=176
+  _globals['_LISTMODELSRESPONSE']._serialized_end=238
+  _globals['_LOGITTARGETS']._serialized_start=240
+  _globals['_LOGITTARGETS']._serialized_end=304
+  _globals['_LOGITDIFFTARGET']._serialized_start=306
+  _globals['_LOGITDIFFTARGET']._serialized_end=382
+  _globals['_FEATURETARGET']._serialized_start=384
+  _globals['_FEATURETARGET']._serialized_end=465
+  _globals['_ATTRIBUTEREQUEST']._serialized_start=468
+  _globals['_ATTRIBUTEREQUEST']._serialized_end=821
+  _globals['_ATTRIBUTERESPONSE']._serialized_start=823
+  _globals['_ATTRIBUTERESPONSE']._serialized_end=919
+  _globals['_FEATUREINTERVENTION']._serialized_start=921
+  _globals['_FEATUREINTERVENTION']._serialized_end=1034
+  _globals['_TOKENPREDICTION']._serialized_start=1036
+  _globals['_TOKENPREDICTION']._serialized_end=1122
+  _globals['_INTERVENEREQUEST']._serialized_start=1125
+  _globals['_INTERVENEREQUEST']._serialized_end=1272
+  _globals['_INTERVENERESPONSE']._serialized_start=1275
+  _globals['_INTERVENERESPONSE']._serialized_end=1440
+  _globals['_EVALUATECIRCUITREQUEST']._serialized_start=1443
+  _globals['_EVALUATECIRCUITREQUEST']._serialized_end=1745
+  _globals['_FAITHFULNESSPOINT']._serialized_start=1747
+  _globals['_FAITHFULNESSPOINT']._serialized_end=1826
+  _globals['_EVALUATECIRCUITRESPONSE']._serialized_start=1829
+  _globals['_EVALUATECIRCUITRESPONSE']._serialized_end=1971
+  _globals['_ANALYSISSERVICE']._serialized_start=2258
+  _globals['_ANALYSISSERVICE']._serialized_end=2600
 # @@protoc_insertion_point(module_scope)

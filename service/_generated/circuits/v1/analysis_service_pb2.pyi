@@ -38,12 +38,16 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServedModel(_message.Message):
-    __slots__ = ("name", "loaded")
+    __slots__ = ("name", "loaded", "model_id", "set_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SET_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     loaded: bool
-    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ...) -> None: ...
+    model_id: str
+    set_id: str
+    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ..., model_id: _Optional[str] = ..., set_id: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
