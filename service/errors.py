@@ -72,6 +72,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             if code is not None:
                 # one line: a driver's message may carry newlines
                 return code, " ".join(str(exc).split())[:_MAX_DETAILS] or cls.__name__
+    if isinstance(exc, NotImplementedError):
+        # what a generated servicer base class raises for a method nobody implemented
+        return grpc.StatusCode.UNIMPLEMENTED, "this server does not implement the method"
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 

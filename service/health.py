@@ -28,6 +28,21 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's asyncio health servicer, with ``List`` (every service's status), which
+    its reference implementation leaves unimplemented."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: object
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
+
 class StoreHealthMonitor:
     """Periodically runs ``probe`` (raises when the store is unreachable) and sets health."""
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ingest.errors import UnavailableError
@@ -55,7 +55,7 @@ from service.auth import BearerTokenInterceptor
 from service.config import ServerConfig
 from service.errors import ErrorMappingInterceptor
 from service.graph_cache import GraphCache
-from service.health import StoreHealthMonitor
+from service.health import HealthServicer, StoreHealthMonitor
 from service.jobs import JobManager
 from service.listing_cache import ListingCache
 from service.models import ModelRegistry
@@ -94,7 +94,7 @@ class RunningServer:
 
     server: aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
     monitor: StoreHealthMonitor
     jobs: JobManager
     executors: tuple[ThreadPoolExecutor, ...]
@@ -256,7 +256,7 @@ async def start_server(config: ServerConfig, store: GraphStore) -> RunningServer
         on_graph_written=forget,
     )
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(

@@ -78,6 +78,9 @@ def test_health_is_serving_without_credentials_while_the_store_answers(
     watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
+    listed = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses
+    assert set(listed) == {"", *SERVICE_NAMES}
+    assert {r.status for r in listed.values()} == {health_pb2.HealthCheckResponse.SERVING}
 
 
 def _free_port() -> int:

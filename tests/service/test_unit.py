@@ -54,6 +54,11 @@ def test_every_domain_error_class_is_mapped() -> None:
     assert classes - {errors.CircuitscopeError} == set(STATUS_BY_ERROR)
 
 
+def test_an_unimplemented_method_is_unimplemented_not_internal() -> None:
+    code, message = status_for(NotImplementedError("Method not implemented!"))
+    assert code is grpc.StatusCode.UNIMPLEMENTED and "does not implement" in message
+
+
 def test_unexpected_errors_hide_their_details() -> None:
     code, message = status_for(KeyError("/secret/path in module _internal"))
     assert code is grpc.StatusCode.INTERNAL and message == INTERNAL_MESSAGE
