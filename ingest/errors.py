@@ -42,6 +42,10 @@ class UnavailableError(CircuitscopeError):
         self.retried_for_s = retried_for_s
 
 
+class DataLossError(CircuitscopeError):
+    """Data the system wrote earlier (a graph's artifact) is damaged or cannot be read."""
+
+
 class PermissionDeniedError(CircuitscopeError):
     """The caller is authenticated but not allowed to do this."""
 

@@ -9,12 +9,20 @@ a dense ``(n, n)`` matrix, so callers run this in the model pool, never on the e
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ingest.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from ingest.errors import (
+    CircuitscopeError,
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
 from ingest.graph import AttributionGraph
+
+logger = logging.getLogger(__name__)
 
 
 def check_threshold(name: str, value: float) -> float:
@@ -39,9 +47,10 @@ def artifact_path(graph_id: str, uri: str | None) -> Path:
         )
     path = Path(unquote(parsed.path))
     if not path.is_dir():
-        raise NotFoundError(
-            f"the artifact of graph {graph_id!r} is missing from this server's disk; "
-            "omit the thresholds, or re-ingest the prompt"
+        logger.warning("the artifact of graph %s is not at %s", graph_id, path)
+        raise FailedPreconditionError(
+            f"the artifact of graph {graph_id!r} is missing from this server's disk, so it "
+            "cannot be re-pruned; omit the thresholds, or re-ingest the prompt"
         )
     return path
 
@@ -52,7 +61,16 @@ def reprune(
     """The artifact of ``graph_id`` pruned at the given thresholds."""
     from ingest.attribution.artifact import load_artifact
 
-    result = load_artifact(artifact_path(graph_id, uri))
+    path = artifact_path(graph_id, uri)
+    try:
+        result = load_artifact(path)
+    except CircuitscopeError as exc:
+        # the server's own file: the details (its path) go to the log, not to the caller
+        logger.error("the artifact of graph %s at %s cannot be read: %s", graph_id, path, exc)
+        raise DataLossError(
+            f"the artifact of graph {graph_id!r} on this server is damaged (the server "
+            "logged the details); omit the thresholds, or re-ingest the prompt"
+        ) from exc
     return result.to_graph(
         pruned=True, node_threshold=node_threshold, edge_threshold=edge_threshold
     )

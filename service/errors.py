@@ -36,6 +36,7 @@ from grpc import aio
 from ingest.errors import (
     AlreadyExistsError,
     CircuitscopeError,
+    DataLossError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -54,6 +55,7 @@ STATUS_BY_ERROR: dict[type[CircuitscopeError], grpc.StatusCode] = {
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    DataLossError: grpc.StatusCode.DATA_LOSS,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from ingest.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from ingest.attribution.artifact import save_artifact
+from ingest.errors import (
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from ingest.graph import AttributionGraph
 from ingest.store.base import GraphStore
 from service.client import CircuitsClient
@@ -167,6 +176,26 @@ def test_get_graph_reprunes_the_artifact_at_requested_thresholds(client: Circuit
 def test_invalid_thresholds_are_invalid_arguments(client: CircuitsClient, threshold: float) -> None:
     with pytest.raises(InvalidArgumentError, match="node_threshold"):
         client.get_graph(ARTIFACT_GRAPH, node_threshold=threshold)
+
+
+def test_a_damaged_or_missing_artifact_is_reported_without_the_servers_paths(
+    client: CircuitsClient, store: GraphStore, tmp_path: Path
+) -> None:
+    result = builders.layered_result("g-damaged", task="damaged", prompt="damaged artifact")
+    artifact = save_artifact(result, tmp_path / "artifact")
+    pruned = result.to_graph(pruned=True)
+    pruned.metadata.artifact_uri = artifact.resolve().as_uri()
+    store.write_graph(pruned)
+    try:
+        (artifact / "graph.json").write_text("{broken")
+        with pytest.raises(DataLossError, match="'g-damaged' on this server is damaged") as hit:
+            client.get_graph("g-damaged", node_threshold=0.9)
+        assert str(tmp_path) not in str(hit.value)
+        shutil.rmtree(artifact)
+        with pytest.raises(FailedPreconditionError, match="missing from this server's disk"):
+            client.get_graph("g-damaged", node_threshold=0.9)
+    finally:
+        store.delete_graph("g-damaged")
 
 
 def test_repruning_a_graph_without_artifact_is_a_failed_precondition(
