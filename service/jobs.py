@@ -402,7 +402,7 @@ class JobManager:
                     return
                 path = work_dir / f"prompt-{i:05d}.jsonl"
                 path.write_text(json.dumps(record) + "\n", encoding="utf-8")
-                summary = worker.run(path)
+                summary = worker.run(path, first_line=i)
                 path.unlink(missing_ok=True)
                 if self._on_graph_written is not None:
                     for graph_id in summary.computed:

@@ -116,12 +116,13 @@ def check_prompt_file(path: Path) -> None:
         raise NotFoundError(f"prompt file {str(path)!r} does not exist: pass a JSONL file")
 
 
-def read_prompts(path: Path) -> Iterator[PromptSpec | BadLine]:
-    """Stream the prompt file line by line (memory does not grow with the file)."""
+def read_prompts(path: Path, first_line: int = 1) -> Iterator[PromptSpec | BadLine]:
+    """Stream the prompt file line by line (memory does not grow with the file).
+    ``first_line`` numbers the file's first line (a part of a longer list of prompts)."""
     check_prompt_file(path)
     with path.open(encoding="utf-8") as handle:
         try:
-            for line_no, text in enumerate(handle, start=1):
+            for line_no, text in enumerate(handle, start=first_line):
                 parsed = parse_line(line_no, text)
                 if parsed is not None:
                     yield parsed

@@ -274,17 +274,20 @@ class IngestWorker:
         summary: IngestSummary | None = None,
         *,
         stop: Callable[[], bool] | None = None,
+        first_line: int = 1,
     ) -> IngestSummary:
         """Ingest every prompt of ``prompts``; returns what was done. Given ``summary``,
         fills it in as the run goes. ``stop`` is asked before each prompt: when it turns
-        true the run ends there (a Ctrl-C that lets the current graph finish)."""
+        true the run ends there (a Ctrl-C that lets the current graph finish).
+        ``first_line`` numbers the file's first line, for graphs' ``extra.line`` and
+        skipped lines (a job's prompt i, written alone, is line i)."""
         if self.options.strict:
             _validate_all(prompts, self.computer)
         summary = IngestSummary() if summary is None else summary
         started = time.perf_counter()
         total = _count_lines(prompts) if prompts.is_file() else None
         try:
-            self._run(prompts, summary, total, stop)
+            self._run(prompts, summary, total, stop, first_line)
         finally:
             summary.seconds = time.perf_counter() - started
         return summary
@@ -295,11 +298,12 @@ class IngestWorker:
         summary: IngestSummary,
         total: int | None,
         stop: Callable[[], bool] | None,
+        first_line: int,
     ) -> None:
         with tqdm(
             total=total, desc="ingest", unit="prompt", disable=not self.options.progress
         ) as bar:
-            for item in read_prompts(prompts):
+            for item in read_prompts(prompts, first_line):
                 if stop is not None and stop():
                     return
                 if isinstance(item, BadLine):

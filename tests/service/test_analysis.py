@@ -92,8 +92,8 @@ def test_ingest_job_stores_graphs_and_reports_progress(
     analysis_client: CircuitsClient,
 ) -> None:
     prompts = [
-        {"prompt": "w4 w9 w2 w11", "task": "job-test", "id": "p1"},
         {"prompt": "w4 w9", "correct": "w2 w3", "incorrect": "w5"},  # two-token answer
+        {"prompt": "w4 w9 w2 w11", "task": "job-test", "id": "p1"},
     ]
     job = analysis_client.submit_ingest("tiny-gpt2", prompts, node_threshold=0.9)
     assert job.prompt_count == 2 and job.state in ("queued", "running")
@@ -102,16 +102,17 @@ def test_ingest_job_stores_graphs_and_reports_progress(
     assert final.state == "succeeded" and final.processed_count == 2
     assert [u.processed_count for u in updates] == sorted(u.processed_count for u in updates)
     assert len(final.graph_ids) == 1
-    assert len(final.errors) == 1 and final.errors[0].startswith("prompt 2:")
+    assert len(final.errors) == 1 and final.errors[0].startswith("prompt 1:")
     assert analysis_client.get_job(job.job_id) == final
 
     stored = analysis_client.get_graph(final.graph_ids[0])
     assert stored.metadata.task == "job-test" and stored.metadata.node_threshold == 0.9
+    assert stored.metadata.extra["line"] == 2  # the prompt's number in the job
     assert stored.metadata.artifact_uri
     full = analysis_client.get_graph(final.graph_ids[0], node_threshold=1.0, edge_threshold=1.0)
     assert full.n_edges >= stored.n_edges
 
-    again = analysis_client.submit_ingest("tiny-gpt2", prompts[:1], node_threshold=0.9)
+    again = analysis_client.submit_ingest("tiny-gpt2", prompts[1:], node_threshold=0.9)
     done = list(analysis_client.watch_job(again.job_id))[-1]
     assert done.state == "succeeded" and done.graph_ids == [] and done.already_stored_count == 1
 
