@@ -73,11 +73,20 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
             if code is not None:
                 # one line: a driver's message may carry newlines
-                return code, " ".join(str(exc).split())[:_MAX_DETAILS] or cls.__name__
+                return code, _bounded(" ".join(str(exc).split())) or cls.__name__
     if isinstance(exc, NotImplementedError):
         # what a generated servicer base class raises for a method nobody implemented
         return grpc.StatusCode.UNIMPLEMENTED, "this server does not implement the method"
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def _bounded(message: str) -> str:
+    """At most ``_MAX_DETAILS`` characters: a message echoing a huge request value keeps
+    its start and its end, which says what to do."""
+    if len(message) <= _MAX_DETAILS:
+        return message
+    tail = _MAX_DETAILS // 3
+    return f"{message[: _MAX_DETAILS - tail - 5]} ... {message[-tail:]}"
 
 
 class _Malformed:

@@ -54,6 +54,13 @@ def test_every_domain_error_class_is_mapped() -> None:
     assert classes - {errors.CircuitscopeError} == set(STATUS_BY_ERROR)
 
 
+def test_a_message_echoing_a_huge_value_keeps_its_advice() -> None:
+    huge = errors.NotFoundError(f"graph {'x' * 100_000!r} is not stored; ListGraphs lists them")
+    code, message = status_for(huge)
+    assert code is grpc.StatusCode.NOT_FOUND and len(message) == 1000
+    assert message.startswith("graph 'xxx") and message.endswith("; ListGraphs lists them")
+
+
 def test_an_unimplemented_method_is_unimplemented_not_internal() -> None:
     code, message = status_for(NotImplementedError("Method not implemented!"))
     assert code is grpc.StatusCode.UNIMPLEMENTED and "does not implement" in message
