@@ -487,6 +487,8 @@ def faithfulness_to_proto(curve: Any) -> analysis_service_pb2.EvaluateCircuitRes
         cmd=curve.cmd,
         metric_full=curve.m_full,
         metric_empty=curve.m_empty,
+        metric_counterfactual=curve.m_counterfactual,
+        warning=curve.warning() or "",
     )
 
 
@@ -501,4 +503,6 @@ def faithfulness_from_proto(
         cmd=msg.cmd,
         metric_full=msg.metric_full,
         metric_empty=msg.metric_empty,
+        metric_counterfactual=msg.metric_counterfactual,
+        warning=msg.warning or None,
     )

@@ -55,7 +55,9 @@ class InterventionResult:
 
 @dataclass(frozen=True)
 class CircuitFaithfulness:
-    """f(k) per fraction k of edges kept, with CPR, CMD and the metric's end points."""
+    """f(k) per fraction k of edges kept, with CPR, CMD, the metric's end points, the
+    real counterfactual run's metric, and a warning when f divides by a gap that the
+    linearization makes small (see EvaluateCircuitResponse)."""
 
     fractions: list[float]
     edge_counts: list[int]
@@ -64,6 +66,8 @@ class CircuitFaithfulness:
     cmd: float
     metric_full: float
     metric_empty: float
+    metric_counterfactual: float
+    warning: str | None = None
 
 
 @dataclass(frozen=True)

@@ -135,9 +135,16 @@ def area_scores(
     return cpr / span, cmd / span
 
 
+#: f's denominator under edge patching, as a fraction of the real counterfactual's
+#: change of the metric, below which a curve carries a warning.
+SMALL_GAP = 0.25
+
+
 @dataclass
 class FaithfulnessCurve:
-    """f(k) of one scoring method; ``n_edges[i]`` edges kept at ``fractions[i]``."""
+    """f(k) of one scoring method; ``n_edges[i]`` edges kept at ``fractions[i]``.
+    ``m_counterfactual`` is the metric of the real run on the counterfactual prompt
+    (attention free), which edge patching's linearized ``m_empty`` approximates."""
 
     method: str
     fractions: list[float]
@@ -145,6 +152,7 @@ class FaithfulnessCurve:
     n_edges: list[int]
     m_full: float
     m_empty: float
+    m_counterfactual: float | None = None
     cpr: float = field(init=False)
     cmd: float = field(init=False)
     cpr_log_k: float = field(init=False)
@@ -153,6 +161,22 @@ class FaithfulnessCurve:
     def __post_init__(self) -> None:
         self.cpr, self.cmd = area_scores(self.fractions, self.faithfulness)
         self.cpr_log_k, self.cmd_log_k = area_scores(self.fractions, self.faithfulness, log_k=True)
+
+    def warning(self) -> str | None:
+        """Why f may not mean much here, or None: the linearized counterfactual (frozen
+        attention) moves the metric by under :data:`SMALL_GAP` of what the real
+        counterfactual run moves it, so f divides by a small, unrepresentative gap."""
+        if self.m_counterfactual is None:
+            return None
+        linear, real = self.m_full - self.m_empty, self.m_full - self.m_counterfactual
+        if abs(linear) >= SMALL_GAP * abs(real):
+            return None
+        return (
+            f"the linearized counterfactual moves the metric by {linear:.3g} and the real "
+            f"counterfactual run by {real:.3g}: with attention frozen the counterfactual "
+            "barely acts, so f(k) divides by a small gap; node patching "
+            "(patching='node') uses real runs"
+        )
 
 
 # ------------------------------------------------------------------ the protocol
@@ -308,7 +332,15 @@ def faithfulness_curve(
             keep[order[:n_keep]] = True
             values.append(setup.faithfulness(setup.node_metric(keep)))
             counts.append(n_keep)
-    return FaithfulnessCurve(method, list(fractions), values, counts, setup.m_full, setup.m_empty)
+    return FaithfulnessCurve(
+        method,
+        list(fractions),
+        values,
+        counts,
+        setup.m_full,
+        setup.m_empty,
+        float(setup.metric(setup.counterfactual.logits)),
+    )
 
 
 # ------------------------------------------------------------------ edge scores (n, n)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from ingest.attribution.attribute import attribute
 from ingest.errors import InvalidArgumentError, NotFoundError
@@ -358,6 +359,14 @@ def test_evaluate_circuit_serves_every_scoring_and_patching_like_the_library(
     assert served.faithfulness == pytest.approx(direct.faithfulness, abs=1e-5)
     assert served.faithfulness[-1] == pytest.approx(1.0, abs=1e-4)
     assert served.cpr == pytest.approx(direct.cpr, abs=1e-5)
+    # the model's own run on the counterfactual, which node patching's m(empty) is
+    with torch.no_grad():
+        cf_logits = adapter(cf_ids)[0, -1]
+    own = float(cf_logits[5] - cf_logits[9])
+    assert served.metric_counterfactual == pytest.approx(own, abs=1e-4)
+    if patching == "node":
+        assert served.metric_empty == pytest.approx(own, abs=1e-4)
+    assert served.warning == direct.warning()
 
 
 def test_unknown_scoring_or_patching_is_invalid(analysis_client: CircuitsClient) -> None:

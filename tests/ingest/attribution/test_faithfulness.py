@@ -9,6 +9,7 @@ from ingest.attribution.attribute import attribute
 from ingest.attribution.faithfulness import (
     DEFAULT_FRACTIONS,
     EDGE_SCORERS,
+    FaithfulnessCurve,
     FaithfulnessSetup,
     area_scores,
     attribution_scores,
@@ -179,3 +180,20 @@ def test_same_prompt_and_counterfactual_is_rejected(setup) -> None:
     for other in (COUNTER, PROMPT[:, :-1]):
         with pytest.raises(InvalidArgumentError, match="graph's own prompt"):
             FaithfulnessSetup.build(adp, tcs, result, other, PROMPT, metric)
+
+
+@pytest.mark.parametrize(
+    ("m_empty", "m_counterfactual", "warned"),
+    [(12.21, -11.66, True), (-5.0, -19.6, False), (12.21, None, False)],
+)
+def test_a_curve_warns_when_the_linearized_counterfactual_barely_acts(
+    m_empty: float, m_counterfactual: float | None, warned: bool
+) -> None:
+    # IOI with the subject swapped: frozen attention leaves the metric almost where it
+    # was (12.33 -> 12.21) while the real counterfactual run turns it over (-11.66)
+    curve = FaithfulnessCurve("attribution", [0.5, 1.0], [41.0, 1.0], [3, 6], 12.33, m_empty,
+                              m_counterfactual)  # fmt: skip
+    warning = curve.warning()
+    assert (warning is not None) == warned
+    if warned:
+        assert "0.12" in warning and "24" in warning and "patching='node'" in warning

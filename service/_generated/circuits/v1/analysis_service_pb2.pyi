@@ -194,15 +194,19 @@ class FaithfulnessPoint(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., edge_count: _Optional[int] = ..., faithfulness: _Optional[float] = ...) -> None: ...
 
 class EvaluateCircuitResponse(_message.Message):
-    __slots__ = ("points", "cpr", "cmd", "metric_full", "metric_empty")
+    __slots__ = ("points", "cpr", "cmd", "metric_full", "metric_empty", "metric_counterfactual", "warning")
     POINTS_FIELD_NUMBER: _ClassVar[int]
     CPR_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
     METRIC_FULL_FIELD_NUMBER: _ClassVar[int]
     METRIC_EMPTY_FIELD_NUMBER: _ClassVar[int]
+    METRIC_COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     points: _containers.RepeatedCompositeFieldContainer[FaithfulnessPoint]
     cpr: float
     cmd: float
     metric_full: float
     metric_empty: float
-    def __init__(self, points: _Optional[_Iterable[_Union[FaithfulnessPoint, _Mapping]]] = ..., cpr: _Optional[float] = ..., cmd: _Optional[float] = ..., metric_full: _Optional[float] = ..., metric_empty: _Optional[float] = ...) -> None: ...
+    metric_counterfactual: float
+    warning: str
+    def __init__(self, points: _Optional[_Iterable[_Union[FaithfulnessPoint, _Mapping]]] = ..., cpr: _Optional[float] = ..., cmd: _Optional[float] = ..., metric_full: _Optional[float] = ..., metric_empty: _Optional[float] = ..., metric_counterfactual: _Optional[float] = ..., warning: _Optional[str] = ...) -> None: ...
