@@ -3,8 +3,8 @@
 Writes random layered DAGs (the shape of attribution graphs: feature nodes at
 (layer, position), edges from lower to higher layers) of several sizes with several
 batch sizes, measuring nodes/s and relationships/s per phase; then measures the
-latency of ``subgraph`` (depth 1 and 2, top 10 edges per node), ``strongest_paths``
-and ``get_graph`` on the largest graph. Prints a table and writes
+latency of ``subgraph`` (depth 1 and 2, top 10 edges per node), ``strongest_paths``,
+``get_graph`` and docs/cypher.md's query 7 on the largest graph. Prints a table and writes
 ``benchmarks/results/store.md``.
 
     python3 benchmarks/store_benchmark.py                  # embedded server, temp dir
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -36,6 +37,7 @@ from ingest.store.base import GraphStore
 from ingest.store.embedded import embedded_server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "store.md"
+COOKBOOK = Path(__file__).resolve().parents[1] / "docs" / "cypher.md"
 
 
 def random_graph(
@@ -115,6 +117,22 @@ def measure_write(store: GraphStore, graph: AttributionGraph, batch: int) -> dic
     }
 
 
+def cookbook_query(number: int) -> str:
+    """Query ``number`` of docs/cypher.md, as its code block holds it."""
+    text = COOKBOOK.read_text()
+    section = re.split(r"^### \d+\. .*$", text, flags=re.M)[number]
+    return re.findall(r"```cypher\n(.*?)```", section, flags=re.S)[0]
+
+
+COOKBOOK_7 = cookbook_query(7)
+COOKBOOK_7_IN_PATTERN = """
+MATCH (g:Graph {graph_id: $graph_id}) WHERE g.status = 'complete'
+MATCH (s:GNode {graph_id: $graph_id})-[r:ATTR]->(t:GNode {graph_id: $graph_id, node_id: $logit_id})
+RETURN s.node_id AS source, s.kind AS kind, r.weight AS weight
+ORDER BY abs(r.weight) DESC, source LIMIT $k
+"""
+
+
 def latency_ms(fn, repeats: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     fn()  # warm up
     times = []
@@ -159,6 +177,14 @@ def run(store: GraphStore, sizes: list[int], batches: list[int], repeats: int) -
             gid, src, dst, top_k=5, max_length=3
         ),
         "get_graph (whole graph)": lambda: store.get_graph(gid),
+        # docs/cypher.md's query 7 as written (the node id through UNWIND), and with the
+        # id as a $parameter in the pattern, which ArcadeDB plans as a scan
+        "cookbook query 7 (direct contributors), as written": lambda: store.query(
+            COOKBOOK_7, {"graph_id": gid, "logit_id": dst, "k": 10}
+        ),
+        "cookbook query 7, node id as a pattern $parameter": lambda: store.query(
+            COOKBOOK_7_IN_PATTERN, {"graph_id": gid, "logit_id": dst, "k": 10}
+        ),
     }
     lat = {
         name: latency_ms(fn, repeats if "get_graph" not in name else 3)
