@@ -303,6 +303,8 @@ class JobManager:
         job.cancel_requested = True
         if job.state is JobState.QUEUED:
             job.state = JobState.CANCELLED
+        else:
+            job.message = "cancelling: the job stops after its current prompt"
 
     def _evict(self) -> None:
         if len(self._jobs) >= self._max_jobs and not self._evict_oldest_finished():

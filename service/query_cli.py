@@ -521,16 +521,16 @@ def _jobs_submit(args: argparse.Namespace) -> int:
 
 def _jobs_list(args: argparse.Namespace) -> int:
     with make_client(args) as c:
-        return _emit(
-            _page(
-                c.list_jobs(
-                    state=args.state,
-                    model=args.model,
-                    page_size=args.page_size,
-                    page_token=args.page_token,
-                )
-            )
+        page = c.list_jobs(
+            state=args.state, model=args.model, page_size=args.page_size, page_token=args.page_token
         )
+    # ListJobs leaves out graph ids and errors (jobs get has them): not shown as empty lists
+    listed = _page(page)
+    listed["items"] = [
+        {k: v for k, v in _jsonable(job).items() if k not in ("graph_ids", "errors")}
+        for job in page.items
+    ]
+    return _emit(listed)
 
 
 def _jobs_get(args: argparse.Namespace) -> int:

@@ -63,10 +63,12 @@ def test_an_attribute_call_waits_for_one_prompt_of_a_running_job_not_the_job(
         _wait_for(client, job.job_id, lambda s: s.processed_count >= 2, 120)
         answer = client.attribute(MODEL, "w3 w8 w2", timeout_s=ATTRIBUTE_TIMEOUT_S)
         during = client.get_job(job.job_id)
-        client.cancel_job(job.job_id)
+        cancelling = client.cancel_job(job.job_id)
         final = _wait_for(client, job.job_id, lambda s: s.state != "running", 60)
     assert answer.graph.nodes  # a real graph, computed between two of the job's prompts
     assert during.state == "running" and during.processed_count < n, during
+    # running until its current prompt is done, and saying so
+    assert cancelling.state == "running" and cancelling.message.startswith("cancelling")
     assert final.state == "cancelled" and final.processed_count < n
 
 

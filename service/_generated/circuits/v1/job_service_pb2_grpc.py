@@ -90,7 +90,8 @@ class JobServiceServicer:
 
     def CancelJob(self, request, context):
         """Cancels a job: a queued job never starts, a running one stops after its current
-        prompt. Cancelling a finished job changes nothing.
+        prompt (until then it stays JOB_STATE_RUNNING, its message saying it is
+        cancelling). Cancelling a finished job changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
