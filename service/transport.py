@@ -129,6 +129,7 @@ class Transport:
             creds = grpc.ssl_channel_credentials(tls.root_ca, tls.client_key, tls.client_cert)
             self._channel = grpc.secure_channel(target, creds, options=options)
         self._target = target
+        self._tls = tls
         self._metadata = bearer_metadata(token) if token else ()
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
@@ -149,8 +150,24 @@ class Transport:
             return UnavailableError(
                 f"cannot reach a circuitscope server at {self._target} ({error}); check that "
                 "`circuitscope serve` runs there and the target, TLS and port are right"
+                + self._handshake_hint(str(error))
             )
         return error
+
+    def _handshake_hint(self, message: str) -> str:
+        """What a TLS server closing the connection at once may mean: it requires a
+        client certificate (``serve --client-ca``), or refused the one given."""
+        if self._tls is None or "Socket closed" not in message:
+            return ""
+        if self._tls.client_cert is None:
+            return (
+                "; a server that requires client certificates (serve --client-ca) closes "
+                "the connection without one: pass --tls-cert and --tls-key"
+            )
+        return (
+            "; a server that requires client certificates (serve --client-ca) closes the "
+            "connection on one its CA did not sign: check --tls-cert and --tls-key"
+        )
 
     @property
     def channel(self) -> grpc.Channel:

@@ -106,14 +106,18 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(
         good = ClientTls(pki["ca"].cert, pki["client"].cert, pki["client"].key)
         with CircuitsClient(target, token=TOKEN, tls=good) as c:
             assert c.list_graphs(page_size=1).items
-        for tls_option in (
-            ClientTls(root_ca=pki["ca"].cert),
-            ClientTls(pki["ca"].cert, pki["rogue"].cert, pki["rogue"].key),
+        for tls_option, hint in (
+            (ClientTls(root_ca=pki["ca"].cert), "pass --tls-cert and --tls-key"),
+            (
+                ClientTls(pki["ca"].cert, pki["rogue"].cert, pki["rogue"].key),
+                "its CA did not sign: check --tls-cert",
+            ),
         ):
             with (
                 CircuitsClient(
                     target, token=TOKEN, tls=tls_option, retry=NO_RETRY, timeout_s=5
                 ) as c,
-                pytest.raises(UnavailableError),
+                pytest.raises(UnavailableError) as refused,
             ):
                 c.list_graphs()
+            assert hint in str(refused.value)
