@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from ingest.errors import InvalidArgumentError
+from ingest.paths import model_id
 from service import query_cli
-from service.cli import main
+from service.cli import build_parser, main
 from service.client import CircuitsClient, ClientTls
 from tests.service.conftest import TOKEN
 from tests.service.test_tls import _issue
@@ -223,9 +224,14 @@ def test_a_local_model_directory_filters_by_the_id_ingest_stores(
     (tmp_path / "zoo" / "greater_than-gpt2").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     stored = str((tmp_path / "zoo" / "greater_than-gpt2").resolve())
-    assert query_cli._model_id("zoo/greater_than-gpt2") == stored
-    assert query_cli._model_id("./zoo/../zoo/greater_than-gpt2") == stored
+    assert model_id("zoo/greater_than-gpt2") == stored
+    assert model_id("./zoo/../zoo/greater_than-gpt2") == stored
     # a hub id, or a path of the machine that ingested, is sent as written
-    assert query_cli._model_id("gpt2") == "gpt2"
-    assert query_cli._model_id("/elsewhere/model") == "/elsewhere/model"
-    assert query_cli._model_id("") == ""
+    assert model_id("gpt2") == "gpt2"
+    assert model_id("/elsewhere/model") == "/elsewhere/model"
+    assert model_id("") == ""
+    # what `query graphs list --model` sends
+    args = build_parser().parse_args(
+        ["query", "graphs", "list", "--model", "./zoo/greater_than-gpt2"]
+    )
+    assert args.model == stored
