@@ -15,7 +15,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ingest.errors import (
-    CircuitscopeError,
     DataLossError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -23,6 +22,13 @@ from ingest.errors import (
 from ingest.graph import AttributionGraph
 
 logger = logging.getLogger(__name__)
+
+# Ingest skips a graph the store holds complete, so the artifact comes back only after
+# the graph is deleted.
+_AFTER_LOSS = (
+    "omit the thresholds to get the stored pruned graph, or delete the graph from the "
+    "store (GraphStore.delete_graph) and ingest its prompt again"
+)
 
 
 def check_threshold(name: str, value: float) -> float:
@@ -50,7 +56,7 @@ def artifact_path(graph_id: str, uri: str | None) -> Path:
         logger.warning("the artifact of graph %s is not at %s", graph_id, path)
         raise FailedPreconditionError(
             f"the artifact of graph {graph_id!r} is missing from this server's disk, so it "
-            "cannot be re-pruned; omit the thresholds, or re-ingest the prompt"
+            f"cannot be re-pruned; {_AFTER_LOSS}"
         )
     return path
 
@@ -64,12 +70,13 @@ def reprune(
     path = artifact_path(graph_id, uri)
     try:
         result = load_artifact(path)
-    except CircuitscopeError as exc:
-        # the server's own file: the details (its path) go to the log, not to the caller
-        logger.error("the artifact of graph %s at %s cannot be read: %s", graph_id, path, exc)
+    except Exception as exc:
+        # The server's own files, damaged however (bad JSON, a truncated tensor file, a
+        # missing key): the details and the path go to the log, not to the caller.
+        logger.error("the artifact of graph %s at %s cannot be read", graph_id, path, exc_info=exc)
         raise DataLossError(
             f"the artifact of graph {graph_id!r} on this server is damaged (the server "
-            "logged the details); omit the thresholds, or re-ingest the prompt"
+            f"logged the details); {_AFTER_LOSS}"
         ) from exc
     return result.to_graph(
         pruned=True, node_threshold=node_threshold, edge_threshold=edge_threshold

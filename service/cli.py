@@ -49,15 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _verbose_after_command(parser: argparse.ArgumentParser) -> None:
-    """Accept ``-v`` after the command too (``circuitscope ingest ... -v``): every command
-    below ``parser`` that takes no subcommand gets the option, which sets the count."""
+    """Accept ``-v`` after a command too (``circuitscope ingest ... -v``, ``circuitscope
+    query -v graphs list``): every command below ``parser`` gets the option; given there,
+    it sets the count (the last one given counts)."""
     for command in _subcommands(parser):
-        if _subcommands(command):
-            _verbose_after_command(command)
-        else:
-            command.add_argument(
-                "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP
-            )
+        command.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
+        _verbose_after_command(command)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

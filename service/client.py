@@ -312,7 +312,7 @@ class CircuitsClient:
     def served_models(self) -> list[ServedModel]:
         """The served models with the ids their stored graphs and features carry."""
         response = self._call(self._analysis.ListModels, analysis_service_pb2.ListModelsRequest())
-        return [ServedModel(m.name, m.loaded, m.model_id, m.set_id) for m in response.models]
+        return [convert.served_model_from_proto(m) for m in response.models]
 
     def attribute(
         self,

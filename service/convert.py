@@ -43,6 +43,7 @@ from service.results import (
     InterventionResult,
     JobStatus,
     Prediction,
+    ServedModel,
 )
 
 _KIND_TO_PROTO = {
@@ -492,6 +493,10 @@ def faithfulness_to_proto(curve: Any) -> analysis_service_pb2.EvaluateCircuitRes
     )
 
 
+def served_model_from_proto(msg: analysis_service_pb2.ServedModel) -> ServedModel:
+    return ServedModel(msg.name, msg.loaded, msg.model_id, msg.set_id)
+
+
 def faithfulness_from_proto(
     msg: analysis_service_pb2.EvaluateCircuitResponse,
 ) -> CircuitFaithfulness:
@@ -503,6 +508,8 @@ def faithfulness_from_proto(
         cmd=msg.cmd,
         metric_full=msg.metric_full,
         metric_empty=msg.metric_empty,
-        metric_counterfactual=msg.metric_counterfactual,
+        metric_counterfactual=(
+            msg.metric_counterfactual if msg.HasField("metric_counterfactual") else None
+        ),
         warning=msg.warning or None,
     )

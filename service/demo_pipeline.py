@@ -5,7 +5,7 @@ trained :class:`~ingest.zoo.trainer.ZooTrainResult` in ``ctx.results["zoo_model"
 Each stage reuses what an earlier run left behind when its inputs are unchanged, so a
 second ``circuitscope demo`` takes seconds:
 
-2. ``transcoders``: per-layer TopK transcoders trained on the demo model's activations
+2. ``transcoders``: per-layer BatchTopK transcoders trained on the demo model's activations
    (reused when the same configuration was trained on the same weights), evaluated
    (L0, FVU, CE loss recovered, task metric with every MLP replaced), with feature
    statistics for the catalog.
@@ -347,7 +347,6 @@ def _serve(ctx: DemoContext) -> list[str]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    pid_file.write_text(str(proc.pid))
     token = token_file.read_text().strip()
 
     def failed(why: str) -> UnavailableError:
@@ -359,6 +358,7 @@ def _serve(ctx: DemoContext) -> list[str]:
         )
 
     def wait_until_serving() -> str:
+        pid_file.write_text(str(proc.pid))
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if proc.poll() is not None:

@@ -12,8 +12,10 @@ FailedPreconditionError        FAILED_PRECONDITION
 AlreadyExistsError             ALREADY_EXISTS
 ResourceExhaustedError         RESOURCE_EXHAUSTED
 UnavailableError               UNAVAILABLE
+DataLossError                  DATA_LOSS
 UnauthenticatedError           UNAUTHENTICATED
 PermissionDeniedError          PERMISSION_DENIED
+a stub's NotImplementedError   UNIMPLEMENTED
 any other exception            INTERNAL (generic message; details logged)
 =============================  ======================
 
@@ -60,6 +62,8 @@ STATUS_BY_ERROR: dict[type[CircuitscopeError], grpc.StatusCode] = {
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }
 INTERNAL_MESSAGE = "internal error; the server logged the details"
+#: What a generated servicer base class raises for a method it leaves unimplemented.
+STUB_UNIMPLEMENTED = "Method not implemented!"
 #: Trailing metadata of an UNAVAILABLE answer the server gave after retrying itself (its
 #: value: for how many seconds); the client does not retry such an answer.
 RETRIED_KEY = "circuitscope-retried-s"
@@ -74,8 +78,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             if code is not None:
                 # one line: a driver's message may carry newlines
                 return code, _bounded(" ".join(str(exc).split())) or cls.__name__
-    if isinstance(exc, NotImplementedError):
-        # what a generated servicer base class raises for a method nobody implemented
+    if isinstance(exc, NotImplementedError) and str(exc) == STUB_UNIMPLEMENTED:
+        # a generated servicer base class's method nobody implemented (a library's
+        # NotImplementedError, e.g. an operator a device lacks, stays INTERNAL)
         return grpc.StatusCode.UNIMPLEMENTED, "this server does not implement the method"
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 

@@ -9,7 +9,8 @@ daemon thread, at most one at a time: a probe that has not answered within
 ``2 * interval_s`` counts as unreachable, and the next check waits on the same probe
 instead of starting another (threads never pile up, and a stuck probe never delays
 process exit). During graceful shutdown every status turns NOT_SERVING so load
-balancers drain the server first.
+balancers drain the server first. :class:`HealthServicer` is grpc's asyncio servicer
+with ``List`` answered.
 """
 
 from __future__ import annotations

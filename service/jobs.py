@@ -417,7 +417,8 @@ class JobManager:
                     j.errors.extend(f"prompt {n}: {bad.reason}" for bad in s.bad_lines)
                     if s.claimed_elsewhere:
                         j.errors.append(_claimed_elsewhere(n))
-                    j.message = ""  # a wait for the store, if any, is over
+                    if not j.cancel_requested:
+                        j.message = ""  # a wait for the store, if any, is over
 
                 self._update(job.job_id, progress)
                 done = i

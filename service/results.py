@@ -66,7 +66,7 @@ class CircuitFaithfulness:
     cmd: float
     metric_full: float
     metric_empty: float
-    metric_counterfactual: float
+    metric_counterfactual: float | None
     warning: str | None = None
 
 
@@ -90,4 +90,11 @@ class JobStatus:
         return self.state in ("succeeded", "failed", "cancelled")
 
 
-__all__ = ["Attribution", "CircuitFaithfulness", "InterventionResult", "JobStatus", "Prediction"]
+__all__ = [
+    "Attribution",
+    "CircuitFaithfulness",
+    "InterventionResult",
+    "JobStatus",
+    "Prediction",
+    "ServedModel",
+]

@@ -165,11 +165,12 @@ class FaithfulnessCurve:
     def warning(self) -> str | None:
         """Why f may not mean much here, or None: the linearized counterfactual (frozen
         attention) moves the metric by under :data:`SMALL_GAP` of what the real
-        counterfactual run moves it, so f divides by a small, unrepresentative gap."""
+        counterfactual run moves it, or the other way, so f divides by a small or
+        unrepresentative gap."""
         if self.m_counterfactual is None:
             return None
         linear, real = self.m_full - self.m_empty, self.m_full - self.m_counterfactual
-        if abs(linear) >= SMALL_GAP * abs(real):
+        if linear * real > 0 and abs(linear) >= SMALL_GAP * abs(real):
             return None
         return (
             f"the linearized counterfactual moves the metric by {linear:.3g} and the real "

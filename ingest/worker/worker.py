@@ -121,12 +121,12 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in handle if line.strip() and not line.lstrip().startswith(b"#"))
 
 
-def _validate_all(path: Path, computer: GraphComputer | None = None) -> None:
+def _validate_all(path: Path, computer: GraphComputer | None = None, first_line: int = 1) -> None:
     """Every line of ``path``: JSON and fields, then (given ``computer``) each prompt
     against the model: its tokens, its answer tokens. InvalidArgumentError listing the
     bad lines."""
     bad: list[BadLine] = []
-    for item in read_prompts(path):
+    for item in read_prompts(path, first_line):
         if isinstance(item, BadLine):
             bad.append(item)
             continue
@@ -282,7 +282,7 @@ class IngestWorker:
         ``first_line`` numbers the file's first line, for graphs' ``extra.line`` and
         skipped lines (a job's prompt i, written alone, is line i)."""
         if self.options.strict:
-            _validate_all(prompts, self.computer)
+            _validate_all(prompts, self.computer, first_line)
         summary = IngestSummary() if summary is None else summary
         started = time.perf_counter()
         total = _count_lines(prompts) if prompts.is_file() else None

@@ -187,10 +187,17 @@ def test_a_damaged_or_missing_artifact_is_reported_without_the_servers_paths(
     pruned.metadata.artifact_uri = artifact.resolve().as_uri()
     store.write_graph(pruned)
     try:
-        (artifact / "graph.json").write_text("{broken")
-        with pytest.raises(DataLossError, match="'g-damaged' on this server is damaged") as hit:
-            client.get_graph("g-damaged", node_threshold=0.9)
-        assert str(tmp_path) not in str(hit.value)
+        tensors = artifact / "graph.safetensors"
+        whole = tensors.read_bytes()
+        # a torn tensor file (not a domain error inside the loader), then broken JSON
+        tensors.write_bytes(whole[: len(whole) // 2])
+        for damaged in ("tensors", "json"):
+            if damaged == "json":
+                tensors.write_bytes(whole)
+                (artifact / "graph.json").write_text("{broken")
+            with pytest.raises(DataLossError, match="'g-damaged' on this server is damaged") as hit:
+                client.get_graph("g-damaged", node_threshold=0.9)
+            assert str(tmp_path) not in str(hit.value) and "delete the graph" in str(hit.value)
         shutil.rmtree(artifact)
         with pytest.raises(FailedPreconditionError, match="missing from this server's disk"):
             client.get_graph("g-damaged", node_threshold=0.9)

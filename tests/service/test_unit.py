@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def test_a_message_echoing_a_huge_value_keeps_its_advice() -> None:
 def test_an_unimplemented_method_is_unimplemented_not_internal() -> None:
     code, message = status_for(NotImplementedError("Method not implemented!"))
     assert code is grpc.StatusCode.UNIMPLEMENTED and "does not implement" in message
+    # a library's NotImplementedError inside a handler is an internal error
+    code, message = status_for(NotImplementedError("aten::foo is not implemented for MPS"))
+    assert code is grpc.StatusCode.INTERNAL and message == INTERNAL_MESSAGE
 
 
 def test_unexpected_errors_hide_their_details() -> None:
@@ -212,12 +216,42 @@ def test_cli_prints_file_system_errors_as_one_line(
         (["db", "status", "-vv"], 2),
         (["transcoders", "eval", "set", "--model", "m", "--verbose"], 1),
         (["query", "graphs", "list", "-v"], 1),
+        (["query", "-v", "graphs", "list"], 1),
     ],
 )
 def test_verbose_goes_before_or_after_the_command(argv: list[str], count: int) -> None:
     from service.cli import build_parser
 
     assert build_parser().parse_args(argv).verbose == count
+
+
+def test_served_models_name_their_store_ids_before_and_after_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.models import ModelRegistry, ModelSpec
+
+    (tmp_path / "zoo" / "m").mkdir(parents=True)
+    (tmp_path / "tc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    registry = ModelRegistry([ModelSpec.parse("local=./zoo/m,tc"), ModelSpec.parse("hub=gpt2,tc")])
+    # the ids graphs are stored under: a local checkpoint by its absolute path
+    assert registry.model_id("local") == str((tmp_path / "zoo" / "m").resolve())
+    assert registry.model_id("hub") == "gpt2"
+    # the set's catalog id needs its weights: unknown until the model is loaded
+    assert not registry.is_loaded("local") and registry.set_id("local") is None
+
+
+def test_faithfulness_round_trips_with_its_warning() -> None:
+    from ingest.attribution.faithfulness import FaithfulnessCurve
+
+    curve = FaithfulnessCurve("attribution", [0.5, 1.0], [41.0, 1.0], [3, 6], 12.33, 12.21,
+                              -11.66)  # fmt: skip
+    back = convert.faithfulness_from_proto(convert.faithfulness_to_proto(curve))
+    assert back.warning == curve.warning() and back.warning
+    assert back.metric_counterfactual == -11.66 and back.faithfulness == [41.0, 1.0]
+    unknown = dataclasses.replace(curve, m_counterfactual=None)
+    back = convert.faithfulness_from_proto(convert.faithfulness_to_proto(unknown))
+    assert back.metric_counterfactual is None and back.warning is None
 
 
 def test_model_spec_refuses_a_missing_transcoder_directory(tmp_path: Path) -> None:
