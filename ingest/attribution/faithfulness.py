@@ -204,18 +204,21 @@ class FaithfulnessSetup:
     _linear: LinearizedPatching | None = field(default=None, repr=False)
     m_full: float = field(init=False)
     m_empty: float = field(init=False)
+    #: the metric of the real run on the counterfactual prompt
+    m_counterfactual: float = field(init=False)
 
     def __post_init__(self) -> None:
         if self.patching not in PATCHING:
             raise InvalidArgumentError(f"unknown patching {self.patching!r}: use one of {PATCHING}")
         self.result.check_prompt(self.clean.input_ids)
+        self.m_counterfactual = float(self.metric(self.counterfactual.logits))
         if self.patching == "edge":
             all_edges = self.result.adjacency != 0
             self.m_full = self.linear.metric(all_edges, self.metric)
             self.m_empty = self.linear.metric(torch.zeros_like(all_edges), self.metric)
         else:  # the real model on the prompt and on the counterfactual
             self.m_full = float(self.metric(self.clean.logits))
-            self.m_empty = float(self.metric(self.counterfactual.logits))
+            self.m_empty = self.m_counterfactual
         if math.isclose(self.m_full, self.m_empty, rel_tol=1e-9, abs_tol=1e-12):
             raise InvalidArgumentError(
                 "the metric is the same on the prompt and its counterfactual: faithfulness "
@@ -340,7 +343,7 @@ def faithfulness_curve(
         counts,
         setup.m_full,
         setup.m_empty,
-        float(setup.metric(setup.counterfactual.logits)),
+        setup.m_counterfactual,
     )
 
 
