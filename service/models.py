@@ -114,13 +114,12 @@ class ModelRegistry:
             if name not in self._loaded:
                 from ingest.models import load_model
                 from ingest.transcoders.formats import load_any
-                from ingest.worker.compute import catalog_set_id
 
                 logger.info("loading model %r from %s", name, spec.model_path)
                 model = load_model(spec.model_path, device=spec.device)
                 transcoders = load_any(spec.transcoders_path)
                 adapter = model.adapter
                 transcoders.to(device=adapter.device, dtype=adapter.dtype)
-                self._set_ids[name] = catalog_set_id(transcoders)
+                self._set_ids[name] = transcoders.catalog_id
                 self._loaded[name] = (model, transcoders)
             return self._loaded[name]

@@ -142,7 +142,14 @@ def write_atomic_dir(
 def save_artifact(
     result: AttributionResult, directory: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
-    """Write ``result`` to ``directory`` (created atomically; see the module docstring)."""
+    """Write ``result`` to ``directory`` (created atomically; see the module docstring).
+
+    Records the directory's ``file:`` URI as ``artifact_uri``, in the artifact and, once
+    written, in ``result.metadata``: graphs made from ``result`` afterwards
+    (:meth:`AttributionResult.to_graph`) point at their artifact, so the server can
+    prune them again.
+    """
+    metadata = dataclasses.replace(result.metadata, artifact_uri=Path(directory).resolve().as_uri())
     tensors = {
         "adjacency": result.adjacency.detach().cpu().contiguous(),
         "logit_probs": result.logit_probs.detach().cpu().contiguous(),
@@ -155,7 +162,7 @@ def save_artifact(
         "format_version": FORMAT_VERSION,
         "layout": result.layout.to_dict(),
         "n_layers": result.n_layers,
-        "metadata": dataclasses.asdict(result.metadata),
+        "metadata": dataclasses.asdict(metadata),
         "stats": result.stats,
         "node_ids": [n.node_id for n in result.nodes],
         "node_tokens": [n.token for n in result.nodes],
@@ -168,12 +175,14 @@ def save_artifact(
             f"graph metadata or stats are not JSON-serializable ({exc}): keep them to "
             "strings, finite numbers, lists and dicts"
         ) from exc
-    return write_atomic_dir(
+    written = write_atomic_dir(
         directory,
         {JSON_FILE: payload},
         {TENSORS_FILE: lambda path: save_tensors(tensors, path)},
         overwrite=overwrite,
     )
+    result.metadata = metadata
+    return written
 
 
 def load_artifact(directory: str | os.PathLike[str]) -> AttributionResult:

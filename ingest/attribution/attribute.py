@@ -32,9 +32,11 @@ adjacency in the layout order (features, errors, tokens, targets), ready to prun
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,7 @@ from ingest.attribution.targets import (
     LogitDiffTarget,
     LogitTargets,
     Target,
+    check_target,
     demeaned_unembedding,
     select_logits,
 )
@@ -99,6 +102,8 @@ def attribute(
     batch_size: int = 64,
     tokenizer: Any = None,
     graph_id: str | None = None,
+    model_id: str | None = None,
+    set_id: str | None = None,
     progress: bool = False,
 ) -> AttributionResult:
     """The full attribution graph of ``prompt`` (see the module docstring).
@@ -108,7 +113,16 @@ def attribute(
     device and dtype; ``transcoders`` are moved to them (in place). ``target``: default
     :class:`LogitTargets()`. Raises InvalidArgumentError for bad prompts, targets, or a
     transcoder set made for another model.
+
+    The graph's metadata: ``model_id`` defaults to the LoadedModel's (a bare adapter's
+    default is its ``model_type``, which every checkpoint of a family shares: give one),
+    ``set_id`` to ``transcoders.catalog_id`` (the id ingest and the server store graphs
+    and features under), and ``graph_id`` to a hash of the model and set ids, the
+    prompt's token ids, the target, ``max_feature_nodes`` and the dtype, so computing
+    the same graph again gives the same id.
     """
+    if target is not None:
+        check_target(target)
     cfg = AttributionConfig(
         target=target or LogitTargets(),
         max_feature_nodes=max_feature_nodes,
@@ -117,7 +131,8 @@ def attribute(
     )
     adapter = model.adapter if isinstance(model, LoadedModel) else model
     tok = tokenizer or (model.tokenizer if isinstance(model, LoadedModel) else None)
-    model_id = model.model_id if isinstance(model, LoadedModel) else adapter.model_type
+    if model_id is None:
+        model_id = model.model_id if isinstance(model, LoadedModel) else adapter.model_type
     check_compatible(adapter, transcoders)
     transcoders.to(device=adapter.device, dtype=adapter.dtype)
     input_ids = tokenize(tok, prompt, adapter.vocab_size, adapter.n_ctx)
@@ -132,6 +147,12 @@ def attribute(
         if feature_target.pos is not None and not 0 <= feature_target.pos < T:
             raise InvalidArgumentError(
                 f"feature target position {feature_target.pos} outside the prompt [0, {T})"
+            )
+        target_pos = feature_target.pos if feature_target.pos is not None else T - 1
+        if target_pos < state.zeroed_positions:
+            raise InvalidArgumentError(
+                "feature target position 0 holds the beginning-of-sequence token, where "
+                "transcoder features are held at zero: target a later position"
             )
     features = active_features(state, feature_target)
     computer = RowComputer(adapter, transcoders, state, features, cfg.batch_size)
@@ -245,10 +266,13 @@ def attribute(
         "attribution of %d tokens: %d active features, %d rows, %d backward passes, %.2fs",
         T, n_feat, len(keep) + len(logit_rows), computer.n_backward, elapsed,
     )  # fmt: skip
+    set_id = set_id or transcoders.catalog_id
+    if not graph_id:
+        graph_id = _graph_id(model_id, set_id, token_ids, tgt, cfg.max_feature_nodes, stats)
     meta = GraphMetadata(
-        graph_id=graph_id or uuid.uuid4().hex,
+        graph_id=graph_id,
         model_id=model_id,
-        set_id=transcoders.metadata.set_id,
+        set_id=set_id,
         prompt=prompt if isinstance(prompt, str) else " ".join(token_strs),
         tokens=token_strs,
         token_ids=token_ids,
@@ -258,6 +282,27 @@ def attribute(
         logit_probs=logit_probs.to(adapter.dtype), n_layers=adapter.n_layers, stats=stats,
         node_weights=node_weights,
     )  # fmt: skip
+
+
+def _graph_id(
+    model_id: str,
+    set_id: str,
+    token_ids: list[int],
+    target: Target,
+    max_feature_nodes: int | None,
+    stats: dict[str, Any],
+) -> str:
+    """32 hex digits, the same whenever the same graph is computed again."""
+    payload = {
+        "model": model_id,
+        "transcoders": set_id,
+        "token_ids": token_ids,
+        "target": [type(target).__name__, dataclasses.asdict(target)],
+        "max_feature_nodes": max_feature_nodes,
+        "dtype": stats["dtype"],
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
 
 
 def _feature_position(features: ActiveFeatures, target: FeatureTarget, T: int) -> int:

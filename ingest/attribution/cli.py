@@ -136,7 +136,6 @@ def _attribute(args: argparse.Namespace) -> int:
         pruned=True, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold
     )
     if args.out is not None:
-        result.metadata.artifact_uri = args.out.resolve().as_uri()
         save_artifact(result, args.out, overwrite=args.overwrite)
     if args.json is not None:
         graph = result.to_graph(pruned=False) if args.full_json else pruned

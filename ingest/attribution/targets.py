@@ -17,6 +17,7 @@ A target row ``t`` is read from the replacement model at one point, by one vecto
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,10 @@ class LogitDiffTarget:
     correct: int
     counterfactual: int
 
+    def __post_init__(self) -> None:
+        for what in ("correct", "counterfactual"):
+            _check_int(getattr(self, what), f"LogitDiffTarget {what}", token=True)
+
     def checked(self, vocab_size: int) -> tuple[int, int]:
         """``(correct, counterfactual)``; InvalidArgumentError for an id outside the
         vocabulary or two equal ids (the difference would always be 0)."""
@@ -69,8 +74,39 @@ class FeatureTarget:
     index: int
     pos: int | None = None
 
+    def __post_init__(self) -> None:
+        _check_int(self.layer, "FeatureTarget layer")
+        _check_int(self.index, "FeatureTarget index")
+        if self.pos is not None:
+            _check_int(self.pos, "FeatureTarget pos")
+
 
 Target = LogitTargets | LogitDiffTarget | FeatureTarget
+
+
+TARGET_TYPES = (LogitTargets, LogitDiffTarget, FeatureTarget)
+
+
+def _check_int(value: object, what: str, *, token: bool = False) -> None:
+    """InvalidArgumentError unless ``value`` is a whole number >= 0 (not a bool)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0:
+        return
+    hint = (
+        ": turn a token's text into its id with "
+        "ingest.attribution.prompts.single_token_id(tokenizer, text)"
+        if token and isinstance(value, str)
+        else ""
+    )
+    raise InvalidArgumentError(f"{what} must be an int >= 0, got {value!r}{hint}")
+
+
+def check_target(target: object) -> None:
+    """InvalidArgumentError unless ``target`` is one of the target classes."""
+    if not isinstance(target, TARGET_TYPES):
+        raise InvalidArgumentError(
+            f"target must be a LogitTargets, LogitDiffTarget or FeatureTarget "
+            f"(ingest.attribution.targets), got {target!r}"
+        )
 
 
 def check_token(token_id: int, vocab_size: int, what: str) -> int:

@@ -16,6 +16,8 @@ layer ``l`` and its MLP input ``x (..., d_model)``:
 - ``decoder_vectors(s, idx)`` is ``{t: W_dec(s, t)[idx]}`` over the targets of s.
 """
 
+import hashlib
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -114,6 +116,7 @@ class TranscoderSet(nn.Module):
     ) -> None:
         super().__init__()
         self.metadata = metadata
+        self._fingerprint_cache: tuple[tuple[object, ...], str] | None = None
         cfg = metadata.config
         self.clt: CrossLayerTranscoder | None = None
         self.per_layer = nn.ModuleDict()
@@ -174,6 +177,35 @@ class TranscoderSet(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def fingerprint(self) -> str:
+        """A sha256 (32 hex digits) over the set's tensor names, shapes and values as
+        float32: the same set gives the same value on any device and at float32 or
+        above.
+
+        Cached while no parameter or buffer changes: in-place updates (an optimizer's
+        step, ``copy_`` under ``no_grad``) and ``.to()`` are seen; writes through a
+        tensor's ``.data`` are not.
+        """
+        tensors = list(itertools.chain(self.parameters(), self.buffers()))
+        key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+        if self._fingerprint_cache is not None and self._fingerprint_cache[0] == key:
+            return self._fingerprint_cache[1]
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            data = tensor.detach().to("cpu", torch.float32).contiguous()
+            digest.update(f"{name}:{tuple(data.shape)}".encode())
+            digest.update(data.numpy().tobytes())
+        value = digest.hexdigest()[:32]
+        self._fingerprint_cache = (key, value)
+        return value
+
+    @property
+    def catalog_id(self) -> str:
+        """The id the set's graphs and catalog entries are stored under: its name
+        (``metadata.set_id``) plus a hash of its weights, so that two training runs
+        that share a name never share graph or feature ids."""
+        return f"{self.metadata.set_id}@{self.fingerprint()[:12]}"
 
     def _pos(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:

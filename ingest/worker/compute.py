@@ -7,12 +7,8 @@ the only module of the worker that imports torch models.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from pathlib import Path
-
-import torch
 
 from ingest.attribution.attribute import attribute
 from ingest.attribution.prompts import single_token_id, tokenize
@@ -25,22 +21,6 @@ from ingest.transcoders.formats import load_any
 from ingest.transcoders.transcoder_set import TranscoderSet
 from ingest.worker.keys import GraphSettings
 from ingest.worker.prompts import PromptSpec
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A sha256 over a module's parameter names, shapes and bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        data = tensor.detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(data.shape)}".encode())
-        digest.update(data.numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
-def catalog_set_id(transcoders: TranscoderSet) -> str:
-    """The id a set's graphs and catalog entries are stored under: its name plus a hash
-    of its weights, so that two training runs never share graph ids."""
-    return f"{transcoders.metadata.set_id}@{weights_fingerprint(transcoders)[:12]}"
 
 
 class AttributionComputer:
@@ -61,7 +41,7 @@ class AttributionComputer:
         self.batch_size = batch_size
         self.model_id = loaded.model_id
         self.model_fingerprint = loaded.adapter.fingerprint()
-        self.set_id = catalog_set_id(transcoders)
+        self.set_id = transcoders.catalog_id
 
     @classmethod
     def from_paths(
@@ -116,7 +96,7 @@ class AttributionComputer:
         # attribute() checks the prompt itself; the counterfactual is only stored
         self._check_counterfactual(spec)
         target = self._target(spec)
-        result = attribute(
+        return attribute(
             self.loaded,
             self.transcoders,
             spec.prompt,
@@ -124,9 +104,9 @@ class AttributionComputer:
             max_feature_nodes=self.settings.max_feature_nodes,
             batch_size=self.batch_size,
             graph_id=graph_id,
+            model_id=self.model_id,
+            set_id=self.set_id,
         )
-        result.metadata = dataclasses.replace(result.metadata, set_id=self.set_id)
-        return result
 
     def model_record(self) -> ModelRecord:
         adapter = self.loaded.adapter

@@ -12,7 +12,6 @@ passes gets DEADLINE_EXCEEDED while the computation finishes in the background.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import Any
 
@@ -186,8 +185,7 @@ def _attribute(
         target=target,  # type: ignore[arg-type]
         max_feature_nodes=max_feature_nodes,
     )
-    # the set as the store and the catalog name it, so GetFeature finds its features
-    result.metadata = dataclasses.replace(result.metadata, set_id=registry.set_id(name) or "")
+    # the graph's set_id is the set's catalog_id, so GetFeature finds its features
     graph = result.to_graph(
         pruned=True, node_threshold=node_threshold, edge_threshold=edge_threshold
     )

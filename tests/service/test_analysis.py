@@ -14,7 +14,6 @@ from ingest.attribution.attribute import attribute
 from ingest.errors import InvalidArgumentError, NotFoundError
 from ingest.models import load_model
 from ingest.transcoders.formats import load_any
-from ingest.worker.compute import catalog_set_id
 from service.cli import main
 from service.client import CircuitsClient
 from tests.service.conftest import TOKEN
@@ -42,7 +41,7 @@ def test_served_attribution_equals_the_library_result(
     # the ids ingest stores the model's graphs and the set's features under
     (model,) = analysis_client.served_models()
     assert model.loaded and model.model_id == str(model_dirs[0].resolve())
-    assert served.graph.metadata.set_id == model.set_id == catalog_set_id(load_any(model_dirs[1]))
+    assert served.graph.metadata.set_id == model.set_id == load_any(model_dirs[1]).catalog_id
     assert served.graph.metadata.model_id == model.model_id
     served_edges = {(s, t): w for s, t, w in served.graph.edge_list()}
     direct_edges = {(s, t): w for s, t, w in direct.edge_list()}
