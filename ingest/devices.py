@@ -29,7 +29,7 @@ def resolve_device(name: str | None) -> torch.device:
         if not torch.cuda.is_available():
             raise UnavailableError(
                 f"device {name!r} requested but CUDA is not available on this machine: "
-                "use --device cpu"
+                "use device 'cpu' (--device cpu)"
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:

@@ -317,6 +317,50 @@ class FeatureRecord:
                 f"feature ({self.set_id!r}, {self.layer}, {self.index}): "
                 "layer and index must be >= 0"
             )
+        for name in ("top_tokens", "de_embedding_tokens", "output_tokens"):
+            tokens = getattr(self, name)
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                raise InvalidArgumentError(
+                    f"feature ({self.set_id!r}, {self.layer}, {self.index}): {name} must be "
+                    f"a list of token strings, got {tokens!r:.120}; build records from "
+                    "compute_feature_stats rows with FeatureRecord.from_stats"
+                )
+        if not isinstance(self.top_examples, list) or not all(
+            isinstance(e, dict) for e in self.top_examples
+        ):
+            raise InvalidArgumentError(
+                f"feature ({self.set_id!r}, {self.layer}, {self.index}): top_examples must "
+                f"be a list of dicts, got {self.top_examples!r:.120}"
+            )
+
+    @classmethod
+    def from_stats(cls, row: dict[str, Any], set_id: str) -> FeatureRecord:
+        """The catalog entry of one row of ``compute_feature_stats`` (or of the
+        ``feature_stats.json`` that ``circuitscope transcoders stats`` writes).
+
+        ``top_tokens`` are the distinct tokens of the row's top examples, strongest
+        first; ``de_embedding_tokens`` are the row's ``top_tokens`` (the stats file's
+        name for the de-embedding); ``output_tokens`` its ``output_tokens``. ``set_id``
+        is the id the catalog stores the set under (``TranscoderSet.catalog_id``).
+        """
+        examples = list(row.get("top_examples", []))
+        firing = list(dict.fromkeys(str(e["token"]) for e in examples if "token" in e))
+        return cls(
+            set_id=set_id,
+            layer=int(row["layer"]),
+            index=int(row["index"]),
+            density=row.get("density"),
+            max_activation=row.get("max_activation"),
+            top_tokens=firing,
+            top_examples=examples,
+            de_embedding_tokens=_token_texts(row.get("top_tokens", [])),
+            output_tokens=_token_texts(row.get("output_tokens", [])),
+        )
+
+
+def _token_texts(entries: list[Any]) -> list[str]:
+    """Token strings from a stats row's token list (dicts with a "token", or strings)."""
+    return [str(e.get("token", "")) if isinstance(e, dict) else str(e) for e in entries]
 
 
 @dataclass

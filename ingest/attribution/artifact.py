@@ -192,7 +192,7 @@ def load_artifact(directory: str | os.PathLike[str]) -> AttributionResult:
     if not json_path.is_file() or not tensor_path.is_file():
         raise NotFoundError(
             f"{root} is not an attribution artifact (needs {JSON_FILE} and {TENSORS_FILE}): "
-            "write one with 'circuitscope attribute --out DIR'"
+            "write one with save_artifact(result, DIR) or 'circuitscope attribute --out DIR'"
         )
     try:
         doc = json.loads(json_path.read_text())

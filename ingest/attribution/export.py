@@ -147,6 +147,8 @@ def to_circuit_tracer_json(
 def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as JSON to ``path`` through a temporary file and ``os.replace``."""
     final = Path(path)
+    if final.is_dir():
+        raise InvalidArgumentError(f"{final} is a directory: give a file path for the JSON")
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         payload = json.dumps(data, allow_nan=False).encode()
@@ -169,4 +171,9 @@ def export_circuit_tracer_json(
     graph: AttributionGraph, path: str | os.PathLike[str], **kwargs: Any
 ) -> Path:
     """Write :func:`to_circuit_tracer_json` of ``graph`` to ``path`` atomically."""
+    if not isinstance(graph, AttributionGraph):
+        raise InvalidArgumentError(
+            f"export_circuit_tracer_json takes an AttributionGraph, got {type(graph).__name__}"
+            ": pass result.to_graph() (pruned) or result.to_graph(pruned=False)"
+        )
     return write_json_atomic(to_circuit_tracer_json(graph, **kwargs), path)

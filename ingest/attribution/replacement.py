@@ -114,6 +114,12 @@ def build_replacement(
     ``check=False`` skips :func:`check_compatible` (hashing the model's weights) for a
     caller that has already checked this pair.
     """
+    if not isinstance(input_ids, Tensor):
+        raise InvalidArgumentError(
+            f"input_ids must be a (1, T) tensor of token ids, got {type(input_ids).__name__}: "
+            "tokenize text with ingest.attribution.prompts.tokenize(tokenizer, text, "
+            "adapter.vocab_size, adapter.n_ctx)"
+        )
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise InvalidArgumentError(
             f"the replacement model is built for one prompt: input_ids must be (1, T), got "

@@ -62,6 +62,18 @@ logger = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A supported torch dtype from a dtype or its name ("float64", "torch.float64")."""
+    names = {str(d).removeprefix("torch."): d for d in SUPPORTED_DTYPES}
+    found = names.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if found not in SUPPORTED_DTYPES:
+        raise InvalidArgumentError(
+            f"unsupported dtype {dtype!r}: use one of {', '.join(names)} "
+            "(a torch dtype or its name)"
+        )
+    return found  # type: ignore[return-value]
+
+
 @dataclass
 class LoadedModel:
     """A model ready for the circuit pipeline. ``hf_model`` is the HF module whose
@@ -425,25 +437,22 @@ def load_model(
     name_or_path: str,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     progress: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local directory or a hub id.
 
     ``device``: ``cpu``, ``cuda[:N]`` or ``auto``. ``dtype``: float32 (default), float64
-    (exactness tests), bfloat16 or float16. ``progress`` False hides transformers'
-    weight-loading bar. See the module docstring for errors.
+    (exactness tests), bfloat16 or float16, as a torch dtype or its name. ``progress``
+    False hides transformers' weight-loading bar. See the module docstring for errors.
     """
+    dtype = _dtype(dtype)
     if not progress and hf_logging.is_progress_bar_enabled():
         hf_logging.disable_progress_bar()
         try:
             return load_model(name_or_path, device=device, dtype=dtype)
         finally:
             hf_logging.enable_progress_bar()
-    if dtype not in SUPPORTED_DTYPES:
-        raise InvalidArgumentError(
-            f"unsupported dtype {dtype}: use one of {', '.join(map(str, SUPPORTED_DTYPES))}"
-        )
     target = resolve_device(str(device))
     source = _resolve_source(name_or_path)
     model = _load_weights(name_or_path, source, dtype)

@@ -29,6 +29,7 @@ Kinds (what is read and what is predicted):
 import importlib
 import math
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral
 from typing import Any
 
 from ingest.errors import InvalidArgumentError
@@ -287,6 +288,19 @@ class TrainConfig:
                 f"unknown kind {self.kind!r} (--kind): choose one of {KINDS}"
             )
         ARCHITECTURES.get(self.arch)
+        if self.layers is not None:
+            layers = self.layers
+            if (
+                isinstance(layers, str | bytes)
+                or not all(isinstance(x, Integral) and not isinstance(x, bool) for x in layers)
+                or not layers
+                or min(layers) < 0
+            ):
+                raise InvalidArgumentError(
+                    f"{flagged('layers')} must be a non-empty sequence of layer numbers >= 0, "
+                    f"e.g. (0, 1) (--layers 0,1), or None for every layer; got {layers!r}"
+                )
+            object.__setattr__(self, "layers", tuple(int(x) for x in layers))
         for item in fields(self):
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -359,9 +359,10 @@ def evaluate_set(
     }
     values = list(layer_reports.values())
     report["mean"] = {key: sum(v[key] for v in values) / len(values) for key in MEAN_METRICS}
-    if zoo_dir is not None and (Path(zoo_dir) / "zoo.json").is_file():
+    zoo_dir = None if zoo_dir is None else Path(zoo_dir).expanduser()
+    if zoo_dir is not None and (zoo_dir / "zoo.json").is_file():
         report["task"] = task_metric(
-            adapter, tset, Path(zoo_dir), tokenizer, max_task_examples, split
+            adapter, tset, zoo_dir, tokenizer, max_task_examples, split
         )
     return report
 

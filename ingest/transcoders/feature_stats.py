@@ -153,9 +153,9 @@ def _merge(
 def check_stats_options(n_windows: int, top_k: int) -> None:
     """A clear error, naming the flag, for a window count or example count out of range."""
     if n_windows < 1:
-        raise InvalidArgumentError(f"--windows must be at least 1, got {n_windows}")
+        raise InvalidArgumentError(f"n_windows (--windows) must be at least 1, got {n_windows}")
     if top_k < 0:
-        raise InvalidArgumentError(f"--top-k must be 0 (no examples) or more, got {top_k}")
+        raise InvalidArgumentError(f"top_k (--top-k) must be 0 (no examples) or more, got {top_k}")
 
 
 @torch.no_grad()

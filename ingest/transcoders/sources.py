@@ -430,12 +430,13 @@ def resolve_source(
     """The source a CLI spec names (see the module docstring); ``None`` means ``zoo``."""
     spec = spec or "zoo"
     if spec == "zoo":
-        if model_dir is None or not (Path(model_dir) / "zoo.json").is_file():
+        model_dir = None if model_dir is None else Path(model_dir).expanduser()
+        if model_dir is None or not (model_dir / "zoo.json").is_file():
             raise InvalidArgumentError(
                 "--prompts zoo needs a zoo model directory (with zoo.json): for other models "
                 "pass --prompts text:FILE, jsonl:FILE or hf:DATASET"
             )
-        return zoo_source(Path(model_dir), tokenizer)
+        return zoo_source(model_dir, tokenizer)
     kind, _, rest = spec.partition(":")
     if kind == "text" and rest:
         return text_file_source(Path(rest), tokenizer, context_len, max_tokens)

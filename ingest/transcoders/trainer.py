@@ -213,8 +213,8 @@ def train_transcoders(
     if has_checkpoint(run.out):
         if not resume:
             raise FailedPreconditionError(
-                f"{run.out} already holds a training checkpoint: pass --resume to continue "
-                "it, or choose another --out"
+                f"{run.out} already holds a training checkpoint: pass resume=True "
+                "(--resume) to continue it, or choose another output directory (--out)"
             )
         run.restore()
     else:

@@ -277,6 +277,7 @@ class TranscoderSet(nn.Module):
     def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_model) -> (..., d_transcoder)."""
         pos = self._pos(layer)
+        self._check_input(x)
         if self.clt is not None:
             return self.clt.pre_activations(pos, x)
         return self.module(layer).pre_activations(x)
@@ -284,6 +285,7 @@ class TranscoderSet(nn.Module):
     def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_model) -> activations (..., d_transcoder)."""
         pos = self._pos(layer)
+        self._check_input(x)
         if self.clt is not None:
             return self.clt.encode(pos, x)
         return self.module(layer).encode(x)
@@ -291,9 +293,28 @@ class TranscoderSet(nn.Module):
     def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_model) -> (..., d_model), zero without a skip connection."""
         pos = self._pos(layer)
+        self._check_input(x)
         if self.clt is not None:
             return self.clt.skip(pos, x)
         return self.module(layer).skip(x)
+
+    def _check_input(self, x: object, what: str = "x") -> None:
+        """InvalidArgumentError unless ``x`` is a tensor (..., d_model) of the set's dtype."""
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgumentError(
+                f"{what} must be a torch.Tensor (..., {self.d_model}), got {type(x).__name__}"
+            )
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise InvalidArgumentError(
+                f"{what} has shape {tuple(x.shape)}, but the set reads vectors of the model's "
+                f"d_model {self.d_model}: give (..., {self.d_model})"
+            )
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype:
+            raise InvalidArgumentError(
+                f"{what} is {x.dtype} but the set's weights are {dtype}: convert one "
+                f"(x.to({dtype}) or tset.to(dtype={x.dtype}))"
+            )
 
     def decode(
         self,

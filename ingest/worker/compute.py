@@ -131,16 +131,6 @@ class AttributionComputer:
 FEATURE_STATS_FILE = "feature_stats.json"
 
 
-def _tokens(entries: list[object]) -> list[str]:
-    out: list[str] = []
-    for entry in entries:
-        if isinstance(entry, dict):
-            out.append(str(entry.get("token", "")))
-        else:
-            out.append(str(entry))
-    return out
-
-
 def feature_records(transcoders_dir: str | Path, set_id: str) -> list[FeatureRecord]:
     """The catalog entries of a set from its ``feature_stats.json`` ([] when absent)."""
     path = Path(transcoders_dir) / FEATURE_STATS_FILE
@@ -152,17 +142,4 @@ def feature_records(transcoders_dir: str | Path, set_id: str) -> list[FeatureRec
         raise InvalidArgumentError(
             f"{path} is not valid JSON ({exc}): rerun 'circuitscope transcoders stats'"
         ) from exc
-    return [
-        FeatureRecord(
-            set_id=set_id,
-            layer=int(row["layer"]),
-            index=int(row["index"]),
-            density=row.get("density"),
-            max_activation=row.get("max_activation"),
-            top_tokens=_tokens(row.get("top_tokens", [])),
-            top_examples=list(row.get("top_examples", [])),
-            de_embedding_tokens=_tokens(row.get("top_tokens", [])),
-            output_tokens=_tokens(row.get("output_tokens", [])),
-        )
-        for row in rows
-    ]
+    return [FeatureRecord.from_stats(row, set_id) for row in rows]

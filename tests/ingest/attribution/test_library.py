@@ -109,3 +109,21 @@ def test_saving_an_artifact_records_where_it_lives(tmp_path) -> None:  # type: i
     uri = (tmp_path / "graph").resolve().as_uri()
     assert result.to_graph().metadata.artifact_uri == uri
     assert load_artifact(tmp_path / "graph").metadata.artifact_uri == uri
+
+
+def test_interventions_and_exports_name_a_wrong_argument(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ingest.attribution.export import export_circuit_tracer_json
+    from ingest.attribution.interventions import intervene
+
+    adp = m.adapter("neox", torch.float32)
+    tcs = m.transcoder_set(adp)
+    with pytest.raises(InvalidArgumentError, match="input_ids must be a .* got str.*tokenize"):
+        intervene(adp, tcs, "some text", [])  # type: ignore[arg-type]
+    result = attribute(adp, tcs, PROMPT)
+    with pytest.raises(InvalidArgumentError, match="takes an AttributionGraph.*to_graph"):
+        export_circuit_tracer_json(result, tmp_path / "g.json")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="is a directory: give a file path"):
+        export_circuit_tracer_json(result.to_graph(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
+    export_circuit_tracer_json(result.to_graph(), tmp_path / "g.json")
+    assert (tmp_path / "g.json").stat().st_size > 0

@@ -129,6 +129,10 @@ def test_bad_dtype_and_device(tmp_path: Path) -> None:
     directory, _ = _save(tmp_path, "gpt2")
     with pytest.raises(InvalidArgumentError, match="unsupported dtype"):
         load_model(str(directory), dtype=torch.int64)
+    with pytest.raises(InvalidArgumentError, match="unsupported dtype 'float65': use one of "):
+        load_model(str(directory), dtype="float65")
+    assert load_model(str(directory), dtype="float64").adapter.dtype == torch.float64
+    assert load_model(str(directory), dtype="torch.bfloat16").adapter.dtype == torch.bfloat16
     if not torch.cuda.is_available():
         with pytest.raises(UnavailableError, match="CUDA is not available"):
             load_model(str(directory), device="cuda")

@@ -83,11 +83,20 @@ def test_every_flagged_field_has_its_flag(capsys):
         ({"kl_lr": 0.0}, "kl_lr (--kl-lr) must be a finite number > 0"),
         ({"kl_batch": 0}, "kl_batch (--kl-batch) (windows per end-to-end step)"),
         ({"model_batch_size": -1}, "model_batch_size must be"),  # no flag: the field alone
+        ({"layers": "0,1"}, "layers (--layers) must be a non-empty sequence of layer numbers"),
+        ({"layers": ()}, "layers (--layers) must be a non-empty sequence"),
+        ({"layers": (0, -1)}, "layers (--layers) must be a non-empty sequence"),
+        ({"layers": (0, 1.0)}, "layers (--layers) must be a non-empty sequence"),
     ],
 )
 def test_config_errors_name_the_flag(change, message):
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         TrainConfig(**change)
+
+
+def test_layers_given_as_any_sequence_of_ints_become_a_tuple():
+    assert TrainConfig(layers=[1, 0]).layers == (1, 0)
+    assert TrainConfig(layers=range(2)).layers == (0, 1)  # type: ignore[arg-type]
 
 
 def test_the_firing_floor_is_on_by_default_for_batchtopk_only():

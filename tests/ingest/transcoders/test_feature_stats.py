@@ -254,3 +254,35 @@ def test_examples_are_the_same_when_latents_are_taken_a_few_at_a_time(monkeypatc
     monkeypatch.setattr(feature_stats, "_CHUNK_ENTRIES", 3 * 8 * 8)
     chunked = _stats(adapter, tset, source)
     assert tset.d_transcoder > 3 and chunked == whole
+
+
+def test_catalog_records_from_stats_rows_keep_each_list_in_its_field():
+    """FeatureRecord.from_stats: top_tokens are the tokens the feature fires on (its top
+    examples', distinct, strongest first), de_embedding_tokens the row's de-embedding
+    ("top_tokens" in the stats file), output_tokens the row's; a hand-built record with
+    token dicts is refused before it reaches the store."""
+    from ingest.graph import FeatureRecord
+
+    adapter = tiny_adapter()
+    tset = make_set(n_layers=2, fingerprint="")
+    source = PromptSource("random", _prompts(4, [], seed=3), _prompts(24, [], seed=4))
+    rows = compute_feature_stats(
+        adapter, tset, source, n_windows=24, batch_size=8, top_k=4, context=CONTEXT,
+        tokenizer=None,
+    )  # fmt: skip
+    firing = [r for r in rows if len({e["token"] for e in r["top_examples"]}) > 1]
+    assert firing
+    for row in rows:
+        record = FeatureRecord.from_stats(row, "set@abc")
+        assert (record.set_id, record.layer, record.index) == (
+            "set@abc",
+            row["layer"],
+            row["index"],
+        )
+        tokens = [e["token"] for e in row["top_examples"]]
+        assert record.top_tokens == list(dict.fromkeys(tokens))
+        assert record.de_embedding_tokens == [t["token"] for t in row["top_tokens"]]
+        assert record.output_tokens == [t["token"] for t in row["output_tokens"]]
+        assert record.top_examples == row["top_examples"]
+    with pytest.raises(InvalidArgumentError, match="top_tokens must be a list of token strings"):
+        FeatureRecord("set@abc", 0, 1, top_tokens=[{"id": 3, "token": "x"}])  # type: ignore[list-item]

@@ -479,3 +479,18 @@ def test_integer_row_weights_equal_repeated_rows():
         torch.testing.assert_close(weighted.mse, repeated.mse)
         torch.testing.assert_close(weighted.sparsity, repeated.sparsity)
         assert weighted.sparsity > 0
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "clt"])
+def test_set_inputs_of_another_width_or_dtype_are_refused_by_name(kind):
+    tset = make_set(kind=kind, skip=True)
+    layer, d = tset.layers[0], tset.d_model
+    x = torch.randn(3, d)
+    for method in (tset.encode, tset.pre_activations, tset.skip):
+        assert method(layer, x).shape[0] == 3
+        with pytest.raises(InvalidArgumentError, match=rf"shape \(3, {d - 1}\).*\(\.\.\., {d}\)"):
+            method(layer, x[:, :-1])
+        with pytest.raises(InvalidArgumentError, match="torch.float64 but the set's weights are"):
+            method(layer, x.double())
+        with pytest.raises(InvalidArgumentError, match="must be a torch.Tensor"):
+            method(layer, x.tolist())
