@@ -212,7 +212,11 @@ class CircuitsClient:
         top_k: int = 0,
         direction: Direction = "both",
     ) -> AttributionGraph:
-        """The neighbourhood of ``node_id`` (0 for the server's defaults: depth 1, top_k 10)."""
+        """The neighbourhood of ``node_id`` (0 for the server's defaults: depth 1, top_k 10).
+
+        GetSubgraph answers nodes and edges only: the metadata carries the graph_id and
+        nothing else (``list_graphs`` or ``get_graph`` give the rest).
+        """
         with _fields("GetSubgraph"):
             request = graph_service_pb2.GetSubgraphRequest(
                 graph_id=graph_id,

@@ -145,7 +145,7 @@ def transcoders_stage(ctx: DemoContext) -> list[str]:
 
 
 def ingest_stage(ctx: DemoContext) -> list[str]:
-    from ingest.store import open_store
+    from ingest.store import StoreConfig, open_store
     from ingest.worker.compute import AttributionComputer, feature_records
     from ingest.worker.keys import GraphSettings
     from ingest.worker.worker import IngestOptions, IngestWorker
@@ -171,8 +171,10 @@ def ingest_stage(ctx: DemoContext) -> list[str]:
     computer = AttributionComputer(
         ctx.results["loaded_model"], ctx.results["transcoder_set"], settings
     )
-    store = open_store()
+    asked = StoreConfig.from_env()
+    store = open_store(asked)
     ctx.results["store"] = store
+    ctx.results["store_line"] = asked.describe(store.config)
     options = IngestOptions(
         artifacts_dir=_demo_dir(ctx) / "artifacts", settings=settings, progress=ctx.progress
     )
@@ -181,7 +183,7 @@ def ingest_stage(ctx: DemoContext) -> list[str]:
     summary = worker.run(prompts)
     ctx.results["set_id"] = computer.set_id
     ctx.results["model_id"] = computer.model_id
-    return [f"prompts: {prompts}", *summary.lines()]
+    return [f"prompts: {prompts}", f"graph store: {ctx.results['store_line']}", *summary.lines()]
 
 
 def queries_stage(ctx: DemoContext) -> list[str]:
@@ -397,6 +399,7 @@ def _serve(ctx: DemoContext) -> list[str]:
         f"  circuitscope query --target {target} --token-file {token_file} graphs list "
         "--task greater_than",
         f"stop it with: kill {proc.pid}",
+        f"graph store: {ctx.results['store_line']}",
     ]
 
 

@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 def test_demo_runs_every_stage_and_leaves_a_working_server(capsys):
     from ingest.paths import home
+    from ingest.store import StoreConfig
 
     pids: list[int] = []
     try:
@@ -29,6 +30,11 @@ def test_demo_runs_every_stage_and_leaves_a_working_server(capsys):
         assert "graphs written:        4" in out
         assert "4 greater-than graphs stored for this set" in out
         assert ": SERVING" in out
+        # both places say which graph store holds the graphs (and how to stop an embedded one)
+        store_lines = [line for line in out.splitlines() if "graph store: " in line]
+        assert len(store_lines) == 2
+        if StoreConfig.from_env().embedded:
+            assert all("`circuitscope db stop" in line for line in store_lines)
         pids.append(int(re.search(r"gRPC server pid (\d+)", out).group(1)))
 
         # The printed client command works against the running server.
