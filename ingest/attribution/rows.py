@@ -99,7 +99,7 @@ def active_features(state: ReplacementState, extra: FeatureTarget | None = None)
         layers.append(torch.full((nz.shape[0],), layer, dtype=torch.long))
         poss.append(nz[:, 0].cpu())
         idxs.append(nz[:, 1].cpu())
-        acts.append(a[nz[:, 0], nz[:, 1]])
+        acts.append(a[nz[:, 0], nz[:, 1]] + 0.0)  # + 0.0: an inactive target's -0.0 reads 0.0
     if not layers:
         empty = torch.zeros(0, dtype=torch.long)
         return ActiveFeatures(empty, empty, empty, torch.zeros(0))

@@ -361,9 +361,7 @@ def evaluate_set(
     report["mean"] = {key: sum(v[key] for v in values) / len(values) for key in MEAN_METRICS}
     zoo_dir = None if zoo_dir is None else Path(zoo_dir).expanduser()
     if zoo_dir is not None and (zoo_dir / "zoo.json").is_file():
-        report["task"] = task_metric(
-            adapter, tset, zoo_dir, tokenizer, max_task_examples, split
-        )
+        report["task"] = task_metric(adapter, tset, zoo_dir, tokenizer, max_task_examples, split)
     return report
 
 

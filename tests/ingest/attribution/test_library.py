@@ -10,15 +10,24 @@ import torch
 
 from ingest.attribution.artifact import load_artifact, save_artifact
 from ingest.attribution.attribute import attribute
+from ingest.attribution.result import AttributionResult
 from ingest.attribution.targets import FeatureTarget, LogitDiffTarget, LogitTargets
 from ingest.errors import InvalidArgumentError
-from ingest.graph import NodeKind
+from ingest.graph import Node, NodeKind
 
 from . import models as m
 
 pytestmark = pytest.mark.unit
 
 PROMPT = [3, 17, 8, 25, 11, 3, 30]
+
+
+def _target_node(result: AttributionResult) -> Node:
+    """The feature node a FeatureTarget graph explains (the one node of weight 1)."""
+    assert result.node_weights is not None
+    weights = result.node_weights.tolist()
+    (node,) = [n for n, w in zip(result.nodes, weights, strict=True) if w]
+    return node
 
 
 def test_graphs_carry_the_catalog_set_id_and_the_given_model_id() -> None:
@@ -93,7 +102,7 @@ def test_a_feature_target_at_the_bos_position_is_refused() -> None:
         attribute(adp, tcs, [0, *PROMPT], target=FeatureTarget(1, 0, 0))
     # without a BOS, position 0 is an ordinary position
     graph = attribute(adp, tcs, PROMPT, target=FeatureTarget(1, 0, 0))
-    (target,) = [n for n, w in zip(graph.nodes, graph.node_weights.tolist()) if w]  # type: ignore[union-attr]
+    target = _target_node(graph)
     assert target.kind is NodeKind.FEATURE and target.pos == 0
 
 
@@ -117,13 +126,28 @@ def test_interventions_and_exports_name_a_wrong_argument(tmp_path) -> None:  # t
 
     adp = m.adapter("neox", torch.float32)
     tcs = m.transcoder_set(adp)
-    with pytest.raises(InvalidArgumentError, match="input_ids must be a .* got str.*tokenize"):
+    with pytest.raises(InvalidArgumentError, match=r"input_ids must be a .* got str.*tokenize"):
         intervene(adp, tcs, "some text", [])  # type: ignore[arg-type]
     result = attribute(adp, tcs, PROMPT)
-    with pytest.raises(InvalidArgumentError, match="takes an AttributionGraph.*to_graph"):
+    with pytest.raises(InvalidArgumentError, match=r"takes an AttributionGraph.*to_graph"):
         export_circuit_tracer_json(result, tmp_path / "g.json")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="is a directory: give a file path"):
         export_circuit_tracer_json(result.to_graph(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
     export_circuit_tracer_json(result.to_graph(), tmp_path / "g.json")
     assert (tmp_path / "g.json").stat().st_size > 0
+
+
+def test_an_inactive_feature_target_reads_zero_not_minus_zero() -> None:
+    import math
+
+    from ingest.attribution.replacement import build_replacement
+
+    adp = m.adapter("neox", torch.float64)
+    tcs = m.transcoder_set(adp, arch="batchtopk")  # pre * (pre > threshold): -0.0 below
+    state = build_replacement(adp, tcs, torch.tensor([PROMPT]))
+    pre = tcs.pre_activations(1, state.mlp_in[1][0, -1])
+    index = int(torch.nonzero((pre < 0) & (state.activations[1][-1] == 0)).flatten()[0])
+    result = attribute(adp, tcs, PROMPT, target=FeatureTarget(1, index))
+    target = _target_node(result)
+    assert target.activation == 0.0 and math.copysign(1.0, target.activation) == 1.0

@@ -490,7 +490,7 @@ def test_set_inputs_of_another_width_or_dtype_are_refused_by_name(kind):
         assert method(layer, x).shape[0] == 3
         with pytest.raises(InvalidArgumentError, match=rf"shape \(3, {d - 1}\).*\(\.\.\., {d}\)"):
             method(layer, x[:, :-1])
-        with pytest.raises(InvalidArgumentError, match="torch.float64 but the set's weights are"):
+        with pytest.raises(InvalidArgumentError, match=r"torch\.float64 but the set.s weights are"):
             method(layer, x.double())
-        with pytest.raises(InvalidArgumentError, match="must be a torch.Tensor"):
+        with pytest.raises(InvalidArgumentError, match=r"must be a torch\.Tensor"):
             method(layer, x.tolist())
