@@ -33,7 +33,7 @@ from ingest.graph import (
     ModelRecord,
     TranscoderSetRecord,
 )
-from ingest.store import cypher, writes
+from ingest.store import cursors, cypher, writes
 from ingest.store.base import (
     BatchCallback,
     Direction,
@@ -137,7 +137,9 @@ class BoltGraphStore(BoltConnection, GraphStore):
         if not scope:
             raise NotFoundError(
                 f"{name} is not in the catalog, and no transcoder set {set_id!r} is "
-                "registered: check the set id (ingesting graphs registers their set)"
+                "registered: check the set id, or register the set first with "
+                "store.upsert_transcoder_set(...) (ingest jobs register theirs; writing a "
+                "graph does not)"
             )
         width, n_layers = scope[0]["width"], scope[0]["n_layers"]
         if width is not None and index >= width:
@@ -267,24 +269,39 @@ class BoltGraphStore(BoltConnection, GraphStore):
             "prompt": prompt_contains.lower() if prompt_contains else None,
             "limit": limit + 1,
         }
+        listing = cursors.GRAPHS_NEWEST if newest_first else cursors.GRAPHS_BY_ID
+        after = self._graph_cursor(listing, cursor, timeout)
         if newest_first:
-            created, after_id = _split_cursor(cursor, (2**62, ""))
-            params.update(after_created=int(created), after_id=str(after_id))
-            if cursor is None:
-                params["after_id"] = "\U0010ffff"
+            created, after_id = cursors.time_and_id(after) if after else (2**62, "\U0010ffff")
+            params.update(after_created=created, after_id=after_id)
             query = cypher.LIST_GRAPHS_NEWEST
         else:
-            params["after_id"] = _check_cursor(cursor) or ""
+            params["after_id"] = after or ""
             query = cypher.LIST_GRAPHS_BY_ID
         rows = self.read_rows(query, params, timeout, "list graphs")
         items = [summary_from_props(r["p"]) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]["p"]
-            next_cursor = (
-                f"{last['created_at']}:{last['graph_id']}" if newest_first else last["graph_id"]
-            )
+            key = f"{last['created_at']}:{last['graph_id']}" if newest_first else last["graph_id"]
+            next_cursor = cursors.make(listing, key)
         return Page(items, next_cursor)
+
+    def _graph_cursor(self, listing: str, cursor: object, timeout: float | None) -> str | None:
+        """The key in a graph-id ``cursor`` of ``listing`` (None: the first page). A bare
+        key, as handed out before cursors were tagged, is taken while its graph is
+        stored; InvalidArgumentError for anything else (:mod:`ingest.store.cursors`)."""
+        found = cursors.read(listing, cursor)
+        if found is None:
+            return None
+        key, vouched = found
+        if not vouched:
+            graph_id = cursors.graph_key(listing, key)
+            if not self.read_rows(
+                cypher.GRAPH_KNOWN, {"graph_id": graph_id}, timeout, "check a cursor"
+            ):
+                raise cursors.malformed(cursor)
+        return key
 
     def subgraph(
         self,
@@ -397,7 +414,7 @@ class BoltGraphStore(BoltConnection, GraphStore):
                 "set_id": set_id,
                 "layer": layer,
                 "index": index,
-                "after": _check_cursor(cursor) or "",
+                "after": self._graph_cursor(cursors.FEATURE_OCCURRENCES, cursor, timeout) or "",
                 "limit": limit + 1,
             },
             timeout,
@@ -410,7 +427,10 @@ class BoltGraphStore(BoltConnection, GraphStore):
             for r in rows[:limit]
             for o in sorted(r["occ"], key=lambda o: (o["pos"], o["node_id"]))
         ]
-        return Page(items, rows[limit - 1]["graph_id"] if len(rows) > limit else None)
+        last = rows[limit - 1]["graph_id"] if len(rows) > limit else None
+        return Page(
+            items, None if last is None else cursors.make(cursors.FEATURE_OCCURRENCES, last)
+        )
 
     def get_feature(
         self, set_id: str, layer: int, index: int, *, timeout: float | None = None
@@ -440,7 +460,7 @@ class BoltGraphStore(BoltConnection, GraphStore):
         timeout: float | None = None,
     ) -> Page[FeatureRecord]:
         check_range("limit", limit, 1, MAX_PAGE)
-        after_layer, after_index = _split_cursor(cursor, (-1, -1))
+        after_layer, after_index = cursors.layer_and_index(cursor) or (-1, -1)
         rows = self.read_rows(
             cypher.SEARCH_FEATURES,
             {
@@ -448,15 +468,17 @@ class BoltGraphStore(BoltConnection, GraphStore):
                 "layer": layer,
                 "label": label_contains.lower() if label_contains else None,
                 "token": token or None,
-                "after_layer": int(after_layer),
-                "after_index": int(after_index),
+                "after_layer": after_layer,
+                "after_index": after_index,
                 "limit": limit + 1,
             },
             timeout,
             "search features",
         )
         items = [feature_from_props(r["p"]) for r in rows[:limit]]
-        next_cursor = f"{items[-1].layer}:{items[-1].index}" if len(rows) > limit else None
+        next_cursor = None
+        if len(rows) > limit:
+            next_cursor = cursors.make_catalog(items[-1].layer, items[-1].index)
         return Page(items, next_cursor)
 
     def query(
@@ -467,41 +489,6 @@ class BoltGraphStore(BoltConnection, GraphStore):
         timeout: float | None = None,
     ) -> list[dict[str, Any]]:
         return self.read_rows(cypher_text, dict(parameters or {}), timeout, "run a query")
-
-
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-def _malformed(cursor: object) -> InvalidArgumentError:
-    return InvalidArgumentError(
-        f"malformed page token (cursor) {cursor!r:.100}; pass the next page token (next_cursor) "
-        "of the previous page unchanged, or none for the first page"
-    )
-
-
-def _check_cursor(cursor: object) -> str | None:
-    """``cursor`` when it is None or a string; InvalidArgumentError otherwise."""
-    if cursor is not None and not isinstance(cursor, str):
-        raise _malformed(cursor)
-    return cursor
-
-
-def _split_cursor(cursor: object, default: tuple[Any, Any]) -> tuple[Any, Any]:
-    """Decode an ``a:b`` keyset cursor (``a`` an int64, ``b`` an int64 or a string, as
-    in ``default``); InvalidArgumentError on a malformed one."""
-    checked = _check_cursor(cursor)
-    if checked is None:
-        return default
-    head, sep, tail = checked.partition(":")
-    try:
-        if not sep:
-            raise ValueError(cursor)
-        parts = (int(head), tail if isinstance(default[1], str) else int(tail))
-    except ValueError:
-        raise _malformed(cursor) from None
-    if not all(_INT64[0] <= v <= _INT64[1] for v in parts if isinstance(v, int)):
-        raise _malformed(cursor)
-    return parts
 
 
 def _head(tx: ManagedTransaction, graph_id: str) -> dict[str, Any]:

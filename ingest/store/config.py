@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.errors import InvalidArgumentError
@@ -37,17 +37,19 @@ def default_data_dir() -> Path:
 class StoreConfig:
     """How to reach the graph store.
 
-    ``uri`` None means the embedded server in ``data_dir``. ``query_timeout_s`` is the
+    ``uri`` None means the embedded server in ``data_dir``. The repr leaves out the
+    password (use :meth:`redacted` to describe the store). ``query_timeout_s`` is the
     default per-transaction time limit (each call may pass its own, e.g. a gRPC
     deadline); ``connect_timeout_s`` bounds connecting and the readiness check.
-    ``retry_time_s`` is how long the driver keeps retrying a transaction that failed
+    ``retry_time_s`` is how long the store keeps retrying a transaction that failed
     transiently (a dropped connection, a deadlock) before the call fails; callers that
     must outlast an outage (the ingest worker) wait it out themselves.
     """
 
     uri: str | None = None
     user: str = "neo4j"
-    password: str | None = None
+    # out of the repr: a printed config (a notebook cell's output) must not show it
+    password: str | None = field(default=None, repr=False)
     database: str = "neo4j"
     data_dir: Path | None = None
     batch_size: int = DEFAULT_BATCH_SIZE

@@ -154,6 +154,9 @@ GRAPH_SUMMARY: Final = (
     "MATCH (g:Graph {graph_id: $graph_id}) WHERE g.status = 'complete' RETURN properties(g) AS p"
 )
 
+# Whether a :Graph node (of any status) has this id: checks an untagged page cursor.
+GRAPH_KNOWN: Final = "MATCH (g:Graph {graph_id: $graph_id}) RETURN g.graph_id AS graph_id"
+
 # The write id of each complete graph among $graph_ids: a fresh id is set whenever a
 # graph is claimed for writing or marked for deletion, so it is the graph's revision.
 GRAPH_REVISIONS: Final = (

@@ -14,6 +14,9 @@ process (the JVM never shares a process with torch). Its data directory (default
 and waits until Bolt answers (the JVM takes 5-10 s). A lock file serialises starters.
 :func:`stop` sends SIGTERM and waits for a clean shutdown. :func:`embedded_server` is
 a context manager for tests and tools: it yields a :class:`StoreConfig` for the server.
+:func:`config_for` gives the config of a running server; :func:`stopped` tells the
+store that the server a config points at is down, so that its calls fail at once
+instead of retrying connections that a stopped server refuses.
 """
 
 from __future__ import annotations
@@ -190,13 +193,15 @@ def _pid(data_dir: Path) -> int | None:
     return pid if _alive(pid, data_dir) else None
 
 
-def config_for(data_dir: Path | str | None = None, **overrides: Any) -> StoreConfig:
-    """The StoreConfig of the embedded server in ``data_dir`` (which must have been started)."""
-    root = _resolve(data_dir)
+def _config(root: Path, **overrides: Any) -> StoreConfig:
+    """The StoreConfig of the server of ``root`` as ``server.json`` records it, running
+    or not; FailedPreconditionError when none was ever started there."""
     state = _read_state(root)
     if state is None:
         raise FailedPreconditionError(
             f"no embedded graph server was ever started in {root}; run `circuitscope db start`"
+            f"{_data_dir_flag(root)}, or `ingest.store.embedded.start({_data_dir_arg(root)})` "
+            "in Python"
         )
     return StoreConfig(
         uri=f"bolt://127.0.0.1:{state['bolt_port']}",
@@ -206,6 +211,50 @@ def config_for(data_dir: Path | str | None = None, **overrides: Any) -> StoreCon
         data_dir=root,
         **overrides,
     )
+
+
+def config_for(data_dir: Path | str | None = None, **overrides: Any) -> StoreConfig:
+    """The StoreConfig of the embedded server running in ``data_dir`` (e.g. started by
+    ``circuitscope db start``). UnavailableError when it is not running (it would refuse
+    every connection), FailedPreconditionError when none was ever started there:
+    :func:`start` starts it and returns the same config."""
+    root = _resolve(data_dir)
+    config = _config(root, **overrides)
+    if _pid(root) is None:
+        raise not_running(root)
+    return config
+
+
+def _data_dir_flag(root: Path) -> str:
+    return "" if root == default_data_dir().resolve() else f" --data-dir {root}"
+
+
+def _data_dir_arg(root: Path) -> str:
+    return "" if root == default_data_dir().resolve() else repr(str(root))
+
+
+def not_running(data_dir: Path | str | None, context: str = "") -> UnavailableError:
+    """The error for a stopped embedded server, ``context`` following its first words."""
+    root = _resolve(data_dir)
+    return UnavailableError(
+        f"the embedded graph server of {root} is not running{context}; start it with "
+        f"`circuitscope db start{_data_dir_flag(root)}` or, in Python, "
+        f"`ingest.store.embedded.start({_data_dir_arg(root)})`, then retry"
+    )
+
+
+def stopped(config: StoreConfig) -> bool:
+    """Whether ``config`` is that of an embedded server (its ``data_dir`` records its
+    ``uri``) whose process is not running: connections are refused until a start, so
+    retrying them is pointless. Cheap: two small file reads, no connection."""
+    if config.data_dir is None or config.uri is None:
+        return False
+    root = _resolve(config.data_dir)
+    try:
+        recorded = _config(root).uri
+    except FailedPreconditionError:
+        return False
+    return recorded == config.uri and _pid(root) is None
 
 
 def _answers(config: StoreConfig, timeout: float) -> bool:
@@ -249,7 +298,7 @@ def status(data_dir: Path | str | None = None) -> ServerStatus:
     pid = _pid(root)
     if pid is None or _read_state(root) is None:
         return ServerStatus(root, False, None, None, False)
-    config = config_for(root)
+    config = _config(root)
     return ServerStatus(root, True, pid, config.uri, _answers(config, 5.0))
 
 
@@ -311,7 +360,7 @@ def start(
     with _lock(root):
         pid = _pid(root)
         if pid is not None:
-            config = config_for(root, **overrides)
+            config = _config(root, **overrides)
             if _answers(config, 10.0):
                 logger.info("reusing embedded graph server pid %d at %s", pid, config.uri)
                 return config
@@ -355,7 +404,7 @@ def start(
             )
         try:
             (root / PID_FILE).write_text(str(proc.pid))
-            config = config_for(root, **overrides)
+            config = _config(root, **overrides)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 if proc.poll() is not None:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from ingest.errors import ResourceExhaustedError, UnavailableError
 from ingest.store import StoreConfig, embedded, open_store
+from ingest.store.bolt import BoltGraphStore
 from service.cli import main
 from tests.ingest.store.helpers import make_graph
 
@@ -27,8 +30,79 @@ def _free_port() -> int:
 
 def test_unreachable_server_raises_unavailable() -> None:
     config = StoreConfig(uri=f"bolt://127.0.0.1:{_free_port()}", password="x", connect_timeout_s=2)
-    with pytest.raises(UnavailableError, match="unreachable"):
+    with pytest.raises(UnavailableError, match="unreachable") as info:
         open_store(config)
+    _one_line_naming_the_cli_and_python(str(info.value))
+
+
+def _one_line_naming_the_cli_and_python(message: str) -> None:
+    assert "\n" not in message, message
+    assert "`circuitscope db start" in message and "ingest.store.embedded.start(" in message
+
+
+def test_a_refused_server_is_retried_quietly_for_retry_time_s(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server given by URI may be restarting: connections refused are retried, for
+    # retry_time_s and no longer, logging one line per retry below WARNING.
+    config = StoreConfig(uri=f"bolt://127.0.0.1:{_free_port()}", password="x", retry_time_s=1.5)
+    store = BoltGraphStore(config)
+    caplog.set_level(logging.DEBUG)
+    try:
+        asked = time.monotonic()
+        with pytest.raises(UnavailableError, match="connection refused") as info:
+            store.list_graphs()
+        took = time.monotonic() - asked
+    finally:
+        store.close()
+    assert 1.4 < took < 3.0, took
+    assert info.value.retried_for_s == 1.5
+    _one_line_naming_the_cli_and_python(str(info.value))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert retries and all("\n" not in m for m in retries)
+
+
+def test_calls_on_a_stopped_embedded_server_fail_at_once_saying_how_to_start_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "db"
+    with embedded.embedded_server(data_dir, heap="512m") as config, open_store(config) as store:
+        store.write_graph(make_graph("kept", seed=1, n_layers=1, n_pos=2))
+        embedded.stop(data_dir)
+        caplog.set_level(logging.INFO)
+        for call in (store.list_graphs, lambda: store.get_graph("kept")):
+            asked = time.monotonic()
+            with pytest.raises(UnavailableError, match="is not running") as info:
+                call()
+            assert time.monotonic() - asked < 1.0  # the driver's retries took ~7 s
+            message = str(info.value)
+            _one_line_naming_the_cli_and_python(message)
+            assert f"--data-dir {data_dir.resolve()}" in message
+            assert info.value.retried_for_s is None
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        # As its docstring says, config_for needs a running server; so does open_store.
+        with pytest.raises(UnavailableError, match="is not running") as info:
+            embedded.config_for(data_dir)
+        _one_line_naming_the_cli_and_python(str(info.value))
+        with pytest.raises(UnavailableError, match="is not running"):
+            open_store(config)
+        # Started again, the server serves the store still open, and config_for works.
+        again = embedded.start(data_dir, heap="512m")
+        assert embedded.config_for(data_dir) == again
+        with open_store(again) as reopened:
+            assert reopened.get_graph_summary("kept").n_nodes > 0
+        if again.uri == config.uri:  # the restart kept its port (the usual case)
+            assert [s.graph_id for s in store.list_graphs().items] == ["kept"]
+    assert not embedded.status(data_dir).running
+
+
+def test_a_printed_config_hides_the_password(arcadedb_config: StoreConfig) -> None:
+    assert arcadedb_config.password
+    assert arcadedb_config.data_dir is not None
+    reused = embedded.start(arcadedb_config.data_dir, heap="1g")
+    for config in (arcadedb_config, reused, embedded.config_for(arcadedb_config.data_dir)):
+        assert arcadedb_config.password not in repr(config), repr(config)
 
 
 def test_wrong_password_raises_unavailable(arcadedb_config: StoreConfig) -> None:

@@ -133,6 +133,14 @@ def test_store_config_from_env() -> None:
             StoreConfig(retry_time_s=retry_time_s)
 
 
+def test_a_printed_store_config_hides_the_password() -> None:
+    config = StoreConfig(uri="bolt://db:7687", user="u", password="s3cret-pw")
+    assert "s3cret-pw" not in repr(config) and "s3cret-pw" not in str(config)
+    assert "password" not in repr(config) and "bolt://db:7687" in repr(config)
+    assert config.password == "s3cret-pw"  # still there for the driver
+    assert "s3cret-pw" not in repr(StoreConfig.from_env({"NEO4J_PASSWORD": "s3cret-pw"}))
+
+
 def test_paths_query_bound_is_validated() -> None:
     assert "*1..4]" in cypher.paths_query(4, "product")
     with pytest.raises(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 
 import networkx as nx
 import numpy as np
@@ -284,7 +285,7 @@ def test_feature_catalog(store: GraphStore, uid: str) -> None:
         store.set_feature_label(set_id, 0, 128, "x")
     with pytest.raises(InvalidArgumentError, match=r"3-layer model; use layer 0\.\.2"):
         store.set_feature_label(set_id, 3, 0, "x")
-    with pytest.raises(NotFoundError, match="no transcoder set"):
+    with pytest.raises(NotFoundError, match=r"no transcoder set.*upsert_transcoder_set"):
         store.set_feature_label(f"{uid}-nosuchset", 0, 1, "x")
     count = store.query(
         "MATCH (f:Feature) WHERE f.set_id STARTS WITH $u RETURN count(f) AS c", {"u": uid}
@@ -332,6 +333,76 @@ def test_list_graphs_keyset_pagination(store: GraphStore, uid: str) -> None:
         store.list_graphs(limit=0)
     with pytest.raises(InvalidArgumentError):
         store.list_graphs(newest_first=True, cursor="not-a-cursor")
+
+
+def test_only_cursors_the_store_handed_out_are_taken(store: GraphStore, uid: str) -> None:
+    model = f"{uid}-cursors"
+    ids = [f"{uid}-cur-{i}" for i in range(4)]
+    for i, gid in enumerate(ids):
+        store.write_graph(make_graph(gid, seed=i, n_layers=1, n_pos=2, model_id=model))
+    by_id = store.list_graphs(model_id=model, limit=1)
+    newest = store.list_graphs(model_id=model, limit=1, newest_first=True)
+    assert by_id.next_cursor and newest.next_cursor
+
+    def refused(**kw: object) -> None:
+        with pytest.raises(InvalidArgumentError, match=r"not a page token.*handed out") as info:
+            store.list_graphs(model_id=model, limit=1, **kw)  # type: ignore[arg-type]
+        assert "next_cursor" in str(info.value) and "first page" in str(info.value)
+
+    # Made-up strings, an edited cursor, and one listing's cursor passed to the other.
+    refused(cursor="abc")
+    refused(cursor=f"{uid}-no-such-graph")
+    refused(cursor=by_id.next_cursor.replace(ids[0], ids[1]))
+    refused(cursor="", newest_first=True)
+    refused(cursor="abc", newest_first=True)
+    refused(cursor=f"1:{uid}-no-such-graph", newest_first=True)
+    refused(cursor=by_id.next_cursor, newest_first=True)
+    refused(cursor=newest.next_cursor)
+    with pytest.raises(InvalidArgumentError, match="handed out"):
+        store.graphs_with_feature("x", 0, 0, cursor="abc")
+
+    def page(**kw: object) -> list[str]:
+        got = store.list_graphs(model_id=model, limit=1, **kw)  # type: ignore[arg-type]
+        return [s.graph_id for s in got.items]
+
+    # Cursors handed out before they were tagged (a bare graph id; created_at:graph_id)
+    # still work while their graph is stored, and give the same pages.
+    created = store.query("MATCH (g:Graph {graph_id: $g}) RETURN g.created_at AS c", {"g": ids[3]})
+    bare_newest = f"{created[0]['c']}:{ids[3]}"
+    assert page(cursor=ids[0]) == page(cursor=by_id.next_cursor) == [ids[1]]
+    assert page(cursor=bare_newest, newest_first=True) == [ids[2]]
+    assert page(cursor=newest.next_cursor, newest_first=True) == [ids[2]]
+    # A handed-out cursor outlives its graph.
+    assert store.delete_graph(ids[0])
+    assert page(cursor=by_id.next_cursor) == [ids[1]]
+    refused(cursor=ids[0])
+
+
+def test_errors_in_a_query_or_its_values_are_invalid_arguments(store: GraphStore, uid: str) -> None:
+    def invalid(call: Callable[[], object], *needles: str) -> None:
+        with pytest.raises(InvalidArgumentError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message and all(n in message for n in needles), message
+
+    invalid(
+        lambda: store.query("MATCH (g:Graph {graph_id: $graph_id}) RETURN g.graph_id"),
+        "could not run a query",
+        "graph_id",
+        "pass a value for every $parameter",
+    )
+    invalid(
+        lambda: store.query("RETURN 1 + $x AS y", {"x": {"a": 1}}),
+        "could not run a query",
+        "check the types of the values passed",
+    )
+    invalid(lambda: store.query("RETURN $x AS y", {"x": object()}), "a value passed has a type")
+    invalid(lambda: store.query("RETURN nosuch AS y"), "nosuch", "fix the Cypher")
+    # A value of a type no property takes (a map), in a field the record does not check.
+    bad = FeatureRecord(f"{uid}-set", 0, 1, density={"a": 1.0})  # type: ignore[arg-type]
+    invalid(lambda: store.upsert_features([bad]), "could not store features", "record fields")
+    rows = store.query("MATCH (f:Feature {set_id: $s}) RETURN count(f) AS c", {"s": bad.set_id})
+    assert rows == [{"c": 0}]
 
 
 def test_values_are_parameters_not_cypher(store: GraphStore, uid: str) -> None:
