@@ -54,11 +54,14 @@ def serve(data_dir: Path, heap: str, command_timeout_s: float) -> int:
             "bolt_port": state["bolt_port"],
         },
         # -Xrs: the JVM leaves SIGTERM/SIGINT to Python, so they stop the server cleanly.
+        # Without SIGQUIT the JVM would open its attach socket at start, and leave
+        # /tmp/.java_pid<pid> behind: no attaching, so no file.
         # ArcadeDB ignores the Bolt transaction timeout: arcadedb.command.timeout bounds
         # every query server-wide instead (read from the JVM's system properties).
         jvm_kwargs={
             "heap_size": heap,
-            "jvm_args": f"-Xrs -Darcadedb.command.timeout={int(command_timeout_s * 1000)}",
+            "jvm_args": "-Xrs -XX:+DisableAttachMechanism "
+            f"-Darcadedb.command.timeout={int(command_timeout_s * 1000)}",
         },
     )
     pid_file = data_dir / "server.pid"

@@ -141,6 +141,8 @@ def test_db_cli_start_status_stop(
         assert "--heap and --command-timeout-s apply at its next start" in capsys.readouterr().out
         assert embedded.status(data_dir).pid == pid
         assert pid is not None and os.path.exists(f"/proc/{pid}")
+        # no attach socket: a stopped JVM used to leave /tmp/.java_pid<pid> behind
+        assert not os.path.exists(f"/tmp/.java_pid{pid}")
         graph = make_graph("persisted", seed=1, n_layers=1, n_pos=2)
         with open_store(embedded.config_for(data_dir)) as store:
             store.write_graph(graph)
