@@ -171,10 +171,8 @@ def ingest_stage(ctx: DemoContext) -> list[str]:
     computer = AttributionComputer(
         ctx.results["loaded_model"], ctx.results["transcoder_set"], settings
     )
-    asked = StoreConfig.from_env()
-    store = open_store(asked)
+    store = open_store(StoreConfig.from_env())
     ctx.results["store"] = store
-    ctx.results["store_line"] = asked.describe(store.config)
     options = IngestOptions(
         artifacts_dir=_demo_dir(ctx) / "artifacts", settings=settings, progress=ctx.progress
     )
@@ -183,7 +181,15 @@ def ingest_stage(ctx: DemoContext) -> list[str]:
     summary = worker.run(prompts)
     ctx.results["set_id"] = computer.set_id
     ctx.results["model_id"] = computer.model_id
-    return [f"prompts: {prompts}", f"graph store: {ctx.results['store_line']}", *summary.lines()]
+    return [f"prompts: {prompts}", _store_line(ctx), *summary.lines()]
+
+
+def _store_line(ctx: DemoContext) -> str:
+    """Which graph store the demo's graphs are in and, for the embedded server (which
+    outlives the demo), how to stop it."""
+    from ingest.store import StoreConfig
+
+    return f"graph store: {StoreConfig.from_env().describe(ctx.results['store'].config)}"
 
 
 def queries_stage(ctx: DemoContext) -> list[str]:
@@ -399,7 +405,7 @@ def _serve(ctx: DemoContext) -> list[str]:
         f"  circuitscope query --target {target} --token-file {token_file} graphs list "
         "--task greater_than",
         f"stop it with: kill {proc.pid}",
-        f"graph store: {ctx.results['store_line']}",
+        _store_line(ctx),
     ]
 
 
