@@ -47,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _cli import command_line, int_in, path, positive, run_main  # benchmarks/_cli.py
 from _machine import cpu_name  # benchmarks/_machine.py
 
 from ingest.models import load_model
@@ -125,18 +126,23 @@ def flip_distances(
     return sum(distances.values()), distances
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="zoo model directory")
+    parser.add_argument("--model", type=path, required=True, help="zoo model directory")
     parser.add_argument("--split", choices=("train", "heldout"), default="train")
-    parser.add_argument("--max-prompts", type=int, default=20_000)
-    parser.add_argument("--sets", type=Path, nargs="*", default=[], help="transcoder sets, SAEs")
-    parser.add_argument("--cyclic", type=int, default=0, help="answers are residues mod P")
+    parser.add_argument("--max-prompts", type=positive, default=20_000)
+    parser.add_argument("--sets", type=path, nargs="*", default=[], help="transcoder sets, SAEs")
+    parser.add_argument(
+        "--cyclic", type=int_in(0), default=0, help="answers are residues mod P (0: not)"
+    )
     args = parser.parse_args()
 
     task = task_for_spec(read_manifest(args.model).spec)
     loaded = load_model(str(args.model))
     adapter, tokenizer = loaded.adapter, loaded.tokenizer
+    tsets = [load_any(p) for p in args.sets]
+    for tset in tsets:
+        tset.check_fits(adapter)  # a set trained for another model: one line, exit 2
     examples = task.generate(args.split)[: args.max_prompts]
     answer_ids: dict[str, int] = {}
     by_length: dict[int, list[tuple[list[int], int]]] = defaultdict(list)
@@ -168,10 +174,7 @@ def main() -> None:
     print()
     print(f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%MZ}; machine: "
           f"{platform.node()}, {cpu_name()}, torch {torch.__version__}")  # fmt: skip
-    sets = "".join(f" {path}" for path in args.sets)
-    command = f"python3 benchmarks/answer_structure.py --model {args.model}"
-    cyclic = f" --cyclic {args.cyclic}" if args.cyclic else ""
-    print(f"- command: `{command}{' --sets' + sets if sets else ''}{cyclic} --split {args.split}`")
+    print(f"- command: `{command_line()}`")
     print(f"- {len(groups)} {args.split} prompts, {len(answer_ids)} distinct first answers")
     print()
     print("| layer | site | R^2 by answer | components 90% | components 99% |")
@@ -184,7 +187,7 @@ def main() -> None:
                 f"{components(v, 0.9)} | {components(v, 0.99)} |"
             )
     if not args.sets:
-        return
+        return 0
     print()
     print(f"Latents at the answer ({len(answer_ids)} answers; purity 1 / answers = "
           f"{1 / len(answer_ids):.3f} means no preference):")  # fmt: skip
@@ -194,8 +197,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     encoded = []  # per set: (path, set, {layer: its activations at the answer})
-    for path in args.sets:
-        tset = load_any(path)
+    for set_dir, tset in zip(args.sets, tsets, strict=True):
         read = outputs if tset.kind == "sae" else inputs
         with torch.no_grad():
             acts = {
@@ -204,28 +206,31 @@ def main() -> None:
                 .cpu()
                 for layer in tset.layers
             }
-        encoded.append((path, tset, acts))
+        encoded.append((set_dir, tset, acts))
         for layer, layer_acts in acts.items():
             m = answer_purity(layer_acts, group_ids)
             print(
-                f"| {path.name} | {tset.kind} | {layer} | {m['l0']:.2f} | {m['r2']:.3f} | "
+                f"| {set_dir.name} | {tset.kind} | {layer} | {m['l0']:.2f} | {m['r2']:.3f} | "
                 f"{m['purity']:.3f} | {m['answer_share']:.3f} |"
             )
     if not args.cyclic:
-        return
+        return 0
     print()
     print(f"In the Fourier basis of the {args.cyclic} residues, and spliced into the model:")
     print()
     print("| set | layer | top frequency's share | effective frequencies | top-1 changed | "
           "distances of the changed answers (count) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    for path, tset, acts in encoded:
+    for set_dir, tset, acts in encoded:
         changed, distances = flip_distances(adapter, tset, chunks, tokenizer, args.cyclic)
         shown = ", ".join(f"{d} ({n})" for d, n in distances.most_common(6))
         for layer, layer_acts in acts.items():
             top, effective = fourier_spread(layer_acts, group_ids, args.cyclic)
-            print(f"| {path.name} | {layer} | {top:.3f} | {effective:.1f} | {changed} | {shown} |")
+            print(
+                f"| {set_dir.name} | {layer} | {top:.3f} | {effective:.1f} | {changed} | {shown} |"
+            )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

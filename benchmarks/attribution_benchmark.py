@@ -6,8 +6,8 @@ per-layer transcoder set (d_transcoder 512, k active latents per token, so about
 ``T * n_layers * k`` active features), and times :func:`ingest.attribution.attribute.attribute`
 for prompt lengths 16 .. 512. Each length runs in a fresh subprocess, so the peak
 resident memory (CPU) or the peak CUDA memory is that of one graph. Reports seconds,
-active features, backward passes and peak memory, and writes
-``benchmarks/results/attribution.md``.
+active features, backward passes and peak memory: prints the table (machine, date,
+command) and writes it to ``--out`` (default ``benchmarks/results/attribution.md``).
 
     python3 benchmarks/attribution_benchmark.py                 # 16 .. 512 tokens, CPU
     python3 benchmarks/attribution_benchmark.py --lengths 16 64 --device cuda
@@ -20,8 +20,9 @@ instead, on held-out examples of each checkpoint's zoo task drawn at random: one
 per example for a logit difference (IOI, modular addition: correct minus counterfactual
 answer; greater-than: the most likely later minus the most likely earlier year), f(k) of
 every edge scoring method under edge and node patching, with the task metric (the
-probability difference for greater-than); writes
-``benchmarks/results/attribution_faithfulness.md`` and ``attribution_faithfulness.png``.
+probability difference for greater-than); prints the tables and writes them to ``--out``
+(default ``benchmarks/results/attribution_faithfulness.md``), the plot beside it
+(``--out`` with the suffix ``.png``; with ``--no-write`` neither is kept).
 """
 
 from __future__ import annotations
@@ -29,19 +30,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "attribution.md"
-FAITH_RESULTS = ROOT / "benchmarks" / "results" / "attribution_faithfulness.md"
-FAITH_PLOT = ROOT / "benchmarks" / "results" / "attribution_faithfulness.png"
+from _cli import (
+    REPO,
+    RESULTS,
+    check_out,
+    command_line,
+    device_name,
+    finite_at_least,
+    path,
+    positive,
+    run_main,
+    write_results,
+)
+from _machine import cpu_name
+
 TARGET_SECONDS = 2.0
 
 
@@ -148,6 +159,7 @@ def faithfulness_task(model_dir: Path, tc_dir: Path, args: argparse.Namespace) -
 
     loaded = load_model(str(model_dir), device=args.device)
     tcs = load_any(tc_dir)
+    tcs.check_fits(loaded.adapter)
     task = task_for_spec(read_manifest(model_dir).spec)
     tok, adapter = loaded.tokenizer, loaded.adapter
 
@@ -301,9 +313,6 @@ def faithfulness_study(args: argparse.Namespace) -> int:
     from ingest.attribution.faithfulness import DEFAULT_FRACTIONS
 
     torch.set_num_threads(args.threads)
-    if len(args.faithfulness_model) != len(args.faithfulness_transcoders):
-        print("give one --faithfulness-transcoders directory per model", file=sys.stderr)
-        return 2
     studies = []
     for model_dir, tc_dir in zip(args.faithfulness_model, args.faithfulness_transcoders,
                                  strict=True):  # fmt: skip
@@ -315,13 +324,19 @@ def faithfulness_study(args: argparse.Namespace) -> int:
     if not studies:
         print("no usable example", file=sys.stderr)
         return 1
-    plot_path = FAITH_PLOT if not args.no_write else Path("/tmp") / FAITH_PLOT.name
-    _plot_tasks(studies, plot_path)
+    plot_path = args.out.with_suffix(".png")
+    if args.no_write:
+        with tempfile.TemporaryDirectory(prefix="attribution-faithfulness-") as tmp:
+            _plot_tasks(studies, Path(tmp) / plot_path.name)  # drawn, not kept
+        plot_line = "Plot: not kept (`--no-write`)."
+    else:
+        _plot_tasks(studies, plot_path)
+        plot_line = f"Plot: `{plot_path.name}` (beside this file)."
     load1 = os.getloadavg()[0]
     lines = [
         "# Attribution faithfulness (MIB protocol)",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
         f"device {args.device}, {args.threads} torch thread(s), 1-minute load average "
         f"{load1:.2f} at the end.",
         "",
@@ -392,48 +407,88 @@ def faithfulness_study(args: argparse.Namespace) -> int:
     lines += ["Transcoders were trained with:", ""]
     for study in studies:
         lines.append(f"    {_training_command(study['model'], study['transcoders'])}")
-    command = "PYTHONPATH=. python3 benchmarks/attribution_benchmark.py " + " ".join(sys.argv[1:])
-    lines += ["", f"Plot: `{FAITH_PLOT.relative_to(ROOT)}`.", "",
-              f"Command (from the repository root): `{command}`", ""]  # fmt: skip
-    if not args.no_write:
-        FAITH_RESULTS.write_text("\n".join(lines))
+    lines += ["", plot_line, "", f"Command (from the repository root): `{command_line()}`", ""]
     print("\n".join(lines))
+    if not args.no_write:
+        write_results(args.out, "\n".join(lines))
+        print(f"wrote {plot_path}", file=sys.stderr)
     return 0
+
+
+def check_faithfulness_inputs(args: argparse.Namespace) -> None:
+    """Every checkpoint and transcoder set loads and fits, before any graph."""
+    from ingest.errors import InvalidArgumentError
+    from ingest.models import load_model
+    from ingest.transcoders.formats import load_any
+    from ingest.zoo.checkpoint import read_manifest
+
+    if len(args.faithfulness_model) != len(args.faithfulness_transcoders):
+        raise InvalidArgumentError(
+            f"{len(args.faithfulness_model)} --faithfulness-model directories but "
+            f"{len(args.faithfulness_transcoders)} --faithfulness-transcoders: give one "
+            "transcoder set per model, in the same order"
+        )
+    for model_dir, tc_dir in zip(args.faithfulness_model, args.faithfulness_transcoders,
+                                 strict=True):  # fmt: skip
+        read_manifest(model_dir)
+        load_any(tc_dir).check_fits(load_model(str(model_dir)).adapter)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--d-transcoder", type=int, default=512)
-    parser.add_argument("--k", type=int, default=4, help="TopK active latents per token")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lengths", type=positive, nargs="+", default=[16, 32, 64, 128, 256, 512],
+                        help="prompt tokens")  # fmt: skip
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=positive, default=64)
+    parser.add_argument("--d-transcoder", type=positive, default=512)
+    parser.add_argument("--k", type=positive, default=4, help="TopK active latents per token")
+    parser.add_argument("--threads", type=positive, default=1)
+    parser.add_argument("--single", type=positive, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=path, default=None,
+                        help="results file (default: benchmarks/results/attribution.md, or "
+                        "attribution_faithfulness.md with --faithfulness-model)")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
-    parser.add_argument("--faithfulness-model", type=Path, nargs="+", default=None,
+    parser.add_argument("--faithfulness-model", type=path, nargs="+", default=None,
                         help="zoo checkpoints")  # fmt: skip
-    parser.add_argument("--faithfulness-transcoders", type=Path, nargs="+", default=None,
+    parser.add_argument("--faithfulness-transcoders", type=path, nargs="+", default=None,
                         help="one transcoder set per checkpoint")  # fmt: skip
-    parser.add_argument("--examples", type=int, default=8, help="faithfulness examples")
-    parser.add_argument("--min-gap", type=float, default=0.1,
+    parser.add_argument("--examples", type=positive, default=8, help="faithfulness examples")
+    parser.add_argument("--min-gap", type=finite_at_least(0.0), default=0.1,
                         help="skip examples whose metric changes by less than this "
                         "fraction of the clean metric on the counterfactual")  # fmt: skip
     args = parser.parse_args()
-    if args.faithfulness_model is not None:
-        if args.faithfulness_transcoders is None:
-            parser.error("--faithfulness-model needs --faithfulness-transcoders")
-        return faithfulness_study(args)
     if args.single is not None:
         print(json.dumps(measure_one(args.single, args)))
         return 0
+    faithfulness = args.faithfulness_model is not None
+    if faithfulness and args.faithfulness_transcoders is None:
+        parser.error("--faithfulness-model needs --faithfulness-transcoders")
+    name = "attribution_faithfulness.md" if faithfulness else "attribution.md"
+    args.out = args.out or RESULTS / name
+    if not args.no_write:
+        check_out(args.out)
+        if faithfulness:
+            check_out(args.out.with_suffix(".png"), "--out (its .png plot)")
+    if faithfulness:
+        check_faithfulness_inputs(args)
+        return faithfulness_study(args)
 
+    from ingest.errors import InvalidArgumentError
+    from ingest.transcoders.config import TranscoderConfig
+
+    try:  # the set's configuration is refused here, not in the first subprocess
+        TranscoderConfig(arch="topk", d_in=64, d_out=64, d_transcoder=args.d_transcoder,
+                         sparsity=args.k)  # fmt: skip
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(
+            f"--k {args.k}, --d-transcoder {args.d_transcoder}: {exc}"
+        ) from None
     rows = []
     for length in args.lengths:
         cmd = [sys.executable, __file__, "--single", str(length), "--device", args.device,
                "--batch-size", str(args.batch_size), "--d-transcoder", str(args.d_transcoder),
                "--k", str(args.k), "--threads", str(args.threads)]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
             return out.returncode
@@ -441,12 +496,14 @@ def main() -> int:
         rows.append(row)
         print(
             f"{row['tokens']:>5} tokens  {row['seconds']:8.2f} s  {row['active_features']:>6} "
-            f"features  {row['backward_passes']:>4} backward  {row['peak_mb']:8.0f} MB"
+            f"features  {row['backward_passes']:>4} backward  {row['peak_mb']:8.0f} MB",
+            file=sys.stderr,
+            flush=True,
         )
     lines = [
         "# Attribution benchmark",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
         f"device {args.device}, {args.threads} threads, batch size {args.batch_size}.",
         "",
         "Model: 4-layer GPT-2 zoo architecture (d_model 64, 4 heads, d_mlp 256, random "
@@ -469,14 +526,12 @@ def main() -> int:
         verdict = "met" if at64["seconds"] < TARGET_SECONDS else "NOT met"
         lines += ["", f"Target (64 tokens under {TARGET_SECONDS:g} s): {verdict} "
                   f"({at64['seconds']:.2f} s)."]  # fmt: skip
-    lines += ["", "Command: `python3 benchmarks/attribution_benchmark.py "
-              + " ".join(sys.argv[1:]) + "`", ""]  # fmt: skip
+    lines += ["", f"Command: `{command_line()}`", ""]
+    print("\n".join(lines))
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text("\n".join(lines))
-        print(f"wrote {RESULTS}")
+        write_results(args.out, "\n".join(lines))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

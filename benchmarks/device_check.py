@@ -1,15 +1,17 @@
 """Device parity: the accelerator paths checked against the CPU on zoo models.
 
-For every zoo checkpoint given (default: the ones under ``ingest.paths.home()/zoo``):
+For every zoo checkpoint given (default: the task zoo's, the ``TASK-ARCH`` directories
+under ``ingest.paths.home()/zoo``):
 
 1. **zoo training**: ``circuitscope zoo train TASK --arch ARCH --tiny --device D`` runs
    and its held-out metrics come back finite;
 2. **transcoder training**: ``circuitscope transcoders train --device D`` (a short run)
    completes, with resumable checkpoints, and ``transcoders eval --device D`` reports;
-   the sparse TopK step's loss and gradients on the device against the dense
+   the sparse TopK and BatchTopK steps' gradients on the device against the dense
    formulation's (``Transcoder.dense_loss``) on the same device, with AuxK, as the
-   largest difference relative to the gradient's scale (float32 rounding: 1.5e-7 on
-   this CPU; the one column not 0 in the ``--device cpu`` self-check);
+   largest difference relative to the gradient's scale (float32 rounding: 1.5e-7 (TopK)
+   and 1.3e-7 (BatchTopK) on this CPU at d_model 64; the two columns not 0 in the
+   ``--device cpu`` self-check, as they compare two formulations, not two devices);
 3. **adapter**: the model's logits on the device against the CPU, as a fraction of the
    logit scale (float32);
 4. **attribution**: the graph of a held-out task prompt through the transcoders of
@@ -33,8 +35,9 @@ others; each row is printed as it completes.
 Prints a Markdown table and writes it to ``--out`` (default
 ``benchmarks/results/device_<device>.md``) with the machine, date and command. Run on a
 GPU machine as ``python3 benchmarks/device_check.py --device cuda``; with ``--device
-cpu`` it checks itself (every difference must be 0), which is how it is kept working
-on machines without an accelerator.
+cpu`` it checks itself (every device-against-CPU difference must be 0; the sparse step
+columns read float32 rounding), which is how it is kept working on machines without an
+accelerator.
 """
 
 from __future__ import annotations
@@ -56,10 +59,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from _cli import (  # noqa: E402  (benchmarks/_cli.py)
+    RESULTS,
+    check_out,
+    command_line,
+    device_name,
+    path,
+    positive,
+    run_main,
+    write_results,
+)
 
 from ingest.attribution.attribute import attribute  # noqa: E402
 from ingest.attribution.prompts import tokenize  # noqa: E402
 from ingest.attribution.replacement import build_replacement  # noqa: E402
+from ingest.errors import NotFoundError  # noqa: E402
 from ingest.models import load_model  # noqa: E402
 from ingest.paths import home  # noqa: E402
 from ingest.transcoders.config import TranscoderConfig  # noqa: E402
@@ -67,6 +81,7 @@ from ingest.transcoders.formats import load_any  # noqa: E402
 from ingest.transcoders.sources import zoo_source  # noqa: E402
 from ingest.transcoders.trainer import TrainConfig, train_transcoders  # noqa: E402
 from ingest.transcoders.transcoder import Transcoder  # noqa: E402
+from ingest.zoo.checkpoint import list_checkpoints, read_manifest  # noqa: E402
 from ingest.zoo.tasks import get_task  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -322,8 +337,21 @@ def check_model(
         try:
             row.update(check())
         except Exception as err:  # reported in the table; main() exits 1
-            row[f"{name} error"] = f"{type(err).__name__}: {err}"[:300]
+            row[f"{name} error"] = f"{type(err).__name__}: {err}"
     return row
+
+
+def cell(value: Any, limit: int = 400) -> str:
+    """One table cell on one line: floats to 3 digits; text with its newlines as spaces,
+    ``|`` escaped and, past ``limit`` characters, its middle cut (an error's type
+    leads it, and the reason is at its end)."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    text = " ".join(str(value).split())
+    if len(text) > limit:
+        head = limit // 4
+        text = f"{text[:head]} ... {text[-(limit - head - 5) :]}"
+    return text.replace("|", "\\|")
 
 
 def render(rows: list[dict[str, Any]], header: str) -> str:
@@ -332,20 +360,30 @@ def render(rows: list[dict[str, Any]], header: str) -> str:
         keys += [k for k in row if k not in keys]
     lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
-        cells = []
-        for k in keys:
-            v = row.get(k, "")
-            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def default_models() -> list[Path]:
+    """The task zoo's checkpoints under ``home()/zoo``: directories named TASK-ARCH after
+    their ``zoo.json`` (not the demo's ``-tiny`` ones)."""
+    return [
+        directory
+        for directory, manifest in list_checkpoints(home() / "zoo")
+        if directory.name == f"{manifest.spec.task}-{manifest.spec.arch}"
+    ]
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", help="the device checked against cpu")
-    parser.add_argument("--models", nargs="*", type=Path, default=None, help="zoo model dirs")
-    parser.add_argument("--steps", type=int, default=200, help="transcoder training steps")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--device", type=device_name, default="cuda", help="the device checked against cpu"
+    )
+    parser.add_argument("--models", nargs="*", type=path, default=None, help="zoo model dirs")
+    parser.add_argument("--steps", type=positive, default=200, help="transcoder training steps")
+    parser.add_argument(
+        "--out", type=path, default=None, help="default: benchmarks/results/device_DEVICE.md"
+    )
     parser.add_argument(
         "--checks",
         nargs="*",
@@ -354,17 +392,21 @@ def main() -> None:
         help="run only these (exactness and interventions need parity's transcoders; default: all)",
     )
     args = parser.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("no CUDA device here: run on a GPU machine, or pass --device cpu")
-    models = args.models or sorted(p for p in (home() / "zoo").glob("*") if p.is_dir())
+    out = check_out(args.out or RESULTS / f"device_{args.device.replace(':', '')}.md")
+    models = args.models or default_models()
     if not models:
-        sys.exit(f"no zoo models under {home() / 'zoo'}: train some with `circuitscope zoo train`")
+        raise NotFoundError(
+            f"no zoo models under {home() / 'zoo'}: train some with `circuitscope zoo train`, "
+            "or pass --models"
+        )
+    for model_dir in models:
+        read_manifest(model_dir)  # a missing or foreign directory: one line, before any work
     rows = []
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         for model_dir in models:
-            print(f"checking {model_dir} on {args.device} ...", flush=True)
+            print(f"checking {model_dir} on {args.device} ...", file=sys.stderr, flush=True)
             row = check_model(model_dir, args.device, Path(tmp), args.steps, args.checks)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row), file=sys.stderr, flush=True)
             rows.append(row)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     header = (
@@ -372,17 +414,15 @@ def main() -> None:
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n"
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, GPU {gpu}, "
         f"torch {torch.__version__}\n"
-        f"- command: `python3 benchmarks/device_check.py {' '.join(sys.argv[1:])}`\n"
+        f"- command: `{command_line()}`\n"
         "- columns: wall seconds of the CLI runs; logits and adjacency differences relative "
         "to the CPU's largest magnitude; replacement scores of the full graph on both"
     )
     text = render(rows, header)
     print(text)
-    out = args.out or REPO / "benchmarks" / "results" / f"device_{args.device.replace(':', '')}.md"
-    out.write_text(text)
-    if any(key.endswith("error") for row in rows for key in row):
-        sys.exit(1)
+    write_results(out, text)
+    return 1 if any(key.endswith("error") for row in rows for key in row) else 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

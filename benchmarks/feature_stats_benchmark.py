@@ -4,7 +4,8 @@ examples in one batch (``ingest.transcoders.feature_stats._best_per_context``).
 For each shape (latents, positions in a batch) it makes ReLU'd random activations and
 random context keys (1,500 distinct contexts) and, in a fresh subprocess, times the
 selection of the 10 best distinct contexts per latent and measures the peak resident
-memory above the activations themselves. Writes ``benchmarks/results/feature_stats.md``.
+memory above the activations themselves. Prints the table (machine, date, command) and
+writes it to ``--out`` (default ``benchmarks/results/feature_stats.md``).
 
     python3 benchmarks/feature_stats_benchmark.py
     PYTHONPATH=OTHER_TREE python3 benchmarks/feature_stats_benchmark.py --no-write
@@ -25,10 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import RESULTS, check_out, command_line, path, run_main, write_results
 from _machine import cpu_name
 
 SHAPES = [(4096, 2048), (16384, 2048), (16384, 4096)]
-RESULTS = Path(__file__).resolve().parent / "results" / "feature_stats.md"
 
 _CHILD = """
 import json, resource, sys, time, torch
@@ -60,8 +61,13 @@ def _measure(d_t: int, n: int) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=path, default=RESULTS / "feature_stats.md", help="results file"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     args = parser.parse_args()
+    if not args.no_write:
+        check_out(args.out)
     lines = [
         "| latents | positions | activations (MiB) | peak above them (MiB) | ratio | seconds |",
         "|---|---|---|---|---|---|",
@@ -72,17 +78,19 @@ def main() -> int:
             f"| {d_t} | {n} | {r['acts_mib']:.0f} | {r['extra_mib']:.0f} | "
             f"{r['extra_mib'] / r['acts_mib']:.2f} | {r['seconds']:.2f} |"
         )
-        print(lines[-1], flush=True)
+        print(lines[-1], file=sys.stderr, flush=True)
     header = (
         f"# Feature statistics: top-example selection per batch\n\n"
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s). "
-        f"`python3 benchmarks/feature_stats_benchmark.py`\n\n"
+        f"`{command_line()}`\n\n"
     )
+    text = header + "\n".join(lines) + "\n"
+    print(text)
     if not args.no_write:
-        RESULTS.write_text(header + "\n".join(lines) + "\n")
+        write_results(args.out, text)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

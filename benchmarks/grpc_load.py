@@ -19,8 +19,15 @@ p50/p99 latency per method, throughput, errors, distinct requests, mean edges pe
 response, the machine and the date, as Markdown on stdout and in ``--out``.
 
 Usage: ``python3 benchmarks/grpc_load.py [--clients 64] [--seconds 30] [--out FILE]``.
-With ``--target HOST:PORT`` (and ``CIRCUITSCOPE_TOKEN``) it loads an existing server
-instead, which must hold the benchmark graph (``--setup-only`` writes it).
+
+With ``--target HOST:PORT`` it loads an existing server instead, with the token in
+``CIRCUITSCOPE_TOKEN``. That server must hold the benchmark graphs: ``--setup-only``
+writes them into the graph store named by ``NEO4J_URI`` etc. (the embedded server in
+``$CIRCUITSCOPE_HOME`` without it), the store ``circuitscope serve`` reads with the same
+environment, and exits::
+
+    NEO4J_URI=bolt://... python3 benchmarks/grpc_load.py --setup-only
+    CIRCUITSCOPE_TOKEN=... python3 benchmarks/grpc_load.py --target HOST:PORT
 """
 
 from __future__ import annotations
@@ -41,9 +48,29 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _cli import (  # noqa: E402  (benchmarks/_cli.py; tests.service needs REPO first)
+    check_out,
+    command_line,
+    finite_at_least,
+    int_in,
+    path,
+    positive,
+    positive_float,
+    run_main,
+    write_results,
+)
+
+from ingest.errors import (  # noqa: E402
+    CircuitscopeError,
+    NotFoundError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 
 GRAPH_ID = "bench-deep"
 N_GRAPHS = 200  # small graphs so ListGraphs has pages to serve
@@ -141,17 +168,38 @@ async def run_load(
     server_pid: int | None = None,
     baseline_calls: int = 20,
 ) -> dict[str, object]:
-    import grpc
     from grpc import aio
 
-    from service._generated.circuits.v1 import graph_service_pb2 as pb
     from service._generated.circuits.v1 import graph_service_pb2_grpc
-    from service.auth import bearer_metadata
     from service.server import channel_options
 
     opts = channel_options(64 * 1024 * 1024)
     chans = [aio.insecure_channel(target, options=opts) for _ in range(channels)]
-    stubs = [graph_service_pb2_grpc.GraphServiceStub(c) for c in chans]
+    try:
+        return await _load(
+            [graph_service_pb2_grpc.GraphServiceStub(c) for c in chans],
+            token, clients, seconds, warmup, seed, server_pid, baseline_calls,
+        )  # fmt: skip
+    finally:
+        for c in chans:
+            await c.close()
+
+
+async def _load(
+    stubs: list[Any],
+    token: str,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    seed: int,
+    server_pid: int | None,
+    baseline_calls: int,
+) -> dict[str, object]:
+    import grpc
+
+    from service._generated.circuits.v1 import graph_service_pb2 as pb
+    from service.auth import bearer_metadata
+
     metadata = bearer_metadata(token)
     sub_reqs = [
         pb.GetSubgraphRequest(
@@ -217,8 +265,6 @@ async def run_load(
     await asyncio.gather(*(worker(i) for i in range(clients)))
     elapsed = time.perf_counter() - start
     cpu = (_cpu_seconds(server_pid) - cpu_before[0], _own_cpu_seconds() - cpu_before[1])
-    for c in chans:
-        await c.close()
     return {
         "latencies": latencies,
         "errors": errors,
@@ -258,29 +304,14 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
         f"- machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
         f"grpcio {grpc.__version__}",
-        f"- command: `python3 benchmarks/grpc_load.py --clients {args.clients} "
-        f"--seconds {args.seconds:g} --channels {args.channels}"
-        + (
-            f" --graph-cache-edges {args.graph_cache_edges}"
-            if args.graph_cache_edges != 3_000_000
-            else ""
-        )
-        + (
-            f" --graph-cache-revalidate {args.graph_cache_revalidate:g}"
-            if args.graph_cache_revalidate != 1.0
-            else ""
-        )
-        + (f" --list-cache-ttl {args.list_cache_ttl:g}" if args.list_cache_ttl != 1.0 else "")
-        + (
-            f" --subgraph-memo-edges {args.subgraph_memo_edges}"
-            if args.subgraph_memo_edges != 250_000
-            else ""
-        )
-        + (f" --seed {args.seed}" if args.seed != 0 else "")
-        + "`",
+        f"- command: `{command_line()}`",
         f"- {args.clients} concurrent clients over {args.channels} channels, "
-        f"{args.seconds:g} s measured after {args.warmup:g} s warm-up; server and embedded "
-        "graph store on loopback in their own processes",
+        f"{args.seconds:g} s measured after {args.warmup:g} s warm-up; "
+        + (
+            f"server {args.target} (its own settings; the server flags do not apply)"
+            if args.target
+            else "server and embedded graph store on loopback in their own processes"
+        ),
         f"- GetSubgraph: depth {DEPTH}, top_k {TOP_K}, direction out, centre drawn at random "
         f"per call from {result['centres']} distinct requests ({result['asked']} asked in the "
         f"measured phase) on a {N_LAYERS}-layer graph of {result.get('graph_edges', '?')} "
@@ -315,14 +346,20 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
     )
     lines.append(
         f"first GetSubgraph call: {baseline['GetSubgraph'][0] * 1000:.1f} ms"
-        + (" (the graph cache is cold: it loads the graph)" if args.graph_cache_edges else "")
+        + (
+            " (the graph cache is cold: it loads the graph)"
+            if args.graph_cache_edges and not args.target
+            else ""
+        )
     )
-    lines.append(
-        f"server caches: graph cache {args.graph_cache_edges} edges, revalidated every "
-        f"{args.graph_cache_revalidate:g} s, GetSubgraph answers remembered up to "
-        f"{args.subgraph_memo_edges} nodes+edges; ListGraphs pages kept {args.list_cache_ttl:g} s"
-        + "".join(f"; {c}" for c in result.get("server_caches", []))  # type: ignore[attr-defined]
-    )
+    if not args.target:
+        lines.append(
+            f"server caches: graph cache {args.graph_cache_edges} edges, revalidated every "
+            f"{args.graph_cache_revalidate:g} s, GetSubgraph answers remembered up to "
+            f"{args.subgraph_memo_edges} nodes+edges; ListGraphs pages kept "
+            f"{args.list_cache_ttl:g} s"
+            + "".join(f"; {c}" for c in result.get("server_caches", []))  # type: ignore[attr-defined]
+        )
     lines.append(
         f"1-minute load average before / after the concurrent phase: {load[0]:.1f} / "
         f"{load[1]:.1f} on {os.cpu_count()} CPUs (other work shares the machine)"
@@ -359,38 +396,43 @@ def memo_line(result: dict[str, object]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--server-workers", type=int, default=16)
+    parser.add_argument("--clients", type=positive, default=64, help="concurrent callers")
+    parser.add_argument("--channels", type=positive, default=8, help="grpc.aio channels")
+    parser.add_argument("--seconds", type=positive_float, default=30.0, help="measured seconds")
+    parser.add_argument("--warmup", type=finite_at_least(0.0), default=3.0, help="seconds")
+    parser.add_argument("--server-workers", type=positive, default=16, help="server flag")
     parser.add_argument(
-        "--graph-cache-edges", type=int, default=3_000_000, help="server flag (0: no cache)"
-    )
-    parser.add_argument("--graph-cache-revalidate", type=float, default=1.0, help="server flag")
-    parser.add_argument(
-        "--list-cache-ttl", type=float, default=1.0, help="server flag (0: no listing cache)"
+        "--graph-cache-edges", type=int_in(0), default=3_000_000, help="server flag (0: no cache)"
     )
     parser.add_argument(
-        "--subgraph-memo-edges", type=int, default=250_000, help="server flag (0: no memo)"
+        "--graph-cache-revalidate", type=finite_at_least(0.0), default=1.0, help="server flag"
+    )
+    parser.add_argument(
+        "--list-cache-ttl",
+        type=finite_at_least(0.0),
+        default=1.0,
+        help="server flag (0: no listing cache)",
+    )
+    parser.add_argument(
+        "--subgraph-memo-edges", type=int_in(0), default=250_000, help="server flag (0: no memo)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the centres drawn")
-    parser.add_argument("--target", help="load an existing server instead of starting one")
-    parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    parser.add_argument("--target", help="load an existing server (HOST:PORT) instead")
+    parser.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="write the benchmark graphs into the store NEO4J_URI etc. name (a --target "
+        "server's), then exit",
+    )
+    parser.add_argument("--out", type=path, help="also write the Markdown report here")
     args = parser.parse_args()
+    if args.out is not None:
+        check_out(args.out)
 
+    if args.setup_only:
+        return setup_only()
     if args.target:
-        result = asyncio.run(
-            run_load(
-                args.target,
-                os.environ.get("CIRCUITSCOPE_TOKEN", ""),
-                args.clients,
-                args.channels,
-                args.seconds,
-                args.warmup,
-                args.seed,
-            )
-        )
+        result = load_target(args)
     else:
         from ingest.store import open_store
         from ingest.store.embedded import embedded_server
@@ -449,18 +491,78 @@ def main() -> int:
                 server.terminate()
                 server.wait(timeout=30)
                 log = server_log.read_text(errors="replace").splitlines()
-                result["server_caches"] = [
-                    ln.split("INFO:service.server:")[-1] for ln in log if "cache at shutdown" in ln
-                ]
                 for line in log:
                     if "cache at shutdown" not in line:
                         print(line, file=sys.stderr)
+            result["server_caches"] = [
+                ln.split("INFO:service.server:")[-1] for ln in log if "cache at shutdown" in ln
+            ]
     text = report(result, args)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_results(args.out, text)
     return 0
+
+
+def setup_only() -> int:
+    """Write the benchmark graphs into the store of the environment (``NEO4J_*``)."""
+    from ingest.store import StoreConfig, open_store
+
+    config = StoreConfig.from_env()
+    with open_store(config) as store:
+        graph_edges = setup_store(store)
+        where = config.describe(store.config)
+    print(
+        f"benchmark graphs in {where}: {GRAPH_ID} ({graph_edges} edges) and {N_GRAPHS} small "
+        "ones; serve that store (`circuitscope serve`, same NEO4J_* environment) and run "
+        "with --target HOST:PORT"
+    )
+    return 0
+
+
+def load_target(args: argparse.Namespace) -> dict[str, object]:
+    """Load ``--target``; its refusals are one-line errors that say what to do."""
+    import grpc
+
+    try:
+        result = asyncio.run(
+            run_load(
+                args.target,
+                os.environ.get("CIRCUITSCOPE_TOKEN", ""),
+                args.clients,
+                args.channels,
+                args.seconds,
+                args.warmup,
+                args.seed,
+            )
+        )
+    except grpc.RpcError as exc:
+        raise _target_error(args.target, exc) from None
+    result["graph_edges"] = int(benchmark_graph().n_edges)  # what --setup-only writes
+    return result
+
+
+def _target_error(target: str, exc: Any) -> CircuitscopeError:
+    import grpc
+
+    code, details = exc.code(), exc.details()
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(
+            f"the server at {target} answered NOT_FOUND ({details}): it does not hold the "
+            f"benchmark graph {GRAPH_ID!r}; write it into the store that server reads with "
+            "`python3 benchmarks/grpc_load.py --setup-only` (same NEO4J_* environment)"
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return UnauthenticatedError(
+            f"the server at {target} answered UNAUTHENTICATED ({details}): set "
+            "CIRCUITSCOPE_TOKEN to a token that server accepts"
+        )
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return UnavailableError(
+            f"cannot reach a server at {target} ({code.name}: {details}): check --target "
+            "and that the server is running"
+        )
+    return CircuitscopeError(f"the server at {target} answered {code.name}: {details}")
 
 
 def _wait_serving(target: str, proc: subprocess.Popen[bytes]) -> None:
@@ -481,4 +583,4 @@ def _wait_serving(target: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -4,10 +4,15 @@ Trains (or reuses) the demo's greater-than GPT-2 model and its transcoders throu
 demo's own stages, then ingests N held-out prompts into a fresh embedded graph server
 (temporary directory) and reports prompts/s with the split between attribution
 (including the artifact write) and store writes, plus a rerun that finds every graph
-done. Prints a table and writes ``benchmarks/results/ingest.md``.
+done. Prints the table (machine, date, command) and writes it to ``--out`` (default
+``benchmarks/results/ingest.md``).
+
+The demo's model and transcoders are trained into, or reused from,
+``ingest.paths.home()`` (``$CIRCUITSCOPE_HOME``), as ``circuitscope demo`` does: the
+first run on a fresh home trains them (a few minutes; not part of the figures).
 
     python3 benchmarks/ingest_benchmark.py               # demo model, 32 prompts
-    python3 benchmarks/ingest_benchmark.py --tiny -n 8   # seconds-long smoke run
+    python3 benchmarks/ingest_benchmark.py --tiny -n 8 --no-write   # seconds-long smoke run
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from _cli import RESULTS, check_out, command_line, path, positive, run_main, write_results
+from _machine import cpu_name
 
 from ingest.store import open_store
 from ingest.store.embedded import embedded_server
@@ -30,15 +39,17 @@ from ingest.zoo.tasks import get_task
 from service import demo_pipeline
 from service.demo_cli import STAGES, DemoContext
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ingest.md"
 
-
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", "--prompts", type=int, default=32)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("-n", "--prompts", type=positive, default=32, help="held-out prompts")
+    parser.add_argument("--tiny", action="store_true", help="the demo's tiny model (smoke run)")
+    parser.add_argument("--threads", type=positive, default=1, help="torch threads")
+    parser.add_argument("--out", type=path, default=RESULTS / "ingest.md", help="results file")
+    parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     args = parser.parse_args()
+    if not args.no_write:
+        check_out(args.out)
 
     import torch
 
@@ -50,6 +61,7 @@ def main() -> None:
         ctx.results["loaded_model"], ctx.results["transcoder_set"], GraphSettings()
     )
     examples = get_task("greater_than").examples("heldout")[: args.prompts]
+    print(f"ingesting {len(examples)} prompts ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": e.prompt}) + "\n" for e in examples))
@@ -72,14 +84,13 @@ def main() -> None:
     ]  # fmt: skip
     stamp = (
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()} {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+        f"{cpu_name()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
         f"torch threads {args.threads}, model {'tiny' if args.tiny else 'demo'} greater-than GPT-2"
     )
-    tiny_flag = " --tiny" if args.tiny else ""
     lines = [
         "# Ingest benchmark",
         "",
-        f"`python3 benchmarks/ingest_benchmark.py{tiny_flag} -n {args.prompts}`",
+        f"`{command_line()}`",
         "",
         f"- {stamp}",
         "",
@@ -89,9 +100,10 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    if not args.no_write:
+        write_results(args.out, text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,8 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _cli import command_line, int_in, path, positive, run_main  # benchmarks/_cli.py
 from _machine import cpu_name  # benchmarks/_machine.py
 
+from ingest.errors import InvalidArgumentError
 from ingest.models import load_model
 from ingest.transcoders.formats import load_any
 from ingest.zoo.checkpoint import read_manifest, task_for_spec
@@ -43,19 +45,25 @@ def group_of(prompt: str, answer: str, names: frozenset[str]) -> str:
     return " / ".join(found) if len(found) == 2 else answer
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="zoo model directory")
-    parser.add_argument("--set", type=Path, required=True, help="transcoder set directory")
-    parser.add_argument("--layer", type=int, required=True)
+    parser.add_argument("--model", type=path, required=True, help="zoo model directory")
+    parser.add_argument("--set", type=path, required=True, help="transcoder set directory")
+    parser.add_argument("--layer", type=int_in(0), required=True)
     parser.add_argument("--split", choices=("train", "heldout"), default="heldout")
-    parser.add_argument("--top", type=int, default=8, help="groups and prompts listed")
+    parser.add_argument("--top", type=positive, default=8, help="groups and prompts listed")
     args = parser.parse_args()
 
     task = task_for_spec(read_manifest(args.model).spec)
     loaded = load_model(str(args.model))
     adapter, tokenizer = loaded.adapter, loaded.tokenizer
-    module = load_any(args.set).module(args.layer)
+    tset = load_any(args.set)
+    tset.check_fits(adapter)  # a set trained for another model: one line, exit 2
+    if args.layer not in tset.layers:
+        raise InvalidArgumentError(
+            f"--layer {args.layer}: the set covers layers {tset.layers}; choose one of them"
+        )
+    module = tset.module(args.layer)
     examples = task.generate(args.split)
     by_length: dict[int, list[tuple[list[int], int, int]]] = defaultdict(list)
     for index, example in enumerate(examples):
@@ -91,8 +99,7 @@ def main() -> None:
     print()
     print(f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%MZ}; machine: "
           f"{platform.node()}, {cpu_name()}, torch {torch.__version__}")  # fmt: skip
-    print(f"- command: `python3 benchmarks/per_prompt_ce.py --model {args.model} --set "
-          f"{args.set} --layer {args.layer} --split {args.split}`")  # fmt: skip
+    print(f"- command: `{command_line()}`")
     print(f"- {len(examples)} {args.split} prompts; the answer's loss change in nats")
     print()
     print("| change | mean | median | CE recovered |")
@@ -132,7 +139,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for i in d.argsort(descending=True)[: args.top].tolist():
         print(f"| {d[i]:+.3e} | {a[i]:+.3e} | {examples[i].prompt} | {examples[i].answers[0]} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

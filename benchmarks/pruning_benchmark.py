@@ -7,7 +7,8 @@ edge lists). The graphs are real attribution graphs of the attribution benchmark
 512, k 4; ``benchmarks/attribution_benchmark.py``), one per prompt length, saved as
 artifacts. Each is then pruned in a fresh subprocess, so the peak resident memory it
 reports is that of the pruning alone, as a rise over the loaded artifact, and as a
-multiple of the float32 adjacency's size. Writes ``benchmarks/results/pruning.md``.
+multiple of the float32 adjacency's size. Prints the table (machine, date, command) and
+writes it to ``--out`` (default ``benchmarks/results/pruning.md``).
 
     python3 benchmarks/pruning_benchmark.py                   # 64, 128, 256 tokens
     python3 benchmarks/pruning_benchmark.py --lengths 512     # about 12 minutes to attribute
@@ -26,10 +27,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _cli import REPO, RESULTS, check_out, command_line, path, positive, run_main, write_results
 from _machine import cpu_name
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "pruning.md"
 
 
 def make_graph(length: int, directory: Path) -> None:
@@ -75,7 +74,7 @@ def measure(directory: Path) -> dict[str, float]:
 def _run(*args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, env=env
+        [sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO, env=env
     )
     if out.returncode != 0:
         sys.exit(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}")
@@ -84,7 +83,10 @@ def _run(*args: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument(
+        "--lengths", type=positive, nargs="+", default=[64, 128, 256], help="prompt tokens"
+    )
+    parser.add_argument("--out", type=path, default=RESULTS / "pruning.md", help="results file")
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
@@ -95,6 +97,8 @@ def main() -> int:
     if args.measure is not None:
         print(json.dumps(measure(args.measure)))
         return 0
+    if not args.no_write:
+        check_out(args.out)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +109,9 @@ def main() -> int:
             rows.append(row)
             print(
                 f"{length:>4} tokens  {row['nodes']:>6} nodes  {row['seconds']:7.2f} s  "
-                f"peak +{row['rise_mb']:.0f} MB ({row['ratio']:.1f}x the adjacency)"
+                f"peak +{row['rise_mb']:.0f} MB ({row['ratio']:.1f}x the adjacency)",
+                file=sys.stderr,
+                flush=True,
             )
     lines = [
         "# Pruning benchmark",
@@ -128,13 +134,13 @@ def main() -> int:
             f"| {r['tokens']} | {r['nodes']} | {r['adjacency_mb']:.0f} | {r['seconds']:.2f} | "
             f"{r['rise_mb']:.0f} | {r['ratio']:.1f} | {r['kept_nodes']} | {r['kept_edges']} |"
         )
-    lengths = " ".join(str(n) for n in args.lengths)
-    lines += ["", f"Command: `python3 benchmarks/pruning_benchmark.py --lengths {lengths}`", ""]
+    lines += ["", f"Command: `{command_line()}`", ""]
+    text = "\n".join(lines)
+    print(text)
     if not args.no_write:
-        RESULTS.write_text("\n".join(lines))
-        print(f"wrote {RESULTS}")
+        write_results(args.out, text)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

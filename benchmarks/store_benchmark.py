@@ -4,8 +4,9 @@ Writes random layered DAGs (the shape of attribution graphs: feature nodes at
 (layer, position), edges from lower to higher layers) of several sizes with several
 batch sizes, measuring nodes/s and relationships/s per phase; then measures the
 latency of ``subgraph`` (depth 1 and 2, top 10 edges per node), ``strongest_paths``,
-``get_graph`` and docs/cypher.md's query 7 on the largest graph. Prints a table and writes
-``benchmarks/results/store.md``.
+``get_graph`` and docs/cypher.md's query 7 on the largest graph. Prints the tables
+(machine, date, command) and writes them to ``--out`` (default
+``benchmarks/results/store.md``; ``--no-save``: not written).
 
     python3 benchmarks/store_benchmark.py                  # embedded server, temp dir
     python3 benchmarks/store_benchmark.py --quick          # smaller sizes
@@ -30,14 +31,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from _cli import REPO, RESULTS, check_out, command_line, path, positive, run_main, write_results
 
+from ingest.errors import InvalidArgumentError
 from ingest.graph import AttributionGraph, GraphMetadata, Node, NodeKind, feature_node_id
 from ingest.store import StoreConfig, open_store
 from ingest.store.base import GraphStore
-from ingest.store.embedded import embedded_server
+from ingest.store.embedded import DEFAULT_COMMAND_TIMEOUT_S, check_settings, embedded_server
 
-RESULTS = Path(__file__).resolve().parent / "results" / "store.md"
-COOKBOOK = Path(__file__).resolve().parents[1] / "docs" / "cypher.md"
+COOKBOOK = REPO / "docs" / "cypher.md"
 
 
 def random_graph(
@@ -157,6 +159,7 @@ def run(store: GraphStore, sizes: list[int], batches: list[int], repeats: int) -
             writes.append(measure_write(store, graph, batch))
             print(
                 f"  wrote {n_edges} edges, batch {batch}: {writes[-1]['rels_per_s']:.0f} rels/s",
+                file=sys.stderr,
                 flush=True,
             )
     big = random_graph(f"bench-{run_id}-{sizes[-1]}", sizes[-1])
@@ -202,7 +205,7 @@ def run(store: GraphStore, sizes: list[int], batches: list[int], repeats: int) -
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
         f"load average at the end {os.getloadavg()[0]:.1f} (shared machine)",
         f"- server: {store.config.redacted() if hasattr(store, 'config') else 'n/a'}",
-        f"- command: `{' '.join(['python3 benchmarks/store_benchmark.py', *ARGV])}`",
+        f"- command: `{command_line()}`",
         "",
         "## Write throughput",
         "",
@@ -229,10 +232,16 @@ def run(store: GraphStore, sizes: list[int], batches: list[int], repeats: int) -
     return "\n".join(lines) + "\n"
 
 
-ARGV: list[str] = []
+def heap(text: str) -> str:
+    """An argparse type: a JVM heap size (``2g``, ``512m``)."""
+    try:
+        check_settings(text, DEFAULT_COMMAND_TIMEOUT_S)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="sizes 2k and 20k edges")
     parser.add_argument(
@@ -240,13 +249,15 @@ def main() -> None:
         action="store_true",
         help="use NEO4J_URI etc. instead of a fresh embedded server",
     )
-    parser.add_argument("--heap", default="2g")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--no-save", action="store_true", help="do not write results/store.md")
+    parser.add_argument("--heap", type=heap, default="2g", help="the embedded server's JVM heap")
+    parser.add_argument("--repeats", type=positive, default=20, help="timed calls per query")
+    parser.add_argument("--out", type=path, default=RESULTS / "store.md", help="results file")
+    parser.add_argument("--no-save", action="store_true", help="do not write the results file")
     args = parser.parse_args()
+    if not args.no_save:
+        check_out(args.out)
     # SIGTERM unwinds like ^C, so the embedded server is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    ARGV.extend(sys.argv[1:])
     sizes = [2_000, 20_000] if args.quick else [10_000, 100_000]
     batches = [1_000, 5_000, 10_000]
     if args.use_env:
@@ -261,10 +272,9 @@ def main() -> None:
             report = run(store, sizes, batches, args.repeats)
     print(report)
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(report)
-        print(f"wrote {RESULTS}")
+        write_results(args.out, report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,12 +1,16 @@
 """Transcoder quality and speed on every task-zoo model and every layer.
 
-For each zoo model under ``$CIRCUITSCOPE_HOME/zoo`` (never retrained here), train a
+For each task-zoo model under ``$CIRCUITSCOPE_HOME/zoo`` (the ``TASK-ARCH`` directories
+``zoo train`` writes, named after their ``zoo.json``; not the demo's ``-tiny`` one; never
+retrained here), or each of ``--models``, train a
 per-layer transcoder and an SAE baseline of the same architecture at the trainer's
 default settings (``TrainConfig()``: BatchTopK, width, k, steps, batch; ``--arch`` and the
 other flags override them) on every layer, and report
 
 - mean L0, CE loss recovered of each layer spliced alone (the worst layer), CE loss
-  recovered with all layers spliced, dead latents over >= 65,536 eval tokens;
+  recovered with all layers spliced, dead latents: those that never fire on the eval
+  split's first 65,536 tokens, or on the whole split when it is smaller (greater-than's
+  has 38,024; the table's ``dead tokens`` column gives the count);
 - the task metric with every MLP replaced, as a fraction of the clean model's;
 - transcoder vs SAE CE loss recovered at equal L0;
 - training throughput (tokens/s, activation collection included) and the FLOP/s it
@@ -32,6 +36,9 @@ at >= 30% of the matmul FLOP/s.
     python3 benchmarks/transcoder_benchmark.py [--models DIR,DIR] [--arch topk|batchtopk|...]
         [--steps N] [--batch B] [--lr LR] [--sparsity K] [--width W | --expansion F]
         [--resample-every N] [--device cpu] [--out benchmarks/results/transcoders.md]
+
+``--out`` is checked before any work; the table (machine, date, command) is printed and
+written there, the per-layer reports to the same path with ``.json``.
 """
 
 import argparse
@@ -48,14 +55,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _cli import (  # benchmarks/_cli.py
+    RESULTS,
+    check_out,
+    command_line,
+    device_name,
+    finite,
+    int_in,
+    path,
+    positive,
+    run_main,
+    write_results,
+)
 from _machine import cpu_name  # benchmarks/_machine.py
 
+from ingest.errors import NotFoundError
 from ingest.models import load_model
 from ingest.paths import home
+from ingest.transcoders.config import ARCHITECTURES
 from ingest.transcoders.evaluation import evaluate_set
 from ingest.transcoders.sources import zoo_source
 from ingest.transcoders.trainer import TrainConfig, train_transcoders
-from ingest.zoo.checkpoint import read_manifest
+from ingest.zoo.checkpoint import list_checkpoints, read_manifest
 
 FLOPS_PER_TOKEN_LAYER = 10  # x d_model x width: see the module docstring
 
@@ -90,42 +111,65 @@ def matmul_flops(
 
 
 def zoo_models() -> list[Path]:
+    """The task zoo's models: the directories under ``home()/zoo`` named TASK-ARCH after
+    their ``zoo.json`` (``zoo train``'s default; the demo's ``-tiny`` model is not one)."""
     root = home() / "zoo"
-    return sorted(d for d in root.iterdir() if (d / "zoo.json").is_file())
+    found = [
+        directory
+        for directory, manifest in list_checkpoints(root)
+        if directory.name == f"{manifest.spec.task}-{manifest.spec.arch}"
+    ]
+    if not found:
+        raise NotFoundError(
+            f"no task-zoo models under {root}: train them with benchmarks/zoo_benchmark.py "
+            "or `circuitscope zoo train`, or pass --models"
+        )
+    return found
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="", help="comma-separated zoo dirs (default: all)")
-    parser.add_argument("--arch", default=None, help="default: TrainConfig's (batchtopk)")
-    parser.add_argument("--steps", type=int, default=None, help="default: TrainConfig's")
+    parser.add_argument(
+        "--models", default="", help="comma-separated zoo dirs (default: the task zoo's)"
+    )
+    parser.add_argument(
+        "--arch", choices=ARCHITECTURES.names(), default=None, help="default: TrainConfig's"
+    )
+    parser.add_argument("--steps", type=positive, default=None, help="default: TrainConfig's")
     parser.add_argument(
         "--sparsity",
         "--k",
-        type=float,
+        type=finite,
         default=None,
         help="k, or the penalty coefficient; default: the architecture's",
     )
     parser.add_argument(
-        "--batch", type=int, default=None, help="tokens per step; default: TrainConfig's"
+        "--batch", type=positive, default=None, help="tokens per step; default: TrainConfig's"
     )
-    parser.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
+    parser.add_argument("--lr", type=finite, default=None, help="default: TrainConfig's")
     parser.add_argument(
-        "--width", type=int, default=None, help="default: TrainConfig's expansion x d_model"
+        "--width", type=positive, default=None, help="default: TrainConfig's expansion x d_model"
     )
-    parser.add_argument("--expansion", type=int, default=None, help="default: TrainConfig's")
+    parser.add_argument("--expansion", type=positive, default=None, help="default: TrainConfig's")
     parser.add_argument(
-        "--resample-every", type=int, default=None, help="0: never; default: TrainConfig's"
+        "--resample-every", type=int_in(0), default=None, help="0: never; default: TrainConfig's"
     )
     parser.add_argument(
-        "--balance-rate", type=float, default=None, help="batchtopk's; default: TrainConfig's"
+        "--balance-rate", type=finite, default=None, help="batchtopk's; default: TrainConfig's"
     )
     parser.add_argument(
         "--compile", action="store_true", help="train with the compiled step (TrainConfig.compile)"
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transcoders.md"))
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--out",
+        type=path,
+        default=RESULTS / "transcoders.md",
+        help="results table (and its .json beside it)",
+    )
     args = parser.parse_args()
+    check_out(args.out)
+    check_out(args.out.with_suffix(".json"), "--out (its .json)")
 
     device = torch.device(args.device)
     work = home() / "benchmarks" / "transcoders"
@@ -147,9 +191,9 @@ def main() -> int:
     }
     base = TrainConfig(**overrides)  # type: ignore[arg-type]
     sparsity = base.module_config(64).sparsity
-    model_dirs = (
-        [Path(m).expanduser() for m in args.models.split(",")] if args.models else zoo_models()
-    )
+    model_dirs = [path(m.strip()) for m in args.models.split(",")] if args.models else zoo_models()
+    for model_dir in model_dirs:
+        read_manifest(model_dir)  # every model exists and is a zoo checkpoint, before any work
     rows = []
     extra = []
     began = time.perf_counter()
@@ -226,11 +270,11 @@ def main() -> int:
         extra.append(
             {"model": model_dir.name, "transcoder": tc, "sae": sae, "zoo_metrics": manifest.metrics}
         )
-        print(json.dumps(rows[-1], indent=1, default=float), flush=True)
+        print(json.dumps(rows[-1], indent=1, default=float), file=sys.stderr, flush=True)
 
     wall = time.perf_counter() - began
     headers = list(rows[0])
-    command = "python3 benchmarks/transcoder_benchmark.py " + " ".join(sys.argv[1:])
+    command = command_line()
     lines = [
         "# Transcoder benchmark",
         "",
@@ -273,12 +317,11 @@ def main() -> int:
     for row in rows:
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
         lines.append("| " + " | ".join(cells) + " |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(extra, indent=1, default=float))
     print("\n".join(lines))
+    write_results(args.out, "\n".join(lines) + "\n")
+    write_results(args.out.with_suffix(".json"), json.dumps(extra, indent=1, default=float))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -42,6 +42,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _cli import (  # benchmarks/_cli.py
+    RESULTS,
+    check_out,
+    command_line,
+    device_name,
+    int_in,
+    int_list,
+    path,
+    positive,
+    run_main,
+    share_list,
+    write_results,
+)
 from _machine import cpu_name  # benchmarks/_machine.py
 from transcoder_benchmark import (  # benchmarks/transcoder_benchmark.py
     matmul_flops,
@@ -148,40 +161,51 @@ def profile_steps(step: Callable[[int, str], None], form: str, n: int, device: t
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk"])
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--dead", default="0,0.65", help="fractions of latents counted dead")
-    parser.add_argument("--aux-rows", default="0,256", help="AuxK rows per batch (0: all)")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--d-model", type=positive, default=64)
+    parser.add_argument("--layers", type=positive, default=2)
+    parser.add_argument("--width", type=positive, default=512)
+    parser.add_argument("--batch", type=positive, default=1024)
+    parser.add_argument(
+        "--dead", type=share_list, default="0,0.65", help="fractions of latents counted dead"
+    )
+    parser.add_argument(
+        "--aux-rows", type=int_list(0), default="0,256", help="AuxK rows per batch (0: all)"
+    )
+    parser.add_argument("--rounds", type=positive, default=6)
+    parser.add_argument("--steps", type=positive, default=30, help="timed steps per round")
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or auto"
+    )
     parser.add_argument(
         "--compile", action="store_true", help="also time the trainer's compiled step"
     )
     parser.add_argument(
         "--profile",
-        type=int,
+        type=int_in(0),
         default=0,
         help="profile this many sparse (with --compile: compiled) steps (0: none)",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="default: results/transcoder_step[_ARCH][_DEV].md"
+        "--out",
+        type=path,
+        default=None,
+        help="default: benchmarks/results/transcoder_step[_ARCH][_DEV].md",
     )
     args = parser.parse_args()
     device = resolve_device(args.device)
     suffix = ("" if args.arch == "topk" else f"_{args.arch}") + (
         "" if device.type == "cpu" else f"_{device.type}"
     )
-    args.out = args.out or Path(f"benchmarks/results/transcoder_step{suffix}.md")
+    args.out = check_out(args.out or RESULTS / f"transcoder_step{suffix}.md")
+    # the module configuration (k against the width) is refused here, before any data
+    module_cfg = TrainConfig(arch=args.arch, width=args.width).module_config(args.d_model)
     retain_freed_cpu_memory()  # as the trainer does
     d, n_layers, width, batch = args.d_model, args.layers, args.width, args.batch
     gen = torch.Generator().manual_seed(0)
     data_x = torch.randn(n_layers, 16 * batch, d, generator=gen).to(device)
     data_y = torch.randn(n_layers, 16 * batch, d, generator=gen).to(device)
-    dead_fractions = [float(v) for v in args.dead.split(",")]
-    aux_row_counts = [int(v) for v in args.aux_rows.split(",")]
+    dead_fractions: list[float] = args.dead
+    aux_row_counts: list[int] = args.aux_rows
     forms = ["dense", "sparse", *(["compiled"] if args.compile else [])]
     rows = []
     reference = 0.0
@@ -193,9 +217,8 @@ def main() -> int:
             best = measure(step, forms, args, device)
             reference = max(reference, matmul_flops(batch, d, width, device))
             rows.append((dead_fraction, aux_rows, best))
-            print(rows[-1], flush=True)
+            print(rows[-1], file=sys.stderr, flush=True)
 
-    module_cfg = TrainConfig(arch=args.arch, width=width).module_config(d)
     flops = step_flops(d, width, module_cfg.skip) * batch * n_layers
     lines = [
         f"# {args.arch} training step: dense formulation against the sparse step",
@@ -204,7 +227,7 @@ def main() -> int:
         f"- machine: {platform.node()}, {cpu_name()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
-        f"- command: `{' '.join(['python3 benchmarks/transcoder_step.py', *sys.argv[1:]])}`",
+        f"- command: `{command_line()}`",
         f"- d_model {d}, {n_layers} layers, width {width}, batch {batch}, k {module_cfg.k}, "
         f"AuxK k {module_cfg.k_aux}; best of {args.rounds} alternating rounds of "
         f"{args.steps} steps; "
@@ -238,11 +261,10 @@ def main() -> int:
             table.rstrip(),
             "```",
         ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    write_results(args.out, "\n".join(lines) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
