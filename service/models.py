@@ -119,7 +119,8 @@ class ModelRegistry:
                 model = load_model(spec.model_path, device=spec.device)
                 transcoders = load_any(spec.transcoders_path)
                 adapter = model.adapter
-                transcoders.to(device=adapter.device, dtype=adapter.dtype)
+                # hashed as loaded, as ingest does: the model's dtype may round weights
                 self._set_ids[name] = transcoders.catalog_id
+                transcoders.to(device=adapter.device, dtype=adapter.dtype)
                 self._loaded[name] = (model, transcoders)
             return self._loaded[name]

@@ -134,6 +134,8 @@ def attribute(
     if model_id is None:
         model_id = model.model_id if isinstance(model, LoadedModel) else adapter.model_type
     check_compatible(adapter, transcoders)
+    # hashed as loaded: a move to a narrower dtype would round the weights it hashes
+    set_id = set_id or transcoders.catalog_id
     transcoders.to(device=adapter.device, dtype=adapter.dtype)
     input_ids = tokenize(tok, prompt, adapter.vocab_size, adapter.n_ctx)
     T = int(input_ids.shape[1])
@@ -266,7 +268,6 @@ def attribute(
         "attribution of %d tokens: %d active features, %d rows, %d backward passes, %.2fs",
         T, n_feat, len(keep) + len(logit_rows), computer.n_backward, elapsed,
     )  # fmt: skip
-    set_id = set_id or transcoders.catalog_id
     if not graph_id:
         graph_id = _graph_id(model_id, set_id, token_ids, tgt, cfg.max_feature_nodes, stats)
     meta = GraphMetadata(

@@ -52,6 +52,7 @@ class LogitDiffTarget:
     def __post_init__(self) -> None:
         for what in ("correct", "counterfactual"):
             _check_int(getattr(self, what), f"LogitDiffTarget {what}", token=True)
+            object.__setattr__(self, what, int(getattr(self, what)))  # numpy ints too
 
     def checked(self, vocab_size: int) -> tuple[int, int]:
         """``(correct, counterfactual)``; InvalidArgumentError for an id outside the
@@ -75,10 +76,11 @@ class FeatureTarget:
     pos: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int(self.layer, "FeatureTarget layer")
-        _check_int(self.index, "FeatureTarget index")
-        if self.pos is not None:
-            _check_int(self.pos, "FeatureTarget pos")
+        for what in ("layer", "index", "pos"):
+            value = getattr(self, what)
+            if what != "pos" or value is not None:
+                _check_int(value, f"FeatureTarget {what}")
+                object.__setattr__(self, what, int(value))  # numpy ints too
 
 
 Target = LogitTargets | LogitDiffTarget | FeatureTarget

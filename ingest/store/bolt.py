@@ -488,7 +488,9 @@ class BoltGraphStore(BoltConnection, GraphStore):
         *,
         timeout: float | None = None,
     ) -> list[dict[str, Any]]:
-        return self.read_rows(cypher_text, dict(parameters or {}), timeout, "run a query")
+        return self.read_rows(
+            cypher_text, dict(parameters or {}), timeout, "run a query", caller_cypher=True
+        )
 
 
 def _head(tx: ManagedTransaction, graph_id: str) -> dict[str, Any]:

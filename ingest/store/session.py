@@ -51,6 +51,10 @@ _STATEMENT_ADVICE = {
 }
 
 
+#: statement error kinds that a value of the wrong type causes
+_VALUE_ERRORS = frozenset({"TypeError", "ArgumentError", "ArithmeticError"})
+
+
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """A driver error's reason on one line: "connection refused" when it was, else its
     message with line breaks collapsed, cut at ``limit`` characters."""
@@ -116,8 +120,14 @@ class BoltConnection:
         )
 
     @contextlib.contextmanager
-    def translate_errors(self, what: str) -> Iterator[None]:
-        """Translate driver errors into domain errors that say what to do."""
+    def translate_errors(self, what: str, *, caller_cypher: bool = False) -> Iterator[None]:
+        """Translate driver errors into domain errors that say what to do.
+
+        ``caller_cypher``: the statement is the caller's (``store.query``), so any
+        statement error is theirs to fix. In the store's own statements only a value
+        of the wrong type is (it came from the caller's records); other statement
+        errors there are the store's bugs and stay as they are.
+        """
         try:
             yield
         except (neo4j_errors.ServiceUnavailable, neo4j_errors.SessionExpired) as exc:
@@ -175,9 +185,12 @@ class BoltConnection:
                 raise ResourceExhaustedError(
                     f"{what} ran past its time limit; narrow the query or raise the timeout"
                 ) from exc
-            if (exc.code or "").startswith("Neo.ClientError.Statement."):
-                # The statement or its values (the caller's Cypher, parameters or record
-                # fields): a missing parameter, a value of the wrong type, a bad name.
+            code = exc.code or ""
+            if code.startswith("Neo.ClientError.Statement.") and (
+                caller_cypher or code.rpartition(".")[2] in _VALUE_ERRORS
+            ):
+                # The caller's Cypher, its parameters, or a record's fields: a missing
+                # parameter, a value of the wrong type, a bad name.
                 raise _statement_error(what, exc) from exc
             raise
 
@@ -191,14 +204,24 @@ class BoltConnection:
         write: bool,
         timeout: float | None,
         what: str,
+        caller_cypher: bool = False,
     ) -> T:
         fn = unit_of_work(timeout=self._timeout(timeout))(work)
-        with self.translate_errors(what):
-            return self._retrying(fn, write=write, what=what)
+        with self.translate_errors(what, caller_cypher=caller_cypher):
+            return self._retrying(fn, write=write, what=what, deadline_s=timeout)
 
-    def _retrying(self, fn: Callable[[ManagedTransaction], T], *, write: bool, what: str) -> T:
+    def _retrying(
+        self,
+        fn: Callable[[ManagedTransaction], T],
+        *,
+        write: bool,
+        what: str,
+        deadline_s: float | None = None,
+    ) -> T:
         """Run ``fn`` in a transaction of a fresh session, again after a retryable
-        failure until ``retry_time_s`` has passed since the first (module doc)."""
+        failure until ``retry_time_s`` has passed since the first (module doc), and
+        not past ``deadline_s`` seconds from now (a caller's deadline) when given."""
+        started = time.monotonic()
         first_failure: float | None = None
         pause = FIRST_PAUSE_S
         while True:
@@ -216,6 +239,8 @@ class BoltConnection:
                 now = time.monotonic()
                 first_failure = now if first_failure is None else first_failure
                 left = self.config.retry_time_s - (now - first_failure)
+                if deadline_s is not None:
+                    left = min(left, deadline_s - (now - started))
                 if left <= 0:
                     raise
                 wait = min(left, pause * (1 + PAUSE_JITTER * (2 * random.random() - 1)))
@@ -224,10 +249,20 @@ class BoltConnection:
                 pause *= PAUSE_GROWTH
 
     def read_rows(
-        self, query: str, params: Mapping[str, Any], timeout: float | None, what: str
+        self,
+        query: str,
+        params: Mapping[str, Any],
+        timeout: float | None,
+        what: str,
+        *,
+        caller_cypher: bool = False,
     ) -> list[dict[str, Any]]:
         return self.transaction(
-            lambda tx: run_rows(tx, query, params, what), write=False, timeout=timeout, what=what
+            lambda tx: run_rows(tx, query, params, what),
+            write=False,
+            timeout=timeout,
+            what=what,
+            caller_cypher=caller_cypher,
         )
 
     def write_rows(

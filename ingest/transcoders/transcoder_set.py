@@ -184,21 +184,30 @@ class TranscoderSet(nn.Module):
         above.
 
         Cached while no parameter or buffer changes: in-place updates (an optimizer's
-        step, ``copy_`` under ``no_grad``) and ``.to()`` are seen; writes through a
-        tensor's ``.data`` are not.
+        step, ``copy_`` under ``no_grad``, ``load_state_dict``) and moves (``.to()``,
+        ``.half()``) are seen; writes through a tensor's ``.data`` are not. Inference
+        tensors (made under ``torch.inference_mode``) have no version: not cached.
         """
         tensors = list(itertools.chain(self.parameters(), self.buffers()))
-        key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
-        if self._fingerprint_cache is not None and self._fingerprint_cache[0] == key:
-            return self._fingerprint_cache[1]
+        key: tuple[object, ...] | None = None
+        if not any(t.is_inference() for t in tensors):
+            key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+            if self._fingerprint_cache is not None and self._fingerprint_cache[0] == key:
+                return self._fingerprint_cache[1]
         digest = hashlib.sha256()
         for name, tensor in sorted(self.state_dict().items()):
             data = tensor.detach().to("cpu", torch.float32).contiguous()
             digest.update(f"{name}:{tuple(data.shape)}".encode())
             digest.update(data.numpy().tobytes())
         value = digest.hexdigest()[:32]
-        self._fingerprint_cache = (key, value)
+        self._fingerprint_cache = None if key is None else (key, value)
         return value
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "TranscoderSet":
+        # .to() and friends swap tensors' storage without bumping their versions, and
+        # a freed block may come back at the same address: forget the hash
+        self._fingerprint_cache = None
+        return super()._apply(fn, recurse)  # type: ignore[no-any-return]
 
     @property
     def catalog_id(self) -> str:

@@ -184,8 +184,10 @@ def _attribute(
         prompt,
         target=target,  # type: ignore[arg-type]
         max_feature_nodes=max_feature_nodes,
+        # the catalog id as the store knows it (hashed as loaded), so GetFeature finds
+        # the graph's features
+        set_id=registry.set_id(name),
     )
-    # the graph's set_id is the set's catalog_id, so GetFeature finds its features
     graph = result.to_graph(
         pruned=True, node_threshold=node_threshold, edge_threshold=edge_threshold
     )

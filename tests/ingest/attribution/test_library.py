@@ -151,3 +151,30 @@ def test_an_inactive_feature_target_reads_zero_not_minus_zero() -> None:
     result = attribute(adp, tcs, PROMPT, target=FeatureTarget(1, index))
     target = _target_node(result)
     assert target.activation == 0.0 and math.copysign(1.0, target.activation) == 1.0
+
+
+def test_the_set_id_is_hashed_as_loaded_whatever_the_model_dtype() -> None:
+    """attribute() moves the set to the model's dtype; a narrower one rounds the weights,
+    so the id is taken before the move, as ingest and the server take it."""
+    narrow = m.adapter("neox", torch.bfloat16)
+    tcs = m.transcoder_set(narrow).to(torch.float32)
+    with torch.no_grad():  # weights bfloat16 cannot hold, as a float32 set's are
+        for weight in tcs.parameters():
+            weight.mul_(1 + 1e-4 * torch.rand_like(weight))
+    loaded_id = tcs.catalog_id
+    assert attribute(narrow, tcs, PROMPT).metadata.set_id == loaded_id
+    assert tcs.catalog_id != loaded_id  # rounded to bfloat16: another hash, seen at once
+
+
+def test_numpy_ids_and_inference_tensors_are_taken() -> None:
+    import numpy as np
+
+    adp = m.adapter("neox", torch.float64)
+    tcs = m.transcoder_set(adp)
+    plain = attribute(adp, tcs, PROMPT, target=LogitDiffTarget(5, 9))
+    target = LogitDiffTarget(np.int64(5), np.int64(9))  # type: ignore[arg-type]
+    assert type(target.correct) is int
+    assert attribute(adp, tcs, PROMPT, target=target).metadata.graph_id == plain.metadata.graph_id
+    with torch.inference_mode():
+        frozen = m.transcoder_set(m.adapter("neox", torch.float32))
+    assert frozen.catalog_id == frozen.catalog_id.split("@")[0] + "@" + frozen.fingerprint()[:12]

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,16 @@ def test_a_refused_server_is_retried_quietly_for_retry_time_s(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert retries and all("\n" not in m for m in retries)
+    # a caller's deadline (a gRPC call's time left) ends the retries sooner
+    store = BoltGraphStore(replace(config, retry_time_s=30.0))
+    try:
+        asked = time.monotonic()
+        with pytest.raises(UnavailableError, match="connection refused"):
+            store.list_graphs(timeout=0.5)
+        took = time.monotonic() - asked
+    finally:
+        store.close()
+    assert took < 2.0, took
 
 
 def test_calls_on_a_stopped_embedded_server_fail_at_once_saying_how_to_start_it(

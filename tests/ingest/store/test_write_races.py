@@ -206,9 +206,9 @@ def _rewrite_before_reads(
     real = bolt.transaction
     turn = itertools.cycle(versions)
 
-    def transaction(work: Any, *, write: bool, timeout: float | None, what: str) -> Any:
+    def transaction(work: Any, *, write: bool, **kwargs: Any) -> Any:
         if write:
-            return real(work, write=write, timeout=timeout, what=what)
+            return real(work, write=write, **kwargs)
 
         def wrapped(tx: ManagedTransaction) -> Any:
             class Interleaved:
@@ -219,7 +219,7 @@ def _rewrite_before_reads(
 
             return work(Interleaved())
 
-        return real(wrapped, write=write, timeout=timeout, what=what)
+        return real(wrapped, write=write, **kwargs)
 
     monkeypatch.setattr(bolt, "transaction", transaction)
 
