@@ -26,6 +26,7 @@ from pathlib import Path
 from ingest.arguments import finite, finite_at_least, int_in, path, share
 from ingest.errors import CircuitscopeError
 from ingest.paths import check_output
+from service.cli import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -112,19 +113,6 @@ def write_results(out: Path, text: str) -> None:
 
 
 def run_main(main: Callable[[], int | None]) -> None:
-    """Exit with ``main()``'s status; a user error is one line on stderr and exit code 2."""
-    name = Path(sys.argv[0]).name
-    try:
-        status = main()
-    except CircuitscopeError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as exc:
-        names = [str(n) for n in (exc.filename, exc.filename2) if n]
-        where = "".join(f"{n}: " for n in names)
-        print(f"{name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(status or 0)
+    """Exit with ``main()``'s status; a user error is one line on stderr and exit code 2
+    (:func:`service.cli.exit_status`, as the console script does)."""
+    sys.exit(exit_status(Path(sys.argv[0]).name, main))

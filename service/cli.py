@@ -13,7 +13,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ingest.errors import CircuitscopeError
 
@@ -69,27 +69,32 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
     return list(found.values())
 
 
+def exit_status(program: str, run: Callable[[], int | None]) -> int:
+    """``run()``'s exit status for a command-line ``program``: a domain error, or a
+    file-system error no check foresaw (a full disk, a permission changed mid-run), is
+    one line on stderr and status 2, not a traceback; Ctrl-C is status 130."""
+    try:
+        return int(run() or 0)
+    except CircuitscopeError as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        logging.getLogger(__name__).debug("file-system error", exc_info=True)
+        names = [str(n) for n in (exc.filename, exc.filename2) if n]
+        where = "".join(f"{n}: " for n in names)
+        print(f"{program}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args) or 0)
-    except CircuitscopeError as exc:
-        print(f"circuitscope: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        # A path the command's own checks did not foresee (a full disk, a permission
-        # changed mid-run): one line, not a traceback.
-        logging.getLogger(__name__).debug("file-system error", exc_info=True)
-        names = [str(n) for n in (exc.filename, exc.filename2) if n]
-        where = "".join(f"{n}: " for n in names)
-        print(f"circuitscope: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("circuitscope: interrupted", file=sys.stderr)
-        return 130
+    return exit_status("circuitscope", lambda: args.handler(args))
 
 
 if __name__ == "__main__":

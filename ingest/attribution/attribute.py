@@ -84,6 +84,7 @@ class AttributionConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
+        check_target(self.target)
         if self.batch_size < 1:
             raise InvalidArgumentError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
@@ -121,10 +122,8 @@ def attribute(
     prompt's token ids, the target, ``max_feature_nodes`` and the dtype, so computing
     the same graph again gives the same id.
     """
-    if target is not None:
-        check_target(target)
     cfg = AttributionConfig(
-        target=target or LogitTargets(),
+        target=LogitTargets() if target is None else target,
         max_feature_nodes=max_feature_nodes,
         batch_size=batch_size,
         progress=progress,
@@ -253,6 +252,7 @@ def attribute(
     nodes = _nodes(adapter, kept_features, T, token_ids, token_strs, logit_tokens, logit_probs,
                    labels, tok)  # fmt: skip
     elapsed = time.perf_counter() - started
+    dtype_name = str(adapter.dtype).removeprefix("torch.")
     stats = {
         "n_forward_passes": 1 + computer.n_forward,  # the recording, then the frozen ones
         "n_backward_passes": computer.n_backward,
@@ -260,7 +260,7 @@ def attribute(
         "n_active_features": n_feat,
         "n_feature_nodes": len(keep),
         "seconds": elapsed,
-        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "dtype": dtype_name,
         "device": str(adapter.device),
         "target": type(tgt).__name__,
     }
@@ -269,7 +269,7 @@ def attribute(
         T, n_feat, len(keep) + len(logit_rows), computer.n_backward, elapsed,
     )  # fmt: skip
     if not graph_id:
-        graph_id = _graph_id(model_id, set_id, token_ids, tgt, cfg.max_feature_nodes, stats)
+        graph_id = _graph_id(model_id, set_id, token_ids, tgt, cfg.max_feature_nodes, dtype_name)
     meta = GraphMetadata(
         graph_id=graph_id,
         model_id=model_id,
@@ -291,7 +291,7 @@ def _graph_id(
     token_ids: list[int],
     target: Target,
     max_feature_nodes: int | None,
-    stats: dict[str, Any],
+    dtype: str,
 ) -> str:
     """32 hex digits, the same whenever the same graph is computed again."""
     payload = {
@@ -300,7 +300,7 @@ def _graph_id(
         "token_ids": token_ids,
         "target": [type(target).__name__, dataclasses.asdict(target)],
         "max_feature_nodes": max_feature_nodes,
-        "dtype": stats["dtype"],
+        "dtype": dtype,
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

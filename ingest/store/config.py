@@ -33,6 +33,13 @@ def default_data_dir() -> Path:
     return home() / "db"
 
 
+def data_dir_flag(data_dir: Path | None) -> str:
+    """`` --data-dir DIR`` for a command line, or "" for the default directory."""
+    if data_dir is None or data_dir.resolve() == default_data_dir().resolve():
+        return ""
+    return f" --data-dir {data_dir}"
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """How to reach the graph store.
@@ -95,12 +102,10 @@ class StoreConfig:
         first line: the embedded server is started on demand and outlives the command,
         so the line says how to stop it."""
         if self.embedded:
-            stop = "circuitscope db stop"
-            if reached.data_dir is not None and reached.data_dir != default_data_dir().resolve():
-                stop += f" --data-dir {reached.data_dir}"
+            where = data_dir_flag(reached.data_dir)
             return (
                 f"the embedded server at {reached.uri}, data in {reached.data_dir} (it keeps "
-                f"running for later commands; `{stop}` stops it)"
+                f"running for later commands; `circuitscope db stop{where}` stops it)"
             )
         return reached.redacted()
 

@@ -43,7 +43,12 @@ from typing import Any
 
 from ingest.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from ingest.processes import live_command_line
-from ingest.store.config import EMBEDDED_DATABASE, StoreConfig, default_data_dir
+from ingest.store.config import (
+    EMBEDDED_DATABASE,
+    StoreConfig,
+    data_dir_flag,
+    default_data_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +205,7 @@ def _config(root: Path, **overrides: Any) -> StoreConfig:
     if state is None:
         raise FailedPreconditionError(
             f"no embedded graph server was ever started in {root}; run `circuitscope db start`"
-            f"{_data_dir_flag(root)}, or `ingest.store.embedded.start({_data_dir_arg(root)})` "
+            f"{data_dir_flag(root)}, or `ingest.store.embedded.start({_data_dir_arg(root)})` "
             "in Python"
         )
     return StoreConfig(
@@ -225,10 +230,6 @@ def config_for(data_dir: Path | str | None = None, **overrides: Any) -> StoreCon
     return config
 
 
-def _data_dir_flag(root: Path) -> str:
-    return "" if root == default_data_dir().resolve() else f" --data-dir {root}"
-
-
 def _data_dir_arg(root: Path) -> str:
     return "" if root == default_data_dir().resolve() else repr(str(root))
 
@@ -238,7 +239,7 @@ def not_running(data_dir: Path | str | None, context: str = "") -> UnavailableEr
     root = _resolve(data_dir)
     return UnavailableError(
         f"the embedded graph server of {root} is not running{context}; start it with "
-        f"`circuitscope db start{_data_dir_flag(root)}` or, in Python, "
+        f"`circuitscope db start{data_dir_flag(root)}` or, in Python, "
         f"`ingest.store.embedded.start({_data_dir_arg(root)})`, then retry"
     )
 
